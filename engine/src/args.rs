@@ -1,0 +1,115 @@
+//! The engine's settings, named and defaulted as vLLM's engine arguments, and the
+//! assembly of an [`EngineCore`] from a loaded model.
+
+use crate::engine_core::{EngineCore, EngineCoreConfig};
+use crate::executor::{kv_bytes_per_block, make_executor};
+use crate::loader::LoadedModel;
+use crate::scheduler::SchedulerConfig;
+use ferry_transport::{Hello, PROTOCOL_VERSION};
+
+#[derive(Clone, Debug)]
+pub struct EngineArgs {
+    /// Positions a sequence may reach; default: the model's, capped by the cache.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    /// Tokens per step; default max(2048, max_num_seqs).
+    pub max_num_batched_tokens: Option<usize>,
+    pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    /// Memory for the KV cache (vLLM's `--kv-cache-memory-bytes`).
+    pub kv_cache_memory_bytes: usize,
+    pub tensor_parallel_size: usize,
+    pub seed: u64,
+    /// Cap on the tokens one prompt chunk takes per step (0: no cap).
+    pub long_prefill_token_threshold: usize,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs {
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            enable_prefix_caching: true,
+            kv_cache_memory_bytes: 1 << 30,
+            tensor_parallel_size: 1,
+            seed: 0,
+            long_prefill_token_threshold: 0,
+        }
+    }
+}
+
+/// What an engine was built with: the figures its `Hello` reports.
+#[derive(Clone, Debug)]
+pub struct EngineShape {
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> Result<(EngineCore, EngineShape), String> {
+    if args.block_size == 0 || args.block_size > 1024 {
+        return Err(format!("--block-size must be in 1..=1024, got {}", args.block_size));
+    }
+    if args.max_num_seqs == 0 {
+        return Err("--max-num-seqs must be at least 1".into());
+    }
+    let per_block = kv_bytes_per_block(&model.cfg, args.block_size);
+    let num_blocks = args.kv_cache_memory_bytes / per_block;
+    if num_blocks < 2 {
+        return Err(format!(
+            "--kv-cache-memory-bytes {} holds {num_blocks} blocks of {} bytes; at least 2 are needed",
+            args.kv_cache_memory_bytes, per_block
+        ));
+    }
+    let capacity = num_blocks * args.block_size;
+    let max_model_len = match args.max_model_len {
+        Some(0) => return Err("--max-model-len must be positive".into()),
+        Some(m) if m > capacity => {
+            return Err(format!(
+                "--max-model-len {m} is more than the KV cache holds ({capacity} tokens); raise --kv-cache-memory-bytes"
+            ))
+        }
+        Some(m) => m,
+        None => model.cfg.max_position_embeddings.min(capacity),
+    };
+    let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(2048.max(args.max_num_seqs));
+    if max_num_batched_tokens < args.max_num_seqs {
+        return Err(format!(
+            "--max-num-batched-tokens ({max_num_batched_tokens}) must be at least --max-num-seqs ({})",
+            args.max_num_seqs
+        ));
+    }
+    let executor = make_executor(&model.cfg, &model.weights, args.tensor_parallel_size, num_blocks, args.block_size)
+        .map_err(|e| e.to_string())?;
+    let cfg = EngineCoreConfig {
+        rank,
+        seed: args.seed,
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len,
+            block_size: args.block_size,
+            num_blocks,
+            enable_prefix_caching: args.enable_prefix_caching,
+            enable_chunked_prefill: true,
+            long_prefill_token_threshold: args.long_prefill_token_threshold,
+        },
+    };
+    let core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
+    Ok((core, EngineShape { max_model_len, num_blocks, block_size: args.block_size }))
+}
+
+impl EngineShape {
+    pub fn hello(&self, rank: u32, model: &str) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            rank,
+            model: model.to_string(),
+            max_model_len: self.max_model_len as u32,
+            num_kv_blocks: self.num_blocks as u32,
+            block_size: self.block_size as u32,
+        }
+    }
+}

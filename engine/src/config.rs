@@ -1,0 +1,197 @@
+//! The shape of a Llama-family decoder, read from GGUF metadata or a Hugging Face
+//! config.json.
+
+use crate::gguf::GgufFile;
+use serde::Deserialize;
+use std::path::Path;
+
+/// How rotary embeddings pair up a head's dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by GGUF llama
+    /// files, whose q/k weights the converter permuted for it.
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]): Hugging Face's rotate_half, and GGUF qwen2.
+    Neox,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// "llama", "qwen2", "mistral", ...
+    pub arch: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    /// Positions the model was trained for.
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Qwen2 adds biases to q, k and v.
+    pub qkv_bias: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl AsRef<Path>, problem: impl Into<String>) -> Self {
+        ConfigError { file: file.as_ref().display().to_string(), problem: problem.into() }
+    }
+}
+
+impl ModelConfig {
+    /// Reads `{arch}.*` keys as llama.cpp writes them.
+    pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
+        let err = |p: String| ConfigError::new(g.path(), p);
+        let arch = g
+            .get_str("general.architecture")
+            .ok_or_else(|| err("missing metadata key general.architecture".into()))?
+            .to_string();
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+            return Err(err(format!("unsupported architecture '{arch}' (ferry runs llama, mistral and qwen2)")));
+        }
+        let req = |key: &str| -> Result<usize, ConfigError> {
+            let full = format!("{arch}.{key}");
+            g.get_u64(&full).map(|v| v as usize).ok_or_else(|| err(format!("missing metadata key {full}")))
+        };
+        let hidden_size = req("embedding_length")?;
+        let num_heads = req("attention.head_count")?;
+        let num_kv_heads = g.get_u64(&format!("{arch}.attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads);
+        let head_dim = match g.get_u64(&format!("{arch}.attention.key_length")) {
+            Some(v) => v as usize,
+            None if num_heads > 0 => hidden_size / num_heads,
+            None => 0,
+        };
+        let vocab_size = match g.get_u64(&format!("{arch}.vocab_size")) {
+            Some(v) => v as usize,
+            None => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .ok_or_else(|| err(format!("missing metadata key {arch}.vocab_size")))?,
+        };
+        let cfg = ModelConfig {
+            hidden_size,
+            intermediate_size: req("feed_forward_length")?,
+            num_layers: req("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: g.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_theta: g.get_f32(&format!("{arch}.rope.freq_base")).unwrap_or(10000.0),
+            rope_style: if arch == "qwen2" { RopeStyle::Neox } else { RopeStyle::Interleaved },
+            max_position_embeddings: g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096),
+            tie_word_embeddings: g.tensor("output.weight").is_none(),
+            qkv_bias: arch == "qwen2",
+            arch,
+        };
+        cfg.check().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Reads a Hugging Face config.json.
+    pub fn from_hf_config(path: &Path) -> Result<ModelConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+        let hf: HfConfig =
+            serde_json::from_str(&text).map_err(|e| ConfigError::new(path, format!("invalid config.json: {e}")))?;
+        let arch = hf.model_type.clone().unwrap_or_else(|| "llama".into());
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+            return Err(ConfigError::new(path, format!("unsupported model_type '{arch}' (ferry runs llama, mistral and qwen2)")));
+        }
+        let num_heads = hf.num_attention_heads;
+        let cfg = ModelConfig {
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: hf.head_dim.unwrap_or(if num_heads > 0 { hf.hidden_size / num_heads } else { 0 }),
+            vocab_size: hf.vocab_size,
+            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_style: RopeStyle::Neox,
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == "qwen2",
+            arch,
+        };
+        cfg.check().map_err(|p| ConfigError::new(path, p))?;
+        Ok(cfg)
+    }
+
+    /// Rejects shapes the forward pass cannot run, so a bad file fails at load
+    /// with a message instead of deep inside a matmul.
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+            if v > 1 << 24 {
+                return Err(format!("{name} = {v} is implausibly large"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim > crate::cpu::attention::MAX_HEAD_DIM {
+            return Err(format!("head_dim {} is larger than ferry's limit of {}", self.head_dim, crate::cpu::attention::MAX_HEAD_DIM));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_size(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: Option<f32>,
+    rope_theta: Option<f32>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+}

@@ -1,0 +1,43 @@
+//! The paged KV cache's memory on the CPU: one K and one V array per layer, laid out
+//! [block][slot in block][kv head][head dim]. Which block belongs to which sequence
+//! is the block manager's business (`crate::kv_cache`); this only stores numbers.
+
+pub struct KvStore {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// KV heads held by this worker (all of them, or its tensor-parallel share).
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl KvStore {
+    pub fn new(num_layers: usize, num_blocks: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> KvStore {
+        let len = num_blocks * block_size * num_kv_heads * head_dim;
+        KvStore {
+            block_size,
+            num_blocks,
+            num_kv_heads,
+            head_dim,
+            k: (0..num_layers).map(|_| vec![0.0; len]).collect(),
+            v: (0..num_layers).map(|_| vec![0.0; len]).collect(),
+        }
+    }
+
+    /// Bytes one block takes over all layers, for `num_kv_heads` heads.
+    pub fn bytes_per_block(num_layers: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        2 * num_layers * block_size * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Index of the first element of position `pos` of a sequence with `block_table`.
+    /// None when the table doesn't reach `pos` or names a block outside the store.
+    #[inline]
+    pub fn slot_offset(&self, block_table: &[u32], pos: usize) -> Option<usize> {
+        let block = *block_table.get(pos / self.block_size)? as usize;
+        if block >= self.num_blocks {
+            return None;
+        }
+        Some((block * self.block_size + pos % self.block_size) * self.num_kv_heads * self.head_dim)
+    }
+}

@@ -1,0 +1,283 @@
+//! The CPU backend: a Llama-family decoder's forward pass over one tensor-parallel
+//! shard of the weights, with the paged KV cache.
+//!
+//! Tensor parallelism follows Megatron: q/k/v/gate/up are split by output rows
+//! (each worker owns whole heads and a slice of the FFN), o/down by input columns,
+//! and each row-parallel layer ends in an all-reduce. The vocabulary projection is
+//! split by rows and all-gathered. With one worker the shard is the whole model.
+
+pub mod attention;
+pub mod kv;
+pub mod ops;
+
+use crate::communicator::Communicator;
+use crate::config::ModelConfig;
+use crate::quant::{matmul, QMatrix};
+use crate::weights::{LayerWeights, ModelWeights};
+use attention::{paged_attention, AttnSeq};
+use kv::KvStore;
+use std::ops::Range;
+
+/// One sequence's slice of a step: `len` tokens starting at position `start_pos`.
+#[derive(Clone, Debug)]
+pub struct SeqChunk {
+    pub start_pos: usize,
+    pub len: usize,
+    pub block_table: Vec<u32>,
+    /// The logits of the chunk's last token are wanted (it will be sampled).
+    pub want_logits: bool,
+}
+
+/// What the model computes in one step: the sequences' tokens back to back.
+#[derive(Clone, Debug, Default)]
+pub struct ModelInput {
+    pub tokens: Vec<u32>,
+    pub seqs: Vec<SeqChunk>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("batch is malformed: {0}")]
+    BadBatch(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot split the model over {world} workers: {why}")]
+pub struct ShardError {
+    pub world: usize,
+    pub why: String,
+}
+
+struct ShardLayer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+}
+
+/// One worker's share of the model.
+pub struct CpuShard {
+    pub cfg: ModelConfig,
+    rank: usize,
+    world: usize,
+    /// Heads this shard computes.
+    n_heads: usize,
+    n_kv_heads: usize,
+    embed: QMatrix,
+    layers: Vec<ShardLayer>,
+    norm: Vec<f32>,
+    /// This shard's rows of the vocabulary projection, and where they sit.
+    lm_head: QMatrix,
+    vocab_counts: Vec<usize>,
+    inv_freq: Vec<f32>,
+}
+
+fn even_split(n: usize, world: usize, rank: usize) -> Range<usize> {
+    let (base, rem) = (n / world, n % world);
+    let start = rank * base + rank.min(rem);
+    start..start + base + usize::from(rank < rem)
+}
+
+impl CpuShard {
+    /// Worker `rank` of `world`'s share of `w`. The matrices share `w`'s bytes.
+    pub fn new(cfg: &ModelConfig, w: &ModelWeights, rank: usize, world: usize) -> Result<CpuShard, ShardError> {
+        let err = |why: String| ShardError { world, why };
+        if world == 0 || rank >= world {
+            return Err(err(format!("rank {rank} is outside the group")));
+        }
+        if cfg.num_kv_heads % world != 0 {
+            return Err(err(format!("the model's {} KV heads don't divide evenly", cfg.num_kv_heads)));
+        }
+        let hd = cfg.head_dim;
+        let n_heads = cfg.num_heads / world;
+        let n_kv_heads = cfg.num_kv_heads / world;
+        let q_rows = rank * n_heads * hd..(rank + 1) * n_heads * hd;
+        let kv_rows = rank * n_kv_heads * hd..(rank + 1) * n_kv_heads * hd;
+        if cfg.intermediate_size % world != 0 {
+            return Err(err(format!("intermediate size {} doesn't divide evenly", cfg.intermediate_size)));
+        }
+        let ff = cfg.intermediate_size / world;
+        let ff_rows = rank * ff..(rank + 1) * ff;
+        let q = |m: &QMatrix, r: Range<usize>| m.slice_rows(r).map_err(|e| err(e.to_string()));
+        let c = |m: &QMatrix, r: Range<usize>| m.slice_cols(r).map_err(|e| err(e.to_string()));
+        let bias = |b: &Option<Vec<f32>>, r: &Range<usize>| b.as_ref().map(|b| b[r.clone()].to_vec());
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            let l: &LayerWeights = l;
+            layers.push(ShardLayer {
+                attn_norm: l.attn_norm.clone(),
+                wq: q(&l.wq, q_rows.clone())?,
+                wk: q(&l.wk, kv_rows.clone())?,
+                wv: q(&l.wv, kv_rows.clone())?,
+                bq: bias(&l.bq, &q_rows),
+                bk: bias(&l.bk, &kv_rows),
+                bv: bias(&l.bv, &kv_rows),
+                wo: c(&l.wo, q_rows.clone())?,
+                ffn_norm: l.ffn_norm.clone(),
+                w_gate: q(&l.w_gate, ff_rows.clone())?,
+                w_up: q(&l.w_up, ff_rows.clone())?,
+                w_down: c(&l.w_down, ff_rows.clone())?,
+            });
+        }
+        let vocab_counts: Vec<usize> = (0..world).map(|r| even_split(cfg.vocab_size, world, r).len()).collect();
+        Ok(CpuShard {
+            cfg: cfg.clone(),
+            rank,
+            world,
+            n_heads,
+            n_kv_heads,
+            embed: w.embed.clone(),
+            layers,
+            norm: w.norm.clone(),
+            lm_head: q(&w.lm_head, even_split(cfg.vocab_size, world, rank))?,
+            vocab_counts,
+            inv_freq: ops::rope_inv_freq(hd, cfg.rope_theta),
+        })
+    }
+
+    /// A KV store for this shard's heads.
+    pub fn new_kv_store(&self, num_blocks: usize, block_size: usize) -> KvStore {
+        KvStore::new(self.cfg.num_layers, num_blocks, block_size, self.n_kv_heads, self.cfg.head_dim)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Runs one step. Returns, for each sequence that wants logits (in order), the
+    /// full-vocabulary logits of its last token, back to back.
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        kv: &mut KvStore,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let n = input.tokens.len();
+        let seqs = self.check_batch(input, kv)?;
+        let (qd, kvd, ff) = (self.n_heads * hd, self.n_kv_heads * hd, self.layers.first().map_or(0, |l| l.w_up.rows()));
+
+        let mut x = vec![0.0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(&input.tokens) {
+            self.embed.dequantize_row(t as usize, row);
+        }
+        let mut xn = vec![0.0f32; n * h];
+        let (mut q, mut k, mut v) = (vec![0.0f32; n * qd], vec![0.0f32; n * kvd], vec![0.0f32; n * kvd]);
+        let mut attn = vec![0.0f32; n * qd];
+        let mut proj = vec![0.0f32; n * h];
+        let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
+        let positions: Vec<usize> =
+            input.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect();
+
+        for (li, l) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &l.attn_norm, cfg.rms_norm_eps, &mut xn);
+            matmul(&l.wq, &xn, n, &mut q);
+            matmul(&l.wk, &xn, n, &mut k);
+            matmul(&l.wv, &xn, n, &mut v);
+            for (b, buf) in [(&l.bq, &mut q), (&l.bk, &mut k), (&l.bv, &mut v)] {
+                if let Some(b) = b {
+                    ops::add_bias(buf, b);
+                }
+            }
+            for (t, &pos) in positions.iter().enumerate() {
+                ops::rope(&mut q[t * qd..(t + 1) * qd], hd, pos, &self.inv_freq, cfg.rope_style);
+                ops::rope(&mut k[t * kvd..(t + 1) * kvd], hd, pos, &self.inv_freq, cfg.rope_style);
+            }
+            // Write the whole batch's K/V before any attention reads: a sequence may
+            // read blocks another sequence of this very step computes (prefix cache).
+            for s in &seqs {
+                for t in 0..s.len {
+                    let row = s.row0 + t;
+                    let off = kv.slot_offset(s.block_table, s.start_pos + t).expect("checked in check_batch");
+                    for (d, &x) in kv.k[li][off..off + kvd].iter_mut().zip(&k[row * kvd..(row + 1) * kvd]) {
+                        *d = attention::round_f16(x);
+                    }
+                    for (d, &x) in kv.v[li][off..off + kvd].iter_mut().zip(&v[row * kvd..(row + 1) * kvd]) {
+                        *d = attention::round_f16(x);
+                    }
+                }
+            }
+            paged_attention(&q, kv, li, &seqs, self.n_heads, &mut attn);
+            matmul(&l.wo, &attn, n, &mut proj);
+            comm.all_reduce_sum(&mut proj);
+            ops::add_assign(&mut x, &proj);
+
+            ops::rms_norm(&x, &l.ffn_norm, cfg.rms_norm_eps, &mut xn);
+            matmul(&l.w_gate, &xn, n, &mut gate);
+            matmul(&l.w_up, &xn, n, &mut up);
+            ops::silu_mul(&mut gate, &up);
+            matmul(&l.w_down, &gate, n, &mut proj);
+            comm.all_reduce_sum(&mut proj);
+            ops::add_assign(&mut x, &proj);
+        }
+
+        // Only the rows that will be sampled go through the final norm and the
+        // (large) vocabulary projection.
+        let rows: Vec<usize> = input.seqs.iter().scan(0usize, |end, s| {
+            *end += s.len;
+            Some((s.want_logits, *end - 1))
+        }).filter(|&(want, _)| want).map(|(_, r)| r).collect();
+        let m = rows.len();
+        let mut last = vec![0.0f32; m * h];
+        for (dst, &r) in last.chunks_exact_mut(h).zip(&rows) {
+            ops::rms_norm(&x[r * h..(r + 1) * h], &self.norm, cfg.rms_norm_eps, dst);
+        }
+        let local_v = self.lm_head.rows();
+        let mut local = vec![0.0f32; m * local_v];
+        matmul(&self.lm_head, &last, m, &mut local);
+        if self.world == 1 {
+            return Ok(local);
+        }
+        // Gather each rank's vocabulary slice, then reorder row-major by token.
+        let mut gathered = vec![0.0f32; m * cfg.vocab_size];
+        comm.all_gather(&local, &mut gathered);
+        let mut logits = vec![0.0f32; m * cfg.vocab_size];
+        let mut src = 0;
+        let mut col0 = 0;
+        for &cnt in &self.vocab_counts {
+            for r in 0..m {
+                logits[r * cfg.vocab_size + col0..][..cnt].copy_from_slice(&gathered[src..src + cnt]);
+                src += cnt;
+            }
+            col0 += cnt;
+        }
+        Ok(logits)
+    }
+
+    /// Checks a batch against the model and the KV store, so nothing below indexes
+    /// out of bounds: token ids, lengths, and every block-table slot the step touches.
+    fn check_batch<'a>(&self, input: &'a ModelInput, kv: &KvStore) -> Result<Vec<AttnSeq<'a>>, ForwardError> {
+        let bad = |m: String| Err(ForwardError::BadBatch(m));
+        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return bad(format!("token id {t} is outside the vocabulary of {}", self.cfg.vocab_size));
+        }
+        let mut row0 = 0;
+        let mut seqs = Vec::with_capacity(input.seqs.len());
+        for s in &input.seqs {
+            if s.len == 0 {
+                return bad("a sequence chunk has no tokens".into());
+            }
+            let end = s.start_pos + s.len;
+            if kv.slot_offset(&s.block_table, end - 1).is_none()
+                || (0..end).step_by(kv.block_size).any(|p| kv.slot_offset(&s.block_table, p).is_none())
+            {
+                return bad(format!("block table of {} blocks doesn't cover position {}", s.block_table.len(), end - 1));
+            }
+            seqs.push(AttnSeq { row0, len: s.len, start_pos: s.start_pos, block_table: &s.block_table });
+            row0 += s.len;
+        }
+        if row0 != input.tokens.len() {
+            return bad(format!("chunks cover {row0} tokens but the batch has {}", input.tokens.len()));
+        }
+        Ok(seqs)
+    }
+}

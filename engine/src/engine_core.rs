@@ -1,0 +1,371 @@
+//! EngineCore: turns requests into tokens, one step at a time.
+//!
+//! [`EngineCore`] itself is sans-IO: `add_request`, `abort`, `step`. [`spawn_engine`]
+//! wraps it in three threads as vLLM's EngineCore does: an input thread that receives
+//! commands from the transport, a busy loop that schedules, executes and samples, and
+//! an output thread that sends each step's outputs with the queue figures attached.
+
+use crate::cpu::{ModelInput, SeqChunk};
+use crate::executor::Executor;
+use crate::sampler::{check_stop, sequence_seed, validate, SequenceSampler};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::weights::SplitMix64;
+use ferry_transport::{
+    EngineCommand, EngineEnd, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
+    SamplingParams, ToEngine, TokenOutput,
+};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug)]
+pub struct EngineCoreConfig {
+    pub rank: u32,
+    pub scheduler: SchedulerConfig,
+    /// Seeds requests that bring no seed of their own.
+    pub seed: u64,
+}
+
+struct RequestState {
+    params: SamplingParams,
+    /// Sequences of this request still running.
+    live: usize,
+}
+
+struct SeqState {
+    request: RequestId,
+    index: u32,
+    sampler: SequenceSampler,
+    prompt_len: usize,
+    /// The first output reports how much of the prompt the prefix cache served.
+    reported_cached: bool,
+    num_cached_tokens: usize,
+}
+
+pub struct EngineCore {
+    cfg: EngineCoreConfig,
+    sched: Scheduler,
+    executor: Box<dyn Executor>,
+    eog_ids: Vec<u32>,
+    requests: HashMap<RequestId, RequestState>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_seq: SeqId,
+    seeds: SplitMix64,
+}
+
+impl EngineCore {
+    pub fn new(cfg: EngineCoreConfig, executor: Box<dyn Executor>, eog_ids: Vec<u32>) -> EngineCore {
+        let seeds = SplitMix64(cfg.seed);
+        EngineCore {
+            sched: Scheduler::new(cfg.scheduler.clone()),
+            cfg,
+            executor,
+            eog_ids,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq: 0,
+            seeds,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.executor.vocab_size()
+    }
+
+    /// Checks a request against the model and the cache, as vLLM's input processor does.
+    fn check_request(&self, req: &EngineRequest) -> Result<(), String> {
+        let s = &self.cfg.scheduler;
+        let n = req.prompt_tokens.len();
+        if n == 0 {
+            return Err("the prompt is empty".into());
+        }
+        if let Some(t) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.vocab_size()) {
+            return Err(format!("prompt token id {t} is out of vocabulary (size {})", self.vocab_size()));
+        }
+        if n >= s.max_model_len {
+            return Err(format!(
+                "the prompt has {n} tokens, but this model's maximum context length is {} tokens",
+                s.max_model_len
+            ));
+        }
+        if n + 1 > s.num_blocks * s.block_size {
+            return Err(format!(
+                "the prompt has {n} tokens, more than the KV cache can ever hold ({} tokens)",
+                s.num_blocks * s.block_size
+            ));
+        }
+        if self.requests.contains_key(&req.id) {
+            return Err(format!("request id {} is already running", req.id));
+        }
+        validate(&req.sampling, self.vocab_size()).map_err(|e| e.to_string())
+    }
+
+    /// Queues a request, or returns the output that refuses it.
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<(), TokenOutput> {
+        if let Err(why) = self.check_request(&req) {
+            return Err(TokenOutput {
+                id: req.id,
+                index: 0,
+                new_tokens: vec![],
+                logprobs: None,
+                finish: Some(FinishReason::Error(why)),
+                num_cached_tokens: 0,
+            });
+        }
+        let n = req.sampling.n.max(1);
+        for index in 0..n {
+            let seed = match req.sampling.seed {
+                // Children of one seeded request differ from each other, yet are reproducible.
+                Some(s) => sequence_seed(s, index),
+                None => self.seeds.next_u64(),
+            };
+            let id = self.next_seq;
+            self.next_seq += 1;
+            self.seqs.insert(
+                id,
+                SeqState {
+                    request: req.id,
+                    index,
+                    sampler: SequenceSampler::new(&req.sampling, &req.prompt_tokens, seed),
+                    prompt_len: req.prompt_tokens.len(),
+                    reported_cached: false,
+                    num_cached_tokens: 0,
+                },
+            );
+            self.sched.add_sequence(id, req.prompt_tokens.clone());
+        }
+        self.requests.insert(req.id, RequestState { params: req.sampling, live: n as usize });
+        Ok(())
+    }
+
+    /// Stops these requests and frees their blocks now. Returns their final outputs.
+    pub fn abort(&mut self, ids: &[RequestId]) -> Vec<TokenOutput> {
+        let mut outs = Vec::new();
+        for &rid in ids {
+            if self.requests.remove(&rid).is_none() {
+                continue;
+            }
+            let mine: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.request == rid).map(|(&id, _)| id).collect();
+            for sid in mine {
+                let s = self.seqs.remove(&sid).expect("listed above");
+                self.sched.abort(sid);
+                outs.push(finished(rid, s.index, vec![], None, FinishReason::Abort, 0));
+            }
+        }
+        outs
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            num_waiting: self.sched.num_waiting() as u32,
+            num_running: self.sched.num_running() as u32,
+            kv_usage: self.sched.kv_usage(),
+            num_preemptions: self.sched.num_preemptions(),
+            prefix_cache_queries: self.sched.prefix_cache_queries(),
+            prefix_cache_hits: self.sched.prefix_cache_hits(),
+        }
+    }
+
+    /// One step: schedule, run the model, sample, and report what each sequence made.
+    pub fn step(&mut self) -> Vec<TokenOutput> {
+        let plan = self.sched.schedule();
+        if plan.seqs.is_empty() {
+            return Vec::new();
+        }
+        for s in &plan.seqs {
+            if s.num_cached_tokens > 0 {
+                if let Some(st) = self.seqs.get_mut(&s.id) {
+                    if !st.reported_cached {
+                        st.num_cached_tokens = s.num_cached_tokens;
+                    }
+                }
+            }
+        }
+        let input = ModelInput {
+            tokens: plan.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect(),
+            seqs: plan
+                .seqs
+                .iter()
+                .map(|s| SeqChunk {
+                    start_pos: s.start_pos,
+                    len: s.tokens.len(),
+                    block_table: s.block_table.clone(),
+                    want_logits: s.sample,
+                })
+                .collect(),
+        };
+        let mut logits = match self.executor.execute(&input) {
+            Ok(l) => l,
+            Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
+        };
+        let vocab = self.vocab_size();
+        let mut sampled = Vec::new();
+        let mut outs = Vec::new();
+        let mut ended = Vec::new();
+        for (row, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+            let Some(st) = self.seqs.get_mut(&s.id) else { continue };
+            let Some(req) = self.requests.get(&st.request) else { continue };
+            let logits_row = &mut logits[row * vocab..(row + 1) * vocab];
+            let pick = st.sampler.sample(logits_row, &req.params, &self.eog_ids);
+            sampled.push((s.id, pick.token));
+            let generated = st.sampler.num_generated();
+            let mut finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
+            if finish.is_none() && st.prompt_len + generated >= self.sched.max_seq_len() {
+                finish = Some(FinishReason::Length);
+            }
+            let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
+            st.reported_cached = true;
+            outs.push(TokenOutput {
+                id: st.request,
+                index: st.index,
+                new_tokens: vec![pick.token],
+                logprobs: pick.logprob.map(|l| vec![l]),
+                finish: finish.clone(),
+                num_cached_tokens: cached as u32,
+            });
+            if finish.is_some() {
+                ended.push(s.id);
+            }
+        }
+        self.sched.update(&plan, &sampled);
+        for sid in ended {
+            self.end_sequence(sid);
+        }
+        outs
+    }
+
+    fn end_sequence(&mut self, sid: SeqId) {
+        self.sched.finish(sid);
+        if let Some(s) = self.seqs.remove(&sid) {
+            if let Some(r) = self.requests.get_mut(&s.request) {
+                r.live -= 1;
+                if r.live == 0 {
+                    self.requests.remove(&s.request);
+                }
+            }
+        }
+    }
+
+    /// The model failed on this batch: end its requests with the error rather than
+    /// retrying forever, and keep serving the others.
+    fn fail_scheduled(&mut self, plan: &crate::scheduler::SchedulerOutput, why: &str) -> Vec<TokenOutput> {
+        tracing::error!("model step failed: {why}");
+        let rids: Vec<RequestId> = plan.seqs.iter().filter_map(|s| self.seqs.get(&s.id).map(|st| st.request)).collect();
+        let mut outs = self.abort(&rids);
+        for o in &mut outs {
+            o.finish = Some(FinishReason::Error(format!("engine failure: {why}")));
+        }
+        outs
+    }
+
+    /// Requests still in flight (for tests and shutdown).
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.sched.num_free_blocks()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.sched.num_blocks()
+    }
+}
+
+fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
+    TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached }
+}
+
+/// A running engine's threads. Dropping it does not stop them: send Shutdown, or
+/// drop the gateway's end of the link, then `join`.
+pub struct EngineThreads {
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl EngineThreads {
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+enum Inbox {
+    Command(EngineCommand),
+    /// The gateway's end went away.
+    Closed,
+}
+
+/// Starts the input thread, busy loop and output thread of `core` on `end`. The
+/// first message out is `hello`.
+pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::io::Result<EngineThreads> {
+    let EngineEnd { rx: mut cmd_rx, tx: mut out_tx } = end;
+    let (inbox_tx, inbox_rx) = flume::unbounded::<Inbox>();
+    let (outbox_tx, outbox_rx) = flume::unbounded::<EngineOutputs>();
+    let rank = core.cfg.rank;
+
+    let input = std::thread::Builder::new().name(format!("ferry-in{rank}")).spawn(move || loop {
+        match cmd_rx.recv() {
+            Ok(ToEngine::Command(c)) => {
+                let stop = matches!(c, EngineCommand::Shutdown);
+                if inbox_tx.send(Inbox::Command(c)).is_err() || stop {
+                    break;
+                }
+            }
+            Ok(ToEngine::Welcome(_)) => {}
+            Err(_) => {
+                let _ = inbox_tx.send(Inbox::Closed);
+                break;
+            }
+        }
+    })?;
+
+    let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
+        let mut pending = Vec::new();
+        'run: loop {
+            // Block for commands only when idle; otherwise take what has arrived.
+            if !core.has_work() && pending.is_empty() {
+                match inbox_rx.recv() {
+                    Ok(m) => pending.push(m),
+                    Err(_) => break,
+                }
+            }
+            pending.extend(inbox_rx.try_iter());
+            let mut outputs = Vec::new();
+            for m in pending.drain(..) {
+                match m {
+                    Inbox::Command(EngineCommand::Add(req)) => {
+                        if let Err(refusal) = core.add_request(req) {
+                            outputs.push(refusal);
+                        }
+                    }
+                    Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
+                    Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
+                }
+            }
+            if core.has_work() {
+                outputs.extend(core.step());
+            }
+            if !outputs.is_empty() {
+                let batch = EngineOutputs { rank, outputs, stats: core.stats() };
+                if outbox_tx.send(batch).is_err() {
+                    break;
+                }
+            }
+        }
+    })?;
+
+    let output = std::thread::Builder::new().name(format!("ferry-out{rank}")).spawn(move || {
+        if out_tx.send(FromEngine::Hello(hello)).is_err() {
+            return;
+        }
+        while let Ok(batch) = outbox_rx.recv() {
+            if out_tx.send(FromEngine::Outputs(batch)).is_err() {
+                break;
+            }
+        }
+    })?;
+    Ok(EngineThreads { threads: vec![input, busy, output] })
+}

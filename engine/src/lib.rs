@@ -1,0 +1,27 @@
+//! ferry's engine: continuous batching over a paged KV cache, on the CPU.
+//!
+//! The path of a step: [`scheduler`] picks tokens within a budget over the blocks
+//! that [`kv_cache`] hands out; an [`executor`] runs the [`cpu`] backend's forward
+//! pass (over tensor-parallel shards joined by a [`communicator`]); the [`sampler`]
+//! picks tokens; [`engine_core`] ties them together behind the protocol types of
+//! `ferry-transport`. Models load from GGUF ([`gguf`]) or Hugging Face folders
+//! ([`weights`], [`loader`]) with their [`tokenizer`].
+
+pub mod args;
+pub mod communicator;
+pub mod config;
+pub mod cpu;
+pub mod engine_core;
+pub mod executor;
+pub mod gguf;
+pub mod kv_cache;
+pub mod loader;
+pub mod quant;
+pub mod sampler;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineThreads};
+pub use args::{build_engine_core, EngineArgs, EngineShape};
+pub use loader::{load_model, LoadFormat, LoadedModel};

@@ -1,0 +1,102 @@
+//! Finds what a model path holds (a GGUF file or a Hugging Face folder) and loads
+//! its config, tokenizer and weights.
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::gguf::GgufFile;
+use crate::quant::GgmlType;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{self, LoadProgress, ModelWeights};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// Whatever the path holds.
+    #[default]
+    Auto,
+    /// Random weights of the model's shape (vLLM's `--load-format dummy`).
+    Dummy,
+}
+
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub cfg: ModelConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+/// Loads the model at `path`. `dummy_type` is the element type of dummy weights.
+pub fn load_model(
+    path: &Path,
+    format: LoadFormat,
+    dummy_type: GgmlType,
+    progress: &dyn LoadProgress,
+) -> Result<LoadedModel, ConfigError> {
+    let fail = |p: String| ConfigError::new(path, p);
+    if path.is_dir() {
+        let cfg = ModelConfig::from_hf_config(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_hf_dir(path).map_err(|e| fail(strip_file(&e.to_string(), path)))?;
+        let weights = match format {
+            LoadFormat::Dummy => weights::dummy(&cfg, dummy_type, 0)?,
+            LoadFormat::Auto => weights::load_safetensors(path, &cfg, progress)?,
+        };
+        check_vocab(path, &cfg, &tokenizer)?;
+        return Ok(LoadedModel { path: path.to_path_buf(), cfg, weights, tokenizer: Arc::new(tokenizer) });
+    }
+    if !path.exists() {
+        return Err(fail("no such file or folder".into()));
+    }
+    let file = GgufFile::open(path).map_err(|e| ConfigError { file: path.display().to_string(), problem: strip_file(&e.to_string(), path) })?;
+    let cfg = ModelConfig::from_gguf(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| fail(strip_file(&e.to_string(), path)))?;
+    let weights = match format {
+        LoadFormat::Dummy => weights::dummy(&cfg, dummy_type, 0)?,
+        LoadFormat::Auto => weights::load_gguf(&file, &cfg, progress)?,
+    };
+    check_vocab(path, &cfg, &tokenizer)?;
+    Ok(LoadedModel { path: path.to_path_buf(), cfg, weights, tokenizer: Arc::new(tokenizer) })
+}
+
+/// GGUF errors already name the file; don't name it twice.
+fn strip_file(msg: &str, path: &Path) -> String {
+    let prefix = format!("{}: ", path.display());
+    msg.strip_prefix(&prefix).unwrap_or(msg).to_string()
+}
+
+fn check_vocab(path: &Path, cfg: &ModelConfig, tok: &Tokenizer) -> Result<(), ConfigError> {
+    if tok.vocab_size() > cfg.vocab_size {
+        return Err(ConfigError::new(
+            path,
+            format!("the tokenizer has {} tokens but the model's vocabulary has {}", tok.vocab_size(), cfg.vocab_size),
+        ));
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr while weights load (hidden when stderr is no terminal).
+pub struct ProgressBar(indicatif::ProgressBar);
+
+impl ProgressBar {
+    pub fn new(what: &str) -> ProgressBar {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("loading {what}"));
+        ProgressBar(bar)
+    }
+}
+
+impl LoadProgress for ProgressBar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

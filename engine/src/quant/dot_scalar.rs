@@ -1,0 +1,140 @@
+//! Portable dot products of one weight row with one token's activations, the
+//! way ggml's generic (scalar) vec_dot functions compute them: an exact integer
+//! sum per block, scaled by the product of the two blocks' scales.
+
+// Kernels index several same-length arrays by one counter; iterators would obscure them.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
+use super::act::ActRow;
+use super::blocks::*;
+use super::GgmlType;
+
+/// Dot of weight row `w` (ggml bytes of `n` elements) with activations `a`
+/// quantized to `ty`'s vec_dot_type (or f32 for float weights).
+pub(crate) fn dot(ty: GgmlType, w: &[u8], a: &ActRow, n: usize) -> f32 {
+    match ty {
+        GgmlType::Q4_0 => q4_0(w, a, n / QK),
+        GgmlType::Q4_1 => q4_1(w, a, n / QK),
+        GgmlType::Q8_0 => q8_0(w, a, n / QK),
+        GgmlType::Q4_K => q4_k(w, a, n / QK_K),
+        GgmlType::Q6_K => q6_k(w, a, n / QK_K),
+        GgmlType::F32 => a.f[..n].iter().zip(w.chunks_exact(4)).map(|(x, b)| f32_at(b, 0) * x).sum(),
+        GgmlType::F16 => a.f[..n].iter().zip(w.chunks_exact(2)).map(|(x, b)| f16_at(b, 0) * x).sum(),
+        GgmlType::BF16 => a.f[..n]
+            .iter()
+            .zip(w.chunks_exact(2))
+            .map(|(x, b)| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])) * x)
+            .sum(),
+        // Not weight types: dequantize and dot (only reachable through vec_dot on odd input).
+        GgmlType::Q8_1 | GgmlType::Q8_K => {
+            let mut tmp = vec![0f32; n];
+            match super::dequantize_row(ty, w, &mut tmp) {
+                Ok(()) => tmp.iter().zip(a.f).map(|(x, y)| x * y).sum(),
+                Err(_) => f32::NAN,
+            }
+        }
+    }
+}
+
+fn q4_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q4_0_BYTES..(b + 1) * Q4_0_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let q = blk[2 + j];
+            sumi += ((q & 0x0f) as i32 - 8) * y[j] as i32 + ((q >> 4) as i32 - 8) * y[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sumf
+}
+
+fn q4_1(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q4_1_BYTES..(b + 1) * Q4_1_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let q = blk[4 + j];
+            sumi += (q & 0x0f) as i32 * y[j] as i32 + (q >> 4) as i32 * y[j + 16] as i32;
+        }
+        // value = q*d + m, so the dot is d*dy*sum(q*y) + m*(dy*sum(y)) = ... + m*s.
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]) + f16_at(blk, 2) * a.s[b];
+    }
+    sumf
+}
+
+fn q8_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = blk[2..34].iter().zip(y).map(|(&q, &v)| q as i8 as i32 * v as i32).sum();
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sumf
+}
+
+fn q4_k(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q4_K_BYTES..(b + 1) * Q4_K_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let bsums = &a.bsums[b * 16..(b + 1) * 16];
+        let (sc, mn) = scales_mins_k4(&blk[Q4_K_SCALES..Q4_K_SCALES + 12]);
+        // The mins term uses the per-16 sums of the activations (bsums).
+        let mut sum_mins = 0i32;
+        for j in 0..16 {
+            sum_mins += bsums[j] as i32 * mn[j / 2] as i32;
+        }
+        let qs = &blk[Q4_K_QS..Q4_K_QS + 128];
+        let mut sumi = 0i32;
+        for c in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                let q = qs[32 * c + l];
+                lo += (q & 0x0f) as i32 * y[64 * c + l] as i32;
+                hi += (q >> 4) as i32 * y[64 * c + 32 + l] as i32;
+            }
+            sumi += lo * sc[2 * c] as i32 + hi * sc[2 * c + 1] as i32;
+        }
+        let dy = a.d[b];
+        sumf += f16_at(blk, 0) * dy * sumi as f32 - f16_at(blk, 2) * dy * sum_mins as f32;
+    }
+    sumf
+}
+
+fn q6_k(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q6_K_BYTES..(b + 1) * Q6_K_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let mut sumi = 0i32;
+        for h in 0..2 {
+            let ql = &blk[64 * h..64 * h + 64];
+            let qh = &blk[Q6_K_QH + 32 * h..Q6_K_QH + 32 * h + 32];
+            let sc = &blk[Q6_K_SCALES + 8 * h..Q6_K_SCALES + 8 * h + 8];
+            let y = &y[128 * h..128 * h + 128];
+            let mut part = [0i32; 8]; // per 16 elements
+            for l in 0..32 {
+                let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                let is = l / 16;
+                part[is] += q1 * y[l] as i32;
+                part[is + 2] += q2 * y[l + 32] as i32;
+                part[is + 4] += q3 * y[l + 64] as i32;
+                part[is + 6] += q4 * y[l + 96] as i32;
+            }
+            for (k, p) in part.iter().enumerate() {
+                sumi += p * sc[k] as i8 as i32;
+            }
+        }
+        sumf += f16_at(blk, Q6_K_D) * a.d[b] * sumi as f32;
+    }
+    sumf
+}

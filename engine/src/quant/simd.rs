@@ -1,0 +1,127 @@
+//! Which kernels run: the SIMD level this CPU offers, and the process-wide
+//! switch that forces the scalar path (tests, debugging, odd CPUs).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// Instruction-set level of the kernels. The VNNI levels only change how the
+/// 8-bit dot products are done; results are bit-identical to `Avx2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 plus AVX-VNNI (VEX-encoded vpdpbusd).
+    AvxVnni,
+    /// AVX2 plus AVX512-VNNI and AVX512-VL (EVEX vpdpbusd on ymm, 32 registers).
+    Avx512Vnni,
+}
+
+static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
+static ENV_READ: OnceLock<()> = OnceLock::new();
+static DETECTED: OnceLock<Isa> = OnceLock::new();
+
+/// Reads FERRY_FORCE_SCALAR once, so the variable sets the switch's initial state
+/// and `set_force_scalar` can still change it afterwards.
+fn init_from_env() {
+    ENV_READ.get_or_init(|| {
+        let on = std::env::var("FERRY_FORCE_SCALAR").is_ok_and(|v| v.trim() == "1");
+        if on {
+            FORCE_SCALAR.store(true, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Forces (or stops forcing) the portable scalar kernels for the whole process.
+pub fn set_force_scalar(on: bool) {
+    init_from_env();
+    FORCE_SCALAR.store(on, Ordering::Relaxed);
+}
+
+/// Whether the scalar kernels are forced.
+pub fn force_scalar() -> bool {
+    init_from_env();
+    FORCE_SCALAR.load(Ordering::Relaxed)
+}
+
+/// The best level this CPU supports, ignoring the switch.
+pub(crate) fn detected() -> Isa {
+    *DETECTED.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma") && has!("f16c")) {
+        return Isa::Scalar;
+    }
+    if has!("avx512vnni") && has!("avx512vl") && has!("avx512bw") && has!("avx512f") {
+        Isa::Avx512Vnni
+    } else if has!("avxvnni") {
+        Isa::AvxVnni
+    } else {
+        Isa::Avx2
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::Scalar
+}
+
+/// The level the kernels use now: the detected one unless scalar is forced.
+#[inline]
+pub(crate) fn current() -> Isa {
+    if force_scalar() {
+        Isa::Scalar
+    } else {
+        detected()
+    }
+}
+
+/// Every level this CPU can run, scalar first (for tests that compare them).
+#[allow(dead_code)]
+pub(crate) fn available() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            v.push(Isa::Avx2);
+            if has!("avxvnni") {
+                v.push(Isa::AvxVnni);
+            }
+            if has!("avx512vnni") && has!("avx512vl") && has!("avx512bw") && has!("avx512f") {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+    }
+    v
+}
+
+/// Name of the kernels in use, for logs ("scalar", "avx2", "avx-vnni", "avx512-vnni").
+pub fn simd_name() -> &'static str {
+    match current() {
+        Isa::Scalar => "scalar",
+        Isa::Avx2 => "avx2",
+        Isa::AvxVnni => "avx-vnni",
+        Isa::Avx512Vnni => "avx512-vnni",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_forces_scalar() {
+        let before = force_scalar();
+        set_force_scalar(true);
+        assert_eq!(current(), Isa::Scalar);
+        assert_eq!(simd_name(), "scalar");
+        set_force_scalar(false);
+        assert_eq!(current(), detected());
+        set_force_scalar(before);
+        assert!(available().contains(&detected()));
+    }
+}

@@ -1,0 +1,142 @@
+//! Shared pieces of the engine's tests: tiny model configs, and a plain f64
+//! reference forward pass to check the real one against.
+#![allow(dead_code)]
+
+pub mod files;
+
+use ferry_engine::config::{ModelConfig, RopeStyle};
+use ferry_engine::quant::QMatrix;
+use ferry_engine::weights::ModelWeights;
+
+pub fn tiny_config(style: RopeStyle) -> ModelConfig {
+    ModelConfig {
+        arch: "llama".into(),
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 8,
+        num_kv_heads: 4,
+        head_dim: 32,
+        vocab_size: 300,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_style: style,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+    }
+}
+
+fn deq(m: &QMatrix) -> Vec<Vec<f64>> {
+    let mut row = vec![0f32; m.cols()];
+    (0..m.rows())
+        .map(|r| {
+            m.dequantize_row(r, &mut row);
+            row.iter().map(|&v| v as f64).collect()
+        })
+        .collect()
+}
+
+fn matvec(w: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
+    w.iter().map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn rms(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let s = 1.0 / (ms + eps as f64).sqrt();
+    x.iter().zip(w).map(|(v, &g)| v * s * g as f64).collect()
+}
+
+fn rope(x: &mut [f64], hd: usize, pos: usize, theta: f64, style: RopeStyle) {
+    for head in x.chunks_mut(hd) {
+        for i in 0..hd / 2 {
+            let ang = pos as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + hd / 2),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * ang.cos() - x1 * ang.sin();
+            head[b] = x0 * ang.sin() + x1 * ang.cos();
+        }
+    }
+}
+
+/// Logits at every position of `tokens`, computed the obvious way in f64 from the
+/// dequantized weights, attending over the whole sequence with no cache.
+pub fn reference_logits(cfg: &ModelConfig, w: &ModelWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+    let embed = deq(&w.embed);
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize].clone()).collect();
+    for l in &w.layers {
+        let (wq, wk, wv, wo) = (deq(&l.wq), deq(&l.wk), deq(&l.wv), deq(&l.wo));
+        let (wg, wu, wd) = (deq(&l.w_gate), deq(&l.w_up), deq(&l.w_down));
+        let add = |v: Vec<f64>, b: &Option<Vec<f32>>| match b {
+            Some(b) => v.iter().zip(b).map(|(a, &c)| a + c as f64).collect(),
+            None => v,
+        };
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, x) in xs.iter().enumerate() {
+            let xn = rms(x, &l.attn_norm, cfg.rms_norm_eps);
+            let mut q = add(matvec(&wq, &xn), &l.bq);
+            let mut k = add(matvec(&wk, &xn), &l.bk);
+            rope(&mut q, hd, pos, cfg.rope_theta as f64, cfg.rope_style);
+            rope(&mut k, hd, pos, cfg.rope_theta as f64, cfg.rope_style);
+            qs.push(q);
+            ks.push(k);
+            vs.push(add(matvec(&wv, &xn), &l.bv));
+        }
+        for pos in 0..xs.len() {
+            let mut attn = vec![0.0; nh * hd];
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let q = &qs[pos][h * hd..(h + 1) * hd];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|p| q.iter().zip(&ks[p][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (p, wgt) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        attn[h * hd + d] += wgt / z * vs[p][kvh * hd + d];
+                    }
+                }
+            }
+            let o = matvec(&wo, &attn);
+            for (a, b) in xs[pos].iter_mut().zip(o) {
+                *a += b;
+            }
+            let xn = rms(&xs[pos], &l.ffn_norm, cfg.rms_norm_eps);
+            let g = matvec(&wg, &xn);
+            let u = matvec(&wu, &xn);
+            let hmid: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let d = matvec(&wd, &hmid);
+            for (a, b) in xs[pos].iter_mut().zip(d) {
+                *a += b;
+            }
+        }
+    }
+    let head = deq(&w.lm_head);
+    xs.iter().map(|x| matvec(&head, &rms(x, &w.norm, cfg.rms_norm_eps))).collect()
+}
+
+/// Largest |a - b| relative to the largest |b|.
+pub fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-9);
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A deterministic stream of token ids below `vocab`.
+pub fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut r = ferry_engine::weights::SplitMix64(seed);
+    (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+}

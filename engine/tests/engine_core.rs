@@ -1,0 +1,226 @@
+//! EngineCore end to end on a tiny random model: preemption, prefix sharing, seeds,
+//! aborts, and that every KV block comes home.
+
+mod common;
+
+use common::*;
+use ferry_engine::config::RopeStyle;
+use ferry_engine::executor::UniProcExecutor;
+use ferry_engine::quant::GgmlType;
+use ferry_engine::scheduler::SchedulerConfig;
+use ferry_engine::weights::{dummy, SplitMix64};
+use ferry_engine::{spawn_engine, EngineCore, EngineCoreConfig};
+use ferry_transport::*;
+use std::collections::HashMap;
+
+const EOG: u32 = 2;
+
+fn core(num_blocks: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> EngineCore {
+    let cfg = tiny_config(RopeStyle::Interleaved);
+    let w = dummy(&cfg, GgmlType::Q8_0, 11).unwrap();
+    let exec = UniProcExecutor::new(&cfg, &w, num_blocks, 4).unwrap();
+    let sched = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens,
+        max_model_len: 256,
+        block_size: 4,
+        num_blocks,
+        enable_prefix_caching: prefix_caching,
+        enable_chunked_prefill: true,
+        long_prefill_token_threshold: 0,
+    };
+    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, Box::new(exec), vec![EOG])
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, logprobs: Some(3), ..Default::default() }
+}
+
+type Outs = HashMap<(RequestId, u32), (Vec<u32>, Vec<TokenLogprob>, Option<FinishReason>)>;
+
+/// Steps until every request has finished; collects each sequence's tokens.
+fn run_to_end(core: &mut EngineCore, outs: &mut Outs) {
+    let mut steps = 0;
+    while core.has_work() {
+        for o in core.step() {
+            let e = outs.entry((o.id, o.index)).or_default();
+            e.0.extend(&o.new_tokens);
+            e.1.extend(o.logprobs.unwrap_or_default());
+            if o.finish.is_some() {
+                e.2 = o.finish;
+            }
+        }
+        steps += 1;
+        assert!(steps < 10_000, "engine did not finish");
+    }
+}
+
+fn add(core: &mut EngineCore, id: RequestId, prompt: Vec<u32>, p: SamplingParams) {
+    core.add_request(EngineRequest { id, prompt_tokens: prompt, sampling: p }).expect("valid request");
+}
+
+#[test]
+fn preempted_requests_resume_with_the_same_tokens_and_logprobs() {
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| tokens(100 + i, 10 + i as usize * 3, 300)).collect();
+    let mut roomy = core(256, 64, true);
+    let mut tight = core(14, 64, true); // 56 slots for four sequences growing to ~40 tokens each
+    let (mut a, mut b) = (Outs::new(), Outs::new());
+    for (i, p) in prompts.iter().enumerate() {
+        add(&mut roomy, i as u64, p.clone(), greedy(24));
+        add(&mut tight, i as u64, p.clone(), greedy(24));
+    }
+    run_to_end(&mut roomy, &mut a);
+    run_to_end(&mut tight, &mut b);
+    assert!(tight.stats().num_preemptions > 0, "the tight cache should have forced preemption");
+    assert_eq!(roomy.stats().num_preemptions, 0);
+    for key in a.keys() {
+        let (ta, la, fa) = &a[key];
+        let (tb, lb, fb) = &b[key];
+        assert_eq!(ta.len(), 24);
+        assert_eq!(fa, &Some(FinishReason::Length));
+        assert_eq!(fa, fb);
+        assert_eq!(ta, tb, "request {key:?}: tokens differ after preemption");
+        for (x, y) in la.iter().zip(lb) {
+            assert!((x.logprob - y.logprob).abs() < 1e-3, "logprob moved after preemption");
+        }
+    }
+    for c in [&roomy, &tight] {
+        assert_eq!(c.num_free_blocks(), c.num_blocks());
+        assert_eq!(c.stats().kv_usage, 0.0);
+    }
+}
+
+#[test]
+fn n_completions_share_the_prompt_blocks_and_seeds_reproduce() {
+    let prompt = tokens(7, 37, 300);
+    let params = SamplingParams { n: 4, temperature: 1.0, seed: Some(1234), max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let run = || {
+        let mut c = core(128, 256, true);
+        add(&mut c, 9, prompt.clone(), params.clone());
+        let mut o = Outs::new();
+        run_to_end(&mut c, &mut o);
+        let s = c.stats();
+        assert!(s.prefix_cache_hits >= 3 * 36 / 4 * 4, "children should hit the prompt's full blocks: {s:?}");
+        assert_eq!(c.num_free_blocks(), c.num_blocks());
+        (0..4).map(|i| o[&(9, i)].0.clone()).collect::<Vec<_>>()
+    };
+    let first = run();
+    assert_eq!(first, run(), "same seed, same completions");
+    assert!(first.iter().any(|c| c != &first[0]), "sampled children should differ: {first:?}");
+}
+
+#[test]
+fn every_block_returns_after_a_random_mix_of_endings() {
+    let mut c = core(24, 32, true);
+    let mut rng = SplitMix64(5);
+    let mut outs = Outs::new();
+    let mut live: Vec<RequestId> = Vec::new();
+    let mut next_id = 0u64;
+    for step in 0..400 {
+        let r = rng.next_u64() % 10;
+        if r < 3 && live.len() < 12 {
+            let len = 1 + (rng.next_u64() % 30) as usize;
+            let p = SamplingParams {
+                n: 1 + (rng.next_u64() % 3) as u32,
+                temperature: 0.8,
+                max_tokens: 1 + (rng.next_u64() % 20) as u32,
+                stop_token_ids: vec![(rng.next_u64() % 300) as u32],
+                ..Default::default()
+            };
+            // Shared prefixes now and then, so cached blocks are shared too.
+            let prompt = if r == 0 { tokens(77, len, 300) } else { tokens(step, len, 300) };
+            add(&mut c, next_id, prompt, p);
+            live.push(next_id);
+            next_id += 1;
+        } else if r == 3 && !live.is_empty() {
+            let victim = live.swap_remove((rng.next_u64() % live.len() as u64) as usize);
+            c.abort(&[victim]);
+        }
+        for o in c.step() {
+            if o.finish.is_some() {
+                outs.insert((o.id, o.index), (vec![], vec![], o.finish));
+            }
+        }
+    }
+    let ids: Vec<RequestId> = (0..next_id).collect();
+    c.abort(&ids);
+    assert_eq!(c.num_requests(), 0);
+    assert!(!c.has_work());
+    assert_eq!(c.num_free_blocks(), c.num_blocks(), "blocks leaked");
+    assert!(c.stats().num_preemptions > 0, "the mix should have preempted someone");
+}
+
+#[test]
+fn invalid_requests_are_refused_with_the_parameter_named() {
+    let mut c = core(16, 64, true);
+    let bad = |p: SamplingParams| EngineRequest { id: 1, prompt_tokens: vec![1, 2, 3], sampling: p };
+    let cases = [
+        (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
+        (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
+        (SamplingParams { max_tokens: 0, ..Default::default() }, "max_tokens"),
+        (SamplingParams { stop_token_ids: vec![9999], ..Default::default() }, "stop_token_ids"),
+    ];
+    for (p, name) in cases {
+        let refusal = c.add_request(bad(p)).expect_err("must be refused");
+        match refusal.finish {
+            Some(FinishReason::Error(m)) => assert!(m.contains(name), "{m} should name {name}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    let too_long = EngineRequest { id: 2, prompt_tokens: vec![1; 300], sampling: Default::default() };
+    let refusal = c.add_request(too_long).expect_err("longer than max_model_len");
+    assert!(matches!(refusal.finish, Some(FinishReason::Error(m)) if m.contains("300") && m.contains("256")));
+    let oov = EngineRequest { id: 3, prompt_tokens: vec![300], sampling: Default::default() };
+    assert!(c.add_request(oov).is_err());
+    assert_eq!(c.num_requests(), 0);
+}
+
+#[test]
+fn stop_tokens_end_a_sequence_unless_min_tokens_holds_it() {
+    let mut c = core(64, 64, true);
+    let prompt = tokens(3, 8, 300);
+    // Find what greedy decoding says first, then make that the stop token.
+    add(&mut c, 1, prompt.clone(), greedy(1));
+    let mut o = Outs::new();
+    run_to_end(&mut c, &mut o);
+    let first = o[&(1, 0)].0[0];
+    let stop = SamplingParams { temperature: 0.0, max_tokens: 10, stop_token_ids: vec![first], ..Default::default() };
+    add(&mut c, 2, prompt.clone(), stop.clone());
+    add(&mut c, 3, prompt, SamplingParams { min_tokens: 3, ..stop });
+    run_to_end(&mut c, &mut o);
+    assert_eq!(o[&(2, 0)].0, vec![first]);
+    assert_eq!(o[&(2, 0)].2, Some(FinishReason::Stop));
+    assert!(o[&(3, 0)].0.len() >= 3 && !o[&(3, 0)].0[..3].contains(&first));
+}
+
+#[test]
+fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
+    let c = core(64, 64, true);
+    let (mut gw, eng) = flume_link();
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "tiny".into(), max_model_len: 256, num_kv_blocks: 64, block_size: 4 };
+    let threads = spawn_engine(c, eng, hello.clone()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello));
+    let long = SamplingParams { max_tokens: 200, ignore_eos: true, ..Default::default() };
+    gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest { id: 5, prompt_tokens: tokens(1, 20, 300), sampling: long }))).unwrap();
+    // Wait for a token, then abort: the request must end as aborted with usage back to 0.
+    let mut saw_token = false;
+    let mut aborted = false;
+    while !aborted {
+        let FromEngine::Outputs(b) = rt.block_on(gw.rx.recv()).unwrap() else { panic!("second hello") };
+        for o in &b.outputs {
+            if !o.new_tokens.is_empty() && !saw_token {
+                saw_token = true;
+                assert!(b.stats.kv_usage > 0.0);
+                gw.tx.send(ToEngine::Command(EngineCommand::Abort(vec![5]))).unwrap();
+            }
+            if o.finish == Some(FinishReason::Abort) {
+                aborted = true;
+                assert_eq!(b.stats.kv_usage, 0.0);
+                assert_eq!(b.stats.num_running, 0);
+            }
+        }
+    }
+    gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
+    threads.join();
+}

@@ -1,0 +1,95 @@
+//! The engine flags `ferry serve` and `ferry generate` share, with vLLM's names.
+
+use clap::{Args, ValueEnum};
+use ferry_engine::quant::GgmlType;
+use ferry_engine::{EngineArgs, LoadFormat};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LoadFormatFlag {
+    Auto,
+    Dummy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DtypeFlag {
+    Auto,
+    Float32,
+    Float16,
+    Bfloat16,
+    /// Dummy weights only: quantized like the default model.
+    Q4_1,
+    Q8_0,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineFlags {
+    /// `dummy`: random weights of the model's shape, for tests and benchmarks.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub load_format: LoadFormatFlag,
+    /// Element type of dummy weights (real weights keep their file's encoding).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: DtypeFlag,
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_cache_memory_bytes: usize,
+    #[arg(long, short = 't', default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Seed of requests that bring none.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads for the model's arithmetic (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub long_prefill_token_threshold: usize,
+}
+
+impl EngineFlags {
+    pub fn engine_args(&self) -> EngineArgs {
+        EngineArgs {
+            max_model_len: self.max_model_len,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            enable_prefix_caching: !self.no_enable_prefix_caching,
+            kv_cache_memory_bytes: self.kv_cache_memory_bytes,
+            tensor_parallel_size: self.tensor_parallel_size,
+            seed: self.seed,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+        }
+    }
+
+    pub fn load_format(&self) -> LoadFormat {
+        match self.load_format {
+            LoadFormatFlag::Auto => LoadFormat::Auto,
+            LoadFormatFlag::Dummy => LoadFormat::Dummy,
+        }
+    }
+
+    pub fn dummy_type(&self) -> GgmlType {
+        match self.dtype {
+            DtypeFlag::Auto | DtypeFlag::Float32 => GgmlType::F32,
+            DtypeFlag::Float16 => GgmlType::F16,
+            DtypeFlag::Bfloat16 => GgmlType::BF16,
+            DtypeFlag::Q4_1 => GgmlType::Q4_1,
+            DtypeFlag::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+
+    /// Sizes rayon's pool once, before any model arithmetic runs.
+    pub fn init_threads(&self) {
+        let n = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Engine speed, ferry beside llama.cpp, in one run, on the same GGUF and threads:
+# prompt tokens/s and aggregate decode tokens/s at 1, 4, 16 and 64 sequences.
+#   scripts/bench_engine.sh [MODEL.gguf] [THREADS]
+# Needs a release build (cargo build --release) and llama-cpp-python in
+# $LLAMA_VENV (scripts/llama_cpp_server.sh install makes one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+threads=${2:-2}
+venv=${LLAMA_VENV:-.venv-llama}
+ours=$(target/release/ferry bench engine "$model" --threads "$threads")
+theirs=$("$venv/bin/python" scripts/bench_llama_cpp_engine.py "$model" --threads "$threads" 2>/dev/null)
+python3 - "$ours" "$theirs" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"| figure | {a['engine']} | {b['engine']} | ratio |")
+print("|---|---:|---:|---:|")
+def row(name, x, y):
+    print(f"| {name} | {x:.1f} | {y:.1f} | {x / y:.2f} |")
+row("prompt tokens/s", a["prompt_tokens_per_s"], b["prompt_tokens_per_s"])
+for n in a["decode_tokens_per_s"]:
+    row(f"decode tokens/s, {n} seq", a["decode_tokens_per_s"][n], b["decode_tokens_per_s"][n])
+PY

@@ -1,0 +1,75 @@
+//! ferry's transport: the messages between the gateway and an engine rank, and the
+//! links that carry them.
+//!
+//! A link is an ordered, reliable, two-way message channel between the gateway and
+//! one engine rank. The engine's end is blocking (its input and output threads own
+//! one half each); the gateway's end is async (tokio tasks). The in-process link
+//! ([`flume_link`]) moves the structs without serializing them; a QUIC link between
+//! nodes implements the same traits with a versioned codec.
+
+pub mod protocol;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use protocol::*;
+
+/// Gateway -> engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToEngine {
+    Welcome(Welcome),
+    Command(EngineCommand),
+}
+
+/// Engine -> gateway.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FromEngine {
+    Hello(Hello),
+    Outputs(EngineOutputs),
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TransportError {
+    /// The other end went away; no more messages will come.
+    #[error("transport closed")]
+    Closed,
+    #[error("transport error: {0}")]
+    Other(String),
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The gateway's sending half. Sending never blocks: commands are queued.
+pub trait CommandTx: Send + Sync {
+    fn send(&self, msg: ToEngine) -> Result<(), TransportError>;
+}
+
+/// The gateway's receiving half.
+pub trait OutputRx: Send {
+    fn recv(&mut self) -> BoxFuture<'_, Result<FromEngine, TransportError>>;
+}
+
+/// The engine's receiving half (blocking: the engine's input thread).
+pub trait CommandRx: Send {
+    fn recv(&mut self) -> Result<ToEngine, TransportError>;
+}
+
+/// The engine's sending half (blocking: the engine's output thread).
+pub trait OutputTx: Send {
+    fn send(&mut self, msg: FromEngine) -> Result<(), TransportError>;
+}
+
+/// The gateway's end of a link to one engine rank.
+pub struct GatewayEnd {
+    pub tx: Box<dyn CommandTx>,
+    pub rx: Box<dyn OutputRx>,
+}
+
+/// An engine rank's end of its link to the gateway.
+pub struct EngineEnd {
+    pub rx: Box<dyn CommandRx>,
+    pub tx: Box<dyn OutputTx>,
+}
+
+mod flume_link;
+pub use flume_link::flume_link;

@@ -1,0 +1,161 @@
+//! The messages between the gateway and one engine rank.
+//!
+//! Plain data, no behaviour: the flume transport moves these structs as they are,
+//! the QUIC transport serializes them with a versioned codec. Engines see token
+//! ids only; text stays in the gateway.
+
+/// Bumped whenever a message below changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The gateway's id for one request. Unique per gateway for its lifetime.
+pub type RequestId = u64;
+
+/// How to pick tokens, and when to stop. Ranges follow vLLM's; the engine
+/// validates them (`ferry_engine::sampler::validate`) before accepting a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Completions generated for the prompt (vLLM `n`); each is one sequence,
+    /// all sharing the prompt's KV blocks through the prefix cache.
+    pub n: u32,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// 0 or -1 disables; otherwise >= 1.
+    pub top_k: i32,
+    /// [0, 1]; 0 disables.
+    pub min_p: f32,
+    /// > 0; 1 disables. Applied over prompt and output tokens.
+    pub repetition_penalty: f32,
+    /// [-2, 2]; over output tokens.
+    pub presence_penalty: f32,
+    /// [-2, 2]; over output tokens.
+    pub frequency_penalty: f32,
+    /// Same seed, same output.
+    pub seed: Option<u64>,
+    /// Tokens to generate at most (>= 1).
+    pub max_tokens: u32,
+    /// Tokens to generate before EOS or stop tokens may end the sequence.
+    pub min_tokens: u32,
+    /// Extra token ids that end a sequence (besides the model's EOS unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Number of top alternatives to return with each sampled token (None: no logprobs).
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            n: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 16,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+/// One request for the engine: a prompt already tokenized by the gateway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt_tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+/// Gateway -> engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineCommand {
+    Add(EngineRequest),
+    /// Stop these requests now and free their KV blocks. Unknown ids are ignored.
+    Abort(Vec<RequestId>),
+    Shutdown,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or one of `stop_token_ids`.
+    Stop,
+    /// `max_tokens` reached, or the model's maximum length.
+    Length,
+    /// Aborted by the gateway.
+    Abort,
+    /// The engine refused or failed this request; the message says why.
+    Error(String),
+}
+
+/// The log-probability of one token and its top alternatives at one position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// Best first, as many as asked for.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one sequence produced in one engine step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOutput {
+    pub id: RequestId,
+    /// Which of the request's `n` completions this is (0-based).
+    pub index: u32,
+    pub new_tokens: Vec<u32>,
+    /// One entry per new token, when the request asked for logprobs.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Set on the sequence's last output.
+    pub finish: Option<FinishReason>,
+    /// Prompt tokens served from the prefix cache (set on the first output).
+    pub num_cached_tokens: u32,
+}
+
+/// The engine's queue figures, attached to every output batch so the
+/// coordinator can balance load and the gateway can export metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub num_waiting: u32,
+    pub num_running: u32,
+    /// Fraction of KV blocks in use, 0..=1.
+    pub kv_usage: f32,
+    /// Totals since the engine started.
+    pub num_preemptions: u64,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+}
+
+/// Engine -> gateway, once per step that produced anything.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineOutputs {
+    pub rank: u32,
+    pub outputs: Vec<TokenOutput>,
+    pub stats: EngineStats,
+}
+
+/// Engine -> gateway, first message on a transport.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub rank: u32,
+    pub model: String,
+    pub max_model_len: u32,
+    pub num_kv_blocks: u32,
+    pub block_size: u32,
+}
+
+/// Gateway -> engine, answer to `Hello`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Welcome {
+    pub protocol_version: u32,
+    pub accepted: bool,
+    pub reason: Option<String>,
+}
