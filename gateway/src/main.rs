@@ -9,6 +9,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model over the OpenAI API (HTTP/1.1, HTTP/2, HTTP/3).
+    Serve(ferry::serve::ServeArgs),
     /// Generate a completion for one prompt, offline (no server).
     Generate(ferry::generate::GenerateArgs),
     /// Benchmarks.
@@ -20,6 +22,10 @@ enum Command {
 enum BenchCommand {
     /// The engine's raw prompt and decode speed, in process (no HTTP).
     Engine(ferry::engine_bench::EngineBenchArgs),
+    /// Load-test any OpenAI-compatible server, like `vllm bench serve`.
+    Serve(ferry::bench::BenchServeArgs),
+    /// Print saved `bench serve` results side by side, with ratios to the first.
+    Compare(ferry::bench::BenchCompareArgs),
 }
 
 fn main() {
@@ -29,7 +35,14 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) => ferry::serve::run(a),
         Command::Generate(a) => ferry::generate::run(a),
+        Command::Bench(BenchCommand::Serve(a)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ferry::bench::run_bench_serve(a))),
+        Command::Bench(BenchCommand::Compare(a)) => ferry::bench::run_bench_compare(a),
         Command::Bench(BenchCommand::Engine(a)) => ferry::engine_bench::run(a),
     };
     if let Err(e) = result {

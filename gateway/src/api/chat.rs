@@ -1,0 +1,264 @@
+//! POST /v1/chat/completions, streamed and not (vLLM's serving_chat).
+//!
+//! Messages go through the model's chat template (with the generation prompt by
+//! default) and are tokenized without adding special tokens again, as vLLM does.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use ferry_transport::TokenLogprob;
+
+use super::completions::{clamp_lp, token_text};
+use super::errors::ApiError;
+use super::fe::tokenizer::Tokenizer;
+use super::generation::{ChoiceDelta, Generation};
+use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
+use super::sse::{self, EventSource};
+use super::types::{
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
+    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, Usage,
+};
+use super::{new_response_id, unix_now, AppState};
+
+/// Most alternatives per token a request may ask for (vLLM's default max_logprobs).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
+    run(state, req).await.unwrap_or_else(|e| e.into_response())
+}
+
+/// The chat rendered with the model's template, as token ids.
+pub fn render_chat(
+    tok: &Tokenizer,
+    messages: &[super::fe::tokenizer::ChatMessage],
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let text = tok
+        .apply_chat_template(messages, add_generation_prompt)
+        .map_err(|e| ApiError::invalid_param("messages", format!("Failed to apply the chat template: {e}")))?;
+    tok.encode(&text, add_special_tokens)
+        .map_err(|e| ApiError::invalid_param("messages", format!("Failed to tokenize the chat: {e}")))
+}
+
+async fn run(state: AppState, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+    let plan = StreamPlan::from_fields(&req.sampling)?;
+    let messages = match &req.messages {
+        Some(m) if !m.is_empty() => m,
+        _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
+    };
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    if let Some(k) = req.top_logprobs {
+        if !want_logprobs {
+            return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
+        }
+        if k > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}.")));
+        }
+    }
+    let top_k = req.top_logprobs.unwrap_or(0);
+    let tok = state.tokenizer.clone();
+    let prompt = render_chat(
+        &tok,
+        messages,
+        req.add_generation_prompt.unwrap_or(true),
+        req.sampling.add_special_tokens.unwrap_or(false),
+    )?;
+    let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => (Some(m), "max_completion_tokens"),
+        (None, m) => (m, "max_tokens"),
+    };
+    let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
+    let params = sampling_params(
+        &req.sampling,
+        max_tokens,
+        want_logprobs.then_some(top_k),
+        prompt.len(),
+        &limits,
+        tok.vocab_size(),
+    )?;
+    let permit = state.admit()?;
+    let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit))?;
+    let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
+    if plan.stream {
+        let mut s = ChatStream { gen, out, plan, pending: VecDeque::new(), done: false };
+        s.role_chunks();
+        return Ok(sse::response(s));
+    }
+    collect(gen, out).await.map(|r| Json(r).into_response())
+}
+
+struct Output {
+    id: String,
+    created: u64,
+    model: String,
+    /// Some(k): logprobs with k alternatives per token.
+    logprobs: Option<u32>,
+}
+
+async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
+    let k = gen.num_choices();
+    let mut texts = vec![String::new(); k];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
+    let mut finishes = vec![None; k];
+    while let Some(d) = gen.next().await {
+        let d = d?;
+        let i = d.index as usize;
+        texts[i].push_str(&d.text);
+        lps[i].extend(d.logprobs);
+        if d.finish.is_some() {
+            finishes[i] = d.finish;
+        }
+    }
+    let tok = gen.tokenizer().clone();
+    let choices = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, content)| {
+            let finish = finishes[i].take();
+            ChatChoice {
+                index: i as u32,
+                message: ChatResponseMessage { role: "assistant", content, tool_calls: Vec::new() },
+                logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &lps[i], top)),
+                finish_reason: finish.as_ref().map(|f| f.reason),
+                stop_reason: finish.and_then(|f| f.stop_reason),
+            }
+        })
+        .collect();
+    let prompt_tokens = gen.prompt_lens().iter().sum();
+    Ok(ChatCompletionResponse {
+        id: out.id,
+        object: "chat.completion",
+        created: out.created,
+        model: out.model,
+        choices,
+        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()),
+    })
+}
+
+/// Chat's logprobs: each token with its bytes and its `top` best alternatives.
+pub fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], top: u32) -> ChatLogprobs {
+    let entry = |t: u32| {
+        let s = token_text(tok, t);
+        let bytes = s.as_bytes().to_vec();
+        (s, bytes)
+    };
+    ChatLogprobs {
+        content: lps
+            .iter()
+            .map(|l| {
+                let (token, bytes) = entry(l.token);
+                ChatTokenLogprob {
+                    token,
+                    logprob: clamp_lp(l.logprob),
+                    bytes,
+                    top_logprobs: l
+                        .top
+                        .iter()
+                        .take(top as usize)
+                        .map(|&(t, lp)| {
+                            let (token, bytes) = entry(t);
+                            ChatTopLogprob { token, logprob: clamp_lp(lp), bytes }
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+struct ChatStream {
+    gen: Generation,
+    out: Output,
+    plan: StreamPlan,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl ChatStream {
+    fn chunk(&self, choices: Vec<ChatStreamChoice>, usage: Option<Usage>) -> Bytes {
+        sse::event(&ChatCompletionChunk {
+            id: self.out.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.out.created,
+            model: self.out.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn prompt_tokens(&self) -> u32 {
+        self.gen.prompt_lens().iter().sum()
+    }
+
+    /// vLLM opens each choice with `{"role": "assistant", "content": ""}`.
+    fn role_chunks(&mut self) {
+        for i in 0..self.gen.num_choices() {
+            let choice = ChatStreamChoice {
+                index: i as u32,
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                logprobs: None,
+                finish_reason: None,
+                stop_reason: None,
+            };
+            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0));
+            let b = self.chunk(vec![choice], usage);
+            self.pending.push_back(b);
+        }
+    }
+
+    fn on_delta(&mut self, d: ChoiceDelta) {
+        let i = d.index as usize;
+        let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+        let usage = self
+            .plan
+            .continuous_usage
+            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
+        let finish = d.finish;
+        let choice = ChatStreamChoice {
+            index: d.index,
+            delta: ChatDelta { role: None, content: Some(d.text) },
+            logprobs,
+            finish_reason: finish.as_ref().map(|f| f.reason),
+            stop_reason: finish.map(|f| f.stop_reason),
+        };
+        let b = self.chunk(vec![choice], usage);
+        self.pending.push_back(b);
+    }
+}
+
+impl EventSource for ChatStream {
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Some(b);
+            }
+            if self.done {
+                return None;
+            }
+            match self.gen.next().await {
+                Some(Ok(d)) => self.on_delta(d),
+                Some(Err(e)) => {
+                    self.pending.push_back(sse::error_event(&e));
+                    self.pending.push_back(sse::done());
+                    self.done = true;
+                }
+                None => {
+                    if self.plan.include_usage {
+                        let usage = Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens());
+                        let b = self.chunk(vec![], Some(usage));
+                        self.pending.push_back(b);
+                    }
+                    self.pending.push_back(sse::done());
+                    self.done = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! POST /v1/completions, streamed and not (vLLM's serving_completion).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use ferry_transport::TokenLogprob;
+
+use super::errors::ApiError;
+use super::fe::tokenizer::Tokenizer;
+use super::generation::{ChoiceDelta, Generation};
+use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
+use super::sse::{self, EventSource};
+use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
+use super::{new_response_id, unix_now, AppState};
+
+/// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
+const DEFAULT_MAX_TOKENS: u32 = 16;
+
+pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
+    run(state, req).await.unwrap_or_else(|e| e.into_response())
+}
+
+/// Token ids of each prompt; ids must be inside the vocabulary.
+pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |s: &str| {
+        tok.encode(s, add_special)
+            .map_err(|e| ApiError::invalid_param("prompt", format!("Failed to tokenize the prompt: {e}")))
+    };
+    let check = |ids: Vec<u32>| {
+        let vocab = tok.vocab_size();
+        match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => Err(ApiError::invalid_param("prompt", format!("Token id {t} is out of vocabulary (size {vocab})."))),
+            None => Ok(ids),
+        }
+    };
+    match prompt {
+        Prompt::Text(s) => Ok(vec![encode(&s)?]),
+        Prompt::Texts(v) => v.iter().map(|s| encode(s)).collect(),
+        Prompt::Tokens(ids) => Ok(vec![check(ids)?]),
+        Prompt::TokenLists(v) => v.into_iter().map(check).collect(),
+    }
+}
+
+async fn run(state: AppState, req: CompletionRequest) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+    let plan = StreamPlan::from_fields(&req.sampling)?;
+    let prompt = req.prompt.clone().ok_or_else(|| ApiError::invalid_param("prompt", "`prompt` is required."))?;
+    let echo_texts: Option<Vec<String>> = match (&prompt, req.echo.unwrap_or(false)) {
+        (_, false) => None,
+        (Prompt::Text(s), true) => Some(vec![s.clone()]),
+        (Prompt::Texts(v), true) => Some(v.clone()),
+        _ => None, // token prompts: decoded below
+    };
+    let tok = state.tokenizer.clone();
+    let prompts = tokenize_prompts(&tok, prompt, req.sampling.add_special_tokens.unwrap_or(true))?;
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "Please provide at least one prompt."));
+    }
+    let n = req.sampling.n.unwrap_or(1) as usize;
+    if prompts.len().saturating_mul(n) > MAX_CHOICES {
+        return Err(ApiError::invalid_param("n", format!("At most {MAX_CHOICES} choices (prompts × n) per request.")));
+    }
+    let echo_texts = match (echo_texts, req.echo.unwrap_or(false)) {
+        (Some(t), _) => Some(t),
+        (None, true) => Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect()),
+        (None, false) => None,
+    };
+    let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "prompt", max_tokens_param: "max_tokens" };
+    let mut params = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        // The default 16 shrinks to the room left; an explicit value must fit.
+        let room = state.max_model_len.saturating_sub(p.len() as u32);
+        let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
+        params.push(sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?);
+    }
+    let permit = state.admit()?;
+    let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
+    let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit))?;
+    let out = Output {
+        id: new_response_id("cmpl"),
+        created: unix_now(),
+        model,
+        n,
+        logprobs: req.logprobs,
+        echo_texts,
+        echo_tokens,
+    };
+    if plan.stream {
+        let k = gen.num_choices();
+        return Ok(sse::response(CompletionStream {
+            gen,
+            out,
+            plan,
+            echoed: vec![false; k],
+            text_len: vec![0; k],
+            pending: VecDeque::new(),
+            done: false,
+        }));
+    }
+    collect(gen, out).await.map(|r| Json(r).into_response())
+}
+
+/// What every chunk of one response shares.
+struct Output {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    logprobs: Option<u32>,
+    echo_texts: Option<Vec<String>>,
+    echo_tokens: Option<Vec<Vec<u32>>>,
+}
+
+impl Output {
+    /// The prompt text (and tokens) to put before choice `i`'s first text.
+    fn echo(&self, i: usize) -> Option<(&str, &[u32])> {
+        let p = i / self.n.max(1);
+        let text = self.echo_texts.as_ref()?.get(p)?;
+        let toks = self.echo_tokens.as_ref()?.get(p)?;
+        Some((text.as_str(), toks.as_slice()))
+    }
+}
+
+async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse, ApiError> {
+    let k = gen.num_choices();
+    let mut texts = vec![String::new(); k];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
+    let mut finishes = vec![None; k];
+    while let Some(d) = gen.next().await {
+        let d = d?;
+        let i = d.index as usize;
+        texts[i].push_str(&d.text);
+        lps[i].extend(d.logprobs);
+        if d.finish.is_some() {
+            finishes[i] = d.finish;
+        }
+    }
+    let tok = gen.tokenizer().clone();
+    let choices = (0..k)
+        .map(|i| {
+            let (echo_text, echo_toks) = out.echo(i).unwrap_or(("", &[]));
+            let finish = finishes[i].take();
+            CompletionChoice {
+                index: i as u32,
+                text: format!("{echo_text}{}", texts[i]),
+                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, &lps[i], 0)),
+                finish_reason: finish.as_ref().map(|f| f.reason),
+                stop_reason: finish.and_then(|f| f.stop_reason),
+            }
+        })
+        .collect();
+    let prompt_tokens = gen.prompt_lens().iter().sum();
+    Ok(CompletionResponse {
+        id: out.id,
+        object: "text_completion",
+        created: out.created,
+        model: out.model,
+        choices,
+        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()),
+    })
+}
+
+/// The legacy logprobs object: echoed prompt tokens (no logprobs known for them),
+/// then generated tokens. Offsets count characters from `offset0`.
+pub fn completion_logprobs(tok: &Tokenizer, echoed: &[u32], lps: &[TokenLogprob], offset0: usize) -> CompletionLogprobs {
+    let mut r = CompletionLogprobs::default();
+    let mut offset = offset0;
+    let mut push = |r: &mut CompletionLogprobs, token: String, lp: Option<f32>, top| {
+        r.text_offset.push(offset);
+        offset += token.chars().count();
+        r.tokens.push(token);
+        r.token_logprobs.push(lp);
+        r.top_logprobs.push(top);
+    };
+    for &t in echoed {
+        push(&mut r, token_text(tok, t), None, None);
+    }
+    for l in lps {
+        let mut top = serde_json::Map::new();
+        for &(t, lp) in &l.top {
+            top.insert(token_text(tok, t), clamp_lp(lp).into());
+        }
+        // OpenAI's shape: the sampled token is always among the top entries.
+        top.entry(token_text(tok, l.token)).or_insert(clamp_lp(l.logprob).into());
+        push(&mut r, token_text(tok, l.token), Some(clamp_lp(l.logprob)), Some(top));
+    }
+    r
+}
+
+/// One token's text, special tokens included.
+pub fn token_text(tok: &Tokenizer, t: u32) -> String {
+    tok.decode(&[t], false).unwrap_or_default()
+}
+
+/// JSON has no -inf; OpenAI (and vLLM) send -9999.0.
+pub fn clamp_lp(lp: f32) -> f32 {
+    if lp.is_nan() {
+        -9999.0
+    } else {
+        lp.max(-9999.0)
+    }
+}
+
+struct CompletionStream {
+    gen: Generation,
+    out: Output,
+    plan: StreamPlan,
+    echoed: Vec<bool>,
+    text_len: Vec<usize>,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl CompletionStream {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Bytes {
+        sse::event(&CompletionChunk {
+            id: self.out.id.clone(),
+            object: "text_completion",
+            created: self.out.created,
+            model: self.out.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn on_delta(&mut self, d: ChoiceDelta) {
+        let i = d.index as usize;
+        let mut text = String::new();
+        let mut echo_toks: &[u32] = &[];
+        if !self.echoed[i] {
+            self.echoed[i] = true;
+            if let Some((t, toks)) = self.out.echo(i) {
+                text.push_str(t);
+                echo_toks = toks;
+            }
+        }
+        text.push_str(&d.text);
+        let logprobs = self
+            .out
+            .logprobs
+            .map(|_| completion_logprobs(self.gen.tokenizer(), echo_toks, &d.logprobs, self.text_len[i]));
+        self.text_len[i] += text.chars().count();
+        let usage = self.plan.continuous_usage.then(|| {
+            let p = self.gen.prompt_lens().get(i / self.out.n.max(1)).copied().unwrap_or(0);
+            Usage::new(p, self.gen.completion_tokens(i))
+        });
+        let finish = d.finish;
+        let choice = CompletionChoice {
+            index: d.index,
+            text,
+            logprobs,
+            finish_reason: finish.as_ref().map(|f| f.reason),
+            stop_reason: finish.and_then(|f| f.stop_reason),
+        };
+        let b = self.chunk(vec![choice], usage);
+        self.pending.push_back(b);
+    }
+}
+
+impl EventSource for CompletionStream {
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Some(b);
+            }
+            if self.done {
+                return None;
+            }
+            match self.gen.next().await {
+                Some(Ok(d)) => self.on_delta(d),
+                Some(Err(e)) => {
+                    self.pending.push_back(sse::error_event(&e));
+                    self.pending.push_back(sse::done());
+                    self.done = true;
+                }
+                None => {
+                    if self.plan.include_usage {
+                        let p = self.gen.prompt_lens().iter().sum();
+                        let b = self.chunk(vec![], Some(Usage::new(p, self.gen.total_completion_tokens())));
+                        self.pending.push_back(b);
+                    }
+                    self.pending.push_back(sse::done());
+                    self.done = true;
+                }
+            }
+        }
+    }
+}

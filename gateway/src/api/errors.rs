@@ -1,0 +1,157 @@
+//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Types and codes follow vLLM's server (`BadRequestError`, `NotFoundError`, ... with
+//! the HTTP status as `code`), so clients written against vLLM read them unchanged.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// A request that failed, with the status it answers with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// Seconds a client should wait before trying again (503 only).
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorInfo<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorInfo<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: u16,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), param: None, retry_after: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// A 400 that names the request field at fault.
+    pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { param: Some(param.into()), ..Self::bad_request(message) }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// vLLM's wording for a model name it does not serve.
+    pub fn model_not_found(model: &str) -> Self {
+        ApiError {
+            param: Some("model".into()),
+            ..Self::not_found(format!("The model `{model}` does not exist."))
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Unauthorized")
+    }
+
+    /// 503 with a Retry-After hint: not ready yet, or too busy right now.
+    pub fn unavailable(message: impl Into<String>, retry_after: u32) -> Self {
+        ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message) }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// The `type` field, named as vLLM names it (after the OpenAI Python client's exceptions).
+    pub fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "BadRequestError",
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::FORBIDDEN => "PermissionDeniedError",
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "RequestTooLarge",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+            StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntityError",
+            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            _ if self.status.is_server_error() => "InternalServerError",
+            _ => "APIError",
+        }
+    }
+
+    /// The JSON body, also used as the payload of an SSE error event.
+    pub fn to_json(&self) -> String {
+        let body = ErrorBody {
+            error: ErrorInfo {
+                message: &self.message,
+                kind: self.kind(),
+                param: self.param.as_deref(),
+                code: self.status.as_u16(),
+            },
+        };
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{}}"))
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, self.to_json()).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_matches_openai() {
+        let e = ApiError::invalid_param("temperature", "bad value");
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "bad value", "type": "BadRequestError",
+                "param": "temperature", "code": 400}})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&ApiError::model_not_found("gpt-9").to_json()).unwrap();
+        assert_eq!(v["error"]["message"], "The model `gpt-9` does not exist.");
+        assert_eq!(v["error"]["type"], "NotFoundError");
+        assert_eq!(v["error"]["code"], 404);
+    }
+
+    #[test]
+    fn response_carries_status_and_retry_after() {
+        let r = ApiError::unavailable("busy", 2).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let r = ApiError::unauthorized().into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+}

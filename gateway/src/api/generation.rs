@@ -1,0 +1,319 @@
+//! One API request in flight: its engine requests (one per prompt, each with `n`
+//! sequences) and, per choice, the incremental detokenizer and the stop-string
+//! checker. Both endpoints, streamed or not, read the same [`ChoiceDelta`]s, so a
+//! streamed answer is the non-streamed one cut in pieces.
+//!
+//! Choice `i` is sequence `i % n` of prompt `i / n` (vLLM's numbering).
+//! Dropping a `Generation` aborts every engine request still running; a stop string
+//! that ends the last running sequence of a request aborts that request at once.
+//! (Sequences of one request share its id, so with n > 1 a stop string in one
+//! sequence cannot stop it alone: its later tokens are dropped here, and the engine
+//! request is aborted when its last sequence ends.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_transport::{FinishReason, RequestId, SamplingParams, TokenLogprob, TokenOutput};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::errors::ApiError;
+use super::fe::tokenizer::{IncrementalDetokenizer, Tokenizer};
+use super::params::TextOptions;
+use super::stop_strings::{StopCheck, StopChecker};
+use super::types::StopReason;
+use super::AppState;
+use crate::coordinator::{RequestGuard, SubmitError};
+use crate::engine_client::{EventRx, SeqEvent};
+
+/// How a choice ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    /// "stop", "length" or "abort", as vLLM reports them.
+    pub reason: &'static str,
+    pub stop_reason: Option<StopReason>,
+}
+
+/// What one engine output added to one choice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChoiceDelta {
+    pub index: u32,
+    pub text: String,
+    /// Tokens this output counted (those after a matched stop string are dropped).
+    pub token_ids: Vec<u32>,
+    /// One per counted token, when logprobs were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<Finish>,
+}
+
+/// Per-choice text state.
+struct Choice {
+    detok: IncrementalDetokenizer,
+    stop: StopChecker,
+    rank: usize,
+    num_tokens: u32,
+    finished: bool,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+struct PromptRun {
+    guard: RequestGuard,
+    len: u32,
+    unfinished: u32,
+    prompt_counted: bool,
+}
+
+pub struct Generation {
+    state: AppState,
+    rx: EventRx,
+    runs: Vec<PromptRun>,
+    by_id: HashMap<RequestId, usize>,
+    choices: Vec<Choice>,
+    n: u32,
+    opts: TextOptions,
+    remaining: usize,
+    arrival: Instant,
+    failed: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Generation {
+    /// Send every prompt to the engines. `prompts[i]` goes with `params[i]`; all
+    /// share `n`. `permit` (the admission slot) is held until this is dropped.
+    pub fn start(
+        state: &AppState,
+        prompts: Vec<Vec<u32>>,
+        params: Vec<SamplingParams>,
+        opts: TextOptions,
+        arrival: Instant,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Self, ApiError> {
+        let n = params.first().map(|p| p.n).unwrap_or(1).max(1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut runs = Vec::with_capacity(prompts.len());
+        let mut by_id = HashMap::new();
+        let mut choices = Vec::new();
+        for (p, (tokens, sampling)) in prompts.into_iter().zip(params).enumerate() {
+            let len = tokens.len() as u32;
+            // The prompt's last tokens give the first new token its context (a
+            // SentencePiece word-start space decodes as it would in the whole text).
+            let context_tail = tokens[tokens.len().saturating_sub(8)..].to_vec();
+            let guard = state.coordinator.submit(tokens, sampling, tx.clone()).map_err(|e| match e {
+                SubmitError::NoHealthyRank => ApiError::unavailable(e.to_string(), 5),
+                SubmitError::Send(m) => ApiError::unavailable(m, 1),
+            })?;
+            by_id.insert(guard.id(), p);
+            for _ in 0..n {
+                choices.push(Choice {
+                    detok: IncrementalDetokenizer::with_context(
+                        state.tokenizer.clone(),
+                        opts.skip_special_tokens,
+                        &context_tail,
+                    ),
+                    stop: StopChecker::new(opts.stop.clone(), opts.include_stop_str_in_output),
+                    rank: guard.rank_index(),
+                    num_tokens: 0,
+                    finished: false,
+                    first_token_at: None,
+                    last_token_at: None,
+                });
+            }
+            runs.push(PromptRun { guard, len, unfinished: n, prompt_counted: false });
+        }
+        let remaining = choices.len();
+        Ok(Generation {
+            state: state.clone(),
+            rx,
+            runs,
+            by_id,
+            choices,
+            n,
+            opts,
+            remaining,
+            arrival,
+            failed: false,
+            _permit: permit,
+        })
+    }
+
+    pub fn num_choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    pub fn prompt_lens(&self) -> Vec<u32> {
+        self.runs.iter().map(|r| r.len).collect()
+    }
+
+    /// Tokens counted so far for choice `i`.
+    pub fn completion_tokens(&self, i: usize) -> u32 {
+        self.choices.get(i).map(|c| c.num_tokens).unwrap_or(0)
+    }
+
+    pub fn total_completion_tokens(&self) -> u32 {
+        self.choices.iter().map(|c| c.num_tokens).sum()
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.state.tokenizer
+    }
+
+    /// The next change to some choice; `None` once every choice has finished.
+    /// An error ends the generation (the engine failed or went away).
+    pub async fn next(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
+        loop {
+            if self.remaining == 0 || self.failed {
+                return None;
+            }
+            let event = match self.rx.recv().await {
+                Some(ev) => ev,
+                None => {
+                    self.failed = true;
+                    return Some(Err(ApiError::internal("the engine stopped answering this request")));
+                }
+            };
+            match event {
+                SeqEvent::Failed { message, .. } => {
+                    self.failed = true;
+                    return Some(Err(ApiError::unavailable(message, 1)));
+                }
+                SeqEvent::Output(out) => {
+                    if let Some(r) = self.on_output(out) {
+                        return Some(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_output(&mut self, out: TokenOutput) -> Option<Result<ChoiceDelta, ApiError>> {
+        let p = *self.by_id.get(&out.id)?;
+        if out.index >= self.n {
+            return None; // never trust an index off the wire
+        }
+        let i = p * self.n as usize + out.index as usize;
+        if self.choices[i].finished {
+            return None; // already ended here by a stop string
+        }
+        if let Some(FinishReason::Error(msg)) = &out.finish {
+            self.failed = true;
+            return Some(Err(ApiError::internal(format!("engine error: {msg}"))));
+        }
+        let now = Instant::now();
+        let rank = self.choices[i].rank;
+        let metrics = &self.state.metrics;
+        if !self.runs[p].prompt_counted {
+            self.runs[p].prompt_counted = true;
+            metrics.add_prompt_tokens(rank, self.runs[p].len as u64);
+        }
+        if !out.new_tokens.is_empty() {
+            let c = &mut self.choices[i];
+            match c.last_token_at {
+                None => metrics.observe_ttft(rank, (now - self.arrival).as_secs_f64()),
+                Some(t) => metrics.observe_inter_token(rank, (now - t).as_secs_f64()),
+            }
+            c.first_token_at.get_or_insert(now);
+            c.last_token_at = Some(now);
+        }
+
+        let delta = self.choices[i].apply(&out, &self.opts, &self.state.tokenizer, i as u32);
+        metrics.add_generation_tokens(rank, delta.token_ids.len() as u64);
+        if let Some(f) = &delta.finish {
+            self.choices[i].finished = true;
+            self.remaining -= 1;
+            metrics.request_finished(rank, f.reason, (now - self.arrival).as_secs_f64());
+            let run = &mut self.runs[p];
+            run.unfinished = run.unfinished.saturating_sub(1);
+            if run.unfinished == 0 {
+                // All its sequences are done here: if the engine is still at it
+                // (a stop string matched), this sends Abort now.
+                run.guard.abort();
+            }
+        }
+        if delta.text.is_empty() && delta.finish.is_none() && delta.logprobs.is_empty() {
+            return None; // text held back for a possible stop string
+        }
+        Some(Ok(delta))
+    }
+}
+
+impl Choice {
+    fn apply(&mut self, out: &TokenOutput, opts: &TextOptions, tok: &Tokenizer, index: u32) -> ChoiceDelta {
+        let engine_stop = matches!(out.finish, Some(FinishReason::Stop));
+        let n_new = out.new_tokens.len();
+        let mut text = String::new();
+        let mut counted = 0usize;
+        let mut matched: Option<String> = None;
+        for (k, &t) in out.new_tokens.iter().enumerate() {
+            counted += 1;
+            self.num_tokens += 1;
+            // vLLM leaves out the text of the EOS / stop token that ended the
+            // sequence, unless include_stop_str_in_output.
+            let is_stop_token = k + 1 == n_new
+                && engine_stop
+                && (tok.eog_token_ids().contains(&t) || opts.stop_token_ids.contains(&t));
+            let piece = if is_stop_token && !opts.include_stop_str_in_output {
+                String::new()
+            } else {
+                self.detok.push(t)
+            };
+            match self.stop.push(&piece, self.num_tokens > opts.min_tokens) {
+                StopCheck::Continue(s) => text.push_str(&s),
+                StopCheck::Stopped { text: s, matched: m } => {
+                    text.push_str(&s);
+                    matched = Some(m);
+                    break;
+                }
+            }
+        }
+        let finish = if let Some(m) = matched {
+            Some(Finish { reason: "stop", stop_reason: Some(StopReason::Text(m)) })
+        } else if let Some(f) = &out.finish {
+            // Flush what the detokenizer and the checker still hold.
+            let rest = self.detok.finish();
+            let mut stopped = None;
+            match self.stop.push(&rest, self.num_tokens > opts.min_tokens) {
+                StopCheck::Continue(s) => {
+                    text.push_str(&s);
+                    text.push_str(&self.stop.finish());
+                }
+                StopCheck::Stopped { text: s, matched: m } => {
+                    text.push_str(&s);
+                    stopped = Some(m);
+                }
+            }
+            Some(match (stopped, f) {
+                (Some(m), _) => Finish { reason: "stop", stop_reason: Some(StopReason::Text(m)) },
+                (None, FinishReason::Stop) => {
+                    let last = out.new_tokens.last().copied();
+                    let stop_reason = last
+                        .filter(|t| opts.stop_token_ids.contains(t) && !tok.eog_token_ids().contains(t))
+                        .map(StopReason::Token);
+                    Finish { reason: "stop", stop_reason }
+                }
+                (None, FinishReason::Length) => Finish { reason: "length", stop_reason: None },
+                (None, _) => Finish { reason: "abort", stop_reason: None },
+            })
+        } else {
+            None
+        };
+        let logprobs = match &out.logprobs {
+            Some(l) => l.iter().take(counted).cloned().collect(),
+            None => Vec::new(),
+        };
+        ChoiceDelta { index, text, token_ids: out.new_tokens[..counted].to_vec(), logprobs, finish }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Choices still running when the client leaves count as aborted, as in vLLM.
+        if !self.failed {
+            let secs = self.arrival.elapsed().as_secs_f64();
+            for c in self.choices.iter().filter(|c| !c.finished) {
+                self.state.metrics.request_finished(c.rank, "abort", secs);
+            }
+        }
+        // The guards in `runs` send Abort for requests the engine still runs.
+    }
+}

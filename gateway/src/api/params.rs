@@ -1,0 +1,330 @@
+//! From a request body to the engine's `SamplingParams`, checking every field.
+//!
+//! Ranges of the sampling fields live in one place, `sampler::validate`; this module
+//! adds what only the gateway knows: the JSON itself, the prompt's length against
+//! `max_model_len` (with vLLM's wording), streaming options, and defaults.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
+use bytes::Bytes;
+use ferry_transport::SamplingParams;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::errors::ApiError;
+use super::fe::sampler;
+use super::types::SamplingFields;
+
+/// Most completions one request may ask for (n × prompts); bounds the memory a
+/// single request can claim in the gateway.
+pub const MAX_CHOICES: usize = 256;
+
+/// A JSON body parsed with errors in OpenAI's shape: invalid JSON and fields of the
+/// wrong type give 400 naming the field; a body over the size limit gives 413.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Like vLLM: a declared media type must be JSON; none at all is tolerated.
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let media = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            if media != "application/json" && !media.ends_with("+json") {
+                return Err(ApiError::bad_request(
+                    "Unsupported Media Type: Only 'application/json' is allowed",
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rej| ApiError::new(rej.status(), rej.body_text()))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parse `bytes` as a JSON object into `T`. On a type error, find the field at fault
+/// by deserializing each key alone (all of `T`'s fields are optional).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON in request body: {e}")))?;
+    let Value::Object(map) = &value else {
+        return Err(ApiError::bad_request("The request body must be a JSON object."));
+    };
+    match T::deserialize(&value) {
+        Ok(t) => Ok(t),
+        Err(whole) => {
+            for (k, v) in map {
+                let mut one = serde_json::Map::new();
+                one.insert(k.clone(), v.clone());
+                if let Err(e) = T::deserialize(&Value::Object(one)) {
+                    return Err(ApiError::invalid_param(k.as_str(), format!("Invalid value for `{k}`: {e}")));
+                }
+            }
+            Err(ApiError::bad_request(format!("Invalid request: {whole}")))
+        }
+    }
+}
+
+/// What happens to the text, in the gateway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextOptions {
+    pub stop: Vec<String>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    pub min_tokens: u32,
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl TextOptions {
+    pub fn from_fields(f: &SamplingFields) -> Self {
+        TextOptions {
+            stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+            include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+            min_tokens: f.min_tokens.unwrap_or(0),
+            stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StreamPlan {
+    pub stream: bool,
+    pub include_usage: bool,
+    pub continuous_usage: bool,
+}
+
+impl StreamPlan {
+    /// vLLM: `stream_options` only with `stream`; continuous stats only with usage.
+    pub fn from_fields(f: &SamplingFields) -> Result<Self, ApiError> {
+        let stream = f.stream.unwrap_or(false);
+        let (include_usage, continuous_usage) = match &f.stream_options {
+            Some(_) if !stream => {
+                return Err(ApiError::invalid_param(
+                    "stream_options",
+                    "Stream options can only be defined when `stream=True`.",
+                ))
+            }
+            Some(o) => {
+                let u = o.include_usage.unwrap_or(false);
+                (u, u && o.continuous_usage_stats.unwrap_or(false))
+            }
+            None => (false, false),
+        };
+        Ok(StreamPlan { stream, include_usage, continuous_usage })
+    }
+}
+
+/// Where the limits are checked, and which names errors blame.
+pub struct LengthCheck<'a> {
+    pub max_model_len: u32,
+    /// "prompt" or "messages".
+    pub prompt_param: &'a str,
+    /// "max_tokens" or "max_completion_tokens".
+    pub max_tokens_param: &'a str,
+}
+
+/// The engine's parameters for one prompt of `prompt_len` tokens. `max_tokens`
+/// `None` means all the room the context has left (vLLM's default).
+pub fn sampling_params(
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    logprobs: Option<u32>,
+    prompt_len: usize,
+    limits: &LengthCheck<'_>,
+    vocab_size: usize,
+) -> Result<SamplingParams, ApiError> {
+    let max_len = limits.max_model_len as u64;
+    let n_in = prompt_len as u64;
+    if prompt_len == 0 {
+        return Err(ApiError::invalid_param(limits.prompt_param, "The prompt cannot be empty."));
+    }
+    if n_in >= max_len {
+        return Err(ApiError::invalid_param(
+            limits.prompt_param,
+            format!(
+                "This model's maximum context length is {max_len} tokens. However, your request has \
+                 {n_in} input tokens. Please reduce the length of the input messages."
+            ),
+        ));
+    }
+    if let Some(m) = max_tokens {
+        if m as u64 + n_in > max_len {
+            return Err(ApiError::invalid_param(
+                limits.max_tokens_param,
+                format!(
+                    "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum \
+                     context length is {max_len} tokens and your request has {n_in} input tokens \
+                     ({m} > {max_len} - {n_in})."
+                ),
+            ));
+        }
+    }
+    let n = f.n.unwrap_or(1);
+    if n as usize > MAX_CHOICES {
+        return Err(ApiError::invalid_param("n", format!("n must be at most {MAX_CHOICES}, got {n}.")));
+    }
+    let d = SamplingParams::default();
+    let p = SamplingParams {
+        n,
+        temperature: f.temperature.unwrap_or(d.temperature),
+        top_p: f.top_p.unwrap_or(d.top_p),
+        top_k: f.top_k.unwrap_or(d.top_k),
+        min_p: f.min_p.unwrap_or(d.min_p),
+        repetition_penalty: f.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+        // Any 64-bit pattern is a seed; negative ones keep their bits.
+        seed: f.seed.map(|s| s as u64),
+        max_tokens: max_tokens.unwrap_or((max_len - n_in) as u32),
+        min_tokens: f.min_tokens.unwrap_or(0),
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs,
+    };
+    sampler::validate(&p, vocab_size)
+        .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;
+    Ok(p)
+}
+
+/// A `model` field must name a served model; absent means the first one.
+pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<String, ApiError> {
+    match requested {
+        None => served.first().cloned().ok_or_else(|| ApiError::internal("no model is served")),
+        Some(m) if served.iter().any(|s| s == m) => Ok(m.to_string()),
+        Some(m) => Err(ApiError::model_not_found(m)),
+    }
+}
+
+/// Deserialize helper for tests and callers that hold a `Value` already.
+pub fn from_value<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, ApiError> {
+    parse_json(&serde_json::to_vec(&v).map_err(|e| ApiError::bad_request(e.to_string()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::{ChatCompletionRequest, CompletionRequest};
+    use serde_json::json;
+
+    const LIMITS: LengthCheck<'static> =
+        LengthCheck { max_model_len: 100, prompt_param: "prompt", max_tokens_param: "max_tokens" };
+
+    /// Build params for a completions body with a 10-token prompt; Err(param, msg).
+    fn build(body: Value) -> Result<SamplingParams, (Option<String>, String)> {
+        let r: CompletionRequest = from_value(body).map_err(|e| (e.param, e.message))?;
+        StreamPlan::from_fields(&r.sampling).map_err(|e| (e.param.clone(), e.message.clone()))?;
+        sampling_params(&r.sampling, r.max_tokens, r.logprobs, 10, &LIMITS, 1000)
+            .map_err(|e| (e.param, e.message))
+    }
+
+    fn bad_param(body: Value) -> String {
+        match build(body.clone()) {
+            Err((Some(p), _)) => p,
+            other => panic!("{body} should fail naming a param, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_bad_field_names_its_param() {
+        let cases = [
+            (json!({"temperature": -1.0}), "temperature"),
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"top_p": 0.0}), "top_p"),
+            (json!({"top_p": 1.5}), "top_p"),
+            (json!({"top_k": -2}), "top_k"),
+            (json!({"min_p": 2.0}), "min_p"),
+            (json!({"repetition_penalty": 0.0}), "repetition_penalty"),
+            (json!({"presence_penalty": 3.0}), "presence_penalty"),
+            (json!({"frequency_penalty": -2.5}), "frequency_penalty"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 100000}), "n"),
+            (json!({"n": -1}), "n"),
+            (json!({"n": 2, "temperature": 0}), "n"), // vLLM: greedy means n = 1
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"max_tokens": -5}), "max_tokens"),
+            (json!({"max_tokens": 91}), "max_tokens"),
+            (json!({"min_tokens": 20, "max_tokens": 5}), "min_tokens"),
+            (json!({"logprobs": 21}), "logprobs"),
+            (json!({"logprobs": -1}), "logprobs"),
+            (json!({"stop_token_ids": [5000]}), "stop_token_ids"),
+            (json!({"stop": 5}), "stop"),
+            (json!({"stream": "yes"}), "stream"),
+            (json!({"stream_options": {"include_usage": true}}), "stream_options"),
+            (json!({"seed": 1.5}), "seed"),
+            (json!({"echo": 3}), "echo"),
+            (json!({"prompt": {"x": 1}}), "prompt"),
+        ];
+        for (body, param) in cases {
+            assert_eq!(bad_param(body.clone()), param, "{body}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let p = build(json!({})).unwrap();
+        assert_eq!(p.max_tokens, 90); // all the room left: 100 - 10
+        assert_eq!((p.n, p.temperature, p.top_p, p.top_k, p.logprobs), (1, 1.0, 1.0, 0, None));
+        let p = build(json!({"max_tokens": 90, "temperature": 0.5, "seed": -1, "top_k": -1, "n": 3,
+            "stop_token_ids": [7], "ignore_eos": true, "logprobs": 2, "min_tokens": 4})).unwrap();
+        assert_eq!(p.max_tokens, 90);
+        assert_eq!(p.temperature, 0.5);
+        assert_eq!(p.seed, Some(u64::MAX));
+        assert_eq!((p.top_k, p.n, p.min_tokens, p.logprobs), (-1, 3, 4, Some(2)));
+        assert_eq!(p.stop_token_ids, vec![7]);
+        assert!(p.ignore_eos);
+    }
+
+    #[test]
+    fn length_errors_use_vllms_wording() {
+        let f = SamplingFields::default();
+        let e = sampling_params(&f, None, None, 100, &LIMITS, 1000).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert_eq!(e.message, "This model's maximum context length is 100 tokens. However, your request has 100 input tokens. Please reduce the length of the input messages.");
+        let limits = LengthCheck { prompt_param: "messages", max_tokens_param: "max_completion_tokens", ..LIMITS };
+        let e = sampling_params(&f, Some(50), None, 60, &limits, 1000).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        assert_eq!(e.message, "'max_tokens' or 'max_completion_tokens' is too large: 50. This model's maximum context length is 100 tokens and your request has 60 input tokens (50 > 100 - 60).");
+        assert!(sampling_params(&f, Some(40), None, 60, &limits, 1000).is_ok());
+        let e = sampling_params(&f, None, None, 0, &LIMITS, 1000).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn json_errors() {
+        let e = parse_json::<CompletionRequest>(b"{not json").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.param.clone()), (400, None));
+        assert!(e.message.starts_with("Invalid JSON"));
+        let e = parse_json::<CompletionRequest>(b"[1,2]").unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+        let e = parse_json::<ChatCompletionRequest>(br#"{"messages": "hi"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let ok = parse_json::<ChatCompletionRequest>(br#"{"messages": [], "whatever": {"a": [1]}}"#).unwrap();
+        assert_eq!(ok.messages.map(|m| m.len()), Some(0));
+    }
+
+    #[test]
+    fn stream_plan_rules() {
+        let f = |v: Value| StreamPlan::from_fields(&from_value::<CompletionRequest>(v).unwrap().sampling);
+        assert_eq!(f(json!({})).unwrap(), StreamPlan::default());
+        assert_eq!(
+            f(json!({"stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}})).unwrap(),
+            StreamPlan { stream: true, include_usage: true, continuous_usage: true }
+        );
+        assert_eq!(
+            f(json!({"stream": true, "stream_options": {"continuous_usage_stats": true}})).unwrap(),
+            StreamPlan { stream: true, include_usage: false, continuous_usage: false }
+        );
+    }
+
+    #[test]
+    fn model_resolution() {
+        let served = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(resolve_model(None, &served).unwrap(), "a");
+        assert_eq!(resolve_model(Some("b"), &served).unwrap(), "b");
+        assert_eq!(resolve_model(Some("c"), &served).unwrap_err().status.as_u16(), 404);
+    }
+}

@@ -1,0 +1,77 @@
+//! Server-sent events: `data: {json}\n\n` per chunk, `data: [DONE]\n\n` at the end.
+//!
+//! The response body is pulled straight from the generation (no task, no buffer in
+//! between), so each chunk goes out as soon as it is made, and dropping the body
+//! (the client went away) drops the generation, whose guards abort the engine
+//! request at once.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::errors::ApiError;
+
+/// One `data:` event holding `value` as JSON.
+pub fn event<T: Serialize>(value: &T) -> Bytes {
+    match serde_json::to_vec(value) {
+        Ok(json) => {
+            let mut buf = Vec::with_capacity(json.len() + 8);
+            buf.extend_from_slice(b"data: ");
+            buf.extend_from_slice(&json);
+            buf.extend_from_slice(b"\n\n");
+            Bytes::from(buf)
+        }
+        // Our chunk types serialize plain data only; say so rather than panic.
+        Err(e) => error_event(&ApiError::internal(format!("failed to serialize a chunk: {e}"))),
+    }
+}
+
+/// An error after streaming began: the OpenAI error object as an event.
+pub fn error_event(e: &ApiError) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", e.to_json()))
+}
+
+pub fn done() -> Bytes {
+    Bytes::from_static(b"data: [DONE]\n\n")
+}
+
+/// Something that yields SSE bytes until it returns `None`.
+pub trait EventSource: Send + 'static {
+    fn next_bytes(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
+}
+
+/// A 200 `text/event-stream` response pulling its body from `src`.
+pub fn response<S: EventSource>(src: S) -> Response {
+    let stream = futures_util::stream::unfold(src, |mut s| async move {
+        s.next_bytes().await.map(|b| (Ok::<Bytes, Infallible>(b), s))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Ask proxies (nginx) not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_framing() {
+        assert_eq!(&event(&serde_json::json!({"a": 1}))[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(&done()[..], b"data: [DONE]\n\n");
+        let e = error_event(&ApiError::bad_request("x"));
+        let s = std::str::from_utf8(&e).unwrap();
+        assert!(s.starts_with("data: {\"error\":") && s.ends_with("}\n\n"));
+        let v: serde_json::Value = serde_json::from_str(&s[6..s.len() - 2]).unwrap();
+        assert_eq!(v["error"]["code"], 400);
+    }
+}

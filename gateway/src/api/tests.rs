@@ -1,0 +1,548 @@
+//! Router-level tests: requests go through the real Router (`oneshot`, no sockets)
+//! to a fake engine thread at the far end of a real `flume_link`, which plays a
+//! scripted list of token ids. Text is checked against the real SmolLM2 tokenizer's
+//! full decode of the script (independent of the incremental path under test).
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use ferry_transport::{
+    flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineStats, FinishReason, FromEngine, Hello,
+    TokenLogprob, TokenOutput, ToEngine, PROTOCOL_VERSION,
+};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::fe::gguf::GgufFile;
+use super::fe::tokenizer::Tokenizer;
+use super::{router, AppState};
+use crate::coordinator::start_engine_clients;
+
+/// A script id that makes the fake engine drop its link (the rank dies).
+const DIE: u32 = u32::MAX;
+
+fn tokenizer() -> Option<Arc<Tokenizer>> {
+    static TOK: OnceLock<Option<Arc<Tokenizer>>> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let p = std::env::var("FERRY_TEST_MODEL")
+            .unwrap_or_else(|_| "/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+        if !std::path::Path::new(&p).exists() {
+            eprintln!("skipping: test model {p} not found (set FERRY_TEST_MODEL)");
+            return None;
+        }
+        let g = GgufFile::open(&p).expect("open test model");
+        Some(Arc::new(Tokenizer::from_gguf(&g).expect("tokenizer from gguf")))
+    })
+    .clone()
+}
+
+type Log = Arc<Mutex<Vec<EngineCommand>>>;
+
+struct Active {
+    id: u64,
+    n: u32,
+    max: u32,
+    logprobs: Option<u32>,
+    pos: Vec<usize>,
+    done: Vec<bool>,
+}
+
+/// The engine's side: says hello, then every millisecond gives each running
+/// sequence its next script token. EOS ends a sequence with Stop, max_tokens with
+/// Length; a script that runs out first leaves the sequence waiting (for an Abort).
+fn fake_engine(end: EngineEnd, script: Vec<u32>, eos: u32, log: Log) {
+    let EngineEnd { rx: mut cmd_rx, tx: mut out_tx } = end;
+    let (ctx, crx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(m) = cmd_rx.recv() {
+            if ctx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "smol".into(), max_model_len: 64, num_kv_blocks: 64, block_size: 16 };
+        if out_tx.send(FromEngine::Hello(hello)).is_err() {
+            return;
+        }
+        let mut active: Vec<Active> = Vec::new();
+        loop {
+            loop {
+                match crx.try_recv() {
+                    Ok(ToEngine::Command(c)) => {
+                        log.lock().unwrap().push(c.clone());
+                        match c {
+                            EngineCommand::Add(r) => active.push(Active {
+                                id: r.id,
+                                n: r.sampling.n,
+                                max: r.sampling.max_tokens,
+                                logprobs: r.sampling.logprobs,
+                                pos: vec![0; r.sampling.n as usize],
+                                done: vec![false; r.sampling.n as usize],
+                            }),
+                            EngineCommand::Abort(ids) => active.retain(|a| !ids.contains(&a.id)),
+                            EngineCommand::Shutdown => return,
+                        }
+                    }
+                    Ok(ToEngine::Welcome(_)) => {}
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            let mut outputs = Vec::new();
+            for a in active.iter_mut() {
+                for j in 0..a.n as usize {
+                    if a.done[j] || a.pos[j] >= script.len() {
+                        continue;
+                    }
+                    let t = script[a.pos[j]];
+                    if t == DIE {
+                        return; // drops out_tx: the link closes
+                    }
+                    a.pos[j] += 1;
+                    let finish = if t == eos {
+                        Some(FinishReason::Stop)
+                    } else if a.pos[j] as u32 >= a.max {
+                        Some(FinishReason::Length)
+                    } else {
+                        None
+                    };
+                    a.done[j] = finish.is_some();
+                    let logprobs = a.logprobs.map(|k| {
+                        let top = [(t, -0.25f32), (t + 1, -1.5), (t + 2, f32::NEG_INFINITY)];
+                        vec![TokenLogprob { token: t, logprob: -0.25, top: top[..k as usize].to_vec() }]
+                    });
+                    outputs.push(TokenOutput { id: a.id, index: j as u32, new_tokens: vec![t], logprobs, finish, num_cached_tokens: 0 });
+                }
+            }
+            active.retain(|a| a.done.iter().any(|d| !d));
+            if !outputs.is_empty() {
+                let stats = EngineStats { num_running: active.len() as u32, ..Default::default() };
+                if out_tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs, stats })).is_err() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
+
+struct Harness {
+    app: Router,
+    state: AppState,
+    log: Log,
+
+}
+
+const MAX_MODEL_LEN: u32 = 64;
+
+async fn harness_with(script: &[u32], configure: impl FnOnce(AppState) -> AppState) -> Option<Harness> {
+    let tok = tokenizer()?;
+    let (gw, eng) = flume_link();
+    let log: Log = Arc::default();
+    fake_engine(eng, script.to_vec(), tok.eos_token_id().unwrap(), log.clone());
+    let coord = start_engine_clients(vec![gw]).await;
+    let state = configure(AppState::new(vec!["smol".into()], "/models/smol.gguf", tok.clone(), MAX_MODEL_LEN, coord));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !state.is_ready() {
+        assert!(Instant::now() < deadline, "fake engine never said hello");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Some(Harness { app: router(state.clone()), state, log })
+}
+
+async fn harness(script: &[u32]) -> Option<Harness> {
+    harness_with(script, |s| s).await
+}
+
+fn post(path: &str, body: Value) -> Request<Body> {
+    Request::post(path).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).unwrap()
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+async fn json_of(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let (s, _, b) = send(app, req).await;
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// The events of an SSE body: JSON values, and the final "[DONE]" as a string.
+fn sse_events(body: &[u8]) -> Vec<Value> {
+    let text = std::str::from_utf8(body).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "stream must end with [DONE]: {text}");
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let d = e.strip_prefix("data: ").unwrap_or_else(|| panic!("bad event {e:?}"));
+            if d == "[DONE]" {
+                Value::String(d.into())
+            } else {
+                serde_json::from_str(d).unwrap()
+            }
+        })
+        .collect()
+}
+
+fn encode(tok: &Tokenizer, s: &str) -> Vec<u32> {
+    tok.encode(s, false).unwrap()
+}
+
+async fn wait_for_abort(log: &Log) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if log.lock().unwrap().iter().any(|c| matches!(c, EngineCommand::Abort(_))) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn completion_streamed_equals_unstreamed_and_usage_counts() {
+    let Some(tok) = tokenizer() else { return };
+    let script = encode(&tok, " The café is open: naïve résumé 🚀 done!");
+    let Some(h) = harness(&script).await else { return };
+    let prompt = "Say something";
+    let prompt_len = tok.encode(prompt, true).unwrap().len() as u32;
+    let n = script.len() as u32;
+
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"model": "smol", "prompt": prompt, "max_tokens": n}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let want = tok.decode(&script, true).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["model"], "smol");
+    assert_eq!(v["choices"][0]["text"], want);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["choices"][0]["stop_reason"], Value::Null);
+    assert_eq!(v["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}));
+
+    let body = json!({"prompt": prompt, "max_tokens": n, "stream": true,
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+    let (s, headers, bytes) = send(&h.app, post("/v1/completions", body)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    let ev = sse_events(&bytes);
+    let (last, chunks) = ev.split_last().unwrap();
+    assert_eq!(last, "[DONE]");
+    let (usage_chunk, text_chunks) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], n);
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], prompt_len);
+    let streamed: String = text_chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, want);
+    assert!(text_chunks.len() > 3, "tokens must flow as separate chunks");
+    // Continuous usage grows; every chunk has vLLM's fields.
+    let counts: Vec<u64> = text_chunks.iter().map(|c| c["usage"]["completion_tokens"].as_u64().unwrap()).collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]) && *counts.last().unwrap() == n as u64);
+    for c in text_chunks {
+        assert_eq!(c["object"], "text_completion");
+        let ch = &c["choices"][0];
+        for k in ["index", "text", "logprobs", "finish_reason", "stop_reason"] {
+            assert!(ch.get(k).is_some(), "missing {k} in {c}");
+        }
+    }
+    assert_eq!(text_chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // Metrics saw both requests.
+    let (s, headers, m) = send(&h.app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    let m = String::from_utf8(m).unwrap();
+    let sample = |name: &str| -> f64 {
+        let line = m.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(sample("vllm:generation_tokens_total{model_name=\"smol\",engine=\"0\"}"), 2.0 * n as f64);
+    assert_eq!(sample("vllm:prompt_tokens_total{model_name=\"smol\",engine=\"0\"}"), 2.0 * prompt_len as f64);
+    assert_eq!(sample("vllm:request_success_total{model_name=\"smol\",engine=\"0\",finished_reason=\"length\"}"), 2.0);
+    assert_eq!(sample("vllm:time_to_first_token_seconds_count{model_name=\"smol\",engine=\"0\"}"), 2.0);
+    assert_eq!(sample("vllm:e2e_request_latency_seconds_count{model_name=\"smol\",engine=\"0\"}"), 2.0);
+}
+
+#[tokio::test]
+async fn chat_stream_shapes_eos_and_equality() {
+    let Some(tok) = tokenizer() else { return };
+    let eos = tok.eos_token_id().unwrap();
+    let mut script = encode(&tok, "Hi! I'm fine, thanks.");
+    let text_len = script.len() as u32;
+    script.push(eos);
+    script.extend(encode(&tok, " never sent"));
+    let Some(h) = harness(&script).await else { return };
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you?"}]);
+    let rendered = tok
+        .apply_chat_template(&serde_json::from_value::<Vec<_>>(messages.clone()).unwrap(), true)
+        .unwrap();
+    let prompt_len = tok.encode(&rendered, false).unwrap().len() as u32;
+    let want = tok.decode(&script[..text_len as usize], true).unwrap();
+
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": messages}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["stop_reason"], Value::Null); // EOS
+    // EOS counts as a generated token, as in vLLM.
+    assert_eq!(v["usage"]["completion_tokens"], text_len + 1);
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_len);
+
+    let body = json!({"messages": messages, "stream": true, "stream_options": {"include_usage": true}});
+    let (_, _, bytes) = send(&h.app, post("/v1/chat/completions", body)).await;
+    let ev = sse_events(&bytes);
+    assert_eq!(ev[0]["object"], "chat.completion.chunk");
+    assert_eq!(ev[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert!(ev[0].get("usage").is_none());
+    let n = ev.len();
+    assert_eq!(ev[n - 1], "[DONE]");
+    assert_eq!(ev[n - 2]["choices"], json!([]));
+    assert_eq!(ev[n - 2]["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": text_len + 1, "total_tokens": prompt_len + text_len + 1}));
+    let content: Vec<&Value> = ev[1..n - 2].iter().collect();
+    let streamed: String = content.iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap()).collect();
+    assert_eq!(streamed, want);
+    let last = content.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert!(last["choices"][0].get("stop_reason").is_some());
+    assert!(content[..content.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()
+        && c["choices"][0].get("stop_reason").is_none() && c["choices"][0]["delta"].get("role").is_none()));
+}
+
+#[tokio::test]
+async fn stop_string_across_tokens_aborts_the_engine_request() {
+    let Some(tok) = tokenizer() else { return };
+    // The script never finishes by itself: only the stop string can end it.
+    let script = encode(&tok, "One two three. Stop here please, four five");
+    let Some(h) = harness(&script).await else { return };
+    let full = tok.decode(&script, true).unwrap();
+    let stop = "e, fo"; // spans tokens ("please", ",", " four")
+    let cut = full.find(stop).unwrap();
+    for (include, stream) in [(false, false), (true, false), (false, true)] {
+        h.log.lock().unwrap().clear();
+        let body = json!({"prompt": "x", "max_tokens": 40, "stop": ["never", stop],
+            "include_stop_str_in_output": include, "stream": stream});
+        let (s, _, bytes) = send(&h.app, post("/v1/completions", body)).await;
+        assert_eq!(s, StatusCode::OK);
+        let (text, finish, stop_reason) = if stream {
+            let ev = sse_events(&bytes);
+            let chunks = &ev[..ev.len() - 1];
+            let t: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+            let l = &chunks.last().unwrap()["choices"][0];
+            (t, l["finish_reason"].clone(), l["stop_reason"].clone())
+        } else {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            let c = &v["choices"][0];
+            (c["text"].as_str().unwrap().to_string(), c["finish_reason"].clone(), c["stop_reason"].clone())
+        };
+        let want = if include { &full[..cut + stop.len()] } else { &full[..cut] };
+        assert_eq!(text, want);
+        assert_eq!((finish, stop_reason), (json!("stop"), json!(stop)));
+        assert!(wait_for_abort(&h.log).await, "stop string must abort the engine request");
+    }
+    // At once: the Abort goes out while the client still holds the open stream.
+    h.log.lock().unwrap().clear();
+    let body = json!({"prompt": "x", "max_tokens": 40, "stop": stop, "stream": true});
+    let resp = h.app.clone().oneshot(post("/v1/completions", body)).await.unwrap();
+    let mut stream = resp.into_body().into_data_stream();
+    loop {
+        let chunk = stream.next().await.expect("stream ended before the stop chunk").unwrap();
+        let v: Value = serde_json::from_slice(&chunk[6..chunk.len() - 2]).unwrap();
+        if v["choices"][0]["finish_reason"] == "stop" {
+            break;
+        }
+    }
+    assert!(wait_for_abort(&h.log).await, "Abort must not wait for the stream to close");
+    drop(stream);
+}
+
+#[tokio::test]
+async fn dropped_stream_aborts_and_overload_is_503() {
+    let Some(tok) = tokenizer() else { return };
+    let script = encode(&tok, "Streaming forever and ever");
+    let Some(h) = harness_with(&script, |s| s.with_max_concurrent_requests(1)).await else { return };
+    let resp = h
+        .app
+        .clone()
+        .oneshot(post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body().into_data_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: {"));
+    let second = body.next().await.unwrap().unwrap(); // a token arrived
+    assert!(std::str::from_utf8(&second).unwrap().contains("\"content\""));
+    // The one admission slot is taken: the next request is turned away.
+    let (s, headers, b) = send(&h.app, post("/v1/completions", json!({"prompt": "x"}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], 503);
+    assert!(h.log.lock().unwrap().iter().all(|c| !matches!(c, EngineCommand::Abort(_))));
+    drop(body); // the client goes away
+    assert!(wait_for_abort(&h.log).await, "dropping the body must abort the engine request");
+    // Its slot is free again.
+    let (s, _, _) = send(&h.app, post("/v1/completions", json!({"prompt": "x", "max_tokens": 2}))).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn n_choices_logprobs_and_echo() {
+    let Some(tok) = tokenizer() else { return };
+    let script = encode(&tok, " alpha beta gamma");
+    let Some(h) = harness(&script).await else { return };
+    let body = json!({"prompt": ["A", "B"], "n": 2, "temperature": 0.7, "max_tokens": 2, "logprobs": 2, "echo": true});
+    let (s, v) = json_of(&h.app, post("/v1/completions", body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    let gen = tok.decode(&script[..2], true).unwrap();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let prompt = if i < 2 { "A" } else { "B" };
+        assert_eq!(c["text"], format!("{prompt}{gen}"));
+        let lp = &c["logprobs"];
+        let n_prompt = tok.encode(prompt, true).unwrap().len();
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 2);
+        assert_eq!(lp["token_logprobs"][0], Value::Null); // echoed prompt token
+        assert_eq!(lp["token_logprobs"][n_prompt], -0.25);
+        let top = lp["top_logprobs"][n_prompt].as_object().unwrap();
+        assert_eq!(top.len(), 2);
+        let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+        assert_eq!(offsets[0], 0);
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    // Chat logprobs: -inf becomes -9999.0, bytes are the token's UTF-8.
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logprobs": true, "top_logprobs": 3});
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0]["logprobs"]["content"][0];
+    let token = tok.decode(&script[..1], false).unwrap();
+    assert_eq!(c["token"], token);
+    assert_eq!(c["bytes"], json!(token.as_bytes()));
+    assert_eq!(c["top_logprobs"].as_array().unwrap().len(), 3);
+    assert_eq!(c["top_logprobs"][2]["logprob"], -9999.0);
+}
+
+#[tokio::test]
+async fn errors_have_openai_shape_and_status() {
+    let Some(h) = harness(&[]).await else { return };
+    let err = |v: &Value| (v["error"]["type"].clone(), v["error"]["param"].clone(), v["error"]["code"].clone());
+
+    let raw = Request::post("/v1/completions").header(header::CONTENT_TYPE, "application/json").body(Body::from("{\"prompt\": ")).unwrap();
+    let (s, v) = json_of(&h.app, raw).await;
+    assert_eq!((s, err(&v)), (StatusCode::BAD_REQUEST, (json!("BadRequestError"), Value::Null, json!(400))));
+
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"prompt": "x", "temperature": "hot"}))).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("temperature")));
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_p": 7}))).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("top_p")));
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": []}))).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("messages")));
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"prompt": [999999]}))).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("prompt")));
+
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"model": "gpt-4", "prompt": "x"}))).await;
+    assert_eq!((s, err(&v)), (StatusCode::NOT_FOUND, (json!("NotFoundError"), json!("model"), json!(404))));
+    assert_eq!(v["error"]["message"], "The model `gpt-4` does not exist.");
+
+    let long = "hello ".repeat(200);
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"prompt": long}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("maximum context length is {MAX_MODEL_LEN} tokens")) && msg.contains("input tokens"), "{msg}");
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"prompt": "hello", "max_tokens": 64}))).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("max_tokens")));
+    assert!(v["error"]["message"].as_str().unwrap().contains("(64 > 64 - "));
+
+    let big = vec![b' '; super::MAX_BODY_BYTES + 10];
+    let req = Request::post("/v1/completions").header(header::CONTENT_TYPE, "application/json").body(Body::from(big)).unwrap();
+    let (s, v) = json_of(&h.app, req).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!(413)));
+
+    let req = Request::post("/v1/completions").header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap();
+    assert_eq!(json_of(&h.app, req).await.0, StatusCode::BAD_REQUEST);
+    let (s, v) = json_of(&h.app, Request::get("/v1/nothing").body(Body::empty()).unwrap()).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::NOT_FOUND, json!(404)));
+    let (s, v) = json_of(&h.app, Request::get("/v1/completions").body(Body::empty()).unwrap()).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::METHOD_NOT_ALLOWED, json!(405)));
+    // None of that disturbed the engine.
+    assert!(h.log.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn api_key_health_models_version_tokenize() {
+    let Some(tok) = tokenizer() else { return };
+    let Some(h) = harness_with(&[], |s| s.with_api_key(Some("sekret".into())).with_version("9.9.9")).await else { return };
+    let get = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+    let (s, v) = json_of(&h.app, get("/v1/models")).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::UNAUTHORIZED, json!(401)));
+    let wrong = Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer nope").body(Body::empty()).unwrap();
+    assert_eq!(json_of(&h.app, wrong).await.0, StatusCode::UNAUTHORIZED);
+    for open in ["/health", "/metrics", "/version"] {
+        assert_eq!(send(&h.app, get(open)).await.0, StatusCode::OK, "{open}");
+    }
+    let (_, v) = json_of(&h.app, get("/version")).await;
+    assert_eq!(v, json!({"version": "9.9.9"}));
+    let authed = |r: Request<Body>| {
+        let (mut parts, body) = r.into_parts();
+        parts.headers.insert(header::AUTHORIZATION, "Bearer sekret".parse().unwrap());
+        Request::from_parts(parts, body)
+    };
+    let (s, v) = json_of(&h.app, authed(get("/v1/models"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "smol");
+    assert_eq!(v["data"][0]["max_model_len"], MAX_MODEL_LEN);
+
+    let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"prompt": "Hello world", "return_token_strs": true})))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ids = tok.encode("Hello world", true).unwrap();
+    assert_eq!(v["tokens"], json!(ids));
+    assert_eq!(v["count"], ids.len());
+    assert_eq!(v["max_model_len"], MAX_MODEL_LEN);
+    assert_eq!(v["token_strs"].as_array().unwrap().len(), ids.len());
+    let (s, v) = json_of(&h.app, authed(post("/detokenize", json!({"tokens": ids})))).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world"})));
+    let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})))).await;
+    assert_eq!(s, StatusCode::OK);
+    let rendered = tok.apply_chat_template(&[super::fe::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
+    assert_eq!(v["tokens"], json!(tok.encode(&rendered, false).unwrap()));
+
+    // Not ready: draining flips /health to 503 and requests to 503.
+    h.state.accepting.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (s, headers, _) = send(&h.app, get("/health")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+    let (s, _) = json_of(&h.app, authed(post("/v1/completions", json!({"prompt": "x"})))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn rank_dying_mid_stream_ends_with_error_event_and_health_503() {
+    let Some(tok) = tokenizer() else { return };
+    let mut script = encode(&tok, "Partial answer");
+    script.push(DIE);
+    let Some(h) = harness(&script).await else { return };
+    let (s, _, bytes) = send(&h.app, post("/v1/completions", json!({"prompt": "x", "max_tokens": 30, "stream": true}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = sse_events(&bytes);
+    let err = &ev[ev.len() - 2];
+    assert_eq!(err["error"]["code"], 503, "{ev:?}");
+    let text: String = ev[..ev.len() - 2].iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(text, tok.decode(&script[..script.len() - 1], true).unwrap());
+    assert_eq!(send(&h.app, Request::get("/health").body(Body::empty()).unwrap()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, _) = json_of(&h.app, post("/v1/completions", json!({"prompt": "x"}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}

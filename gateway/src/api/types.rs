@@ -1,0 +1,314 @@
+//! Request and response bodies of the OpenAI API, in the shapes vLLM's server uses.
+//!
+//! Every request field is optional at the serde level (`#[serde(default)]`): required
+//! ones are checked afterwards so that the error can name the field, and a field of
+//! the wrong type is found by [`super::params::parse_json`] probing one key at a time.
+//! Unknown fields are ignored, as vLLM ignores them.
+
+use serde::{Deserialize, Serialize};
+
+use super::fe::tokenizer::ChatMessage;
+
+/// `prompt` of /v1/completions: text, texts, token ids, or lists of token ids.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or several.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// The sampling and stopping fields both endpoints share (vLLM's extras included).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<StopSpec>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub user: Option<String>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub include_stop_str_in_output: Option<bool>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<u32>,
+    pub skip_special_tokens: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Option<Prompt>,
+    pub max_tokens: Option<u32>,
+    /// Top alternatives per token (0..=20).
+    pub logprobs: Option<u32>,
+    pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub max_tokens: Option<u32>,
+    /// OpenAI's newer name for `max_tokens`; wins when both are given.
+    pub max_completion_tokens: Option<u32>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub add_generation_prompt: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub add_generation_prompt: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+    pub return_token_strs: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Option<Vec<u32>>,
+}
+
+// ---------------------------------------------------------------- responses
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub total_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens.saturating_add(completion_tokens) }
+    }
+}
+
+/// Why a choice stopped beyond its finish reason: the stop string matched, or the
+/// stop token id sampled (null for EOS and length), as vLLM's `stop_reason`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopReason {
+    Text(String),
+    Token(u32),
+}
+
+/// Completions' logprobs (the legacy OpenAI shape).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub text_offset: Vec<usize>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub tokens: Vec<String>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<StopReason>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+/// One SSE event of a streamed completion (`usage` only when asked for).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Chat's logprobs: `{"content": [ {token, logprob, bytes, top_logprobs} ]}`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatResponseMessage {
+    pub role: &'static str,
+    pub content: String,
+    pub tool_calls: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatResponseMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<StopReason>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatStreamChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    /// Present only on a choice's last chunk (vLLM sets it there alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<Option<StopReason>>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatStreamChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prompt_forms_parse() {
+        let p = |v: serde_json::Value| serde_json::from_value::<Prompt>(v).unwrap();
+        assert_eq!(p(json!("hi")), Prompt::Text("hi".into()));
+        assert_eq!(p(json!(["a", "b"])), Prompt::Texts(vec!["a".into(), "b".into()]));
+        assert_eq!(p(json!([1, 2])), Prompt::Tokens(vec![1, 2]));
+        assert_eq!(p(json!([[1], [2, 3]])), Prompt::TokenLists(vec![vec![1], vec![2, 3]]));
+        assert!(serde_json::from_value::<Prompt>(json!([-1])).is_err());
+        assert!(serde_json::from_value::<Prompt>(json!({"a": 1})).is_err());
+    }
+
+    #[test]
+    fn flattened_fields_and_unknown_fields() {
+        let r: CompletionRequest = serde_json::from_value(json!({
+            "model": "m", "prompt": "x", "temperature": 0, "top_k": 5, "stop": "\n",
+            "stream_options": {"include_usage": true}, "some_future_field": [1, 2], "logit_bias": null
+        }))
+        .unwrap();
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.top_k, Some(5));
+        assert_eq!(r.sampling.stop, Some(StopSpec::One("\n".into())));
+        assert_eq!(r.sampling.stream_options.unwrap().include_usage, Some(true));
+    }
+
+    #[test]
+    fn chat_chunk_shapes() {
+        let role = ChatStreamChoice {
+            index: 0,
+            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+            logprobs: None,
+            finish_reason: None,
+            stop_reason: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&role).unwrap(),
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})
+        );
+        let last = ChatStreamChoice {
+            index: 1,
+            delta: ChatDelta { role: None, content: Some("x".into()) },
+            logprobs: None,
+            finish_reason: Some("stop"),
+            stop_reason: Some(Some(StopReason::Text("END".into()))),
+        };
+        assert_eq!(
+            serde_json::to_value(&last).unwrap(),
+            json!({"index": 1, "delta": {"content": "x"}, "logprobs": null, "finish_reason": "stop", "stop_reason": "END"})
+        );
+        let eos = ChatStreamChoice { stop_reason: Some(None), ..last };
+        assert_eq!(serde_json::to_value(&eos).unwrap()["stop_reason"], json!(null));
+    }
+}

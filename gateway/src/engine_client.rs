@@ -1,0 +1,270 @@
+//! The gateway's side of one engine rank's link.
+//!
+//! One tokio task per rank reads the rank's `OutputRx`: it answers `Hello` with
+//! `Welcome`, keeps the rank's latest `EngineStats`, and hands each `TokenOutput` to
+//! the channel of the request waiting for it. If the link closes, the rank is marked
+//! unhealthy and every request still waiting on it gets a `Failed` event, so no
+//! stream hangs. Sending (`Add`, `Abort`) goes straight through the rank's `CommandTx`,
+//! which never blocks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_transport::{
+    CommandTx, EngineCommand, EngineRequest, EngineStats, FromEngine, Hello, OutputRx, RequestId,
+    ToEngine, TokenOutput, Welcome, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+
+/// What a request's channel carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeqEvent {
+    Output(TokenOutput),
+    /// The rank went away (or refused the request) before the request finished.
+    Failed { id: RequestId, message: String },
+}
+
+pub type EventTx = mpsc::UnboundedSender<SeqEvent>;
+pub type EventRx = mpsc::UnboundedReceiver<SeqEvent>;
+
+struct Pending {
+    events: EventTx,
+    /// Sequences (of the request's `n`) the engine has not finished yet.
+    unfinished: u32,
+}
+
+#[derive(Default)]
+struct RankState {
+    hello: Option<Hello>,
+    /// The link closed or the rank was refused: it takes no more requests.
+    down: Option<String>,
+    stats: EngineStats,
+    /// Requests sent since the last stats arrived: the engine may not count them yet.
+    uncounted: u32,
+    pending: HashMap<RequestId, Pending>,
+}
+
+/// One engine rank as the gateway sees it.
+pub struct RankLink {
+    index: usize,
+    tx: Box<dyn CommandTx>,
+    state: Mutex<RankState>,
+}
+
+impl RankLink {
+    pub fn new(index: usize, tx: Box<dyn CommandTx>) -> Self {
+        RankLink { index, tx, state: Mutex::new(RankState::default()) }
+    }
+
+    /// The rank's position in the gateway's list (its `engine` metrics label).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// A poisoned lock only means another task panicked mid-update; the state is
+    /// plain data that stays usable, so carry on rather than spread the panic.
+    fn lock(&self) -> MutexGuard<'_, RankState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Said hello, and the link is up.
+    pub fn is_healthy(&self) -> bool {
+        let s = self.lock();
+        s.hello.is_some() && s.down.is_none()
+    }
+
+    pub fn hello(&self) -> Option<Hello> {
+        self.lock().hello.clone()
+    }
+
+    /// The latest queue figures the engine reported.
+    pub fn stats(&self) -> EngineStats {
+        self.lock().stats.clone()
+    }
+
+    /// vLLM's load score: waiting × 4 + running, counting requests sent since the
+    /// last stats as waiting.
+    pub fn load_score(&self) -> u64 {
+        let s = self.lock();
+        (s.stats.num_waiting as u64 + s.uncounted as u64) * 4 + s.stats.num_running as u64
+    }
+
+    /// Requests this gateway has on the rank and not yet seen finish.
+    pub fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Register the request's channel, then send `Add`. The channel is registered
+    /// first so that no output can arrive before someone waits for it.
+    pub fn add(&self, req: EngineRequest, events: EventTx) -> Result<(), String> {
+        let id = req.id;
+        {
+            let mut s = self.lock();
+            if let Some(why) = &s.down {
+                return Err(why.clone());
+            }
+            s.pending.insert(id, Pending { events, unfinished: req.sampling.n.max(1) });
+            s.uncounted += 1;
+        }
+        if let Err(e) = self.tx.send(ToEngine::Command(EngineCommand::Add(req))) {
+            let mut s = self.lock();
+            s.pending.remove(&id);
+            s.uncounted = s.uncounted.saturating_sub(1);
+            return Err(format!("engine rank {} is unreachable: {e}", self.index));
+        }
+        Ok(())
+    }
+
+    /// Forget the request and tell the engine to stop it, unless the engine already
+    /// finished all its sequences (then there is nothing to stop).
+    pub fn abort(&self, id: RequestId) {
+        let was_pending = self.lock().pending.remove(&id).is_some();
+        if was_pending {
+            // A closed link has nothing left to abort; the error is moot.
+            let _ = self.tx.send(ToEngine::Command(EngineCommand::Abort(vec![id])));
+        }
+    }
+
+    fn on_hello(&self, hello: Hello) {
+        let accepted = hello.protocol_version == PROTOCOL_VERSION;
+        let reason = (!accepted).then(|| {
+            format!(
+                "protocol version {} is not the gateway's {}",
+                hello.protocol_version, PROTOCOL_VERSION
+            )
+        });
+        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted, reason: reason.clone() };
+        let sent = self.tx.send(ToEngine::Welcome(welcome));
+        let mut s = self.lock();
+        match reason {
+            Some(why) => {
+                tracing::error!(rank = self.index, "refused engine rank: {why}");
+                s.down = Some(why);
+            }
+            None if sent.is_err() => s.down = Some("link closed during handshake".into()),
+            None => {
+                tracing::info!(rank = self.index, model = %hello.model, "engine rank joined");
+                s.down = None;
+            }
+        }
+        s.hello = Some(hello);
+    }
+
+    fn on_outputs(&self, outputs: Vec<TokenOutput>, stats: EngineStats) {
+        let mut s = self.lock();
+        s.stats = stats;
+        s.uncounted = 0;
+        for out in outputs {
+            let id = out.id;
+            let Some(p) = s.pending.get_mut(&id) else {
+                continue; // aborted by us, or never ours: nothing waits for it
+            };
+            let done = out.finish.is_some();
+            let delivered = p.events.send(SeqEvent::Output(out)).is_ok();
+            if done {
+                p.unfinished = p.unfinished.saturating_sub(1);
+            }
+            if !delivered || p.unfinished == 0 {
+                s.pending.remove(&id);
+            }
+        }
+    }
+
+    fn on_closed(&self, why: String) {
+        let mut s = self.lock();
+        tracing::error!(rank = self.index, "engine rank lost: {why}");
+        for (id, p) in s.pending.drain() {
+            let _ = p.events.send(SeqEvent::Failed { id, message: why.clone() });
+        }
+        s.down = Some(why);
+        s.stats = EngineStats::default();
+        s.uncounted = 0;
+    }
+}
+
+/// Read one rank's outputs until its link closes.
+pub fn spawn_reader(link: Arc<RankLink>, mut rx: Box<dyn OutputRx>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(FromEngine::Hello(h)) => link.on_hello(h),
+                Ok(FromEngine::Outputs(o)) => link.on_outputs(o.outputs, o.stats),
+                Err(e) => {
+                    link.on_closed(format!("engine rank {} went away ({e})", link.index));
+                    return;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
+
+    fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
+        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0 }
+    }
+
+    fn hello() -> Hello {
+        Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), max_model_len: 64, num_kv_blocks: 8, block_size: 16 }
+    }
+
+    #[tokio::test]
+    async fn dispatches_outputs_and_fails_requests_when_link_closes() {
+        let (gw, mut eng) = flume_link();
+        let link = Arc::new(RankLink::new(0, gw.tx));
+        let task = spawn_reader(link.clone(), gw.rx);
+        assert!(!link.is_healthy());
+        eng.tx.send(FromEngine::Hello(hello())).unwrap();
+        // The gateway answers Welcome.
+        let w = tokio::task::spawn_blocking(move || {
+            let w = eng.rx.recv().unwrap();
+            (eng, w)
+        });
+        let (mut eng, w) = w.await.unwrap();
+        assert!(matches!(w, ToEngine::Welcome(Welcome { accepted: true, .. })));
+        assert!(link.is_healthy());
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sampling = SamplingParams { n: 2, ..Default::default() };
+        link.add(EngineRequest { id: 7, prompt_tokens: vec![1], sampling }, tx).unwrap();
+        assert_eq!(link.load_score(), 4); // sent, not yet counted: one waiting
+        let stats = EngineStats { num_running: 1, ..Default::default() };
+        eng.tx
+            .send(FromEngine::Outputs(EngineOutputs {
+                rank: 0,
+                outputs: vec![out(7, 0, &[5], Some(FinishReason::Length)), out(99, 0, &[1], None)],
+                stats: stats.clone(),
+            }))
+            .unwrap();
+        assert_eq!(rx.recv().await, Some(SeqEvent::Output(out(7, 0, &[5], Some(FinishReason::Length)))));
+        assert_eq!(link.load_score(), 1);
+        assert_eq!(link.stats(), stats);
+        assert_eq!(link.in_flight(), 1); // index 1 still running
+        drop(eng);
+        assert_eq!(rx.recv().await, Some(SeqEvent::Failed { id: 7, message: "engine rank 0 went away (transport closed)".into() }));
+        assert_eq!(rx.recv().await, None);
+        task.await.unwrap();
+        assert!(!link.is_healthy());
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        assert!(link.add(EngineRequest { id: 8, prompt_tokens: vec![1], sampling: Default::default() }, tx2).is_err());
+    }
+
+    #[tokio::test]
+    async fn abort_is_sent_only_for_unfinished_requests_and_bad_versions_are_refused() {
+        let (gw, mut eng) = flume_link();
+        let link = Arc::new(RankLink::new(3, gw.tx));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        link.add(EngineRequest { id: 1, prompt_tokens: vec![1], sampling: Default::default() }, tx).unwrap();
+        link.abort(1);
+        link.abort(1); // second time: already forgotten, nothing sent
+        assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));
+        assert_eq!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Abort(vec![1])));
+        link.on_hello(Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello() });
+        assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Welcome(Welcome { accepted: false, .. })));
+        assert!(!link.is_healthy());
+        drop(gw.rx);
+    }
+}
