@@ -22,6 +22,9 @@ pub struct EngineArgs {
     pub seed: u64,
     /// Cap on the tokens one prompt chunk takes per step (0: no cap).
     pub long_prefill_token_threshold: usize,
+    /// CPU threads for the model's arithmetic, shared by the tensor-parallel
+    /// workers (0: every core).
+    pub threads: usize,
 }
 
 impl Default for EngineArgs {
@@ -36,6 +39,7 @@ impl Default for EngineArgs {
             tensor_parallel_size: 1,
             seed: 0,
             long_prefill_token_threshold: 0,
+            threads: 0,
         }
     }
 }
@@ -81,7 +85,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
             args.max_num_seqs
         ));
     }
-    let executor = make_executor(&model.cfg, &model.weights, args.tensor_parallel_size, num_blocks, args.block_size)
+    let executor = make_executor(&model.cfg, &model.weights, args.tensor_parallel_size, num_blocks, args.block_size, args.threads)
         .map_err(|e| e.to_string())?;
     let cfg = EngineCoreConfig {
         rank,

@@ -67,6 +67,7 @@ impl EngineFlags {
             tensor_parallel_size: self.tensor_parallel_size,
             seed: self.seed,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
+            threads: self.threads.unwrap_or(0),
         }
     }
 
@@ -87,9 +88,10 @@ impl EngineFlags {
         }
     }
 
-    /// Sizes rayon's pool once, before any model arithmetic runs.
+    /// The engine's executors make their own pools of `--threads`; rayon's global
+    /// pool (sampling, loading) gets the same size so the two don't oversubscribe.
     pub fn init_threads(&self) {
-        let n = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+        let n = ferry_engine::executor::default_threads(self.threads.unwrap_or(0));
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
 }

@@ -142,7 +142,28 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(close_after_early_error))
         .with_state(state)
+}
+
+/// An error answered before the request body was read (a bad key, an unknown
+/// route, a wrong content type) leaves unread bytes on an HTTP/1.1 connection, so
+/// hyper closes it after the response. Say so with `Connection: close`, or a
+/// client that reuses the connection fails its next request. HTTP/2 and HTTP/3
+/// streams are independent and need nothing.
+async fn close_after_early_error(req: Request, next: Next) -> Response {
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    let mut resp = next.run(req).await;
+    if http1 && has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
