@@ -42,23 +42,29 @@ pub fn paged_attention(
         let (si, pos) = row_info[row];
         let table = seqs[si].block_table;
         let kvh = h / group;
-        // llama.cpp rounds q to f16 for its f16 K cache; doing the same keeps our
-        // logits within its reference outputs' tolerance.
+        // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
+        // the same precision as the reference it is checked against.
         let mut qv = [0f32; MAX_HEAD_DIM];
         let qv = &mut qv[..hd];
         for (d, &s) in qv.iter_mut().zip(&q[(row * n_heads + h) * hd..][..hd]) {
             *d = round_f16(s);
         }
         let qv = &*qv;
+        // Walk the sequence's blocks rather than its positions: one table look-up
+        // per block, then contiguous slots. check_batch has checked every block id.
+        let stride = kv.num_kv_heads * hd;
+        let n_pos = pos + 1;
+        let bs = kv.block_size;
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for p in 0..=pos {
-            let s = match kv.slot_offset(table, p) {
-                Some(off) => dot(qv, &kl[off + kvh * hd..][..hd]) * scale,
-                None => f32::NEG_INFINITY,
-            };
-            max = max.max(s);
-            scores.push(s);
+        for (b, &block) in table.iter().take(n_pos.div_ceil(bs)).enumerate() {
+            let base = block as usize * bs * stride + kvh * hd;
+            for slot in 0..bs.min(n_pos - b * bs) {
+                let off = base + slot * stride;
+                let s = dot(qv, &kl[off..off + hd]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
         }
         let mut sum = 0.0f32;
         for s in scores.iter_mut() {
@@ -68,15 +74,14 @@ pub fn paged_attention(
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         o.fill(0.0);
         for (p, &w) in scores.iter().enumerate() {
+            // As llama.cpp: the probabilities meet the f16 V cache as f16.
+            let w = round_f16(w * inv);
             if w == 0.0 {
                 continue;
             }
-            if let Some(off) = kv.slot_offset(table, p) {
-                // As llama.cpp: the probabilities meet the f16 V cache as f16.
-                let w = round_f16(w * inv);
-                for (a, &b) in o.iter_mut().zip(&vl[off + kvh * hd..][..hd]) {
-                    *a += w * b;
-                }
+            let off = table[p / bs] as usize * bs * stride + (p % bs) * stride + kvh * hd;
+            for (a, &b) in o.iter_mut().zip(&vl[off..off + hd]) {
+                *a += w * b;
             }
         }
     });
