@@ -3,12 +3,12 @@
 # prompt tokens/s and aggregate decode tokens/s at 1, 4, 16 and 64 sequences.
 #   scripts/bench_engine.sh [MODEL.gguf] [THREADS]
 # Needs a release build (cargo build --release) and llama-cpp-python in
-# $LLAMA_VENV (scripts/llama_cpp_server.sh install makes one).
+# $LLAMA_VENV (default .venv-llama-cpp, which scripts/llama_cpp_server.sh makes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 threads=${2:-2}
-venv=${LLAMA_VENV:-.venv-llama}
+venv=${LLAMA_VENV:-.venv-llama-cpp}
 ours=$(target/release/ferry bench engine "$model" --threads "$threads")
 theirs=$("$venv/bin/python" scripts/bench_llama_cpp_engine.py "$model" --threads "$threads" 2>/dev/null)
 python3 - "$ours" "$theirs" <<'PY'

@@ -1,0 +1,206 @@
+//! One decode step of the EngineCore (schedule, forward pass, sample) at batch
+//! 1, 4 and 16, on random weights of SmolLM2-135M's shape (Q4_1), and on the
+//! real model file when it is there (FERRY_TEST_MODEL, or
+//! models/SmolLM2-135M-Instruct.Q4_1.gguf).
+//!
+//! Only decode steps are timed: `batch` requests are added and prefilled
+//! untimed, then every timed step advances each of them by one token.
+//! Throughput is sequences per step, so criterion's elements/s is the
+//! aggregate decode tokens/s. Sequences are restarted (aborted and re-added,
+//! untimed) before they grow past `MAX_DECODE` tokens, so the attention cost
+//! stays within one short range of context lengths whatever criterion's
+//! iteration counts.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use ferry_engine::config::{ModelConfig, RopeStyle};
+use ferry_engine::executor::UniProcExecutor;
+use ferry_engine::quant::GgmlType;
+use ferry_engine::scheduler::SchedulerConfig;
+use ferry_engine::weights::{dummy, NoProgress, SplitMix64};
+use ferry_engine::{build_engine_core, load_model, EngineArgs, EngineCore, EngineCoreConfig, LoadFormat};
+use ferry_transport::{EngineRequest, RequestId, SamplingParams};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const BATCHES: [usize; 3] = [1, 4, 16];
+const PROMPT_LEN: usize = 16;
+/// Decode tokens a sequence may reach before it is restarted.
+const MAX_DECODE: usize = 128;
+const BLOCK_SIZE: usize = 16;
+const MAX_MODEL_LEN: usize = 1024;
+
+fn smollm2_135m_shape() -> ModelConfig {
+    ModelConfig {
+        arch: "llama".into(),
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        rope_style: RopeStyle::Interleaved,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+    }
+}
+
+/// Blocks for the largest batch at its longest, with room to spare.
+fn num_blocks() -> usize {
+    let per_seq = (PROMPT_LEN + MAX_DECODE + 8).div_ceil(BLOCK_SIZE);
+    BATCHES.iter().max().copied().unwrap_or(1) * per_seq * 2
+}
+
+fn scheduler_config(num_blocks: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 64,
+        max_num_batched_tokens: 2048,
+        max_model_len: MAX_MODEL_LEN,
+        block_size: BLOCK_SIZE,
+        num_blocks,
+        // Restarted sequences get fresh random prompts, but never let a cache hit help.
+        enable_prefix_caching: false,
+        enable_chunked_prefill: true,
+        long_prefill_token_threshold: 0,
+    }
+}
+
+fn dummy_core() -> Result<EngineCore, String> {
+    let cfg = smollm2_135m_shape();
+    let w = dummy(&cfg, GgmlType::Q4_1, 0).map_err(|e| e.to_string())?;
+    let blocks = num_blocks();
+    let exec = UniProcExecutor::new(&cfg, &w, blocks, BLOCK_SIZE).map_err(|e| e.to_string())?;
+    // No EOG ids: the requests ignore EOS anyway.
+    Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 }, Box::new(exec), vec![]))
+}
+
+fn model_path() -> Option<PathBuf> {
+    const NAME: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    // When set, the variable alone decides (a path that isn't there skips the real model).
+    if let Ok(p) = std::env::var("FERRY_TEST_MODEL") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let mut candidates = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(NAME)];
+    // This file sits in <repo>/benches/, wherever the crate that builds it lives.
+    if let Some(repo) = std::path::Path::new(file!()).parent().and_then(|p| p.parent()) {
+        candidates.push(repo.join(NAME));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn real_core(path: &std::path::Path) -> Result<EngineCore, String> {
+    let model = load_model(path, LoadFormat::Auto, GgmlType::Q4_1, &NoProgress).map_err(|e| e.to_string())?;
+    let args = EngineArgs {
+        max_model_len: Some(MAX_MODEL_LEN),
+        max_num_seqs: 64,
+        enable_prefix_caching: false,
+        block_size: BLOCK_SIZE,
+        kv_cache_memory_bytes: num_blocks() * ferry_engine::executor::kv_bytes_per_block(&model.cfg, BLOCK_SIZE),
+        ..EngineArgs::default()
+    };
+    build_engine_core(&model, &args, 0).map(|(core, _)| core)
+}
+
+/// A set of `batch` decoding sequences kept alive across criterion's calls.
+struct Decoder {
+    core: EngineCore,
+    rng: SplitMix64,
+    next_id: RequestId,
+    live: Vec<RequestId>,
+    /// Tokens each live sequence has generated so far.
+    generated: usize,
+}
+
+impl Decoder {
+    fn new(core: EngineCore) -> Decoder {
+        Decoder { core, rng: SplitMix64(42), next_id: 0, live: Vec::new(), generated: 0 }
+    }
+
+    /// Aborts what runs and starts `batch` fresh sequences, stepping (untimed)
+    /// until each has its first token, so the next step is a pure decode step.
+    fn restart(&mut self, batch: usize) {
+        self.core.abort(&self.live);
+        self.live.clear();
+        let vocab = self.core.vocab_size() as u64;
+        // Far more than MAX_DECODE: a sequence must never finish inside a timed step.
+        let sampling = SamplingParams { temperature: 0.0, max_tokens: 100_000, ignore_eos: true, ..Default::default() };
+        for _ in 0..batch {
+            self.next_id += 1;
+            // Stay clear of the special tokens at both ends of most vocabularies.
+            let prompt = (0..PROMPT_LEN).map(|_| (100 + self.rng.next_u64() % (vocab - 200)) as u32).collect();
+            let req = EngineRequest { id: self.next_id, prompt_tokens: prompt, sampling: sampling.clone() };
+            if let Err(refused) = self.core.add_request(req) {
+                panic!("engine_step: the engine refused a bench request: {:?}", refused.finish);
+            }
+            self.live.push(self.next_id);
+        }
+        let mut first = 0;
+        let mut steps = 0;
+        while first < batch {
+            first += self.core.step().iter().filter(|o| !o.new_tokens.is_empty()).count();
+            steps += 1;
+            assert!(steps < 1000, "engine_step: prefill did not finish");
+        }
+        self.generated = 1;
+    }
+
+    /// Times `iters` decode steps of `batch` sequences.
+    fn time_steps(&mut self, batch: usize, iters: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters as usize;
+        while left > 0 {
+            if self.live.len() != batch || self.generated >= MAX_DECODE {
+                self.restart(batch);
+            }
+            let n = left.min(MAX_DECODE - self.generated);
+            let t = Instant::now();
+            for _ in 0..n {
+                let outs = self.core.step();
+                debug_assert_eq!(outs.len(), batch);
+                std::hint::black_box(outs);
+            }
+            total += t.elapsed();
+            self.generated += n;
+            left -= n;
+        }
+        total
+    }
+}
+
+fn bench_core(c: &mut Criterion, name: &str, core: EngineCore) {
+    let mut dec = Decoder::new(core);
+    let mut group = c.benchmark_group(format!("engine_step/{name}"));
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for batch in BATCHES {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("decode", format!("batch={batch}")), |b| {
+            b.iter_custom(|iters| dec.time_steps(batch, iters));
+        });
+    }
+    group.finish();
+    dec.core.abort(&dec.live);
+}
+
+fn bench_engine_step(c: &mut Criterion) {
+    match dummy_core() {
+        Ok(core) => bench_core(c, "dummy-smollm2-135m-q4_1", core),
+        Err(e) => eprintln!("engine_step: cannot build the dummy model: {e}"),
+    }
+    match model_path() {
+        Some(path) => match real_core(&path) {
+            Ok(core) => bench_core(c, "smollm2-135m-instruct-q4_1", core),
+            Err(e) => eprintln!("engine_step: cannot load {}: {e}", path.display()),
+        },
+        None => eprintln!("engine_step: real model not found (set FERRY_TEST_MODEL); benching the dummy model only"),
+    }
+}
+
+criterion_group!(benches, bench_engine_step);
+criterion_main!(benches);

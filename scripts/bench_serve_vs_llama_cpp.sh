@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Serving benchmark, ferry beside llama.cpp's OpenAI server, in one run: the same
+# GGUF, the same two threads, the same prompts (ferry bench serve, random dataset,
+# fixed seed), at --max-concurrency 1, 4 and 16, streaming over HTTP/1.1.
+#   scripts/bench_serve_vs_llama_cpp.sh [MODEL.gguf] [OUT_DIR]
+# Needs a release build and llama-cpp-python (scripts/llama_cpp_server.sh installs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+out=${2:-bench-results}
+mkdir -p "$out"
+ferry=target/release/ferry
+"$ferry" serve "$model" --host 127.0.0.1 --port 18000 --tls-port 18443 --threads 2 --served-model-name smollm2 \
+  --cert-dir "$out/certs" >"$out/ferry.log" 2>&1 &
+ferry_pid=$!
+MODEL_ALIAS=smollm2 scripts/llama_cpp_server.sh "$model" 18001 127.0.0.1 >"$out/llama.log" 2>&1 &
+llama_pid=$!
+trap 'kill $ferry_pid $llama_pid 2>/dev/null || true' EXIT
+for port in 18000 18001; do
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break
+    sleep 1
+  done
+done
+for c in 1 4 16; do
+  n=$((c * 4 > 8 ? c * 4 : 8))
+  for side in ferry:18000 llama:18001; do
+    name=${side%%:*}; port=${side##*:}
+    "$ferry" bench serve --base-url "http://127.0.0.1:$port" --model smollm2 --http 1.1 \
+      --num-prompts "$n" --max-concurrency "$c" --random-input-len 128 --random-output-len 64 \
+      --ignore-eos --seed 0 --num-warmups 2 --disable-tqdm --save-result "$out/$name-c$c.json" >/dev/null
+  done
+  "$ferry" bench compare "$out/ferry-c$c.json" "$out/llama-c$c.json"
+done
