@@ -26,6 +26,9 @@ enum BenchCommand {
     Serve(ferry::bench::BenchServeArgs),
     /// Print saved `bench serve` results side by side, with ratios to the first.
     Compare(ferry::bench::BenchCompareArgs),
+    /// The latency the gateway adds per token: TTFT and ITL over HTTP/1.1, HTTP/2
+    /// and HTTP/3 against calling the engine in-process, same prompts and seed.
+    Gateway(ferry::bench::BenchGatewayArgs),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ferry::bench::run_bench_serve(a))),
         Command::Bench(BenchCommand::Compare(a)) => ferry::bench::run_bench_compare(a),
+        Command::Bench(BenchCommand::Gateway(a)) => ferry::bench::run_bench_gateway(a),
         Command::Bench(BenchCommand::Engine(a)) => ferry::engine_bench::run(a),
     };
     if let Err(e) = result {
