@@ -150,6 +150,9 @@ async fn serve_conn(
     conn.close(quinn::VarInt::from_u32(0x100), b"");
 }
 
+/// How long a finished response may wait for the client's acknowledgement.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
 type H3Stream = RequestStream<super::quic_io::QuicBidi<Bytes>, Bytes>;
 
 /// Run one request through the Router and stream its response, until done or
@@ -160,7 +163,7 @@ async fn handle_request(
     stream: H3Stream,
     app: axum::Router,
     peer: SocketAddr,
-    stop_signal: StopSignal,
+    mut stop_signal: StopSignal,
 ) {
     let (mut send, recv) = stream.split();
     let head_only = req.method() == Method::HEAD;
@@ -173,11 +176,17 @@ async fn handle_request(
         tokio::select! {
             biased;
             r = work => Some(r),
-            _ = stop_signal => None,
+            _ = &mut stop_signal => None,
         }
     };
     match outcome {
-        Some(Ok(())) => {}
+        Some(Ok(())) => {
+            // The stream is finished but perhaps not yet delivered, and QUIC's
+            // close discards undelivered data; the connection closes once its last
+            // request task ends (at graceful shutdown, say). So this task ends when
+            // the client has acknowledged the whole response (or stopped reading).
+            let _ = tokio::time::timeout(DELIVERY_WAIT, stop_signal).await;
+        }
         Some(Err(e)) => {
             tracing::debug!(%peer, "HTTP/3 response failed: {e}");
             send.stop_stream(Code::H3_INTERNAL_ERROR);
