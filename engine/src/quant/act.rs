@@ -58,6 +58,9 @@ pub(crate) struct Acts {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub bsums: Vec<i16>,
+    /// Per token and 32-block: -bias * (sum of the block's quants), filled by
+    /// `fill_neg_sums` for the kernels that bias signed weights to unsigned.
+    pub neg_sums: Vec<i32>,
 }
 
 /// One token's input and output slices while quantizing.
@@ -114,6 +117,15 @@ impl Acts {
                 .zip(d.chunks_mut(nb))
                 .zip(s.chunks_mut(nb).zip(bs.chunks_mut(n16)))
                 .for_each(one);
+        }
+    }
+
+    /// Fills `neg_sums` for Q8_0 activations (exact integer sums of each block).
+    pub(crate) fn fill_neg_sums(&mut self, bias: i32) {
+        let nb = self.nb() * self.n_tokens;
+        self.neg_sums.resize(nb, 0);
+        for (q, out) in self.qs.chunks_exact(QK).zip(self.neg_sums[..nb].iter_mut()) {
+            *out = -bias * q.iter().map(|&v| v as i32).sum::<i32>();
         }
     }
 

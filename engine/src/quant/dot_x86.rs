@@ -19,7 +19,7 @@ use super::GgmlType;
 use std::arch::x86_64::*;
 
 /// Raw view of a matmul's activations. Token t's data: qs at t*cols, d and s at
-/// t*nb, bsums at t*cols/16, f (float activations) at t*cols.
+/// t*nb, bsums at t*cols/16, f (float activations) at t*cols, ysum at t*nb.
 #[derive(Clone, Copy)]
 pub(crate) struct ActPtrs {
     pub qs: *const i8,
@@ -27,6 +27,8 @@ pub(crate) struct ActPtrs {
     pub s: *const f32,
     pub bsums: *const i16,
     pub f: *const f32,
+    /// Per token and block: -bias * sum of the quants (gemm16 with signed weights).
+    pub ysum: *const i32,
     pub cols: usize,
     pub nb: usize,
 }

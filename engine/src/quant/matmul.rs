@@ -196,11 +196,11 @@ impl ActSrc<'_> {
 
     #[cfg(target_arch = "x86_64")]
     fn ptrs(&self) -> super::dot_x86::ActPtrs {
-        let (qs, d, s, bsums, nb) = match self.q {
-            Some(q) => (q.qs.as_ptr(), q.d.as_ptr(), q.s.as_ptr(), q.bsums.as_ptr(), q.nb()),
-            None => (std::ptr::null(), std::ptr::null(), std::ptr::null(), std::ptr::null(), 0),
+        let (qs, d, s, bsums, ysum, nb) = match self.q {
+            Some(q) => (q.qs.as_ptr(), q.d.as_ptr(), q.s.as_ptr(), q.bsums.as_ptr(), q.neg_sums.as_ptr(), q.nb()),
+            None => (std::ptr::null(), std::ptr::null(), std::ptr::null(), std::ptr::null(), std::ptr::null(), 0),
         };
-        super::dot_x86::ActPtrs { qs, d, s, bsums, f: self.x.as_ptr(), cols: self.cols, nb }
+        super::dot_x86::ActPtrs { qs, d, s, bsums, ysum, f: self.x.as_ptr(), cols: self.cols, nb }
     }
 }
 
@@ -231,8 +231,15 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
     }
     let kind = act_kind(w.ty);
     let mut scratch = (kind != ActKind::F32).then(|| SCRATCH.with(|c| c.take()).unwrap_or_default());
+    let wide = use_gemm16(w, isa, n_tokens);
     if let Some(acts) = scratch.as_mut() {
         acts.quantize(kind, x, w.cols, n_tokens, isa);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            if let Some(bias @ 1..) = super::gemm16::bias(w.ty) {
+                acts.fill_neg_sums(bias);
+            }
+        }
     }
     let src = ActSrc { q: scratch.as_ref(), x, cols: w.cols };
     let optr = OutPtr(out.as_mut_ptr());
@@ -241,14 +248,14 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
     let macs = w.rows * w.cols * n_tokens;
     if threads <= 1 || macs < PAR_MIN_MACS {
         // SAFETY: one task covering every row; `out` has n_tokens * rows values.
-        unsafe { run_rows(w, &src, isa, 0..w.rows, n_tokens, optr) };
+        unsafe { run_rows(w, &src, isa, 0..w.rows, n_tokens, optr, wide) };
     } else {
-        let chunk = chunk_rows(w.rows, threads);
+        let chunk = chunk_rows(w.rows, threads, if wide { 16 } else { 4 });
         let n_chunks = w.rows.div_ceil(chunk);
         (0..n_chunks).into_par_iter().for_each(|c| {
             let rows = c * chunk..((c + 1) * chunk).min(w.rows);
             // SAFETY: chunks are disjoint row ranges, so no output is written twice.
-            unsafe { run_rows(w, &src, isa, rows, n_tokens, optr) };
+            unsafe { run_rows(w, &src, isa, rows, n_tokens, optr, wide) };
         });
     }
     if let Some(acts) = scratch {
@@ -257,10 +264,24 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
 }
 
 /// Rows per parallel task: several tasks per thread for balance, a multiple of
-/// 4 (the decode tile), and small enough that a chunk of rows stays in L2.
-fn chunk_rows(rows: usize, threads: usize) -> usize {
+/// `align` (the kernels' row tile), and small enough that a chunk of rows stays in L2.
+fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
     let per = rows.div_ceil(threads * 8);
-    per.clamp(16, 256).next_multiple_of(4)
+    per.clamp(16, 256).next_multiple_of(align)
+}
+
+/// Whether the 16-row AVX512 kernel (gemm16) takes this matmul's whole tiles.
+fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::gemm16;
+        isa == Isa::Avx512Vnni && n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, isa, n_tokens);
+        false
+    }
 }
 
 /// Computes `rows` x all tokens into `out`.
@@ -268,7 +289,21 @@ fn chunk_rows(rows: usize, threads: usize) -> usize {
 /// # Safety
 /// `out` must point at n_tokens * w.rows floats, and no other thread may write
 /// these rows meanwhile.
-unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_tokens: usize, out: OutPtr) {
+unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_tokens: usize, out: OutPtr, wide: bool) {
+    let mut rows = rows;
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        use super::gemm16::{rows16, ROWS};
+        let a = src.ptrs();
+        while rows.end - rows.start >= ROWS {
+            let r = rows.start;
+            // SAFETY: `wide` means AVX512-VNNI was detected and the type and
+            // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows values.
+            rows16(w.ty, w.base_ptr().add(r * w.row_stride), w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            rows.start += ROWS;
+        }
+    }
+    let _ = wide;
     let mut tile = [[0f32; 4]; 4];
     let mut t0 = 0;
     while t0 < n_tokens {
@@ -486,8 +521,28 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_row_kernel_shapes() {
+        // Whole 16-row groups (gemm16 on AVX512) plus leftover rows, token
+        // counts around the kernel's 8-token register tile.
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for (rows, n) in [(16, 4), (37, 9), (48, 17), (33, 3), (40, 1), (17, 2)] {
+                check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
+            }
+        }
+    }
+
+    #[test]
     fn unaligned_offset_and_slices() {
-        let (rows, cols, n) = (12, 128, 3);
+        // Few tokens (per-row kernels) and enough rows and tokens for gemm16,
+        // whose row slice must cover whole 16-row groups of the full matrix to
+        // run the same kernel (and so give the same bits).
+        for (rows, n, r0) in [(12, 3, 4), (36, 5, 16)] {
+            slices_case(rows, n, r0);
+        }
+    }
+
+    fn slices_case(rows: usize, n: usize, r0: usize) {
+        let (r1, cols) = (r0 + if rows > 16 { 16 } else { 6 }, 128);
         let wdata = data(rows * cols, 11, 1.0);
         let x = data(n * cols, 12, 1.0);
         for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::F16] {
@@ -509,11 +564,12 @@ mod tests {
             assert_eq!(a, b);
 
             // Row slice = those rows of the full result.
-            let rs = moved.slice_rows(4..10).unwrap();
-            let mut c = vec![0f32; n * 6];
+            let rs = moved.slice_rows(r0..r1).unwrap();
+            let k = r1 - r0;
+            let mut c = vec![0f32; n * k];
             matmul(&rs, &x, n, &mut c);
             for t in 0..n {
-                assert_eq!(&c[t * 6..t * 6 + 6], &a[t * rows + 4..t * rows + 10]);
+                assert_eq!(&c[t * k..t * k + k], &a[t * rows + r0..t * rows + r1]);
             }
 
             // Column slice: dot over columns 32..96 only.
@@ -653,7 +709,7 @@ mod tests {
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!("read {} MB: {:.2} ms, {:.2} GB/s", total >> 20, secs * 1e3, total as f64 / secs / 1e9);
         for isa in [simd::detected(), Isa::Scalar] {
-            for n in [1usize, 16, 64] {
+            for n in [1usize, 4, 16, 64] {
                 if isa == Isa::Scalar && n > 1 {
                     continue;
                 }

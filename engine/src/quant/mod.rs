@@ -17,6 +17,8 @@ mod dequant;
 mod dot_scalar;
 #[cfg(target_arch = "x86_64")]
 mod dot_x86;
+#[cfg(target_arch = "x86_64")]
+mod gemm16;
 mod matmul;
 mod quantize;
 mod simd;
