@@ -35,69 +35,121 @@ pub fn paged_attention(
             row_info[s.row0 + t] = (si, s.start_pos + t);
         }
     }
-    // One task per (row, head): decode batches have few rows, so heads give the
-    // threads work even for a single sequence.
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (unit, o)| {
-        let (row, h) = (unit / n_heads, unit % n_heads);
+    // One task per (row, KV head): the query heads that share a KV head are done
+    // together, so each cached K/V row is read once for all of them. Decode
+    // batches have few rows, so KV heads still give the threads work.
+    let n_kv = kv.num_kv_heads;
+    out.par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (unit, o)| {
+        let (row, kvh) = (unit / n_kv, unit % n_kv);
         let (si, pos) = row_info[row];
         let table = seqs[si].block_table;
-        let kvh = h / group;
         // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
         // the same precision as the reference it is checked against.
-        let mut qv = [0f32; MAX_HEAD_DIM];
-        let qv = &mut qv[..hd];
-        for (d, &s) in qv.iter_mut().zip(&q[(row * n_heads + h) * hd..][..hd]) {
+        let mut qv = [0f32; MAX_GROUP_DIM];
+        let qv = &mut qv[..group * hd];
+        let q0 = (row * n_heads + kvh * group) * hd;
+        for (d, &s) in qv.iter_mut().zip(&q[q0..q0 + group * hd]) {
             *d = round_f16(s);
         }
-        let qv = &*qv;
-        // Walk the sequence's blocks rather than its positions: one table look-up
-        // per block, then contiguous slots. check_batch has checked every block id.
-        let stride = kv.num_kv_heads * hd;
-        let n_pos = pos + 1;
-        let bs = kv.block_size;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for (b, &block) in table.iter().take(n_pos.div_ceil(bs)).enumerate() {
-            let base = block as usize * bs * stride + kvh * hd;
-            for slot in 0..bs.min(n_pos - b * bs) {
-                let off = base + slot * stride;
-                let s = dot(qv, &kl[off..off + hd]) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
+        let ctx = AttnCtx { kl, vl, table, pos, kvh, hd, n_kv, bs: kv.block_size, scale };
+        attend(&ctx, qv, scores, o);
+    });
+}
+
+/// Where one (row, KV head) task reads its sequence's cache.
+struct AttnCtx<'a> {
+    kl: &'a [f32],
+    vl: &'a [f32],
+    table: &'a [u32],
+    pos: usize,
+    kvh: usize,
+    hd: usize,
+    n_kv: usize,
+    bs: usize,
+    scale: f32,
+}
+
+/// The query heads of one KV head, for one row, against the sequence's cached
+/// K/V: scores, softmax, and the weighted sum of V into `o` (heads back to back).
+/// Compiled twice: for AVX2+FMA when the CPU has them (picked at run time), and
+/// for the baseline target.
+fn attend(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::quant::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { attend_avx2(c, qv, scores, o) };
         }
+    }
+    attend_body(c, qv, scores, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
+    attend_body(c, qv, scores, o)
+}
+
+#[inline(always)]
+fn attend_body(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
+    let hd = c.hd;
+    let group = qv.len() / hd;
+    let n_pos = c.pos + 1;
+    // scores[g * n_pos + p]: head g of the group at position p.
+    scores.clear();
+    scores.resize(group * n_pos, 0.0);
+    // Same layout as KvStore::head_offset.
+    let slot = |p: usize| ((c.table[p / c.bs] as usize * c.n_kv + c.kvh) * c.bs + p % c.bs) * hd;
+    // check_batch has checked every block id the positions reach.
+    for p in 0..n_pos {
+        let off = slot(p);
+        let k = &c.kl[off..off + hd];
+        for g in 0..group {
+            scores[g * n_pos + p] = dot(&qv[g * hd..(g + 1) * hd], k) * c.scale;
+        }
+    }
+    for g in 0..group {
+        let row = &mut scores[g * n_pos..(g + 1) * n_pos];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
+        for s in row.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
+        for s in row.iter_mut() {
             // As llama.cpp: the probabilities meet the f16 V cache as f16.
-            let w = round_f16(w * inv);
-            if w == 0.0 {
-                continue;
-            }
-            let off = table[p / bs] as usize * bs * stride + (p % bs) * stride + kvh * hd;
-            for (a, &b) in o.iter_mut().zip(&vl[off..off + hd]) {
-                *a += w * b;
+            *s = round_f16(*s * inv);
+        }
+    }
+    o.fill(0.0);
+    for p in 0..n_pos {
+        let off = slot(p);
+        let v = &c.vl[off..off + hd];
+        for g in 0..group {
+            let w = scores[g * n_pos + p];
+            if w != 0.0 {
+                for (a, &b) in o[g * hd..(g + 1) * hd].iter_mut().zip(v) {
+                    *a += w * b;
+                }
             }
         }
-    });
+    }
 }
 
 /// Longest head ferry runs (checked when the model loads).
 pub const MAX_HEAD_DIM: usize = 512;
+/// Most query values that share one KV head (heads per group × head dim).
+pub const MAX_GROUP_DIM: usize = 8192;
 
 /// `x` rounded to the nearest f16, kept as f32: the precision of llama.cpp's
 /// default KV cache, which ferry matches (the cache stores values rounded so).
-#[inline]
+#[inline(always)]
 pub fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorize.
     let mut acc = [0.0f32; 8];

@@ -1,5 +1,6 @@
 //! The paged KV cache's memory on the CPU: one K and one V array per layer, laid out
-//! [block][slot in block][kv head][head dim]. Which block belongs to which sequence
+//! [block][kv head][slot in block][head dim], so attention, which walks one KV
+//! head of one sequence block by block, reads contiguous runs of a block's rows. Which block belongs to which sequence
 //! is the block manager's business (`crate::kv_cache`); this only stores numbers.
 
 pub struct KvStore {
@@ -30,14 +31,15 @@ impl KvStore {
         2 * num_layers * block_size * num_kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
-    /// Index of the first element of position `pos` of a sequence with `block_table`.
-    /// None when the table doesn't reach `pos` or names a block outside the store.
+    /// Index of the first element of KV head `kvh` at position `pos` of a sequence
+    /// with `block_table`. None when the table doesn't reach `pos` or names a block
+    /// outside the store.
     #[inline]
-    pub fn slot_offset(&self, block_table: &[u32], pos: usize) -> Option<usize> {
+    pub fn head_offset(&self, block_table: &[u32], pos: usize, kvh: usize) -> Option<usize> {
         let block = *block_table.get(pos / self.block_size)? as usize;
-        if block >= self.num_blocks {
+        if block >= self.num_blocks || kvh >= self.num_kv_heads {
             return None;
         }
-        Some((block * self.block_size + pos % self.block_size) * self.num_kv_heads * self.head_dim)
+        Some(((block * self.num_kv_heads + kvh) * self.block_size + pos % self.block_size) * self.head_dim)
     }
 }

@@ -197,12 +197,15 @@ impl CpuShard {
             for s in &seqs {
                 for t in 0..s.len {
                     let row = s.row0 + t;
-                    let off = kv.slot_offset(s.block_table, s.start_pos + t).expect("checked in check_batch");
-                    for (d, &x) in kv.k[li][off..off + kvd].iter_mut().zip(&k[row * kvd..(row + 1) * kvd]) {
-                        *d = attention::round_f16(x);
-                    }
-                    for (d, &x) in kv.v[li][off..off + kvd].iter_mut().zip(&v[row * kvd..(row + 1) * kvd]) {
-                        *d = attention::round_f16(x);
+                    for kvh in 0..self.n_kv_heads {
+                        let off = kv.head_offset(s.block_table, s.start_pos + t, kvh).expect("checked in check_batch");
+                        let src = row * kvd + kvh * hd;
+                        for (d, &x) in kv.k[li][off..off + hd].iter_mut().zip(&k[src..src + hd]) {
+                            *d = attention::round_f16(x);
+                        }
+                        for (d, &x) in kv.v[li][off..off + hd].iter_mut().zip(&v[src..src + hd]) {
+                            *d = attention::round_f16(x);
+                        }
                     }
                 }
             }
@@ -267,8 +270,8 @@ impl CpuShard {
                 return bad("a sequence chunk has no tokens".into());
             }
             let end = s.start_pos + s.len;
-            if kv.slot_offset(&s.block_table, end - 1).is_none()
-                || (0..end).step_by(kv.block_size).any(|p| kv.slot_offset(&s.block_table, p).is_none())
+            if kv.head_offset(&s.block_table, end - 1, 0).is_none()
+                || (0..end).step_by(kv.block_size).any(|p| kv.head_offset(&s.block_table, p, 0).is_none())
             {
                 return bad(format!("block table of {} blocks doesn't cover position {}", s.block_table.len(), end - 1));
             }

@@ -26,7 +26,7 @@ mod simd;
 pub use dequant::dequantize_row;
 pub use matmul::{matmul, vec_dot, QMatrix, WeightBytes};
 pub use quantize::quantize_row;
-pub use simd::{force_scalar, set_force_scalar, simd_name};
+pub use simd::{force_scalar, set_force_scalar, simd_name, has_avx2_fma};
 
 /// What can go wrong reading, writing or slicing quantized data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -125,3 +125,9 @@ mod tests {
         assert!(available().contains(&detected()));
     }
 }
+
+/// Whether AVX2 and FMA code may run now: the CPU has them and scalar is not
+/// forced. Other modules (attention) pick their vectorized paths by it.
+pub fn has_avx2_fma() -> bool {
+    current() != Isa::Scalar
+}
