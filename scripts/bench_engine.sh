@@ -19,6 +19,6 @@ print("|---|---:|---:|---:|")
 def row(name, x, y):
     print(f"| {name} | {x:.1f} | {y:.1f} | {x / y:.2f} |")
 row("prompt tokens/s", a["prompt_tokens_per_s"], b["prompt_tokens_per_s"])
-for n in a["decode_tokens_per_s"]:
+for n in sorted(a["decode_tokens_per_s"], key=int):
     row(f"decode tokens/s, {n} seq", a["decode_tokens_per_s"][n], b["decode_tokens_per_s"][n])
 PY
