@@ -142,11 +142,19 @@ pub const MAX_HEAD_DIM: usize = 512;
 /// Most query values that share one KV head (heads per group × head dim).
 pub const MAX_GROUP_DIM: usize = 8192;
 
-/// `x` rounded to the nearest f16, kept as f32: the precision of llama.cpp's
-/// default KV cache, which ferry matches (the cache stores values rounded so).
+/// `x` rounded to f16's 10-bit mantissa (nearest, ties to even), kept as f32: the
+/// precision of llama.cpp's default f16 KV cache, which ferry matches. Done on
+/// the bits so it inlines and vectorizes (a call per value into a conversion
+/// routine cost 5% of a batched decode step). Unlike a real f16 it neither
+/// flushes values below 2^-14 to f16 subnormals nor overflows above 65504.
 #[inline(always)]
 pub fn round_f16(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+    let b = x.to_bits();
+    if b & 0x7f80_0000 == 0x7f80_0000 {
+        return x; // inf and NaN stay as they are
+    }
+    let rounded = b.wrapping_add(0x0fff + ((b >> 13) & 1)) & !0x1fff;
+    f32::from_bits(rounded)
 }
 
 #[inline(always)]
@@ -165,4 +173,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_f16;
+
+    #[test]
+    fn round_f16_matches_a_real_f16_in_its_normal_range() {
+        let mut x = 6.2e-5f32;
+        while x < 60000.0 {
+            for v in [x, -x, x * 1.000_3, x * 0.999_7] {
+                assert_eq!(round_f16(v), half::f16::from_f32(v).to_f32(), "{v}");
+            }
+            x *= 1.013;
+        }
+        assert_eq!(round_f16(0.0), 0.0);
+        assert!(round_f16(f32::NAN).is_nan());
+    }
 }
