@@ -3,7 +3,6 @@
 //! Messages go through the model's chat template (with the generation prompt by
 //! default) and are tokenized without adding special tokens again, as vLLM does.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use axum::extract::State;
@@ -17,7 +16,7 @@ use super::errors::ApiError;
 use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
-use super::sse::{self, EventSource};
+use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, Usage,
@@ -87,9 +86,9 @@ async fn run(state: AppState, req: ChatCompletionRequest) -> Result<Response, Ap
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit))?;
     let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
     if plan.stream {
-        let mut s = ChatStream { gen, out, plan, pending: VecDeque::new(), done: false };
-        s.role_chunks();
-        return Ok(sse::response(s));
+        let shape = ChatStream { gen, out, plan };
+        let first = shape.role_chunks();
+        return Ok(sse::response(DeltaStream::new(shape, first)));
     }
     collect(gen, out).await.map(|r| Json(r).into_response())
 }
@@ -177,8 +176,6 @@ struct ChatStream {
     gen: Generation,
     out: Output,
     plan: StreamPlan,
-    pending: VecDeque<Bytes>,
-    done: bool,
 }
 
 impl ChatStream {
@@ -198,7 +195,8 @@ impl ChatStream {
     }
 
     /// vLLM opens each choice with `{"role": "assistant", "content": ""}`.
-    fn role_chunks(&mut self) {
+    fn role_chunks(&self) -> Vec<Bytes> {
+        let mut chunks = Vec::new();
         for i in 0..self.gen.num_choices() {
             let choice = ChatStreamChoice {
                 index: i as u32,
@@ -208,12 +206,12 @@ impl ChatStream {
                 stop_reason: None,
             };
             let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0));
-            let b = self.chunk(vec![choice], usage);
-            self.pending.push_back(b);
+            chunks.push(self.chunk(vec![choice], usage));
         }
+        chunks
     }
 
-    fn on_delta(&mut self, d: ChoiceDelta) {
+    fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
         let i = d.index as usize;
         let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
         let usage = self
@@ -228,37 +226,20 @@ impl ChatStream {
             finish_reason: finish.as_ref().map(|f| f.reason),
             stop_reason: finish.map(|f| f.stop_reason),
         };
-        let b = self.chunk(vec![choice], usage);
-        self.pending.push_back(b);
+        self.chunk(vec![choice], usage)
     }
 }
 
-impl EventSource for ChatStream {
-    async fn next_bytes(&mut self) -> Option<Bytes> {
-        loop {
-            if let Some(b) = self.pending.pop_front() {
-                return Some(b);
-            }
-            if self.done {
-                return None;
-            }
-            match self.gen.next().await {
-                Some(Ok(d)) => self.on_delta(d),
-                Some(Err(e)) => {
-                    self.pending.push_back(sse::error_event(&e));
-                    self.pending.push_back(sse::done());
-                    self.done = true;
-                }
-                None => {
-                    if self.plan.include_usage {
-                        let usage = Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens());
-                        let b = self.chunk(vec![], Some(usage));
-                        self.pending.push_back(b);
-                    }
-                    self.pending.push_back(sse::done());
-                    self.done = true;
-                }
-            }
-        }
+impl ChunkShape for ChatStream {
+    fn generation(&mut self) -> &mut Generation {
+        &mut self.gen
+    }
+    fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
+        self.on_delta(d)
+    }
+    fn usage_chunk(&self) -> Option<Bytes> {
+        self.plan
+            .include_usage
+            .then(|| self.chunk(vec![], Some(Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens()))))
     }
 }

@@ -1,6 +1,5 @@
 //! POST /v1/completions, streamed and not (vLLM's serving_completion).
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use axum::extract::State;
@@ -13,7 +12,7 @@ use super::errors::ApiError;
 use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
-use super::sse::{self, EventSource};
+use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
 use super::{new_response_id, unix_now, AppState};
 
@@ -92,15 +91,8 @@ async fn run(state: AppState, req: CompletionRequest) -> Result<Response, ApiErr
     };
     if plan.stream {
         let k = gen.num_choices();
-        return Ok(sse::response(CompletionStream {
-            gen,
-            out,
-            plan,
-            echoed: vec![false; k],
-            text_len: vec![0; k],
-            pending: VecDeque::new(),
-            done: false,
-        }));
+        let shape = CompletionStream { gen, out, plan, echoed: vec![false; k], text_len: vec![0; k] };
+        return Ok(sse::response(DeltaStream::new(shape, vec![])));
     }
     collect(gen, out).await.map(|r| Json(r).into_response())
 }
@@ -212,8 +204,6 @@ struct CompletionStream {
     plan: StreamPlan,
     echoed: Vec<bool>,
     text_len: Vec<usize>,
-    pending: VecDeque<Bytes>,
-    done: bool,
 }
 
 impl CompletionStream {
@@ -228,7 +218,7 @@ impl CompletionStream {
         })
     }
 
-    fn on_delta(&mut self, d: ChoiceDelta) {
+    fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
         let i = d.index as usize;
         let mut text = String::new();
         let mut echo_toks: &[u32] = &[];
@@ -257,37 +247,21 @@ impl CompletionStream {
             finish_reason: finish.as_ref().map(|f| f.reason),
             stop_reason: finish.and_then(|f| f.stop_reason),
         };
-        let b = self.chunk(vec![choice], usage);
-        self.pending.push_back(b);
+        self.chunk(vec![choice], usage)
     }
 }
 
-impl EventSource for CompletionStream {
-    async fn next_bytes(&mut self) -> Option<Bytes> {
-        loop {
-            if let Some(b) = self.pending.pop_front() {
-                return Some(b);
-            }
-            if self.done {
-                return None;
-            }
-            match self.gen.next().await {
-                Some(Ok(d)) => self.on_delta(d),
-                Some(Err(e)) => {
-                    self.pending.push_back(sse::error_event(&e));
-                    self.pending.push_back(sse::done());
-                    self.done = true;
-                }
-                None => {
-                    if self.plan.include_usage {
-                        let p = self.gen.prompt_lens().iter().sum();
-                        let b = self.chunk(vec![], Some(Usage::new(p, self.gen.total_completion_tokens())));
-                        self.pending.push_back(b);
-                    }
-                    self.pending.push_back(sse::done());
-                    self.done = true;
-                }
-            }
-        }
+impl ChunkShape for CompletionStream {
+    fn generation(&mut self) -> &mut Generation {
+        &mut self.gen
+    }
+    fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
+        self.on_delta(d)
+    }
+    fn usage_chunk(&self) -> Option<Bytes> {
+        self.plan.include_usage.then(|| {
+            let p = self.gen.prompt_lens().iter().sum();
+            self.chunk(vec![], Some(Usage::new(p, self.gen.total_completion_tokens())))
+        })
     }
 }

@@ -75,3 +75,60 @@ mod tests {
         assert_eq!(v["error"]["code"], 400);
     }
 }
+
+/// What differs between the completions and chat streams: the chunk a delta
+/// becomes, and the chunk that carries the final usage. The loop around them,
+/// errors and `[DONE]` included, is [`DeltaStream`]'s.
+pub trait ChunkShape: Send + 'static {
+    fn generation(&mut self) -> &mut super::generation::Generation;
+    /// The chunk for one decoded delta.
+    fn delta_chunk(&mut self, d: super::generation::ChoiceDelta) -> Bytes;
+    /// The usage-only chunk sent last, when the client asked for usage.
+    fn usage_chunk(&self) -> Option<Bytes>;
+}
+
+/// A generation streamed as SSE: chunks as deltas arrive, an error event if the
+/// generation fails, the usage chunk if asked for, then `[DONE]`.
+pub struct DeltaStream<S> {
+    shape: S,
+    pending: std::collections::VecDeque<Bytes>,
+    done: bool,
+}
+
+impl<S: ChunkShape> DeltaStream<S> {
+    /// `first`: chunks that open the stream (chat's role chunks).
+    pub fn new(shape: S, first: Vec<Bytes>) -> Self {
+        DeltaStream { shape, pending: first.into(), done: false }
+    }
+}
+
+impl<S: ChunkShape> EventSource for DeltaStream<S> {
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Some(b);
+            }
+            if self.done {
+                return None;
+            }
+            match self.shape.generation().next().await {
+                Some(Ok(d)) => {
+                    let b = self.shape.delta_chunk(d);
+                    self.pending.push_back(b);
+                }
+                Some(Err(e)) => {
+                    self.pending.push_back(error_event(&e));
+                    self.pending.push_back(done());
+                    self.done = true;
+                }
+                None => {
+                    if let Some(b) = self.shape.usage_chunk() {
+                        self.pending.push_back(b);
+                    }
+                    self.pending.push_back(done());
+                    self.done = true;
+                }
+            }
+        }
+    }
+}
