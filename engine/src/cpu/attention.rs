@@ -1,6 +1,7 @@
 //! Causal attention over the paged KV cache.
 
 use super::kv::KvStore;
+use half::f16;
 use rayon::prelude::*;
 
 /// One sequence's part of a batch: its tokens are rows `row0 .. row0 + len` of the
@@ -58,8 +59,8 @@ pub fn paged_attention(
 
 /// Where one (row, KV head) task reads its sequence's cache.
 struct AttnCtx<'a> {
-    kl: &'a [f32],
-    vl: &'a [f32],
+    kl: &'a [f16],
+    vl: &'a [f16],
     table: &'a [u32],
     pos: usize,
     kvh: usize,
@@ -81,17 +82,18 @@ fn attend(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
             return unsafe { attend_avx2(c, qv, scores, o) };
         }
     }
-    attend_body(c, qv, scores, o)
+    attend_body::<false>(c, qv, scores, o)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
-    attend_body(c, qv, scores, o)
+    attend_body::<true>(c, qv, scores, o)
 }
 
+/// `AVX`: called from [`attend_avx2`], on a CPU with AVX2, FMA and F16C.
 #[inline(always)]
-fn attend_body(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
+fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
     let hd = c.hd;
     let group = qv.len() / hd;
     let n_pos = c.pos + 1;
@@ -105,7 +107,7 @@ fn attend_body(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
         let off = slot(p);
         let k = &c.kl[off..off + hd];
         for g in 0..group {
-            scores[g * n_pos + p] = dot(&qv[g * hd..(g + 1) * hd], k) * c.scale;
+            scores[g * n_pos + p] = dot_f16::<AVX>(&qv[g * hd..(g + 1) * hd], k) * c.scale;
         }
     }
     for g in 0..group {
@@ -129,9 +131,7 @@ fn attend_body(c: &AttnCtx, qv: &[f32], scores: &mut Vec<f32>, o: &mut [f32]) {
         for g in 0..group {
             let w = scores[g * n_pos + p];
             if w != 0.0 {
-                for (a, &b) in o[g * hd..(g + 1) * hd].iter_mut().zip(v) {
-                    *a += w * b;
-                }
+                axpy_f16::<AVX>(&mut o[g * hd..(g + 1) * hd], w, v);
             }
         }
     }
@@ -157,22 +157,87 @@ pub fn round_f16(x: f32) -> f32 {
     f32::from_bits(rounded)
 }
 
+/// q · k with k in f16.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot_f16<const AVX: bool>(q: &[f32], k: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: AVX is true only inside attend_avx2, which runs on CPUs with
+        // AVX2, FMA and F16C.
+        return unsafe { x86::dot_f16(q, k) };
+    }
     // Eight independent accumulators let the compiler vectorize.
     let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
+    let (qc, kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (x, y) in qc.zip(kc) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
+    for (x, y) in qr.iter().zip(kr) {
+        s += x * y.to_f32();
     }
     s
+}
+
+/// o += w · v with v in f16.
+#[inline(always)]
+fn axpy_f16<const AVX: bool>(o: &mut [f32], w: f32, v: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: as in dot_f16.
+        return unsafe { x86::axpy_f16(o, w, v) };
+    }
+    for (a, b) in o.iter_mut().zip(v) {
+        *a += w * b.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
+        let n = q.len().min(k.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n keeps both 8-lane reads inside the slices.
+            let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut s: f32 = lanes.iter().sum();
+        while i < n {
+            s += q[i] * k[i].to_f32();
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(o: &mut [f32], w: f32, v: &[f16]) {
+        let n = o.len().min(v.len());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n keeps both 8-lane accesses inside the slices.
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let op = o.as_mut_ptr().add(i);
+            _mm256_storeu_ps(op, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(op)));
+            i += 8;
+        }
+        while i < n {
+            o[i] += w * v[i].to_f32();
+            i += 1;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -201,10 +201,10 @@ impl CpuShard {
                         let off = kv.head_offset(s.block_table, s.start_pos + t, kvh).expect("checked in check_batch");
                         let src = row * kvd + kvh * hd;
                         for (d, &x) in kv.k[li][off..off + hd].iter_mut().zip(&k[src..src + hd]) {
-                            *d = attention::round_f16(x);
+                            *d = half::f16::from_f32(x);
                         }
                         for (d, &x) in kv.v[li][off..off + hd].iter_mut().zip(&v[src..src + hd]) {
-                            *d = attention::round_f16(x);
+                            *d = half::f16::from_f32(x);
                         }
                     }
                 }
