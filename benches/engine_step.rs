@@ -11,6 +11,8 @@
 //! stays within one short range of context lengths whatever criterion's
 //! iteration counts.
 
+mod common;
+use common::model_path;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::config::{ModelConfig, RopeStyle};
 use ferry_engine::executor::UniProcExecutor;
@@ -19,7 +21,6 @@ use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::weights::{dummy, NoProgress, SplitMix64};
 use ferry_engine::{build_engine_core, load_model, EngineArgs, EngineCore, EngineCoreConfig, LoadFormat};
 use ferry_transport::{EngineRequest, RequestId, SamplingParams};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const BATCHES: [usize; 3] = [1, 4, 16];
@@ -75,20 +76,6 @@ fn dummy_core() -> Result<EngineCore, String> {
     let exec = UniProcExecutor::new(&cfg, &w, blocks, BLOCK_SIZE).map_err(|e| e.to_string())?;
     // No EOG ids: the requests ignore EOS anyway.
     Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 }, Box::new(exec), vec![]))
-}
-
-fn model_path() -> Option<PathBuf> {
-    const NAME: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    // When set, the variable alone decides (a path that isn't there skips the real model).
-    if let Ok(p) = std::env::var("FERRY_TEST_MODEL") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    let mut candidates = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(NAME)];
-    // This file sits in <repo>/benches/, wherever the crate that builds it lives.
-    if let Some(repo) = std::path::Path::new(file!()).parent().and_then(|p| p.parent()) {
-        candidates.push(repo.join(NAME));
-    }
-    candidates.into_iter().find(|p| p.is_file())
 }
 
 fn real_core(path: &std::path::Path) -> Result<EngineCore, String> {

@@ -8,8 +8,9 @@
 //! 256-element super-blocks, so they only run on the 576x1536 shape (as in
 //! llama.cpp, a 576-column tensor can't be stored as a K-quant).
 //!
-//! matmul is called from the bench thread, outside rayon's pool, as the
-//! engine's busy loop calls it; rayon's global pool does the fan-out.
+//! matmul is called from the bench thread and fans out over rayon's global
+//! pool; the engine instead runs it inside its executor's own pool (install),
+//! which saves a wake-up per parallel loop.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::quant::{matmul, set_force_scalar, simd_name, GgmlType, QMatrix};

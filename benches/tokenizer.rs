@@ -8,12 +8,13 @@
 //! BPE vocabulary written into a GGUF here, with merges learned from the text
 //! itself so it splits words roughly as a real vocabulary does.
 
+mod common;
+use common::model_path;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_engine::gguf::{GgufFile, GgufWriter, MetaValue};
 use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,20 +41,6 @@ When the ferry finally slowed and swung towards the pier, the old man folded his
 his pocket, and was the first to reach the ramp. He did not look back at the mainland. Behind \
 him, the boy was still asking questions, and his mother was still answering them as well as she \
 could, one after another, all the way down to the shore.";
-
-fn model_path() -> Option<PathBuf> {
-    const NAME: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    // When set, the variable alone decides (a path that isn't there skips the real model).
-    if let Ok(p) = std::env::var("FERRY_TEST_MODEL") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    let mut candidates = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(NAME)];
-    // This file sits in <repo>/benches/, wherever the crate that builds it lives.
-    if let Some(repo) = std::path::Path::new(file!()).parent().and_then(|p| p.parent()) {
-        candidates.push(repo.join(NAME));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the
 /// others for code points from 256 up, in byte order.

@@ -70,7 +70,6 @@ fn decode_rate(core: &mut EngineCore, rng: &mut SplitMix64, n: usize, prompt_len
 }
 
 pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
-    args.engine.init_threads();
     let (path, name) = model_source::resolve(args.model.as_deref())?;
     let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &NoProgress)?;
     let mut eargs = args.engine.engine_args();
@@ -90,7 +89,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         let r = best(&mut || decode_rate(&mut core, &mut rng, n, args.short_prompt_len, args.decode_len, &mut id));
         decode.insert(n.to_string(), r.into());
     }
-    let threads = rayon::current_num_threads();
+    let threads = ferry_engine::executor::default_threads(eargs.threads);
     let out = serde_json::json!({
         "engine": format!("ferry {}", env!("CARGO_PKG_VERSION")),
         "model": name,

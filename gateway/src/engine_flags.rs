@@ -87,11 +87,4 @@ impl EngineFlags {
             DtypeFlag::Q8_0 => GgmlType::Q8_0,
         }
     }
-
-    /// The engine's executors make their own pools of `--threads`; rayon's global
-    /// pool (sampling, loading) gets the same size so the two don't oversubscribe.
-    pub fn init_threads(&self) {
-        let n = ferry_engine::executor::default_threads(self.threads.unwrap_or(0));
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    }
 }

@@ -57,7 +57,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    args.engine.init_threads();
     let (path, name) = model_source::resolve(args.model.as_deref())?;
     let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&name))?;
     let tok = model.tokenizer.clone();

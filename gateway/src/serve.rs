@@ -47,7 +47,6 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    args.engine.init_threads();
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
     let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?;

@@ -281,7 +281,6 @@ pub fn run(args: BenchGatewayArgs) -> Result<()> {
         bail!("--random-input-len and --random-output-len must be at least 1");
     }
     let threads = ferry_engine::executor::default_threads(args.threads.unwrap_or(0));
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     let (path, name) = model_source::resolve(args.model.as_deref())?;
     let model = load_model(&path, LoadFormat::Auto, GgmlType::F32, &ProgressBar::new(&name))?;
     let eargs = EngineArgs {
