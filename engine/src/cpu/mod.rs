@@ -7,6 +7,7 @@
 //! split by rows and all-gathered. With one worker the shard is the whole model.
 
 pub mod attention;
+mod dump;
 pub mod kv;
 pub mod ops;
 
@@ -77,7 +78,8 @@ pub struct CpuShard {
     /// This shard's rows of the vocabulary projection, and where they sit.
     lm_head: QMatrix,
     vocab_counts: Vec<usize>,
-    inv_freq: Vec<f32>,
+    /// ggml's step between rope frequencies (see ops::rope_theta_scale).
+    rope_theta_scale: f32,
 }
 
 fn even_split(n: usize, world: usize, rank: usize) -> Range<usize> {
@@ -139,7 +141,7 @@ impl CpuShard {
             norm: w.norm.clone(),
             lm_head: q(&w.lm_head, even_split(cfg.vocab_size, world, rank))?,
             vocab_counts,
-            inv_freq: ops::rope_inv_freq(hd, cfg.rope_theta),
+            rope_theta_scale: ops::rope_theta_scale(hd, cfg.rope_theta),
         })
     }
 
@@ -177,9 +179,16 @@ impl CpuShard {
         let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
         let positions: Vec<usize> =
             input.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect();
+        // Each token's rope angles, once for all layers.
+        let mut rope_cache = vec![0.0f32; n * hd];
+        for (cache, &pos) in rope_cache.chunks_exact_mut(hd).zip(&positions) {
+            ops::rope_cache(pos, self.rope_theta_scale, cache);
+        }
 
+        dump::tensor("embd", 0, &x);
         for (li, l) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &l.attn_norm, cfg.rms_norm_eps, &mut xn);
+            dump::tensor("attn_norm", li, &xn);
             matmul(&l.wq, &xn, n, &mut q);
             matmul(&l.wk, &xn, n, &mut k);
             matmul(&l.wv, &xn, n, &mut v);
@@ -188,9 +197,12 @@ impl CpuShard {
                     ops::add_bias(buf, b);
                 }
             }
-            for (t, &pos) in positions.iter().enumerate() {
-                ops::rope(&mut q[t * qd..(t + 1) * qd], hd, pos, &self.inv_freq, cfg.rope_style);
-                ops::rope(&mut k[t * kvd..(t + 1) * kvd], hd, pos, &self.inv_freq, cfg.rope_style);
+            dump::tensor("Qcur", li, &q);
+            dump::tensor("Kcur", li, &k);
+            dump::tensor("Vcur", li, &v);
+            for (t, cache) in rope_cache.chunks_exact(hd).enumerate() {
+                ops::rope(&mut q[t * qd..(t + 1) * qd], hd, cache, cfg.rope_style);
+                ops::rope(&mut k[t * kvd..(t + 1) * kvd], hd, cache, cfg.rope_style);
             }
             // Write the whole batch's K/V before any attention reads: a sequence may
             // read blocks another sequence of this very step computes (prefix cache).
@@ -209,18 +221,29 @@ impl CpuShard {
                     }
                 }
             }
+            dump::tensor("Qrope", li, &q);
+            dump::tensor("Krope", li, &k);
             paged_attention(&q, kv, li, &seqs, self.n_heads, &mut attn);
+            dump::tensor("kqv_out", li, &attn);
             matmul(&l.wo, &attn, n, &mut proj);
             comm.all_reduce_sum(&mut proj);
+            dump::tensor("attn_out", li, &proj);
             ops::add_assign(&mut x, &proj);
+            dump::tensor("ffn_inp", li, &x);
 
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_norm_eps, &mut xn);
             matmul(&l.w_gate, &xn, n, &mut gate);
             matmul(&l.w_up, &xn, n, &mut up);
+            dump::tensor("ffn_norm", li, &xn);
+            dump::tensor("ffn_gate", li, &gate);
+            dump::tensor("ffn_up", li, &up);
             ops::silu_mul(&mut gate, &up);
+            dump::tensor("ffn_swiglu", li, &gate);
             matmul(&l.w_down, &gate, n, &mut proj);
             comm.all_reduce_sum(&mut proj);
+            dump::tensor("ffn_out", li, &proj);
             ops::add_assign(&mut x, &proj);
+            dump::tensor("l_out", li, &x);
         }
 
         // Only the rows that will be sampled go through the final norm and the
@@ -236,7 +259,9 @@ impl CpuShard {
         }
         let local_v = self.lm_head.rows();
         let mut local = vec![0.0f32; m * local_v];
+        dump::tensor("result_norm", 0, &last);
         matmul(&self.lm_head, &last, m, &mut local);
+        dump::tensor("result_output", 0, &local);
         if self.world == 1 {
             return Ok(local);
         }

@@ -51,20 +51,31 @@ fn q4_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {
     sumf
 }
 
+/// In the order of llama.cpp's x86 kernel (ggml_vec_dot_q4_1_q8_1, which the
+/// SIMD kernels here follow too, see gemm16::tokens_q4_1): eight lanes of four
+/// products, each accumulated with an fma per block, summed pairwise, plus the
+/// m * s terms summed on their own. Every path then gives the same bits.
 fn q4_1(w: &[u8], a: &ActRow, nb: usize) -> f32 {
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
     for b in 0..nb {
         let blk = &w[b * Q4_1_BYTES..(b + 1) * Q4_1_BYTES];
         let y = &a.qs[b * QK..(b + 1) * QK];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let q = blk[4 + j];
-            sumi += (q & 0x0f) as i32 * y[j] as i32 + (q >> 4) as i32 * y[j + 16] as i32;
-        }
+        let dd = f16_at(blk, 0) * a.d[b];
         // value = q*d + m, so the dot is d*dy*sum(q*y) + m*(dy*sum(y)) = ... + m*s.
-        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]) + f16_at(blk, 2) * a.s[b];
+        summs += f16_at(blk, 2) * a.s[b];
+        for (j, lane) in acc.iter_mut().enumerate() {
+            // Lane j: elements 4j..4j+4; element e < 16 is byte e's low nibble,
+            // element e >= 16 byte e-16's high nibble.
+            let mut p = 0i32;
+            for e in 4 * j..4 * j + 4 {
+                let q = if e < 16 { blk[4 + e] & 0x0f } else { blk[4 + e - 16] >> 4 };
+                p += q as i32 * y[e] as i32;
+            }
+            *lane = (p as f32).mul_add(dd, *lane);
+        }
     }
-    sumf
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + summs
 }
 
 fn q8_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {

@@ -4,7 +4,8 @@
 //! decoded weight block is reused for several tokens (batched decode streams the
 //! weights once per step) and each activation block for several rows (decode).
 //! Integer sums per block are exact, so results equal the scalar kernels up to
-//! float summation order.
+//! float summation order; Q4_1, the default model's type, keeps llama.cpp's
+//! order in every kernel (see gemm16::tokens_q4_1), so there they are equal.
 //!
 //! The bodies are `#[inline(always)]` generic functions without target features;
 //! each is instantiated inside a `#[target_feature]` wrapper, which is what lets
@@ -193,6 +194,9 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
     let signed = K != Q4_1K;
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); P]; R];
+    // Q4_1's m * s terms, summed apart from the lanes as llama.cpp does: lane 0
+    // and lane 8 hold the two tokens of a register.
+    let mut macc = [[_mm512_setzero_ps(); P]; R];
     for b in 0..a.nb {
         let mut y = [zero; P];
         let mut dyv = [_mm512_setzero_ps(); P];
@@ -232,7 +236,7 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
                 let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, uz, yy));
                 acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dwv, dyv[p]), acc[r][p]);
                 if K == Q4_1K {
-                    acc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(mw), sv[p], acc[r][p]);
+                    macc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(mw), sv[p], macc[r][p]);
                 }
             }
         }
@@ -241,8 +245,10 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
         for p in 0..P {
             let lo = _mm512_castps512_ps256(acc[r][p]);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][p]), 1));
-            out[r][2 * p] = hsum(lo);
-            out[r][2 * p + 1] = hsum(hi);
+            let mut m = [0f32; 16];
+            _mm512_storeu_ps(m.as_mut_ptr(), macc[r][p]);
+            out[r][2 * p] = hsum(lo) + m[0];
+            out[r][2 * p + 1] = hsum(hi) + m[8];
         }
     }
 }

@@ -92,6 +92,16 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
     pack_rows::<K>(w, ws, a.nb, pack);
     let pk = pack.as_ptr();
     let mut t = 0;
+    if K == Q4_1K {
+        while t < n {
+            match n - t {
+                1 => tokens_q4_1::<1>(pk, a, t, out, os),
+                _ => tokens_q4_1::<2>(pk, a, t, out, os),
+            }
+            t += (n - t).min(2);
+        }
+        return;
+    }
     while t < n {
         let nt = (n - t).min(TT);
         match nt {
@@ -186,6 +196,7 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
         _ => (6, 4),
     };
     let low = _mm512_set1_epi8(0x0f);
+    debug_assert!(K != Q4_1K, "Q4_1 takes tokens_q4_1");
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         let blk = pk.add(b * u);
@@ -223,5 +234,54 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
     }
     for t in 0..T {
         _mm512_storeu_ps(out.add((t0 + t) * os), acc[t]);
+    }
+}
+
+/// Q4_1: 16 rows x T tokens in llama.cpp's order of float operations, so the
+/// default model's results are bit-equal to the reference it is checked against
+/// (8-bit activation rounding turns any last-bit difference into visible
+/// logprob differences a few layers on).
+///
+/// ggml_vec_dot_q4_1_q8_1 (x86) keeps eight lanes per row, lane j the integer
+/// dot of the block's elements 4j..4j+4, and accumulates each with an fma by
+/// d_w * d_y block after block; then it sums the lanes pairwise
+/// ((0+4)+(2+6))+((1+5)+(3+7)) and adds the m * s terms, which it sums
+/// separately. Here lane r of vector j of a token is row r's lane j. In the
+/// packed rows, vector k's low nibbles are elements 4k..4k+4 (lane k) and its
+/// high nibbles elements 16+4k.. (lane 4+k).
+#[inline(always)]
+unsafe fn tokens_q4_1<const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize, out: *mut f32, os: usize) {
+    let low = _mm512_set1_epi8(0x0f);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[_mm512_setzero_ps(); 8]; T];
+    let mut summs = [_mm512_setzero_ps(); T];
+    for b in 0..a.nb {
+        let blk = pk.add(b * 6);
+        let mut wq = [zero; 8];
+        for k in 0..4 {
+            let raw = _mm512_load_si512(blk.add(k));
+            wq[k] = _mm512_and_si512(raw, low);
+            wq[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        }
+        let dv = _mm512_load_ps(blk.add(4) as *const f32);
+        let mv = _mm512_load_ps(blk.add(5) as *const f32);
+        for t in 0..T {
+            let tt = t0 + t;
+            let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
+            let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
+            // m and s are f16 values: their product is exact, fma or not.
+            summs[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), summs[t]);
+            for j in 0..8 {
+                let p = _mm512_dpbusd_epi32(zero, wq[j], _mm512_set1_epi32(y.add(j).read_unaligned()));
+                acc[t][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[t][j]);
+            }
+        }
+    }
+    for t in 0..T {
+        let c = &acc[t];
+        let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
+        let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
+        let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
+        _mm512_storeu_ps(out.add((t0 + t) * os), _mm512_add_ps(lanes, summs[t]));
     }
 }
