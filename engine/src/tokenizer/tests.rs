@@ -17,16 +17,13 @@ fn is_smollm2(t: &Tokenizer) -> bool {
     t.vocab_size() == 49152 && t.token_to_id("<|im_start|>") == Some(1)
 }
 
+/// llama.cpp's outputs on the default model, kept in the repository
+/// (engine/tests/data/llama_cpp/, copied from ../shared/reference/).
 fn reference() -> Option<serde_json::Value> {
-    let path = std::env::var("FERRY_TEST_REFERENCE")
-        .unwrap_or_else(|_| "/work/shared/reference/smollm2_greedy.json".into());
-    match std::fs::read(&path) {
-        Ok(b) => Some(serde_json::from_slice(&b).unwrap()),
-        Err(_) => {
-            eprintln!("skipping: reference {path} not found (set FERRY_TEST_REFERENCE)");
-            None
-        }
-    }
+    let path = std::env::var("FERRY_TEST_REFERENCE").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama_cpp/smollm2_greedy.json").into()
+    });
+    Some(serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("reference {path}: {e}"))).unwrap())
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
