@@ -2,6 +2,7 @@
 
 use super::kv::KvStore;
 use super::ops::expf_ggml;
+use crate::quant::round_f16;
 use half::f16;
 use rayon::prelude::*;
 
@@ -274,32 +275,6 @@ pub const MAX_HEAD_DIM: usize = 512;
 /// Most query values that share one KV head (heads per group × head dim).
 pub const MAX_GROUP_DIM: usize = 8192;
 
-/// `x` rounded to f16 (nearest, ties to even) and back, as F16C's vcvtps2ph
-/// does: what llama.cpp's f16 KV cache does to the values that meet it. Done on
-/// the bits so it inlines and vectorizes (a call per value into a conversion
-/// routine cost 5% of a batched decode step). Below 2^-14 f16 has subnormals,
-/// a fixed step of 2^-24: adding and taking away 0.5 (whose f32 step is 2^-24)
-/// rounds to that step. Small probabilities land there on every long prompt.
-#[inline(always)]
-pub fn round_f16(x: f32) -> f32 {
-    let b = x.to_bits();
-    let abs = b & 0x7fff_ffff;
-    if abs >= 0x7f80_0000 {
-        return x; // inf and NaN stay as they are
-    }
-    if abs < 0x3880_0000 {
-        // |x| < 2^-14: an f16 subnormal (or zero).
-        let half = f32::from_bits((b & 0x8000_0000) | 0x3f00_0000);
-        return ((x + half) - half).copysign(x); // -0 stays -0
-    }
-    let rounded = f32::from_bits(b.wrapping_add(0x0fff + ((b >> 13) & 1)) & !0x1fff);
-    // Past f16's largest finite value (65504) rounding goes to infinity.
-    if rounded.abs() > 65504.0 {
-        return f32::INFINITY.copysign(x);
-    }
-    rounded
-}
-
 /// q · k with k in f16, summed in `order`.
 #[inline(always)]
 fn dot_f16<const AVX: bool>(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
@@ -364,10 +339,10 @@ mod x86 {
         // vec_dot takes whole 64s only; tinyBLAS every whole 16.
         let step_end = if order == DotOrder::VecDot { n - n % 64 } else { n - n % 16 };
         while i < step_end {
-            for h in 0..2 {
+            for (h, half) in acc[a].iter_mut().enumerate() {
                 // SAFETY: i + 16 <= step_end <= n keeps all reads inside the slices.
                 let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i + 8 * h) as *const __m128i));
-                acc[a][h] = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8 * h)), kk, acc[a][h]);
+                *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8 * h)), kk, *half);
             }
             i += 16;
             a = (a + 1) % accs;
@@ -419,27 +394,5 @@ mod x86 {
             o[i] = w.mul_add(v[i].to_f32(), o[i]);
             i += 1;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::round_f16;
-
-    #[test]
-    fn round_f16_matches_a_real_f16() {
-        let mut x = 1e-9f32;
-        while x < 1e6 {
-            for v in [x, -x, x * 1.000_3, x * 0.999_7, x * 1.000_01] {
-                assert_eq!(round_f16(v).to_bits(), half::f16::from_f32(v).to_f32().to_bits(), "{v}");
-            }
-            x *= 1.013;
-        }
-        // Ties at the subnormal step and at the top.
-        for v in [3.0 * 2f32.powi(-25), 5.0 * 2f32.powi(-25), 65519.0, 65520.0, 2f32.powi(-14), 2f32.powi(-25)] {
-            assert_eq!(round_f16(v).to_bits(), half::f16::from_f32(v).to_f32().to_bits(), "{v}");
-        }
-        assert_eq!(round_f16(0.0), 0.0);
-        assert!(round_f16(f32::NAN).is_nan());
     }
 }

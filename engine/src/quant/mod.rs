@@ -23,6 +23,7 @@ mod matmul;
 mod quantize;
 mod simd;
 
+pub(crate) use blocks::round_f16;
 pub use dequant::dequantize_row;
 pub use matmul::{matmul, vec_dot, QMatrix, WeightBytes};
 pub use quantize::quantize_row;
