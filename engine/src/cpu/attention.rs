@@ -67,47 +67,12 @@ thread_local! {
 }
 
 /// Per-thread buffers of [`attend`]: scores (then probabilities) per head and
-/// position, padded to whole lanes, and the output's per-lane partial sums.
+/// position, padded to whole lanes, and where each position's K/V row is.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
-    /// Kept all zero between calls.
-    lanes: Vec<f32>,
-    tmp: Vec<f32>,
-}
-
-/// out[d] = the sum of partial sums `part[i * hd + d]` in `order`'s tree
-/// ([`DotOrder::lanes`], then [`reduce16`]), done a whole head vector at a time
-/// so it vectorizes over d.
-fn combine(part: &[f32], hd: usize, order: DotOrder, tmp: &mut Vec<f32>, out: &mut [f32]) {
-    tmp.clear();
-    tmp.resize(LANES * hd, 0.0);
-    let p = |i: usize| &part[i * hd..(i + 1) * hd];
-    for l in 0..LANES {
-        let t = &mut tmp[l * hd..(l + 1) * hd];
-        match order {
-            DotOrder::VecDot => {
-                let (a, b, c, d) = (p(l), p(32 + l), p(16 + l), p(48 + l));
-                for i in 0..hd {
-                    t[i] = (a[i] + b[i]) + (c[i] + d[i]);
-                }
-            }
-            DotOrder::TinyBlas => t.copy_from_slice(p(l)),
-        }
-    }
-    // reduce16's tree, lane vectors at a time: x_i += x_(i+8), x_i += x_(i+4),
-    // then (x0 + x2) + (x1 + x3).
-    for (width, n) in [(8, 8), (4, 4)] {
-        for i in 0..n {
-            let (lo, hi) = tmp.split_at_mut((i + width) * hd);
-            for (x, y) in lo[i * hd..(i + 1) * hd].iter_mut().zip(&hi[..hd]) {
-                *x += *y;
-            }
-        }
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = (tmp[i] + tmp[2 * hd + i]) + (tmp[hd + i] + tmp[3 * hd + i]);
-    }
+    /// Where each position's K/V row starts.
+    offs: Vec<usize>,
 }
 
 /// The lanes of llama.cpp's f16 dot products (tinyBLAS with 512-bit vectors):
@@ -206,8 +171,10 @@ fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, 
     // Same layout as KvStore::head_offset.
     let slot = |p: usize| ((c.table[p / c.bs] as usize * c.n_kv + c.kvh) * c.bs + p % c.bs) * hd;
     // check_batch has checked every block id the positions reach.
-    for p in 0..n_pos {
-        let off = slot(p);
+    let offs = &mut scratch.offs;
+    offs.clear();
+    offs.extend((0..n_pos).map(slot));
+    for (p, &off) in offs.iter().enumerate() {
         let k = &c.kl[off..off + hd];
         for g in 0..group {
             scores[g * n_pad + p] = dot_f16::<AVX>(&qv[g * hd..(g + 1) * hd], k, c.order) * c.scale;
@@ -230,34 +197,41 @@ fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, 
             *s = round_f16(*s * inv);
         }
     }
-    // lanes[(g * parts + i) * hd + d]: head g's output d, partial sum i of
-    // the positions (see DotOrder; llama.cpp's cache length is a multiple of
-    // 256, so no positions are left over).
-    let parts = c.order.parts();
-    let lanes = &mut scratch.lanes;
-    // All zero between calls (combine re-zeroes what it read), so only growth
-    // writes here: clearing 64 partials per head every call cost ~10% of a
-    // batched decode step.
-    if lanes.len() < group * parts * hd {
-        lanes.resize(group * parts * hd, 0.0);
-    }
-    for p in 0..n_pos {
-        let off = slot(p);
-        let v = &c.vl[off..off + hd];
-        let part = p % parts;
-        for g in 0..group {
-            let w = scores[g * n_pad + p];
-            if w != 0.0 {
-                let acc = &mut lanes[(g * parts + part) * hd..][..hd];
-                axpy_f16::<AVX>(acc, w, v);
-            }
-        }
-    }
-    let touched = n_pos.min(parts);
+    // Each output is a dot over positions (llama.cpp's cache length is a
+    // multiple of 256, so vec_dot leaves no positions over).
     for g in 0..group {
-        let part = &mut lanes[g * parts * hd..(g + 1) * parts * hd];
-        combine(part, hd, c.order, &mut scratch.tmp, &mut o[g * hd..(g + 1) * hd]);
-        part[..touched * hd].fill(0.0);
+        let w = &scores[g * n_pad..g * n_pad + n_pos];
+        weighted_v::<AVX>(c.vl, &scratch.offs, w, c.order, &mut o[g * hd..(g + 1) * hd]);
+    }
+}
+
+/// o[d] = Σ_p w[p] · v_p[d], summed as llama.cpp's dot of the probabilities
+/// with V's column d: position p's product is fma'd into partial sum p % parts
+/// ([`DotOrder::parts`]), then the partials are combined by [`DotOrder::lanes`]
+/// and [`reduce16`]. `v_p` is the `o.len()` values at `offs[p]` in `vl`.
+///
+/// Each output's partials live in registers, 8 outputs at a time: positions
+/// are walked once per partial rather than once, but nothing goes to memory
+/// (a buffer of 64 partials per output cost a quarter of a decode step).
+#[inline(always)]
+fn weighted_v<const AVX: bool>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
+    let mut d0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: AVX is true only inside attend_avx2 (AVX2, FMA and F16C).
+        d0 = unsafe { x86::weighted_v(vl, offs, w, order, o) };
+    }
+    let parts = order.parts();
+    for d in d0..o.len() {
+        let part = |j: usize| {
+            let mut acc = 0.0f32;
+            for p in (j..w.len()).step_by(parts) {
+                acc = w[p].mul_add(vl[offs[p] + d].to_f32(), acc);
+            }
+            acc
+        };
+        let l = order.lanes(part);
+        o[d] = reduce16(|i| l[i]);
     }
 }
 
@@ -306,19 +280,6 @@ fn finish_dot(acc: &[f32; 4 * LANES], order: DotOrder, q: &[f32], k: &[f16]) -> 
     s as f32
 }
 
-/// o += w · v with v in f16, each element with one fma.
-#[inline(always)]
-fn axpy_f16<const AVX: bool>(o: &mut [f32], w: f32, v: &[f16]) {
-    #[cfg(target_arch = "x86_64")]
-    if AVX {
-        // SAFETY: as in dot_f16.
-        return unsafe { x86::axpy_f16(o, w, v) };
-    }
-    for (a, b) in o.iter_mut().zip(v) {
-        *a = w.mul_add(b.to_f32(), *a);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::DotOrder;
@@ -332,24 +293,38 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
         let n = q.len().min(k.len());
-        let accs = order.parts() / 16;
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
-        let mut a = 0;
-        // vec_dot takes whole 64s only; tinyBLAS every whole 16.
-        let step_end = if order == DotOrder::VecDot { n - n % 64 } else { n - n % 16 };
-        while i < step_end {
-            for (h, half) in acc[a].iter_mut().enumerate() {
-                // SAFETY: i + 16 <= step_end <= n keeps all reads inside the slices.
-                let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i + 8 * h) as *const __m128i));
-                *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8 * h)), kk, *half);
+        // Constant indices only (whole 64s, or whole 16s), so the accumulators
+        // stay in registers; and no closures, which would not inherit this
+        // function's target features.
+        if order == DotOrder::VecDot {
+            while i + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    for (h, half) in acc.iter_mut().enumerate() {
+                        let e = i + 16 * a + 8 * h;
+                        // SAFETY: e + 8 <= i + 64 <= n keeps the reads inside the slices.
+                        let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(e) as *const __m128i));
+                        *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(e)), kk, *half);
+                    }
+                }
+                i += 64;
             }
-            i += 16;
-            a = (a + 1) % accs;
+        } else {
+            while i + 16 <= n {
+                for (h, half) in acc[0].iter_mut().enumerate() {
+                    // SAFETY: i + 16 <= n keeps the reads inside the slices.
+                    let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i + 8 * h) as *const __m128i));
+                    *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8 * h)), kk, *half);
+                }
+                i += 16;
+            }
         }
         let (lo, hi) = if order == DotOrder::VecDot {
-            let l = |h: usize| _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[2][h]), _mm256_add_ps(acc[1][h], acc[3][h]));
-            (l(0), l(1))
+            (
+                _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[2][0]), _mm256_add_ps(acc[1][0], acc[3][0])),
+                _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[2][1]), _mm256_add_ps(acc[1][1], acc[3][1])),
+            )
         } else {
             (acc[0][0], acc[0][1])
         };
@@ -378,21 +353,139 @@ mod x86 {
         s as f32
     }
 
+    /// [`super::weighted_v`] for outputs 0.. in whole 8s; returns where it stopped.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_f16(o: &mut [f32], w: f32, v: &[f16]) {
-        let n = o.len().min(v.len());
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n keeps both 8-lane accesses inside the slices.
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-            let op = o.as_mut_ptr().add(i);
-            _mm256_storeu_ps(op, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(op)));
-            i += 8;
+    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+        let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
+        // No closures here: they would not inherit this function's target
+        // features, and every intrinsic in them would become a call.
+        let mut d0 = 0;
+        while d0 + 8 <= o.len() {
+            // The 16 lanes, each an 8-output vector of partial sums combined.
+            let mut lane = [_mm256_setzero_ps(); 16];
+            for (l, lane) in lane.iter_mut().enumerate() {
+                // Partials l, 32 + l, 16 + l, 48 + l (vec_dot) or l (tinyBLAS).
+                let mut part = [_mm256_setzero_ps(); 4];
+                let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
+                for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]).take(n_parts) {
+                    let mut p = j;
+                    while p < n_pos {
+                        // Bounds-checked: the offsets come from the block table.
+                        let v = &vl[offs[p] + d0..offs[p] + d0 + 8];
+                        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i));
+                        *acc = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), vv, *acc);
+                        p += parts;
+                    }
+                }
+                *lane = if n_parts == 4 {
+                    _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3]))
+                } else {
+                    part[0]
+                };
+            }
+            // reduce16's tree over the lanes.
+            let mut g = [_mm256_setzero_ps(); 4];
+            for (i, g) in g.iter_mut().enumerate() {
+                *g = _mm256_add_ps(_mm256_add_ps(lane[i], lane[i + 8]), _mm256_add_ps(lane[i + 4], lane[i + 12]));
+            }
+            let r = _mm256_add_ps(_mm256_add_ps(g[0], g[2]), _mm256_add_ps(g[1], g[3]));
+            _mm256_storeu_ps(o.as_mut_ptr().add(d0), r);
+            d0 += 8;
         }
-        while i < n {
-            o[i] = w.mul_add(v[i].to_f32(), o[i]);
-            i += 1;
+        d0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random value in [-1, 1).
+    fn rnd(state: &mut u64) -> f32 {
+        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// A cache of `n_pos` positions for 2 KV heads in shuffled blocks, and q for
+    /// 3 query heads per KV head.
+    fn setup(n_pos: usize, hd: usize) -> (KvStore, Vec<u32>, Vec<f32>) {
+        let (bs, n_kv) = (16, 2);
+        let n_blocks = n_pos.div_ceil(bs) + 3;
+        let mut kv = KvStore::new(1, n_blocks, bs, n_kv, hd);
+        let mut st = 7;
+        for x in kv.k[0].iter_mut().chain(kv.v[0].iter_mut()) {
+            *x = f16::from_f32(rnd(&mut st) * 2.0);
+        }
+        // Blocks in reverse order, so paging is exercised.
+        let table: Vec<u32> = (0..n_pos.div_ceil(bs) as u32).rev().map(|b| b + 2).collect();
+        let q: Vec<f32> = (0..6 * hd).map(|_| rnd(&mut st)).collect();
+        (kv, table, q)
+    }
+
+    /// Straightforward f64 attention of the last position, from the same
+    /// f16-rounded q and f16 cache.
+    fn reference(kv: &KvStore, table: &[u32], q: &[f32], n_pos: usize) -> Vec<f64> {
+        let hd = kv.head_dim;
+        let mut out = vec![0.0; q.len()];
+        for h in 0..q.len() / hd {
+            let kvh = h / 3;
+            let qh: Vec<f64> = q[h * hd..(h + 1) * hd].iter().map(|&x| round_f16(x) as f64).collect();
+            let at = |p: usize| kv.head_offset(table, p, kvh).unwrap();
+            let s: Vec<f64> = (0..n_pos)
+                .map(|p| (0..hd).map(|d| qh[d] * kv.k[0][at(p) + d].to_f64()).sum::<f64>() / (hd as f64).sqrt())
+                .collect();
+            let max = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                out[h * hd + d] = (0..n_pos).map(|p| e[p] / sum * kv.v[0][at(p) + d].to_f64()).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn simd_and_scalar_agree_bit_for_bit_and_match_f64() {
+        for hd in [64, 20] {
+            for n_pos in [1, 15, 16, 17, 63, 64, 65, 130] {
+                for chunk in [1, 2] {
+                    let (kv, table, q) = setup(n_pos, hd);
+                    // The chunk's last row sits at position n_pos - 1.
+                    let len = chunk.min(n_pos);
+                    let seqs = [AttnSeq { row0: 0, len, start_pos: n_pos - len, block_table: &table }];
+                    let mut qs = vec![0.0; len * q.len()];
+                    qs[(len - 1) * q.len()..].copy_from_slice(&q);
+                    let mut fast = vec![0.0; qs.len()];
+                    paged_attention(&qs, &kv, 0, &seqs, 6, &mut fast);
+                    let fast = &fast[(len - 1) * q.len()..];
+                    // The scalar body, on the same inputs, task by task.
+                    let mut slow = vec![0.0; q.len()];
+                    let order = if len == 1 { DotOrder::VecDot } else { DotOrder::TinyBlas };
+                    for kvh in 0..2 {
+                        let qv: Vec<f32> = q[kvh * 3 * hd..(kvh + 1) * 3 * hd].iter().map(|&x| round_f16(x)).collect();
+                        let c = AttnCtx {
+                            kl: &kv.k[0],
+                            vl: &kv.v[0],
+                            table: &table,
+                            pos: n_pos - 1,
+                            kvh,
+                            hd,
+                            n_kv: 2,
+                            bs: 16,
+                            scale: 1.0 / (hd as f32).sqrt(),
+                            order,
+                        };
+                        let o = &mut slow[kvh * 3 * hd..(kvh + 1) * 3 * hd];
+                        attend_body::<false>(&c, &qv, &mut Scratch::default(), o);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(fast), bits(&slow), "hd {hd}, {n_pos} positions, chunk {chunk}");
+                    for (i, (a, b)) in fast.iter().zip(reference(&kv, &table, &q, n_pos)).enumerate() {
+                        // Probabilities are rounded to f16 (as llama.cpp does).
+                        assert!((*a as f64 - b).abs() < 4e-3, "hd {hd}, {n_pos} positions, output {i}: {a} vs {b}");
+                    }
+                }
+            }
         }
     }
 }
