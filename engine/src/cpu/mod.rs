@@ -13,7 +13,7 @@ pub mod ops;
 
 use crate::communicator::Communicator;
 use crate::config::ModelConfig;
-use crate::quant::{matmul, QMatrix};
+use crate::quant::{matmul, matmul_group, QMatrix};
 use crate::weights::{LayerWeights, ModelWeights};
 use attention::{paged_attention, AttnSeq};
 use kv::KvStore;
@@ -189,9 +189,7 @@ impl CpuShard {
         for (li, l) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &l.attn_norm, cfg.rms_norm_eps, &mut xn);
             dump::tensor("attn_norm", li, &xn);
-            matmul(&l.wq, &xn, n, &mut q);
-            matmul(&l.wk, &xn, n, &mut k);
-            matmul(&l.wv, &xn, n, &mut v);
+            matmul_group(&xn, n, &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)]);
             for (b, buf) in [(&l.bq, &mut q), (&l.bk, &mut k), (&l.bv, &mut v)] {
                 if let Some(b) = b {
                     ops::add_bias(buf, b);
@@ -232,8 +230,7 @@ impl CpuShard {
             dump::tensor("ffn_inp", li, &x);
 
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_norm_eps, &mut xn);
-            matmul(&l.w_gate, &xn, n, &mut gate);
-            matmul(&l.w_up, &xn, n, &mut up);
+            matmul_group(&xn, n, &mut [(&l.w_gate, &mut gate), (&l.w_up, &mut up)]);
             dump::tensor("ffn_norm", li, &xn);
             dump::tensor("ffn_gate", li, &gate);
             dump::tensor("ffn_up", li, &up);

@@ -176,7 +176,7 @@ const PAR_MIN_MACS: usize = 1 << 17;
 thread_local! {
     /// Reused activation buffers (taken out while in use, so a nested call on
     /// the same thread, e.g. from rayon work stealing, just makes its own).
-    static SCRATCH: Cell<Option<Acts>> = const { Cell::new(None) };
+    static SCRATCH: Cell<Vec<Acts>> = const { Cell::new(Vec::new()) };
 }
 
 /// Where a tile's activations come from.
@@ -216,51 +216,108 @@ unsafe impl Sync for OutPtr {}
 /// If `x.len() != n_tokens * w.cols()` or `out.len() != n_tokens * w.rows()`
 /// (caller bugs: the shapes come from the model's own configuration).
 pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
-    matmul_isa(w, x, n_tokens, out, simd::current())
+    matmul_group_isa(x, n_tokens, &mut [(w, out)], simd::current())
 }
 
+/// [`matmul`] for several matrices that read the same input (q/k/v, gate/up):
+/// the input is quantized once per activation type and all the matrices' rows
+/// are shared out in one parallel region, so the threads meet once, not once
+/// per matrix.
+///
+/// # Panics
+/// As [`matmul`], for each (matrix, output) pair.
+pub fn matmul_group(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]) {
+    matmul_group_isa(x, n_tokens, parts, simd::current())
+}
+
+#[cfg(test)]
 pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32], isa: Isa) {
-    assert_eq!(x.len(), n_tokens * w.cols, "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols);
-    assert_eq!(out.len(), n_tokens * w.rows, "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows);
-    if n_tokens == 0 || w.rows == 0 {
+    matmul_group_isa(x, n_tokens, &mut [(w, out)], isa)
+}
+
+/// How one matrix of a group reads its input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ActNeed {
+    kind: ActKind,
+    /// gemm16's unsigned bias, when it takes the matrix and the bias is not 0.
+    bias: Option<i32>,
+}
+
+pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa) {
+    for (w, out) in parts.iter() {
+        assert_eq!(x.len(), n_tokens * w.cols, "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols);
+        assert_eq!(out.len(), n_tokens * w.rows, "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows);
+    }
+    if n_tokens == 0 {
         return;
     }
-    if w.cols == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let kind = act_kind(w.ty);
-    let mut scratch = (kind != ActKind::F32).then(|| SCRATCH.with(|c| c.take()).unwrap_or_default());
-    let wide = use_gemm16(w, isa, n_tokens);
-    if let Some(acts) = scratch.as_mut() {
-        acts.quantize(kind, x, w.cols, n_tokens, isa);
+    // Each matrix's activation form; each distinct form is quantized once.
+    let mut needs: Vec<ActNeed> = Vec::with_capacity(parts.len());
+    let mut which: Vec<Option<usize>> = Vec::with_capacity(parts.len());
+    let mut wide: Vec<bool> = Vec::with_capacity(parts.len());
+    for (w, out) in parts.iter_mut() {
+        if w.cols == 0 {
+            out.fill(0.0);
+        }
+        let wd = use_gemm16(w, isa, n_tokens);
+        wide.push(wd);
+        let kind = act_kind(w.ty);
+        if kind == ActKind::F32 {
+            which.push(None);
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
-        if wide {
-            if let Some(bias @ 1..) = super::gemm16::bias(w.ty) {
-                acts.fill_neg_sums(bias);
+        let bias = if wd { super::gemm16::bias(w.ty).filter(|&b| b != 0) } else { None };
+        #[cfg(not(target_arch = "x86_64"))]
+        let bias = None;
+        let need = ActNeed { kind, bias };
+        let i = needs.iter().position(|n| *n == need).unwrap_or_else(|| {
+            needs.push(need);
+            needs.len() - 1
+        });
+        which.push(Some(i));
+    }
+    let cols = parts[0].0.cols;
+    let mut acts = SCRATCH.with(|c| c.take());
+    acts.resize_with(acts.len().max(needs.len()), Acts::default);
+    if cols > 0 {
+        for (a, need) in acts.iter_mut().zip(&needs) {
+            a.quantize(need.kind, x, cols, n_tokens, isa);
+            if let Some(bias) = need.bias {
+                a.fill_neg_sums(bias);
             }
         }
     }
-    let src = ActSrc { q: scratch.as_ref(), x, cols: w.cols };
-    let optr = OutPtr(out.as_mut_ptr());
+    let srcs: Vec<ActSrc> = which.iter().map(|w| ActSrc { q: w.map(|i| &acts[i]), x, cols }).collect();
+    let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
 
+    // The row chunks of every matrix, one task each.
     let threads = rayon::current_num_threads();
-    let macs = w.rows * w.cols * n_tokens;
+    let macs: usize = parts.iter().map(|(w, _)| w.rows * w.cols * n_tokens).sum();
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    for (i, (w, _)) in parts.iter().enumerate() {
+        if w.rows == 0 || w.cols == 0 {
+            continue;
+        }
+        let chunk = if threads <= 1 || macs < PAR_MIN_MACS {
+            w.rows
+        } else {
+            chunk_rows(w.rows, threads, if wide[i] { 16 } else { 4 })
+        };
+        tasks.extend((0..w.rows.div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows))));
+    }
+    let run = |(i, rows): &(usize, Range<usize>)| {
+        // SAFETY: tasks are disjoint row ranges of their matrix, so no output
+        // is written twice; each output has n_tokens * rows values (asserted).
+        unsafe { run_rows(parts[*i].0, &srcs[*i], isa, rows.clone(), n_tokens, optrs[*i], wide[*i]) };
+    };
     if threads <= 1 || macs < PAR_MIN_MACS {
-        // SAFETY: one task covering every row; `out` has n_tokens * rows values.
-        unsafe { run_rows(w, &src, isa, 0..w.rows, n_tokens, optr, wide) };
+        tasks.iter().for_each(run);
     } else {
-        let chunk = chunk_rows(w.rows, threads, if wide { 16 } else { 4 });
-        let n_chunks = w.rows.div_ceil(chunk);
-        (0..n_chunks).into_par_iter().for_each(|c| {
-            let rows = c * chunk..((c + 1) * chunk).min(w.rows);
-            // SAFETY: chunks are disjoint row ranges, so no output is written twice.
-            unsafe { run_rows(w, &src, isa, rows, n_tokens, optr, wide) };
-        });
+        tasks.par_iter().for_each(run);
     }
-    if let Some(acts) = scratch {
-        SCRATCH.with(|c| c.set(Some(acts)));
-    }
+    drop(srcs);
+    SCRATCH.with(|c| c.set(acts));
 }
 
 /// Rows per parallel task: several tasks per thread for balance, a multiple of
@@ -527,6 +584,37 @@ mod tests {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             for (rows, n) in [(16, 4), (37, 9), (48, 17), (33, 3), (40, 1), (17, 2)] {
                 check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn group_matches_separate_matmuls_bit_for_bit() {
+        // Mixed types share one input: Q4_0 and Q8_0 need different unsigned
+        // biases on gemm16, Q4_1 another activation type, Q6_K and F16 others again.
+        let (cols, n) = (256, 5);
+        let x = data(n * cols, 3, 1.0);
+        let types = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16, GgmlType::Q4_0];
+        let ws: Vec<QMatrix> = types
+            .iter()
+            .enumerate()
+            .map(|(i, &ty)| QMatrix::quantize(ty, 40 + 16 * i, cols, &data((40 + 16 * i) * cols, 10 + i as u64, 0.1)).unwrap())
+            .collect();
+        for isa in simd::available() {
+            let separate: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut out = vec![0.0; n * w.rows()];
+                    matmul_isa(w, &x, n, &mut out, isa);
+                    out
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
+            let mut parts: Vec<(&QMatrix, &mut [f32])> = ws.iter().zip(outs.iter_mut()).map(|(w, o)| (w, o.as_mut_slice())).collect();
+            matmul_group_isa(&x, n, &mut parts, isa);
+            for (i, (a, b)) in outs.iter().zip(&separate).enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(a), bits(b), "{:?} (matrix {i}) on {isa:?}", types[i]);
             }
         }
     }
