@@ -390,15 +390,30 @@ fn best_k(heap: &mut BinaryHeap<Ranked>, items: impl Iterator<Item = (u32, f32)>
 /// Index of the first maximum (lowest id on ties); None when every value is
 /// -inf or the slice is empty. Assumes no NaN.
 fn argmax(xs: &[f32]) -> Option<u32> {
-    let mut best = None;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > best_v {
-            best_v = x;
-            best = Some(i as u32);
+    let best = max_lanes(xs);
+    if best == f32::NEG_INFINITY {
+        return None;
+    }
+    // The first index holding the maximum, as a scan with `>` would pick.
+    xs.iter().position(|&x| x == best).map(|i| i as u32)
+}
+
+/// The largest value (NaN never wins), over 16 running lanes so the loop
+/// vectorizes: a scan with a data-dependent branch per logit cost ~3% of a
+/// 16-sequence decode step.
+fn max_lanes(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        let c: &[f32; 16] = c.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
-    best
+    for &x in chunks.remainder() {
+        lanes[0] = if x > lanes[0] { x } else { lanes[0] };
+    }
+    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// Unnormalized probability of a logit given the maximum: the one weight
@@ -590,21 +605,10 @@ impl SequenceSampler {
 /// NaN -> -inf, +inf -> `f32::MAX`; returns the argmax of the result (the
 /// lowest id on ties, 0 when all are -inf): the last-resort token.
 fn sanitize(logits: &mut [f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, l) in logits.iter_mut().enumerate() {
-        let x = if l.is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            l.min(f32::MAX)
-        };
-        *l = x;
-        if x > best_v {
-            best_v = x;
-            best = i as u32;
-        }
+    for l in logits.iter_mut() {
+        *l = if l.is_nan() { f32::NEG_INFINITY } else { l.min(f32::MAX) };
     }
-    best
+    argmax(logits).unwrap_or(0)
 }
 
 fn mask_ids(logits: &mut [f32], ids: &[u32]) {

@@ -16,6 +16,7 @@ use crate::config::ModelConfig;
 use crate::quant::{matmul, matmul_group, QMatrix};
 use crate::weights::{LayerWeights, ModelWeights};
 use attention::{paged_attention, AttnSeq};
+use half::slice::HalfFloatSliceExt;
 use kv::KvStore;
 use std::ops::Range;
 
@@ -210,12 +211,10 @@ impl CpuShard {
                     for kvh in 0..self.n_kv_heads {
                         let off = kv.head_offset(s.block_table, s.start_pos + t, kvh).expect("checked in check_batch");
                         let src = row * kvd + kvh * hd;
-                        for (d, &x) in kv.k[li][off..off + hd].iter_mut().zip(&k[src..src + hd]) {
-                            *d = half::f16::from_f32(x);
-                        }
-                        for (d, &x) in kv.v[li][off..off + hd].iter_mut().zip(&v[src..src + hd]) {
-                            *d = half::f16::from_f32(x);
-                        }
+                        // The slice conversion runs 8 at a time on F16C (one
+                        // value at a time was a call each, ~4% of a decode step).
+                        kv.k[li][off..off + hd].convert_from_f32_slice(&k[src..src + hd]);
+                        kv.v[li][off..off + hd].convert_from_f32_slice(&v[src..src + hd]);
                     }
                 }
             }
