@@ -132,8 +132,8 @@ impl DotOrder {
 
 /// The query heads of one KV head, for one row, against the sequence's cached
 /// K/V: scores, softmax, and the weighted sum of V into `o` (heads back to back).
-/// Compiled twice: for AVX2+FMA when the CPU has them (picked at run time), and
-/// for the baseline target.
+/// Compiled three times: for AVX512 and for AVX2+FMA when the CPU has them
+/// (picked at run time), and for the baseline target.
 ///
 /// The float operations are llama.cpp's (flash attention off, its default on
 /// the CPU), in its order, so the default model's results are bit-equal to the
@@ -143,23 +143,39 @@ impl DotOrder {
 fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if crate::quant::has_avx512() {
+            // SAFETY: the CPU supports AVX512 F/BW/VL, AVX2, FMA and F16C (checked just above).
+            return unsafe { attend_avx512(c, qv, scratch, o) };
+        }
         if crate::quant::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             return unsafe { attend_avx2(c, qv, scratch, o) };
         }
     }
-    attend_body::<false>(c, qv, scratch, o)
+    attend_body::<SCALAR>(c, qv, scratch, o)
 }
+
+/// Instruction sets [`attend_body`] is compiled for.
+const SCALAR: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
-    attend_body::<true>(c, qv, scratch, o)
+    attend_body::<AVX2>(c, qv, scratch, o)
 }
 
-/// `AVX`: called from [`attend_avx2`], on a CPU with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn attend_avx512(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
+    attend_body::<AVX512>(c, qv, scratch, o)
+}
+
+/// `ISA`: [`AVX2`] only inside [`attend_avx2`] or [`attend_avx512`], [`AVX512`]
+/// only inside [`attend_avx512`], whose callers checked the CPU.
 #[inline(always)]
-fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
+fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
     let hd = c.hd;
     let group = qv.len() / hd;
     let n_pos = c.pos + 1;
@@ -174,10 +190,18 @@ fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, 
     let offs = &mut scratch.offs;
     offs.clear();
     offs.extend((0..n_pos).map(slot));
-    for (p, &off) in offs.iter().enumerate() {
-        let k = &c.kl[off..off + hd];
-        for g in 0..group {
-            scores[g * n_pad + p] = dot_f16::<AVX>(&qv[g * hd..(g + 1) * hd], k, c.order) * c.scale;
+    let mut done = false;
+    #[cfg(target_arch = "x86_64")]
+    if ISA == AVX512 {
+        // SAFETY: ISA is AVX512 only inside attend_avx512.
+        done = unsafe { x86::scores_avx512(c.kl, offs, qv, hd, c.order, c.scale, scores, n_pad) };
+    }
+    if !done {
+        for (p, &off) in offs.iter().enumerate() {
+            let k = &c.kl[off..off + hd];
+            for g in 0..group {
+                scores[g * n_pad + p] = dot_f16::<ISA>(&qv[g * hd..(g + 1) * hd], k, c.order) * c.scale;
+            }
         }
     }
     for g in 0..group {
@@ -201,7 +225,7 @@ fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, 
     // multiple of 256, so vec_dot leaves no positions over).
     for g in 0..group {
         let w = &scores[g * n_pad..g * n_pad + n_pos];
-        weighted_v::<AVX>(c.vl, &scratch.offs, w, c.order, &mut o[g * hd..(g + 1) * hd]);
+        weighted_v::<ISA>(c.vl, &scratch.offs, w, c.order, &mut o[g * hd..(g + 1) * hd]);
     }
 }
 
@@ -214,12 +238,18 @@ fn attend_body<const AVX: bool>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, 
 /// are walked once per partial rather than once, but nothing goes to memory
 /// (a buffer of 64 partials per output cost a quarter of a decode step).
 #[inline(always)]
-fn weighted_v<const AVX: bool>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
+fn weighted_v<const ISA: u8>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if AVX {
-        // SAFETY: AVX is true only inside attend_avx2 (AVX2, FMA and F16C).
-        d0 = unsafe { x86::weighted_v(vl, offs, w, order, o) };
+    {
+        if ISA == AVX512 {
+            // SAFETY: ISA is AVX512 only inside attend_avx512.
+            d0 = unsafe { x86::weighted_v16(vl, offs, w, order, o) };
+        }
+        if ISA >= AVX2 {
+            // SAFETY: ISA is AVX2 or more only inside attend_avx2 or attend_avx512.
+            d0 = unsafe { x86::weighted_v(vl, offs, w, order, o, d0) };
+        }
     }
     let parts = order.parts();
     for d in d0..o.len() {
@@ -251,11 +281,11 @@ pub const MAX_GROUP_DIM: usize = 8192;
 
 /// q · k with k in f16, summed in `order`.
 #[inline(always)]
-fn dot_f16<const AVX: bool>(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
+fn dot_f16<const ISA: u8>(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if AVX {
-        // SAFETY: AVX is true only inside attend_avx2, which runs on CPUs with
-        // AVX2, FMA and F16C.
+    if ISA >= AVX2 {
+        // SAFETY: ISA is AVX2 or more only inside attend_avx2 or attend_avx512,
+        // which run on CPUs with AVX2, FMA and F16C.
         return unsafe { x86::dot_f16(q, k, order) };
     }
     let n = q.len().min(k.len());
@@ -353,13 +383,147 @@ mod x86 {
         s as f32
     }
 
-    /// [`super::weighted_v`] for outputs 0.. in whole 8s; returns where it stopped.
+    /// [`super::weighted_v`] for outputs 0.. in whole 16s; returns where it
+    /// stopped. As [`weighted_v`], 16 outputs to a register.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+        let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
+        let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
+        let mut d0 = 0;
+        while d0 + 16 <= o.len() {
+            let mut lane = [_mm512_setzero_ps(); 16];
+            for (l, lane) in lane.iter_mut().enumerate() {
+                let mut part = [_mm512_setzero_ps(); 4];
+                for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]).take(n_parts) {
+                    let mut p = j;
+                    while p < n_pos {
+                        // Bounds-checked: the offsets come from the block table.
+                        let v = &vl[offs[p] + d0..offs[p] + d0 + 16];
+                        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr() as *const __m256i));
+                        *acc = _mm512_fmadd_ps(_mm512_set1_ps(w[p]), vv, *acc);
+                        p += parts;
+                    }
+                }
+                *lane = if n_parts == 4 {
+                    _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]))
+                } else {
+                    part[0]
+                };
+            }
+            let mut g = [_mm512_setzero_ps(); 4];
+            for (i, g) in g.iter_mut().enumerate() {
+                *g = _mm512_add_ps(_mm512_add_ps(lane[i], lane[i + 8]), _mm512_add_ps(lane[i + 4], lane[i + 12]));
+            }
+            let r = _mm512_add_ps(_mm512_add_ps(g[0], g[2]), _mm512_add_ps(g[1], g[3]));
+            _mm512_storeu_ps(o.as_mut_ptr().add(d0), r);
+            d0 += 16;
+        }
+        d0
+    }
+
+    /// Every head's score at every position (scores[g * n_pad + p] is
+    /// scale · (q_g · k_p)), as [`super::dot_f16`] sums them, four positions at a time:
+    /// each dot's 16 lanes are built in one register, and four registers are
+    /// reduced together in `_mm512_reduce_add_ps`'s tree, which one at a time
+    /// was most of a dot's cost. Returns false, doing nothing, for head sizes
+    /// whose dots would leave elements over (vec_dot: not a multiple of 64;
+    /// tinyBLAS: of 16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn scores_avx512(
+        kl: &[f16],
+        offs: &[usize],
+        qv: &[f32],
+        hd: usize,
+        order: DotOrder,
+        scale: f32,
+        scores: &mut [f32],
+        n_pad: usize,
+    ) -> bool {
+        let step = if order == DotOrder::VecDot { 64 } else { 16 };
+        if hd == 0 || hd % step != 0 || hd > super::MAX_HEAD_DIM {
+            return false;
+        }
+        let group = qv.len() / hd;
+        let n_pos = offs.len();
+        for g in 0..group {
+            let q = &qv[g * hd..(g + 1) * hd];
+            let mut p0 = 0;
+            while p0 < n_pos {
+                let mut lanes = [_mm512_setzero_ps(); 4];
+                for (i, lanes) in lanes.iter_mut().enumerate() {
+                    if p0 + i < n_pos {
+                        let off = offs[p0 + i];
+                        *lanes = dot_lanes(q, &kl[off..off + hd], order);
+                    }
+                }
+                let r = reduce16x4(lanes);
+                for i in 0..4.min(n_pos - p0) {
+                    scores[g * n_pad + p0 + i] = r[i] * scale;
+                }
+                p0 += 4;
+            }
+        }
+        true
+    }
+
+    /// The 16 lanes of q · k before the final reduction: element e is fma'd
+    /// into lane e % 16 of accumulator (e / 16) % 4 (vec_dot; the accumulators
+    /// then added (0+2)+(1+3)) or of the one accumulator (tinyBLAS). The
+    /// length is a whole number of 64s (vec_dot) or 16s.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot_lanes(q: &[f32], k: &[f16], order: DotOrder) -> __m512 {
+        let n = q.len().min(k.len());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut e = 0;
+        if order == DotOrder::VecDot {
+            while e + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: x + 16 <= e + 64 <= n keeps the reads inside the slices.
+                    let x = e + 16 * a;
+                    let kk = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(x) as *const __m256i));
+                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(x)), kk, *acc);
+                }
+                e += 64;
+            }
+            _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
+        } else {
+            while e + 16 <= n {
+                // SAFETY: e + 16 <= n keeps the reads inside the slices.
+                let kk = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(e) as *const __m256i));
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(e)), kk, acc[0]);
+                e += 16;
+            }
+            acc[0]
+        }
+    }
+
+    /// Four [`super::reduce16`]s at once, in the same tree: halves, quarters,
+    /// then (0+2)+(1+3) of each register.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn reduce16x4(x: [__m512; 4]) -> [f32; 4] {
+        // [lanes 0..8 of x0, of x1] + [lanes 8..16 of x0, of x1]: each half
+        // is that register's x_i + x_(i+8).
+        let h01 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x[0], x[1]), _mm512_shuffle_f32x4::<0xEE>(x[0], x[1]));
+        let h23 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x[2], x[3]), _mm512_shuffle_f32x4::<0xEE>(x[2], x[3]));
+        // Quarter r: register r's h_i + h_(i+4).
+        let g = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(h01, h23), _mm512_shuffle_f32x4::<0xDD>(h01, h23));
+        // Within each quarter: (g0 + g2) + (g1 + g3) lands in its first lane.
+        let t = _mm512_add_ps(g, _mm512_permute_ps::<0x4E>(g));
+        let u = _mm512_add_ps(t, _mm512_permute_ps::<0xB1>(t));
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), u);
+        [out[0], out[4], out[8], out[12]]
+    }
+
+    /// [`super::weighted_v`] for outputs d0.. in whole 8s; returns where it stopped.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
         let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
         // No closures here: they would not inherit this function's target
         // features, and every intrinsic in them would become a call.
-        let mut d0 = 0;
+        let mut d0 = d0;
         while d0 + 8 <= o.len() {
             // The 16 lanes, each an 8-output vector of partial sums combined.
             let mut lane = [_mm256_setzero_ps(); 16];
@@ -446,7 +610,7 @@ mod tests {
 
     #[test]
     fn simd_and_scalar_agree_bit_for_bit_and_match_f64() {
-        for hd in [64, 20] {
+        for hd in [64, 128, 48, 20] {
             for n_pos in [1, 15, 16, 17, 63, 64, 65, 130] {
                 for chunk in [1, 2] {
                     let (kv, table, q) = setup(n_pos, hd);
@@ -476,7 +640,17 @@ mod tests {
                             order,
                         };
                         let o = &mut slow[kvh * 3 * hd..(kvh + 1) * 3 * hd];
-                        attend_body::<false>(&c, &qv, &mut Scratch::default(), o);
+                        attend_body::<SCALAR>(&c, &qv, &mut Scratch::default(), o);
+                        // The AVX2 body too, where the CPU has it (the
+                        // dispatch above takes AVX512 where there is one).
+                        #[cfg(target_arch = "x86_64")]
+                        if crate::quant::has_avx2_fma() {
+                            let mut o2 = vec![0.0; 3 * hd];
+                            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+                            unsafe { attend_avx2(&c, &qv, &mut Scratch::default(), &mut o2) };
+                            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&o2), bits(o), "AVX2: hd {hd}, {n_pos} positions, chunk {chunk}");
+                        }
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(fast), bits(&slow), "hd {hd}, {n_pos} positions, chunk {chunk}");

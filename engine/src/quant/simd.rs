@@ -128,6 +128,11 @@ mod tests {
 
 /// Whether AVX2 and FMA code may run now: the CPU has them and scalar is not
 /// forced. Other modules (attention) pick their vectorized paths by it.
+/// Whether AVX512 F/BW/VL (with AVX2, FMA and F16C) may be used now.
+pub fn has_avx512() -> bool {
+    current() == Isa::Avx512Vnni
+}
+
 pub fn has_avx2_fma() -> bool {
     current() != Isa::Scalar
 }
