@@ -428,6 +428,7 @@ mod x86 {
     /// was most of a dot's cost. Returns false, doing nothing, for head sizes
     /// whose dots would leave elements over (vec_dot: not a multiple of 64;
     /// tinyBLAS: of 16).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn scores_avx512(
         kl: &[f16],
@@ -440,7 +441,7 @@ mod x86 {
         n_pad: usize,
     ) -> bool {
         let step = if order == DotOrder::VecDot { 64 } else { 16 };
-        if hd == 0 || hd % step != 0 || hd > super::MAX_HEAD_DIM {
+        if hd == 0 || !hd.is_multiple_of(step) || hd > super::MAX_HEAD_DIM {
             return false;
         }
         let group = qv.len() / hd;
