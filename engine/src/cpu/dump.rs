@@ -15,6 +15,12 @@ fn dir() -> Option<&'static PathBuf> {
     DIR.get_or_init(|| std::env::var_os("FERRY_DUMP_DIR").map(PathBuf::from)).as_ref()
 }
 
+/// Whether dumping is on (steps that fuse operations then keep them apart, so
+/// each intermediate tensor exists to be written).
+pub(crate) fn enabled() -> bool {
+    dir().is_some()
+}
+
 /// Writes `values` as `NAME-LAYER.f32` when dumping is on.
 pub(crate) fn tensor(name: &str, layer: usize, values: &[f32]) {
     let Some(dir) = dir() else { return };

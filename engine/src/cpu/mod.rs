@@ -13,7 +13,7 @@ pub mod ops;
 
 use crate::communicator::Communicator;
 use crate::config::ModelConfig;
-use crate::quant::{matmul, matmul_group, QMatrix};
+use crate::quant::{matmul, matmul_gated, matmul_group, QMatrix};
 use crate::weights::{LayerWeights, ModelWeights};
 use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
@@ -229,11 +229,16 @@ impl CpuShard {
             dump::tensor("ffn_inp", li, &x);
 
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_norm_eps, &mut xn);
-            matmul_group(&xn, n, &mut [(&l.w_gate, &mut gate), (&l.w_up, &mut up)]);
-            dump::tensor("ffn_norm", li, &xn);
-            dump::tensor("ffn_gate", li, &gate);
-            dump::tensor("ffn_up", li, &up);
-            ops::silu_mul(&mut gate, &up);
+            if dump::enabled() {
+                matmul_group(&xn, n, &mut [(&l.w_gate, &mut gate), (&l.w_up, &mut up)]);
+                dump::tensor("ffn_norm", li, &xn);
+                dump::tensor("ffn_gate", li, &gate);
+                dump::tensor("ffn_up", li, &up);
+                ops::silu_mul(&mut gate, &up);
+            } else {
+                // SwiGLU inside the matmuls' parallel tasks.
+                matmul_gated(&xn, n, (&l.w_gate, &mut gate), (&l.w_up, &mut up), &ops::silu_mul);
+            }
             dump::tensor("ffn_swiglu", li, &gate);
             matmul(&l.w_down, &gate, n, &mut proj);
             comm.all_reduce_sum(&mut proj);

@@ -230,6 +230,22 @@ pub fn matmul_group(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f3
     matmul_group_isa(x, n_tokens, parts, simd::current())
 }
 
+/// An element-wise step that joins two matmuls' outputs: `a = f(a, b)`.
+pub type Combine = dyn Fn(&mut [f32], &[f32]) + Sync;
+
+/// Two matmuls of one input with the same number of rows (gate and up), their
+/// outputs then joined element-wise into the first (`combine`, e.g. SwiGLU):
+/// each parallel task computes the same rows of both and joins them while they
+/// are hot, so the join is shared out with the matmuls instead of running on
+/// one thread after them.
+///
+/// # Panics
+/// As [`matmul`], for each pair, or if the matrices' row counts differ.
+pub fn matmul_gated(x: &[f32], n_tokens: usize, a: (&QMatrix, &mut [f32]), b: (&QMatrix, &mut [f32]), combine: &Combine) {
+    assert_eq!(a.0.rows, b.0.rows, "matmul_gated: the two matrices' rows differ");
+    matmul_parts(x, n_tokens, &mut [a, b], simd::current(), Some(combine))
+}
+
 #[cfg(test)]
 pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32], isa: Isa) {
     matmul_group_isa(x, n_tokens, &mut [(w, out)], isa)
@@ -244,6 +260,12 @@ struct ActNeed {
 }
 
 pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa) {
+    matmul_parts(x, n_tokens, parts, isa, None)
+}
+
+/// The matmuls of `parts`, all of input `x`; with `combine`, `parts` is two
+/// matrices of equal rows and each task also joins its rows (see [`matmul_gated`]).
+fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa, combine: Option<&Combine>) {
     for (w, out) in parts.iter() {
         assert_eq!(x.len(), n_tokens * w.cols, "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols);
         assert_eq!(out.len(), n_tokens * w.rows, "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows);
@@ -291,27 +313,44 @@ pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatri
     let srcs: Vec<ActSrc> = which.iter().map(|w| ActSrc { q: w.map(|i| &acts[i]), x, cols }).collect();
     let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
 
-    // The row chunks of every matrix, one task each.
+    // The row chunks of every matrix, one task each; with `combine`, one task
+    // per chunk of both matrices' rows.
     let threads = rayon::current_num_threads();
     let macs: usize = parts.iter().map(|(w, _)| w.rows * w.cols * n_tokens).sum();
+    let serial = threads <= 1 || macs < PAR_MIN_MACS;
     let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    let align = if wide.iter().any(|&w| w) { 16 } else { 4 };
     for (i, (w, _)) in parts.iter().enumerate() {
-        if w.rows == 0 || w.cols == 0 {
+        if w.rows == 0 || w.cols == 0 || (combine.is_some() && i > 0) {
             continue;
         }
-        let chunk = if threads <= 1 || macs < PAR_MIN_MACS {
-            w.rows
-        } else {
-            chunk_rows(w.rows, threads, if wide[i] { 16 } else { 4 })
-        };
+        let chunk = if serial { w.rows } else { chunk_rows(w.rows, threads, if wide[i] { 16 } else { align }) };
         tasks.extend((0..w.rows.div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows))));
     }
     let run = |(i, rows): &(usize, Range<usize>)| {
-        // SAFETY: tasks are disjoint row ranges of their matrix, so no output
-        // is written twice; each output has n_tokens * rows values (asserted).
-        unsafe { run_rows(parts[*i].0, &srcs[*i], isa, rows.clone(), n_tokens, optrs[*i], wide[*i]) };
+        let one = |i: usize| {
+            // SAFETY: tasks are disjoint row ranges of their matrix, so no output
+            // is written twice; each output has n_tokens * rows values (asserted).
+            unsafe { run_rows(parts[i].0, &srcs[i], isa, rows.clone(), n_tokens, optrs[i], wide[i]) };
+        };
+        one(*i);
+        let Some(combine) = combine else { return };
+        one(1);
+        let n_rows = parts[0].0.rows;
+        for t in 0..n_tokens {
+            let at = t * n_rows + rows.start;
+            // SAFETY: these rows of token t were written by this task alone
+            // (above) and are read or written by no other task.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(optrs[0].0.add(at), rows.len()),
+                    std::slice::from_raw_parts(optrs[1].0.add(at) as *const f32, rows.len()),
+                )
+            };
+            combine(a, b);
+        }
     };
-    if threads <= 1 || macs < PAR_MIN_MACS {
+    if serial {
         tasks.iter().for_each(run);
     } else {
         tasks.par_iter().for_each(run);
@@ -616,6 +655,30 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(a), bits(b), "{:?} (matrix {i}) on {isa:?}", types[i]);
             }
+        }
+    }
+
+    #[test]
+    fn gated_matches_separate_matmuls_then_combine() {
+        let combine = |a: &mut [f32], b: &[f32]| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = *x * 0.5 - y;
+            }
+        };
+        // Large enough for the pool; rows that are not whole 16s; mixed types.
+        for (ta, tb, rows, n) in [(GgmlType::Q4_1, GgmlType::Q4_1, 200, 7), (GgmlType::Q4_0, GgmlType::Q6_K, 72, 16), (GgmlType::Q8_0, GgmlType::F16, 5, 1)] {
+            let cols = 256;
+            let x = data(n * cols, 4, 1.0);
+            let wa = QMatrix::quantize(ta, rows, cols, &data(rows * cols, 5, 0.1)).unwrap();
+            let wb = QMatrix::quantize(tb, rows, cols, &data(rows * cols, 6, 0.1)).unwrap();
+            let (mut ea, mut eb) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+            matmul(&wa, &x, n, &mut ea);
+            matmul(&wb, &x, n, &mut eb);
+            combine(&mut ea, &eb);
+            let (mut ga, mut gb) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+            matmul_gated(&x, n, (&wa, &mut ga), (&wb, &mut gb), &combine);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ga), bits(&ea), "{ta:?} with {tb:?}, {rows} rows, {n} tokens");
         }
     }
 
