@@ -116,7 +116,7 @@ impl ModelConfig {
             num_layers: hf.num_hidden_layers,
             num_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: hf.head_dim.unwrap_or(if num_heads > 0 { hf.hidden_size / num_heads } else { 0 }),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size.checked_div(num_heads).unwrap_or(0)),
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: hf.rope_theta.unwrap_or(10000.0),
@@ -150,7 +150,7 @@ impl ModelConfig {
                 return Err(format!("{name} = {v} is implausibly large"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",
                 self.num_heads, self.num_kv_heads
@@ -167,7 +167,7 @@ impl ModelConfig {
                 crate::cpu::attention::MAX_GROUP_DIM
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {

@@ -96,7 +96,7 @@ impl CpuShard {
         if world == 0 || rank >= world {
             return Err(err(format!("rank {rank} is outside the group")));
         }
-        if cfg.num_kv_heads % world != 0 {
+        if !cfg.num_kv_heads.is_multiple_of(world) {
             return Err(err(format!("the model's {} KV heads don't divide evenly", cfg.num_kv_heads)));
         }
         let hd = cfg.head_dim;
@@ -104,7 +104,7 @@ impl CpuShard {
         let n_kv_heads = cfg.num_kv_heads / world;
         let q_rows = rank * n_heads * hd..(rank + 1) * n_heads * hd;
         let kv_rows = rank * n_kv_heads * hd..(rank + 1) * n_kv_heads * hd;
-        if cfg.intermediate_size % world != 0 {
+        if !cfg.intermediate_size.is_multiple_of(world) {
             return Err(err(format!("intermediate size {} doesn't divide evenly", cfg.intermediate_size)));
         }
         let ff = cfg.intermediate_size / world;

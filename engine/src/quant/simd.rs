@@ -109,6 +109,18 @@ pub fn simd_name() -> &'static str {
     }
 }
 
+/// Whether AVX2 and FMA code may run now: the CPU has them and scalar is not
+/// forced. Other modules (attention) pick their vectorized paths by it.
+pub fn has_avx2_fma() -> bool {
+    current() != Isa::Scalar
+}
+
+/// Whether AVX512 F/BW/VL (with AVX2, FMA and F16C) may run now, as
+/// [`has_avx2_fma`].
+pub fn has_avx512() -> bool {
+    current() == Isa::Avx512Vnni
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,15 +136,4 @@ mod tests {
         set_force_scalar(before);
         assert!(available().contains(&detected()));
     }
-}
-
-/// Whether AVX2 and FMA code may run now: the CPU has them and scalar is not
-/// forced. Other modules (attention) pick their vectorized paths by it.
-/// Whether AVX512 F/BW/VL (with AVX2, FMA and F16C) may be used now.
-pub fn has_avx512() -> bool {
-    current() == Isa::Avx512Vnni
-}
-
-pub fn has_avx2_fma() -> bool {
-    current() != Isa::Scalar
 }

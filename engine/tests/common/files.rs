@@ -149,7 +149,9 @@ pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
         let mut row = vec![0f32; m.cols()];
         (0..m.rows()).flat_map(|r| { m.dequantize_row(r, &mut row); f32_bytes(&row) }).collect()
     };
-    let mut shards: [Vec<(String, Vec<usize>, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+    // Each shard: (tensor name, shape, f32 bytes).
+    type Shard = Vec<(String, Vec<usize>, Vec<u8>)>;
+    let mut shards: [Shard; 2] = [Vec::new(), Vec::new()];
     shards[0].push(("model.embed_tokens.weight".into(), vec![w.embed.rows(), w.embed.cols()], deq(&w.embed)));
     shards[1].push(("lm_head.weight".into(), vec![w.lm_head.rows(), w.lm_head.cols()], deq(&w.lm_head)));
     shards[1].push(("model.norm.weight".into(), vec![w.norm.len()], f32_bytes(&w.norm)));

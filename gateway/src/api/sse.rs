@@ -60,22 +60,6 @@ pub fn response<S: EventSource>(src: S) -> Response {
     resp
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_framing() {
-        assert_eq!(&event(&serde_json::json!({"a": 1}))[..], b"data: {\"a\":1}\n\n");
-        assert_eq!(&done()[..], b"data: [DONE]\n\n");
-        let e = error_event(&ApiError::bad_request("x"));
-        let s = std::str::from_utf8(&e).unwrap();
-        assert!(s.starts_with("data: {\"error\":") && s.ends_with("}\n\n"));
-        let v: serde_json::Value = serde_json::from_str(&s[6..s.len() - 2]).unwrap();
-        assert_eq!(v["error"]["code"], 400);
-    }
-}
-
 /// What differs between the completions and chat streams: the chunk a delta
 /// becomes, and the chunk that carries the final usage. The loop around them,
 /// errors and `[DONE]` included, is [`DeltaStream`]'s.
@@ -130,5 +114,21 @@ impl<S: ChunkShape> EventSource for DeltaStream<S> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_framing() {
+        assert_eq!(&event(&serde_json::json!({"a": 1}))[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(&done()[..], b"data: [DONE]\n\n");
+        let e = error_event(&ApiError::bad_request("x"));
+        let s = std::str::from_utf8(&e).unwrap();
+        assert!(s.starts_with("data: {\"error\":") && s.ends_with("}\n\n"));
+        let v: serde_json::Value = serde_json::from_str(&s[6..s.len() - 2]).unwrap();
+        assert_eq!(v["error"]["code"], 400);
     }
 }
