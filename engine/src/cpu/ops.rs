@@ -92,14 +92,20 @@ pub fn expf_ggml(x: f32) -> f32 {
         .mul_add(b, c(0x3d2b_9f17))
         .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
         .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
-    if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
-    }
     // j * 2^n with one rounding (vscalefps): two exact power-of-two factors,
-    // each a normal float since |n| <= 192.
-    let n = n as i32;
-    let (n1, n2) = (n >> 1, n - (n >> 1));
-    j * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23)
+    // each a normal float since |n| <= 192. Beyond that the result is 0 or
+    // inf; both are computed and one selected, without a branch, so loops
+    // over this function vectorize.
+    let out_of_range = n.abs() > 192.0;
+    let limit = if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    let ni = n.clamp(-192.0, 192.0) as i32;
+    let (n1, n2) = (ni >> 1, ni - (ni >> 1));
+    let v = j * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23);
+    if out_of_range {
+        limit
+    } else {
+        v
+    }
 }
 
 /// gate = silu(gate) * up, in place, as ggml_vec_swiglu_f32 computes it:
