@@ -383,44 +383,6 @@ mod x86 {
         s as f32
     }
 
-    /// [`super::weighted_v`] for outputs 0.. in whole 16s; returns where it
-    /// stopped. As [`weighted_v`], 16 outputs to a register.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
-        let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
-        let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
-        let mut d0 = 0;
-        while d0 + 16 <= o.len() {
-            let mut lane = [_mm512_setzero_ps(); 16];
-            for (l, lane) in lane.iter_mut().enumerate() {
-                let mut part = [_mm512_setzero_ps(); 4];
-                for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]).take(n_parts) {
-                    let mut p = j;
-                    while p < n_pos {
-                        // Bounds-checked: the offsets come from the block table.
-                        let v = &vl[offs[p] + d0..offs[p] + d0 + 16];
-                        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr() as *const __m256i));
-                        *acc = _mm512_fmadd_ps(_mm512_set1_ps(w[p]), vv, *acc);
-                        p += parts;
-                    }
-                }
-                *lane = if n_parts == 4 {
-                    _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]))
-                } else {
-                    part[0]
-                };
-            }
-            let mut g = [_mm512_setzero_ps(); 4];
-            for (i, g) in g.iter_mut().enumerate() {
-                *g = _mm512_add_ps(_mm512_add_ps(lane[i], lane[i + 8]), _mm512_add_ps(lane[i + 4], lane[i + 12]));
-            }
-            let r = _mm512_add_ps(_mm512_add_ps(g[0], g[2]), _mm512_add_ps(g[1], g[3]));
-            _mm512_storeu_ps(o.as_mut_ptr().add(d0), r);
-            d0 += 16;
-        }
-        d0
-    }
-
     /// Every head's score at every position (scores[g * n_pad + p] is
     /// scale · (q_g · k_p)), as [`super::dot_f16`] sums them, four positions at a time:
     /// each dot's 16 lanes are built in one register, and four registers are
@@ -518,44 +480,107 @@ mod x86 {
         [out[0], out[4], out[8], out[12]]
     }
 
+    /// [`super::weighted_v`] for outputs 0.. in whole 16s; returns where it stopped.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+        weighted_v_lanes::<__m512>(vl, offs, w, order, o, 0)
+    }
+
     /// [`super::weighted_v`] for outputs d0.. in whole 8s; returns where it stopped.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
+        weighted_v_lanes::<__m256>(vl, offs, w, order, o, d0)
+    }
+
+    /// A register of f32 lanes, as far as [`weighted_v_lanes`] needs one. The
+    /// methods are inlined into the target_feature functions that use them,
+    /// where the intrinsics inline in turn.
+    trait Lanes: Copy {
+        const N: usize;
+        unsafe fn zero() -> Self;
+        unsafe fn add(self, b: Self) -> Self;
+        /// self + w · (N f16 values at v), with one rounding.
+        unsafe fn fma_f16(self, w: f32, v: *const f16) -> Self;
+        unsafe fn store(self, p: *mut f32);
+    }
+
+    impl Lanes for __m256 {
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            _mm256_add_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fma_f16(self, w: f32, v: *const f16) -> Self {
+            _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_cvtph_ps(_mm_loadu_si128(v as *const __m128i)), self)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self)
+        }
+    }
+
+    impl Lanes for __m512 {
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            _mm512_add_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fma_f16(self, w: f32, v: *const f16) -> Self {
+            _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_cvtph_ps(_mm256_loadu_si256(v as *const __m256i)), self)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self)
+        }
+    }
+
+    /// [`super::weighted_v`] for outputs d0.. in whole registers of `V`, each
+    /// output's partials in registers; returns where it stopped.
+    ///
+    /// # Safety
+    /// The CPU must support `V`'s instructions (the caller's target features).
+    #[inline(always)]
+    unsafe fn weighted_v_lanes<V: Lanes>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
         let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
-        // No closures here: they would not inherit this function's target
+        let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
+        // No closures here: they would not inherit the caller's target
         // features, and every intrinsic in them would become a call.
         let mut d0 = d0;
-        while d0 + 8 <= o.len() {
-            // The 16 lanes, each an 8-output vector of partial sums combined.
-            let mut lane = [_mm256_setzero_ps(); 16];
+        while d0 + V::N <= o.len() {
+            // The 16 lanes, each a vector of outputs' partial sums combined.
+            let mut lane = [V::zero(); 16];
             for (l, lane) in lane.iter_mut().enumerate() {
                 // Partials l, 32 + l, 16 + l, 48 + l (vec_dot) or l (tinyBLAS).
-                let mut part = [_mm256_setzero_ps(); 4];
-                let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
+                let mut part = [V::zero(); 4];
                 for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]).take(n_parts) {
                     let mut p = j;
                     while p < n_pos {
                         // Bounds-checked: the offsets come from the block table.
-                        let v = &vl[offs[p] + d0..offs[p] + d0 + 8];
-                        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i));
-                        *acc = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), vv, *acc);
+                        let v = &vl[offs[p] + d0..offs[p] + d0 + V::N];
+                        *acc = acc.fma_f16(w[p], v.as_ptr());
                         p += parts;
                     }
                 }
-                *lane = if n_parts == 4 {
-                    _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3]))
-                } else {
-                    part[0]
-                };
+                *lane = if n_parts == 4 { part[0].add(part[1]).add(part[2].add(part[3])) } else { part[0] };
             }
             // reduce16's tree over the lanes.
-            let mut g = [_mm256_setzero_ps(); 4];
+            let mut g = [V::zero(); 4];
             for (i, g) in g.iter_mut().enumerate() {
-                *g = _mm256_add_ps(_mm256_add_ps(lane[i], lane[i + 8]), _mm256_add_ps(lane[i + 4], lane[i + 12]));
+                *g = lane[i].add(lane[i + 8]).add(lane[i + 4].add(lane[i + 12]));
             }
-            let r = _mm256_add_ps(_mm256_add_ps(g[0], g[2]), _mm256_add_ps(g[1], g[3]));
-            _mm256_storeu_ps(o.as_mut_ptr().add(d0), r);
-            d0 += 8;
+            let r = g[0].add(g[2]).add(g[1].add(g[3]));
+            r.store(o.as_mut_ptr().add(d0));
+            d0 += V::N;
         }
         d0
     }
