@@ -388,7 +388,7 @@ fn best_k(heap: &mut BinaryHeap<Ranked>, items: impl Iterator<Item = (u32, f32)>
 }
 
 /// Index of the first maximum (lowest id on ties); None when every value is
-/// -inf or the slice is empty. Assumes no NaN.
+/// -inf or NaN, or the slice is empty (NaN never wins).
 fn argmax(xs: &[f32]) -> Option<u32> {
     let best = max_lanes(xs);
     if best == f32::NEG_INFINITY {

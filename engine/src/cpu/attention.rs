@@ -157,7 +157,9 @@ fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
 
 /// Instruction sets [`attend_body`] is compiled for.
 const SCALAR: u8 = 0;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX2: u8 = 1;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
@@ -190,12 +192,11 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
     let offs = &mut scratch.offs;
     offs.clear();
     offs.extend((0..n_pos).map(slot));
-    let mut done = false;
+    // SAFETY: ISA is AVX512 only inside attend_avx512.
     #[cfg(target_arch = "x86_64")]
-    if ISA == AVX512 {
-        // SAFETY: ISA is AVX512 only inside attend_avx512.
-        done = unsafe { x86::scores_avx512(c.kl, offs, qv, hd, c.order, c.scale, scores, n_pad) };
-    }
+    let done = ISA == AVX512 && unsafe { x86::scores_avx512(c.kl, offs, qv, hd, c.order, c.scale, scores, n_pad) };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
     if !done {
         for (p, &off) in offs.iter().enumerate() {
             let k = &c.kl[off..off + hd];
@@ -234,11 +235,14 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
 /// ([`DotOrder::parts`]), then the partials are combined by [`DotOrder::lanes`]
 /// and [`reduce16`]. `v_p` is the `o.len()` values at `offs[p]` in `vl`.
 ///
-/// Each output's partials live in registers, 8 outputs at a time: positions
-/// are walked once per partial rather than once, but nothing goes to memory
-/// (a buffer of 64 partials per output cost a quarter of a decode step).
+/// Each output's partials live in registers, a register of outputs (8 or 16)
+/// at a time: positions are walked once per partial rather than once, but
+/// nothing goes to memory (a buffer of 64 partials per output cost a quarter
+/// of a decode step). Zero probabilities are multiplied like any other, as
+/// llama.cpp's dot does (an inf or NaN in V then shows, as it does there).
 #[inline(always)]
 fn weighted_v<const ISA: u8>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
     {
@@ -403,7 +407,7 @@ mod x86 {
         n_pad: usize,
     ) -> bool {
         let step = if order == DotOrder::VecDot { 64 } else { 16 };
-        if hd == 0 || !hd.is_multiple_of(step) || hd > super::MAX_HEAD_DIM {
+        if hd == 0 || !hd.is_multiple_of(step) {
             return false;
         }
         let group = qv.len() / hd;

@@ -270,7 +270,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         assert_eq!(x.len(), n_tokens * w.cols, "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols);
         assert_eq!(out.len(), n_tokens * w.rows, "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows);
     }
-    if n_tokens == 0 {
+    if n_tokens == 0 || parts.is_empty() {
         return;
     }
     // Each matrix's activation form; each distinct form is quantized once.
@@ -354,6 +354,12 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         tasks.iter().for_each(run);
     } else {
         tasks.par_iter().for_each(run);
+    }
+    if let (Some(combine), [(wa, a), (_, b)]) = (combine, &mut *parts) {
+        if wa.rows > 0 && wa.cols == 0 {
+            // No tasks ran: the outputs are the zeros filled above, still to be joined.
+            combine(a, b);
+        }
     }
     drop(srcs);
     SCRATCH.with(|c| c.set(acts));
@@ -680,6 +686,18 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&ga), bits(&ea), "{ta:?} with {tb:?}, {rows} rows, {n} tokens");
         }
+        // No columns: both products are 0, and the join still applies (0 * 0.5 - 0 = 0, then -1).
+        let shift = |a: &mut [f32], b: &[f32]| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = *x * 0.5 - y - 1.0;
+            }
+        };
+        let (wa, wb) = (QMatrix::from_f32(3, 0, vec![]), QMatrix::from_f32(3, 0, vec![]));
+        let (mut ga, mut gb) = (vec![f32::NAN; 6], vec![f32::NAN; 6]);
+        matmul_gated(&[], 2, (&wa, &mut ga), (&wb, &mut gb), &shift);
+        assert_eq!(ga, vec![-1.0; 6]);
+        // An empty group does nothing.
+        matmul_group(&[0.0; 4], 2, &mut []);
     }
 
     #[test]

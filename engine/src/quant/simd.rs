@@ -116,7 +116,8 @@ pub fn has_avx2_fma() -> bool {
 }
 
 /// Whether AVX512 F/BW/VL (with AVX2, FMA and F16C) may run now, as
-/// [`has_avx2_fma`].
+/// [`has_avx2_fma`]. Detected together with VNNI, which the matmul kernels
+/// need: an AVX512 CPU without it takes the AVX2 paths everywhere.
 pub fn has_avx512() -> bool {
     current() == Isa::Avx512Vnni
 }
