@@ -5,16 +5,37 @@ use crate::config::RopeStyle;
 /// out = x / sqrt(mean(x^2) + eps) * w, per row of `w.len()` elements.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        // ggml's arithmetic exactly (ggml_compute_forward_rms_norm_f32): squares in
-        // f32 summed in f64, then mean, eps and the root in f32. ferry is checked
-        // against llama.cpp, and each ulp here moves an 8-bit activation rounding.
-        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (ss / d as f64) as f32;
-        let scale = 1.0f32 / (mean + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * scale * g;
+    if d == 0 {
+        return;
+    }
+    // ggml's arithmetic exactly (ggml_compute_forward_rms_norm_f32): squares in
+    // f32 summed in f64, in order, then mean, eps and the root in f32. ferry is
+    // checked against llama.cpp, and each ulp here moves an 8-bit activation
+    // rounding. The in-order f64 sum is one long chain of dependent adds, so
+    // ROWS rows' sums are run side by side: each keeps its order, and the
+    // core overlaps the chains (one at a time, the norms were a tenth of a
+    // 16-sequence step, on one thread while the other waited).
+    const ROWS: usize = 8;
+    let n = x.len().min(out.len()) / d;
+    let mut r0 = 0;
+    while r0 < n {
+        let nr = (n - r0).min(ROWS);
+        let mut ss = [0.0f64; ROWS];
+        for i in 0..d {
+            for (r, s) in ss.iter_mut().enumerate().take(nr) {
+                let v = x[(r0 + r) * d + i];
+                *s += (v * v) as f64;
+            }
         }
+        for (r, &s) in ss.iter().enumerate().take(nr) {
+            let mean = (s / d as f64) as f32;
+            let scale = 1.0f32 / (mean + eps).sqrt();
+            let row = (r0 + r) * d;
+            for ((o, &v), &g) in out[row..row + d].iter_mut().zip(&x[row..row + d]).zip(w) {
+                *o = v * scale * g;
+            }
+        }
+        r0 += nr;
     }
 }
 
