@@ -123,11 +123,7 @@ impl QuicConn {
     pub(crate) fn new(conn: quinn::Connection) -> (Self, StopRegistry) {
         let stops = StopRegistry::default();
         let me = QuicConn {
-            opener: QuicOpener {
-                conn: conn.clone(),
-                opening_bi: None,
-                opening_uni: None,
-            },
+            opener: QuicOpener::new(conn.clone()),
             conn,
             accepting_bi: None,
             accepting_uni: None,
@@ -181,11 +177,7 @@ impl<B: Buf> quic::Connection<B> for QuicConn {
     }
 
     fn opener(&self) -> Self::OpenStreams {
-        QuicOpener {
-            conn: self.conn.clone(),
-            opening_bi: None,
-            opening_uni: None,
-        }
+        self.opener.clone()
     }
 }
 
@@ -220,13 +212,17 @@ pub(crate) struct QuicOpener {
     opening_uni: Option<BoxFut<Result<quinn::SendStream, quinn::ConnectionError>>>,
 }
 
+impl QuicOpener {
+    fn new(conn: quinn::Connection) -> Self {
+        QuicOpener { conn, opening_bi: None, opening_uni: None }
+    }
+}
+
+/// A clone opens streams of its own: it shares the connection, not the
+/// half-finished opens.
 impl Clone for QuicOpener {
     fn clone(&self) -> Self {
-        QuicOpener {
-            conn: self.conn.clone(),
-            opening_bi: None,
-            opening_uni: None,
-        }
+        QuicOpener::new(self.conn.clone())
     }
 }
 
