@@ -5,7 +5,7 @@ use crate::engine_core::{EngineCore, EngineCoreConfig};
 use crate::executor::{kv_bytes_per_block, make_executor};
 use crate::loader::LoadedModel;
 use crate::scheduler::SchedulerConfig;
-use ferry_transport::{Hello, PROTOCOL_VERSION};
+use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
 
 #[derive(Clone, Debug)]
 pub struct EngineArgs {
@@ -47,6 +47,8 @@ impl Default for EngineArgs {
 /// What an engine was built with: the figures its `Hello` reports.
 #[derive(Clone, Debug)]
 pub struct EngineShape {
+    pub fingerprint: ModelFingerprint,
+    pub vocab_size: usize,
     pub max_model_len: usize,
     pub num_blocks: usize,
     pub block_size: usize,
@@ -102,7 +104,14 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
         },
     };
     let core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
-    Ok((core, EngineShape { max_model_len, num_blocks, block_size: args.block_size }))
+    let shape = EngineShape {
+        fingerprint: crate::fingerprint::fingerprint(&model.cfg, &model.weights),
+        vocab_size: model.cfg.vocab_size,
+        max_model_len,
+        num_blocks,
+        block_size: args.block_size,
+    };
+    Ok((core, shape))
 }
 
 impl EngineShape {
@@ -111,6 +120,8 @@ impl EngineShape {
             protocol_version: PROTOCOL_VERSION,
             rank,
             model: model.to_string(),
+            fingerprint: self.fingerprint,
+            vocab_size: self.vocab_size as u32,
             max_model_len: self.max_model_len as u32,
             num_kv_blocks: self.num_blocks as u32,
             block_size: self.block_size as u32,

@@ -11,7 +11,7 @@ use crate::sampler::{check_stop, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::weights::SplitMix64;
 use ferry_transport::{
-    EngineCommand, EngineEnd, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
+    EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
     SamplingParams, ToEngine, TokenOutput,
 };
 use std::collections::HashMap;
@@ -71,31 +71,15 @@ impl EngineCore {
     }
 
     /// Checks a request against the model and the cache, as vLLM's input processor does.
-    fn check_request(&self, req: &EngineRequest) -> Result<(), String> {
-        let s = &self.cfg.scheduler;
-        let n = req.prompt_tokens.len();
-        if n == 0 {
-            return Err("the prompt is empty".into());
-        }
+    fn check_request(&self, req: &EngineRequest) -> Result<(), EngineError> {
         if let Some(t) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.vocab_size()) {
-            return Err(format!("prompt token id {t} is out of vocabulary (size {})", self.vocab_size()));
+            return Err(EngineError::invalid(format!("prompt token id {t} is out of vocabulary (size {})", self.vocab_size())));
         }
-        if n >= s.max_model_len {
-            return Err(format!(
-                "the prompt has {n} tokens, but this model's maximum context length is {} tokens",
-                s.max_model_len
-            ));
-        }
-        if n + 1 > s.num_blocks * s.block_size {
-            return Err(format!(
-                "the prompt has {n} tokens, more than the KV cache can ever hold ({} tokens)",
-                s.num_blocks * s.block_size
-            ));
-        }
+        self.sched.check_prompt(req.prompt_tokens.len()).map_err(|e| EngineError::invalid(e.to_string()))?;
         if self.requests.contains_key(&req.id) {
-            return Err(format!("request id {} is already running", req.id));
+            return Err(EngineError::invalid(format!("request id {} is already running", req.id)));
         }
-        validate(&req.sampling, self.vocab_size()).map_err(|e| e.to_string())
+        validate(&req.sampling, self.vocab_size()).map_err(|e| EngineError::invalid(e.to_string()))
     }
 
     /// Queues a request, or returns the output that refuses it.
@@ -255,7 +239,7 @@ impl EngineCore {
         let rids: Vec<RequestId> = plan.seqs.iter().filter_map(|s| self.seqs.get(&s.id).map(|st| st.request)).collect();
         let mut outs = self.abort(&rids);
         for o in &mut outs {
-            o.finish = Some(FinishReason::Error(format!("engine failure: {why}")));
+            o.finish = Some(FinishReason::Error(EngineError::internal(format!("engine failure: {why}"))));
         }
         outs
     }

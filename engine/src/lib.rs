@@ -13,6 +13,7 @@ pub mod config;
 pub mod cpu;
 pub mod engine_core;
 pub mod executor;
+pub mod fingerprint;
 pub mod gguf;
 pub mod kv_cache;
 pub mod loader;

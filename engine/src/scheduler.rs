@@ -102,14 +102,14 @@ impl fmt::Display for AddError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AddError::DuplicateId(id) => write!(f, "sequence id {id} is already scheduled"),
-            AddError::EmptyPrompt => write!(f, "the prompt has no tokens"),
+            AddError::EmptyPrompt => write!(f, "the prompt is empty"),
             AddError::TooLong { len, max_model_len } => write!(
                 f,
-                "prompt of {len} tokens leaves no room to generate (max model length {max_model_len})"
+                "the prompt has {len} tokens, but this model's maximum context length is {max_model_len} tokens"
             ),
             AddError::ExceedsCache { len, capacity_tokens } => write!(
                 f,
-                "prompt of {len} tokens plus one generated token exceeds the KV cache ({capacity_tokens} tokens)"
+                "the prompt has {len} tokens, more than the KV cache can ever hold ({capacity_tokens} tokens)"
             ),
         }
     }
@@ -190,12 +190,9 @@ impl Scheduler {
         let _ = self.try_add_sequence(id, prompt_tokens);
     }
 
-    /// `add_sequence` that reports what is wrong with the request.
-    pub fn try_add_sequence(&mut self, id: SeqId, prompt_tokens: Vec<u32>) -> Result<(), AddError> {
-        let len = prompt_tokens.len();
-        if self.seqs.contains_key(&id) {
-            return Err(AddError::DuplicateId(id));
-        }
+    /// The rules a prompt of `len` tokens must meet to be scheduled at all: the
+    /// one place they are stated (the engine refuses a request with these).
+    pub fn check_prompt(&self, len: usize) -> Result<(), AddError> {
         if len == 0 {
             return Err(AddError::EmptyPrompt);
         }
@@ -212,6 +209,16 @@ impl Scheduler {
                 capacity_tokens,
             });
         }
+        Ok(())
+    }
+
+    /// `add_sequence` that reports what is wrong with the request.
+    pub fn try_add_sequence(&mut self, id: SeqId, prompt_tokens: Vec<u32>) -> Result<(), AddError> {
+        if self.seqs.contains_key(&id) {
+            return Err(AddError::DuplicateId(id));
+        }
+        let len = prompt_tokens.len();
+        self.check_prompt(len)?;
         self.seqs.insert(
             id,
             Sequence {

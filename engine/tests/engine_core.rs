@@ -163,13 +163,13 @@ fn invalid_requests_are_refused_with_the_parameter_named() {
     for (p, name) in cases {
         let refusal = c.add_request(bad(p)).expect_err("must be refused");
         match refusal.finish {
-            Some(FinishReason::Error(m)) => assert!(m.contains(name), "{m} should name {name}"),
+            Some(FinishReason::Error(e)) => assert!(e.kind == ferry_transport::ErrorKind::InvalidRequest && e.message.contains(name), "{e:?} should name {name}"),
             other => panic!("expected an error, got {other:?}"),
         }
     }
     let too_long = EngineRequest { id: 2, prompt_tokens: vec![1; 300], sampling: Default::default() };
     let refusal = c.add_request(too_long).expect_err("longer than max_model_len");
-    assert!(matches!(refusal.finish, Some(FinishReason::Error(m)) if m.contains("300") && m.contains("256")));
+    assert!(matches!(refusal.finish, Some(FinishReason::Error(e)) if e.message.contains("300") && e.message.contains("256")));
     let oov = EngineRequest { id: 3, prompt_tokens: vec![300], sampling: Default::default() };
     assert!(c.add_request(oov).is_err());
     assert_eq!(c.num_requests(), 0);
@@ -197,7 +197,7 @@ fn stop_tokens_end_a_sequence_unless_min_tokens_holds_it() {
 fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
     let c = core(64, 64, true);
     let (mut gw, eng) = flume_link();
-    let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "tiny".into(), max_model_len: 256, num_kv_blocks: 64, block_size: 4 };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "tiny".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 256, num_kv_blocks: 64, block_size: 4 };
     let threads = spawn_engine(c, eng, hello.clone()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello));

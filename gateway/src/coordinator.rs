@@ -146,7 +146,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         assert_eq!(coord.submit(vec![1], Default::default(), tx.clone()).err(), Some(SubmitError::NoHealthyRank));
         for (r, e) in [(0, &mut e0), (1, &mut e1)] {
-            let h = Hello { protocol_version: PROTOCOL_VERSION, rank: r, model: "m".into(), max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
+            let h = Hello { protocol_version: PROTOCOL_VERSION, rank: r, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
             e.tx.send(FromEngine::Hello(h)).unwrap();
         }
         // Rank 0 reports 1 waiting + 1 running (score 5); rank 1 reports 3 running (3).

@@ -208,7 +208,7 @@ mod tests {
     }
 
     fn hello() -> Hello {
-        Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), max_model_len: 64, num_kv_blocks: 8, block_size: 16 }
+        Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 8, block_size: 16 }
     }
 
     #[tokio::test]

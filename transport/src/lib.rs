@@ -15,14 +15,14 @@ use std::pin::Pin;
 pub use protocol::*;
 
 /// Gateway -> engine.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ToEngine {
     Welcome(Welcome),
     Command(EngineCommand),
 }
 
 /// Engine -> gateway.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum FromEngine {
     Hello(Hello),
     Outputs(EngineOutputs),

@@ -4,15 +4,17 @@
 //! the QUIC transport serializes them with a versioned codec. Engines see token
 //! ids only; text stays in the gateway.
 
+use serde::{Deserialize, Serialize};
+
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
 
 /// How to pick tokens, and when to stop. Ranges follow vLLM's; the engine
 /// validates them (`ferry_engine::sampler::validate`) before accepting a request.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     /// Completions generated for the prompt (vLLM `n`); each is one sequence,
     /// all sharing the prompt's KV blocks through the prefix cache.
@@ -66,7 +68,7 @@ impl Default for SamplingParams {
 }
 
 /// One request for the engine: a prompt already tokenized by the gateway.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineRequest {
     pub id: RequestId,
     pub prompt_tokens: Vec<u32>,
@@ -74,7 +76,7 @@ pub struct EngineRequest {
 }
 
 /// Gateway -> engine.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EngineCommand {
     Add(EngineRequest),
     /// Stop these requests now and free their KV blocks. Unknown ids are ignored.
@@ -83,7 +85,7 @@ pub enum EngineCommand {
 }
 
 /// Why a sequence ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinishReason {
     /// EOS or one of `stop_token_ids`.
     Stop,
@@ -91,12 +93,50 @@ pub enum FinishReason {
     Length,
     /// Aborted by the gateway.
     Abort,
-    /// The engine refused or failed this request; the message says why.
-    Error(String),
+    /// The engine refused or failed this request; the kind says whose fault it
+    /// is (the gateway maps it to an HTTP status in one place), the message why.
+    Error(EngineError),
+}
+
+/// Whose fault an engine error is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request breaks a rule of the model or of the sampling ranges (HTTP 400).
+    InvalidRequest,
+    /// The rank has no room for the request now (HTTP 503: try again later). A
+    /// prompt that could never fit is an invalid request, as in vLLM.
+    Capacity,
+    /// The engine itself failed (HTTP 500).
+    Internal,
+}
+
+/// An engine's refusal or failure of one request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl EngineError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        EngineError { kind: ErrorKind::InvalidRequest, message: message.into() }
+    }
+    pub fn capacity(message: impl Into<String>) -> Self {
+        EngineError { kind: ErrorKind::Capacity, message: message.into() }
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        EngineError { kind: ErrorKind::Internal, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// The log-probability of one token and its top alternatives at one position.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {
     pub token: u32,
     pub logprob: f32,
@@ -105,7 +145,7 @@ pub struct TokenLogprob {
 }
 
 /// What one sequence produced in one engine step.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenOutput {
     pub id: RequestId,
     /// Which of the request's `n` completions this is (0-based).
@@ -121,7 +161,7 @@ pub struct TokenOutput {
 
 /// The engine's queue figures, attached to every output batch so the
 /// coordinator can balance load and the gateway can export metrics.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineStats {
     pub num_waiting: u32,
     pub num_running: u32,
@@ -134,7 +174,7 @@ pub struct EngineStats {
 }
 
 /// Engine -> gateway, once per step that produced anything.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutputs {
     pub rank: u32,
     pub outputs: Vec<TokenOutput>,
@@ -142,18 +182,35 @@ pub struct EngineOutputs {
 }
 
 /// Engine -> gateway, first message on a transport.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u32,
     pub rank: u32,
+    /// The served model name (for logs; the fingerprint is what must match).
     pub model: String,
+    /// Which model the rank loaded, so a rank of another model is refused.
+    pub fingerprint: ModelFingerprint,
+    /// Token ids the engine may emit are below this.
+    pub vocab_size: u32,
     pub max_model_len: u32,
     pub num_kv_blocks: u32,
     pub block_size: u32,
 }
 
+/// What a model is, not its weights' bytes (hashing gigabytes at start-up would
+/// cost more than it proves): two nodes that loaded the same file agree, a node
+/// that loaded another model or another quantization of it does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelFingerprint {
+    /// The architecture's shape (layers, widths, heads, vocabulary, RoPE, norms).
+    /// An API node that loads no weights can compute this one.
+    pub config: u64,
+    /// The tensor table: every weight matrix's element type and shape, in order.
+    pub tensors: u64,
+}
+
 /// Gateway -> engine, answer to `Hello`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     pub protocol_version: u32,
     pub accepted: bool,

@@ -5,6 +5,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ferry_transport::{EngineError, ErrorKind};
 use serde::Serialize;
 
 /// A request that failed, with the status it answers with.
@@ -69,6 +70,16 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// An engine's refusal or failure of a request, by its kind: the one place
+    /// engine errors become HTTP statuses.
+    pub fn from_engine(e: &EngineError) -> Self {
+        match e.kind {
+            ErrorKind::InvalidRequest => Self::bad_request(e.message.clone()),
+            ErrorKind::Capacity => Self::unavailable(e.message.clone(), 1),
+            ErrorKind::Internal => Self::internal(format!("engine error: {}", e.message)),
+        }
     }
 
     /// The `type` field, named as vLLM names it (after the OpenAI Python client's exceptions).
@@ -142,6 +153,14 @@ mod tests {
         assert_eq!(v["error"]["message"], "The model `gpt-9` does not exist.");
         assert_eq!(v["error"]["type"], "NotFoundError");
         assert_eq!(v["error"]["code"], 404);
+    }
+
+    #[test]
+    fn engine_errors_map_by_kind() {
+        assert_eq!(ApiError::from_engine(&EngineError::invalid("bad n")).status, StatusCode::BAD_REQUEST);
+        assert_eq!(ApiError::from_engine(&EngineError::invalid("bad n")).message, "bad n");
+        assert_eq!(ApiError::from_engine(&EngineError::capacity("full")).retry_after, Some(1));
+        assert_eq!(ApiError::from_engine(&EngineError::internal("boom")).status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -195,9 +195,9 @@ impl Generation {
         if self.choices[i].finished {
             return None; // already ended here by a stop string
         }
-        if let Some(FinishReason::Error(msg)) = &out.finish {
+        if let Some(FinishReason::Error(e)) = &out.finish {
             self.failed = true;
-            return Some(Err(ApiError::internal(format!("engine error: {msg}"))));
+            return Some(Err(ApiError::from_engine(e)));
         }
         let now = Instant::now();
         let rank = self.choices[i].rank;

@@ -225,7 +225,7 @@ pub async fn run_in_process_request(
         }
         if let Some(finish) = ev.finish {
             if let ferry_transport::FinishReason::Error(e) = &finish {
-                return failed(FailureKind::ServerError, e.clone());
+                return failed(FailureKind::ServerError, e.message.clone());
             }
             break;
         }
@@ -533,7 +533,7 @@ mod tests {
     async fn in_process_request_times_token_events_and_reports_failures() {
         let (gw, mut eng) = flume_link();
         let coordinator = start_engine_clients(vec![gw]).await;
-        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
         eng.tx.send(FromEngine::Hello(hello)).unwrap();
         while !coordinator.all_healthy() {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -549,7 +549,7 @@ mod tests {
                     // An empty event (no tokens) must not count; one event carries two tokens.
                     vec![out(vec![], None), out(vec![5], None), out(vec![6, 7], None), out(vec![8], Some(FinishReason::Length))]
                 } else {
-                    vec![out(vec![1], Some(FinishReason::Error("boom".into())))]
+                    vec![out(vec![1], Some(FinishReason::Error(ferry_transport::EngineError::internal("boom"))))]
                 };
                 for o in outs {
                     std::thread::sleep(Duration::from_millis(20));
