@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 scripts/fetch-model.sh >/dev/null
 export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+scripts/check-import-cycles.py
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace
 FERRY_BIN=$PWD/target/release/ferry python3 -m pytest tests/e2e -q

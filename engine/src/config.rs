@@ -156,17 +156,6 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim > crate::cpu::attention::MAX_HEAD_DIM {
-            return Err(format!("head_dim {} is larger than ferry's limit of {}", self.head_dim, crate::cpu::attention::MAX_HEAD_DIM));
-        }
-        if self.num_heads / self.num_kv_heads * self.head_dim > crate::cpu::attention::MAX_GROUP_DIM {
-            return Err(format!(
-                "{} query heads of {} per KV head exceed ferry's limit of {} values",
-                self.num_heads / self.num_kv_heads,
-                self.head_dim,
-                crate::cpu::attention::MAX_GROUP_DIM
-            ));
-        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }

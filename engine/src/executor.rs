@@ -13,6 +13,8 @@ pub enum ExecError {
     Forward(#[from] crate::cpu::ForwardError),
     #[error(transparent)]
     Shard(#[from] crate::cpu::ShardError),
+    #[error("the model cannot run on this backend: {0}")]
+    Unsupported(String),
     #[error("a tensor-parallel worker died: {0}")]
     WorkerDied(String),
 }
@@ -181,6 +183,7 @@ pub fn make_executor(
     block_size: usize,
     threads: usize,
 ) -> Result<Box<dyn Executor>, ExecError> {
+    crate::cpu::check_model(cfg).map_err(ExecError::Unsupported)?;
     if tensor_parallel_size <= 1 {
         Ok(Box::new(UniProcExecutor::with_threads(cfg, weights, num_blocks, block_size, threads)?))
     } else {

@@ -89,6 +89,24 @@ fn even_split(n: usize, world: usize, rank: usize) -> Range<usize> {
     start..start + base + usize::from(rank < rem)
 }
 
+/// The CPU backend's own limits on a model's shape (its attention kernels keep a
+/// head, and a KV head's query group, in fixed-size buffers). They belong to this
+/// backend, not to the model's config: another backend has other limits.
+pub fn check_model(cfg: &ModelConfig) -> Result<(), String> {
+    if cfg.head_dim > attention::MAX_HEAD_DIM {
+        return Err(format!("head_dim {} is larger than the CPU backend's limit of {}", cfg.head_dim, attention::MAX_HEAD_DIM));
+    }
+    if cfg.num_heads / cfg.num_kv_heads * cfg.head_dim > attention::MAX_GROUP_DIM {
+        return Err(format!(
+            "{} query heads of {} per KV head exceed the CPU backend's limit of {} values",
+            cfg.num_heads / cfg.num_kv_heads,
+            cfg.head_dim,
+            attention::MAX_GROUP_DIM
+        ));
+    }
+    Ok(())
+}
+
 impl CpuShard {
     /// Worker `rank` of `world`'s share of `w`. The matrices share `w`'s bytes.
     pub fn new(cfg: &ModelConfig, w: &ModelWeights, rank: usize, world: usize) -> Result<CpuShard, ShardError> {

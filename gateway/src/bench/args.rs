@@ -7,32 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-/// Which HTTP version the benchmark client speaks.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum HttpVersion {
-    /// HTTP/1.1 (one request per connection at a time; a pool of connections).
-    #[value(name = "1.1")]
-    #[serde(rename = "1.1")]
-    Http11,
-    /// HTTP/2: prior knowledge over http://, ALPN "h2" over https://; one multiplexed connection.
-    #[value(name = "2")]
-    #[serde(rename = "2")]
-    Http2,
-    /// HTTP/3 over QUIC (https:// only); one multiplexed connection.
-    #[value(name = "3")]
-    #[serde(rename = "3")]
-    Http3,
-}
-
-impl HttpVersion {
-    pub fn label(self) -> &'static str {
-        match self {
-            HttpVersion::Http11 => "HTTP/1.1",
-            HttpVersion::Http2 => "HTTP/2",
-            HttpVersion::Http3 => "HTTP/3",
-        }
-    }
-}
+pub use super::http_types::HttpVersion;
 
 /// Where the prompts come from.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -287,7 +262,7 @@ impl BenchServeArgs {
 
 /// Which OpenAI API the endpoint path names; chat is matched first because its
 /// path also ends in "completions".
-pub fn endpoint_kind(endpoint: &str) -> Option<super::request::EndpointKind> {
+pub fn endpoint_kind(endpoint: &str) -> Option<super::http_types::EndpointKind> {
     use super::request::EndpointKind;
     let path = endpoint.split('?').next().unwrap_or(endpoint).trim_end_matches('/');
     if path.ends_with("/chat/completions") {

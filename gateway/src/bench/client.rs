@@ -17,8 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::args::HttpVersion;
+use super::http_types::HttpVersion;
 use super::h3_client::{H3Body, H3Client};
+use super::http_types::{base_request, error_chain};
 use super::record::{Failure, FailureKind};
 use super::tls::{client_config, Trust};
 
@@ -122,7 +123,7 @@ impl Client {
                 let resp = client.request(req).await.map_err(|e| classify_client_error(&e))?;
                 Ok(Response { status: resp.status().as_u16(), body: Body::Hyper(resp.into_body()) })
             }
-            Client::H3(c) => c.request(http::Method::POST, path, Some(body)).await,
+            Client::H3(c) => c.request(http::Method::POST, path, Some(body)).await.map(h3_response),
         }
     }
 
@@ -136,7 +137,7 @@ impl Client {
                 let resp = client.request(req).await.map_err(|e| classify_client_error(&e))?;
                 Ok(Response { status: resp.status().as_u16(), body: Body::Hyper(resp.into_body()) })
             }
-            Client::H3(c) => c.request(http::Method::GET, path, None).await,
+            Client::H3(c) => c.request(http::Method::GET, path, None).await.map(h3_response),
         }
     }
 
@@ -146,32 +147,6 @@ impl Client {
             c.close().await;
         }
     }
-}
-
-/// A request builder with the bearer token from OPENAI_API_KEY, as vLLM's client sends.
-pub fn base_request(method: http::Method, uri: &str) -> http::request::Builder {
-    let mut b = http::Request::builder().method(method).uri(uri);
-    if let Ok(key) = std::env::var("OPENAI_API_KEY") {
-        if !key.is_empty() {
-            b = b.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
-        }
-    }
-    b
-}
-
-/// The full error text: hyper's outer errors hide the useful cause in `source()`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn io_kind_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
@@ -316,4 +291,9 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+
+fn h3_response((status, body): (u16, H3Body)) -> Response {
+    Response { status, body: Body::H3(Box::new(body)) }
 }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use bytes::{Buf, Bytes};
 use hyper::Uri;
 
-use super::client::{base_request, error_chain, Body, Response};
+use super::http_types::{base_request, error_chain};
 use super::record::{Failure, FailureKind};
 use super::tls::{client_config, Trust};
 
@@ -99,7 +99,8 @@ impl H3Client {
         Ok(H3Client { endpoint, conn, send, origin: format!("https://{authority}") })
     }
 
-    pub async fn request(&self, method: http::Method, path: &str, body: Option<Bytes>) -> Result<Response, Failure> {
+    /// Sends a request; the status and the body still to be read.
+    pub async fn request(&self, method: http::Method, path: &str, body: Option<Bytes>) -> Result<(u16, H3Body), Failure> {
         let mut b = base_request(method, &format!("{}{path}", self.origin));
         if body.is_some() {
             b = b
@@ -116,7 +117,7 @@ impl H3Client {
         }
         stream.finish().await.map_err(|e| classify(&e))?;
         let resp = stream.recv_response().await.map_err(|e| classify(&e))?;
-        Ok(Response { status: resp.status().as_u16(), body: Body::H3(Box::new(H3Body { stream })) })
+        Ok((resp.status().as_u16(), H3Body { stream }))
     }
 
     pub async fn close(&self) {

@@ -8,8 +8,8 @@ pub mod arrival;
 pub mod client;
 pub mod compare;
 pub mod dataset;
-pub mod gateway_latency;
 pub mod h3_client;
+pub mod http_types;
 pub mod metrics;
 pub mod record;
 pub mod report;
@@ -28,7 +28,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 pub use args::{BenchCompareArgs, BenchServeArgs, DatasetName, HttpVersion};
-pub use gateway_latency::{run as run_bench_gateway, BenchGatewayArgs};
 
 use client::Client;
 use dataset::{jsonl_dataset, random_dataset, RandomSpec};

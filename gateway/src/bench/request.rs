@@ -16,12 +16,7 @@ use super::dataset::SampleRequest;
 use super::record::{Failure, FailureKind, RequestRecord};
 use super::sse::{interpret, truncate, SseParser, StreamItem};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndpointKind {
-    Completions,
-    Chat,
-}
+pub use super::http_types::EndpointKind;
 
 /// What every request of a run shares.
 #[derive(Debug, Clone)]

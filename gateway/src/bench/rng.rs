@@ -1,43 +1,27 @@
-//! A small seeded random source for prompts and arrival times.
+//! A seeded random source for prompts and arrival times.
 //!
 //! The benchmark must replay the same prompts and the same arrival schedule for
-//! the same --seed on every machine and every build, so it carries its own
-//! generator (xoshiro256**, seeded through SplitMix64) instead of depending on
-//! a library whose stream could change between versions.
+//! the same --seed on every machine and build: it draws from the engine's one
+//! generator ([`ferry_engine::rng`], xoshiro256** from `rand_xoshiro`, a
+//! published algorithm) and takes its distributions from `rand_distr`.
 
-pub struct Rng {
-    s: [u64; 4],
-}
+use ferry_engine::rng::{seeded, unit_f64, RngCore, Xoshiro256StarStar};
+use rand_distr::{Distribution, Exp, Gamma};
+
+pub struct Rng(Xoshiro256StarStar);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        // SplitMix64 spreads a small seed over the whole state (never all zero).
-        let mut z = seed;
-        let mut next = || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
-        Rng { s: [next(), next(), next(), next()] }
+        Rng(seeded(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        unit_f64(&mut self.0)
     }
 
     /// Uniform integer in [lo, hi] (inclusive), without modulo bias.
@@ -45,59 +29,17 @@ impl Rng {
         if hi <= lo {
             return lo;
         }
-        let span = hi - lo;
-        if span == u64::MAX {
-            return self.next_u64();
-        }
-        let n = span + 1;
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let v = self.next_u64();
-            if v < zone {
-                return lo + v % n;
-            }
-        }
+        rand_distr::Uniform::new_inclusive(lo, hi).map_or(lo, |u| u.sample(&mut self.0))
     }
 
-    /// Standard normal deviate (Marsaglia's polar method).
-    pub fn normal(&mut self) -> f64 {
-        loop {
-            let u = 2.0 * self.next_f64() - 1.0;
-            let v = 2.0 * self.next_f64() - 1.0;
-            let s = u * u + v * v;
-            if s > 0.0 && s < 1.0 {
-                return u * (-2.0 * s.ln() / s).sqrt();
-            }
-        }
-    }
-
-    /// Exponential deviate with the given mean.
+    /// Exponential deviate with the given mean (> 0).
     pub fn exponential(&mut self, mean: f64) -> f64 {
-        // 1 - U lies in (0, 1], so the logarithm is finite.
-        -mean * (1.0 - self.next_f64()).ln()
+        Exp::new(1.0 / mean).map_or(mean, |d| d.sample(&mut self.0))
     }
 
-    /// Gamma deviate with shape k > 0 and scale theta (mean k * theta), by
-    /// Marsaglia and Tsang; shapes below 1 use the boost G(k) = G(k+1) * U^(1/k).
+    /// Gamma deviate with shape k > 0 and scale theta (mean k * theta).
     pub fn gamma(&mut self, shape: f64, scale: f64) -> f64 {
-        if shape < 1.0 {
-            let u = 1.0 - self.next_f64();
-            return self.gamma(shape + 1.0, scale) * u.powf(1.0 / shape);
-        }
-        let d = shape - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = self.normal();
-            let v = 1.0 + c * x;
-            if v <= 0.0 {
-                continue;
-            }
-            let v = v * v * v;
-            let u = 1.0 - self.next_f64();
-            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
-                return d * v * scale;
-            }
-        }
+        Gamma::new(shape, scale).map_or(shape * scale, |d| d.sample(&mut self.0))
     }
 }
 
