@@ -18,7 +18,8 @@ use ferry_engine::config::{ModelConfig, RopeStyle};
 use ferry_engine::executor::UniProcExecutor;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
-use ferry_engine::weights::{dummy, NoProgress, SplitMix64};
+use ferry_engine::rng::{RngCore, SplitMix64};
+use ferry_engine::weights::{dummy, NoProgress};
 use ferry_engine::{build_engine_core, load_model, EngineArgs, EngineCore, EngineCoreConfig, LoadFormat};
 use ferry_transport::{EngineRequest, RequestId, SamplingParams};
 use std::time::{Duration, Instant};
@@ -103,7 +104,7 @@ struct Decoder {
 
 impl Decoder {
     fn new(core: EngineCore) -> Decoder {
-        Decoder { core, rng: SplitMix64(42), next_id: 0, live: Vec::new(), generated: 0 }
+        Decoder { core, rng: ferry_engine::rng::splitmix(42), next_id: 0, live: Vec::new(), generated: 0 }
     }
 
     /// Aborts what runs and starts `batch` fresh sequences, stepping (untimed)

@@ -14,7 +14,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::quant::{matmul, set_force_scalar, simd_name, GgmlType, QMatrix};
-use ferry_engine::weights::SplitMix64;
+use ferry_engine::rng::{symmetric_f32, splitmix};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ const TOKENS: [usize; 2] = [1, 16];
 
 /// Deterministic values in [-scale, scale), so every run quantizes the same bytes.
 fn data(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut rng = SplitMix64(seed);
-    (0..n).map(|_| rng.uniform() * scale).collect()
+    let mut rng = splitmix(seed);
+    (0..n).map(|_| symmetric_f32(&mut rng) * scale).collect()
 }
 
 fn bench_matmul(c: &mut Criterion) {

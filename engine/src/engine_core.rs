@@ -9,7 +9,7 @@ use crate::cpu::{ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
-use crate::weights::SplitMix64;
+use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
     SamplingParams, ToEngine, TokenOutput,
@@ -53,7 +53,7 @@ pub struct EngineCore {
 
 impl EngineCore {
     pub fn new(cfg: EngineCoreConfig, executor: Box<dyn Executor>, eog_ids: Vec<u32>) -> EngineCore {
-        let seeds = SplitMix64(cfg.seed);
+        let seeds = crate::rng::splitmix(cfg.seed);
         EngineCore {
             sched: Scheduler::new(cfg.scheduler.clone()),
             cfg,

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod loader;
 pub mod quant;
+pub mod rng;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;

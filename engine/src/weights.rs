@@ -267,11 +267,11 @@ pub fn load_safetensors(dir: &Path, cfg: &ModelConfig, progress: &dyn LoadProgre
 /// Random weights for any config, like vLLM's `--load-format dummy`: for tests and
 /// benchmarks that need a model's shape, not its knowledge. Deterministic in `seed`.
 pub fn dummy(cfg: &ModelConfig, ty: GgmlType, seed: u64) -> Result<ModelWeights, LoadError> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = crate::rng::splitmix(seed);
     let (h, q, kv, ff) = (cfg.hidden_size, cfg.q_size(), cfg.kv_size(), cfg.intermediate_size);
     let mut mat = |rows: usize, cols: usize| -> Result<QMatrix, LoadError> {
         let scale = 1.0 / (cols as f32).sqrt();
-        let data: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * scale).collect();
+        let data: Vec<f32> = (0..rows * cols).map(|_| crate::rng::symmetric_f32(&mut rng) * scale).collect();
         let t = if ty.row_bytes(cols).is_some() { ty } else { GgmlType::F32 };
         QMatrix::quantize(t, rows, cols, &data).map_err(|e| ConfigError::new("<dummy>", e.to_string()))
     };
@@ -298,18 +298,3 @@ pub fn dummy(cfg: &ModelConfig, ty: GgmlType, seed: u64) -> Result<ModelWeights,
     Ok(ModelWeights { embed, layers, norm: ones(h), lm_head })
 }
 
-/// A tiny, stable PRNG so dummy weights never change with a dependency upgrade.
-pub struct SplitMix64(pub u64);
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}

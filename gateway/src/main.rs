@@ -10,9 +10,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over the OpenAI API (HTTP/1.1, HTTP/2, HTTP/3).
-    Serve(ferry::serve::ServeArgs),
+    Serve(ferry::cli::serve::ServeArgs),
     /// Generate a completion for one prompt, offline (no server).
-    Generate(ferry::generate::GenerateArgs),
+    Generate(ferry::cli::generate::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -21,14 +21,14 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// The engine's raw prompt and decode speed, in process (no HTTP).
-    Engine(ferry::engine_bench::EngineBenchArgs),
+    Engine(ferry::cli::bench_engine::EngineBenchArgs),
     /// Load-test any OpenAI-compatible server, like `vllm bench serve`.
     Serve(ferry::bench::BenchServeArgs),
     /// Print saved `bench serve` results side by side, with ratios to the first.
     Compare(ferry::bench::BenchCompareArgs),
     /// The latency the gateway adds per token: TTFT and ITL over HTTP/1.1, HTTP/2
     /// and HTTP/3 against calling the engine in-process, same prompts and seed.
-    Gateway(ferry::bench::BenchGatewayArgs),
+    Gateway(ferry::cli::bench_gateway::BenchGatewayArgs),
 }
 
 fn main() {
@@ -38,16 +38,16 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(a) => ferry::serve::run(a),
-        Command::Generate(a) => ferry::generate::run(a),
+        Command::Serve(a) => ferry::cli::serve::run(a),
+        Command::Generate(a) => ferry::cli::generate::run(a),
         Command::Bench(BenchCommand::Serve(a)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ferry::bench::run_bench_serve(a))),
         Command::Bench(BenchCommand::Compare(a)) => ferry::bench::run_bench_compare(a),
-        Command::Bench(BenchCommand::Gateway(a)) => ferry::bench::run_bench_gateway(a),
-        Command::Bench(BenchCommand::Engine(a)) => ferry::engine_bench::run(a),
+        Command::Bench(BenchCommand::Gateway(a)) => ferry::cli::bench_gateway::run(a),
+        Command::Bench(BenchCommand::Engine(a)) => ferry::cli::bench_engine::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

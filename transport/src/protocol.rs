@@ -12,6 +12,11 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
 
+/// Most completions (sequences) one request may ask for.
+pub const MAX_N: u32 = 128;
+/// Most alternatives per token a request may ask for (vLLM's default `max_logprobs`).
+pub const MAX_LOGPROBS: u32 = 20;
+
 /// How to pick tokens, and when to stop. Ranges follow vLLM's; the engine
 /// validates them (`ferry_engine::sampler::validate`) before accepting a request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

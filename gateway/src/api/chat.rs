@@ -23,8 +23,7 @@ use super::types::{
 };
 use super::{new_response_id, unix_now, AppState};
 
-/// Most alternatives per token a request may ask for (vLLM's default max_logprobs).
-const MAX_TOP_LOGPROBS: u32 = 20;
+use ferry_transport::MAX_LOGPROBS as MAX_TOP_LOGPROBS;
 
 pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
     run(state, req).await.unwrap_or_else(|e| e.into_response())

@@ -23,8 +23,8 @@ use super::params::TextOptions;
 use super::stop_strings::{StopCheck, StopChecker};
 use super::types::StopReason;
 use super::AppState;
-use crate::coordinator::{RequestGuard, SubmitError};
-use crate::engine_client::{EventRx, SeqEvent};
+use crate::engines::coordinator::{RequestGuard, SubmitError};
+use crate::engines::rank_link::{EventRx, SeqEvent};
 
 /// How a choice ended.
 #[derive(Clone, Debug, PartialEq)]

@@ -39,7 +39,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::coordinator::Coordinator;
+use crate::engines::coordinator::Coordinator;
 use crate::metrics::Metrics;
 use errors::ApiError;
 use fe::tokenizer::Tokenizer;

@@ -16,8 +16,9 @@ use super::errors::ApiError;
 use super::fe::sampler;
 use super::types::SamplingFields;
 
-/// Most completions one request may ask for (n × prompts); bounds the memory a
-/// single request can claim in the gateway.
+/// Most completions one request may ask for across its prompts (n × prompts);
+/// bounds the memory a single request can claim in the gateway. `n` alone is
+/// bounded by the protocol's `MAX_N`.
 pub const MAX_CHOICES: usize = 256;
 
 /// A JSON body parsed with errors in OpenAI's shape: invalid JSON and fields of the
@@ -163,8 +164,8 @@ pub fn sampling_params(
         }
     }
     let n = f.n.unwrap_or(1);
-    if n as usize > MAX_CHOICES {
-        return Err(ApiError::invalid_param("n", format!("n must be at most {MAX_CHOICES}, got {n}.")));
+    if n > ferry_transport::MAX_N {
+        return Err(ApiError::invalid_param("n", format!("n must be at most {}, got {n}.", ferry_transport::MAX_N)));
     }
     let d = SamplingParams::default();
     let p = SamplingParams {

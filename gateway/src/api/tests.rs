@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use super::fe::gguf::GgufFile;
 use super::fe::tokenizer::Tokenizer;
 use super::{router, AppState};
-use crate::coordinator::start_engine_clients;
+use crate::engines::coordinator::start_engine_clients;
 
 /// A script id that makes the fake engine drop its link (the rank dies).
 const DIE: u32 = u32::MAX;

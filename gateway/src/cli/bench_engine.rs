@@ -3,10 +3,11 @@
 //! EngineCore directly; `scripts/bench_engine.sh` runs it beside llama.cpp's
 //! batched API on the same file and threads and prints the two side by side.
 
-use crate::engine_flags::EngineFlags;
-use crate::model_source;
+use crate::cli::engine_flags::EngineFlags;
+use crate::cli::model_source;
 use clap::Args;
-use ferry_engine::weights::{NoProgress, SplitMix64};
+use ferry_engine::rng::{RngCore, SplitMix64};
+use ferry_engine::weights::NoProgress;
 use ferry_engine::{build_engine_core, load_model, EngineCore};
 use ferry_transport::{EngineRequest, SamplingParams};
 use std::time::Instant;
@@ -78,7 +79,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     // Timings must not be helped by earlier runs' cached prompts.
     eargs.enable_prefix_caching = false;
     let (mut core, _) = build_engine_core(&model, &eargs, 0).map_err(anyhow::Error::msg)?;
-    let mut rng = SplitMix64(42);
+    let mut rng = ferry_engine::rng::splitmix(42);
     let mut id = 0;
     // One untimed warm-up pages the weights in.
     decode_rate(&mut core, &mut rng, 1, args.short_prompt_len, 4, &mut id);

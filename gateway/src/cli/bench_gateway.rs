@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_engine::loader::ProgressBar;
+use crate::cli::progress::ProgressBar;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::{load_model, EngineArgs, LoadFormat};
 use ferry_transport::SamplingParams;
@@ -30,19 +30,19 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 
-use super::client::Client;
-use super::dataset::{random_dataset, RandomSpec, SampleRequest};
-use super::metrics::{self, BenchMetrics};
-use super::record::{Failure, FailureKind, RequestRecord};
-use super::request::{EndpointKind, RequestSettings};
-use super::runner::{self, LoadPlan};
-use super::tls::Trust;
-use super::HttpVersion;
+use crate::bench::client::Client;
+use crate::bench::dataset::{random_dataset, RandomSpec, SampleRequest};
+use crate::bench::metrics::{self, BenchMetrics};
+use crate::bench::record::{Failure, FailureKind, RequestRecord};
+use crate::bench::request::{EndpointKind, RequestSettings};
+use crate::bench::runner::{self, LoadPlan};
+use crate::bench::tls::Trust;
+use crate::bench::HttpVersion;
 use crate::api::{router, AppState};
-use crate::coordinator::{start_engine_clients, Coordinator};
-use crate::engine_client::SeqEvent;
-use crate::local_engine::start_local_engine;
-use crate::model_source;
+use crate::engines::coordinator::{start_engine_clients, Coordinator};
+use crate::engines::rank_link::SeqEvent;
+use crate::engines::local::start_local_engine;
+use crate::cli::model_source;
 use crate::server::{serve, ServeConfig};
 
 /// `ferry bench gateway`: per-token latency over HTTP/1.1, HTTP/2 and HTTP/3
@@ -333,7 +333,7 @@ pub fn run(args: BenchGatewayArgs) -> Result<()> {
     let (text, json) = result?;
     print!("{text}");
     if let Some(p) = &args.save_result {
-        super::report::save(p, &json)?;
+        crate::bench::report::save(p, &json)?;
         println!("Saved the result to {}", p.display());
     }
     Ok(())
@@ -490,7 +490,7 @@ async fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::start_engine_clients;
+    use crate::engines::coordinator::start_engine_clients;
     use ferry_transport::{flume_link, EngineCommand, EngineOutputs, FinishReason, FromEngine, Hello, ToEngine, TokenOutput, PROTOCOL_VERSION};
 
     fn figs(x: f64) -> PathFigures {

@@ -2,13 +2,14 @@
 //! running in this process behind the flume link. Flags are vLLM's.
 
 use crate::api::{router, AppState};
-use crate::coordinator::start_engine_clients;
-use crate::engine_flags::EngineFlags;
-use crate::local_engine::start_local_engine;
-use crate::model_source;
+use crate::engines::coordinator::start_engine_clients;
+use crate::cli::engine_flags::EngineFlags;
+use crate::engines::local::start_local_engine;
+use crate::cli::model_source;
 use crate::server::{serve, ServeConfig};
 use clap::Args;
-use ferry_engine::{load_model, loader::ProgressBar};
+use crate::cli::progress::ProgressBar;
+use ferry_engine::load_model;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]

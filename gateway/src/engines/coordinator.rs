@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ferry_transport::{EngineRequest, GatewayEnd, RequestId, SamplingParams};
 
-use crate::engine_client::{spawn_reader, EventTx, RankLink};
+use crate::engines::rank_link::{spawn_reader, EventTx, RankLink};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -54,6 +54,13 @@ impl Coordinator {
 
     pub fn any_healthy(&self) -> bool {
         self.inner.ranks.iter().any(|r| r.is_healthy())
+    }
+
+    /// Tells every rank to stop (requests still running there end).
+    pub fn shutdown(&self) {
+        for r in &self.inner.ranks {
+            r.shutdown();
+        }
     }
 
     /// Send one request to the least loaded healthy rank. Its outputs arrive on

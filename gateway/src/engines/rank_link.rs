@@ -42,6 +42,8 @@ struct RankState {
     /// Requests sent since the last stats arrived: the engine may not count them yet.
     uncounted: u32,
     pending: HashMap<RequestId, Pending>,
+    /// We told the rank to stop: its link closing is expected, not a fault.
+    stopping: bool,
 }
 
 /// One engine rank as the gateway sees it.
@@ -125,6 +127,12 @@ impl RankLink {
         }
     }
 
+    /// Tells the engine to stop; a closed link has nothing left to stop.
+    pub fn shutdown(&self) {
+        self.lock().stopping = true;
+        let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
+    }
+
     fn on_hello(&self, hello: Hello) {
         let accepted = hello.protocol_version == PROTOCOL_VERSION;
         let reason = (!accepted).then(|| {
@@ -172,7 +180,11 @@ impl RankLink {
 
     fn on_closed(&self, why: String) {
         let mut s = self.lock();
-        tracing::error!(rank = self.index, "engine rank lost: {why}");
+        if s.stopping {
+            tracing::info!(rank = self.index, "engine rank stopped");
+        } else {
+            tracing::error!(rank = self.index, "engine rank lost: {why}");
+        }
         for (id, p) in s.pending.drain() {
             let _ = p.events.send(SeqEvent::Failed { id, message: why.clone() });
         }

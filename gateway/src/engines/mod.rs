@@ -1,0 +1,7 @@
+//! The gateway's engine ranks: the coordinator that picks a rank for each
+//! request, each rank's link as the gateway sees it, and ranks started in this
+//! process.
+
+pub mod coordinator;
+pub mod local;
+pub mod rank_link;
