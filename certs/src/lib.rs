@@ -27,7 +27,7 @@ pub use self_signed::{
     create_self_signed, load_or_create_self_signed, self_signed_names, CERT_FILE, KEY_FILE,
     LOCAL_NAMES, NAMES_FILE,
 };
-pub use spki::{spki_sha256_base64, subject_public_key_info};
+pub use spki::{spki_sha256, spki_sha256_base64, subject_public_key_info};
 
 /// Errors carry the file they are about and what to do, because they end up in
 /// front of an operator starting the server.
