@@ -33,17 +33,60 @@ pub(crate) fn create_dir(dir: &Path) -> Result<(), CertError> {
     })
 }
 
-/// Write through a temporary file and a rename, so a concurrent start never
-/// reads half a file.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), CertError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let io_err = |action, source| CertError::Io {
+/// Read a text file; `action` names what is read in the error ("read
+/// certificate file").
+pub(crate) fn read_text(path: &Path, action: &'static str) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Io {
         action,
         path: path.to_path_buf(),
         source,
-    };
+    })
+}
+
+/// Write through a temporary file and a rename, so a concurrent start never
+/// reads half a file. Replaces `path` if it exists.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), CertError> {
+    let tmp = write_temp(path, data, secret)?;
+    fs::rename(&tmp, path).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        write_err(path, source)
+    })
+}
+
+/// Like [`write_atomic`], but never replaces an existing file: the complete
+/// temporary file is hard-linked to `path`, which fails when `path` exists,
+/// even when another process creates it at the same moment.
+pub(crate) fn write_new_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), CertError> {
+    let tmp = write_temp(path, data, secret)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            CertError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            write_err(path, source)
+        }
+    })
+}
+
+fn write_err(path: &Path, source: std::io::Error) -> CertError {
+    CertError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `data` to a fresh temporary file beside `path` (mode 0600 when
+/// `secret`) and flush it to disk; returns the temporary file's path.
+fn write_temp(path: &Path, data: &[u8], secret: bool) -> Result<PathBuf, CertError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A leftover from a crashed run would keep its old mode: start afresh.
+    let _ = fs::remove_file(&tmp);
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
@@ -51,9 +94,13 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(),
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let mut f = opts.open(&tmp).map_err(|e| io_err("write", e))?;
-    f.write_all(data).map_err(|e| io_err("write", e))?;
-    f.sync_all().map_err(|e| io_err("write", e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| io_err("write", e))
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(data)?;
+        f.sync_all()
+    });
+    if let Err(source) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(write_err(path, source));
+    }
+    Ok(tmp)
 }

@@ -10,9 +10,12 @@
 //! - [`files`]: where that state directory is, and atomic file writes (keys
 //!   with mode 0600).
 //! - [`spki`]: the SHA-256 pin of a certificate's SubjectPublicKeyInfo.
+//! - [`cluster`]: a cluster CA, node certificates it signs, and the rustls
+//!   configurations (TLS 1.3, ring) for mutual TLS between nodes over QUIC.
 
 use std::path::PathBuf;
 
+pub mod cluster;
 pub mod files;
 pub mod material;
 pub mod self_signed;
@@ -21,6 +24,11 @@ pub mod spki;
 #[cfg(test)]
 mod test_util;
 
+pub use cluster::{
+    cluster_server_name, create_cluster_ca, create_node_cert, load_cluster_ca, load_cluster_dir,
+    load_cluster_identity, ClusterCa, ClusterIdentity, CA_CERT_FILE, CA_KEY_FILE,
+    CLUSTER_SERVER_NAME, NODE_CERT_FILE, NODE_KEY_FILE,
+};
 pub use files::default_state_dir;
 pub use material::{load_pem_files, KeyFormat, TlsMaterial};
 pub use self_signed::{
@@ -47,4 +55,12 @@ pub enum CertError {
     Der(String),
     #[error("invalid certificate name {name:?}: {reason}")]
     Name { name: String, reason: String },
+    #[error("{path} already exists; refusing to overwrite it (move it away to start afresh)")]
+    Exists { path: PathBuf },
+    #[error("cannot issue a cluster certificate: {0}")]
+    Issue(String),
+    #[error("{path}: {reason}")]
+    Cluster { path: PathBuf, reason: String },
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(String),
 }

@@ -2,7 +2,6 @@
 //! from PEM text or files.
 
 use std::fmt;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
@@ -10,6 +9,7 @@ use rustls_pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
 };
 
+use crate::files::read_text;
 use crate::spki::spki_sha256_base64;
 use crate::CertError;
 
@@ -98,15 +98,8 @@ impl TlsMaterial {
 
 /// Read an operator's certificate chain and private key (PEM files).
 pub fn load_pem_files(cert: &Path, key: &Path) -> Result<TlsMaterial, CertError> {
-    let read = |p: &Path, what: &'static str| {
-        fs::read_to_string(p).map_err(|source| CertError::Io {
-            action: what,
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let cert_pem = read(cert, "read certificate file")?;
-    let key_pem = read(key, "read private key file")?;
+    let cert_pem = read_text(cert, "read certificate file")?;
+    let key_pem = read_text(key, "read private key file")?;
     let mut m = TlsMaterial::from_pem(&cert_pem, &key_pem, cert, key)?;
     m.cert_path = Some(cert.to_path_buf());
     m.key_path = Some(key.to_path_buf());
@@ -160,6 +153,7 @@ mod tests {
     use super::*;
     use crate::self_signed::{create_self_signed, load_or_create_self_signed, CERT_FILE};
     use crate::test_util::{openssl_available, openssl_pin};
+    use std::fs;
     use std::process::Command;
 
     #[test]
