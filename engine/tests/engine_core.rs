@@ -8,7 +8,8 @@ use ferry_engine::config::RopeStyle;
 use ferry_engine::executor::UniProcExecutor;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
-use ferry_engine::weights::{dummy, SplitMix64};
+use ferry_engine::rng::RngCore;
+use ferry_engine::weights::dummy;
 use ferry_engine::{spawn_engine, EngineCore, EngineCoreConfig};
 use ferry_transport::*;
 use std::collections::HashMap;
@@ -112,7 +113,7 @@ fn n_completions_share_the_prompt_blocks_and_seeds_reproduce() {
 #[test]
 fn every_block_returns_after_a_random_mix_of_endings() {
     let mut c = core(24, 32, true);
-    let mut rng = SplitMix64(5);
+    let mut rng = ferry_engine::rng::splitmix(5);
     let mut outs = Outs::new();
     let mut live: Vec<RequestId> = Vec::new();
     let mut next_id = 0u64;

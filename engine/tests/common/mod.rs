@@ -137,6 +137,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// A deterministic stream of token ids below `vocab`.
 pub fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
-    let mut r = ferry_engine::weights::SplitMix64(seed);
+    use ferry_engine::rng::RngCore;
+    let mut r = ferry_engine::rng::splitmix(seed);
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
 }

@@ -17,7 +17,6 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
 
 /// How the client decides to trust the server certificate.
 #[derive(Debug, Clone)]
@@ -59,12 +58,11 @@ pub fn decode_pin(pin: &str) -> Result<[u8; 32]> {
     bail!("--tls-spki-pin {pin:?} is not base64")
 }
 
-/// SHA-256 of the certificate's DER SubjectPublicKeyInfo (outer SEQUENCE included).
+/// SHA-256 of the certificate's DER SubjectPublicKeyInfo (outer SEQUENCE
+/// included): the one implementation in `ferry_certs`, which the server's
+/// printed pin also comes from.
 pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32]> {
-    let parsed = webpki::EndEntityCert::try_from(cert)
-        .map_err(|e| anyhow::anyhow!("cannot parse the server certificate: {e:?}"))?;
-    let spki = parsed.subject_public_key_info();
-    Ok(Sha256::digest(spki.as_ref()).into())
+    ferry_certs::spki_sha256(cert.as_ref()).map_err(|e| anyhow::anyhow!("cannot parse the server certificate: {e}"))
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -184,6 +182,7 @@ mod tests {
             .unwrap();
         let der = cert.der().clone();
         // rcgen's subject_public_key_info() is the DER SPKI it encoded itself: an independent source.
+        use sha2::{Digest, Sha256};
         let want: [u8; 32] = Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)).into();
         assert_eq!(spki_sha256(&der).unwrap(), want);
         let b64 = base64::engine::general_purpose::STANDARD.encode(want);

@@ -1,26 +1,46 @@
 //! Picks the engine rank for each request: the least loaded healthy one.
 //!
-//! Load is vLLM's data-parallel score, waiting × 4 + running, from the figures each
-//! rank attaches to its output batches, with requests sent since those figures
-//! counted as waiting (see [`RankLink::load_score`]). Ties go to the lower rank.
+//! Ranks live in slots named by their checked rank number (`Hello.rank`), not by
+//! the order their links arrived in. A link of either transport is handed to
+//! [`Coordinator::attach`], which runs the one handshake of `ferry_transport`,
+//! puts the rank in its slot, and reads its outputs until the link closes; a rank
+//! that left can come back, and its new link replaces the dead one.
+//!
+//! Load is vLLM's data-parallel score, waiting × 4 + running, from the figures
+//! each rank attaches to its output batches, with requests sent since those
+//! figures counted as waiting (see [`RankLink::load_score`]). Ties go to the
+//! lower rank.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use ferry_transport::{EngineRequest, GatewayEnd, RequestId, SamplingParams};
+use ferry_transport::handshake::{check_hello, welcome, Expectations};
+use ferry_transport::{EngineRequest, EngineStats, FromEngine, GatewayEnd, RequestId, SamplingParams, ToEngine};
 
-use crate::engines::rank_link::{spawn_reader, EventTx, RankLink};
+use crate::engines::rank_link::{read_outputs, EventTx, RankLink};
+
+/// How long a new link may take to say hello before it is dropped.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("no engine rank is ready to take requests")]
     NoHealthyRank,
+    #[error("engine rank {0} is not serving")]
+    RankDown(u32),
+    #[error("engine rank {rank} does not exist: --data-parallel-size is {size}")]
+    NoSuchRank { rank: u32, size: u32 },
     #[error("{0}")]
     Send(String),
 }
 
 struct Inner {
-    ranks: Vec<Arc<RankLink>>,
+    /// Slot k holds rank k's latest link (None until it first joins).
+    slots: Vec<Mutex<Option<Arc<RankLink>>>>,
+    /// What a rank must match to join; held while a Hello is checked and its
+    /// rank installed, so two links claiming one rank cannot both get in.
+    expect: Mutex<Expectations>,
     next_id: AtomicU64,
 }
 
@@ -30,55 +50,124 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
-/// Start one reader task per rank (rank k is `ranks[k]`) and return the coordinator
-/// that sends requests to them. Call from inside a tokio runtime.
-pub async fn start_engine_clients(ranks: Vec<GatewayEnd>) -> Coordinator {
-    let mut links = Vec::with_capacity(ranks.len());
-    for (index, end) in ranks.into_iter().enumerate() {
-        let link = Arc::new(RankLink::new(index, end.tx));
-        spawn_reader(link.clone(), end.rx);
-        links.push(link);
-    }
-    Coordinator { inner: Arc::new(Inner { ranks: links, next_id: AtomicU64::new(1) }) }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data behind these locks stays usable after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Coordinator {
-    pub fn ranks(&self) -> &[Arc<RankLink>] {
-        &self.inner.ranks
+    /// A coordinator for `expect.data_parallel_size` ranks, none joined yet.
+    pub fn new(expect: Expectations) -> Coordinator {
+        let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
+        Coordinator { inner: Arc::new(Inner { slots, expect: Mutex::new(expect), next_id: AtomicU64::new(1) }) }
     }
 
-    /// Every rank has said hello and is still up (what /health reports).
+    /// The data-parallel size: how many ranks this coordinator has slots for.
+    pub fn size(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Rank `k`'s current link, if it ever joined.
+    pub fn rank(&self, k: usize) -> Option<Arc<RankLink>> {
+        self.inner.slots.get(k).and_then(|s| lock(s).clone())
+    }
+
+    fn links(&self) -> Vec<Option<Arc<RankLink>>> {
+        self.inner.slots.iter().map(|s| lock(s).clone()).collect()
+    }
+
+    /// Which ranks serve now (what the `ferry:engine_up` gauge shows).
+    pub fn ranks_up(&self) -> Vec<bool> {
+        self.links().iter().map(|l| l.as_ref().is_some_and(|l| l.is_healthy())).collect()
+    }
+
+    /// Each rank's latest queue figures (zeros for a rank that is down).
+    pub fn stats(&self) -> Vec<EngineStats> {
+        self.links().iter().map(|l| l.as_ref().filter(|l| l.is_healthy()).map(|l| l.stats()).unwrap_or_default()).collect()
+    }
+
+    /// Ranks that are not serving, for start-up messages.
+    pub fn missing_ranks(&self) -> Vec<u32> {
+        self.ranks_up().iter().enumerate().filter(|(_, up)| !**up).map(|(k, _)| k as u32).collect()
+    }
+
+    /// Every rank has joined and is up (what /health reports).
     pub fn all_healthy(&self) -> bool {
-        !self.inner.ranks.is_empty() && self.inner.ranks.iter().all(|r| r.is_healthy())
+        let up = self.ranks_up();
+        !up.is_empty() && up.iter().all(|u| *u)
     }
 
     pub fn any_healthy(&self) -> bool {
-        self.inner.ranks.iter().any(|r| r.is_healthy())
+        self.ranks_up().iter().any(|u| *u)
+    }
+
+    /// Takes a new link of either transport: waits for its Hello, checks it with
+    /// the handshake, answers Welcome, and, if accepted, puts the rank in its
+    /// slot and reads its outputs until the link closes. `peer` names the link
+    /// in logs. Call inside a tokio runtime; the task ends with the link.
+    pub fn attach(&self, end: GatewayEnd, peer: String) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let GatewayEnd { tx, mut rx } = end;
+            let hello = match tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await {
+                Ok(Ok(FromEngine::Hello(h))) => h,
+                Ok(Ok(FromEngine::Outputs(_))) => return tracing::warn!(%peer, "dropped a link that sent outputs before Hello"),
+                Ok(Err(e)) => return tracing::warn!(%peer, "a link closed before its Hello: {e}"),
+                Err(_) => return tracing::warn!(%peer, "dropped a link that said no Hello within {HELLO_TIMEOUT:?}"),
+            };
+            let link = {
+                let mut expect = lock(&this.inner.expect);
+                let live = |r: u32| this.rank(r as usize).is_some_and(|l| l.is_healthy());
+                let result = check_hello(&hello, &expect, &live);
+                let sent = tx.send(ToEngine::Welcome(welcome(&result)));
+                if let Err(refusal) = result {
+                    return tracing::error!(%peer, rank = hello.rank, "refused an engine rank: {refusal}");
+                }
+                if sent.is_err() {
+                    return tracing::warn!(%peer, rank = hello.rank, "a link closed during its handshake");
+                }
+                *expect = expect.accepted(&hello);
+                let rank = hello.rank;
+                let link = Arc::new(RankLink::new(rank as usize, tx, hello));
+                *lock(&this.inner.slots[rank as usize]) = Some(link.clone());
+                link
+            };
+            tracing::info!(%peer, rank = link.index(), model = %link.hello().model, "engine rank joined");
+            read_outputs(&link, rx).await;
+        })
     }
 
     /// Tells every rank to stop (requests still running there end).
     pub fn shutdown(&self) {
-        for r in &self.inner.ranks {
-            r.shutdown();
+        for l in self.links().into_iter().flatten() {
+            l.shutdown();
         }
     }
 
-    /// Send one request to the least loaded healthy rank. Its outputs arrive on
-    /// `events`; dropping the returned guard aborts it.
+    /// Send one request to the least loaded healthy rank, or to rank `pin` (vLLM's
+    /// `X-data-parallel-rank`). Its outputs arrive on `events`; dropping the
+    /// returned guard aborts it.
     pub fn submit(
         &self,
         prompt_tokens: Vec<u32>,
         sampling: SamplingParams,
         events: EventTx,
+        pin: Option<u32>,
     ) -> Result<RequestGuard, SubmitError> {
-        let loads: Vec<Option<u64>> = self
-            .inner
-            .ranks
-            .iter()
-            .map(|r| r.is_healthy().then(|| r.load_score()))
-            .collect();
-        let k = choose_rank(&loads).ok_or(SubmitError::NoHealthyRank)?;
-        let rank = self.inner.ranks[k].clone();
+        let links = self.links();
+        let rank = match pin {
+            Some(r) => {
+                let size = links.len() as u32;
+                let l = links.get(r as usize).ok_or(SubmitError::NoSuchRank { rank: r, size })?;
+                l.clone().filter(|l| l.is_healthy()).ok_or(SubmitError::RankDown(r))?
+            }
+            None => {
+                let loads: Vec<Option<u64>> =
+                    links.iter().map(|l| l.as_ref().filter(|l| l.is_healthy()).map(|l| l.load_score())).collect();
+                let k = choose_rank(&loads).ok_or(SubmitError::NoHealthyRank)?;
+                links[k].clone().expect("a rank with a load has a link")
+            }
+        };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         rank.add(EngineRequest { id, prompt_tokens, sampling }, events).map_err(SubmitError::Send)?;
         Ok(RequestGuard { id, rank, live: true })
@@ -87,12 +176,7 @@ impl Coordinator {
 
 /// The least loaded rank among the healthy ones (`None` entries are unhealthy).
 pub fn choose_rank(loads: &[Option<u64>]) -> Option<usize> {
-    loads
-        .iter()
-        .enumerate()
-        .filter_map(|(k, l)| l.map(|l| (l, k)))
-        .min()
-        .map(|(_, k)| k)
+    loads.iter().enumerate().filter_map(|(k, l)| l.map(|l| (l, k))).min().map(|(_, k)| k)
 }
 
 /// One request on one rank. Dropping it while the engine is still working on the
@@ -127,13 +211,56 @@ impl Drop for RequestGuard {
     }
 }
 
+/// Hellos and expectations for the engines' unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use ferry_transport::handshake::Expectations;
+    use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
+
+    pub(crate) fn expect(size: u32) -> Expectations {
+        Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, config_fingerprint: 1, tensors_fingerprint: None }
+    }
+
+    pub(crate) fn hello(rank: u32, tensors: u64) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            rank,
+            model: "m".into(),
+            fingerprint: ModelFingerprint { config: 1, tensors },
+            vocab_size: 1 << 17,
+            max_model_len: 64,
+            num_kv_blocks: 4,
+            block_size: 16,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::tests_support::{expect, hello};
     use super::*;
-    use ferry_transport::{
-        flume_link, EngineCommand, EngineOutputs, EngineStats, FromEngine, Hello, ToEngine,
-        PROTOCOL_VERSION,
-    };
+    use ferry_transport::{flume_link, EngineCommand, EngineEnd, EngineOutputs, Hello};
+
+    /// Attaches a flume link that says `hello`; returns the engine's end and its Welcome.
+    async fn join(c: &Coordinator, h: Hello) -> (EngineEnd, ToEngine) {
+        let (g, mut e) = flume_link();
+        e.tx.send(FromEngine::Hello(h)).unwrap();
+        c.attach(g, "test".into());
+        tokio::task::spawn_blocking(move || {
+            let w = e.rx.recv().unwrap();
+            (e, w)
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     #[test]
     fn least_loaded_healthy_rank_wins() {
@@ -145,36 +272,64 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn submit_balances_by_reported_and_uncounted_load() {
-        let (g0, mut e0) = flume_link();
-        let (g1, mut e1) = flume_link();
-        let coord = start_engine_clients(vec![g0, g1]).await;
-        assert!(!coord.all_healthy());
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        assert_eq!(coord.submit(vec![1], Default::default(), tx.clone()).err(), Some(SubmitError::NoHealthyRank));
-        for (r, e) in [(0, &mut e0), (1, &mut e1)] {
-            let h = Hello { protocol_version: PROTOCOL_VERSION, rank: r, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
-            e.tx.send(FromEngine::Hello(h)).unwrap();
+    async fn ranks_take_the_slot_their_hello_names_and_bad_ones_are_refused() {
+        let c = Coordinator::new(expect(2));
+        // Rank 1 arrives first: it goes to slot 1, not slot 0.
+        let (_e1, w) = join(&c, hello(1, 7)).await;
+        assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted), "{w:?}");
+        until("rank 1 up", || c.ranks_up() == vec![false, true]).await;
+        assert_eq!(c.missing_ranks(), vec![0]);
+        assert!(!c.all_healthy() && c.any_healthy());
+        // A duplicate, an out-of-range rank and another tensor table are refused, saying why.
+        for (h, why) in [(hello(1, 7), "already connected"), (hello(2, 7), "out of range"), (hello(0, 8), "tensor table")] {
+            let (_e, w) = join(&c, h).await;
+            let ToEngine::Welcome(w) = w else { panic!("no welcome") };
+            assert!(!w.accepted && w.reason.as_deref().is_some_and(|r| r.contains(why)), "{w:?} should say {why}");
         }
+        let (_e0, w) = join(&c, hello(0, 7)).await;
+        assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted));
+        until("all up", || c.all_healthy()).await;
+        // Rank 1 leaves, and its slot is taken back by a new link.
+        drop(_e1);
+        until("rank 1 down", || c.ranks_up() == vec![true, false]).await;
+        let (_e1b, w) = join(&c, hello(1, 7)).await;
+        assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted));
+        until("rank 1 back", || c.all_healthy()).await;
+    }
+
+    #[tokio::test]
+    async fn submit_balances_by_reported_and_uncounted_load_and_honours_a_pin() {
+        let c = Coordinator::new(expect(2));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), None).err(), Some(SubmitError::NoHealthyRank));
+        let (e0, _) = join(&c, hello(0, 7)).await;
+        let (mut e1, _) = join(&c, hello(1, 7)).await;
+        let mut e0 = e0;
         // Rank 0 reports 1 waiting + 1 running (score 5); rank 1 reports 3 running (3).
         let st = |w, r| EngineStats { num_waiting: w, num_running: r, ..Default::default() };
         e0.tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: st(1, 1) })).unwrap();
         e1.tx.send(FromEngine::Outputs(EngineOutputs { rank: 1, outputs: vec![], stats: st(0, 3) })).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !(coord.all_healthy() && coord.ranks()[0].load_score() == 5 && coord.ranks()[1].load_score() == 3) {
-            assert!(std::time::Instant::now() < deadline, "ranks never reported");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        until("stats", || {
+            c.all_healthy() && c.rank(0).unwrap().load_score() == 5 && c.rank(1).unwrap().load_score() == 3
+        })
+        .await;
         // First goes to rank 1 (3 < 5); it now counts as waiting there: 3 + 4 = 7 > 5.
-        let a = coord.submit(vec![1], Default::default(), tx.clone()).unwrap();
+        let a = c.submit(vec![1], Default::default(), tx.clone(), None).unwrap();
         assert_eq!(a.rank_index(), 1);
-        let b = coord.submit(vec![1], Default::default(), tx.clone()).unwrap();
+        let b = c.submit(vec![1], Default::default(), tx.clone(), None).unwrap();
         assert_eq!(b.rank_index(), 0);
         assert_ne!(a.id(), b.id());
+        // A pin overrides the load; a pin past the size or on a down rank is refused.
+        let p = c.submit(vec![2], Default::default(), tx.clone(), Some(1)).unwrap();
+        assert_eq!(p.rank_index(), 1);
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(5)).err(), Some(SubmitError::NoSuchRank { rank: 5, size: 2 }));
         drop(a); // unfinished: the engine hears Abort
         let msgs: Vec<ToEngine> = std::iter::from_fn(|| e1.rx.recv().ok()).take(3).collect();
-        assert!(matches!(msgs[0], ToEngine::Welcome(_)));
-        assert!(matches!(&msgs[1], ToEngine::Command(EngineCommand::Add(r)) if r.prompt_tokens == vec![1]));
+        assert!(matches!(&msgs[0], ToEngine::Command(EngineCommand::Add(r)) if r.prompt_tokens == vec![1]));
+        assert!(matches!(&msgs[1], ToEngine::Command(EngineCommand::Add(r)) if r.prompt_tokens == vec![2]));
         assert!(matches!(&msgs[2], ToEngine::Command(EngineCommand::Abort(ids)) if ids.len() == 1));
+        drop(e0);
+        until("rank 0 down", || c.ranks_up() == vec![false, true]).await;
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(0)).err(), Some(SubmitError::RankDown(0)));
     }
 }

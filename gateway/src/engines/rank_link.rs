@@ -1,8 +1,8 @@
 //! The gateway's side of one engine rank's link.
 //!
-//! One tokio task per rank reads the rank's `OutputRx`: it answers `Hello` with
-//! `Welcome`, keeps the rank's latest `EngineStats`, and hands each `TokenOutput` to
-//! the channel of the request waiting for it. If the link closes, the rank is marked
+//! Once the coordinator has checked a rank's Hello, one tokio task per link reads
+//! its `OutputRx` ([`read_outputs`]): it keeps the rank's latest `EngineStats` and
+//! hands each `TokenOutput` to the channel of the request waiting for it. If the link closes, the rank is marked
 //! unhealthy and every request still waiting on it gets a `Failed` event, so no
 //! stream hangs. Sending (`Add`, `Abort`) goes straight through the rank's `CommandTx`,
 //! which never blocks.
@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_transport::{
-    CommandTx, EngineCommand, EngineRequest, EngineStats, FromEngine, Hello, OutputRx, RequestId,
-    ToEngine, TokenOutput, Welcome, PROTOCOL_VERSION,
+    CommandTx, EngineCommand, EngineRequest, EngineStats, FromEngine, Hello, OutputRx, RequestId, ToEngine,
+    TokenOutput,
 };
 use tokio::sync::mpsc;
 
@@ -35,8 +35,7 @@ struct Pending {
 
 #[derive(Default)]
 struct RankState {
-    hello: Option<Hello>,
-    /// The link closed or the rank was refused: it takes no more requests.
+    /// The link closed: it takes no more requests.
     down: Option<String>,
     stats: EngineStats,
     /// Requests sent since the last stats arrived: the engine may not count them yet.
@@ -49,16 +48,18 @@ struct RankState {
 /// One engine rank as the gateway sees it.
 pub struct RankLink {
     index: usize,
+    hello: Hello,
     tx: Box<dyn CommandTx>,
     state: Mutex<RankState>,
 }
 
 impl RankLink {
-    pub fn new(index: usize, tx: Box<dyn CommandTx>) -> Self {
-        RankLink { index, tx, state: Mutex::new(RankState::default()) }
+    /// Rank `index`'s link, after its `hello` was checked and welcomed.
+    pub fn new(index: usize, tx: Box<dyn CommandTx>, hello: Hello) -> Self {
+        RankLink { index, hello, tx, state: Mutex::new(RankState::default()) }
     }
 
-    /// The rank's position in the gateway's list (its `engine` metrics label).
+    /// The rank's number (its slot, and its `engine` metrics label).
     pub fn index(&self) -> usize {
         self.index
     }
@@ -69,14 +70,13 @@ impl RankLink {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Said hello, and the link is up.
+    /// The link is up.
     pub fn is_healthy(&self) -> bool {
-        let s = self.lock();
-        s.hello.is_some() && s.down.is_none()
+        self.lock().down.is_none()
     }
 
-    pub fn hello(&self) -> Option<Hello> {
-        self.lock().hello.clone()
+    pub fn hello(&self) -> &Hello {
+        &self.hello
     }
 
     /// The latest queue figures the engine reported.
@@ -133,31 +133,6 @@ impl RankLink {
         let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
     }
 
-    fn on_hello(&self, hello: Hello) {
-        let accepted = hello.protocol_version == PROTOCOL_VERSION;
-        let reason = (!accepted).then(|| {
-            format!(
-                "protocol version {} is not the gateway's {}",
-                hello.protocol_version, PROTOCOL_VERSION
-            )
-        });
-        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted, reason: reason.clone() };
-        let sent = self.tx.send(ToEngine::Welcome(welcome));
-        let mut s = self.lock();
-        match reason {
-            Some(why) => {
-                tracing::error!(rank = self.index, "refused engine rank: {why}");
-                s.down = Some(why);
-            }
-            None if sent.is_err() => s.down = Some("link closed during handshake".into()),
-            None => {
-                tracing::info!(rank = self.index, model = %hello.model, "engine rank joined");
-                s.down = None;
-            }
-        }
-        s.hello = Some(hello);
-    }
-
     fn on_outputs(&self, outputs: Vec<TokenOutput>, stats: EngineStats) {
         let mut s = self.lock();
         s.stats = stats;
@@ -194,51 +169,39 @@ impl RankLink {
     }
 }
 
-/// Read one rank's outputs until its link closes.
-pub fn spawn_reader(link: Arc<RankLink>, mut rx: Box<dyn OutputRx>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok(FromEngine::Hello(h)) => link.on_hello(h),
-                Ok(FromEngine::Outputs(o)) => link.on_outputs(o.outputs, o.stats),
-                Err(e) => {
-                    link.on_closed(format!("engine rank {} went away ({e})", link.index));
-                    return;
-                }
+/// Reads one rank's outputs until its link closes; then every request still
+/// waiting on it fails. A second Hello breaks the protocol and ends the link.
+pub async fn read_outputs(link: &RankLink, mut rx: Box<dyn OutputRx>) {
+    loop {
+        match rx.recv().await {
+            Ok(FromEngine::Outputs(o)) => link.on_outputs(o.outputs, o.stats),
+            Ok(FromEngine::Hello(_)) => {
+                return link.on_closed(format!("engine rank {} said Hello twice; link closed", link.index));
             }
+            Err(e) => return link.on_closed(format!("engine rank {} went away ({e})", link.index)),
         }
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engines::coordinator::tests_support::hello;
     use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
         TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0 }
     }
 
-    fn hello() -> Hello {
-        Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 8, block_size: 16 }
-    }
-
     #[tokio::test]
     async fn dispatches_outputs_and_fails_requests_when_link_closes() {
         let (gw, mut eng) = flume_link();
-        let link = Arc::new(RankLink::new(0, gw.tx));
-        let task = spawn_reader(link.clone(), gw.rx);
-        assert!(!link.is_healthy());
-        eng.tx.send(FromEngine::Hello(hello())).unwrap();
-        // The gateway answers Welcome.
-        let w = tokio::task::spawn_blocking(move || {
-            let w = eng.rx.recv().unwrap();
-            (eng, w)
-        });
-        let (mut eng, w) = w.await.unwrap();
-        assert!(matches!(w, ToEngine::Welcome(Welcome { accepted: true, .. })));
+        let link = Arc::new(RankLink::new(0, gw.tx, hello(0, 7)));
+        let task = {
+            let link = link.clone();
+            tokio::spawn(async move { read_outputs(&link, gw.rx).await })
+        };
         assert!(link.is_healthy());
-
         let (tx, mut rx) = mpsc::unbounded_channel();
         let sampling = SamplingParams { n: 2, ..Default::default() };
         link.add(EngineRequest { id: 7, prompt_tokens: vec![1], sampling }, tx).unwrap();
@@ -265,18 +228,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn abort_is_sent_only_for_unfinished_requests_and_bad_versions_are_refused() {
+    async fn abort_is_sent_only_for_unfinished_requests_and_a_second_hello_ends_the_link() {
         let (gw, mut eng) = flume_link();
-        let link = Arc::new(RankLink::new(3, gw.tx));
+        let link = Arc::new(RankLink::new(3, gw.tx, hello(3, 7)));
         let (tx, _rx) = mpsc::unbounded_channel();
         link.add(EngineRequest { id: 1, prompt_tokens: vec![1], sampling: Default::default() }, tx).unwrap();
         link.abort(1);
         link.abort(1); // second time: already forgotten, nothing sent
         assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));
         assert_eq!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Abort(vec![1])));
-        link.on_hello(Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello() });
-        assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Welcome(Welcome { accepted: false, .. })));
+        eng.tx.send(FromEngine::Hello(hello(3, 7))).unwrap();
+        read_outputs(&link, gw.rx).await;
         assert!(!link.is_healthy());
-        drop(gw.rx);
     }
 }
