@@ -7,6 +7,7 @@
 //! ([`flume_link`]) moves the structs without serializing them; a QUIC link between
 //! nodes implements the same traits with a versioned codec.
 
+pub mod checks;
 pub mod codec;
 pub mod protocol;
 
