@@ -9,6 +9,7 @@
 
 pub mod checks;
 pub mod codec;
+pub mod handshake;
 pub mod protocol;
 
 use std::future::Future;
