@@ -27,8 +27,10 @@ use crate::*;
 /// (an HTTP/3 client, or an old ferry with another codec).
 pub const ALPN: &[u8] = b"ferry-rpc/1";
 
-/// The first bytes the dialer writes on its stream: QUIC tells the other side
-/// about a stream only once data flows on it, and the engine speaks first.
+/// The first bytes on the stream, each way. The dialer's opens the stream (QUIC
+/// tells the other side about a stream only once data flows on it); the API
+/// node's answer tells the dialer it was accepted, since a TLS 1.3 client may
+/// finish its handshake before the server has checked the client's certificate.
 const PREAMBLE: &[u8; 8] = b"ferry\0l1";
 
 /// How long the API node waits for a new connection's stream and preamble.
@@ -133,6 +135,8 @@ async fn establish(incoming: quinn::Incoming) -> Result<GatewayEnd, TransportErr
         }
     };
     let (frames, queue) = flume::unbounded();
+    // Our answer goes first: the dialer waits for it.
+    let _ = frames.send(PREAMBLE.to_vec());
     let (alive, alive_rx) = flume::bounded::<()>(0);
     tokio::spawn(write_frames(conn.clone(), send, queue, alive_rx, None));
     let alive = Arc::new(alive);
@@ -153,7 +157,7 @@ async fn establish(incoming: quinn::Incoming) -> Result<GatewayEnd, TransportErr
 
 /// Dials the API node's RPC port as one rank. `tls` should carry this node's
 /// client certificate; its ALPN list is replaced with [`ALPN`]. The link is up
-/// when this returns; the engine then says Hello. When the connection ends,
+/// (the API node accepted it) when this returns; the engine then says Hello. When the connection ends,
 /// the engine end's `CommandRx::recv` returns `Err`: dial again.
 pub async fn dial(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<EngineEnd, TransportError> {
     let mut tls = (*tls).clone();
@@ -171,11 +175,33 @@ pub async fn dial(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientCo
         .map_err(|e| other(&format!("cannot dial {addr}"), e))?
         .await
         .map_err(|e| other(&format!("cannot connect to {addr}"), e))?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| other("cannot open the stream", e))?;
+    let opened = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| other("cannot open the stream", e))?;
+        send.write_all(PREAMBLE).await.map_err(|e| other("cannot write the stream", e))?;
+        let mut answer = [0u8; PREAMBLE.len()];
+        recv.read_exact(&mut answer).await.map_err(|e| other(&format!("{addr} did not accept the link"), e))?;
+        if &answer != PREAMBLE {
+            return Err(other("bad preamble", format!("{addr} is not a ferry RPC port")));
+        }
+        Ok((send, recv))
+    };
+    let (send, recv) = match tokio::time::timeout(STREAM_TIMEOUT, opened).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            // Say why the API node closed, if it did (a refused certificate, say).
+            if let Some(why) = conn.close_reason() {
+                return Err(other(&format!("{addr} refused the link"), why));
+            }
+            close(&conn, CODE_VIOLATION, &e.to_string());
+            return Err(e);
+        }
+        Err(_) => {
+            close(&conn, CODE_VIOLATION, "no answer in time");
+            return Err(other("link", format!("{addr} did not answer in time")));
+        }
+    };
 
     let (frames, queue) = flume::unbounded();
-    // The preamble goes first, so the API node sees the stream at once.
-    let _ = frames.send(PREAMBLE.to_vec());
     let (alive, alive_rx) = flume::bounded::<()>(0);
     // The writer task holds the endpoint: it is the last task of the link to end.
     tokio::spawn(write_frames(conn.clone(), send, queue, alive_rx, Some(endpoint)));
