@@ -69,9 +69,20 @@ fn other(what: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 /// The API node's listener for headless ranks.
+/// The API node's listener for headless ranks.
+///
+/// Handshakes run side by side in their own tasks, so a peer that stalls its
+/// handshake holds up no other rank; [`Self::accept`] yields them as they finish.
 pub struct RpcListener {
     endpoint: quinn::Endpoint,
+    ready: flume::Receiver<Result<(GatewayEnd, SocketAddr), TransportError>>,
+    /// Dropped with the listener, which ends the accept loop (but not the links).
+    _stop: flume::Sender<()>,
 }
+
+/// Handshakes in progress at once; more peers than this are refused at once
+/// (a cluster has a few ranks per node, so this is only reached by a flood).
+const MAX_PENDING_HANDSHAKES: usize = 64;
 
 impl RpcListener {
     /// Binds the RPC port. `tls` should require client certificates (the cluster
@@ -83,7 +94,10 @@ impl RpcListener {
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(transport_config()));
         let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| other(&format!("cannot bind {addr}"), e))?;
-        Ok(RpcListener { endpoint })
+        let (ready_tx, ready) = flume::unbounded();
+        let (stop, stop_rx) = flume::bounded(0);
+        tokio::spawn(accept_loop(endpoint.clone(), ready_tx, stop_rx));
+        Ok(RpcListener { endpoint, ready, _stop: stop })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
@@ -94,17 +108,44 @@ impl RpcListener {
     /// `Some(Err)` for a peer that failed (bad certificate, no stream in time):
     /// keep accepting. `None` once the listener is closed.
     pub async fn accept(&self) -> Option<Result<(GatewayEnd, SocketAddr), TransportError>> {
-        let incoming = self.endpoint.accept().await?;
-        let remote = incoming.remote_address();
-        Some(establish(incoming).await.map(|end| (end, remote)).map_err(|e| match e {
-            TransportError::Other(m) => TransportError::Other(format!("rank at {remote}: {m}")),
-            e => e,
-        }))
+        self.ready.recv_async().await.ok()
     }
 
     /// Stops accepting and closes every link.
     pub fn close(&self) {
         self.endpoint.close(VarInt::from_u32(CODE_CLOSED), b"listener closed");
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ready: flume::Sender<Result<(GatewayEnd, SocketAddr), TransportError>>,
+    stop: flume::Receiver<()>,
+) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return, // Closed; `ready` goes once the pending handshakes end.
+            },
+            _ = stop.recv_async() => return,
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let result = establish(incoming).await.map(|end| (end, remote)).map_err(|e| match e {
+                TransportError::Other(m) => TransportError::Other(format!("rank at {remote}: {m}")),
+                e => e,
+            });
+            drop(permit);
+            // Nobody listening any more: dropping the end closes that link.
+            let _ = ready.send(result);
+        });
     }
 }
 

@@ -138,3 +138,26 @@ async fn a_vanished_engine_is_noticed_within_the_idle_timeout() {
     assert!(t.elapsed() < Duration::from_millis(4_500), "took {:?}", t.elapsed());
     drop(eng);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stalls_after_its_handshake_holds_up_no_other_rank() {
+    let ca = Ca::new("cluster CA");
+    let (l, addr) = listener(&ca);
+    // A cluster member that connects but never opens its stream.
+    let mut tls = (*client_tls(&ca, &ca)).clone();
+    tls.alpn_protocols = vec![quic_link::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let staller = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _stalled = staller
+        .connect_with(quinn::ClientConfig::new(std::sync::Arc::new(crypto)), addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (accepted, dialed) = tokio::join!(l.accept(), dial(addr, "localhost", client_tls(&ca, &ca)));
+    assert!(dialed.is_ok() && accepted.unwrap().is_ok());
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    // The staller is dropped after the stream timeout.
+    let late = tokio::time::timeout(quic_link::STREAM_TIMEOUT + Duration::from_secs(2), l.accept()).await.unwrap();
+    assert!(matches!(late, Some(Err(TransportError::Other(_)))), "{:?}", late.map(|r| r.err()));
+}
