@@ -68,8 +68,10 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
     if version != CODEC_VERSION {
         return Err(CodecError::UnknownVersion { got: version, expected: CODEC_VERSION });
     }
-    // postcard allocates only as it consumes input (serde caps preallocation from
-    // a length prefix), so memory stays proportional to the bounded payload.
+    // postcard allocates only as it consumes input (serde caps what a length
+    // prefix may preallocate at 1 MiB), so memory stays proportional to the
+    // bounded payload. Small elements do expand: an output batch of empty
+    // TokenOutputs (6 bytes each on the wire, ~100 in memory) is the worst case.
     let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
@@ -203,6 +205,17 @@ mod tests {
         dec.push(&encode(&add(1, 1)).unwrap());
         assert!(matches!(dec.pop::<ToEngine>(), Err(CodecError::FrameTooLarge { .. })));
         assert!(dec.buf.capacity() < 1024, "nothing of the claimed size was allocated");
+    }
+
+    #[test]
+    fn a_huge_claimed_sequence_length_allocates_nothing_of_its_size() {
+        // Command(Add { id: 0, prompt_tokens: <u32::MAX of them> ... }) with no tokens
+        // after the claim: preallocating the claim would be 16 GiB.
+        let body = [CODEC_VERSION, 1, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        let mut dec = FrameDecoder::new();
+        dec.push(&(body.len() as u32).to_be_bytes());
+        dec.push(&body);
+        assert!(matches!(dec.pop::<ToEngine>(), Err(CodecError::Malformed(_))));
     }
 
     #[test]
