@@ -15,7 +15,7 @@
 //! - [`checks`]: what a peer may say (its rank, token ids below its vocabulary,
 //!   request ids the gateway sent it), checked on every message read off the
 //!   wire. Sans-IO.
-//! - [`flume_link`]: the in-process link, structs moved as they are, unchecked.
+//! - [`flume_link()`]: the in-process link, structs moved as they are, unchecked.
 //! - [`quic_link`]: the link between nodes, QUIC with mutual TLS (quinn).
 
 pub mod checks;
@@ -86,6 +86,6 @@ pub struct EngineEnd {
     pub tx: Box<dyn OutputTx>,
 }
 
-pub mod flume_link;
+mod flume_link;
 pub use flume_link::flume_link;
 pub use quic_link::{dial, RpcListener};
