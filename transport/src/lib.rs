@@ -3,11 +3,26 @@
 //!
 //! A link is an ordered, reliable, two-way message channel between the gateway and
 //! one engine rank. The engine's end is blocking (its input and output threads own
-//! one half each); the gateway's end is async (tokio tasks). The in-process link
-//! ([`flume_link`]) moves the structs without serializing them; a QUIC link between
-//! nodes implements the same traits with a versioned codec.
+//! one half each); the gateway's end is async (tokio tasks). Both links implement
+//! the same traits and pass one conformance suite (`tests/conformance.rs`).
+//!
+//! Modules, one job each:
+//! - [`protocol`]: the messages, plain data.
+//! - [`handshake`]: Hello/Welcome checks (version, rank, duplicates, model
+//!   fingerprint), one implementation for every link. Sans-IO.
+//! - [`codec`]: the QUIC link's wire format, versioned postcard in
+//!   length-delimited frames with a size limit. Sans-IO.
+//! - [`checks`]: what a peer may say (its rank, token ids below its vocabulary,
+//!   request ids the gateway sent it), checked on every message read off the
+//!   wire. Sans-IO.
+//! - [`flume_link()`]: the in-process link, structs moved as they are, unchecked.
+//! - [`quic_link`]: the link between nodes, QUIC with mutual TLS (quinn).
 
+pub mod checks;
+pub mod codec;
+pub mod handshake;
 pub mod protocol;
+pub mod quic_link;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -73,3 +88,4 @@ pub struct EngineEnd {
 
 mod flume_link;
 pub use flume_link::flume_link;
+pub use quic_link::{dial, RpcListener};

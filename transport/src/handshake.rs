@@ -1,0 +1,171 @@
+//! The handshake, one implementation for every link. Sans-IO.
+//!
+//! The engine says [`Hello`]; the gateway checks it with [`check_hello`] and
+//! answers with [`welcome`]; the engine checks the answer with [`check_welcome`].
+//! A refusal names what differs, and both sides log the same sentence.
+
+use crate::*;
+
+/// What the gateway requires of a rank that says hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expectations {
+    pub protocol_version: u32,
+    pub data_parallel_size: u32,
+    pub config_fingerprint: u64,
+    /// None: the gateway loaded no weights, so it cannot know the tensor table;
+    /// the first rank it accepts sets it for all later ones ([`Self::accepted`]).
+    pub tensors_fingerprint: Option<u64>,
+}
+
+impl Expectations {
+    /// The expectations after `hello` was accepted: a tensor table not known yet
+    /// becomes this rank's, so every later rank must have loaded the same weights.
+    pub fn accepted(&self, hello: &Hello) -> Expectations {
+        Expectations {
+            tensors_fingerprint: Some(self.tensors_fingerprint.unwrap_or(hello.fingerprint.tensors)),
+            ..self.clone()
+        }
+    }
+}
+
+/// Why a handshake failed, in words for both sides' logs.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{message}")]
+pub struct Refusal {
+    pub message: String,
+}
+
+fn refuse(message: String) -> Result<(), Refusal> {
+    Err(Refusal { message })
+}
+
+/// The gateway's check of a rank's Hello. `joined(rank)` says whether that rank
+/// already has a live link (a rank that left and came back is not a duplicate).
+pub fn check_hello(hello: &Hello, exp: &Expectations, joined: &impl Fn(u32) -> bool) -> Result<(), Refusal> {
+    if hello.protocol_version != exp.protocol_version {
+        return refuse(format!(
+            "protocol version differs: the engine speaks {}, the gateway {}",
+            hello.protocol_version, exp.protocol_version
+        ));
+    }
+    if hello.rank >= exp.data_parallel_size {
+        return refuse(format!(
+            "rank {} is out of range: --data-parallel-size is {}",
+            hello.rank, exp.data_parallel_size
+        ));
+    }
+    if joined(hello.rank) {
+        return refuse(format!("rank {} is already connected", hello.rank));
+    }
+    if hello.fingerprint.config != exp.config_fingerprint {
+        return refuse(format!(
+            "model fingerprint differs: rank {} loaded {:?} with config {:016x}, the gateway expects config {:016x}",
+            hello.rank, hello.model, hello.fingerprint.config, exp.config_fingerprint
+        ));
+    }
+    if let Some(tensors) = exp.tensors_fingerprint {
+        if hello.fingerprint.tensors != tensors {
+            return refuse(format!(
+                "model fingerprint differs: rank {} loaded {:?} with tensor table {:016x}, the cluster has {:016x} \
+                 (another quantization or file of the model?)",
+                hello.rank, hello.model, hello.fingerprint.tensors, tensors
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The gateway's answer to a Hello it checked.
+pub fn welcome(result: &Result<(), Refusal>) -> Welcome {
+    Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        accepted: result.is_ok(),
+        reason: result.as_ref().err().map(|r| r.message.clone()),
+    }
+}
+
+/// The engine's check of the gateway's answer.
+pub fn check_welcome(w: &Welcome) -> Result<(), Refusal> {
+    if w.protocol_version != PROTOCOL_VERSION {
+        return refuse(format!(
+            "protocol version differs: the gateway speaks {}, this engine {PROTOCOL_VERSION}",
+            w.protocol_version
+        ));
+    }
+    if !w.accepted {
+        let why = w.reason.as_deref().unwrap_or("no reason given");
+        return refuse(format!("the gateway refused this rank: {why}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(rank: u32, config: u64, tensors: u64) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            rank,
+            model: "m".into(),
+            fingerprint: ModelFingerprint { config, tensors },
+            vocab_size: 10,
+            max_model_len: 64,
+            num_kv_blocks: 4,
+            block_size: 16,
+        }
+    }
+
+    fn exp(tensors: Option<u64>) -> Expectations {
+        Expectations {
+            protocol_version: PROTOCOL_VERSION,
+            data_parallel_size: 4,
+            config_fingerprint: 0xc0,
+            tensors_fingerprint: tensors,
+        }
+    }
+
+    const NONE: fn(u32) -> bool = |_| false;
+
+    fn refused(h: &Hello, e: &Expectations, joined: &impl Fn(u32) -> bool) -> String {
+        check_hello(h, e, joined).unwrap_err().message
+    }
+
+    #[test]
+    fn accepts_a_matching_rank() {
+        assert_eq!(check_hello(&hello(3, 0xc0, 0x7e), &exp(Some(0x7e)), &NONE), Ok(()));
+    }
+
+    #[test]
+    fn refusals_say_what_differs() {
+        let mut h = hello(0, 0xc0, 0x7e);
+        h.protocol_version = PROTOCOL_VERSION + 1;
+        assert!(refused(&h, &exp(None), &NONE).contains("protocol version differs"));
+        assert_eq!(refused(&hello(5, 0xc0, 0), &exp(None), &NONE), "rank 5 is out of range: --data-parallel-size is 4");
+        assert_eq!(refused(&hello(1, 0xc0, 0), &exp(None), &|r| r == 1), "rank 1 is already connected");
+        assert!(refused(&hello(1, 0xc1, 0), &exp(None), &NONE).starts_with("model fingerprint differs"));
+        assert!(refused(&hello(1, 0xc0, 1), &exp(Some(2)), &NONE).contains("tensor table"));
+    }
+
+    #[test]
+    fn the_first_rank_sets_an_unknown_tensor_table() {
+        let e = exp(None);
+        let first = hello(0, 0xc0, 0xaa);
+        check_hello(&first, &e, &NONE).unwrap();
+        let e = e.accepted(&first);
+        assert_eq!(e.tensors_fingerprint, Some(0xaa));
+        assert!(check_hello(&hello(1, 0xc0, 0xbb), &e, &NONE).is_err());
+        assert!(check_hello(&hello(1, 0xc0, 0xaa), &e, &NONE).is_ok());
+        assert_eq!(e.accepted(&hello(1, 0xc0, 0xbb)).tensors_fingerprint, Some(0xaa), "a known table stays");
+    }
+
+    #[test]
+    fn welcome_carries_the_reason_and_the_engine_reads_it() {
+        assert_eq!(check_welcome(&welcome(&Ok(()))), Ok(()));
+        let r = Err(Refusal { message: "rank 1 is already connected".into() });
+        let got = check_welcome(&welcome(&r)).unwrap_err().message;
+        assert_eq!(got, "the gateway refused this rank: rank 1 is already connected");
+        let w = Welcome { protocol_version: 1, accepted: true, reason: None };
+        assert!(check_welcome(&w).unwrap_err().message.contains("protocol version differs"));
+    }
+}

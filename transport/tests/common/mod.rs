@@ -1,0 +1,146 @@
+//! Shared by the integration tests: a throwaway cluster CA, TLS configs, and a
+//! connected pair of ends for each link (the real quinn on 127.0.0.1).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferry_transport::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub struct Ca {
+    cert: CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        Ca { cert, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A leaf certificate for `name` signed by this CA, and its key.
+    pub fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.issuer).unwrap();
+        (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
+    fn roots(&self) -> Arc<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).unwrap();
+        Arc::new(roots)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The API node's TLS: its certificate from `ca`, client certificates required
+/// and checked against `ca`.
+pub fn server_tls(ca: &Ca) -> Arc<rustls::ServerConfig> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(ca.roots(), provider()).build().unwrap();
+    let (chain, key) = ca.leaf("localhost");
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    Arc::new(cfg)
+}
+
+/// A headless node's TLS: trusts `trust` for the server, presents a certificate from `issuer`.
+pub fn client_tls(trust: &Ca, issuer: &Ca) -> Arc<rustls::ClientConfig> {
+    let (chain, key) = issuer.leaf("headless-node");
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(ca_roots(trust))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(cfg)
+}
+
+fn ca_roots(ca: &Ca) -> rustls::RootCertStore {
+    (*ca.roots()).clone()
+}
+
+pub fn listener(ca: &Ca) -> (RpcListener, SocketAddr) {
+    let l = RpcListener::bind("127.0.0.1:0".parse().unwrap(), server_tls(ca)).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+pub async fn flume_pair() -> (GatewayEnd, EngineEnd) {
+    flume_link()
+}
+
+pub async fn quic_pair() -> (GatewayEnd, EngineEnd) {
+    let ca = Ca::new("test cluster CA");
+    let (l, addr) = listener(&ca);
+    let tls = client_tls(&ca, &ca);
+    let (accepted, dialed) = tokio::join!(l.accept(), dial(addr, "localhost", tls));
+    let (gw, _peer) = accepted.expect("listener open").expect("accepted");
+    // The listener's handle may go: its endpoint lives while connections do.
+    (gw, dialed.expect("dialed"))
+}
+
+pub fn hello(rank: u32, vocab_size: u32) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        rank,
+        model: "test-model".into(),
+        fingerprint: ModelFingerprint { config: 1, tensors: 2 },
+        vocab_size,
+        max_model_len: 1 << 20,
+        num_kv_blocks: 64,
+        block_size: 16,
+    }
+}
+
+pub fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
+    ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens, sampling: SamplingParams::default() }))
+}
+
+pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
+    FromEngine::Outputs(EngineOutputs {
+        rank,
+        outputs: vec![TokenOutput { id, index: 0, new_tokens, logprobs: None, finish: None, num_cached_tokens: 0 }],
+        stats: EngineStats::default(),
+    })
+}
+
+pub fn accepted() -> ToEngine {
+    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None })
+}
+
+/// Hello from the engine, Welcome from the gateway; both checked with the handshake.
+pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u32) -> EngineEnd {
+    let eng = std::thread::spawn(move || {
+        let mut eng = eng;
+        eng.tx.send(FromEngine::Hello(hello(rank, vocab))).unwrap();
+        match eng.rx.recv().unwrap() {
+            ToEngine::Welcome(w) => handshake::check_welcome(&w).unwrap(),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        eng
+    });
+    let FromEngine::Hello(h) = gw.rx.recv().await.unwrap() else { panic!("expected Hello") };
+    let exp = handshake::Expectations {
+        protocol_version: PROTOCOL_VERSION,
+        data_parallel_size: rank + 1,
+        config_fingerprint: 1,
+        tensors_fingerprint: None,
+    };
+    let checked = handshake::check_hello(&h, &exp, &|_| false);
+    gw.tx.send(ToEngine::Welcome(handshake::welcome(&checked))).unwrap();
+    checked.unwrap();
+    tokio::task::spawn_blocking(move || eng.join().unwrap()).await.unwrap()
+}
