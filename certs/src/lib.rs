@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 pub mod cluster;
 pub mod files;
+pub mod insecure;
 pub mod material;
 pub mod self_signed;
 pub mod spki;
@@ -30,6 +31,7 @@ pub use cluster::{
     CLUSTER_SERVER_NAME, NODE_CERT_FILE, NODE_KEY_FILE,
 };
 pub use files::default_state_dir;
+pub use insecure::{insecure_client_config, insecure_server_config};
 pub use material::{load_pem_files, KeyFormat, TlsMaterial};
 pub use self_signed::{
     create_self_signed, load_or_create_self_signed, self_signed_names, CERT_FILE, KEY_FILE,

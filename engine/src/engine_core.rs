@@ -49,6 +49,8 @@ pub struct EngineCore {
     seqs: HashMap<SeqId, SeqState>,
     next_seq: SeqId,
     seeds: SplitMix64,
+    /// Requests offered to `add_request`, refused ones included.
+    num_added: u64,
 }
 
 impl EngineCore {
@@ -63,6 +65,7 @@ impl EngineCore {
             seqs: HashMap::new(),
             next_seq: 0,
             seeds,
+            num_added: 0,
         }
     }
 
@@ -84,6 +87,7 @@ impl EngineCore {
 
     /// Queues a request, or returns the output that refuses it.
     pub fn add_request(&mut self, req: EngineRequest) -> Result<(), TokenOutput> {
+        self.num_added += 1;
         if let Err(why) = self.check_request(&req) {
             return Err(TokenOutput {
                 id: req.id,
@@ -149,6 +153,8 @@ impl EngineCore {
             num_preemptions: self.sched.num_preemptions(),
             prefix_cache_queries: self.sched.prefix_cache_queries(),
             prefix_cache_hits: self.sched.prefix_cache_hits(),
+            num_added: self.num_added,
+            draining: false,
         }
     }
 
@@ -266,13 +272,54 @@ fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_tran
 /// drop the gateway's end of the link, then `join`.
 pub struct EngineThreads {
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Why the gateway refused this rank, if it did.
+    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    control: std::sync::Arc<Control>,
+    wake: flume::Sender<Inbox>,
+}
+
+/// What the node may ask of a running engine besides its link's commands.
+#[derive(Default)]
+struct Control {
+    /// Finish what is running, take nothing new, and say so in the stats.
+    draining: std::sync::atomic::AtomicBool,
+    /// Requests in flight, as of the busy loop's last turn.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// A running engine's controls, for the node that runs it (cheap to clone).
+#[derive(Clone)]
+pub struct EngineHandle {
+    control: std::sync::Arc<Control>,
+    wake: flume::Sender<Inbox>,
+}
+
+impl EngineHandle {
+    /// Stop taking requests: the gateway sees `draining` in the next stats and
+    /// sends no more; requests already running finish. (The node is stopping.)
+    pub fn drain(&self) {
+        self.control.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake an idle busy loop so the gateway hears of it now.
+        let _ = self.wake.send(Inbox::Wake);
+    }
+
+    /// Requests the engine is still working on.
+    pub fn in_flight(&self) -> usize {
+        self.control.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl EngineThreads {
-    pub fn join(self) {
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle { control: self.control.clone(), wake: self.wake.clone() }
+    }
+
+    /// Waits for the threads to end; returns the gateway's refusal, if that is why.
+    pub fn join(self) -> Option<String> {
         for t in self.threads {
             let _ = t.join();
         }
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -280,6 +327,8 @@ enum Inbox {
     Command(EngineCommand),
     /// The gateway's end went away.
     Closed,
+    /// Look at the control flags (a drain began).
+    Wake,
 }
 
 /// Starts the input thread, busy loop and output thread of `core` on `end`. The
@@ -289,6 +338,11 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
     let (inbox_tx, inbox_rx) = flume::unbounded::<Inbox>();
     let (outbox_tx, outbox_rx) = flume::unbounded::<EngineOutputs>();
     let rank = core.cfg.rank;
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let refused_in = refused.clone();
+    let control = std::sync::Arc::new(Control::default());
+    let control_busy = control.clone();
+    let wake = inbox_tx.clone();
 
     let input = std::thread::Builder::new().name(format!("ferry-in{rank}")).spawn(move || loop {
         match cmd_rx.recv() {
@@ -298,7 +352,17 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
                     break;
                 }
             }
-            Ok(ToEngine::Welcome(_)) => {}
+            Ok(ToEngine::Welcome(w)) => {
+                // The gateway may refuse this rank (a duplicate, another model, another
+                // protocol version): say why and stop, rather than idle on a link that
+                // will never carry a request.
+                if let Err(refusal) = ferry_transport::handshake::check_welcome(&w) {
+                    tracing::error!(rank, "engine rank {rank} stops: {refusal}");
+                    *refused_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal.message);
+                    let _ = inbox_tx.send(Inbox::Closed);
+                    break;
+                }
+            }
             Err(_) => {
                 let _ = inbox_tx.send(Inbox::Closed);
                 break;
@@ -308,6 +372,7 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
 
     let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
         let mut pending = Vec::new();
+        let mut woken = false;
         'run: loop {
             // Block for commands only when idle; otherwise take what has arrived.
             if !core.has_work() && pending.is_empty() {
@@ -327,13 +392,17 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
                     }
                     Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
                     Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
+                    Inbox::Wake => woken = true,
                 }
             }
             if core.has_work() {
                 outputs.extend(core.step());
             }
-            if !outputs.is_empty() {
-                let batch = EngineOutputs { rank, outputs, stats: core.stats() };
+            let draining = control_busy.draining.load(std::sync::atomic::Ordering::Relaxed);
+            control_busy.in_flight.store(core.num_requests(), std::sync::atomic::Ordering::Relaxed);
+            if !outputs.is_empty() || woken {
+                woken = false;
+                let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, ..core.stats() } };
                 if outbox_tx.send(batch).is_err() {
                     break;
                 }
@@ -351,5 +420,5 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
             }
         }
     })?;
-    Ok(EngineThreads { threads: vec![input, busy, output] })
+    Ok(EngineThreads { threads: vec![input, busy, output], refused, control, wake })
 }

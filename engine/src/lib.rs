@@ -24,6 +24,6 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineThreads};
+pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineHandle, EngineThreads};
 pub use args::{build_engine_core, EngineArgs, EngineShape};
 pub use loader::{load_model, LoadFormat, LoadedModel};

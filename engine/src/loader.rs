@@ -57,6 +57,25 @@ pub fn load_model(
     Ok(LoadedModel { path: path.to_path_buf(), cfg, weights, tokenizer: Arc::new(tokenizer) })
 }
 
+/// A model's config and tokenizer without its weights: what an API node with no
+/// engine ranks of its own needs (it tokenizes, and checks the ranks' config).
+pub fn load_config_and_tokenizer(path: &Path) -> Result<(ModelConfig, Arc<Tokenizer>), ConfigError> {
+    let fail = |p: String| ConfigError::new(path, p);
+    let (cfg, tokenizer) = if path.is_dir() {
+        let cfg = ModelConfig::from_hf_config(&path.join("config.json"))?;
+        (cfg, Tokenizer::from_hf_dir(path).map_err(|e| fail(strip_file(&e.to_string(), path)))?)
+    } else {
+        if !path.exists() {
+            return Err(fail("no such file or folder".into()));
+        }
+        let file = GgufFile::open(path).map_err(|e| ConfigError { file: path.display().to_string(), problem: strip_file(&e.to_string(), path) })?;
+        let cfg = ModelConfig::from_gguf(&file)?;
+        (cfg, Tokenizer::from_gguf(&file).map_err(|e| fail(strip_file(&e.to_string(), path)))?)
+    };
+    check_vocab(path, &cfg, &tokenizer)?;
+    Ok((cfg, Arc::new(tokenizer)))
+}
+
 /// GGUF errors already name the file; don't name it twice.
 fn strip_file(msg: &str, path: &Path) -> String {
     let prefix = format!("{}: ", path.display());

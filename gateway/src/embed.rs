@@ -34,7 +34,7 @@ use crate::api::{router, AppState};
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::engines::coordinator::start_engine_clients;
-use crate::engines::local::start_local_engine;
+use crate::engines::local::{expectations, start_local_engine};
 use crate::server::{serve, RunningServer, ServeConfig, ServeError};
 
 /// What to generate from.
@@ -137,13 +137,14 @@ impl LlmBuilder {
         let mut ends = Vec::new();
         let mut threads = Vec::new();
         let mut max_model_len = 0;
-        for rank in 0..self.data_parallel_size.max(1) {
-            let e = start_local_engine(&model, &self.engine, rank as u32, &name)?;
+        let dp = self.data_parallel_size.max(1);
+        for rank in 0..dp {
+            let (end, e) = start_local_engine(&model, &self.engine, rank as u32, &name)?;
             max_model_len = e.shape.max_model_len as u32;
-            ends.push(e.end);
+            ends.push(end);
             threads.push(e.threads);
         }
-        let coordinator = start_engine_clients(ends).await;
+        let coordinator = start_engine_clients(ends, expectations(&model.cfg, Some(&model.weights), dp as u32));
         let state = AppState::new(vec![name], path.display().to_string(), model.tokenizer.clone(), max_model_len, coordinator);
         Ok(Llm { state, threads })
     }
@@ -199,7 +200,7 @@ impl Llm {
             stop_token_ids: sampling.stop_token_ids.clone(),
         };
         let n = sampling.n.max(1) as usize;
-        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None)?;
+        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None, None)?;
         Ok(Stream { generation, done: vec![None; n] })
     }
 
@@ -230,7 +231,12 @@ impl Llm {
     pub async fn shutdown(self) {
         self.state.coordinator.shutdown();
         let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(EngineThreads::join)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                t.join();
+            }
+        })
+        .await;
     }
 
     pub(crate) fn state(&self) -> &AppState {

@@ -13,6 +13,9 @@ enum Command {
     Serve(ferry::cli::serve::ServeArgs),
     /// Generate a completion for one prompt, offline (no server).
     Generate(ferry::cli::generate::GenerateArgs),
+    /// TLS material for a cluster: its CA and node certificates.
+    #[command(subcommand)]
+    Certs(ferry::cli::certs::CertsCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -40,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(a) => ferry::cli::serve::run(a),
         Command::Generate(a) => ferry::cli::generate::run(a),
+        Command::Certs(c) => ferry::cli::certs::run(c),
         Command::Bench(BenchCommand::Serve(a)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

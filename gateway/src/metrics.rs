@@ -127,8 +127,9 @@ impl Metrics {
         }
     }
 
-    /// The exposition text. `stats[k]` is rank k's latest report.
-    pub fn render(&self, stats: &[EngineStats]) -> String {
+    /// The exposition text. `stats[k]` is rank k's latest report, `up[k]` whether
+    /// rank k serves now.
+    pub fn render(&self, stats: &[EngineStats], up: &[bool]) -> String {
         let snap: Vec<EngineCounters> = (0..self.engines.len())
             .filter_map(|k| self.engine(k).map(|e| e.clone()))
             .collect();
@@ -143,6 +144,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{{}}} {}", labels(k), num(f(k)));
             }
         };
+        gauge(&mut out, "ferry:engine_up", "1 while the engine rank is connected and serving, else 0.", &|k| f64::from(u8::from(up.get(k).copied().unwrap_or(false))));
         gauge(&mut out, "vllm:num_requests_running", "Number of requests in model execution batches.", &|k| st(k).num_running as f64);
         gauge(&mut out, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", &|k| st(k).num_waiting as f64);
         gauge(&mut out, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", &|k| st(k).kv_usage as f64);
@@ -272,11 +274,13 @@ mod tests {
         m.request_finished(7, "stop", 1.0); // no such rank: ignored
         let stats = vec![
             EngineStats::default(),
-            EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40 },
+            EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, ..Default::default() },
         ];
-        let text = m.render(&stats);
+        let text = m.render(&stats, &[false, true]);
         let s = parse(&text);
         let l1 = "model_name=\"smol\\\"lm\",engine=\"1\"";
+        assert_eq!(s[&format!("ferry:engine_up{{{l1}}}")], 1.0);
+        assert_eq!(s["ferry:engine_up{model_name=\"smol\\\"lm\",engine=\"0\"}"], 0.0);
         assert_eq!(s[&format!("vllm:num_requests_running{{{l1}}}")], 3.0);
         assert_eq!(s[&format!("vllm:num_requests_waiting{{{l1}}}")], 2.0);
         assert_eq!(s[&format!("vllm:kv_cache_usage_perc{{{l1}}}")], 0.5);

@@ -176,6 +176,13 @@ pub struct EngineStats {
     pub num_preemptions: u64,
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
+    /// `Add` commands the engine has taken in since it started (refused ones
+    /// too): the gateway counts what it sent beyond this as waiting, so figures
+    /// that lag behind a slow link never hide a burst it just sent.
+    pub num_added: u64,
+    /// The engine is finishing what it has and takes nothing new (its node is
+    /// stopping).
+    pub draining: bool,
 }
 
 /// Engine -> gateway, once per step that produced anything.

@@ -1,5 +1,6 @@
 //! The sampler's tests: validation, stop conditions, sampling.
 use super::*;
+use ferry_transport::protocol::FinishReason;
 
 /// Test data from a tiny LCG of the tests' own, independent of the sampler's RNG.
 struct Lcg(u64);

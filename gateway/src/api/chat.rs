@@ -25,8 +25,8 @@ use super::{new_response_id, unix_now, AppState};
 
 use ferry_transport::MAX_LOGPROBS as MAX_TOP_LOGPROBS;
 
-pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
-    run(state, req).await.unwrap_or_else(|e| e.into_response())
+pub async fn create(State(state): State<AppState>, headers: axum::http::HeaderMap, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
+    run(state, headers, req).await.unwrap_or_else(|e| e.into_response())
 }
 
 /// The chat rendered with the model's template, as token ids.
@@ -43,7 +43,8 @@ pub fn render_chat(
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to tokenize the chat: {e}")))
 }
 
-async fn run(state: AppState, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: AppState, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let pin = super::params::data_parallel_rank(&headers)?;
     let arrival = Instant::now();
     let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
     let plan = StreamPlan::from_fields(&req.sampling)?;
@@ -82,7 +83,7 @@ async fn run(state: AppState, req: ChatCompletionRequest) -> Result<Response, Ap
         tok.vocab_size(),
     )?;
     let permit = state.admit()?;
-    let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit))?;
+    let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
     if plan.stream {
         let shape = ChatStream { gen, out, plan };

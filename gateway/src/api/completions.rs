@@ -19,8 +19,8 @@ use super::{new_response_id, unix_now, AppState};
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
-pub async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
-    run(state, req).await.unwrap_or_else(|e| e.into_response())
+pub async fn create(State(state): State<AppState>, headers: axum::http::HeaderMap, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
+    run(state, headers, req).await.unwrap_or_else(|e| e.into_response())
 }
 
 /// Token ids of each prompt; ids must be inside the vocabulary.
@@ -44,7 +44,8 @@ pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> R
     }
 }
 
-async fn run(state: AppState, req: CompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: AppState, headers: axum::http::HeaderMap, req: CompletionRequest) -> Result<Response, ApiError> {
+    let pin = super::params::data_parallel_rank(&headers)?;
     let arrival = Instant::now();
     let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
     let plan = StreamPlan::from_fields(&req.sampling)?;
@@ -79,7 +80,7 @@ async fn run(state: AppState, req: CompletionRequest) -> Result<Response, ApiErr
     }
     let permit = state.admit()?;
     let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
-    let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit))?;
+    let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output {
         id: new_response_id("cmpl"),
         created: unix_now(),

@@ -81,6 +81,7 @@ pub struct Generation {
 impl Generation {
     /// Send every prompt to the engines. `prompts[i]` goes with `params[i]`; all
     /// share `n`. `permit` (the admission slot) is held until this is dropped.
+    /// `pin` sends them to one rank (vLLM's `X-data-parallel-rank`).
     pub fn start(
         state: &AppState,
         prompts: Vec<Vec<u32>>,
@@ -88,6 +89,7 @@ impl Generation {
         opts: TextOptions,
         arrival: Instant,
         permit: Option<OwnedSemaphorePermit>,
+        pin: Option<u32>,
     ) -> Result<Self, ApiError> {
         let n = params.first().map(|p| p.n).unwrap_or(1).max(1);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -99,8 +101,10 @@ impl Generation {
             // The prompt's last tokens give the first new token its context (a
             // SentencePiece word-start space decodes as it would in the whole text).
             let context_tail = tokens[tokens.len().saturating_sub(8)..].to_vec();
-            let guard = state.coordinator.submit(tokens, sampling, tx.clone()).map_err(|e| match e {
+            let guard = state.coordinator.submit(tokens, sampling, tx.clone(), pin).map_err(|e| match e {
                 SubmitError::NoHealthyRank => ApiError::unavailable(e.to_string(), 5),
+                SubmitError::RankDown(_) => ApiError::unavailable(e.to_string(), 1),
+                SubmitError::NoSuchRank { .. } => ApiError::bad_request(e.to_string()),
                 SubmitError::Send(m) => ApiError::unavailable(m, 1),
             })?;
             by_id.insert(guard.id(), p);

@@ -79,7 +79,7 @@ impl AppState {
         coordinator: Coordinator,
     ) -> Self {
         let label = served_model_names.first().cloned().unwrap_or_default();
-        let metrics = Arc::new(Metrics::new(label, coordinator.ranks().len()));
+        let metrics = Arc::new(Metrics::new(label, coordinator.size()));
         AppState {
             served_model_names: served_model_names.into(),
             model_root: Arc::from(model_root.into()),
@@ -110,9 +110,9 @@ impl AppState {
         self
     }
 
-    /// Every rank said hello, and we are not draining.
+    /// Every rank joined at start-up, one still serves, and we are not draining.
     pub fn is_ready(&self) -> bool {
-        self.accepting.load(Ordering::Relaxed) && self.coordinator.all_healthy()
+        self.accepting.load(Ordering::Relaxed) && self.coordinator.is_serving()
     }
 
     /// A slot for one generation, or 503 with Retry-After.
@@ -167,8 +167,8 @@ async fn close_after_early_error(req: Request, next: Next) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let stats: Vec<_> = state.coordinator.ranks().iter().map(|r| r.stats()).collect();
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render(&stats)).into_response()
+    let body = state.metrics.render(&state.coordinator.stats(), &state.coordinator.ranks_up());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {

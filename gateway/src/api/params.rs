@@ -329,3 +329,13 @@ mod tests {
         assert_eq!(resolve_model(Some("c"), &served).unwrap_err().status.as_u16(), 404);
     }
 }
+
+/// vLLM's `X-data-parallel-rank` header: send the request to that engine rank.
+pub fn data_parallel_rank(headers: &axum::http::HeaderMap) -> Result<Option<u32>, ApiError> {
+    let Some(v) = headers.get("x-data-parallel-rank") else { return Ok(None) };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::bad_request("X-data-parallel-rank must be a non-negative integer"))
+}

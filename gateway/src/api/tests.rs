@@ -145,7 +145,7 @@ async fn harness_with(script: &[u32], configure: impl FnOnce(AppState) -> AppSta
     let (gw, eng) = flume_link();
     let log: Log = Arc::default();
     fake_engine(eng, script.to_vec(), tok.eos_token_id().unwrap(), log.clone());
-    let coord = start_engine_clients(vec![gw]).await;
+    let coord = start_engine_clients(vec![gw], crate::engines::coordinator::tests_support::expect_default_fingerprint(1));
     let state = configure(AppState::new(vec!["smol".into()], "/models/smol.gguf", tok.clone(), MAX_MODEL_LEN, coord));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !state.is_ready() {

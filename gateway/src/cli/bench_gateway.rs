@@ -41,7 +41,7 @@ use crate::bench::HttpVersion;
 use crate::api::{router, AppState};
 use crate::engines::coordinator::{start_engine_clients, Coordinator};
 use crate::engines::rank_link::SeqEvent;
-use crate::engines::local::start_local_engine;
+use crate::engines::local::{expectations, start_local_engine};
 use crate::cli::model_source;
 use crate::server::{serve, ServeConfig};
 
@@ -200,7 +200,7 @@ pub async fn run_in_process_request(
     let start_time = start.duration_since(run_start).as_secs_f64();
     let failed = |kind, msg: String| RequestRecord::failed(index, start_time, queue_time, prompt_len, requested, Failure::new(kind, msg));
     // Dropping the guard at the end aborts the request if it is still running.
-    let _guard = match coordinator.submit(prompt_tokens, sampling, tx) {
+    let _guard = match coordinator.submit(prompt_tokens, sampling, tx, None) {
         Ok(g) => g,
         Err(e) => return failed(FailureKind::Connect, e.to_string()),
     };
@@ -289,7 +289,7 @@ pub fn run(args: BenchGatewayArgs) -> Result<()> {
         threads,
         ..Default::default()
     };
-    let engine = start_local_engine(&model, &eargs, 0, &name)?;
+    let (engine_end, engine) = start_local_engine(&model, &eargs, 0, &name)?;
 
     let samples = random_dataset(&RandomSpec {
         num_requests: args.num_prompts,
@@ -313,7 +313,7 @@ pub fn run(args: BenchGatewayArgs) -> Result<()> {
     // As `ferry serve`: the engine's threads do the arithmetic, two async threads move bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = rt.block_on(async {
-        let coordinator = start_engine_clients(vec![engine.end]).await;
+        let coordinator = start_engine_clients(vec![engine_end], expectations(&model.cfg, Some(&model.weights), 1));
         let state = AppState::new(vec![name.clone()], path.display().to_string(), model.tokenizer.clone(), engine.shape.max_model_len as u32, coordinator.clone());
         let cfg = ServeConfig { host: "127.0.0.1".into(), port: 0, tls_port: Some(0), cert_dir: Some(cert_dir.clone()), ..Default::default() };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -532,7 +532,7 @@ mod tests {
     #[tokio::test]
     async fn in_process_request_times_token_events_and_reports_failures() {
         let (gw, mut eng) = flume_link();
-        let coordinator = start_engine_clients(vec![gw]).await;
+        let coordinator = start_engine_clients(vec![gw], crate::engines::coordinator::tests_support::expect_default_fingerprint(1));
         let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
         eng.tx.send(FromEngine::Hello(hello)).unwrap();
         while !coordinator.all_healthy() {

@@ -1,16 +1,21 @@
-//! `ferry serve`: the OpenAI API over HTTP/1.1, HTTP/2 and HTTP/3, with the engine
-//! running in this process behind the flume link. Flags are vLLM's.
+//! `ferry serve`: the OpenAI API over HTTP/1.1, HTTP/2 and HTTP/3 in front of
+//! data-parallel engine ranks: this node's own behind the flume link, other
+//! nodes' over QUIC with mutual TLS. `--headless` runs engines only (see
+//! [`crate::cli::headless`]). Flags are vLLM's.
 
 use crate::api::{router, AppState};
-use crate::engines::coordinator::start_engine_clients;
+use crate::cli::cluster_flags::ClusterFlags;
 use crate::cli::engine_flags::EngineFlags;
-use crate::engines::local::start_local_engine;
 use crate::cli::model_source;
+use crate::cli::progress::ProgressBar;
+use crate::engines::coordinator::Coordinator;
+use crate::engines::local::{expectations, start_local_engine};
 use crate::server::{serve, ServeConfig};
 use clap::Args;
-use crate::cli::progress::ProgressBar;
+use ferry_engine::loader::load_config_and_tokenizer;
 use ferry_engine::load_model;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -43,32 +48,98 @@ pub struct ServeArgs {
     /// Requests in flight at most; more get 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_concurrent_requests: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM or SIGINT.
+    #[arg(long, default_value_t = 5)]
+    pub shutdown_timeout: u64,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
+}
+
+/// Resolves when SIGINT or SIGTERM arrives (Docker and Kubernetes stop with SIGTERM).
+pub async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let plan = args.cluster.plan()?;
+    if plan.headless {
+        return crate::cli::headless::run(args, plan);
+    }
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
-    let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?;
-    let engine = start_local_engine(&model, &args.engine.engine_args(), 0, &names[0])?;
-    tracing::info!(
-        "engine ready: {} layers, max model length {}, {} KV blocks of {} tokens",
-        model.cfg.num_layers,
-        engine.shape.max_model_len,
-        engine.shape.num_blocks,
-        engine.shape.block_size
-    );
-    // The engine's threads own the model's arithmetic; the async runtime only
-    // moves bytes, so a couple of threads suffice.
+    let engine_args = args.engine.engine_args();
+    // With no ranks of its own, the API node needs the tokenizer and the config
+    // (to check the ranks' fingerprints), not the weights.
+    let (cfg, tokenizer, model) = if plan.local.is_empty() {
+        let (cfg, tok) = load_config_and_tokenizer(&path)?;
+        (cfg, tok, None)
+    } else {
+        let m = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?;
+        (m.cfg.clone(), m.tokenizer.clone(), Some(m))
+    };
+    let expect = expectations(&cfg, model.as_ref().map(|m| &m.weights), plan.size);
+    let mut ends = Vec::new();
+    let mut threads = Vec::new();
+    let mut max_model_len = engine_args.max_model_len.unwrap_or(cfg.max_position_embeddings);
+    if let Some(m) = &model {
+        for rank in plan.local.clone() {
+            let (end, e) = start_local_engine(m, &engine_args, rank, &names[0])?;
+            tracing::info!(
+                "engine rank {rank} ready: {} layers, max model length {}, {} KV blocks of {} tokens",
+                m.cfg.num_layers,
+                e.shape.max_model_len,
+                e.shape.num_blocks,
+                e.shape.block_size
+            );
+            max_model_len = e.shape.max_model_len;
+            ends.push((rank, end));
+            threads.push(e.threads);
+        }
+    }
+    // The engines' threads do the arithmetic; the async runtime moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let coordinator = start_engine_clients(vec![engine.end]).await;
-        let state = AppState::new(names, path.display().to_string(), model.tokenizer.clone(), engine.shape.max_model_len as u32, coordinator)
+        let coordinator = Coordinator::new(expect);
+        for (rank, end) in ends {
+            coordinator.attach(end, format!("in-process rank {rank}"));
+        }
+        let rpc = if plan.multi_node {
+            let addr = args.cluster.rpc_addr()?;
+            let listener = ferry_transport::RpcListener::bind(addr, args.cluster.server_tls()?)?;
+            eprintln!("ferry: waiting for engine ranks on udp {} (data-parallel size {})", listener.local_addr()?, plan.size);
+            let c = coordinator.clone();
+            Some(tokio::spawn(async move {
+                while let Some(accepted) = listener.accept().await {
+                    match accepted {
+                        Ok((end, peer)) => {
+                            c.attach(end, peer.to_string());
+                        }
+                        Err(e) => tracing::warn!("refused a cluster link: {e}"),
+                    }
+                }
+            }))
+        } else {
+            None
+        };
+        tokio::spawn(report_missing_ranks(coordinator.clone(), Duration::from_secs(args.cluster.data_parallel_startup_timeout)));
+        let state = AppState::new(names, path.display().to_string(), tokenizer, max_model_len as u32, coordinator.clone())
             .with_api_key(args.api_key.clone())
             .with_version(env!("CARGO_PKG_VERSION"))
             .with_max_concurrent_requests(args.max_concurrent_requests);
-        let cfg = ServeConfig {
+        let mut cfg = ServeConfig {
             host: args.host.clone(),
             port: args.port,
             tls_port: Some(args.tls_port),
@@ -77,10 +148,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cert_dir: args.cert_dir.clone(),
             ..Default::default()
         };
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        let server = serve(router(state), cfg, shutdown).await?;
+        cfg.limits.shutdown_grace = Duration::from_secs(args.shutdown_timeout);
+        let server = serve(router(state), cfg, async {
+            stop_signal().await;
+            eprintln!("ferry: stopping: no new requests; in-flight ones may finish");
+        })
+        .await?;
         for a in &server.http_addrs {
             eprintln!("ferry: serving HTTP/1.1 and HTTP/2 on http://{a}");
         }
@@ -91,8 +164,45 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("ferry: TLS certificate {} SPKI sha256 pin: {pin}", cert.display());
         }
         server.wait().await?;
+        // Local ranks stop; remote links close, and headless nodes wait for an
+        // API node to come back.
+        for rank in plan.local.clone() {
+            if let Some(l) = coordinator.rank(rank as usize) {
+                l.shutdown();
+            }
+        }
+        if let Some(t) = rpc {
+            t.abort();
+        }
         anyhow::Ok(())
     })?;
-    engine.threads.join();
+    drop(rt);
+    for t in threads {
+        t.join();
+    }
     Ok(())
+}
+
+/// Says which ranks are still missing every 10 s at start-up, and gives up
+/// (exits) if they have not all joined within `timeout`.
+async fn report_missing_ranks(c: Coordinator, timeout: Duration) {
+    let started = std::time::Instant::now();
+    let mut last_said = started;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let missing = c.missing_ranks();
+        if missing.is_empty() {
+            tracing::info!("all {} engine ranks joined; ready", c.size());
+            return;
+        }
+        if started.elapsed() >= timeout {
+            tracing::error!("engine ranks {missing:?} did not join within {timeout:?}; giving up");
+            eprintln!("error: engine ranks {missing:?} did not join within {}s", timeout.as_secs());
+            std::process::exit(1);
+        }
+        if last_said.elapsed() >= Duration::from_secs(10) {
+            last_said = std::time::Instant::now();
+            tracing::warn!("waiting for engine ranks {missing:?} to join");
+        }
+    }
 }

@@ -11,7 +11,7 @@
 //! figures counted as waiting (see [`RankLink::load_score`]). Ties go to the
 //! lower rank.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ struct Inner {
     /// rank installed, so two links claiming one rank cannot both get in.
     expect: Mutex<Expectations>,
     next_id: AtomicU64,
+    /// Every rank has joined once: start-up is over.
+    started: AtomicBool,
 }
 
 /// The gateway's view of all its engine ranks. Cheap to clone.
@@ -59,7 +61,7 @@ impl Coordinator {
     /// A coordinator for `expect.data_parallel_size` ranks, none joined yet.
     pub fn new(expect: Expectations) -> Coordinator {
         let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
-        Coordinator { inner: Arc::new(Inner { slots, expect: Mutex::new(expect), next_id: AtomicU64::new(1) }) }
+        Coordinator { inner: Arc::new(Inner { slots, expect: Mutex::new(expect), next_id: AtomicU64::new(1), started: AtomicBool::new(false) }) }
     }
 
     /// The data-parallel size: how many ranks this coordinator has slots for.
@@ -99,6 +101,20 @@ impl Coordinator {
 
     pub fn any_healthy(&self) -> bool {
         self.ranks_up().iter().any(|u| *u)
+    }
+
+    /// What /health reports: at start-up, healthy once every rank has joined;
+    /// after that, while any rank serves (a node that dies leaves the others
+    /// serving, and its ranks are taken back when it returns).
+    pub fn is_serving(&self) -> bool {
+        if self.inner.started.load(Ordering::Relaxed) {
+            return self.any_healthy();
+        }
+        let all = self.all_healthy();
+        if all {
+            self.inner.started.store(true, Ordering::Relaxed);
+        }
+        all
     }
 
     /// Takes a new link of either transport: waits for its Hello, checks it with
@@ -159,11 +175,11 @@ impl Coordinator {
             Some(r) => {
                 let size = links.len() as u32;
                 let l = links.get(r as usize).ok_or(SubmitError::NoSuchRank { rank: r, size })?;
-                l.clone().filter(|l| l.is_healthy()).ok_or(SubmitError::RankDown(r))?
+                l.clone().filter(|l| l.takes_requests()).ok_or(SubmitError::RankDown(r))?
             }
             None => {
                 let loads: Vec<Option<u64>> =
-                    links.iter().map(|l| l.as_ref().filter(|l| l.is_healthy()).map(|l| l.load_score())).collect();
+                    links.iter().map(|l| l.as_ref().filter(|l| l.takes_requests()).map(|l| l.load_score())).collect();
                 let k = choose_rank(&loads).ok_or(SubmitError::NoHealthyRank)?;
                 links[k].clone().expect("a rank with a load has a link")
             }
@@ -172,6 +188,16 @@ impl Coordinator {
         rank.add(EngineRequest { id, prompt_tokens, sampling }, events).map_err(SubmitError::Send)?;
         Ok(RequestGuard { id, rank, live: true })
     }
+}
+
+/// A coordinator with these links attached (in-process ranks: tests, benches,
+/// embedding). Call inside a tokio runtime; ranks join as their Hellos arrive.
+pub fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
+    let c = Coordinator::new(expect);
+    for (k, end) in ends.into_iter().enumerate() {
+        c.attach(end, format!("in-process link {k}"));
+    }
+    c
 }
 
 /// The least loaded rank among the healthy ones (`None` entries are unhealthy).
@@ -216,6 +242,11 @@ impl Drop for RequestGuard {
 pub(crate) mod tests_support {
     use ferry_transport::handshake::Expectations;
     use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
+
+    /// Expectations that Hellos with a default fingerprint meet.
+    pub(crate) fn expect_default_fingerprint(size: u32) -> Expectations {
+        Expectations { config_fingerprint: 0, ..expect(size) }
+    }
 
     pub(crate) fn expect(size: u32) -> Expectations {
         Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, config_fingerprint: 1, tensors_fingerprint: None }
@@ -279,6 +310,7 @@ mod tests {
         assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted), "{w:?}");
         until("rank 1 up", || c.ranks_up() == vec![false, true]).await;
         assert_eq!(c.missing_ranks(), vec![0]);
+        assert!(!c.is_serving(), "not healthy before every rank joined");
         assert!(!c.all_healthy() && c.any_healthy());
         // A duplicate, an out-of-range rank and another tensor table are refused, saying why.
         for (h, why) in [(hello(1, 7), "already connected"), (hello(2, 7), "out of range"), (hello(0, 8), "tensor table")] {
@@ -291,7 +323,9 @@ mod tests {
         until("all up", || c.all_healthy()).await;
         // Rank 1 leaves, and its slot is taken back by a new link.
         drop(_e1);
+        assert!(c.is_serving(), "started: serving while all are up");
         until("rank 1 down", || c.ranks_up() == vec![true, false]).await;
+        assert!(c.is_serving(), "still serving on rank 0");
         let (_e1b, w) = join(&c, hello(1, 7)).await;
         assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted));
         until("rank 1 back", || c.all_healthy()).await;

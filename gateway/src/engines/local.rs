@@ -1,18 +1,36 @@
-//! Starts engine ranks inside this process, linked to the gateway by flume.
+//! Starts an engine rank of this process on a link end it is given: the
+//! in-process flume link on an API node, a QUIC link on a headless node. The
+//! engine code is the same behind either transport.
 
 use ferry_engine::{build_engine_core, spawn_engine, EngineArgs, EngineShape, EngineThreads, LoadedModel};
-use ferry_transport::{flume_link, GatewayEnd};
+use ferry_transport::{flume_link, EngineEnd, GatewayEnd};
 
 pub struct LocalEngine {
-    pub end: GatewayEnd,
     pub threads: EngineThreads,
     pub shape: EngineShape,
 }
 
-/// Builds rank `rank`'s engine over `model` and starts its threads.
-pub fn start_local_engine(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str) -> anyhow::Result<LocalEngine> {
+/// Builds rank `rank`'s engine over `model` and starts its threads on `end`.
+pub fn start_engine_on(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str, end: EngineEnd) -> anyhow::Result<LocalEngine> {
     let (core, shape) = build_engine_core(model, args, rank).map_err(anyhow::Error::msg)?;
+    let threads = spawn_engine(core, end, shape.hello(rank, served_name))?;
+    Ok(LocalEngine { threads, shape })
+}
+
+/// Rank `rank` in this process behind a flume link; the gateway's end to attach.
+pub fn start_local_engine(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str) -> anyhow::Result<(GatewayEnd, LocalEngine)> {
     let (gateway_end, engine_end) = flume_link();
-    let threads = spawn_engine(core, engine_end, shape.hello(rank, served_name))?;
-    Ok(LocalEngine { end: gateway_end, threads, shape })
+    let engine = start_engine_on(model, args, rank, served_name, engine_end)?;
+    Ok((gateway_end, engine))
+}
+
+/// What a rank must match to join a gateway that loaded `model` (its config and,
+/// when it loaded weights, its tensor table).
+pub fn expectations(cfg: &ferry_engine::config::ModelConfig, weights: Option<&ferry_engine::weights::ModelWeights>, data_parallel_size: u32) -> ferry_transport::handshake::Expectations {
+    ferry_transport::handshake::Expectations {
+        protocol_version: ferry_transport::PROTOCOL_VERSION,
+        data_parallel_size,
+        config_fingerprint: ferry_engine::fingerprint::config_hash(cfg),
+        tensors_fingerprint: weights.map(ferry_engine::fingerprint::tensors_hash),
+    }
 }

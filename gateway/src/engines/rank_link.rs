@@ -8,7 +8,7 @@
 //! which never blocks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use ferry_transport::{
     CommandTx, EngineCommand, EngineRequest, EngineStats, FromEngine, Hello, OutputRx, RequestId, ToEngine,
@@ -39,7 +39,9 @@ struct RankState {
     down: Option<String>,
     stats: EngineStats,
     /// Requests sent since the last stats arrived: the engine may not count them yet.
-    uncounted: u32,
+    /// `Add`s sent on this link; those beyond the engine's `num_added` it has
+    /// not counted yet.
+    sent: u64,
     pending: HashMap<RequestId, Pending>,
     /// We told the rank to stop: its link closing is expected, not a fault.
     stopping: bool,
@@ -75,6 +77,12 @@ impl RankLink {
         self.lock().down.is_none()
     }
 
+    /// Up, and not draining: new requests may go here.
+    pub fn takes_requests(&self) -> bool {
+        let s = self.lock();
+        s.down.is_none() && !s.stats.draining
+    }
+
     pub fn hello(&self) -> &Hello {
         &self.hello
     }
@@ -84,11 +92,12 @@ impl RankLink {
         self.lock().stats.clone()
     }
 
-    /// vLLM's load score: waiting × 4 + running, counting requests sent since the
-    /// last stats as waiting.
+    /// vLLM's load score: waiting × 4 + running, counting requests sent that the
+    /// engine has not reported taking in yet as waiting.
     pub fn load_score(&self) -> u64 {
         let s = self.lock();
-        (s.stats.num_waiting as u64 + s.uncounted as u64) * 4 + s.stats.num_running as u64
+        let uncounted = s.sent.saturating_sub(s.stats.num_added);
+        (s.stats.num_waiting as u64 + uncounted) * 4 + s.stats.num_running as u64
     }
 
     /// Requests this gateway has on the rank and not yet seen finish.
@@ -106,12 +115,12 @@ impl RankLink {
                 return Err(why.clone());
             }
             s.pending.insert(id, Pending { events, unfinished: req.sampling.n.max(1) });
-            s.uncounted += 1;
+            s.sent += 1;
         }
         if let Err(e) = self.tx.send(ToEngine::Command(EngineCommand::Add(req))) {
             let mut s = self.lock();
             s.pending.remove(&id);
-            s.uncounted = s.uncounted.saturating_sub(1);
+            s.sent = s.sent.saturating_sub(1);
             return Err(format!("engine rank {} is unreachable: {e}", self.index));
         }
         Ok(())
@@ -136,7 +145,6 @@ impl RankLink {
     fn on_outputs(&self, outputs: Vec<TokenOutput>, stats: EngineStats) {
         let mut s = self.lock();
         s.stats = stats;
-        s.uncounted = 0;
         for out in outputs {
             let id = out.id;
             let Some(p) = s.pending.get_mut(&id) else {
@@ -165,7 +173,6 @@ impl RankLink {
         }
         s.down = Some(why);
         s.stats = EngineStats::default();
-        s.uncounted = 0;
     }
 }
 
@@ -186,6 +193,7 @@ pub async fn read_outputs(link: &RankLink, mut rx: Box<dyn OutputRx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use crate::engines::coordinator::tests_support::hello;
     use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
 
@@ -206,7 +214,7 @@ mod tests {
         let sampling = SamplingParams { n: 2, ..Default::default() };
         link.add(EngineRequest { id: 7, prompt_tokens: vec![1], sampling }, tx).unwrap();
         assert_eq!(link.load_score(), 4); // sent, not yet counted: one waiting
-        let stats = EngineStats { num_running: 1, ..Default::default() };
+        let stats = EngineStats { num_running: 1, num_added: 1, ..Default::default() };
         eng.tx
             .send(FromEngine::Outputs(EngineOutputs {
                 rank: 0,
