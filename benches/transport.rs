@@ -5,23 +5,25 @@
 //! task would.
 //!
 //! Groups are named `transport_round_trip/<link>` and the body is generic over
-//! the two ends, so another link (QUIC) benches beside the flume one by adding
-//! a line to `bench_transport`.
+//! the two ends: the in-process flume link and the QUIC link between nodes
+//! (loopback) bench side by side in one run.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_transport::{
-    flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineRequest, EngineStats, FromEngine, GatewayEnd, SamplingParams,
-    ToEngine, TokenOutput,
+    flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineRequest, EngineStats, FromEngine, GatewayEnd, Hello,
+    SamplingParams, ToEngine, TokenOutput, Welcome, PROTOCOL_VERSION,
 };
 use std::time::Duration;
 
 const BATCHES: [usize; 2] = [1, 64];
 const PROMPT_LEN: u32 = 128;
 
-/// What one engine step reports for `n` sequences: one new token each.
-fn outputs(n: usize) -> EngineOutputs {
-    let outputs = (0..n as u64)
-        .map(|id| TokenOutput { id, index: 0, new_tokens: vec![1000 + id as u32], logprobs: None, finish: None, num_cached_tokens: 0 })
+/// What one engine step reports for `n` sequences (the `n` completions of
+/// request `id`, so that a checking link sees only ids and indices it sent):
+/// one new token each.
+fn outputs(id: u64, n: usize) -> EngineOutputs {
+    let outputs = (0..n as u32)
+        .map(|index| TokenOutput { id, index, new_tokens: vec![1000 + index], logprobs: None, finish: None, num_cached_tokens: 0 })
         .collect();
     EngineOutputs { rank: 0, outputs, stats: EngineStats { num_running: n as u32, kv_usage: 0.25, ..Default::default() } }
 }
@@ -32,11 +34,23 @@ fn outputs(n: usize) -> EngineOutputs {
 fn spawn_answerer(end: EngineEnd, n: usize) -> std::io::Result<std::thread::JoinHandle<()>> {
     let EngineEnd { mut rx, mut tx } = end;
     std::thread::Builder::new().name(format!("bench-engine-{n}")).spawn(move || {
+        // The handshake every link starts with.
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            rank: 0,
+            model: "bench".into(),
+            fingerprint: Default::default(),
+            vocab_size: 1 << 16,
+            max_model_len: 4096,
+            num_kv_blocks: 1024,
+            block_size: 16,
+        };
+        if tx.send(FromEngine::Hello(hello)).is_err() {
+            return;
+        }
         while let Ok(msg) = rx.recv() {
             if let ToEngine::Command(EngineCommand::Add(req)) = msg {
-                let mut batch = outputs(n);
-                batch.outputs[0].id = req.id;
-                if tx.send(FromEngine::Outputs(batch)).is_err() {
+                if tx.send(FromEngine::Outputs(outputs(req.id, n))).is_err() {
                     break;
                 }
             }
@@ -62,7 +76,15 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
             Err(e) => return eprintln!("transport: cannot start the engine-side thread: {e}"),
         };
         let GatewayEnd { tx, mut rx } = gw;
-        let sampling = SamplingParams { temperature: 0.0, max_tokens: 64, ..Default::default() };
+        match rt.block_on(rx.recv()) {
+            Ok(FromEngine::Hello(_)) => {}
+            other => return eprintln!("transport: expected a Hello on the {link_name} link, got {other:?}"),
+        }
+        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None };
+        if tx.send(ToEngine::Welcome(welcome)).is_err() {
+            return eprintln!("transport: the {link_name} link closed in its handshake");
+        }
+        let sampling = SamplingParams { n: n as u32, temperature: 0.7, max_tokens: 64, ..Default::default() };
         let mut req = EngineRequest { id: 0, prompt_tokens: (0..PROMPT_LEN).collect(), sampling };
         // Outputs per second: the batch's token outputs delivered to the gateway.
         group.throughput(Throughput::Elements(n as u64));
@@ -86,8 +108,32 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
     group.finish();
 }
 
+/// A QUIC link on loopback, as between two nodes: the API node's listener and a
+/// headless node's dial, each on its own runtime thread as in `ferry serve`.
+/// Insecure TLS (no client certificate) keeps the bench free of certificate
+/// files; the bytes on the wire and the crypto are those of the mTLS link.
+fn quic_link(rt: &tokio::runtime::Runtime) -> Result<(GatewayEnd, EngineEnd), String> {
+    let alpn = [ferry_transport::quic_link::ALPN];
+    let server = std::sync::Arc::new(ferry_certs::insecure_server_config(&alpn).map_err(|e| e.to_string())?);
+    let client = std::sync::Arc::new(ferry_certs::insecure_client_config(&alpn).map_err(|e| e.to_string())?);
+    rt.block_on(async move {
+        let listener = ferry_transport::RpcListener::bind("127.0.0.1:0".parse().expect("an address"), server).map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let dial = tokio::spawn(ferry_transport::dial(addr, ferry_certs::CLUSTER_SERVER_NAME, client));
+        let (gw, _) = listener.accept().await.ok_or("the listener closed")?.map_err(|e| e.to_string())?;
+        let eng = dial.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        // The listener may go: the accepted connection lives on without it.
+        std::mem::forget(listener);
+        Ok((gw, eng))
+    })
+}
+
 fn bench_transport(c: &mut Criterion) {
     round_trips(c, "flume", &|| Ok(flume_link()));
+    match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => round_trips(c, "quic", &|| quic_link(&rt)),
+        Err(e) => eprintln!("transport: cannot start a tokio runtime for QUIC: {e}"),
+    }
 }
 
 criterion_group!(benches, bench_transport);

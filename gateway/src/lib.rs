@@ -1,20 +1,34 @@
 //! The `ferry` package: the gateway (the OpenAI API over HTTP/3, HTTP/2 and
 //! HTTP/1.1), the CLI, and the tools around them.
 //!
-//! Laid out by concept: [`cli`] (the commands), [`server`] (listeners and the
-//! HTTP versions), [`api`] (the OpenAI and vLLM endpoints), [`engines`] (the
-//! coordinator and the links to engine ranks), [`metrics`], and [`bench`] (the
-//! benchmark client, which uses nothing of the gateway).
+//! # Embedding
+//! The public surface is small: [`Llm`] runs a model's engine ranks in this
+//! process and generates with no HTTP at all ([`Llm::generate`],
+//! [`Llm::stream`]); [`Server`] serves an [`Llm`] over the OpenAI API on the
+//! caller's tokio runtime ([`server::ServeConfig`] says where). See
+//! `gateway/examples/`.
+//!
+//! # Inside
+//! Laid out by concept: `cli` (the commands), `server` (listeners and the HTTP
+//! versions), `api` (the OpenAI and vLLM endpoints), `engines` (the coordinator
+//! and the links to engine ranks), `metrics`, `embed` (the surface above), and
+//! `bench` (the benchmark client, which uses nothing of the gateway).
 
-pub mod api;
-pub mod bench;
-pub mod cli;
-pub mod embed;
-pub mod engines;
-pub mod metrics;
+// What an application embeds is re-exported below; the rest is the gateway's
+// own and stays inside the crate.
+pub(crate) mod api;
+pub(crate) mod bench;
+pub(crate) mod cli;
+pub(crate) mod embed;
+pub(crate) mod engines;
+pub(crate) mod metrics;
 pub mod server;
 
+#[doc(hidden)]
+
 pub use api::errors::ApiError;
+pub use api::generation::{ChoiceDelta, Finish};
+pub use cli::command::main as run_cli;
 pub use embed::{Completion, Llm, LlmBuilder, Prompt, Server, Stream, TextParams};
 pub use ferry_engine::EngineArgs;
 pub use ferry_transport::SamplingParams;

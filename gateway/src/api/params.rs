@@ -9,7 +9,6 @@ use axum::http::header;
 use bytes::Bytes;
 use ferry_transport::SamplingParams;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::errors::ApiError;
@@ -199,8 +198,9 @@ pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<Strin
     }
 }
 
-/// Deserialize helper for tests and callers that hold a `Value` already.
-pub fn from_value<T: for<'de> Deserialize<'de>>(v: Value) -> Result<T, ApiError> {
+/// Deserialize helper for tests that hold a `Value` already.
+#[cfg(test)]
+pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     parse_json(&serde_json::to_vec(&v).map_err(|e| ApiError::bad_request(e.to_string()))?)
 }
 

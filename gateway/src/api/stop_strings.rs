@@ -30,6 +30,7 @@ impl StopChecker {
         StopChecker { stops, include_stop_str: include_stop_str_in_output, held: String::new() }
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.stops.is_empty()
     }

@@ -38,6 +38,7 @@ pub fn arrival_offsets(n: usize, rate: f64, burstiness: f64, rng: &mut Rng) -> V
 }
 
 /// The gaps between successive offsets (the first gap is from 0).
+#[cfg(test)]
 pub fn gaps(offsets: &[f64]) -> Vec<f64> {
     let mut prev = 0.0;
     offsets

@@ -50,6 +50,7 @@ pub async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
 }
 
 /// Everything a run produced; the CLI prints `text`, tests inspect the rest.
+#[cfg_attr(not(test), allow(dead_code))]
 pub struct BenchOutcome {
     pub text: String,
     pub json: serde_json::Value,

@@ -5,8 +5,8 @@
 //! generator ([`ferry_engine::rng`], xoshiro256** from `rand_xoshiro`, a
 //! published algorithm) and takes its distributions from `rand_distr`.
 
-use ferry_engine::rng::{seeded, unit_f64, RngCore, Xoshiro256StarStar};
-use rand_distr::{Distribution, Exp, Gamma};
+use ferry_engine::rng::{seeded, Xoshiro256StarStar};
+use rand_distr::{Distribution, Gamma};
 
 pub struct Rng(Xoshiro256StarStar);
 
@@ -15,13 +15,9 @@ impl Rng {
         Rng(seeded(seed))
     }
 
+    #[cfg(test)]
     pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        unit_f64(&mut self.0)
+        ferry_engine::rng::RngCore::next_u64(&mut self.0)
     }
 
     /// Uniform integer in [lo, hi] (inclusive), without modulo bias.
@@ -30,11 +26,6 @@ impl Rng {
             return lo;
         }
         rand_distr::Uniform::new_inclusive(lo, hi).map_or(lo, |u| u.sample(&mut self.0))
-    }
-
-    /// Exponential deviate with the given mean (> 0).
-    pub fn exponential(&mut self, mean: f64) -> f64 {
-        Exp::new(1.0 / mean).map_or(mean, |d| d.sample(&mut self.0))
     }
 
     /// Gamma deviate with shape k > 0 and scale theta (mean k * theta).
@@ -91,14 +82,5 @@ mod tests {
             assert!((m - k * theta).abs() < 0.02 * k * theta + 0.005, "k={k} mean {m}");
             assert!((v - k * theta * theta).abs() < 0.06 * k * theta * theta, "k={k} var {v}");
         }
-    }
-
-    #[test]
-    fn exponential_mean() {
-        let mut r = Rng::new(3);
-        let xs: Vec<f64> = (0..200_000).map(|_| r.exponential(2.0)).collect();
-        let (m, v) = mean_var(&xs);
-        assert!((m - 2.0).abs() < 0.03, "{m}");
-        assert!((v - 4.0).abs() < 0.15, "{v}");
     }
 }

@@ -5,6 +5,7 @@
 pub mod bench_engine;
 pub mod bench_gateway;
 pub mod certs;
+pub mod command;
 pub mod cluster_flags;
 pub mod engine_flags;
 pub mod generate;

@@ -101,6 +101,7 @@ impl RankLink {
     }
 
     /// Requests this gateway has on the rank and not yet seen finish.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.lock().pending.len()
     }
