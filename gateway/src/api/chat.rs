@@ -11,7 +11,7 @@ use axum::Json;
 use bytes::Bytes;
 use ferry_transport::TokenLogprob;
 
-use super::completions::{clamp_lp, token_text};
+use super::logprobs::{clamp_lp, token_text};
 use super::errors::ApiError;
 use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};

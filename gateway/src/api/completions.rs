@@ -11,6 +11,7 @@ use ferry_transport::TokenLogprob;
 use super::errors::ApiError;
 use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
+use super::logprobs::{clamp_lp, token_text};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
@@ -183,20 +184,6 @@ pub fn completion_logprobs(tok: &Tokenizer, echoed: &[u32], lps: &[TokenLogprob]
         push(&mut r, token_text(tok, l.token), Some(clamp_lp(l.logprob)), Some(top));
     }
     r
-}
-
-/// One token's text, special tokens included.
-pub fn token_text(tok: &Tokenizer, t: u32) -> String {
-    tok.decode(&[t], false).unwrap_or_default()
-}
-
-/// JSON has no -inf; OpenAI (and vLLM) send -9999.0.
-pub fn clamp_lp(lp: f32) -> f32 {
-    if lp.is_nan() {
-        -9999.0
-    } else {
-        lp.max(-9999.0)
-    }
 }
 
 struct CompletionStream {

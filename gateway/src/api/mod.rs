@@ -16,6 +16,7 @@ pub mod chat;
 pub mod completions;
 pub mod errors;
 pub mod generation;
+pub mod logprobs;
 pub mod models;
 pub mod params;
 pub mod sse;
