@@ -250,6 +250,16 @@ impl EngineCore {
         outs
     }
 
+    /// Ends every request with `why` (the rank cannot go on) and frees their blocks.
+    pub fn fail_all(&mut self, why: &EngineError) -> Vec<TokenOutput> {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        let mut outs = self.abort(&ids);
+        for o in &mut outs {
+            o.finish = Some(FinishReason::Error(why.clone()));
+        }
+        outs
+    }
+
     /// Requests still in flight (for tests and shutdown).
     pub fn num_requests(&self) -> usize {
         self.requests.len()
@@ -331,6 +341,65 @@ enum Inbox {
     Wake,
 }
 
+/// A test-only fault: with `FERRY_FAULT_INJECT_PANIC=ID` set, the busy loop
+/// panics on a request whose prompt holds token `ID`, so tests can prove the
+/// panic boundary. Unset in normal use, and then it costs one check per Add.
+fn fault_injection_token() -> Option<u32> {
+    std::env::var("FERRY_FAULT_INJECT_PANIC").ok().and_then(|v| v.parse().ok())
+}
+
+/// Schedules, executes and samples until the link closes or Shutdown comes.
+fn busy_loop(
+    core: &mut EngineCore,
+    inbox_rx: &flume::Receiver<Inbox>,
+    outbox_tx: &flume::Sender<EngineOutputs>,
+    control: &Control,
+    fault: Option<u32>,
+) {
+    let rank = core.cfg.rank;
+    let mut pending = Vec::new();
+    let mut woken = false;
+    'run: loop {
+        // Block for commands only when idle; otherwise take what has arrived.
+        if !core.has_work() && pending.is_empty() {
+            match inbox_rx.recv() {
+                Ok(m) => pending.push(m),
+                Err(_) => break,
+            }
+        }
+        pending.extend(inbox_rx.try_iter());
+        let mut outputs = Vec::new();
+        for m in pending.drain(..) {
+            match m {
+                Inbox::Command(EngineCommand::Add(req)) => {
+                    if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
+                        let _ = core.add_request(req);
+                        panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
+                    }
+                    if let Err(refusal) = core.add_request(req) {
+                        outputs.push(refusal);
+                    }
+                }
+                Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
+                Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
+                Inbox::Wake => woken = true,
+            }
+        }
+        if core.has_work() {
+            outputs.extend(core.step());
+        }
+        let draining = control.draining.load(std::sync::atomic::Ordering::Relaxed);
+        control.in_flight.store(core.num_requests(), std::sync::atomic::Ordering::Relaxed);
+        if !outputs.is_empty() || woken {
+            woken = false;
+            let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, ..core.stats() } };
+            if outbox_tx.send(batch).is_err() {
+                break;
+            }
+        }
+    }
+}
+
 /// Starts the input thread, busy loop and output thread of `core` on `end`. The
 /// first message out is `hello`.
 pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::io::Result<EngineThreads> {
@@ -370,43 +439,25 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
         }
     })?;
 
+    let fault = fault_injection_token();
     let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
-        let mut pending = Vec::new();
-        let mut woken = false;
-        'run: loop {
-            // Block for commands only when idle; otherwise take what has arrived.
-            if !core.has_work() && pending.is_empty() {
-                match inbox_rx.recv() {
-                    Ok(m) => pending.push(m),
-                    Err(_) => break,
-                }
-            }
-            pending.extend(inbox_rx.try_iter());
-            let mut outputs = Vec::new();
-            for m in pending.drain(..) {
-                match m {
-                    Inbox::Command(EngineCommand::Add(req)) => {
-                        if let Err(refusal) = core.add_request(req) {
-                            outputs.push(refusal);
-                        }
-                    }
-                    Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
-                    Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
-                    Inbox::Wake => woken = true,
-                }
-            }
-            if core.has_work() {
-                outputs.extend(core.step());
-            }
-            let draining = control_busy.draining.load(std::sync::atomic::Ordering::Relaxed);
-            control_busy.in_flight.store(core.num_requests(), std::sync::atomic::Ordering::Relaxed);
-            if !outputs.is_empty() || woken {
-                woken = false;
-                let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, ..core.stats() } };
-                if outbox_tx.send(batch).is_err() {
-                    break;
-                }
-            }
+        // The panic boundary: a bug in a step must not leave the rank's streams
+        // hanging. Every request still here fails as an internal error, the
+        // panic is logged, and the loop ends, which closes the link, so the
+        // gateway marks the rank down and serves on with the others.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            busy_loop(&mut core, &inbox_rx, &outbox_tx, &control_busy, fault)
+        }));
+        if let Err(panic) = run {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic with no message".into());
+            tracing::error!(rank, "engine rank {rank} panicked: {what}; failing its requests");
+            let why = EngineError::internal(format!("engine rank {rank} failed: {what}"));
+            let outputs = core.fail_all(&why);
+            let _ = outbox_tx.send(EngineOutputs { rank, outputs, stats: EngineStats::default() });
         }
     })?;
 

@@ -25,8 +25,13 @@ use super::{new_response_id, unix_now, AppState};
 
 use ferry_transport::MAX_LOGPROBS as MAX_TOP_LOGPROBS;
 
-pub async fn create(State(state): State<AppState>, headers: axum::http::HeaderMap, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
-    run(state, headers, req).await.unwrap_or_else(|e| e.into_response())
+pub async fn create(
+    State(state): State<AppState>,
+    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
+    headers: axum::http::HeaderMap,
+    JsonBody(req): JsonBody<ChatCompletionRequest>,
+) -> Response {
+    run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
 }
 
 /// The chat rendered with the model's template, as token ids.
@@ -43,7 +48,7 @@ pub fn render_chat(
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to tokenize the chat: {e}")))
 }
 
-async fn run(state: AppState, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let pin = super::params::data_parallel_rank(&headers)?;
     let arrival = Instant::now();
     let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
@@ -62,13 +67,18 @@ async fn run(state: AppState, headers: axum::http::HeaderMap, req: ChatCompletio
         }
     }
     let top_k = req.top_logprobs.unwrap_or(0);
+    // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
+    super::limits::check_stop(req.sampling.stop.as_ref())?;
+    super::limits::check_message_count(messages.len())?;
+    super::limits::check_prompt_chars("messages", messages.iter().map(|m| m.content.chars().count()).sum())?;
+    let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
-    let prompt = render_chat(
-        &tok,
-        messages,
-        req.add_generation_prompt.unwrap_or(true),
-        req.sampling.add_special_tokens.unwrap_or(false),
-    )?;
+    let prompt = {
+        let (tok, messages) = (tok.clone(), messages.clone());
+        let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+        let add_special = req.sampling.add_special_tokens.unwrap_or(false);
+        state.text_work(move || render_chat(&tok, &messages, add_generation_prompt, add_special)).await?
+    };
     let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
@@ -82,7 +92,6 @@ async fn run(state: AppState, headers: axum::http::HeaderMap, req: ChatCompletio
         &limits,
         tok.vocab_size(),
     )?;
-    let permit = state.admit()?;
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
     if plan.stream {

@@ -20,8 +20,13 @@ use super::{new_response_id, unix_now, AppState};
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
-pub async fn create(State(state): State<AppState>, headers: axum::http::HeaderMap, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
-    run(state, headers, req).await.unwrap_or_else(|e| e.into_response())
+pub async fn create(
+    State(state): State<AppState>,
+    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
+    headers: axum::http::HeaderMap,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Response {
+    run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
 }
 
 /// Token ids of each prompt; ids must be inside the vocabulary.
@@ -45,7 +50,7 @@ pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> R
     }
 }
 
-async fn run(state: AppState, headers: axum::http::HeaderMap, req: CompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: CompletionRequest) -> Result<Response, ApiError> {
     let pin = super::params::data_parallel_rank(&headers)?;
     let arrival = Instant::now();
     let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
@@ -57,8 +62,24 @@ async fn run(state: AppState, headers: axum::http::HeaderMap, req: CompletionReq
         (Prompt::Texts(v), true) => Some(v.clone()),
         _ => None, // token prompts: decoded below
     };
+    // Cheap bounds first, then a slot, then the costly tokenizing off the async workers.
+    super::limits::check_stop(req.sampling.stop.as_ref())?;
+    match &prompt {
+        Prompt::Text(s) => super::limits::check_prompt_chars("prompt", s.chars().count())?,
+        Prompt::Texts(v) => {
+            super::limits::check_prompt_count(v.len())?;
+            super::limits::check_prompt_chars("prompt", v.iter().map(|s| s.chars().count()).sum())?
+        }
+        Prompt::Tokens(_) => {}
+        Prompt::TokenLists(v) => super::limits::check_prompt_count(v.len())?,
+    }
+    let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
-    let prompts = tokenize_prompts(&tok, prompt, req.sampling.add_special_tokens.unwrap_or(true))?;
+    let add_special = req.sampling.add_special_tokens.unwrap_or(true);
+    let prompts = {
+        let tok = tok.clone();
+        state.text_work(move || tokenize_prompts(&tok, prompt, add_special)).await?
+    };
     if prompts.is_empty() {
         return Err(ApiError::invalid_param("prompt", "Please provide at least one prompt."));
     }
@@ -79,7 +100,6 @@ async fn run(state: AppState, headers: axum::http::HeaderMap, req: CompletionReq
         let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
         params.push(sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?);
     }
-    let permit = state.admit()?;
     let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
     let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output {

@@ -15,7 +15,7 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, when one is.
     pub param: Option<String>,
-    /// Seconds a client should wait before trying again (503 only).
+    /// Seconds a client should wait before trying again (503 and 429).
     pub retry_after: Option<u32>,
 }
 
@@ -66,6 +66,11 @@ impl ApiError {
     /// 503 with a Retry-After hint: not ready yet, or too busy right now.
     pub fn unavailable(message: impl Into<String>, retry_after: u32) -> Self {
         ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message) }
+    }
+
+    /// 429 with a Retry-After hint: this client is over its own limits.
+    pub fn too_many_requests(message: impl Into<String>, retry_after: u32) -> Self {
+        ApiError { retry_after: Some(retry_after), ..Self::new(StatusCode::TOO_MANY_REQUESTS, message) }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

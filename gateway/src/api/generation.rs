@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_transport::{FinishReason, RequestId, SamplingParams, TokenLogprob, TokenOutput};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::fe::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use super::params::TextOptions;
-use super::stop_strings::{StopCheck, StopChecker};
+use super::stop_strings::{StopCheck, StopChecker, StopSet};
 use super::types::StopReason;
-use super::AppState;
+use super::{Admission, AppState};
 use crate::engines::coordinator::{RequestGuard, SubmitError};
 use crate::engines::rank_link::{EventRx, SeqEvent};
 
@@ -75,12 +75,13 @@ pub struct Generation {
     remaining: usize,
     arrival: Instant,
     failed: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The admission slot, held to the end; its client is charged the tokens.
+    admission: Option<Admission>,
 }
 
 impl Generation {
     /// Send every prompt to the engines. `prompts[i]` goes with `params[i]`; all
-    /// share `n`. `permit` (the admission slot) is held until this is dropped.
+    /// share `n`. `admission` is held until this is dropped.
     /// `pin` sends them to one rank (vLLM's `X-data-parallel-rank`).
     pub fn start(
         state: &AppState,
@@ -88,7 +89,7 @@ impl Generation {
         params: Vec<SamplingParams>,
         opts: TextOptions,
         arrival: Instant,
-        permit: Option<OwnedSemaphorePermit>,
+        admission: Option<Admission>,
         pin: Option<u32>,
     ) -> Result<Self, ApiError> {
         let n = params.first().map(|p| p.n).unwrap_or(1).max(1);
@@ -96,6 +97,8 @@ impl Generation {
         let mut runs = Vec::with_capacity(prompts.len());
         let mut by_id = HashMap::new();
         let mut choices = Vec::new();
+        // One set of stop strings for the whole request, shared by its choices.
+        let stops = StopSet::new(opts.stop.clone());
         for (p, (tokens, sampling)) in prompts.into_iter().zip(params).enumerate() {
             let len = tokens.len() as u32;
             // The prompt's last tokens give the first new token its context (a
@@ -115,7 +118,7 @@ impl Generation {
                         opts.skip_special_tokens,
                         &context_tail,
                     ),
-                    stop: StopChecker::new(opts.stop.clone(), opts.include_stop_str_in_output),
+                    stop: StopChecker::new(stops.clone(), opts.include_stop_str_in_output),
                     rank: guard.rank_index(),
                     num_tokens: 0,
                     finished: false,
@@ -137,7 +140,7 @@ impl Generation {
             remaining,
             arrival,
             failed: false,
-            _permit: permit,
+            admission,
         })
     }
 
@@ -169,11 +172,19 @@ impl Generation {
             if self.remaining == 0 || self.failed {
                 return None;
             }
-            let event = match self.rx.recv().await {
-                Some(ev) => ev,
-                None => {
+            let mut deadline = self.state.drain_deadline.clone();
+            let event = tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => ev,
+                    None => {
+                        self.failed = true;
+                        return Some(Err(ApiError::internal("the engine stopped answering this request")));
+                    }
+                },
+                // A draining server's time is up: end with an error rather than be cut.
+                Ok(_) = deadline.wait_for(|fired| *fired) => {
                     self.failed = true;
-                    return Some(Err(ApiError::internal("the engine stopped answering this request")));
+                    return Some(Err(ApiError::unavailable("the server is shutting down and its --shutdown-timeout ran out", 1)));
                 }
             };
             match event {
@@ -187,6 +198,12 @@ impl Generation {
                     }
                 }
             }
+        }
+    }
+
+    fn charge(&self, tokens: u64) {
+        if let Some(a) = &self.admission {
+            a.client.charge(tokens);
         }
     }
 
@@ -209,7 +226,9 @@ impl Generation {
         if !self.runs[p].prompt_counted {
             self.runs[p].prompt_counted = true;
             metrics.add_prompt_tokens(rank, self.runs[p].len as u64);
+            self.charge(self.runs[p].len as u64);
         }
+        self.charge(out.new_tokens.len() as u64);
         if !out.new_tokens.is_empty() {
             let c = &mut self.choices[i];
             match c.last_token_at {

@@ -13,9 +13,12 @@
 //! - All errors are `{"error": {"message", "type", "param", "code"}}`.
 
 pub mod chat;
+pub mod client_limits;
 pub mod completions;
+pub mod cors;
 pub mod errors;
 pub mod generation;
+pub mod limits;
 pub mod logprobs;
 pub mod models;
 pub mod params;
@@ -61,12 +64,23 @@ pub struct AppState {
     pub max_model_len: u32,
     pub coordinator: Coordinator,
     pub metrics: Arc<Metrics>,
-    pub api_key: Option<Arc<str>>,
+    /// Keys a client may present (`Authorization: Bearer KEY`); empty: no check.
+    pub api_keys: Arc<[String]>,
     /// Cleared to report not-ready (e.g. while draining) even with all ranks up.
     pub accepting: Arc<AtomicBool>,
     pub start_unix: u64,
     pub version: Arc<str>,
     admission: Arc<Semaphore>,
+    /// Fires when a draining server's time is up: generations still running end
+    /// with an error (streams get an error event and `[DONE]`).
+    pub drain_deadline: tokio::sync::watch::Receiver<bool>,
+    drain_fire: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Tokenizing, detokenizing and template rendering run on blocking threads,
+    /// this many at once, so big inputs never stall the async workers that
+    /// serve /health and the streams.
+    text_work: Arc<Semaphore>,
+    pub client_limits: Arc<client_limits::ClientLimits>,
+    pub cors: cors::CorsConfig,
 }
 
 impl AppState {
@@ -81,6 +95,7 @@ impl AppState {
     ) -> Self {
         let label = served_model_names.first().cloned().unwrap_or_default();
         let metrics = Arc::new(Metrics::new(label, coordinator.size()));
+        let (drain_fire, drain_deadline) = tokio::sync::watch::channel(false);
         AppState {
             served_model_names: served_model_names.into(),
             model_root: Arc::from(model_root.into()),
@@ -88,17 +103,45 @@ impl AppState {
             max_model_len,
             coordinator,
             metrics,
-            api_key: None,
+            api_keys: Arc::from(Vec::new()),
             accepting: Arc::new(AtomicBool::new(true)),
             start_unix: unix_now(),
             version: Arc::from(env!("CARGO_PKG_VERSION")),
             admission: Arc::new(Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS)),
+            drain_deadline,
+            drain_fire: Arc::new(drain_fire),
+            client_limits: client_limits::ClientLimits::new(Default::default()),
+            cors: cors::CorsConfig::default(),
+            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
         }
     }
 
-    pub fn with_api_key(mut self, key: Option<String>) -> Self {
-        self.api_key = key.filter(|k| !k.is_empty()).map(Arc::from);
+    pub fn with_api_key(self, key: Option<String>) -> Self {
+        self.with_api_keys(key.into_iter().collect())
+    }
+
+    /// Any of these keys is accepted (vLLM's `--api-key` takes several).
+    pub fn with_api_keys(mut self, keys: Vec<String>) -> Self {
+        self.api_keys = keys.into_iter().filter(|k| !k.is_empty()).collect::<Vec<_>>().into();
         self
+    }
+
+    /// Runs text work (tokenizing, rendering a template) off the async workers,
+    /// on a bounded set of blocking threads.
+    pub async fn text_work<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+        let _permit = self.text_work.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("The server is stopping.", 1))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("text work failed: {e}")))?
+    }
+
+    /// Starts draining: /health reports not ready, new generations get 503, and
+    /// after `timeout` those still running end with an error.
+    pub fn begin_drain(&self, timeout: std::time::Duration) {
+        self.accepting.store(false, Ordering::Relaxed);
+        let fire = self.drain_fire.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = fire.send(true);
+        });
     }
 
     pub fn with_version(mut self, version: impl Into<String>) -> Self {
@@ -116,20 +159,67 @@ impl AppState {
         self.accepting.load(Ordering::Relaxed) && self.coordinator.is_serving()
     }
 
-    /// A slot for one generation, or 503 with Retry-After.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// Which browser origins may call the API (checked when the router is built).
+    pub fn with_cors(mut self, cors: cors::CorsConfig) -> Result<Self, String> {
+        let _checked = cors.layer()?;
+        self.cors = cors;
+        Ok(self)
+    }
+
+    pub fn with_client_limits(mut self, cfg: client_limits::LimitConfig) -> Self {
+        self.client_limits = client_limits::ClientLimits::new(cfg);
+        self
+    }
+
+    /// A slot for one generation of `client`: 503 with Retry-After when the
+    /// server is not ready or full, 429 with Retry-After when this client is
+    /// over its own limits.
+    pub fn admit(&self, client: client_limits::ClientId) -> Result<Admission, ApiError> {
         if !self.accepting.load(Ordering::Relaxed) || !self.coordinator.any_healthy() {
             return Err(ApiError::unavailable("The engine is not ready.", 5));
         }
-        self.admission
+        let client = self
+            .client_limits
+            .admit(client, std::time::Instant::now())
+            .map_err(|o| ApiError::too_many_requests(o.message, o.retry_after.as_secs().max(1) as u32))?;
+        let global = self
+            .admission
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ApiError::unavailable("The server is overloaded; try again shortly.", 1))
+            .map_err(|_| ApiError::unavailable("The server is overloaded; try again shortly.", 1))?;
+        Ok(Admission { _global: global, client })
     }
+}
+
+/// One admitted generation: its place under the server's bound and under its
+/// client's. Held until the generation ends.
+pub struct Admission {
+    _global: OwnedSemaphorePermit,
+    pub client: client_limits::ClientPermit,
+}
+
+/// Names the client of a request for its limits: its API key when it presents
+/// one the server checks, else its address.
+async fn identify_client(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let key = (!state.api_keys.is_empty())
+        .then(|| req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
+        .flatten()
+        .map(|k| client_limits::ClientId::from_key(k.trim()));
+    let id = key
+        .or_else(|| {
+            req.extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| client_limits::ClientId::Addr(c.0.ip()))
+        })
+        .unwrap_or(client_limits::ClientId::Local);
+    req.extensions_mut().insert(id);
+    next.run(req).await
 }
 
 /// The whole API. Serve it with `axum::serve` or any hyper/h3 adapter.
 pub fn router(state: AppState) -> Router {
+    // with_cors checked the configuration; the default is always valid.
+    let cors = state.cors.layer().unwrap_or_else(|_| tower_http::cors::CorsLayer::permissive());
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -141,9 +231,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), identify_client))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(close_after_early_error))
+        // Outermost: a preflight is answered before the API key is asked for.
+        .layer(cors)
         .with_state(state)
 }
 
@@ -184,7 +277,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 const OPEN_PATHS: [&str; 3] = ["/health", "/metrics", "/version"];
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.api_key {
+    if !state.api_keys.is_empty() {
         if !OPEN_PATHS.contains(&req.uri().path()) {
             let given = req
                 .headers()
@@ -192,7 +285,9 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            // Every key is compared, so the time taken says nothing of which matched.
+            let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, k| ok | constant_time_eq(g.as_bytes(), k.as_bytes())));
+            if !ok {
                 return ApiError::unauthorized().into_response();
             }
         }

@@ -6,6 +6,8 @@
 //! string is held back until the next piece settles it. Any later match must begin
 //! inside that held tail, so nothing released is ever taken back.
 
+use std::sync::Arc;
+
 /// What one piece of text led to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopCheck {
@@ -16,45 +18,82 @@ pub enum StopCheck {
     Stopped { text: String, matched: String },
 }
 
+/// A request's stop strings, built once and shared by all its choices: an
+/// Aho–Corasick automaton finds the earliest match in one pass over the text,
+/// whatever the number of strings, and a sorted copy answers "could this tail
+/// still grow into one?" by binary search.
+#[derive(Debug)]
+pub struct StopSet {
+    stops: Vec<String>,
+    /// Leftmost-first: the earliest match wins, and at one position the stop
+    /// string listed first (OpenAI's and vLLM's order).
+    automaton: Option<aho_corasick::AhoCorasick>,
+    sorted: Vec<String>,
+    longest: usize,
+}
+
+impl StopSet {
+    /// Empty stop strings are dropped: they would match before any text. The
+    /// gateway bounds their number and total length before this (`limits`).
+    pub fn new(stops: Vec<String>) -> Arc<StopSet> {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let automaton = (!stops.is_empty())
+            .then(|| {
+                aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                    .build(&stops)
+                    .ok()
+            })
+            .flatten();
+        let mut sorted = stops.clone();
+        sorted.sort();
+        sorted.dedup();
+        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        Arc::new(StopSet { stops, automaton, sorted, longest })
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.automaton.is_none()
+    }
+
+    /// Some stop string starts with `tail` and is longer than it.
+    fn could_grow_from(&self, tail: &str) -> bool {
+        let at = self.sorted.partition_point(|s| s.as_str() < tail);
+        // Strings that start with `tail` sort at and right after it; skip an
+        // exact equal (it would have matched already).
+        self.sorted[at..].iter().take(2).any(|s| s.len() > tail.len() && s.starts_with(tail))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StopChecker {
-    stops: Vec<String>,
+    set: Arc<StopSet>,
     include_stop_str: bool,
     held: String,
 }
 
 impl StopChecker {
-    /// Empty stop strings are dropped: they would match before any text.
-    pub fn new(stops: Vec<String>, include_stop_str_in_output: bool) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        StopChecker { stops, include_stop_str: include_stop_str_in_output, held: String::new() }
+    pub fn new(set: Arc<StopSet>, include_stop_str_in_output: bool) -> Self {
+        StopChecker { set, include_stop_str: include_stop_str_in_output, held: String::new() }
     }
 
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.stops.is_empty()
+        self.set.is_empty()
     }
 
     /// Feed the next piece of text. With `check` false (fewer than `min_tokens`
     /// generated) matches are not looked for, but possible prefixes are still held.
     pub fn push(&mut self, piece: &str, check: bool) -> StopCheck {
         self.held.push_str(piece);
-        if self.stops.is_empty() {
+        let Some(ac) = &self.set.automaton else {
             return StopCheck::Continue(std::mem::take(&mut self.held));
-        }
+        };
         if check {
-            // The earliest match wins; at one position, the first stop string listed.
-            let mut best: Option<(usize, usize)> = None;
-            for (i, s) in self.stops.iter().enumerate() {
-                if let Some(pos) = self.held.find(s.as_str()) {
-                    if best.is_none_or(|(p, _)| pos < p) {
-                        best = Some((pos, i));
-                    }
-                }
-            }
-            if let Some((pos, i)) = best {
-                let matched = self.stops[i].clone();
-                let end = if self.include_stop_str { pos + matched.len() } else { pos };
+            if let Some(m) = ac.find(self.held.as_str()) {
+                let matched = self.set.stops[m.pattern().as_usize()].clone();
+                let end = if self.include_stop_str { m.end() } else { m.start() };
                 let text = self.held[..end].to_string();
                 self.held.clear();
                 return StopCheck::Stopped { text, matched };
@@ -73,13 +112,14 @@ impl StopChecker {
     }
 
     /// Bytes at the end of `held` that could still grow into a stop string: the
-    /// longest suffix (on a char boundary) that is a proper prefix of one.
+    /// longest suffix (on a char boundary) that is a proper prefix of one. Only
+    /// suffixes shorter than the longest stop string can be.
     fn held_back_len(&self) -> usize {
         let h = self.held.as_str();
-        for (start, _) in h.char_indices() {
-            let tail = &h[start..];
-            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
-                return tail.len();
+        let from = h.len().saturating_sub(self.set.longest.saturating_sub(1));
+        for (start, _) in h.char_indices().filter(|(i, _)| *i >= from) {
+            if self.set.could_grow_from(&h[start..]) {
+                return h.len() - start;
             }
         }
         0
@@ -93,7 +133,7 @@ mod tests {
     /// Feed pieces; return (all text released, the match if any). The reference is
     /// the whole text cut at the first occurrence found by a plain search.
     fn run(stops: &[&str], include: bool, pieces: &[&str]) -> (String, Option<String>) {
-        let mut c = StopChecker::new(stops.iter().map(|s| s.to_string()).collect(), include);
+        let mut c = StopChecker::new(StopSet::new(stops.iter().map(|s| s.to_string()).collect()), include);
         let mut out = String::new();
         for p in pieces {
             match c.push(p, true) {
@@ -132,7 +172,7 @@ mod tests {
 
     #[test]
     fn held_back_prefix_is_released_when_it_cannot_match() {
-        let mut c = StopChecker::new(vec!["END".into()], false);
+        let mut c = StopChecker::new(StopSet::new(vec!["END".into()]), false);
         assert_eq!(c.push("abc E", true), StopCheck::Continue("abc ".into()));
         assert_eq!(c.push("N", true), StopCheck::Continue(String::new()));
         assert_eq!(c.push("X", true), StopCheck::Continue("ENX".into()));
@@ -151,10 +191,10 @@ mod tests {
 
     #[test]
     fn no_stops_passes_text_through_and_min_tokens_defers_checks() {
-        let mut c = StopChecker::new(vec![String::new()], false);
+        let mut c = StopChecker::new(StopSet::new(vec![String::new()]), false);
         assert!(c.is_empty());
         assert_eq!(c.push("anything", true), StopCheck::Continue("anything".into()));
-        let mut c = StopChecker::new(vec!["x".into()], false);
+        let mut c = StopChecker::new(StopSet::new(vec!["x".into()]), false);
         assert_eq!(c.push("axb", false), StopCheck::Continue("axb".into()));
         assert_eq!(c.push("cx", true), StopCheck::Stopped { text: "c".into(), matched: "x".into() });
     }

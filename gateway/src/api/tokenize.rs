@@ -27,8 +27,19 @@ pub struct DetokenizeResponse {
 /// `prompt` is tokenized as completions would (special tokens added by default);
 /// `messages` go through the chat template as chat would (none added by default).
 pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
-    let run = || -> Result<TokenizeResponse, ApiError> {
-        resolve_model(req.model.as_deref(), &state.served_model_names)?;
+    if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| {
+        let chars = req.prompt.as_ref().map(|p| p.chars().count()).unwrap_or(0)
+            + req.messages.as_ref().map(|m| m.iter().map(|m| m.content.chars().count()).sum()).unwrap_or(0);
+        if let Some(m) = &req.messages {
+            super::limits::check_message_count(m.len())?;
+        }
+        super::limits::check_prompt_chars(if req.messages.is_some() { "messages" } else { "prompt" }, chars)
+    }) {
+        return e.into_response();
+    }
+    let st = state.clone();
+    let run = move || -> Result<TokenizeResponse, ApiError> {
+        let state = st;
         let tok = &state.tokenizer;
         let tokens = match (&req.prompt, &req.messages) {
             (Some(p), None) => tok
@@ -47,14 +58,16 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
         });
         Ok(TokenizeResponse { count: tokens.len(), max_model_len: state.max_model_len, tokens, token_strs })
     };
-    match run() {
+    match state.text_work(run).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
-    let run = || -> Result<DetokenizeResponse, ApiError> {
+    let st = state.clone();
+    let run = move || -> Result<DetokenizeResponse, ApiError> {
+        let state = st;
         resolve_model(req.model.as_deref(), &state.served_model_names)?;
         let tokens = req.tokens.as_deref().ok_or_else(|| ApiError::invalid_param("tokens", "`tokens` is required."))?;
         let vocab = state.tokenizer.vocab_size();
@@ -67,7 +80,7 @@ pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<D
             .map_err(|e| ApiError::invalid_param("tokens", format!("Failed to detokenize: {e}")))?;
         Ok(DetokenizeResponse { prompt })
     };
-    match run() {
+    match state.text_work(run).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }

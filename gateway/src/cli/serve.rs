@@ -3,6 +3,8 @@
 //! nodes' over QUIC with mutual TLS. `--headless` runs engines only (see
 //! [`crate::cli::headless`]). Flags are vLLM's.
 
+use crate::api::client_limits::LimitConfig;
+use crate::api::cors::{parse_list, CorsConfig};
 use crate::api::{router, AppState};
 use crate::cli::cluster_flags::ClusterFlags;
 use crate::cli::engine_flags::EngineFlags;
@@ -34,9 +36,9 @@ pub struct ServeArgs {
     /// Names the model answers to (the first is reported); default: the model's.
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
-    /// Require `Authorization: Bearer KEY` on the API.
-    #[arg(long, env = "FERRY_API_KEY")]
-    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the API; repeat for several keys.
+    #[arg(long, env = "FERRY_API_KEY", num_args = 1.., value_delimiter = ',')]
+    pub api_key: Vec<String>,
     #[arg(long)]
     pub ssl_certfile: Option<PathBuf>,
     #[arg(long)]
@@ -48,6 +50,25 @@ pub struct ServeArgs {
     /// Requests in flight at most; more get 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_concurrent_requests: usize,
+    /// Requests one client (its API key, else its address) may have in flight;
+    /// more get 429 with Retry-After.
+    #[arg(long)]
+    pub max_requests_per_client: Option<usize>,
+    /// Tokens (prompt and generated) one client may spend per minute; over it,
+    /// 429 with Retry-After.
+    #[arg(long)]
+    pub max_tokens_per_minute_per_client: Option<u64>,
+    /// Origins a browser page may call the API from (vLLM's; a JSON list or
+    /// comma-separated; default every origin).
+    #[arg(long, default_value = "[\"*\"]")]
+    pub allowed_origins: String,
+    #[arg(long, default_value = "[\"*\"]")]
+    pub allowed_methods: String,
+    #[arg(long, default_value = "[\"*\"]")]
+    pub allowed_headers: String,
+    /// Let browsers send credentials (cookies, Authorization) cross-origin.
+    #[arg(long)]
+    pub allow_credentials: bool,
     /// Seconds in-flight requests may take to finish after SIGTERM or SIGINT.
     #[arg(long, default_value_t = 5)]
     pub shutdown_timeout: u64,
@@ -73,8 +94,21 @@ pub async fn stop_signal() {
     }
 }
 
+impl ServeArgs {
+    fn cors(&self) -> anyhow::Result<CorsConfig> {
+        let list = |flag: &str, v: &str| parse_list(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"));
+        Ok(CorsConfig {
+            allowed_origins: list("allowed-origins", &self.allowed_origins)?,
+            allowed_methods: list("allowed-methods", &self.allowed_methods)?,
+            allowed_headers: list("allowed-headers", &self.allowed_headers)?,
+            allow_credentials: self.allow_credentials,
+        })
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
+    let cors = args.cors()?;
     if plan.headless {
         return crate::cli::headless::run(args, plan);
     }
@@ -136,9 +170,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(report_missing_ranks(coordinator.clone(), Duration::from_secs(args.cluster.data_parallel_startup_timeout)));
         let state = AppState::new(names, path.display().to_string(), tokenizer, max_model_len as u32, coordinator.clone())
-            .with_api_key(args.api_key.clone())
+            .with_api_keys(args.api_key.clone())
             .with_version(env!("CARGO_PKG_VERSION"))
-            .with_max_concurrent_requests(args.max_concurrent_requests);
+            .with_max_concurrent_requests(args.max_concurrent_requests)
+            .with_client_limits(LimitConfig {
+                max_in_flight: args.max_requests_per_client,
+                tokens_per_minute: args.max_tokens_per_minute_per_client,
+            })
+            .with_cors(cors)
+            .map_err(anyhow::Error::msg)?;
         let mut cfg = ServeConfig {
             host: args.host.clone(),
             port: args.port,
@@ -148,10 +188,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             cert_dir: args.cert_dir.clone(),
             ..Default::default()
         };
-        cfg.limits.shutdown_grace = Duration::from_secs(args.shutdown_timeout);
-        let server = serve(router(state), cfg, async {
+        // In-flight requests get --shutdown-timeout; then they end with an error
+        // event and [DONE], and the connections get a moment more to carry it.
+        let timeout = Duration::from_secs(args.shutdown_timeout);
+        cfg.limits.shutdown_grace = timeout + Duration::from_secs(2);
+        let draining = state.clone();
+        let server = serve(router(state), cfg, async move {
             stop_signal().await;
-            eprintln!("ferry: stopping: no new requests; in-flight ones may finish");
+            eprintln!("ferry: stopping: no new requests; in-flight ones may finish within {}s (a second signal exits now)", timeout.as_secs());
+            draining.begin_drain(timeout);
+            tokio::spawn(async {
+                stop_signal().await;
+                eprintln!("ferry: second signal: exiting now");
+                std::process::exit(130);
+            });
         })
         .await?;
         for a in &server.http_addrs {
