@@ -29,9 +29,9 @@ LONG_CONTEXT = ["--threads", "1", "--max-model-len", "4096", "--max-num-seqs", "
 
 def serve(tmp_path: Path, *extra: str, env: dict | None = None, name: str = "srv", engine: list[str] | None = None) -> Cluster:
     """One `ferry serve` of its own (a Cluster of one node, for its helpers)."""
-    port = free_tcp_port()
+    port, tls_port = free_tcp_port(), free_tcp_udp_port()
     node = Node(name, [str(default_model()), "--host", "127.0.0.1", "--port", str(port), "--tls-port",
-                       str(free_tcp_udp_port()), "--cert-dir", str(tmp_path / "tls"), *(engine or ENGINE_ARGS), *extra],
+                       str(tls_port), "--cert-dir", str(tmp_path / "tls"), *(engine or ENGINE_ARGS), *extra],
                 tmp_path / f"{name}.log")
     if env:
         os.environ.update(env)
@@ -43,7 +43,7 @@ def serve(tmp_path: Path, *extra: str, env: dict | None = None, name: str = "srv
     else:
         node.start()
     size = 2 if "--data-parallel-size" in extra else 1
-    c = Cluster(dir=tmp_path, model=default_model(), size=size, port=port, tls_port=0, rpc_port=0, nodes={name: node})
+    c = Cluster(dir=tmp_path, model=default_model(), size=size, port=port, tls_port=tls_port, rpc_port=0, nodes={name: node})
     c.wait_healthy()
     return c
 
@@ -232,3 +232,146 @@ def test_cors_preflight_is_answered_as_configured(tmp_path):
         assert real.status_code == 200 and real.headers["access-control-allow-origin"] == "https://app.example"
     finally:
         c.stop()
+
+
+# ------------------------------------------------------------------ bodies and connections
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_413_is_readable_by_a_plain_client_still_sending(server):
+    import http.client
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    body = b'{"prompt": "' + b"x" * (20 << 20) + b'"}'
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Content-Type": "application/json", **server.auth})
+    r = conn.getresponse()
+    assert r.status == 413, r.status
+    assert b"limit" in r.read()
+
+
+def test_stalled_bodies_are_cut_after_the_timeout_on_every_http_version(tmp_path):
+    import asyncio
+    import socket
+    c = serve(tmp_path, "--request-body-timeout", "2")
+    pid = c.nodes["srv"].proc.pid
+    base = rss_mb(pid)
+    # HTTP/1.1: 24 connections each send 3 MB of a 4 MB body, then stall.
+    socks = []
+    for _ in range(24):
+        s = socket.create_connection(("127.0.0.1", c.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 4000000\r\n\r\n" + b"{" + b" " * 3_000_000)
+        socks.append(s)
+    peak = rss_mb(pid)
+    t0 = time.monotonic()
+    for s in socks:
+        s.settimeout(10)
+        head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 400"), head[:100]
+        s.close()
+    assert time.monotonic() - t0 < 8, "the stalled bodies were not cut within the timeout"
+
+    # HTTP/2 (prior knowledge): one connection, 8 stalled streams.
+    h2 = need("h2.connection")
+    import h2.config
+    import h2.events
+    sock = socket.create_connection(("127.0.0.1", c.port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    ids = []
+    for _ in range(8):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                                (":path", "/v1/completions"), ("content-type", "application/json")])
+        conn.send_data(sid, b"{" + b" " * 5_000)
+        ids.append(sid)
+    sock.sendall(conn.data_to_send())
+    ended, t0 = set(), time.monotonic()
+    sock.settimeout(10)
+    while len(ended) < len(ids) and time.monotonic() - t0 < 10:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, (h2.events.StreamReset, h2.events.StreamEnded, h2.events.ResponseReceived)):
+                ended.add(ev.stream_id)
+        sock.sendall(conn.data_to_send())
+    sock.close()
+    assert ended >= set(ids) and time.monotonic() - t0 < 8, f"HTTP/2 streams cut: {sorted(ended)} of {ids}"
+
+    # HTTP/3: stalled request streams get an answer or a reset too.
+    from e2e_h3 import h3_connect
+
+    async def h3_stalled():
+        async with h3_connect("127.0.0.1", c.tls_port, cafile=str(tmp_path / "tls" / "cert.pem")) as h3:
+            proto = h3.proto
+            qs = []
+            for _ in range(4):
+                sid = proto._quic.get_next_available_stream_id()
+                q = asyncio.Queue()
+                proto.queues[sid] = q
+                proto.http.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"),
+                                              (b":authority", h3.authority.encode()), (b":path", b"/v1/completions"),
+                                              (b"content-type", b"application/json")], end_stream=False)
+                proto.http.send_data(sid, b"{" + b" " * 10_000, end_stream=False)
+                qs.append(q)
+            proto.transmit()
+            t0 = time.monotonic()
+            for q in qs:
+                await asyncio.wait_for(q.get(), 10)
+            return time.monotonic() - t0
+
+    assert asyncio.run(h3_stalled()) < 8
+    time.sleep(0.5)
+    after = rss_mb(pid)
+    assert after - base < 64, f"resident memory {base:.0f} MB -> peak {peak:.0f} MB -> {after:.0f} MB after the cut"
+    c.stop()
+
+
+def test_idle_quic_connections_are_closed_even_while_the_client_pings(tmp_path):
+    import asyncio
+    from aioquic.quic.events import ConnectionTerminated
+    from e2e_h3 import h3_connect
+    c = serve(tmp_path, "--idle-connection-timeout", "2")
+
+    async def idle():
+        async with h3_connect("127.0.0.1", c.tls_port, cafile=str(tmp_path / "tls" / "cert.pem")) as h3:
+            r = await h3.request("GET", "/health")
+            assert r.status == 200
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 8:
+                h3.proto._quic.send_ping(1)
+                h3.proto.transmit()
+                await asyncio.sleep(0.3)
+                if h3.proto._quic._close_event is not None or h3.proto._closed.is_set():
+                    return time.monotonic() - t0
+            return None
+
+    took = asyncio.run(idle())
+    c.stop()
+    assert took is not None and took < 5, f"an idle, pinging QUIC connection stayed open ({took})"
+
+
+def test_connections_over_the_cap_are_refused_and_the_server_serves_on(tmp_path):
+    import socket
+    c = serve(tmp_path, "--max-connections", "8")
+    held = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(8)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", c.port))
+    extra.settimeout(5)
+    extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        got = extra.recv(100)
+    except (ConnectionResetError, TimeoutError):
+        got = b""
+    assert not got.startswith(b"HTTP/1.1 200"), "a connection over --max-connections was served"
+    for s in held:
+        s.close()
+    time.sleep(0.3)
+    assert c.health() == 200, "freed places are taken again"
+    c.stop()

@@ -48,7 +48,7 @@ use crate::metrics::Metrics;
 use errors::ApiError;
 use fe::tokenizer::Tokenizer;
 
-pub const MAX_BODY_BYTES: usize = 4 << 20;
+pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
 
 /// Requests generating at once, by default, before new ones get 503.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;

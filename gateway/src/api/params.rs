@@ -5,7 +5,7 @@
 //! `max_model_len` (with vLLM's wording), streaming options, and defaults.
 
 use axum::extract::{FromRequest, Request};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use bytes::Bytes;
 use ferry_transport::SamplingParams;
 use serde::de::DeserializeOwned;
@@ -37,11 +37,44 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|rej| ApiError::new(rej.status(), rej.body_text()))?;
+        let http1 = req.version() <= axum::http::Version::HTTP_11;
+        let bytes = read_body(req.into_body(), http1).await?;
+        let _ = state;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A body over the limit still being sent is read on, and thrown away, up to
+/// this much, before the 413 goes out: an HTTP/1.1 client that is still
+/// writing would otherwise meet a closed socket and never read the status.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Reads a request body of at most `MAX_BODY_BYTES`; over it, 413 (after
+/// draining what an HTTP/1.1 client is still sending, see [`LINGER_BYTES`]).
+async fn read_body(body: axum::body::Body, http1: bool) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("Failed to read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > super::MAX_BODY_BYTES {
+            let mut drained = buf.len() + data.len();
+            drop(buf);
+            while http1 && drained < LINGER_BYTES {
+                match body.frame().await {
+                    Some(Ok(f)) => drained += f.data_ref().map_or(0, |d| d.len()),
+                    _ => break,
+                }
+            }
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("The request body is over the limit of {} bytes.", super::MAX_BODY_BYTES),
+            ));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
 }
 
 /// Parse `bytes` as a JSON object into `T`. On a type error, find the field at fault

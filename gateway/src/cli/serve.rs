@@ -69,6 +69,19 @@ pub struct ServeArgs {
     /// Let browsers send credentials (cookies, Authorization) cross-origin.
     #[arg(long)]
     pub allow_credentials: bool,
+    /// Open connections at most (TCP and QUIC together); more are refused.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Open connections from one address at most (TCP and QUIC each).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_addr: usize,
+    /// Seconds a request body may take to arrive whole.
+    #[arg(long, default_value_t = 30)]
+    pub request_body_timeout: u64,
+    /// Seconds a connection with no request in flight stays open (client PINGs
+    /// do not extend it).
+    #[arg(long, default_value_t = 60)]
+    pub idle_connection_timeout: u64,
     /// Seconds in-flight requests may take to finish after SIGTERM or SIGINT.
     #[arg(long, default_value_t = 5)]
     pub shutdown_timeout: u64,
@@ -192,6 +205,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // event and [DONE], and the connections get a moment more to carry it.
         let timeout = Duration::from_secs(args.shutdown_timeout);
         cfg.limits.shutdown_grace = timeout + Duration::from_secs(2);
+        cfg.limits.max_connections = args.max_connections.max(1);
+        cfg.limits.max_connections_per_addr = args.max_connections_per_addr.max(1);
+        cfg.limits.body_timeout = Duration::from_secs(args.request_body_timeout.max(1));
+        cfg.limits.idle_timeout = Duration::from_secs(args.idle_connection_timeout.max(1));
         let draining = state.clone();
         let server = serve(router(state), cfg, async move {
             stop_signal().await;

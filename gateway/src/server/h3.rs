@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use super::quic_io::{QuicConn, QuicRecv, QuicSend, StopSignal};
+use super::body_guard::{ConnBudget, GuardedBody};
+use super::conn_limits::ConnLimits;
 use super::{stopped, Limits};
 
 /// Accept QUIC connections until shutdown; then send GOAWAY on each, give
@@ -30,6 +32,7 @@ pub(crate) async fn run_endpoint(
     endpoint: quinn::Endpoint,
     app: axum::Router,
     limits: Arc<Limits>,
+    open: Arc<ConnLimits>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -40,12 +43,19 @@ pub(crate) async fn run_endpoint(
         };
         while conns.try_join_next().is_some() {}
         let Some(incoming) = incoming else { break };
-        conns.spawn(serve_conn(
-            incoming,
-            app.clone(),
-            limits.clone(),
-            stop.clone(),
-        ));
+        let slot = match open.try_open(incoming.remote_address().ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(peer = %incoming.remote_address(), "refused a QUIC connection: {why}");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let (app, limits, stop) = (app.clone(), limits.clone(), stop.clone());
+        conns.spawn(async move {
+            let _slot = slot;
+            serve_conn(incoming, app, limits, stop).await
+        });
     }
     // New handshakes are refused from here on.
     endpoint.set_server_config(None);
@@ -88,14 +98,26 @@ async fn serve_conn(
     };
     let mut requests = JoinSet::new();
     let mut closing = false;
+    let budget = ConnBudget::new();
+    // QUIC's own idle timer restarts on any packet, PINGs included, so a client
+    // could keep an idle connection forever; this one counts requests only.
+    let idle = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(idle);
     loop {
         // After GOAWAY, h3 would wait for the client to close; once our own
         // requests are done there is nothing left to wait for.
         if closing && requests.is_empty() {
             break;
         }
+        if !requests.is_empty() {
+            idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+        }
         let next = tokio::select! {
             r = h3conn.accept() => r,
+            _ = &mut idle, if requests.is_empty() && !closing => {
+                tracing::debug!(%peer, "closing an idle QUIC connection");
+                break;
+            }
             _ = stopped(&mut stop), if !closing => {
                 closing = true;
                 // GOAWAY: the client sends no new requests on this connection.
@@ -113,6 +135,7 @@ async fn serve_conn(
                 let stops = stops.clone();
                 let conn = conn.clone();
                 let header_timeout = limits.handshake_timeout;
+                let guard = (limits.body_timeout, budget.clone(), limits.max_conn_body_bytes);
                 requests.spawn(async move {
                     let resolved =
                         tokio::time::timeout(header_timeout, resolver.resolve_request()).await;
@@ -127,7 +150,7 @@ async fn serve_conn(
                                     conn.closed().await;
                                 }),
                             };
-                            handle_request(req, stream, app, peer, stop_signal).await
+                            handle_request(req, stream, app, peer, stop_signal, guard).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "bad HTTP/3 request: {e}"),
                         Err(_) => tracing::debug!(%peer, "HTTP/3 request headers timed out"),
@@ -164,12 +187,14 @@ async fn handle_request(
     app: axum::Router,
     peer: SocketAddr,
     mut stop_signal: StopSignal,
+    (body_timeout, budget, cap): (Duration, Arc<ConnBudget>, usize),
 ) {
     let (mut send, recv) = stream.split();
     let head_only = req.method() == Method::HEAD;
     let (mut parts, ()) = req.into_parts();
     parts.extensions.insert(ConnectInfo(peer));
-    let req = http::Request::from_parts(parts, Body::new(RequestBody::new(recv)));
+    let body = GuardedBody::new(Body::new(RequestBody::new(recv)), body_timeout, budget, cap);
+    let req = http::Request::from_parts(parts, Body::new(body));
 
     let outcome = {
         let work = respond(&mut send, app, req, head_only);

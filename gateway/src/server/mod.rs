@@ -12,6 +12,8 @@
 
 mod alt_svc;
 mod bind;
+mod body_guard;
+mod conn_limits;
 mod h3;
 mod idle;
 mod quic_io;
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use alt_svc::alt_svc_value;
+pub use body_guard::MAX_REQUEST_BODY_BYTES;
 
 /// Bounds that protect the server from slow, greedy or idle clients.
 #[derive(Debug, Clone)]
@@ -55,6 +58,14 @@ pub struct Limits {
     pub quic_stream_window: u32,
     /// How long in-flight requests may run on after shutdown is asked for.
     pub shutdown_grace: Duration,
+    /// A request body must have arrived whole within this (every HTTP version).
+    pub body_timeout: Duration,
+    /// Request-body bytes one connection may hold at once across its streams.
+    pub max_conn_body_bytes: usize,
+    /// Open connections at most, TCP and QUIC together; more are refused.
+    pub max_connections: usize,
+    /// Open connections from one IP address at most (TCP and QUIC each).
+    pub max_connections_per_addr: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +79,10 @@ impl Default for Limits {
             keep_alive_interval: Duration::from_secs(20),
             quic_stream_window: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_conn_body_bytes: 16 << 20,
+            max_connections: 4096,
+            max_connections_per_addr: 256,
         }
     }
 }
@@ -217,7 +232,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    let tcp_ctx = Arc::new(tcp::TcpCtx::new(app.clone(), limits.clone(), alt_svc));
+    let conns = conn_limits::ConnLimits::new(limits.max_connections, limits.max_connections_per_addr);
+    let tcp_ctx = Arc::new(tcp::TcpCtx::new(app.clone(), limits.clone(), alt_svc, conns.clone()));
     for l in http_listeners {
         tasks.spawn(tcp::run_listener(l, None, tcp_ctx.clone(), stop_rx.clone()));
     }
@@ -249,6 +265,7 @@ pub async fn serve(
                 endpoint,
                 app.clone(),
                 limits.clone(),
+                conns.clone(),
                 stop_rx.clone(),
             ));
         }

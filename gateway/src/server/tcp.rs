@@ -24,6 +24,8 @@ use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use super::idle::{Activity, InFlight, Tracked};
+use super::body_guard::{ConnBudget, GuardedBody};
+use super::conn_limits::ConnLimits;
 use super::{alt_svc, stopped, Limits};
 
 /// What every TCP connection shares.
@@ -32,6 +34,7 @@ pub(crate) struct TcpCtx {
     limits: Arc<Limits>,
     alt_svc: Option<HeaderValue>,
     builder: auto::Builder<TokioExecutor>,
+    conns: Arc<ConnLimits>,
 }
 
 impl TcpCtx {
@@ -39,6 +42,7 @@ impl TcpCtx {
         app: axum::Router,
         limits: Arc<Limits>,
         alt_svc: Option<HeaderValue>,
+        conns: Arc<ConnLimits>,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -61,6 +65,7 @@ impl TcpCtx {
             limits,
             alt_svc,
             builder,
+            conns,
         }
     }
 }
@@ -90,12 +95,21 @@ pub(crate) async fn run_listener(
                 continue;
             }
         };
+        let slot = match ctx.conns.try_open(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(%peer, "refused a connection: {why}");
+                drop(tcp);
+                continue;
+            }
+        };
         // SSE sends many small writes: don't let Nagle hold them back.
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let stop = stop.clone();
         let tls = tls.clone();
         conns.spawn(async move {
+            let _slot = slot;
             match tls {
                 None => serve_conn(tcp, peer, ctx, stop).await,
                 Some(acc) => {
@@ -134,6 +148,8 @@ where
         alt_svc: ctx.alt_svc.clone(),
         peer,
         activity: activity.clone(),
+        budget: ConnBudget::new(),
+        limits: ctx.limits.clone(),
     };
     let conn = ctx
         .builder
@@ -169,6 +185,9 @@ struct ConnService {
     alt_svc: Option<HeaderValue>,
     peer: SocketAddr,
     activity: Arc<Activity>,
+    /// Request-body bytes this connection holds across its streams.
+    budget: Arc<ConnBudget>,
+    limits: Arc<Limits>,
 }
 
 impl<B> Service<Request<B>> for ConnService
@@ -188,7 +207,9 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mark = InFlight::new(&self.activity);
         req.extensions_mut().insert(ConnectInfo(self.peer));
-        let req = req.map(Body::new);
+        let (timeout, cap) = (self.limits.body_timeout, self.limits.max_conn_body_bytes);
+        let budget = self.budget.clone();
+        let req = req.map(|b| Body::new(GuardedBody::new(Body::new(b), timeout, budget, cap)));
         let app = self.app.clone();
         let alt = self.alt_svc.clone();
         Box::pin(async move {

@@ -84,6 +84,9 @@ pub(crate) fn quic_server_config(
     // h3 needs 3 unidirectional streams (control, QPACK encoder, decoder);
     // leave a little room for GREASE streams.
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(8));
+    // h3 reads no DATAGRAM frames: offer none, so no receive buffer fills up.
+    t.datagram_receive_buffer_size(None);
+    t.datagram_send_buffer_size(0);
     let idle = quinn::IdleTimeout::try_from(limits.idle_timeout)
         .map_err(|_| ServeError::Tls("idle timeout too large for QUIC".into()))?;
     t.max_idle_timeout(Some(idle));
