@@ -49,7 +49,6 @@ pub struct ClusterFlags {
 pub struct ClusterPlan {
     pub size: u32,
     pub local: Range<u32>,
-    pub headless: bool,
     /// Some ranks live on other nodes (or, on a headless node, the API node does).
     pub multi_node: bool,
 }
@@ -75,7 +74,7 @@ impl ClusterFlags {
                  and `ferry certs node --ca-dir CA --dir DIR --name NODE`), or --cluster-insecure on one trusted host"
             );
         }
-        Ok(ClusterPlan { size: size as u32, local: start as u32..(start + local) as u32, headless: self.headless, multi_node })
+        Ok(ClusterPlan { size: size as u32, local: start as u32..(start + local) as u32, multi_node })
     }
 
     /// The API node's RPC address.

@@ -45,6 +45,7 @@ pub fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) if a.cluster.headless => crate::cli::headless::run(a),
         Command::Serve(a) => crate::cli::serve::run(a),
         Command::Generate(a) => crate::cli::generate::run(a),
         Command::Certs(c) => crate::cli::certs::run(c),

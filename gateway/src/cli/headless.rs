@@ -19,13 +19,15 @@ use ferry_engine::{load_model, EngineArgs, EngineHandle, LoadedModel};
 use crate::cli::cluster_flags::ClusterPlan;
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
-use crate::cli::serve::{stop_signal, ServeArgs};
+use crate::cli::serve::ServeArgs;
+use crate::cli::signals::stop_signal;
 use crate::engines::local::start_engine_on;
 
 /// The longest wait between two dials.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-pub fn run(args: ServeArgs, plan: ClusterPlan) -> anyhow::Result<()> {
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let plan: ClusterPlan = args.cluster.plan()?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let name = args.served_model_name.first().cloned().unwrap_or(default_name.clone());
     let model = Arc::new(load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?);

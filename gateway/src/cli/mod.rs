@@ -13,3 +13,4 @@ pub mod headless;
 pub mod model_source;
 pub mod progress;
 pub mod serve;
+pub mod signals;

@@ -1,7 +1,7 @@
 //! `ferry serve`: the OpenAI API over HTTP/1.1, HTTP/2 and HTTP/3 in front of
 //! data-parallel engine ranks: this node's own behind the flume link, other
-//! nodes' over QUIC with mutual TLS. `--headless` runs engines only (see
-//! [`crate::cli::headless`]). Flags are vLLM's.
+//! nodes' over QUIC with mutual TLS. `--headless` runs engines only
+//! (`crate::cli::headless`). Flags are vLLM's.
 
 use crate::api::client_limits::LimitConfig;
 use crate::api::cors::{parse_list, CorsConfig};
@@ -10,6 +10,7 @@ use crate::cli::cluster_flags::ClusterFlags;
 use crate::cli::engine_flags::EngineFlags;
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
+use crate::cli::signals::stop_signal;
 use crate::engines::coordinator::Coordinator;
 use crate::engines::local::{expectations, start_local_engine};
 use crate::server::{serve, ServeConfig};
@@ -91,22 +92,6 @@ pub struct ServeArgs {
     pub cluster: ClusterFlags,
 }
 
-/// Resolves when SIGINT or SIGTERM arrives (Docker and Kubernetes stop with SIGTERM).
-pub async fn stop_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 impl ServeArgs {
     fn cors(&self) -> anyhow::Result<CorsConfig> {
         let list = |flag: &str, v: &str| parse_list(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"));
@@ -119,12 +104,10 @@ impl ServeArgs {
     }
 }
 
+/// Serves the API node; `--headless` nodes run [`crate::cli::headless::run`].
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
-    if plan.headless {
-        return crate::cli::headless::run(args, plan);
-    }
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
     let engine_args = args.engine.engine_args();
