@@ -360,8 +360,14 @@ def test_idle_quic_connections_are_closed_even_while_the_client_pings(tmp_path):
 def test_connections_over_the_cap_are_refused_and_the_server_serves_on(tmp_path):
     import socket
     c = serve(tmp_path, "--max-connections", "8")
-    held = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(8)]
-    time.sleep(0.3)
+    time.sleep(0.5)  # the start-up health probes' connections are closed and freed
+    held = []
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", c.port))
+        s.settimeout(5)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200"), "a connection under the cap must be served"
+        held.append(s)
     extra = socket.create_connection(("127.0.0.1", c.port))
     extra.settimeout(5)
     extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
