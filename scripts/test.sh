@@ -3,7 +3,8 @@
 # clients of tests/requirements.txt, the default model), then runs the Rust unit
 # and integration tests (release profile: the real model runs at speed and the
 # binary is shared with the end-to-end tests), then the end-to-end suite that
-# drives `ferry serve` with real clients over HTTP/1.1, HTTP/2 and HTTP/3.
+# drives `ferry serve` with real clients over HTTP/1.1, HTTP/2 and HTTP/3, and
+# the NVRTC compile check of the CUDA kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
@@ -12,4 +13,9 @@ export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$PWD/models/SmolLM2-135M-Instruct.Q4
 scripts/check-import-cycles.py
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace
+# Every CUDA kernel must compile with NVRTC for sm_90 (the lent H200): the PyPI
+# wheel ships libnvrtc (pinned to CUDA 13.0, the H200 driver's own version).
+nvrtc_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+FERRY_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --release --locked -p ferry-kernels --features cuda
 FERRY_BIN=$PWD/target/release/ferry python3 -m pytest tests/e2e -q
