@@ -5,7 +5,7 @@
 //! commands from the transport, a busy loop that schedules, executes and samples, and
 //! an output thread that sends each step's outputs with the queue figures attached.
 
-use crate::cpu::{ModelInput, SeqChunk};
+use crate::batch::{ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};

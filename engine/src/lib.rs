@@ -8,6 +8,7 @@
 //! ([`weights`], [`loader`]) with their [`tokenizer`].
 
 pub mod args;
+pub mod batch;
 pub mod communicator;
 pub mod config;
 pub mod cpu;
