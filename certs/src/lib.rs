@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod files;
 pub mod insecure;
 pub mod material;
+pub mod pin_verifier;
 pub mod self_signed;
 pub mod spki;
 
@@ -32,6 +33,7 @@ pub use cluster::{
 };
 pub use files::default_state_dir;
 pub use insecure::{insecure_client_config, insecure_server_config};
+pub use pin_verifier::PinVerifier;
 pub use material::{load_pem_files, KeyFormat, TlsMaterial};
 pub use self_signed::{
     create_self_signed, load_or_create_self_signed, self_signed_names, CERT_FILE, KEY_FILE,

@@ -12,11 +12,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 
 /// How the client decides to trust the server certificate.
 #[derive(Debug, Clone)]
@@ -58,13 +56,6 @@ pub fn decode_pin(pin: &str) -> Result<[u8; 32]> {
     bail!("--tls-spki-pin {pin:?} is not base64")
 }
 
-/// SHA-256 of the certificate's DER SubjectPublicKeyInfo (outer SEQUENCE
-/// included): the one implementation in `ferry_certs`, which the server's
-/// printed pin also comes from.
-pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32]> {
-    ferry_certs::spki_sha256(cert.as_ref()).map_err(|e| anyhow::anyhow!("cannot parse the server certificate: {e}"))
-}
-
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -100,73 +91,15 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]], tls13_only: bool) -> Result<
         }
         Trust::SpkiPin(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: Some(*pin),
-                provider: provider.clone(),
-            }))
+            .with_custom_certificate_verifier(ferry_certs::PinVerifier::new(Some(*pin), provider.clone()))
             .with_no_client_auth(),
         Trust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier { pin: None, provider }))
+            .with_custom_certificate_verifier(ferry_certs::PinVerifier::new(None, provider))
             .with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
-}
-
-/// Accepts the end-entity certificate whose SPKI hash equals the pin (or any,
-/// when `pin` is None); still checks the handshake signature with its key.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: Option<[u8; 32]>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(pin) = self.pin else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        let got = spki_sha256(end_entity)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        if got == pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(got);
-            Err(rustls::Error::General(format!(
-                "server certificate SPKI sha256 {b64} does not match --tls-spki-pin"
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
@@ -184,7 +117,7 @@ mod tests {
         // rcgen's subject_public_key_info() is the DER SPKI it encoded itself: an independent source.
         use sha2::{Digest, Sha256};
         let want: [u8; 32] = Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)).into();
-        assert_eq!(spki_sha256(&der).unwrap(), want);
+        assert_eq!(ferry_certs::spki_sha256(der.as_ref()).unwrap(), want);
         let b64 = base64::engine::general_purpose::STANDARD.encode(want);
         assert_eq!(decode_pin(&b64).unwrap(), want);
         assert_eq!(decode_pin(b64.trim_end_matches('=')).unwrap(), want);
