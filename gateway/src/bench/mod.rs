@@ -53,7 +53,6 @@ pub async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub struct BenchOutcome {
     pub text: String,
-    pub json: serde_json::Value,
     pub metrics: metrics::BenchMetrics,
     pub records: Vec<record::RequestRecord>,
     pub warmup_failures: usize,
@@ -160,7 +159,7 @@ pub async fn bench_serve(args: &BenchServeArgs) -> Result<BenchOutcome> {
     if let Some(path) = &args.save_result {
         report::save(path, &json)?;
     }
-    Ok(BenchOutcome { text, json, metrics: m, records: result.records, warmup_failures })
+    Ok(BenchOutcome { text, metrics: m, records: result.records, warmup_failures })
 }
 
 /// The first model id of GET /v1/models, as vLLM does when --model is absent.
