@@ -110,7 +110,7 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_body_times_out_and_a_greedy_connection_is_refused() {
         // A body that never ends.
-        let (mut tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let stalled = axum::body::Body::new(http_body_util::StreamBody::new(tokio_stream_from(rx)));
         tx.send(Ok(Frame::data(Bytes::from_static(b"{\"a\":")))).await.unwrap();
         let budget = ConnBudget::new();
