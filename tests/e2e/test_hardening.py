@@ -258,6 +258,15 @@ def test_stalled_bodies_are_cut_after_the_timeout_on_every_http_version(tmp_path
     import asyncio
     import socket
     c = serve(tmp_path, "--request-body-timeout", "2")
+    try:
+        stalled_bodies(c, tmp_path)
+    finally:
+        c.stop()
+
+
+def stalled_bodies(c, tmp_path):
+    import asyncio
+    import socket
     pid = c.nodes["srv"].proc.pid
     base = rss_mb(pid)
     # HTTP/1.1: 24 connections each send 3 MB of a 4 MB body, then stall.
@@ -330,7 +339,6 @@ def test_stalled_bodies_are_cut_after_the_timeout_on_every_http_version(tmp_path
     time.sleep(0.5)
     after = rss_mb(pid)
     assert after - base < 64, f"resident memory {base:.0f} MB -> peak {peak:.0f} MB -> {after:.0f} MB after the cut"
-    c.stop()
 
 
 def test_idle_quic_connections_are_closed_even_while_the_client_pings(tmp_path):
@@ -352,14 +360,24 @@ def test_idle_quic_connections_are_closed_even_while_the_client_pings(tmp_path):
                     return time.monotonic() - t0
             return None
 
-    took = asyncio.run(idle())
-    c.stop()
+    try:
+        took = asyncio.run(idle())
+    finally:
+        c.stop()
     assert took is not None and took < 5, f"an idle, pinging QUIC connection stayed open ({took})"
 
 
 def test_connections_over_the_cap_are_refused_and_the_server_serves_on(tmp_path):
     import socket
     c = serve(tmp_path, "--max-connections", "8")
+    try:
+        over_the_cap(c)
+    finally:
+        c.stop()
+
+
+def over_the_cap(c):
+    import socket
     time.sleep(0.5)  # the start-up health probes' connections are closed and freed
     held = []
     for _ in range(8):
@@ -380,4 +398,3 @@ def test_connections_over_the_cap_are_refused_and_the_server_serves_on(tmp_path)
         s.close()
     time.sleep(0.3)
     assert c.health() == 200, "freed places are taken again"
-    c.stop()
