@@ -311,7 +311,7 @@ pub fn cluster_server_name() -> ServerName<'static> {
 }
 
 /// Always ring, never a process-wide default provider.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -408,7 +408,7 @@ fn issue_err(e: rcgen::Error) -> CertError {
     CertError::Issue(e.to_string())
 }
 
-fn tls_err(e: impl fmt::Display) -> CertError {
+pub(crate) fn tls_err(e: impl fmt::Display) -> CertError {
     CertError::Tls(e.to_string())
 }
 

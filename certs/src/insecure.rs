@@ -5,21 +5,10 @@
 //! Anyone who can reach the RPC port can join as an engine rank, which is why
 //! ferry only does this when asked by name and says so loudly.
 
-use std::sync::Arc;
-
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::cluster::CLUSTER_SERVER_NAME;
+use crate::cluster::{provider, tls_err, CLUSTER_SERVER_NAME};
 use crate::CertError;
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn tls_err(e: rustls::Error) -> CertError {
-    CertError::Tls(e.to_string())
-}
 
 /// A server configuration with a fresh self-signed certificate for
 /// [`CLUSTER_SERVER_NAME`] and no client authentication.

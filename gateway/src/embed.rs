@@ -34,7 +34,7 @@ use crate::api::{router, AppState};
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::engines::coordinator::start_engine_clients;
-use crate::engines::local::{expectations, start_local_engine};
+use crate::engines::local::{expectations, start_local_ranks};
 use crate::server::{serve, RunningServer, ServeConfig, ServeError};
 
 /// What to generate from.
@@ -134,16 +134,10 @@ impl LlmBuilder {
             None => (LoadFormat::Auto, GgmlType::F32),
         };
         let model = load_model(&path, format, ty, &ProgressBar::new(&name))?;
-        let mut ends = Vec::new();
-        let mut threads = Vec::new();
-        let mut max_model_len = 0;
         let dp = self.data_parallel_size.max(1);
-        for rank in 0..dp {
-            let (end, e) = start_local_engine(&model, &self.engine, rank as u32, &name)?;
-            max_model_len = e.shape.max_model_len as u32;
-            ends.push(end);
-            threads.push(e.threads);
-        }
+        let local = start_local_ranks(&model, &self.engine, 0..dp as u32, &name)?;
+        let max_model_len = local.max_model_len.unwrap_or(0) as u32;
+        let (ends, threads): (Vec<_>, _) = (local.ends.into_iter().map(|(_, end)| end).collect(), local.threads);
         let coordinator = start_engine_clients(ends, expectations(&model.cfg, Some(&model.weights), dp as u32));
         let state = AppState::new(vec![name], path.display().to_string(), model.tokenizer.clone(), max_model_len, coordinator);
         Ok(Llm { state, threads })

@@ -69,8 +69,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
     let top_k = req.top_logprobs.unwrap_or(0);
     // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
     super::limits::check_stop(req.sampling.stop.as_ref())?;
-    super::limits::check_message_count(messages.len())?;
-    super::limits::check_prompt_chars("messages", messages.iter().map(|m| m.content.chars().count()).sum())?;
+    super::limits::check_messages(messages)?;
     let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
     let prompt = {

@@ -4,6 +4,7 @@
 //! request can make the gateway hold or compute. docs/limits.md lists them.
 
 use super::errors::ApiError;
+use super::fe::tokenizer::ChatMessage;
 use super::types::StopSpec;
 
 /// Stop strings per request.
@@ -54,6 +55,12 @@ pub fn check_prompt_count(count: usize) -> Result<(), ApiError> {
         return Err(ApiError::invalid_param("prompt", format!("At most {MAX_PROMPTS} prompts per request are allowed, got {count}.")));
     }
     Ok(())
+}
+
+/// A chat's messages: how many, and their text's length in characters.
+pub fn check_messages(messages: &[ChatMessage]) -> Result<(), ApiError> {
+    check_message_count(messages.len())?;
+    check_prompt_chars("messages", messages.iter().map(|m| m.content.chars().count()).sum())
 }
 
 pub fn check_message_count(count: usize) -> Result<(), ApiError> {

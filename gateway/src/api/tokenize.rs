@@ -27,13 +27,9 @@ pub struct DetokenizeResponse {
 /// `prompt` is tokenized as completions would (special tokens added by default);
 /// `messages` go through the chat template as chat would (none added by default).
 pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
-    if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| {
-        let chars = req.prompt.as_ref().map(|p| p.chars().count()).unwrap_or(0)
-            + req.messages.as_ref().map(|m| m.iter().map(|m| m.content.chars().count()).sum()).unwrap_or(0);
-        if let Some(m) = &req.messages {
-            super::limits::check_message_count(m.len())?;
-        }
-        super::limits::check_prompt_chars(if req.messages.is_some() { "messages" } else { "prompt" }, chars)
+    if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| match &req.messages {
+        Some(m) => super::limits::check_messages(m),
+        None => super::limits::check_prompt_chars("prompt", req.prompt.as_ref().map_or(0, |p| p.chars().count())),
     }) {
         return e.into_response();
     }

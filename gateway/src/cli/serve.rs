@@ -12,7 +12,7 @@ use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::cli::signals::stop_signal;
 use crate::engines::coordinator::Coordinator;
-use crate::engines::local::{expectations, start_local_engine};
+use crate::engines::local::{expectations, start_local_ranks, LocalRanks};
 use crate::server::{serve, ServeConfig};
 use clap::Args;
 use ferry_engine::loader::load_config_and_tokenizer;
@@ -121,24 +121,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (m.cfg.clone(), m.tokenizer.clone(), Some(m))
     };
     let expect = expectations(&cfg, model.as_ref().map(|m| &m.weights), plan.size);
-    let mut ends = Vec::new();
-    let mut threads = Vec::new();
-    let mut max_model_len = engine_args.max_model_len.unwrap_or(cfg.max_position_embeddings);
-    if let Some(m) = &model {
-        for rank in plan.local.clone() {
-            let (end, e) = start_local_engine(m, &engine_args, rank, &names[0])?;
-            tracing::info!(
-                "engine rank {rank} ready: {} layers, max model length {}, {} KV blocks of {} tokens",
-                m.cfg.num_layers,
-                e.shape.max_model_len,
-                e.shape.num_blocks,
-                e.shape.block_size
-            );
-            max_model_len = e.shape.max_model_len;
-            ends.push((rank, end));
-            threads.push(e.threads);
-        }
-    }
+    let local = match &model {
+        Some(m) => start_local_ranks(m, &engine_args, plan.local.clone(), &names[0])?,
+        None => LocalRanks { ends: Vec::new(), threads: Vec::new(), max_model_len: None },
+    };
+    // With no ranks here, the model's own context; the ranks refuse longer prompts.
+    let max_model_len = local.max_model_len.unwrap_or(engine_args.max_model_len.unwrap_or(cfg.max_position_embeddings));
+    let LocalRanks { ends, threads, .. } = local;
     // The engines' threads do the arithmetic; the async runtime moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -24,6 +24,34 @@ pub fn start_local_engine(model: &LoadedModel, args: &EngineArgs, rank: u32, ser
     Ok((gateway_end, engine))
 }
 
+/// Ranks `ranks` of this process, each behind its own flume link.
+pub struct LocalRanks {
+    /// Each rank's number and the gateway's end of its link, to attach.
+    pub ends: Vec<(u32, GatewayEnd)>,
+    pub threads: Vec<EngineThreads>,
+    /// The context the ranks can hold (all are built alike); None with no ranks.
+    pub max_model_len: Option<usize>,
+}
+
+/// Starts ranks `ranks` over `model`, logging each one's shape.
+pub fn start_local_ranks(model: &LoadedModel, args: &EngineArgs, ranks: std::ops::Range<u32>, served_name: &str) -> anyhow::Result<LocalRanks> {
+    let mut out = LocalRanks { ends: Vec::new(), threads: Vec::new(), max_model_len: None };
+    for rank in ranks {
+        let (end, e) = start_local_engine(model, args, rank, served_name)?;
+        tracing::info!(
+            "engine rank {rank} ready: {} layers, max model length {}, {} KV blocks of {} tokens",
+            model.cfg.num_layers,
+            e.shape.max_model_len,
+            e.shape.num_blocks,
+            e.shape.block_size
+        );
+        out.max_model_len = Some(e.shape.max_model_len);
+        out.ends.push((rank, end));
+        out.threads.push(e.threads);
+    }
+    Ok(out)
+}
+
 /// What a rank must match to join a gateway that loaded `model` (its config and,
 /// when it loaded weights, its tensor table).
 pub fn expectations(cfg: &ferry_engine::config::ModelConfig, weights: Option<&ferry_engine::weights::ModelWeights>, data_parallel_size: u32) -> ferry_transport::handshake::Expectations {

@@ -4,6 +4,7 @@
 //! body fails its read, so the handler answers at once and the stream (or
 //! HTTP/1.1 connection) ends, freeing what it held.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -100,7 +101,6 @@ impl Drop for GuardedBody {
     }
 }
 
-use std::future::Future as _;
 
 #[cfg(test)]
 mod tests {
