@@ -8,8 +8,31 @@ pub struct SeqChunk {
     pub start_pos: usize,
     pub len: usize,
     pub block_table: Vec<u32>,
-    /// The logits of the chunk's last token are wanted (it will be sampled).
-    pub want_logits: bool,
+    /// Which of the chunk's positions need logits.
+    pub logits: LogitRows,
+}
+
+/// The positions of a chunk whose full-vocabulary logits the step returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None: a prefill chunk that is not the prompt's last.
+    None,
+    /// The last token's (it will be sampled).
+    Last,
+    /// Every token's, in order (prompt logprobs); the last row is also the
+    /// sampling row when the chunk ends the prompt.
+    All,
+}
+
+impl LogitRows {
+    /// Rows of logits this chunk of `len` tokens contributes.
+    pub fn count(self, len: usize) -> usize {
+        match self {
+            LogitRows::None => 0,
+            LogitRows::Last => 1,
+            LogitRows::All => len,
+        }
+    }
 }
 
 /// What the model computes in one step: the sequences' tokens back to back.

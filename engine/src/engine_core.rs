@@ -5,14 +5,14 @@
 //! commands from the transport, a busy loop that schedules, executes and samples, and
 //! an output thread that sends each step's outputs with the queue figures attached.
 
-use crate::batch::{ModelInput, SeqChunk};
+use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
-use crate::sampler::{check_stop, sequence_seed, validate, SequenceSampler};
+use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
-    SamplingParams, ToEngine, TokenOutput,
+    SamplingParams, ToEngine, TokenLogprob, TokenOutput,
 };
 use std::collections::HashMap;
 
@@ -38,6 +38,39 @@ struct SeqState {
     /// The first output reports how much of the prompt the prefix cache served.
     reported_cached: bool,
     num_cached_tokens: usize,
+    /// Set while this sequence computes its request's prompt logprobs.
+    prompt_lp: Option<PromptLogprobs>,
+}
+
+/// Prompt logprobs being gathered over a prompt's prefill chunks; sent with
+/// the sequence's first output.
+struct PromptLogprobs {
+    /// Alternatives per position.
+    k: usize,
+    prompt: Vec<u32>,
+    /// Entry p - 1 is prompt token p's (p >= 1). Indexed by position, so a
+    /// prefill recomputed after preemption just writes the same entries again.
+    entries: Vec<Option<TokenLogprob>>,
+}
+
+impl PromptLogprobs {
+    /// Records the logits row of position `pos` (it predicts token pos + 1).
+    fn record(&mut self, pos: usize, row: &mut [f32]) {
+        if let Some(&next) = self.prompt.get(pos + 1) {
+            self.entries[pos] = Some(position_logprob(row, next, self.k));
+        }
+    }
+
+    fn finish(self) -> Vec<TokenLogprob> {
+        // Every position was recorded before the first token could be sampled;
+        // a hole would be an engine bug, so it is reported as the worst logprob
+        // rather than shifting the positions after it.
+        self.entries
+            .into_iter()
+            .zip(self.prompt.into_iter().skip(1))
+            .map(|(e, t)| e.unwrap_or(TokenLogprob { token: t, logprob: f32::NEG_INFINITY, rank: u32::MAX, top: vec![] }))
+            .collect()
+    }
 }
 
 pub struct EngineCore {
@@ -96,6 +129,7 @@ impl EngineCore {
                 logprobs: None,
                 finish: Some(FinishReason::Error(why)),
                 num_cached_tokens: 0,
+                prompt_logprobs: None,
             });
         }
         let n = req.sampling.n.max(1);
@@ -107,6 +141,14 @@ impl EngineCore {
             };
             let id = self.next_seq;
             self.next_seq += 1;
+            // Completion 0 computes the prompt logprobs, so it skips the prefix
+            // cache (every prompt position must run); its siblings may use it.
+            let prompt_lp = req.sampling.prompt_logprobs.filter(|_| index == 0).map(|k| PromptLogprobs {
+                k: k as usize,
+                prompt: req.prompt_tokens.clone(),
+                entries: vec![None; req.prompt_tokens.len().saturating_sub(1)],
+            });
+            let use_cache = prompt_lp.is_none();
             self.seqs.insert(
                 id,
                 SeqState {
@@ -116,9 +158,11 @@ impl EngineCore {
                     prompt_len: req.prompt_tokens.len(),
                     reported_cached: false,
                     num_cached_tokens: 0,
+                    prompt_lp,
                 },
             );
-            self.sched.add_sequence(id, req.prompt_tokens.clone());
+            // check_request applied the scheduler's rules, so this cannot fail.
+            let _ = self.sched.try_add_sequence_with(id, req.prompt_tokens.clone(), use_cache);
         }
         self.requests.insert(req.id, RequestState { params: req.sampling, live: n as usize });
         Ok(())
@@ -182,7 +226,7 @@ impl EngineCore {
                     start_pos: s.start_pos,
                     len: s.tokens.len(),
                     block_table: s.block_table.clone(),
-                    want_logits: s.sample,
+                    logits: self.logit_rows(s),
                 })
                 .collect(),
         };
@@ -194,9 +238,23 @@ impl EngineCore {
         let mut sampled = Vec::new();
         let mut outs = Vec::new();
         let mut ended = Vec::new();
-        for (row, s) in plan.seqs.iter().filter(|s| s.sample).enumerate() {
+        let mut next_row = 0usize;
+        for (s, chunk) in plan.seqs.iter().zip(&input.seqs) {
+            let rows = next_row..next_row + chunk.logits.count(chunk.len);
+            next_row = rows.end;
             let Some(st) = self.seqs.get_mut(&s.id) else { continue };
+            if chunk.logits == LogitRows::All {
+                if let Some(plp) = st.prompt_lp.as_mut() {
+                    for (t, r) in rows.clone().enumerate() {
+                        plp.record(s.start_pos + t, &mut logits[r * vocab..(r + 1) * vocab]);
+                    }
+                }
+            }
+            if !s.sample || rows.is_empty() {
+                continue;
+            }
             let Some(req) = self.requests.get(&st.request) else { continue };
+            let row = rows.end - 1;
             let logits_row = &mut logits[row * vocab..(row + 1) * vocab];
             let pick = st.sampler.sample(logits_row, &req.params, &self.eog_ids);
             sampled.push((s.id, pick.token));
@@ -214,6 +272,7 @@ impl EngineCore {
                 logprobs: pick.logprob.map(|l| vec![l]),
                 finish: finish.clone(),
                 num_cached_tokens: cached as u32,
+                prompt_logprobs: st.prompt_lp.take().map(PromptLogprobs::finish),
             });
             if finish.is_some() {
                 ended.push(s.id);
@@ -224,6 +283,17 @@ impl EngineCore {
             self.end_sequence(sid);
         }
         outs
+    }
+
+    /// Which logits a scheduled chunk needs: every position while its
+    /// sequence gathers prompt logprobs and the chunk is still in the prompt.
+    fn logit_rows(&self, s: &crate::scheduler::ScheduledSeq) -> LogitRows {
+        let gathering = self.seqs.get(&s.id).is_some_and(|st| st.prompt_lp.is_some() && s.start_pos < st.prompt_len);
+        match (gathering, s.sample) {
+            (true, _) => LogitRows::All,
+            (false, true) => LogitRows::Last,
+            (false, false) => LogitRows::None,
+        }
     }
 
     fn end_sequence(&mut self, sid: SeqId) {
@@ -275,7 +345,7 @@ impl EngineCore {
 }
 
 fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
-    TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached }
+    TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None }
 }
 
 /// A running engine's threads. Dropping it does not stop them: send Shutdown, or

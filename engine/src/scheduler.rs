@@ -130,6 +130,9 @@ struct Sequence {
     num_computed: usize,
     num_preemptions: u64,
     state: State,
+    /// False when every prompt position must be computed (its logits are
+    /// wanted for prompt logprobs): the prefix cache is not looked up.
+    use_prefix_cache: bool,
 }
 
 pub struct Scheduler {
@@ -214,6 +217,12 @@ impl Scheduler {
 
     /// `add_sequence` that reports what is wrong with the request.
     pub fn try_add_sequence(&mut self, id: SeqId, prompt_tokens: Vec<u32>) -> Result<(), AddError> {
+        self.try_add_sequence_with(id, prompt_tokens, true)
+    }
+
+    /// `try_add_sequence`, choosing whether the prefix cache may serve the
+    /// prompt (what it computes is still cached for others).
+    pub fn try_add_sequence_with(&mut self, id: SeqId, prompt_tokens: Vec<u32>, use_prefix_cache: bool) -> Result<(), AddError> {
         if self.seqs.contains_key(&id) {
             return Err(AddError::DuplicateId(id));
         }
@@ -227,6 +236,7 @@ impl Scheduler {
                 num_computed: 0,
                 num_preemptions: 0,
                 state: State::Waiting,
+                use_prefix_cache,
             },
         );
         self.waiting.push_back(id);
@@ -343,9 +353,11 @@ impl Scheduler {
                     self.waiting.pop_front();
                     continue;
                 };
-                let prefix = self
-                    .kv
-                    .get_computed_blocks(&seq.tokens, seq.num_preemptions > 0);
+                let prefix = if seq.use_prefix_cache {
+                    self.kv.get_computed_blocks(&seq.tokens, seq.num_preemptions > 0)
+                } else {
+                    Default::default()
+                };
                 let seq = &self.seqs[&id];
                 let computed = prefix.num_tokens;
                 let mut n = self.wanted_tokens(seq.tokens.len(), computed);

@@ -225,3 +225,81 @@ fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
     gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
     threads.join();
 }
+
+/// Prompt logprobs, checked against scoring each prefix separately: the
+/// logprob the model gives prompt token p after tokens 0..p is what a request
+/// for prompt 0..p reports for a sampled token p, forced by a +100 logit bias
+/// (logprobs come from the raw logits, before the bias). The prompt is
+/// prefilled in chunks and its prefix is already cached, which the request
+/// must not use (every position has to produce logits).
+#[test]
+fn prompt_logprobs_equal_scoring_each_prefix_and_skip_the_cache() {
+    let prompt = tokens(7, 21, 300);
+    let mut c = core(256, 8, true);
+    let mut warm = Outs::new();
+    add(&mut c, 1, prompt.clone(), greedy(1)); // fills the prefix cache
+    run_to_end(&mut c, &mut warm);
+
+    let mut p = greedy(2);
+    p.prompt_logprobs = Some(5);
+    c.add_request(EngineRequest { id: 2, prompt_tokens: prompt.clone(), sampling: p }).unwrap();
+    let mut plps = None;
+    let mut cached = 0;
+    while c.has_work() {
+        for o in c.step() {
+            if o.id == 2 && o.prompt_logprobs.is_some() {
+                assert!(plps.is_none(), "prompt logprobs come once");
+                plps = o.prompt_logprobs.clone();
+                cached = o.num_cached_tokens;
+            }
+        }
+    }
+    let plps = plps.expect("prompt logprobs on the first output");
+    assert_eq!(cached, 0, "a prompt-logprobs request is not served from the cache");
+    assert_eq!(plps.len(), prompt.len() - 1);
+
+    for pos in 1..prompt.len() {
+        let lp = &plps[pos - 1];
+        assert_eq!(lp.token, prompt[pos]);
+        assert!(lp.top.len() == 5 && lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let rank = 1 + lp.top.iter().filter(|t| t.1 > lp.logprob).count() as u32;
+        if lp.logprob >= lp.top[4].1 {
+            assert_eq!(lp.rank, rank, "position {pos}");
+        }
+        let mut f = greedy(1);
+        f.logit_bias = vec![(prompt[pos], 100.0)];
+        let mut one = Outs::new();
+        let mut s = core(256, 64, false);
+        add(&mut s, 9, prompt[..pos].to_vec(), f);
+        run_to_end(&mut s, &mut one);
+        let (toks, lps, _) = &one[&(9, 0)];
+        assert_eq!(toks[0], prompt[pos], "a +100 bias forces the token");
+        assert!((lps[0].logprob - lp.logprob).abs() < 1e-3, "position {pos}: {} vs {}", lps[0].logprob, lp.logprob);
+    }
+}
+
+#[test]
+fn logit_bias_bans_and_forces_tokens_and_bad_maps_are_refused() {
+    let prompt = tokens(3, 9, 300);
+    let mut c = core(256, 64, true);
+    let mut free = Outs::new();
+    add(&mut c, 1, prompt.clone(), greedy(6));
+    run_to_end(&mut c, &mut free);
+    let banned = free[&(1, 0)].0.clone();
+    let mut p = greedy(6);
+    p.logit_bias = banned.iter().collect::<std::collections::BTreeSet<_>>().into_iter().map(|&t| (t, -100.0)).collect();
+    let mut out = Outs::new();
+    add(&mut c, 2, prompt.clone(), p);
+    run_to_end(&mut c, &mut out);
+    assert!(out[&(2, 0)].0.iter().all(|t| !banned.contains(t)), "banned tokens never come: {:?} vs {:?}", out[&(2, 0)].0, banned);
+
+    for (bias, what) in [(vec![(10_000u32, 1.0f32)], "out-of-vocab"), (vec![(5, 1.0), (5, 2.0)], "more than once"), (vec![(5, f32::NAN)], "[-100, 100]")] {
+        let mut p = greedy(2);
+        p.logit_bias = bias;
+        let refused = c.add_request(EngineRequest { id: 3, prompt_tokens: prompt.clone(), sampling: p }).unwrap_err();
+        match refused.finish {
+            Some(FinishReason::Error(e)) => assert!(e.kind == ErrorKind::InvalidRequest && e.message.contains(what), "{e:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}

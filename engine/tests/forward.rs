@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use ferry_engine::config::RopeStyle;
-use ferry_engine::cpu::{CpuShard, ModelInput, SeqChunk};
+use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
 use ferry_engine::communicator::SoloCommunicator;
 use ferry_engine::executor::{Executor, MultiWorkerExecutor, UniProcExecutor};
 use ferry_engine::quant::GgmlType;
@@ -17,7 +17,7 @@ const BS: usize = 4;
 fn one_seq(tokens: &[u32], start_pos: usize, table: Vec<u32>) -> ModelInput {
     ModelInput {
         tokens: tokens.to_vec(),
-        seqs: vec![SeqChunk { start_pos, len: tokens.len(), block_table: table, want_logits: true }],
+        seqs: vec![SeqChunk { start_pos, len: tokens.len(), block_table: table, logits: LogitRows::Last }],
     }
 }
 
@@ -116,7 +116,7 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
         seqs: prompts
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqChunk { start_pos: 0, len: p.len(), block_table: t.clone(), want_logits: true })
+            .map(|(p, t)| SeqChunk { start_pos: 0, len: p.len(), block_table: t.clone(), logits: LogitRows::Last })
             .collect(),
     };
     let together = shard.forward(&batch, &mut kv, &SoloCommunicator).unwrap();
@@ -132,7 +132,7 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
         seqs: prompts
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqChunk { start_pos: p.len(), len: 1, block_table: t.clone(), want_logits: true })
+            .map(|(p, t)| SeqChunk { start_pos: p.len(), len: 1, block_table: t.clone(), logits: LogitRows::Last })
             .collect(),
     };
     let batched = shard.forward(&decode, &mut kv, &SoloCommunicator).unwrap();

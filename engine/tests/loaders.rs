@@ -7,7 +7,7 @@ use common::files::*;
 use common::*;
 use ferry_engine::communicator::SoloCommunicator;
 use ferry_engine::config::RopeStyle;
-use ferry_engine::cpu::{CpuShard, ModelInput, SeqChunk};
+use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
 use ferry_engine::gguf::MetaValue;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::weights::{dummy, NoProgress};
@@ -19,7 +19,7 @@ fn last_logits(cfg: &ferry_engine::config::ModelConfig, w: &ferry_engine::weight
     let mut kv = shard.new_kv_store(8, 4);
     let input = ModelInput {
         tokens: toks.to_vec(),
-        seqs: vec![SeqChunk { start_pos: 0, len: toks.len(), block_table: (0..8).collect(), want_logits: true }],
+        seqs: vec![SeqChunk { start_pos: 0, len: toks.len(), block_table: (0..8).collect(), logits: LogitRows::Last }],
     };
     shard.forward(&input, &mut kv, &SoloCommunicator).unwrap()
 }

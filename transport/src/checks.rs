@@ -39,6 +39,9 @@ struct Live {
     n: u32,
     /// Completions not finished yet.
     open: u32,
+    /// Prompt logprob entries the request may get back: prompt length - 1
+    /// when it asked for them, else 0.
+    prompt_entries: usize,
 }
 
 /// The gateway's checks of one link: feed it every command sent and every
@@ -60,7 +63,8 @@ impl GatewayChecks {
     pub fn on_send(&mut self, msg: &ToEngine) {
         if let ToEngine::Command(EngineCommand::Add(req)) = msg {
             let n = req.sampling.n.max(1);
-            self.live.insert(req.id, Live { n, open: n });
+            let prompt_entries = if req.sampling.prompt_logprobs.is_some() { req.prompt_tokens.len().saturating_sub(1) } else { 0 };
+            self.live.insert(req.id, Live { n, open: n, prompt_entries });
         }
     }
 
@@ -105,6 +109,19 @@ impl GatewayChecks {
             for &t in &out.new_tokens {
                 token(t, "sampled")?;
             }
+            if let Some(plps) = &out.prompt_logprobs {
+                if plps.len() > live.prompt_entries {
+                    return violation(format!(
+                        "request {}: {} prompt logprob entries where at most {} may come",
+                        out.id,
+                        plps.len(),
+                        live.prompt_entries
+                    ));
+                }
+                for lp in plps {
+                    check_logprob(out.id, lp, &token)?;
+                }
+            }
             if let Some(lps) = &out.logprobs {
                 if lps.len() > out.new_tokens.len() {
                     return violation(format!(
@@ -115,17 +132,7 @@ impl GatewayChecks {
                     ));
                 }
                 for lp in lps {
-                    token(lp.token, "logprob")?;
-                    if lp.top.len() > MAX_TOP_LOGPROBS {
-                        return violation(format!(
-                            "request {}: {} top logprobs, more than {MAX_TOP_LOGPROBS}",
-                            out.id,
-                            lp.top.len()
-                        ));
-                    }
-                    for &(t, _) in &lp.top {
-                        token(t, "top logprob")?;
-                    }
+                    check_logprob(out.id, lp, &token)?;
                 }
             }
         }
@@ -155,6 +162,22 @@ impl GatewayChecks {
     pub fn num_live(&self) -> usize {
         self.live.len()
     }
+}
+
+/// One position's logprobs: token ids inside the vocabulary, a bounded list.
+fn check_logprob(
+    id: RequestId,
+    lp: &TokenLogprob,
+    token: &dyn Fn(u32, &str) -> Result<(), LinkViolation>,
+) -> Result<(), LinkViolation> {
+    token(lp.token, "logprob")?;
+    if lp.top.len() > MAX_TOP_LOGPROBS {
+        return violation(format!("request {id}: {} top logprobs, more than {MAX_TOP_LOGPROBS}", lp.top.len()));
+    }
+    for &(t, _) in &lp.top {
+        token(t, "top logprob")?;
+    }
+    Ok(())
 }
 
 /// The engine's checks of its link: the gateway answers Hello once, then commands.
@@ -206,7 +229,7 @@ mod tests {
     fn out(rank: u32, id: u64, index: u32, tokens: Vec<u32>, finish: Option<FinishReason>) -> FromEngine {
         FromEngine::Outputs(EngineOutputs {
             rank,
-            outputs: vec![TokenOutput { id, index, new_tokens: tokens, logprobs: None, finish, num_cached_tokens: 0 }],
+            outputs: vec![TokenOutput { id, index, new_tokens: tokens, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None }],
             stats: EngineStats::default(),
         })
     }
@@ -254,7 +277,7 @@ mod tests {
 
     #[test]
     fn logprob_violations() {
-        let lp = |token: u32, top: Vec<(u32, f32)>| TokenLogprob { token, logprob: -1.0, top };
+        let lp = |token: u32, top: Vec<(u32, f32)>| TokenLogprob { token, logprob: -1.0, rank: 1, top };
         let with = |lps: Vec<TokenLogprob>| {
             let FromEngine::Outputs(mut o) = out(3, 7, 0, vec![1], None) else { unreachable!() };
             o.outputs[0].logprobs = Some(lps);

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -49,6 +49,15 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Number of top alternatives to return with each sampled token (None: no logprobs).
     pub logprobs: Option<u32>,
+    /// Number of top alternatives to return for each prompt token after the
+    /// first (vLLM `prompt_logprobs`; also what `echo` + `logprobs` needs).
+    /// None: no prompt logprobs. A request that asks for them is not served
+    /// from the prefix cache, so every prompt position gets its logits.
+    pub prompt_logprobs: Option<u32>,
+    /// Added to the logits before penalties and sampling, greedy included
+    /// (OpenAI `logit_bias`, already clamped to [-100, 100]): (token id, bias),
+    /// ids unique and inside the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -68,6 +77,8 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -145,6 +156,9 @@ impl std::fmt::Display for EngineError {
 pub struct TokenLogprob {
     pub token: u32,
     pub logprob: f32,
+    /// 1-based rank of `token` among all tokens by logprob (ties share the
+    /// better rank), as vLLM reports it.
+    pub rank: u32,
     /// Best first, as many as asked for.
     pub top: Vec<(u32, f32)>,
 }
@@ -162,6 +176,10 @@ pub struct TokenOutput {
     pub finish: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache (set on the first output).
     pub num_cached_tokens: u32,
+    /// On the first output of completion 0 when the request asked for
+    /// `prompt_logprobs`: one entry per prompt token after the first (the
+    /// first has no context to be predicted from), in prompt order.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// The engine's queue figures, attached to every output batch so the

@@ -22,6 +22,7 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
         .prop_map(|((n, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty), b, c)| {
             let (frequency_penalty, seed, max_tokens, min_tokens, stop_token_ids) = b;
             let (ignore_eos, logprobs) = c;
+            let logit_bias = stop_token_ids.iter().map(|&t| (t, -1.5)).collect();
             SamplingParams {
                 n,
                 temperature,
@@ -37,6 +38,8 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
                 stop_token_ids,
                 ignore_eos,
                 logprobs,
+                prompt_logprobs: logprobs,
+                logit_bias,
             }
         })
 }
@@ -66,7 +69,7 @@ fn finish() -> impl Strategy<Value = FinishReason> {
 
 fn token_output() -> impl Strategy<Value = TokenOutput> {
     let logprob = (any::<u32>(), f32s(), vec((any::<u32>(), f32s()), 0..5))
-        .prop_map(|(token, logprob, top)| TokenLogprob { token, logprob, top });
+        .prop_map(|(token, logprob, top)| TokenLogprob { token, logprob, rank: 1, top });
     (any::<u64>(), any::<u32>(), vec(any::<u32>(), 0..10), option::of(vec(logprob, 0..4)), option::of(finish()), any::<u32>())
         .prop_map(|(id, index, new_tokens, logprobs, finish, num_cached_tokens)| TokenOutput {
             id,
@@ -75,6 +78,7 @@ fn token_output() -> impl Strategy<Value = TokenOutput> {
             logprobs,
             finish,
             num_cached_tokens,
+            prompt_logprobs: None,
         })
 }
 

@@ -117,11 +117,12 @@ async fn hello_welcome_add_outputs_round_trip(pair: (GatewayEnd, EngineEnd)) {
             index: 0,
             new_tokens: vec![5, 6],
             logprobs: Some(vec![
-                TokenLogprob { token: 5, logprob: -0.5, top: vec![(5, -0.5), (9, -1.5)] },
-                TokenLogprob { token: 6, logprob: -0.25, top: vec![] },
+                TokenLogprob { token: 5, logprob: -0.5, rank: 1, top: vec![(5, -0.5), (9, -1.5)] },
+                TokenLogprob { token: 6, logprob: -0.25, rank: 1, top: vec![] },
             ]),
             finish: Some(FinishReason::Stop),
             num_cached_tokens: 0,
+            prompt_logprobs: None,
         };
         let stats = EngineStats { num_running: 1, kv_usage: 0.5, ..EngineStats::default() };
         eng.tx.send(FromEngine::Outputs(EngineOutputs { rank: RANK, outputs: vec![done], stats })).unwrap();

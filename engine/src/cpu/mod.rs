@@ -20,7 +20,7 @@ use half::slice::HalfFloatSliceExt;
 use kv::KvStore;
 use std::ops::Range;
 
-pub use crate::batch::{ModelInput, SeqChunk};
+pub use crate::batch::{LogitRows, ModelInput, SeqChunk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -158,8 +158,8 @@ impl CpuShard {
         self.rank
     }
 
-    /// Runs one step. Returns, for each sequence that wants logits (in order), the
-    /// full-vocabulary logits of its last token, back to back.
+    /// Runs one step. Returns the full-vocabulary logits of the rows each chunk's
+    /// `logits` asks for (in batch order), back to back.
     pub fn forward(
         &self,
         input: &ModelInput,
@@ -252,10 +252,13 @@ impl CpuShard {
 
         // Only the rows that will be sampled go through the final norm and the
         // (large) vocabulary projection.
-        let rows: Vec<usize> = input.seqs.iter().scan(0usize, |end, s| {
-            *end += s.len;
-            Some((s.want_logits, *end - 1))
-        }).filter(|&(want, _)| want).map(|(_, r)| r).collect();
+        let mut rows: Vec<usize> = Vec::new();
+        let mut row0 = 0usize;
+        for s in &input.seqs {
+            let k = s.logits.count(s.len);
+            rows.extend(row0 + s.len - k..row0 + s.len);
+            row0 += s.len;
+        }
         let m = rows.len();
         let mut last = vec![0.0f32; m * h];
         for (dst, &r) in last.chunks_exact_mut(h).zip(&rows) {

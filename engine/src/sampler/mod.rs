@@ -226,6 +226,7 @@ impl SequenceSampler {
             mask_ids(logits, eog_ids);
             mask_ids(logits, &params.stop_token_ids);
         }
+        apply_logit_bias(logits, &params.logit_bias);
         self.apply_penalties(logits, params);
 
         let token = if is_greedy(params.temperature) {
@@ -366,6 +367,27 @@ fn sanitize(logits: &mut [f32]) -> u32 {
     argmax(logits).unwrap_or(0)
 }
 
+/// Adds each (id, bias) to its logit, as vLLM's `LogitBiasLogitsProcessor`
+/// (after min_tokens, before penalties; it moves greedy picks too). Ids
+/// outside the vocabulary and non-finite biases (unvalidated params) are
+/// skipped; a -inf logit stays -inf.
+fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(t, b) in bias {
+        if let (Some(l), true) = (logits.get_mut(t as usize), b.is_finite()) {
+            *l = (*l + b).min(f32::MAX);
+        }
+    }
+}
+
+/// The logprob of `token` (with its rank and the `k` best alternatives) in
+/// the distribution of one position's raw logits: what prompt logprobs
+/// report for each prompt token. `logits` is sanitized in place.
+pub fn position_logprob(logits: &mut [f32], token: u32, k: usize) -> TokenLogprob {
+    sanitize(logits);
+    let mut heap = BinaryHeap::new();
+    log_softmax_top(logits, token, k.min(MAX_LOGPROBS as usize), &mut heap)
+}
+
 fn mask_ids(logits: &mut [f32], ids: &[u32]) {
     for &t in ids {
         if let Some(l) = logits.get_mut(t as usize) {
@@ -492,9 +514,13 @@ fn log_softmax_top(
         .get(token as usize)
         .copied()
         .unwrap_or(f32::NEG_INFINITY);
+    // Tokens strictly better than the chosen one, plus one: ties share the
+    // better rank (an -inf token ranks after every finite one).
+    let rank = 1 + raw.iter().filter(|&&x| x > chosen).count() as u32;
     TokenLogprob {
         token,
         logprob: lp(chosen),
+        rank,
         top,
     }
 }

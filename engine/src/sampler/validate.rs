@@ -155,6 +155,17 @@ pub fn validate(p: &SamplingParams, vocab_size: usize) -> Result<(), ParamError>
             );
         }
     }
+    if let Some(k) = p.prompt_logprobs {
+        if k > MAX_LOGPROBS {
+            return err(
+                "prompt_logprobs",
+                format!(
+                    "Requested prompt logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"
+                ),
+            );
+        }
+    }
+    validate_logit_bias(&p.logit_bias, vocab_size)?;
     let bad: Vec<u32> = p
         .stop_token_ids
         .iter()
@@ -172,3 +183,25 @@ pub fn validate(p: &SamplingParams, vocab_size: usize) -> Result<(), ParamError>
     Ok(())
 }
 
+
+/// vLLM's `_validate_logit_bias`: every id inside the vocabulary; and, since
+/// the map may come off a socket, each id once and each bias a number in
+/// [-100, 100] (the gateway clamps to that range, as vLLM's protocol does).
+fn validate_logit_bias(bias: &[(u32, f32)], vocab_size: usize) -> Result<(), ParamError> {
+    let bad: Vec<u32> = bias.iter().map(|&(t, _)| t).filter(|&t| t as usize >= vocab_size).collect();
+    if !bad.is_empty() {
+        return err(
+            "logit_bias",
+            format!("token_id(s) {bad:?} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}"),
+        );
+    }
+    if let Some(&(t, b)) = bias.iter().find(|&&(_, b)| !(-100.0..=100.0).contains(&b)) {
+        return err("logit_bias", format!("logit_bias for token {t} must be in [-100, 100], got {}.", py_float(b)));
+    }
+    let mut ids: Vec<u32> = bias.iter().map(|&(t, _)| t).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return err("logit_bias", format!("logit_bias names token {} more than once.", w[0]));
+    }
+    Ok(())
+}

@@ -216,6 +216,8 @@ pub fn sampling_params(
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
+        prompt_logprobs: None,
+        logit_bias: Vec::new(),
     };
     sampler::validate(&p, vocab_size)
         .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;

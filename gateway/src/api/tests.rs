@@ -114,9 +114,9 @@ fn fake_engine(end: EngineEnd, script: Vec<u32>, eos: u32, log: Log) {
                     a.done[j] = finish.is_some();
                     let logprobs = a.logprobs.map(|k| {
                         let top = [(t, -0.25f32), (t + 1, -1.5), (t + 2, f32::NEG_INFINITY)];
-                        vec![TokenLogprob { token: t, logprob: -0.25, top: top[..k as usize].to_vec() }]
+                        vec![TokenLogprob { token: t, logprob: -0.25, rank: 1, top: top[..k as usize].to_vec() }]
                     });
-                    outputs.push(TokenOutput { id: a.id, index: j as u32, new_tokens: vec![t], logprobs, finish, num_cached_tokens: 0 });
+                    outputs.push(TokenOutput { id: a.id, index: j as u32, new_tokens: vec![t], logprobs, finish, num_cached_tokens: 0, prompt_logprobs: None });
                 }
             }
             active.retain(|a| a.done.iter().any(|d| !d));

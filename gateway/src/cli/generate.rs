@@ -70,6 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_token_ids: args.stop_token_ids.clone(),
         ignore_eos: args.ignore_eos,
         logprobs: args.logprobs,
+        ..Default::default()
     };
     let prompt = if args.chat { Prompt::user(args.prompt.clone()) } else { Prompt::text(args.prompt.clone()) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;

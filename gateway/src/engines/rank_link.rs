@@ -199,7 +199,7 @@ mod tests {
     use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
-        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0 }
+        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None }
     }
 
     #[tokio::test]
