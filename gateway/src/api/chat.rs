@@ -11,9 +11,9 @@ use axum::Json;
 use bytes::Bytes;
 use ferry_transport::TokenLogprob;
 
-use super::logprobs::{clamp_lp, token_text};
+use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::errors::ApiError;
-use super::fe::tokenizer::Tokenizer;
+use super::fe::tokenizer::{RenderOptions, Tokenizer};
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
@@ -34,18 +34,52 @@ pub async fn create(
     run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
 }
 
-/// The chat rendered with the model's template, as token ids.
+/// The chat rendered with the model's template (or the request's own), as token ids.
 pub fn render_chat(
     tok: &Tokenizer,
     messages: &[super::fe::tokenizer::ChatMessage],
-    add_generation_prompt: bool,
+    opts: &RenderOptions,
+    template: Option<&str>,
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let text = tok
-        .apply_chat_template(messages, add_generation_prompt)
+        .render_chat(messages, opts, template)
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to apply the chat template: {e}")))?;
     tok.encode(&text, add_special_tokens)
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to tokenize the chat: {e}")))
+}
+
+/// The template options a chat request sets, checked as vLLM checks them:
+/// `continue_final_message` and `add_generation_prompt` both set true is a
+/// 400; a request's own `chat_template` needs `--trust-request-chat-template`.
+pub fn render_options(
+    state: &AppState,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+    chat_template: Option<&str>,
+    kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<RenderOptions, ApiError> {
+    let cont = continue_final_message.unwrap_or(false);
+    if cont && add_generation_prompt == Some(true) {
+        return Err(ApiError::bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
+    }
+    if chat_template.is_some() && !state.trust_request_chat_template {
+        return Err(ApiError::invalid_param(
+            "chat_template",
+            "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request with untrusted chat template.",
+        ));
+    }
+    if let Some(t) = chat_template {
+        super::limits::check_prompt_chars("chat_template", t.chars().count())?;
+    }
+    Ok(RenderOptions {
+        // vLLM defaults add_generation_prompt to true; continuing a message
+        // means not opening a new turn, so an unset flag follows it.
+        add_generation_prompt: add_generation_prompt.unwrap_or(!cont),
+        continue_final_message: cont,
+        tools: None,
+        kwargs: kwargs.cloned().unwrap_or_default(),
+    })
 }
 
 async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
@@ -72,11 +106,17 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
     super::limits::check_messages(messages)?;
     let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
+    let opts = render_options(
+        &state,
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.chat_template.as_deref(),
+        req.chat_template_kwargs.as_ref(),
+    )?;
     let prompt = {
-        let (tok, messages) = (tok.clone(), messages.clone());
-        let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+        let (tok, messages, template) = (tok.clone(), messages.clone(), req.chat_template.clone());
         let add_special = req.sampling.add_special_tokens.unwrap_or(false);
-        state.text_work(move || render_chat(&tok, &messages, add_generation_prompt, add_special)).await?
+        state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
     };
     let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
@@ -92,7 +132,13 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         tok.vocab_size(),
     )?;
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
-    let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
+    let out = Output {
+        id: new_response_id("chatcmpl"),
+        created: unix_now(),
+        model,
+        logprobs: want_logprobs.then_some(top_k),
+        prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+    };
     if plan.stream {
         let shape = ChatStream { gen, out, plan };
         let first = shape.role_chunks();
@@ -107,6 +153,8 @@ struct Output {
     model: String,
     /// Some(k): logprobs with k alternatives per token.
     logprobs: Option<u32>,
+    /// vLLM's `prompt_logprobs` was asked for.
+    prompt_logprobs: bool,
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
@@ -145,7 +193,8 @@ async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionRespo
         created: out.created,
         model: out.model,
         choices,
-        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()),
+        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()).with_cached(gen.cached_tokens()),
+        prompt_logprobs: out.prompt_logprobs.then(|| gen.prompt_logprobs(0).map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
     })
 }
 
@@ -213,28 +262,45 @@ impl ChatStream {
                 finish_reason: None,
                 stop_reason: None,
             };
-            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0));
+            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0).with_cached(self.gen.cached_tokens()));
             chunks.push(self.chunk(vec![choice], usage));
         }
         chunks
     }
 
+    /// A delta's text (and logprobs) in a content chunk; a finish then gets a
+    /// chunk of its own with an empty delta, in OpenAI's order (clients
+    /// written against OpenAI drop text that comes with `finish_reason`).
     fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
         let i = d.index as usize;
-        let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
-        let usage = self
-            .plan
-            .continuous_usage
-            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
-        let finish = d.finish;
-        let choice = ChatStreamChoice {
-            index: d.index,
-            delta: ChatDelta { role: None, content: Some(d.text) },
-            logprobs,
-            finish_reason: finish.as_ref().map(|f| f.reason),
-            stop_reason: finish.map(|f| f.stop_reason),
+        let usage = || {
+            self.plan
+                .continuous_usage
+                .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)).with_cached(self.gen.cached_tokens()))
         };
-        self.chunk(vec![choice], usage)
+        let mut out = bytes::BytesMut::new();
+        if !d.text.is_empty() || !d.logprobs.is_empty() || d.finish.is_none() {
+            let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+            let choice = ChatStreamChoice {
+                index: d.index,
+                delta: ChatDelta { role: None, content: Some(d.text) },
+                logprobs,
+                finish_reason: None,
+                stop_reason: None,
+            };
+            out.extend_from_slice(&self.chunk(vec![choice], usage()));
+        }
+        if let Some(f) = d.finish {
+            let choice = ChatStreamChoice {
+                index: d.index,
+                delta: ChatDelta::default(),
+                logprobs: None,
+                finish_reason: Some(f.reason),
+                stop_reason: Some(f.stop_reason),
+            };
+            out.extend_from_slice(&self.chunk(vec![choice], usage()));
+        }
+        out.freeze()
     }
 }
 
@@ -248,6 +314,9 @@ impl ChunkShape for ChatStream {
     fn usage_chunk(&self) -> Option<Bytes> {
         self.plan
             .include_usage
-            .then(|| self.chunk(vec![], Some(Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens()))))
+            .then(|| {
+                let usage = Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens()).with_cached(self.gen.cached_tokens());
+                self.chunk(vec![], Some(usage))
+            })
     }
 }

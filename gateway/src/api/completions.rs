@@ -11,7 +11,7 @@ use ferry_transport::TokenLogprob;
 use super::errors::ApiError;
 use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
-use super::logprobs::{clamp_lp, token_text};
+use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
@@ -98,7 +98,12 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         // The default 16 shrinks to the room left; an explicit value must fit.
         let room = state.max_model_len.saturating_sub(p.len() as u32);
         let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
-        params.push(sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?);
+        let mut sp = sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?;
+        // vLLM: echo with logprobs asks for the prompt's logprobs too.
+        if req.echo.unwrap_or(false) {
+            sp.prompt_logprobs = sp.prompt_logprobs.or(req.logprobs);
+        }
+        params.push(sp);
     }
     let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
     let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
@@ -108,6 +113,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         model,
         n,
         logprobs: req.logprobs,
+        prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
         echo_texts,
         echo_tokens,
     };
@@ -126,6 +132,8 @@ struct Output {
     model: String,
     n: usize,
     logprobs: Option<u32>,
+    /// vLLM's `prompt_logprobs` was asked for (each choice carries them).
+    prompt_logprobs: bool,
     echo_texts: Option<Vec<String>>,
     echo_tokens: Option<Vec<Vec<u32>>>,
 }
@@ -159,12 +167,14 @@ async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse,
         .map(|i| {
             let (echo_text, echo_toks) = out.echo(i).unwrap_or(("", &[]));
             let finish = finishes[i].take();
+            let prompt_lps = gen.prompt_logprobs(i / out.n.max(1));
             CompletionChoice {
                 index: i as u32,
                 text: format!("{echo_text}{}", texts[i]),
-                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, &lps[i], 0)),
+                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, prompt_lps, &lps[i], 0)),
                 finish_reason: finish.as_ref().map(|f| f.reason),
                 stop_reason: finish.and_then(|f| f.stop_reason),
+                prompt_logprobs: out.prompt_logprobs.then(|| prompt_lps.map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
             }
         })
         .collect();
@@ -175,13 +185,20 @@ async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse,
         created: out.created,
         model: out.model,
         choices,
-        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()),
+        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()).with_cached(gen.cached_tokens()),
     })
 }
 
-/// The legacy logprobs object: echoed prompt tokens (no logprobs known for them),
-/// then generated tokens. Offsets count characters from `offset0`.
-pub fn completion_logprobs(tok: &Tokenizer, echoed: &[u32], lps: &[TokenLogprob], offset0: usize) -> CompletionLogprobs {
+/// The legacy logprobs object: echoed prompt tokens (null for the first, as
+/// OpenAI sends it; the prompt logprobs for the others when known), then
+/// generated tokens. Offsets count characters from `offset0`.
+pub fn completion_logprobs(
+    tok: &Tokenizer,
+    echoed: &[u32],
+    echo_lps: Option<&[TokenLogprob]>,
+    lps: &[TokenLogprob],
+    offset0: usize,
+) -> CompletionLogprobs {
     let mut r = CompletionLogprobs::default();
     let mut offset = offset0;
     let mut push = |r: &mut CompletionLogprobs, token: String, lp: Option<f32>, top| {
@@ -191,17 +208,24 @@ pub fn completion_logprobs(tok: &Tokenizer, echoed: &[u32], lps: &[TokenLogprob]
         r.token_logprobs.push(lp);
         r.top_logprobs.push(top);
     };
-    for &t in echoed {
-        push(&mut r, token_text(tok, t), None, None);
-    }
-    for l in lps {
+    let top_map = |l: &TokenLogprob| {
         let mut top = serde_json::Map::new();
         for &(t, lp) in &l.top {
             top.insert(token_text(tok, t), clamp_lp(lp).into());
         }
-        // OpenAI's shape: the sampled token is always among the top entries.
+        // OpenAI's shape: the chosen token is always among the top entries.
         top.entry(token_text(tok, l.token)).or_insert(clamp_lp(l.logprob).into());
-        push(&mut r, token_text(tok, l.token), Some(clamp_lp(l.logprob)), Some(top));
+        top
+    };
+    for (j, &t) in echoed.iter().enumerate() {
+        let known = j.checked_sub(1).and_then(|k| echo_lps?.get(k)).filter(|l| l.token == t);
+        match known {
+            Some(l) => push(&mut r, token_text(tok, t), Some(clamp_lp(l.logprob)), Some(top_map(l))),
+            None => push(&mut r, token_text(tok, t), None, None),
+        }
+    }
+    for l in lps {
+        push(&mut r, token_text(tok, l.token), Some(clamp_lp(l.logprob)), Some(top_map(l)));
     }
     r
 }
@@ -230,22 +254,24 @@ impl CompletionStream {
         let i = d.index as usize;
         let mut text = String::new();
         let mut echo_toks: &[u32] = &[];
+        let mut echo_lps = None;
         if !self.echoed[i] {
             self.echoed[i] = true;
             if let Some((t, toks)) = self.out.echo(i) {
                 text.push_str(t);
                 echo_toks = toks;
+                echo_lps = self.gen.prompt_logprobs(i / self.out.n.max(1));
             }
         }
         text.push_str(&d.text);
         let logprobs = self
             .out
             .logprobs
-            .map(|_| completion_logprobs(self.gen.tokenizer(), echo_toks, &d.logprobs, self.text_len[i]));
+            .map(|_| completion_logprobs(self.gen.tokenizer(), echo_toks, echo_lps, &d.logprobs, self.text_len[i]));
         self.text_len[i] += text.chars().count();
         let usage = self.plan.continuous_usage.then(|| {
             let p = self.gen.prompt_lens().get(i / self.out.n.max(1)).copied().unwrap_or(0);
-            Usage::new(p, self.gen.completion_tokens(i))
+            Usage::new(p, self.gen.completion_tokens(i)).with_cached(self.gen.cached_tokens_of_choice(i))
         });
         let finish = d.finish;
         let choice = CompletionChoice {
@@ -254,6 +280,7 @@ impl CompletionStream {
             logprobs,
             finish_reason: finish.as_ref().map(|f| f.reason),
             stop_reason: finish.and_then(|f| f.stop_reason),
+            prompt_logprobs: None,
         };
         self.chunk(vec![choice], usage)
     }
@@ -269,7 +296,7 @@ impl ChunkShape for CompletionStream {
     fn usage_chunk(&self) -> Option<Bytes> {
         self.plan.include_usage.then(|| {
             let p = self.gen.prompt_lens().iter().sum();
-            self.chunk(vec![], Some(Usage::new(p, self.gen.total_completion_tokens())))
+            self.chunk(vec![], Some(Usage::new(p, self.gen.total_completion_tokens()).with_cached(self.gen.cached_tokens())))
         })
     }
 }

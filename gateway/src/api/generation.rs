@@ -10,7 +10,7 @@
 //! sequence cannot stop it alone: its later tokens are dropped here, and the engine
 //! request is aborted when its last sequence ends.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,6 +62,15 @@ struct PromptRun {
     len: u32,
     unfinished: u32,
     prompt_counted: bool,
+    /// Prompt tokens the prefix cache served (the most any sequence reported).
+    cached: u32,
+    /// The request asked for prompt logprobs; they come with completion 0's
+    /// first output.
+    wants_prompt_lp: bool,
+    prompt_lp: Option<Vec<TokenLogprob>>,
+    /// Outputs of this run's other completions that came before the prompt
+    /// logprobs: held, so every choice's first delta can carry them (echo).
+    held: Vec<TokenOutput>,
 }
 
 pub struct Generation {
@@ -77,6 +86,8 @@ pub struct Generation {
     failed: bool,
     /// The admission slot, held to the end; its client is charged the tokens.
     admission: Option<Admission>,
+    /// Held outputs released once their prompt logprobs came, in arrival order.
+    replay: VecDeque<TokenOutput>,
 }
 
 impl Generation {
@@ -101,6 +112,7 @@ impl Generation {
         let stops = StopSet::new(opts.stop.clone());
         for (p, (tokens, sampling)) in prompts.into_iter().zip(params).enumerate() {
             let len = tokens.len() as u32;
+            let wants_prompt_lp = sampling.prompt_logprobs.is_some();
             // The prompt's last tokens give the first new token its context (a
             // SentencePiece word-start space decodes as it would in the whole text).
             let context_tail = tokens[tokens.len().saturating_sub(8)..].to_vec();
@@ -126,7 +138,16 @@ impl Generation {
                     last_token_at: None,
                 });
             }
-            runs.push(PromptRun { guard, len, unfinished: n, prompt_counted: false });
+            runs.push(PromptRun {
+                guard,
+                len,
+                unfinished: n,
+                prompt_counted: false,
+                cached: 0,
+                wants_prompt_lp,
+                prompt_lp: None,
+                held: Vec::new(),
+            });
         }
         let remaining = choices.len();
         Ok(Generation {
@@ -141,7 +162,23 @@ impl Generation {
             arrival,
             failed: false,
             admission,
+            replay: VecDeque::new(),
         })
+    }
+
+    /// Prompt `p`'s logprobs (one per token after the first), once they came.
+    pub fn prompt_logprobs(&self, p: usize) -> Option<&[TokenLogprob]> {
+        self.runs.get(p)?.prompt_lp.as_deref()
+    }
+
+    /// Prompt tokens the prefix cache served, over all prompts.
+    pub fn cached_tokens(&self) -> u32 {
+        self.runs.iter().map(|r| r.cached).sum()
+    }
+
+    /// Prompt tokens the prefix cache served for the prompt of choice `i`.
+    pub fn cached_tokens_of_choice(&self, i: usize) -> u32 {
+        self.runs.get(i / self.n as usize).map_or(0, |r| r.cached)
     }
 
     pub fn num_choices(&self) -> usize {
@@ -171,6 +208,12 @@ impl Generation {
         loop {
             if self.remaining == 0 || self.failed {
                 return None;
+            }
+            if let Some(out) = self.replay.pop_front() {
+                if let Some(r) = self.on_output(out) {
+                    return Some(r);
+                }
+                continue;
             }
             let mut deadline = self.state.drain_deadline.clone();
             let event = tokio::select! {
@@ -219,6 +262,27 @@ impl Generation {
         if let Some(FinishReason::Error(e)) = &out.finish {
             self.failed = true;
             return Some(Err(ApiError::from_engine(e)));
+        }
+        let run = &mut self.runs[p];
+        run.cached = run.cached.max(out.num_cached_tokens);
+        if run.wants_prompt_lp && run.prompt_lp.is_none() {
+            // Completion 0's first output carries them; should it not (a
+            // misbehaving rank), nothing is held any longer.
+            match out.prompt_logprobs.clone().or_else(|| (out.index == 0).then(Vec::new)) {
+                Some(lps) => {
+                    run.prompt_lp = Some(lps);
+                    // Held outputs came first: they go before anything newer.
+                    for h in run.held.drain(..).rev() {
+                        self.replay.push_front(h);
+                    }
+                    self.replay.push_front(out);
+                    return None;
+                }
+                None => {
+                    run.held.push(out);
+                    return None;
+                }
+            }
         }
         let now = Instant::now();
         let rank = self.choices[i].rank;

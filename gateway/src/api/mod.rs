@@ -81,6 +81,9 @@ pub struct AppState {
     text_work: Arc<Semaphore>,
     pub client_limits: Arc<client_limits::ClientLimits>,
     pub cors: cors::CorsConfig,
+    /// Requests may bring their own chat template (vLLM's
+    /// `--trust-request-chat-template`); refused otherwise.
+    pub trust_request_chat_template: bool,
 }
 
 impl AppState {
@@ -112,6 +115,7 @@ impl AppState {
             drain_fire: Arc::new(drain_fire),
             client_limits: client_limits::ClientLimits::new(Default::default()),
             cors: cors::CorsConfig::default(),
+            trust_request_chat_template: false,
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
         }
     }

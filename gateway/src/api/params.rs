@@ -216,12 +216,47 @@ pub fn sampling_params(
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
+        prompt_logprobs: f.prompt_logprobs,
+        logit_bias: logit_bias(f.logit_bias.as_ref(), vocab_size)?,
     };
     sampler::validate(&p, vocab_size)
         .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;
     Ok(p)
+}
+
+/// OpenAI's `logit_bias` map as the engine takes it: keys are token ids
+/// written as integers, biases are clamped to [-100, 100] (vLLM's
+/// `to_sampling_params`), and ids outside the vocabulary are refused with
+/// vLLM's message.
+fn logit_bias(map: Option<&std::collections::BTreeMap<String, f64>>, vocab_size: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = map else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity(map.len());
+    let mut outside = Vec::new();
+    for (k, &b) in map {
+        let id: i64 = k.trim().parse().map_err(|_| {
+            ApiError::invalid_param("logit_bias", format!("logit_bias keys must be token ids (integers), got {k:?}."))
+        })?;
+        match u32::try_from(id) {
+            Ok(t) if (t as usize) < vocab_size => out.push((t, b.clamp(-100.0, 100.0) as f32)),
+            _ => outside.push(id),
+        }
+    }
+    if !outside.is_empty() {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!("token_id(s) {outside:?} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}"),
+        ));
+    }
+    // Keys like "5" and " 5" name one token: the last one wins, as in a Python dict.
+    out.sort_by_key(|&(t, _)| t);
+    out.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1 = later.1;
+        }
+        same
+    });
+    Ok(out)
 }
 
 /// A `model` field must name a served model; absent means the first one.
@@ -264,6 +299,13 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_is_clamped_sorted_and_keyed_by_id() {
+        let p = build(json!({"logit_bias": {"7": 250, "3": -1e9, " 5": 0.5}})).unwrap();
+        assert_eq!(p.logit_bias, vec![(3, -100.0), (5, 0.5), (7, 100.0)]);
+        assert!(build(json!({"logit_bias": null})).unwrap().logit_bias.is_empty());
+    }
+
+    #[test]
     fn each_bad_field_names_its_param() {
         let cases = [
             (json!({"temperature": -1.0}), "temperature"),
@@ -286,6 +328,13 @@ mod tests {
             (json!({"logprobs": 21}), "logprobs"),
             (json!({"logprobs": -1}), "logprobs"),
             (json!({"stop_token_ids": [5000]}), "stop_token_ids"),
+            (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"1.5": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"5": "big"}}), "logit_bias"),
+            (json!({"logit_bias": {"1000": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"-1": 1}}), "logit_bias"),
+            (json!({"logit_bias": [1, 2]}), "logit_bias"),
+            (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
             (json!({"stop": 5}), "stop"),
             (json!({"stream": "yes"}), "stream"),
             (json!({"stream_options": {"include_usage": true}}), "stream_options"),

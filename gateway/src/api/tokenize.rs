@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::chat::render_chat;
+use super::chat::{render_chat, render_options};
 use super::errors::ApiError;
 use super::params::{resolve_model, JsonBody};
 use super::types::{DetokenizeRequest, TokenizeRequest};
@@ -41,12 +41,16 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
             (Some(p), None) => tok
                 .encode(p, req.add_special_tokens.unwrap_or(true))
                 .map_err(|e| ApiError::invalid_param("prompt", format!("Failed to tokenize: {e}")))?,
-            (None, Some(m)) => render_chat(
-                tok,
-                m,
-                req.add_generation_prompt.unwrap_or(true),
-                req.add_special_tokens.unwrap_or(false),
-            )?,
+            (None, Some(m)) => {
+                let opts = render_options(
+                    &state,
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                    req.chat_template.as_deref(),
+                    req.chat_template_kwargs.as_ref(),
+                )?;
+                render_chat(tok, m, &opts, req.chat_template.as_deref(), req.add_special_tokens.unwrap_or(false))?
+            }
             _ => return Err(ApiError::bad_request("Provide exactly one of `prompt` or `messages`.")),
         };
         let token_strs = req.return_token_strs.unwrap_or(false).then(|| {

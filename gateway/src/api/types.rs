@@ -66,6 +66,10 @@ pub struct SamplingFields {
     pub min_tokens: Option<u32>,
     pub skip_special_tokens: Option<bool>,
     pub add_special_tokens: Option<bool>,
+    /// Token id (as a string) -> bias in [-100, 100] (larger values are clamped).
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM's `prompt_logprobs`: alternatives for each prompt token.
+    pub prompt_logprobs: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -92,6 +96,11 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    /// A template for this request instead of the model's (needs
+    /// `--trust-request-chat-template`, as in vLLM).
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -103,6 +112,9 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
     pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     pub add_special_tokens: Option<bool>,
     pub return_token_strs: Option<bool>,
 }
@@ -121,11 +133,29 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub total_tokens: u32,
     pub completion_tokens: u32,
+    /// Always present (vLLM's `--enable-prompt-tokens-details`, on here).
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
 }
 
 impl Usage {
     pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens.saturating_add(completion_tokens) }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: PromptTokensDetails::default(),
+        }
+    }
+
+    pub fn with_cached(mut self, cached_tokens: u32) -> Self {
+        self.prompt_tokens_details.cached_tokens = cached_tokens;
+        self
     }
 }
 
@@ -154,7 +184,13 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReason>,
+    /// vLLM's `prompt_logprobs` (see `logprobs::vllm_prompt_logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
+
+/// Per prompt token: null for the first, then token id -> {logprob, rank, decoded_token}.
+pub type PromptLogprobs = Vec<Option<serde_json::Map<String, serde_json::Value>>>;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct CompletionResponse {
@@ -223,6 +259,8 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM or SIGINT.
     #[arg(long, default_value_t = 5)]
     pub shutdown_timeout: u64,
+    /// Let requests bring their own `chat_template` (vLLM's flag; each render
+    /// of such a template is bounded).
+    #[arg(long)]
+    pub trust_request_chat_template: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -164,6 +168,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             })
             .with_cors(cors)
             .map_err(anyhow::Error::msg)?;
+        let mut state = state;
+        state.trust_request_chat_template = args.trust_request_chat_template;
         let mut cfg = ServeConfig {
             host: args.host.clone(),
             port: args.port,

@@ -1,0 +1,233 @@
+"""The OpenAI and vLLM request fields beyond the core ones, against the real
+model: logit_bias, echo + logprobs and vLLM's prompt_logprobs, the prefix
+cache in usage, streamed chat chunks in OpenAI's order, and the chat
+template fields (add_generation_prompt, continue_final_message,
+chat_template_kwargs, chat_template)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from e2e_server import start_server, stop_server
+from e2e_util import need
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def complete(http, server, **body):
+    r = http.post("/v1/completions", json={"model": server.model_id, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def error_of(http, path, body):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, f"{body} -> {r.status_code} {r.text}"
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "BadRequestError", err
+    return err
+
+
+# ------------------------------------------------------------------ logit_bias
+
+
+def test_logit_bias_forces_and_bans_tokens_greedy(http, server, tokenize):
+    prompt = "The capital of France is"
+    free = complete(http, server, prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+    free_ids = [t for t in tokenize(prompt="".join(free["choices"][0]["logprobs"]["tokens"]), add_special_tokens=False)]
+    first = free_ids[0]
+    # Ban the greedy first token: the first token must change.
+    banned = complete(http, server, prompt=prompt, max_tokens=1, temperature=0, logprobs=0,
+                      logit_bias={str(first): -100})
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != free["choices"][0]["logprobs"]["tokens"][0]
+    # Force one token: every step picks it.
+    forced_id = tokenize(prompt=" banana", add_special_tokens=False)[0]
+    forced = complete(http, server, prompt=prompt, max_tokens=5, temperature=0, ignore_eos=True,
+                      logit_bias={str(forced_id): 100})
+    piece = http.post("/detokenize", json={"model": server.model_id, "tokens": [forced_id]}).json()["prompt"]
+    assert forced["choices"][0]["text"] == piece * 5, forced["choices"][0]["text"]
+    # Sampling too: a +100 bias dominates the distribution.
+    sampled = complete(http, server, prompt=prompt, max_tokens=5, temperature=1.0, seed=3, ignore_eos=True,
+                       logit_bias={str(forced_id): 100})
+    assert sampled["choices"][0]["text"] == piece * 5
+
+
+def test_logit_bias_on_chat(oai, server, tokenize):
+    forced_id = tokenize(prompt="Yes", add_special_tokens=False)[0]
+    r = oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "Hi"}],
+                                    max_tokens=3, temperature=0, logit_bias={str(forced_id): 100},
+                                    extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == "Yes" * 3
+
+
+@pytest.mark.parametrize("bias", [
+    {"abc": 1}, {"1.5": 2}, {"5": "big"}, {"99999999": 1}, {"-3": 1}, [1, 2], "x",
+])
+def test_invalid_logit_bias_maps_are_400(http, server, bias):
+    err = error_of(http, "/v1/completions", {"model": server.model_id, "prompt": "a", "max_tokens": 1, "logit_bias": bias})
+    assert "logit_bias" in (err.get("param") or "") + err["message"], err
+
+
+# ------------------------------------------------------------------ prompt logprobs
+
+
+def test_echo_logprobs_equal_a_separate_scoring(http, server, tokenize):
+    ids = tokenize(prompt="Paris is the capital of France.", add_special_tokens=False)
+    r = complete(http, server, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = r["choices"][0]["logprobs"]
+    n = len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == n + 1  # the prompt, then the generated token
+    assert all(isinstance(x, float) and x <= 0 for x in lp["token_logprobs"][1:n])
+    assert r["choices"][0]["text"].startswith("Paris is the capital of France.")
+    # Each prompt token scored alone: generate it after its prefix, forced by
+    # a +100 bias (logprobs come from the raw logits, before the bias).
+    for p in range(1, n):
+        one = complete(http, server, prompt=ids[:p], max_tokens=1, temperature=0, logprobs=1,
+                       logit_bias={str(ids[p]): 100})
+        want = one["choices"][0]["logprobs"]["token_logprobs"][0]
+        got = lp["token_logprobs"][p]
+        assert math.isclose(got, want, abs_tol=2e-3), f"position {p}: echo {got} vs scoring {want}"
+        top = lp["top_logprobs"][p]
+        assert len(top) >= 2 and all(v <= 0 for v in top.values())
+
+
+def test_echo_logprobs_stream_and_n(http, server, tokenize):
+    ids = tokenize(prompt="One two three four", add_special_tokens=False)
+    body = {"model": server.model_id, "prompt": ids, "max_tokens": 2, "temperature": 0.8, "seed": 1,
+            "n": 3, "echo": True, "logprobs": 1, "stream": True}
+    firsts = {}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            c = json.loads(line[6:])
+            for ch in c["choices"]:
+                firsts.setdefault(ch["index"], ch)
+    assert sorted(firsts) == [0, 1, 2]
+    for ch in firsts.values():
+        tl = ch["logprobs"]["token_logprobs"]
+        assert tl[0] is None and all(isinstance(x, float) for x in tl[1:len(ids)]), tl
+
+
+def test_vllm_prompt_logprobs(http, server, tokenize):
+    ids = tokenize(prompt="The sky is blue", add_special_tokens=False)
+    r = complete(http, server, prompt=ids, max_tokens=1, temperature=0, prompt_logprobs=3)
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        entry = plp[p]
+        assert str(ids[p]) in entry, (p, entry)  # the prompt's own token is always there
+        ranks = sorted(v["rank"] for v in entry.values())
+        assert ranks[0] >= 1 and all(isinstance(v["decoded_token"], str) for v in entry.values())
+        assert len(entry) in (3, 4)
+    r = http.post("/v1/chat/completions", json={"model": server.model_id, "messages": [{"role": "user", "content": "Hi"}],
+                                                "max_tokens": 1, "prompt_logprobs": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_logprobs"][0] is None and len(r.json()["prompt_logprobs"]) > 2
+    error_of(http, "/v1/completions", {"model": server.model_id, "prompt": "a", "max_tokens": 1, "prompt_logprobs": 21})
+
+
+# ------------------------------------------------------------------ usage details
+
+
+def test_cached_tokens_in_usage(oai, server):
+    text = "Ferry keeps a prefix cache. " * 12
+    first = oai.completions.create(model=server.model_id, prompt=text, max_tokens=1, temperature=0)
+    again = oai.completions.create(model=server.model_id, prompt=text, max_tokens=1, temperature=0)
+    assert first.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens > 0, again.usage
+    assert again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    chat = oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": text}],
+                                       max_tokens=1, temperature=0)
+    chat2 = oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": text}],
+                                        max_tokens=1, temperature=0)
+    assert chat2.usage.prompt_tokens_details.cached_tokens > 0, (chat.usage, chat2.usage)
+
+
+# ------------------------------------------------------------------ streamed chat order
+
+
+def test_streamed_chat_ends_with_an_empty_delta_carrying_finish_reason(oai, server):
+    stream = oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "Say hi"}],
+                                         max_tokens=8, temperature=0, stream=True, n=1,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    finish = chunks[-2]
+    assert finish.choices[0].finish_reason in ("stop", "length")
+    assert finish.choices[0].delta.content is None and finish.choices[0].delta.role is None
+    for c in chunks[:-2]:
+        assert all(ch.finish_reason is None for ch in c.choices)
+    text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+    full = oai.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "Say hi"}],
+                                       max_tokens=8, temperature=0)
+    assert text == full.choices[0].message.content
+
+
+# ------------------------------------------------------------------ chat template fields
+
+
+def test_continue_final_message_and_its_exclusion(http, server, tokenize):
+    msgs = [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "1, 2, 3,"}]
+    open_ids = tokenize(messages=msgs, add_generation_prompt=False, continue_final_message=True)
+    closed_ids = tokenize(messages=msgs, add_generation_prompt=False)
+    text = http.post("/detokenize", json={"model": server.model_id, "tokens": open_ids}).json()["prompt"]
+    assert text.endswith("1, 2, 3,"), text
+    assert len(closed_ids) > len(open_ids)
+    r = http.post("/v1/chat/completions", json={"model": server.model_id, "messages": msgs, "max_tokens": 3,
+                                                "temperature": 0, "add_generation_prompt": False,
+                                                "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    err = error_of(http, "/v1/chat/completions", {"model": server.model_id, "messages": msgs, "max_tokens": 1,
+                                                   "add_generation_prompt": True, "continue_final_message": True})
+    assert "continue_final_message" in err["message"]
+
+
+def test_add_generation_prompt_false_leaves_no_assistant_header(tokenize):
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert len(tokenize(messages=msgs, add_generation_prompt=True)) > len(tokenize(messages=msgs, add_generation_prompt=False))
+
+
+def test_chat_template_kwargs_are_accepted(http, server):
+    r = http.post("/v1/chat/completions", json={"model": server.model_id, "messages": [{"role": "user", "content": "Hi"}],
+                                                "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text
+    error_of(http, "/v1/chat/completions", {"model": server.model_id, "messages": [{"role": "user", "content": "Hi"}],
+                                            "max_tokens": 1, "chat_template_kwargs": [1]})
+
+
+def test_a_request_template_needs_the_trust_flag(http, server):
+    body = {"model": server.model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    err = error_of(http, "/v1/chat/completions", body)
+    assert "--trust-request-chat-template" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def trusting_server():
+    srv = start_server(["--trust-request-chat-template"])
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def test_a_trusted_request_template_is_used(trusting_server):
+    httpx = need("httpx")
+    srv = trusting_server
+    with httpx.Client(base_url=srv.http_url, headers=srv.auth, timeout=60) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        tmpl = "{% for m in messages %}[{{ m.role }}|{{ m.content }}|{{ flavour }}]{% endfor %}"
+        r = c.post("/tokenize", json={"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                                      "chat_template": tmpl, "chat_template_kwargs": {"flavour": "mint"}})
+        assert r.status_code == 200, r.text
+        text = c.post("/detokenize", json={"model": model, "tokens": r.json()["tokens"]}).json()["prompt"]
+        assert text == "[user|Hi|mint]", text
+        r = c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 1, "chat_template": "{% for %}"})
+        assert r.status_code == 400, r.text
