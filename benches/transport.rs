@@ -23,7 +23,7 @@ const PROMPT_LEN: u32 = 128;
 /// one new token each.
 fn outputs(id: u64, n: usize) -> EngineOutputs {
     let outputs = (0..n as u32)
-        .map(|index| TokenOutput { id, index, new_tokens: vec![1000 + index], logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None })
+        .map(|index| TokenOutput { id, index, new_tokens: vec![1000 + index], logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None, timing: None })
         .collect();
     EngineOutputs { rank: 0, outputs, stats: EngineStats { num_running: n as u32, kv_usage: 0.25, ..Default::default() } }
 }

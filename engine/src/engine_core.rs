@@ -12,8 +12,9 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
-    SamplingParams, ToEngine, TokenLogprob, TokenOutput,
+    SamplingParams, SeqTiming, ToEngine, TokenLogprob, TokenOutput, MAX_STEP_REPORTS,
 };
+use std::time::Instant;
 use std::collections::HashMap;
 
 #[derive(Clone, Debug)]
@@ -40,6 +41,28 @@ struct SeqState {
     num_cached_tokens: usize,
     /// Set while this sequence computes its request's prompt logprobs.
     prompt_lp: Option<PromptLogprobs>,
+    clock: SeqClock,
+}
+
+/// When a sequence arrived, was first scheduled and made its first token:
+/// its last output reports the phases (vLLM's queue / prefill / decode times).
+#[derive(Clone, Copy)]
+struct SeqClock {
+    arrived: Instant,
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl SeqClock {
+    fn timing(&self, now: Instant) -> SeqTiming {
+        let scheduled = self.scheduled.unwrap_or(now);
+        let first = self.first_token.unwrap_or(now);
+        SeqTiming {
+            queue_secs: (scheduled - self.arrived).as_secs_f32(),
+            prefill_secs: first.saturating_duration_since(scheduled).as_secs_f32(),
+            decode_secs: now.saturating_duration_since(first).as_secs_f32(),
+        }
+    }
 }
 
 /// Prompt logprobs being gathered over a prompt's prefill chunks; sent with
@@ -84,6 +107,8 @@ pub struct EngineCore {
     seeds: SplitMix64,
     /// Requests offered to `add_request`, refused ones included.
     num_added: u64,
+    /// Tokens of each step not yet reported (`take_step_tokens`).
+    step_tokens: Vec<u32>,
 }
 
 impl EngineCore {
@@ -99,6 +124,7 @@ impl EngineCore {
             next_seq: 0,
             seeds,
             num_added: 0,
+            step_tokens: Vec::new(),
         }
     }
 
@@ -130,6 +156,7 @@ impl EngineCore {
                 finish: Some(FinishReason::Error(why)),
                 num_cached_tokens: 0,
                 prompt_logprobs: None,
+                timing: None,
             });
         }
         let n = req.sampling.n.max(1);
@@ -159,6 +186,7 @@ impl EngineCore {
                     reported_cached: false,
                     num_cached_tokens: 0,
                     prompt_lp,
+                    clock: SeqClock { arrived: Instant::now(), scheduled: None, first_token: None },
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
@@ -189,6 +217,12 @@ impl EngineCore {
         self.sched.has_work()
     }
 
+    /// The token counts of the steps run since the last call (for the stats
+    /// of the next batch sent).
+    pub fn take_step_tokens(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.step_tokens)
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             num_waiting: self.sched.num_waiting() as u32,
@@ -199,6 +233,7 @@ impl EngineCore {
             prefix_cache_hits: self.sched.prefix_cache_hits(),
             num_added: self.num_added,
             draining: false,
+            step_tokens: Vec::new(),
         }
     }
 
@@ -208,7 +243,15 @@ impl EngineCore {
         if plan.seqs.is_empty() {
             return Vec::new();
         }
+        let now = Instant::now();
+        if self.step_tokens.len() == MAX_STEP_REPORTS {
+            self.step_tokens.remove(0);
+        }
+        self.step_tokens.push(plan.num_batched_tokens as u32);
         for s in &plan.seqs {
+            if let Some(st) = self.seqs.get_mut(&s.id) {
+                st.clock.scheduled.get_or_insert(now);
+            }
             if s.num_cached_tokens > 0 {
                 if let Some(st) = self.seqs.get_mut(&s.id) {
                     if !st.reported_cached {
@@ -265,6 +308,8 @@ impl EngineCore {
             }
             let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
             st.reported_cached = true;
+            let token_at = Instant::now();
+            st.clock.first_token.get_or_insert(token_at);
             outs.push(TokenOutput {
                 id: st.request,
                 index: st.index,
@@ -273,6 +318,7 @@ impl EngineCore {
                 finish: finish.clone(),
                 num_cached_tokens: cached as u32,
                 prompt_logprobs: st.prompt_lp.take().map(PromptLogprobs::finish),
+                timing: finish.is_some().then(|| st.clock.timing(token_at)),
             });
             if finish.is_some() {
                 ended.push(s.id);
@@ -345,7 +391,7 @@ impl EngineCore {
 }
 
 fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
-    TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None }
+    TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None, timing: None }
 }
 
 /// A running engine's threads. Dropping it does not stop them: send Shutdown, or
@@ -462,7 +508,7 @@ fn busy_loop(
         control.in_flight.store(core.num_requests(), std::sync::atomic::Ordering::Relaxed);
         if !outputs.is_empty() || woken {
             woken = false;
-            let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, ..core.stats() } };
+            let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, step_tokens: core.take_step_tokens(), ..core.stats() } };
             if outbox_tx.send(batch).is_err() {
                 break;
             }

@@ -1,15 +1,22 @@
-//! Prometheus metrics under vLLM's names, written in the text exposition format.
+//! Prometheus metrics under vLLM's names, types, labels and bucket bounds,
+//! recorded with the `metrics` crate and exposed by `metrics-exporter-prometheus`.
 //!
-//! The gateway counts tokens and times requests itself; queue figures, KV usage,
-//! preemptions and prefix-cache totals come from each rank's latest `EngineStats`
-//! at scrape time. Every series carries `model_name` and `engine` (the rank index)
-//! labels, in that order, as vLLM's do; counters get the `_total` suffix on their
-//! HELP/TYPE lines and samples, as Python's prometheus_client writes them.
+//! Each `Metrics` owns its recorder (not the process-global one), so several
+//! servers in one process, as in the tests, never mix their series. Handles
+//! for every series are made once per engine rank, so recording is a lock-free
+//! atomic update. The gateway counts tokens and times requests itself; queue
+//! figures, KV usage, preemptions and prefix-cache totals come from each
+//! rank's latest `EngineStats` at scrape time, as do the token counts of its
+//! steps (`vllm:iteration_tokens_total`), and the engine reports each
+//! finished sequence's queue / prefill / decode times. Every series carries
+//! `model_name` and `engine` (the rank index) labels, as vLLM's do; counter
+//! names end in `_total`, as Python's prometheus_client writes them.
 
-use std::fmt::Write;
-use std::sync::{Mutex, MutexGuard};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use ferry_transport::EngineStats;
+use crate::engines::coordinator::RankScrape;
+use ferry_transport::SeqTiming;
 
 pub const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -19,216 +26,330 @@ pub const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
     40.0, 80.0,
 ];
+/// vLLM's `request_latency_buckets`: e2e, queue, inference, prefill, decode.
 pub const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
     240.0, 480.0, 960.0, 1920.0, 7680.0,
 ];
+pub const ITERATION_TOKEN_BUCKETS: &[f64] = &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+pub const PARAMS_N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 
 /// The finish reasons vLLM labels `request_success` with, all exported from the start.
 pub const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
 
-#[derive(Clone, Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative); the last slot is +Inf.
-    counts: Vec<u64>,
-    sum: f64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0 }
-    }
-
-    fn observe(&mut self, v: f64) {
-        if !v.is_finite() || v < 0.0 {
-            return; // a clock oddity; never poison the sum
+/// vLLM's `build_1_2_5_buckets(max_model_len)`: 1, 2, 5, 10, 20, 50, ... up to the limit.
+pub fn buckets_1_2_5(max: u64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut scale = 1u64;
+    loop {
+        for m in [1u64, 2, 5] {
+            match m.checked_mul(scale) {
+                Some(v) if v <= max => out.push(v as f64),
+                _ => return out,
+            }
         }
-        let slot = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
-        self.counts[slot] += 1;
-        self.sum += v;
+        scale = match scale.checked_mul(10) {
+            Some(s) => s,
+            None => return out,
+        };
     }
 }
 
-#[derive(Clone, Debug)]
-struct EngineCounters {
-    prompt_tokens: u64,
-    generation_tokens: u64,
-    success: [u64; FINISH_REASONS.len()],
+const TOKEN_HISTOGRAMS: [&str; 3] = ["vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_max_num_generation_tokens"];
+const LATENCY_HISTOGRAMS: [&str; 5] = [
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_inference_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+];
+const TPOT_HISTOGRAMS: [&str; 3] =
+    ["vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds"];
+
+/// (name, kind, help) of every family, registered up front so an idle server
+/// already lists them all (as vLLM does).
+const FAMILIES: &[(&str, Kind, &str)] = &[
+    ("ferry:engine_up", Kind::Gauge, "1 while the engine rank is connected and serving, else 0."),
+    ("vllm:num_requests_running", Kind::Gauge, "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", Kind::Gauge, "Number of requests waiting to be processed."),
+    ("vllm:kv_cache_usage_perc", Kind::Gauge, "KV-cache usage. 1 means 100 percent usage."),
+    ("vllm:cache_config_info", Kind::Gauge, "Information of the LLMEngine CacheConfig"),
+    ("vllm:num_preemptions_total", Kind::Counter, "Cumulative number of preemption from the engine."),
+    ("vllm:prefix_cache_queries_total", Kind::Counter, "Prefix cache queries, in terms of number of queried tokens."),
+    ("vllm:prefix_cache_hits_total", Kind::Counter, "Prefix cache hits, in terms of number of cached tokens."),
+    ("vllm:prompt_tokens_total", Kind::Counter, "Number of prefill tokens processed."),
+    ("vllm:generation_tokens_total", Kind::Counter, "Number of generation tokens processed."),
+    ("vllm:request_success_total", Kind::Counter, "Count of successfully processed requests."),
+    ("vllm:iteration_tokens_total", Kind::Histogram, "Histogram of number of tokens per engine_step."),
+    ("vllm:request_prompt_tokens", Kind::Histogram, "Number of prefill tokens processed."),
+    ("vllm:request_generation_tokens", Kind::Histogram, "Number of generation tokens processed."),
+    ("vllm:request_max_num_generation_tokens", Kind::Histogram, "Histogram of maximum number of requested generation tokens."),
+    ("vllm:request_params_n", Kind::Histogram, "Histogram of the n request parameter."),
+    ("vllm:request_params_max_tokens", Kind::Histogram, "Histogram of the max_tokens request parameter."),
+    ("vllm:time_to_first_token_seconds", Kind::Histogram, "Histogram of time to first token in seconds."),
+    ("vllm:inter_token_latency_seconds", Kind::Histogram, "Histogram of inter-token latency in seconds."),
+    ("vllm:time_per_output_token_seconds", Kind::Histogram, "Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds instead."),
+    ("vllm:request_time_per_output_token_seconds", Kind::Histogram, "Histogram of time_per_output_token_seconds per request."),
+    ("vllm:e2e_request_latency_seconds", Kind::Histogram, "Histogram of e2e request latency in seconds."),
+    ("vllm:request_queue_time_seconds", Kind::Histogram, "Histogram of time spent in WAITING phase for request."),
+    ("vllm:request_inference_time_seconds", Kind::Histogram, "Histogram of time spent in RUNNING phase for request."),
+    ("vllm:request_prefill_time_seconds", Kind::Histogram, "Histogram of time spent in PREFILL phase for request."),
+    ("vllm:request_decode_time_seconds", Kind::Histogram, "Histogram of time spent in DECODE phase for request."),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Gauge,
+    Counter,
+    Histogram,
+}
+
+/// One rank's series.
+struct EngineSeries {
+    labels: Vec<Label>,
+    up: Gauge,
+    running: Gauge,
+    waiting: Gauge,
+    kv_usage: Gauge,
+    preemptions: Counter,
+    prefix_queries: Counter,
+    prefix_hits: Counter,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    success: [Counter; FINISH_REASONS.len()],
+    iteration_tokens: Histogram,
+    request_prompt_tokens: Histogram,
+    request_generation_tokens: Histogram,
+    request_max_generation_tokens: Histogram,
+    params_n: Histogram,
+    params_max_tokens: Histogram,
     ttft: Histogram,
     itl: Histogram,
+    tpot: Histogram,
+    request_tpot: Histogram,
     e2e: Histogram,
+    queue: Histogram,
+    inference: Histogram,
+    prefill: Histogram,
+    decode: Histogram,
 }
 
-impl EngineCounters {
-    fn new() -> Self {
-        EngineCounters {
-            prompt_tokens: 0,
-            generation_tokens: 0,
-            success: [0; FINISH_REASONS.len()],
-            ttft: Histogram::new(TTFT_BUCKETS),
-            itl: Histogram::new(ITL_BUCKETS),
-            e2e: Histogram::new(E2E_BUCKETS),
-        }
-    }
+/// What the gateway knows of one finished sequence (vLLM counts each of a
+/// request's `n` completions as a finished request).
+#[derive(Clone, Debug, Default)]
+pub struct FinishedSeq {
+    pub reason: &'static str,
+    pub e2e_secs: f64,
+    pub prompt_tokens: u32,
+    pub generation_tokens: u32,
+    pub n: u32,
+    pub max_tokens: u32,
+    /// The engine's account of the phases, when it sent one.
+    pub timing: Option<SeqTiming>,
 }
 
-/// The gateway's own counts, one set per engine rank. Updates for a rank index
-/// outside the range are ignored.
+/// The gateway's metrics: one recorder, one set of series per engine rank.
+/// Updates for a rank index outside the range are ignored.
 pub struct Metrics {
-    model_name: String,
-    engines: Vec<Mutex<EngineCounters>>,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    engines: Vec<EngineSeries>,
 }
 
 impl Metrics {
-    pub fn new(model_name: impl Into<String>, num_engines: usize) -> Self {
-        Metrics {
-            model_name: model_name.into(),
-            engines: (0..num_engines).map(|_| Mutex::new(EngineCounters::new())).collect(),
+    /// `max_model_len` bounds the token-count histograms' buckets, as in vLLM.
+    pub fn new(model_name: impl Into<String>, num_engines: usize, max_model_len: u32) -> Self {
+        let tokens = buckets_1_2_5(max_model_len.max(1) as u64);
+        let mut b = PrometheusBuilder::new();
+        let set = |b: PrometheusBuilder, name: &str, bounds: &[f64]| {
+            b.set_buckets_for_metric(Matcher::Full(name.to_string()), bounds).expect("bucket lists are non-empty")
+        };
+        b = set(b, "vllm:time_to_first_token_seconds", TTFT_BUCKETS);
+        for n in TPOT_HISTOGRAMS {
+            b = set(b, n, ITL_BUCKETS);
         }
+        for n in LATENCY_HISTOGRAMS {
+            b = set(b, n, E2E_BUCKETS);
+        }
+        for n in TOKEN_HISTOGRAMS.into_iter().chain(["vllm:request_params_max_tokens"]) {
+            b = set(b, n, &tokens);
+        }
+        b = set(b, "vllm:iteration_tokens_total", ITERATION_TOKEN_BUCKETS);
+        b = set(b, "vllm:request_params_n", PARAMS_N_BUCKETS);
+        let recorder = b.build_recorder();
+        let handle = recorder.handle();
+        for &(name, kind, help) in FAMILIES {
+            let key = KeyName::from(name);
+            match kind {
+                Kind::Gauge => recorder.describe_gauge(key, None::<Unit>, help.into()),
+                Kind::Counter => recorder.describe_counter(key, None::<Unit>, help.into()),
+                Kind::Histogram => recorder.describe_histogram(key, None::<Unit>, help.into()),
+            }
+        }
+        let model_name = model_name.into();
+        let engines = (0..num_engines).map(|k| EngineSeries::new(&recorder, &model_name, k)).collect();
+        Metrics { recorder, handle, engines }
     }
 
-    fn engine(&self, k: usize) -> Option<MutexGuard<'_, EngineCounters>> {
-        self.engines.get(k).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    fn engine(&self, k: usize) -> Option<&EngineSeries> {
+        self.engines.get(k)
     }
 
     pub fn add_prompt_tokens(&self, engine: usize, n: u64) {
-        if let Some(mut e) = self.engine(engine) {
-            e.prompt_tokens += n;
+        if let Some(e) = self.engine(engine) {
+            e.prompt_tokens.increment(n);
         }
     }
 
     pub fn add_generation_tokens(&self, engine: usize, n: u64) {
-        if let Some(mut e) = self.engine(engine) {
-            e.generation_tokens += n;
+        if let Some(e) = self.engine(engine) {
+            e.generation_tokens.increment(n);
         }
     }
 
     pub fn observe_ttft(&self, engine: usize, secs: f64) {
-        if let Some(mut e) = self.engine(engine) {
-            e.ttft.observe(secs);
+        if let (Some(e), true) = (self.engine(engine), sane(secs)) {
+            e.ttft.record(secs);
         }
     }
 
     pub fn observe_inter_token(&self, engine: usize, secs: f64) {
-        if let Some(mut e) = self.engine(engine) {
-            e.itl.observe(secs);
+        if let (Some(e), true) = (self.engine(engine), sane(secs)) {
+            e.itl.record(secs);
+            e.tpot.record(secs);
         }
     }
 
-    /// A sequence ended: `reason` is "stop", "length" or "abort" (others are counted
-    /// under their own label), `e2e_secs` from arrival to its end.
-    pub fn request_finished(&self, engine: usize, reason: &str, e2e_secs: f64) {
-        if let Some(mut e) = self.engine(engine) {
-            if let Some(k) = FINISH_REASONS.iter().position(|r| *r == reason) {
-                e.success[k] += 1;
-            }
-            e.e2e.observe(e2e_secs);
+    /// A sequence ended: counted under its finish reason, with its lengths,
+    /// parameters and (when the engine said) phase times.
+    pub fn sequence_finished(&self, engine: usize, f: &FinishedSeq) {
+        let Some(e) = self.engine(engine) else { return };
+        if let Some(k) = FINISH_REASONS.iter().position(|r| *r == f.reason) {
+            e.success[k].increment(1);
         }
-    }
-
-    /// The exposition text. `stats[k]` is rank k's latest report, `up[k]` whether
-    /// rank k serves now.
-    pub fn render(&self, stats: &[EngineStats], up: &[bool]) -> String {
-        let snap: Vec<EngineCounters> = (0..self.engines.len())
-            .filter_map(|k| self.engine(k).map(|e| e.clone()))
-            .collect();
-        let mut out = String::with_capacity(8192);
-        let labels = |k: usize| format!("model_name=\"{}\",engine=\"{k}\"", escape(&self.model_name));
-        let default_stats = EngineStats::default();
-        let st = |k: usize| stats.get(k).unwrap_or(&default_stats);
-
-        let gauge = |out: &mut String, name: &str, help: &str, f: &dyn Fn(usize) -> f64| {
-            header(out, name, help, "gauge");
-            for k in 0..snap.len() {
-                let _ = writeln!(out, "{name}{{{}}} {}", labels(k), num(f(k)));
-            }
-        };
-        gauge(&mut out, "ferry:engine_up", "1 while the engine rank is connected and serving, else 0.", &|k| f64::from(u8::from(up.get(k).copied().unwrap_or(false))));
-        gauge(&mut out, "vllm:num_requests_running", "Number of requests in model execution batches.", &|k| st(k).num_running as f64);
-        gauge(&mut out, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", &|k| st(k).num_waiting as f64);
-        gauge(&mut out, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", &|k| st(k).kv_usage as f64);
-
-        let counter = |out: &mut String, name: &str, help: &str, f: &dyn Fn(usize) -> u64| {
-            let name = format!("{name}_total");
-            header(out, &name, help, "counter");
-            for k in 0..snap.len() {
-                let _ = writeln!(out, "{name}{{{}}} {}", labels(k), num(f(k) as f64));
-            }
-        };
-        counter(&mut out, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", &|k| st(k).prefix_cache_queries);
-        counter(&mut out, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", &|k| st(k).prefix_cache_hits);
-        counter(&mut out, "vllm:num_preemptions", "Cumulative number of preemption from the engine.", &|k| st(k).num_preemptions);
-        counter(&mut out, "vllm:prompt_tokens", "Number of prefill tokens processed.", &|k| snap[k].prompt_tokens);
-        counter(&mut out, "vllm:generation_tokens", "Number of generation tokens processed.", &|k| snap[k].generation_tokens);
-
-        header(&mut out, "vllm:request_success_total", "Count of successfully processed requests.", "counter");
-        for (k, e) in snap.iter().enumerate() {
-            for (r, reason) in FINISH_REASONS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "vllm:request_success_total{{{},finished_reason=\"{reason}\"}} {}",
-                    labels(k),
-                    num(e.success[r] as f64)
-                );
-            }
+        if sane(f.e2e_secs) {
+            e.e2e.record(f.e2e_secs);
         }
-
-        let hist = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&EngineCounters) -> &Histogram| {
-            header(out, name, help, "histogram");
-            for (k, e) in snap.iter().enumerate() {
-                let h = f(e);
-                let l = labels(k);
-                let mut cum = 0u64;
-                for (i, b) in h.bounds.iter().enumerate() {
-                    cum += h.counts[i];
-                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{}\"}} {}", num(*b), num(cum as f64));
+        e.request_prompt_tokens.record(f.prompt_tokens as f64);
+        e.request_generation_tokens.record(f.generation_tokens as f64);
+        e.request_max_generation_tokens.record(f.max_tokens as f64);
+        e.params_n.record(f.n as f64);
+        e.params_max_tokens.record(f.max_tokens as f64);
+        if let Some(t) = f.timing {
+            let (q, p, d) = (t.queue_secs as f64, t.prefill_secs as f64, t.decode_secs as f64);
+            for (h, v) in [(&e.queue, q), (&e.prefill, p), (&e.decode, d), (&e.inference, p + d)] {
+                if sane(v) {
+                    h.record(v);
                 }
-                cum += h.counts[h.bounds.len()];
-                let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", num(cum as f64));
-                let _ = writeln!(out, "{name}_count{{{l}}} {}", num(cum as f64));
-                let _ = writeln!(out, "{name}_sum{{{l}}} {}", num(h.sum));
             }
+            if f.generation_tokens > 1 && sane(d) {
+                e.request_tpot.record(d / (f.generation_tokens - 1) as f64);
+            }
+        }
+    }
+
+    /// The exposition text, after taking in what each rank reported since
+    /// the last scrape (`ranks[k]`: rank k, or None when it never joined).
+    pub fn render(&self, ranks: &[Option<RankScrape>]) -> String {
+        for (k, e) in self.engines.iter().enumerate() {
+            let r = ranks.get(k).and_then(|r| r.as_ref());
+            e.up.set(f64::from(u8::from(r.is_some_and(|r| r.up))));
+            let Some(r) = r else { continue };
+            let st = &r.stats;
+            e.running.set(st.num_running as f64);
+            e.waiting.set(st.num_waiting as f64);
+            e.kv_usage.set(st.kv_usage as f64);
+            if r.up {
+                // Totals since the rank started: a rank that came back starts over.
+                e.preemptions.absolute(st.num_preemptions);
+                e.prefix_queries.absolute(st.prefix_cache_queries);
+                e.prefix_hits.absolute(st.prefix_cache_hits);
+            }
+            for &t in &r.steps {
+                e.iteration_tokens.record(t as f64);
+            }
+            let info = [
+                ("block_size", r.hello.block_size.to_string()),
+                ("cache_dtype", "auto".to_string()),
+                ("enable_prefix_caching", "True".to_string()),
+                ("num_gpu_blocks", r.hello.num_kv_blocks.to_string()),
+                ("num_cpu_blocks", "None".to_string()),
+            ];
+            let mut labels = e.labels.clone();
+            labels.extend(info.into_iter().map(|(k, v)| Label::new(k, v)));
+            let key = Key::from_parts("vllm:cache_config_info", labels);
+            self.recorder.register_gauge(&key, &metadata()).set(1.0);
+        }
+        self.handle.render()
+    }
+}
+
+fn sane(v: f64) -> bool {
+    v.is_finite() && v >= 0.0 // a clock oddity never poisons a sum
+}
+
+fn metadata() -> metrics::Metadata<'static> {
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+impl EngineSeries {
+    fn new(rec: &PrometheusRecorder, model_name: &str, k: usize) -> Self {
+        let labels = vec![Label::new("model_name", model_name.to_string()), Label::new("engine", k.to_string())];
+        let key = |name: &'static str| Key::from_parts(name, labels.clone());
+        let md = metadata();
+        let gauge = |name| rec.register_gauge(&key(name), &md);
+        let counter = |name| {
+            let c = rec.register_counter(&key(name), &md);
+            c.increment(0); // listed from the start, at 0
+            c
         };
-        hist(&mut out, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", &|e| &e.ttft);
-        hist(&mut out, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", &|e| &e.itl);
-        hist(&mut out, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", &|e| &e.e2e);
-        out
+        let hist = |name| rec.register_histogram(&key(name), &md);
+        let success = FINISH_REASONS.map(|reason| {
+            let mut l = labels.clone();
+            l.push(Label::new("finished_reason", reason));
+            let c = rec.register_counter(&Key::from_parts("vllm:request_success_total", l), &md);
+            c.increment(0);
+            c
+        });
+        EngineSeries {
+            up: gauge("ferry:engine_up"),
+            running: gauge("vllm:num_requests_running"),
+            waiting: gauge("vllm:num_requests_waiting"),
+            kv_usage: gauge("vllm:kv_cache_usage_perc"),
+            preemptions: counter("vllm:num_preemptions_total"),
+            prefix_queries: counter("vllm:prefix_cache_queries_total"),
+            prefix_hits: counter("vllm:prefix_cache_hits_total"),
+            prompt_tokens: counter("vllm:prompt_tokens_total"),
+            generation_tokens: counter("vllm:generation_tokens_total"),
+            success,
+            iteration_tokens: hist("vllm:iteration_tokens_total"),
+            request_prompt_tokens: hist("vllm:request_prompt_tokens"),
+            request_generation_tokens: hist("vllm:request_generation_tokens"),
+            request_max_generation_tokens: hist("vllm:request_max_num_generation_tokens"),
+            params_n: hist("vllm:request_params_n"),
+            params_max_tokens: hist("vllm:request_params_max_tokens"),
+            ttft: hist("vllm:time_to_first_token_seconds"),
+            itl: hist("vllm:inter_token_latency_seconds"),
+            tpot: hist("vllm:time_per_output_token_seconds"),
+            request_tpot: hist("vllm:request_time_per_output_token_seconds"),
+            e2e: hist("vllm:e2e_request_latency_seconds"),
+            queue: hist("vllm:request_queue_time_seconds"),
+            inference: hist("vllm:request_inference_time_seconds"),
+            prefill: hist("vllm:request_prefill_time_seconds"),
+            decode: hist("vllm:request_decode_time_seconds"),
+            labels,
+        }
     }
 }
 
 /// Prometheus' text content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Numbers as Python's prometheus_client writes them: integral values with ".0".
-fn num(v: f64) -> String {
-    if v.is_infinite() {
-        return if v > 0.0 { "+Inf".into() } else { "-Inf".into() };
-    }
-    if v.is_nan() {
-        return "NaN".into();
-    }
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.1}")
-    } else {
-        format!("{v}")
-    }
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use ferry_transport::EngineStats;
 
     /// A small parser of the text format, independent of the writer: sample lines
     /// become (name{labels}) -> value, and every sample's family must have been
@@ -262,47 +383,90 @@ mod tests {
         samples
     }
 
+    fn scrape(up: bool, stats: EngineStats, steps: Vec<u32>) -> Option<RankScrape> {
+        let hello = ferry_transport::Hello {
+            protocol_version: ferry_transport::PROTOCOL_VERSION,
+            rank: 1,
+            model: "m".into(),
+            fingerprint: Default::default(),
+            vocab_size: 10,
+            max_model_len: 100,
+            num_kv_blocks: 64,
+            block_size: 16,
+        };
+        Some(RankScrape { up, stats, steps, hello })
+    }
+
     #[test]
     fn exposition_has_vllm_names_labels_and_values() {
-        let m = Metrics::new("smol\"lm", 2);
+        let m = Metrics::new("smol\"lm", 2, 2048);
         m.add_prompt_tokens(1, 12);
         m.add_generation_tokens(1, 5);
         m.observe_ttft(1, 0.003);
         m.observe_ttft(1, 0.5);
         m.observe_ttft(1, 9999.0);
-        m.request_finished(1, "length", 1.2);
-        m.request_finished(7, "stop", 1.0); // no such rank: ignored
-        let stats = vec![
-            EngineStats::default(),
-            EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, ..Default::default() },
-        ];
-        let text = m.render(&stats, &[false, true]);
+        m.observe_inter_token(1, 0.02);
+        let timing = SeqTiming { queue_secs: 0.25, prefill_secs: 0.5, decode_secs: 1.0 };
+        let fin = FinishedSeq { reason: "length", e2e_secs: 1.2, prompt_tokens: 12, generation_tokens: 5, n: 2, max_tokens: 5, timing: Some(timing) };
+        m.sequence_finished(1, &fin);
+        m.sequence_finished(7, &FinishedSeq { reason: "stop", ..fin.clone() }); // no such rank: ignored
+        let stats = EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, ..Default::default() };
+        let text = m.render(&[None, scrape(true, stats, vec![1, 7, 300])]);
         let s = parse(&text);
         let l1 = "model_name=\"smol\\\"lm\",engine=\"1\"";
-        assert_eq!(s[&format!("ferry:engine_up{{{l1}}}")], 1.0);
-        assert_eq!(s["ferry:engine_up{model_name=\"smol\\\"lm\",engine=\"0\"}"], 0.0);
-        assert_eq!(s[&format!("vllm:num_requests_running{{{l1}}}")], 3.0);
-        assert_eq!(s[&format!("vllm:num_requests_waiting{{{l1}}}")], 2.0);
-        assert_eq!(s[&format!("vllm:kv_cache_usage_perc{{{l1}}}")], 0.5);
-        assert_eq!(s[&format!("vllm:prefix_cache_queries_total{{{l1}}}")], 100.0);
-        assert_eq!(s[&format!("vllm:prefix_cache_hits_total{{{l1}}}")], 40.0);
-        assert_eq!(s[&format!("vllm:num_preemptions_total{{{l1}}}")], 4.0);
-        assert_eq!(s[&format!("vllm:prompt_tokens_total{{{l1}}}")], 12.0);
-        assert_eq!(s[&format!("vllm:generation_tokens_total{{{l1}}}")], 5.0);
+        let l0 = "model_name=\"smol\\\"lm\",engine=\"0\"";
+        let g = |name: &str| s.get(&format!("{name}{{{l1}}}")).copied().unwrap_or_else(|| panic!("{name} missing in\n{text}"));
+        assert_eq!(g("ferry:engine_up"), 1.0);
+        assert_eq!(s[&format!("ferry:engine_up{{{l0}}}")], 0.0);
+        assert_eq!(g("vllm:num_requests_running"), 3.0);
+        assert_eq!(g("vllm:num_requests_waiting"), 2.0);
+        assert_eq!(g("vllm:kv_cache_usage_perc"), 0.5);
+        assert_eq!(g("vllm:prefix_cache_queries_total"), 100.0);
+        assert_eq!(g("vllm:prefix_cache_hits_total"), 40.0);
+        assert_eq!(g("vllm:num_preemptions_total"), 4.0);
+        assert_eq!(g("vllm:prompt_tokens_total"), 12.0);
+        assert_eq!(g("vllm:generation_tokens_total"), 5.0);
         assert_eq!(s[&format!("vllm:request_success_total{{{l1},finished_reason=\"length\"}}")], 1.0);
         assert_eq!(s[&format!("vllm:request_success_total{{{l1},finished_reason=\"stop\"}}")], 0.0);
         // Cumulative buckets: 0.003 <= 0.005; 0.5 <= 0.5; 9999 only in +Inf.
-        let b = |le: &str| s[&format!("vllm:time_to_first_token_seconds_bucket{{{l1},le=\"{le}\"}}")];
-        assert_eq!((b("0.001"), b("0.005"), b("0.25"), b("0.5"), b("2560.0"), b("+Inf")), (0.0, 1.0, 1.0, 2.0, 2.0, 3.0));
-        assert_eq!(s[&format!("vllm:time_to_first_token_seconds_count{{{l1}}}")], 3.0);
-        assert!((s[&format!("vllm:time_to_first_token_seconds_sum{{{l1}}}")] - 9999.503).abs() < 1e-9);
-        assert_eq!(s[&format!("vllm:e2e_request_latency_seconds_bucket{{{l1},le=\"1.5\"}}")], 1.0);
-        assert_eq!(s[&format!("vllm:e2e_request_latency_seconds_bucket{{{l1},le=\"1.0\"}}")], 0.0);
-        // Rank 0 exists too, all zero, and every bucket list is complete.
-        assert_eq!(s["vllm:inter_token_latency_seconds_count{model_name=\"smol\\\"lm\",engine=\"0\"}"], 0.0);
-        let n_buckets = text.lines().filter(|l| l.starts_with("vllm:inter_token_latency_seconds_bucket") && l.contains("engine=\"0\"")).count();
-        assert_eq!(n_buckets, ITL_BUCKETS.len() + 1);
+        let b = |name: &str, le: &str| s[&format!("{name}_bucket{{{l1},le=\"{le}\"}}")];
+        let ttft = "vllm:time_to_first_token_seconds";
+        assert_eq!((b(ttft, "0.001"), b(ttft, "0.005"), b(ttft, "0.25"), b(ttft, "0.5"), b(ttft, "2560"), b(ttft, "+Inf")), (0.0, 1.0, 1.0, 2.0, 2.0, 3.0));
+        assert_eq!(g("vllm:time_to_first_token_seconds_count"), 3.0);
+        assert!((g("vllm:time_to_first_token_seconds_sum") - 9999.503).abs() < 1e-9);
+        assert_eq!(b("vllm:e2e_request_latency_seconds", "1.5"), 1.0);
+        assert_eq!(b("vllm:e2e_request_latency_seconds", "1"), 0.0);
+        // The engine's phases: queue 0.25, prefill 0.5, decode 1.0, inference 1.5;
+        // per-request TPOT 1.0 / 4.
+        assert_eq!(b("vllm:request_queue_time_seconds", "0.3"), 1.0);
+        assert_eq!(b("vllm:request_prefill_time_seconds", "0.3"), 0.0);
+        assert_eq!(b("vllm:request_inference_time_seconds", "1.5"), 1.0);
+        assert_eq!(b("vllm:request_inference_time_seconds", "1"), 0.0);
+        assert_eq!(b("vllm:request_time_per_output_token_seconds", "0.3"), 1.0);
+        assert_eq!(b("vllm:request_time_per_output_token_seconds", "0.2"), 0.0);
+        assert_eq!(g("vllm:time_per_output_token_seconds_count"), 1.0);
+        // Token counts and parameters, in 1-2-5 buckets up to max_model_len.
+        assert_eq!(b("vllm:request_prompt_tokens", "20"), 1.0);
+        assert_eq!(b("vllm:request_prompt_tokens", "10"), 0.0);
+        assert_eq!(b("vllm:request_params_n", "2"), 1.0);
+        assert_eq!(b("vllm:request_params_max_tokens", "5"), 1.0);
+        assert!(text.contains("vllm:request_prompt_tokens_bucket{model_name=\"smol\\\"lm\",engine=\"1\",le=\"2000\"}"));
+        // Steps: 1 <= 1, 7 <= 8, 300 <= 512.
+        let it = "vllm:iteration_tokens_total";
+        assert_eq!((b(it, "1"), b(it, "8"), b(it, "256"), b(it, "512")), (1.0, 2.0, 2.0, 3.0));
+        // cache_config_info is an info-style gauge.
+        assert!(text.lines().any(|l| l.starts_with("vllm:cache_config_info{") && l.contains("block_size=\"16\"") && l.contains("num_gpu_blocks=\"64\"") && l.ends_with(" 1")), "{text}");
         assert!(text.contains("# TYPE vllm:prompt_tokens_total counter\n"));
         assert!(text.contains("# TYPE vllm:e2e_request_latency_seconds histogram\n"));
+        // A later scrape does not count the steps again.
+        let again = parse(&m.render(&[None, scrape(true, EngineStats::default(), vec![])]));
+        assert_eq!(again[&format!("{it}_count{{{l1}}}")], 3.0);
+    }
+
+    #[test]
+    fn one_two_five_buckets_as_vllm() {
+        assert_eq!(buckets_1_2_5(100), vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        assert_eq!(buckets_1_2_5(8192).last(), Some(&5000.0));
+        assert_eq!(buckets_1_2_5(1), vec![1.0]);
     }
 }

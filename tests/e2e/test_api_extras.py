@@ -231,3 +231,59 @@ def test_a_trusted_request_template_is_used(trusting_server):
         r = c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}],
                                                  "max_tokens": 1, "chat_template": "{% for %}"})
         assert r.status_code == 400, r.text
+
+
+# ------------------------------------------------------------------ metrics
+
+# vLLM's families as `vllm serve` exports them (v1 engine, no LoRA or
+# speculative decoding), with the type prometheus_client's parser reports
+# (counter families lose their `_total`).
+VLLM_FAMILIES = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:cache_config_info": "gauge",
+    "vllm:num_preemptions": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:request_success": "counter",
+    "vllm:iteration_tokens_total": "histogram",
+    "vllm:request_prompt_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram",
+    "vllm:request_max_num_generation_tokens": "histogram",
+    "vllm:request_params_n": "histogram",
+    "vllm:request_params_max_tokens": "histogram",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:time_per_output_token_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_queue_time_seconds": "histogram",
+    "vllm:request_inference_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram",
+    "vllm:request_decode_time_seconds": "histogram",
+}
+
+
+def test_metrics_have_vllms_names_types_and_labels(http, server):
+    parser = need("prometheus_client.parser")
+    complete(http, server, prompt="Count: one, two,", max_tokens=4, temperature=0, n=1)
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in parser.text_string_to_metric_families(r.text)}
+    for name, kind in VLLM_FAMILIES.items():
+        assert name in families, f"{name} missing"
+        assert families[name].type == kind, (name, families[name].type)
+        for s in families[name].samples:
+            assert s.labels.get("model_name") == server.model_id and s.labels.get("engine") == "0", s
+    phases = {s.name: s.value for f in ("vllm:request_queue_time_seconds", "vllm:request_decode_time_seconds",
+                                          "vllm:iteration_tokens_total") for s in families[f].samples}
+    assert phases["vllm:request_queue_time_seconds_count"] >= 1
+    assert phases["vllm:request_decode_time_seconds_count"] >= 1
+    assert phases["vllm:iteration_tokens_total_count"] >= 4  # a prefill and decode steps
+    info = families["vllm:cache_config_info"].samples[0]
+    assert info.value == 1 and int(info.labels["block_size"]) > 0 and int(info.labels["num_gpu_blocks"]) > 0
+    les = [float(s.labels["le"]) for s in families["vllm:request_params_n"].samples if s.name.endswith("_bucket")]
+    assert les == [1, 2, 5, 10, 20, math.inf]

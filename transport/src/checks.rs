@@ -91,6 +91,9 @@ impl GatewayChecks {
         if o.rank != said.rank {
             return violation(format!("outputs from rank {} on the link of rank {}", o.rank, said.rank));
         }
+        if o.stats.step_tokens.len() > MAX_STEP_REPORTS {
+            return violation(format!("{} step reports in one batch, more than {MAX_STEP_REPORTS}", o.stats.step_tokens.len()));
+        }
         let token = |t: u32, what: &str| -> Result<(), LinkViolation> {
             if t >= said.vocab_size {
                 return violation(format!("{what} token id {t} is out of the vocabulary (size {})", said.vocab_size));
@@ -229,7 +232,7 @@ mod tests {
     fn out(rank: u32, id: u64, index: u32, tokens: Vec<u32>, finish: Option<FinishReason>) -> FromEngine {
         FromEngine::Outputs(EngineOutputs {
             rank,
-            outputs: vec![TokenOutput { id, index, new_tokens: tokens, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None }],
+            outputs: vec![TokenOutput { id, index, new_tokens: tokens, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }],
             stats: EngineStats::default(),
         })
     }

@@ -180,6 +180,8 @@ pub struct TokenOutput {
     /// `prompt_logprobs`: one entry per prompt token after the first (the
     /// first has no context to be predicted from), in prompt order.
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// On a sequence's last output: where its time went.
+    pub timing: Option<SeqTiming>,
 }
 
 /// The engine's queue figures, attached to every output batch so the
@@ -201,6 +203,25 @@ pub struct EngineStats {
     /// The engine is finishing what it has and takes nothing new (its node is
     /// stopping).
     pub draining: bool,
+    /// Tokens each engine step computed since the previous batch (vLLM's
+    /// iteration tokens), at most [`MAX_STEP_REPORTS`], oldest first.
+    pub step_tokens: Vec<u32>,
+}
+
+/// Most `EngineStats::step_tokens` entries one batch carries; an engine with
+/// more unreported steps keeps the newest.
+pub const MAX_STEP_REPORTS: usize = 4096;
+
+/// How long one finished sequence spent in each phase, as the engine saw it
+/// (vLLM's request queue, prefill and decode times).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeqTiming {
+    /// From arrival at the engine to its first scheduled step.
+    pub queue_secs: f32,
+    /// From the first scheduled step to the first token.
+    pub prefill_secs: f32,
+    /// From the first token to the last.
+    pub decode_secs: f32,
 }
 
 /// Engine -> gateway, once per step that produced anything.

@@ -123,6 +123,7 @@ async fn hello_welcome_add_outputs_round_trip(pair: (GatewayEnd, EngineEnd)) {
             finish: Some(FinishReason::Stop),
             num_cached_tokens: 0,
             prompt_logprobs: None,
+            timing: None,
         };
         let stats = EngineStats { num_running: 1, kv_usage: 0.5, ..EngineStats::default() };
         eng.tx.send(FromEngine::Outputs(EngineOutputs { rank: RANK, outputs: vec![done], stats })).unwrap();

@@ -25,6 +25,7 @@ use super::types::StopReason;
 use super::{Admission, AppState};
 use crate::engines::coordinator::{RequestGuard, SubmitError};
 use crate::engines::rank_link::{EventRx, SeqEvent};
+use crate::metrics::FinishedSeq;
 
 /// How a choice ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +69,8 @@ struct PromptRun {
     /// first output.
     wants_prompt_lp: bool,
     prompt_lp: Option<Vec<TokenLogprob>>,
+    /// The request's `max_tokens` (for the metrics).
+    max_tokens: u32,
     /// Outputs of this run's other completions that came before the prompt
     /// logprobs: held, so every choice's first delta can carry them (echo).
     held: Vec<TokenOutput>,
@@ -113,6 +116,7 @@ impl Generation {
         for (p, (tokens, sampling)) in prompts.into_iter().zip(params).enumerate() {
             let len = tokens.len() as u32;
             let wants_prompt_lp = sampling.prompt_logprobs.is_some();
+            let max_tokens = sampling.max_tokens;
             // The prompt's last tokens give the first new token its context (a
             // SentencePiece word-start space decodes as it would in the whole text).
             let context_tail = tokens[tokens.len().saturating_sub(8)..].to_vec();
@@ -145,6 +149,7 @@ impl Generation {
                 prompt_counted: false,
                 cached: 0,
                 wants_prompt_lp,
+                max_tokens,
                 prompt_lp: None,
                 held: Vec::new(),
             });
@@ -308,7 +313,19 @@ impl Generation {
         if let Some(f) = &delta.finish {
             self.choices[i].finished = true;
             self.remaining -= 1;
-            metrics.request_finished(rank, f.reason, (now - self.arrival).as_secs_f64());
+            let run = &self.runs[p];
+            metrics.sequence_finished(
+                rank,
+                &FinishedSeq {
+                    reason: f.reason,
+                    e2e_secs: (now - self.arrival).as_secs_f64(),
+                    prompt_tokens: run.len,
+                    generation_tokens: self.choices[i].num_tokens,
+                    n: self.n,
+                    max_tokens: run.max_tokens,
+                    timing: out.timing,
+                },
+            );
             let run = &mut self.runs[p];
             run.unfinished = run.unfinished.saturating_sub(1);
             if run.unfinished == 0 {
@@ -397,8 +414,18 @@ impl Drop for Generation {
         // Choices still running when the client leaves count as aborted, as in vLLM.
         if !self.failed {
             let secs = self.arrival.elapsed().as_secs_f64();
-            for c in self.choices.iter().filter(|c| !c.finished) {
-                self.state.metrics.request_finished(c.rank, "abort", secs);
+            for (i, c) in self.choices.iter().enumerate().filter(|(_, c)| !c.finished) {
+                let run = &self.runs[i / self.n as usize];
+                let f = FinishedSeq {
+                    reason: "abort",
+                    e2e_secs: secs,
+                    prompt_tokens: run.len,
+                    generation_tokens: c.num_tokens,
+                    n: self.n,
+                    max_tokens: run.max_tokens,
+                    timing: None,
+                };
+                self.state.metrics.sequence_finished(c.rank, &f);
             }
         }
         // The guards in `runs` send Abort for requests the engine still runs.

@@ -97,7 +97,7 @@ impl AppState {
         coordinator: Coordinator,
     ) -> Self {
         let label = served_model_names.first().cloned().unwrap_or_default();
-        let metrics = Arc::new(Metrics::new(label, coordinator.size()));
+        let metrics = Arc::new(Metrics::new(label, coordinator.size(), max_model_len));
         let (drain_fire, drain_deadline) = tokio::sync::watch::channel(false);
         AppState {
             served_model_names: served_model_names.into(),
@@ -265,7 +265,7 @@ async fn close_after_early_error(req: Request, next: Next) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(&state.coordinator.stats(), &state.coordinator.ranks_up());
+    let body = state.metrics.render(&state.coordinator.scrape());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

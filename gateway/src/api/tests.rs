@@ -116,7 +116,7 @@ fn fake_engine(end: EngineEnd, script: Vec<u32>, eos: u32, log: Log) {
                         let top = [(t, -0.25f32), (t + 1, -1.5), (t + 2, f32::NEG_INFINITY)];
                         vec![TokenLogprob { token: t, logprob: -0.25, rank: 1, top: top[..k as usize].to_vec() }]
                     });
-                    outputs.push(TokenOutput { id: a.id, index: j as u32, new_tokens: vec![t], logprobs, finish, num_cached_tokens: 0, prompt_logprobs: None });
+                    outputs.push(TokenOutput { id: a.id, index: j as u32, new_tokens: vec![t], logprobs, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None });
                 }
             }
             active.retain(|a| a.done.iter().any(|d| !d));

@@ -544,7 +544,7 @@ mod tests {
                 let Ok(msg) = eng.rx.recv() else { return };
                 let ToEngine::Command(EngineCommand::Add(req)) = msg else { continue };
                 served += 1;
-                let out = |toks: Vec<u32>, finish| TokenOutput { id: req.id, index: 0, new_tokens: toks, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None };
+                let out = |toks: Vec<u32>, finish| TokenOutput { id: req.id, index: 0, new_tokens: toks, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None };
                 let outs = if served == 1 {
                     // An empty event (no tokens) must not count; one event carries two tokens.
                     vec![out(vec![], None), out(vec![5], None), out(vec![6, 7], None), out(vec![8], Some(FinishReason::Length))]

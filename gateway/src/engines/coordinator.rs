@@ -84,9 +84,20 @@ impl Coordinator {
     }
 
     /// Each rank's latest queue figures (zeros for a rank that is down).
-    pub fn stats(&self) -> Vec<EngineStats> {
-        self.links().iter().map(|l| l.as_ref().filter(|l| l.is_healthy()).map(|l| l.stats()).unwrap_or_default()).collect()
+    /// What a metrics scrape reads of each rank slot: None for a slot no rank
+    /// has joined yet.
+    pub fn scrape(&self) -> Vec<Option<RankScrape>> {
+        self.links()
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| {
+                    let up = l.is_healthy();
+                    RankScrape { up, stats: if up { l.stats() } else { EngineStats::default() }, steps: l.take_step_tokens(), hello: l.hello().clone() }
+                })
+            })
+            .collect()
     }
+
 
     /// Ranks that are not serving, for start-up messages.
     pub fn missing_ranks(&self) -> Vec<u32> {
@@ -192,6 +203,15 @@ impl Coordinator {
 
 /// A coordinator with these links attached (in-process ranks: tests, benches,
 /// embedding). Call inside a tokio runtime; ranks join as their Hellos arrive.
+/// One rank as a metrics scrape sees it.
+pub struct RankScrape {
+    pub up: bool,
+    pub stats: EngineStats,
+    /// Token counts of its steps since the last scrape.
+    pub steps: Vec<u32>,
+    pub hello: ferry_transport::Hello,
+}
+
 pub fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
     let c = Coordinator::new(expect);
     for (k, end) in ends.into_iter().enumerate() {

@@ -45,7 +45,14 @@ struct RankState {
     pending: HashMap<RequestId, Pending>,
     /// We told the rank to stop: its link closing is expected, not a fault.
     stopping: bool,
+    /// Token counts of the rank's steps not yet taken by a metrics scrape
+    /// (at most `MAX_UNSCRAPED_STEPS`, the newest kept).
+    unscraped_steps: Vec<u32>,
 }
+
+/// Steps remembered between two scrapes: hours of steps at the usual scrape
+/// intervals, a few hundred KiB at most if nobody scrapes.
+const MAX_UNSCRAPED_STEPS: usize = 1 << 16;
 
 /// One engine rank as the gateway sees it.
 pub struct RankLink {
@@ -143,8 +150,17 @@ impl RankLink {
         let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
     }
 
-    fn on_outputs(&self, outputs: Vec<TokenOutput>, stats: EngineStats) {
+    /// The token counts of the rank's steps since the last call (vLLM's
+    /// iteration tokens), for the metrics scrape.
+    pub fn take_step_tokens(&self) -> Vec<u32> {
+        std::mem::take(&mut self.lock().unscraped_steps)
+    }
+
+    fn on_outputs(&self, outputs: Vec<TokenOutput>, mut stats: EngineStats) {
         let mut s = self.lock();
+        s.unscraped_steps.append(&mut stats.step_tokens);
+        let over = s.unscraped_steps.len().saturating_sub(MAX_UNSCRAPED_STEPS);
+        s.unscraped_steps.drain(..over);
         s.stats = stats;
         for out in outputs {
             let id = out.id;
@@ -199,7 +215,7 @@ mod tests {
     use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
-        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None }
+        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }
     }
 
     #[tokio::test]

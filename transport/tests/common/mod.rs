@@ -112,7 +112,7 @@ pub fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
 pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
     FromEngine::Outputs(EngineOutputs {
         rank,
-        outputs: vec![TokenOutput { id, index: 0, new_tokens, logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None }],
+        outputs: vec![TokenOutput { id, index: 0, new_tokens, logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None, timing: None }],
         stats: EngineStats::default(),
     })
 }
