@@ -29,9 +29,9 @@ pub(crate) enum ActKind {
 /// The vec_dot_type of weights of type `ty`.
 pub(crate) fn act_kind(ty: GgmlType) -> ActKind {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => ActKind::Q8_0,
-        GgmlType::Q4_1 => ActKind::Q8_1,
-        GgmlType::Q4_K | GgmlType::Q6_K => ActKind::Q8K,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL => ActKind::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => ActKind::Q8_1,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::IQ4_XS => ActKind::Q8K,
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8_K => ActKind::F32,
     }
 }

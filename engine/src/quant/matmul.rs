@@ -495,15 +495,22 @@ mod tests {
             .collect()
     }
 
-    const WEIGHT_TYPES: [GgmlType; 8] = [
+    const WEIGHT_TYPES: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::IQ4_NL,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
     ];
 
     /// Dequantized matrix (f64).
@@ -529,7 +536,7 @@ mod tests {
         (0..n * cols).map(|i| a.qs[i] as f64 * a.d[(i / cols) * (cols / bs) + (i % cols) / bs] as f64).collect()
     }
 
-    /// llama.cpp's Q4_1 dot uses s = f16(d_y * sum(q_y)) for the min term: the
+    /// llama.cpp's Q4_1 (and Q5_1) dot uses s = f16(d_y * sum(q_y)) for the min term: the
     /// difference between that and the exact m * d_y * sum(q_y), per row/token.
     fn q4_1_s_rounding(w: &QMatrix, x: &[f32], n: usize) -> Vec<Vec<f64>> {
         let mut a = Acts::default();
@@ -542,7 +549,7 @@ mod tests {
                     .map(|t| {
                         (0..nb)
                             .map(|b| {
-                                let m = crate::quant::blocks::f16_at(row, b * 20 + 2) as f64;
+                                let m = crate::quant::blocks::f16_at(row, b * w.ty().type_size() + 2) as f64;
                                 let sumq: f64 = a.qs[t * w.cols() + b * 32..][..32].iter().map(|&q| q as f64).sum();
                                 m * (a.s[t * nb + b] as f64 - a.d[t * nb + b] as f64 * sumq)
                             })
@@ -561,7 +568,7 @@ mod tests {
         let w = QMatrix::quantize(ty, rows, cols, &wdata).unwrap();
         let wd = dense(&w);
         let xq = acts_as_seen(ty, &x, cols, n);
-        let corr = (ty == GgmlType::Q4_1).then(|| q4_1_s_rounding(&w, &x, n));
+        let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&w, &x, n));
         let mut first: Option<Vec<f32>> = None;
         for isa in available() {
             let mut out = vec![f32::NAN; n * rows];
@@ -749,7 +756,7 @@ mod tests {
             matmul(&cs, &xs, n, &mut d);
             let wd = dense(&full);
             let xq = acts_as_seen(ty, &xs, 64, n);
-            let corr = (ty == GgmlType::Q4_1).then(|| q4_1_s_rounding(&cs, &xs, n));
+            let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&cs, &xs, n));
             for t in 0..n {
                 for r in 0..rows {
                     let mut want: f64 = (0..64).map(|k| wd[r][32 + k] * xq[t * 64 + k]).sum();
@@ -807,7 +814,7 @@ mod tests {
             dequantize_row(ty, &wq, &mut wd).unwrap();
             let xq = acts_as_seen(ty, &xv, n, 1);
             let mut want: f64 = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * b).sum();
-            if ty == GgmlType::Q4_1 {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                 let w1 = QMatrix::new(ty, 1, n, Arc::new(wq.clone()), 0).unwrap();
                 want += q4_1_s_rounding(&w1, &xv, 1)[0][0];
             }
@@ -838,6 +845,82 @@ mod tests {
             }
         }
         QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
+    }
+
+    /// Where each type keeps its f16 scales (byte offsets inside a block).
+    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        }
+    }
+
+    /// Random bytes for every block (every bit pattern of quants, packed scales
+    /// and high bits), with the f16 scales set to random sane values.
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut bytes: Vec<u8> = (0..rows * rb).map(|_| (next() >> 32) as u8).collect();
+        for blk in bytes.chunks_exact_mut(ty.type_size()) {
+            for &o in scale_offsets(ty) {
+                let v = 1e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.02;
+                let v = if next() & 1 == 0 { v } else { -v };
+                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
+    }
+
+    #[test]
+    fn random_blocks_against_f64_dequantized_dot() {
+        // Each dot product (scalar and every SIMD body this CPU has, per-row tiles
+        // and 16-row kernels) against sum(dequant(w) * dequant(x)) in f64.
+        for ty in WEIGHT_TYPES.into_iter().filter(|t| t.block_size() > 1) {
+            let cols = if ty.block_size() == 256 { 512 } else { 128 };
+            for (rows, n) in [(1, 1), (5, 3), (19, 2), (33, 9), (32, 16)] {
+                let w = random_blocks(ty, rows, cols, rows as u64 * 1000 + n as u64 + ty.id() as u64);
+                let x = data(n * cols, 77 + n as u64, 1.5);
+                let wd = dense(&w);
+                let xq = acts_as_seen(ty, &x, cols, n);
+                let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&w, &x, n));
+                let mut scalar: Option<Vec<f32>> = None;
+                for isa in available() {
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul_isa(&w, &x, n, &mut out, isa);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for k in 0..cols {
+                                want += wd[r][k] * xq[t * cols + k];
+                                mag += (wd[r][k] * xq[t * cols + k]).abs();
+                            }
+                            if let Some(c) = &corr {
+                                want += c[r][t];
+                            }
+                            let got = out[t * rows + r] as f64;
+                            assert!((got - want).abs() <= 2e-5 * mag + 1e-6, "{} {isa:?} {rows}x{n} r{r} t{t}: {got} vs {want}", ty.name());
+                        }
+                    }
+                    match &scalar {
+                        None => scalar = Some(out),
+                        Some(sc) => {
+                            for (a, b) in sc.iter().zip(&out) {
+                                assert!((a - b).abs() <= 1e-4 * (a.abs() + 1.0), "{} {isa:?} vs scalar: {b} vs {a}", ty.name());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Decode-step probe on SmolLM2-135M's shapes (30 layers of Q4_1 + the Q8_0
