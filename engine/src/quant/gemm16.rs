@@ -1,5 +1,5 @@
-//! AVX512-VNNI kernel for Q4_0 / Q4_1 / Q8_0 weights, 16 rows at a time, any
-//! number of tokens (decode, batched decode, prefill).
+//! AVX512-VNNI kernel for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL weights,
+//! 16 rows at a time, any number of tokens (decode, batched decode, prefill).
 //!
 //! One zmm lane per weight row: the 16 rows' blocks are transposed into a small
 //! per-thread buffer (lane r of vector k holds row r's quants 4k..4k+4), so
@@ -11,9 +11,12 @@
 //! every token, so no second copy of the weights is kept.
 //!
 //! vpdpbusd multiplies unsigned by signed bytes: Q4_0 nibbles are used as they
-//! are stored (0..15) and Q8_0 quants are biased by 128, and the bias times the
+//! are stored (0..15), Q5_0 quants as 0..31, and Q8_0 and IQ4_NL values (the
+//! latter looked up while packing) are biased by 128; the bias times the
 //! activation block's quant sum (`Acts::neg_sums`, exact integers) seeds the
-//! integer accumulator. Q4_1's minimum uses the activations' f16 `s` as ggml does.
+//! integer accumulator. Q4_1's and Q5_1's minimum uses the activations' f16 `s`
+//! as ggml does. The 5-bit and IQ4_NL blocks are decoded to whole bytes once,
+//! while packing, so the token loop is Q8_0's.
 
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
@@ -39,6 +42,9 @@ pub(crate) fn bias(ty: GgmlType) -> Option<i32> {
         GgmlType::Q4_0 => Some(8),
         GgmlType::Q4_1 => Some(0),
         GgmlType::Q8_0 => Some(128),
+        GgmlType::Q5_0 => Some(16),
+        GgmlType::Q5_1 => Some(0),
+        GgmlType::IQ4_NL => Some(128),
         _ => None,
     }
 }
@@ -51,7 +57,8 @@ pub(crate) fn stride_ok(ws: usize) -> bool {
 /// Vectors of the transposed buffer per block: the quants, then d, then m.
 fn units(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q8_0 => 9,
+        GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL => 9,
+        GgmlType::Q5_1 => 10,
         _ => 6,
     }
 }
@@ -78,6 +85,9 @@ pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, 
     match ty {
         GgmlType::Q4_0 => run::<Q4_0K>(w, ws, a, n_tokens, out, os, &mut pack),
         GgmlType::Q4_1 => run::<Q4_1K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::Q5_0 => run::<Q5_0K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::Q5_1 => run::<Q5_1K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::IQ4_NL => run::<IQ4_NLK>(w, ws, a, n_tokens, out, os, &mut pack),
         _ => run::<Q8_0K>(w, ws, a, n_tokens, out, os, &mut pack),
     }
     PACK.with(|c| c.set(pack));
@@ -86,6 +96,24 @@ pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, 
 const Q4_0K: u8 = 0;
 const Q4_1K: u8 = 1;
 const Q8_0K: u8 = 2;
+const Q5_0K: u8 = 3;
+const Q5_1K: u8 = 4;
+const IQ4_NLK: u8 = 5;
+
+/// Types whose packed quants are whole bytes (8 vectors a block), not nibbles.
+const fn bytes_packed(k: u8) -> bool {
+    !matches!(k, Q4_0K | Q4_1K)
+}
+
+/// Types that are decoded (5th bits, level table) while packing.
+const fn decoded(k: u8) -> bool {
+    matches!(k, Q5_0K | Q5_1K | IQ4_NLK)
+}
+
+/// Types with a min (value = q * d + m), dotted against Q8_1.
+const fn has_min(k: u8) -> bool {
+    matches!(k, Q4_1K | Q5_1K)
+}
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
@@ -124,8 +152,13 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
     let (bsz, u, qoff, nq) = match K {
         Q4_0K => (Q4_0_BYTES, 6, 2, 4),
         Q4_1K => (Q4_1_BYTES, 6, 4, 4),
+        Q5_0K => (Q5_0_BYTES, 9, 0, 8),
+        Q5_1K => (Q5_1_BYTES, 10, 0, 8),
+        IQ4_NLK => (IQ4_NL_BYTES, 9, 0, 8),
         _ => (Q8_0_BYTES, 9, 2, 8),
     };
+    // The decoded blocks of the 16 rows, 32 bytes each, for the transposes.
+    let mut dec = Align64([0u8; ROWS * QK]);
     let flip = _mm512_set1_epi8(-128);
     let dst = pack.as_mut_ptr();
     // The next 16 rows (the caller's next call) span at most 16 * ws bytes from
@@ -140,8 +173,17 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
         let p = w.add(b * bsz);
+        let (src, stride) = if decoded(K) {
+            for r in 0..ROWS {
+                let v = decode_unsigned::<K>(p.add(r * ws));
+                _mm256_store_si256(dec.0.as_mut_ptr().add(r * QK) as *mut __m256i, v);
+            }
+            (dec.0.as_ptr(), QK)
+        } else {
+            (p.add(qoff), ws)
+        };
         for h in 0..nq / 4 {
-            let q = transpose16x4(p.add(qoff + 16 * h), ws);
+            let q = transpose16x4(src.add(16 * h), stride);
             for k in 0..4 {
                 let v = if K == Q8_0K { _mm512_xor_si512(q[k], flip) } else { q[k] };
                 _mm512_store_si512(dst.add(b * u + 4 * h + k), v);
@@ -152,10 +194,25 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
         let dm = transpose16x4(p, ws)[0];
         let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
         _mm512_store_ps(dst.add(b * u + nq) as *mut f32, d);
-        if K == Q4_1K {
+        if has_min(K) {
             let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
             _mm512_store_ps(dst.add(b * u + nq + 1) as *mut f32, m);
         }
+    }
+}
+
+#[repr(align(64))]
+struct Align64<T>(T);
+
+/// A Q5_0 / Q5_1 / IQ4_NL block as 32 unsigned bytes in element order: the
+/// quant plus this type's bias (16, 0, 128).
+#[inline(always)]
+unsafe fn decode_unsigned<const K: u8>(p: *const u8) -> __m256i {
+    use super::dot_x86 as x;
+    match K {
+        Q5_0K => _mm256_add_epi8(x::decode_b32::<{ x::Q5_0K }>(p).0, _mm256_set1_epi8(16)),
+        Q5_1K => x::decode_b32::<{ x::Q5_1K }>(p).0,
+        _ => _mm256_xor_si256(x::decode_b32::<{ x::IQ4_NLK }>(p).0, _mm256_set1_epi8(-128)),
     }
 }
 
@@ -192,8 +249,9 @@ unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
 #[inline(always)]
 unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize, out: *mut f32, os: usize) {
     let (u, nq) = match K {
-        Q8_0K => (9, 8),
-        _ => (6, 4),
+        Q5_1K => (10, 8),
+        Q4_0K => (6, 4),
+        _ => (9, 8),
     };
     let low = _mm512_set1_epi8(0x0f);
     debug_assert!(K != Q4_1K, "Q4_1 takes tokens_q4_1");
@@ -201,7 +259,7 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
     for b in 0..a.nb {
         let blk = pk.add(b * u);
         let mut wq = [_mm512_setzero_si512(); 8];
-        if K == Q8_0K {
+        if bytes_packed(K) {
             for k in 0..8 {
                 wq[k] = _mm512_load_si512(blk.add(k));
             }
@@ -213,11 +271,11 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
             }
         }
         let dv = _mm512_load_ps(blk.add(nq) as *const f32);
-        let mv = if K == Q4_1K { _mm512_load_ps(blk.add(nq + 1) as *const f32) } else { _mm512_setzero_ps() };
+        let mv = if has_min(K) { _mm512_load_ps(blk.add(nq + 1) as *const f32) } else { _mm512_setzero_ps() };
         for t in 0..T {
             let tt = t0 + t;
             let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
-            let mut s0 = if K == Q4_1K { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
+            let mut s0 = if has_min(K) { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
             // Two dependency chains: vpdpbusd's latency would otherwise bound the loop.
             let mut s1 = _mm512_setzero_si512();
             for k in 0..4 {
@@ -227,7 +285,7 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
             let s = _mm512_add_epi32(s0, s1);
             let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
-            if K == Q4_1K {
+            if has_min(K) {
                 acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), acc[t]);
             }
         }

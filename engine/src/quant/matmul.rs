@@ -633,7 +633,7 @@ mod tests {
     fn sixteen_row_kernel_shapes() {
         // Whole 16-row groups (gemm16 on AVX512) plus leftover rows, token
         // counts around the kernel's 8-token register tile.
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL] {
             for (rows, n) in [(16, 4), (37, 9), (48, 17), (33, 3), (40, 1), (17, 2)] {
                 check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
             }
