@@ -105,7 +105,7 @@ const fn bytes_packed(k: u8) -> bool {
     !matches!(k, Q4_0K | Q4_1K)
 }
 
-/// Types that are decoded (5th bits, level table) while packing.
+/// Types that are decoded (5th bits, level table) while packing (`decode16`).
 const fn decoded(k: u8) -> bool {
     matches!(k, Q5_0K | Q5_1K | IQ4_NLK)
 }
@@ -157,8 +157,6 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
         IQ4_NLK => (IQ4_NL_BYTES, 9, 0, 8),
         _ => (Q8_0_BYTES, 9, 2, 8),
     };
-    // The decoded blocks of the 16 rows, 32 bytes each, for the transposes.
-    let mut dec = Align64([0u8; ROWS * QK]);
     let flip = _mm512_set1_epi8(-128);
     let dst = pack.as_mut_ptr();
     // The next 16 rows (the caller's next call) span at most 16 * ws bytes from
@@ -173,20 +171,18 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
         let p = w.add(b * bsz);
-        let (src, stride) = if decoded(K) {
-            for r in 0..ROWS {
-                let v = decode_unsigned::<K>(p.add(r * ws));
-                _mm256_store_si256(dec.0.as_mut_ptr().add(r * QK) as *mut __m256i, v);
+        if decoded(K) {
+            let q = decode16::<K>(p, ws);
+            for k in 0..8 {
+                _mm512_store_si512(dst.add(b * u + k), q[k]);
             }
-            (dec.0.as_ptr(), QK)
         } else {
-            (p.add(qoff), ws)
-        };
-        for h in 0..nq / 4 {
-            let q = transpose16x4(src.add(16 * h), stride);
-            for k in 0..4 {
-                let v = if K == Q8_0K { _mm512_xor_si512(q[k], flip) } else { q[k] };
-                _mm512_store_si512(dst.add(b * u + 4 * h + k), v);
+            for h in 0..nq / 4 {
+                let q = transpose16x4(p.add(qoff + 16 * h), ws);
+                for k in 0..4 {
+                    let v = if K == Q8_0K { _mm512_xor_si512(q[k], flip) } else { q[k] };
+                    _mm512_store_si512(dst.add(b * u + 4 * h + k), v);
+                }
             }
         }
         // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
@@ -201,19 +197,49 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
     }
 }
 
-#[repr(align(64))]
-struct Align64<T>(T);
-
-/// A Q5_0 / Q5_1 / IQ4_NL block as 32 unsigned bytes in element order: the
-/// quant plus this type's bias (16, 0, 128).
+/// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
+/// unsigned bytes (the quant plus this type's bias: 16, 0, 128): the nibbles
+/// are transposed as Q4_0's, then completed in place, 64 bytes at a time.
 #[inline(always)]
-unsafe fn decode_unsigned<const K: u8>(p: *const u8) -> __m256i {
-    use super::dot_x86 as x;
-    match K {
-        Q5_0K => _mm256_add_epi8(x::decode_b32::<{ x::Q5_0K }>(p).0, _mm256_set1_epi8(16)),
-        Q5_1K => x::decode_b32::<{ x::Q5_1K }>(p).0,
-        _ => _mm256_xor_si256(x::decode_b32::<{ x::IQ4_NLK }>(p).0, _mm256_set1_epi8(-128)),
+unsafe fn decode16<const K: u8>(p: *const u8, ws: usize) -> [__m512i; 8] {
+    let (qh_off, qs_off) = match K {
+        Q5_0K => (2, 6),
+        Q5_1K => (4, 8),
+        _ => (0, 2),
+    };
+    let raw = transpose16x4(p.add(qs_off), ws);
+    let low = _mm512_set1_epi8(0x0f);
+    let mut q = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        q[k] = _mm512_and_si512(raw[k], low);
+        q[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw[k], 4), low);
     }
+    if K == IQ4_NLK {
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+        for v in q.iter_mut() {
+            *v = _mm512_xor_si512(_mm512_shuffle_epi8(table, *v), _mm512_set1_epi8(-128));
+        }
+        return q;
+    }
+    // Lane r of qh is row r's 32 fifth bits (bit e: element e). Vector k holds
+    // elements 4k..4k+4 (k < 4) or 16+4(k-4).. in its 4 bytes per lane: byte i of
+    // vector k needs bit 4k+i, i.e. bit 4(k%2)+i of qh byte k/2 (+2 for k >= 4).
+    let qh = transpose16x4(p.add(qh_off), ws)[0];
+    let dword_base = _mm512_set_epi32(
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+    );
+    let five = _mm512_set1_epi8(0x10);
+    for k in 0..8 {
+        let byte = (k % 4 / 2 + if k >= 4 { 2 } else { 0 }) as i32;
+        let idx = _mm512_add_epi8(dword_base, _mm512_set1_epi8(byte as i8));
+        let bits = _mm512_set1_epi32(0x0804_0201 << (4 * (k % 2)));
+        let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, idx), bits);
+        q[k] = _mm512_mask_add_epi8(q[k], set, q[k], five);
+    }
+    q
 }
 
 /// The 16 bytes at `p` of 16 rows `ws` bytes apart, as 4 vectors: dword r of
@@ -256,6 +282,7 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
     let low = _mm512_set1_epi8(0x0f);
     debug_assert!(K != Q4_1K, "Q4_1 takes tokens_q4_1");
     let mut acc = [_mm512_setzero_ps(); T];
+    let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         let blk = pk.add(b * u);
         let mut wq = [_mm512_setzero_si512(); 8];
@@ -286,12 +313,14 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
             let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
             if has_min(K) {
-                acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), acc[t]);
+                // Apart from acc: one fma chain per token would bound the loop.
+                macc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), macc[t]);
             }
         }
     }
     for t in 0..T {
-        _mm512_storeu_ps(out.add((t0 + t) * os), acc[t]);
+        let sum = if has_min(K) { _mm512_add_ps(acc[t], macc[t]) } else { acc[t] };
+        _mm512_storeu_ps(out.add((t0 + t) * os), sum);
     }
 }
 

@@ -1000,16 +1000,35 @@ mod tests {
     #[ignore]
     fn speed_probe() {
         use std::time::Instant;
-        let shapes = [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q8_0, 49152, 576), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q4_1, 192, 576)];
+        use GgmlType::*;
+        let shapes = [
+            (Q4_1, 1536, 576),
+            (Q8_0, 49152, 576),
+            (Q4_1, 576, 1536),
+            (Q4_1, 192, 576),
+            (Q5_0, 1536, 576),
+            (Q5_1, 1536, 576),
+            (IQ4_NL, 1536, 576),
+            (Q2_K, 576, 1536),
+            (Q3_K, 576, 1536),
+            (Q4_K, 576, 1536),
+            (Q5_K, 576, 1536),
+            (Q6_K, 576, 1536),
+            (IQ4_XS, 576, 1536),
+        ];
+        // FERRY_PROBE_TYPES=Q5_0,Q5_K keeps only those types.
+        let only = std::env::var("FERRY_PROBE_TYPES").ok();
+        let keep = |ty: GgmlType| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == ty.name()));
         println!("threads: {}, simd: {:?}", rayon::current_num_threads(), simd::detected());
-        for (ty, rows, cols) in shapes {
+        for (ty, rows, cols) in shapes.into_iter().filter(|s| keep(s.0)) {
             let w = QMatrix::quantize(ty, rows, cols, &data(rows * cols, 1, 0.5)).unwrap();
-            for n in [1usize, 16, 64] {
+            for n in [1usize, 4, 16, 64] {
                 let x = data(n * cols, 2, 1.0);
                 let mut out = vec![0f32; n * rows];
-                for isa in [Isa::Scalar, simd::detected()] {
+                let isas = if n == 1 { vec![Isa::Scalar, Isa::Avx2, simd::detected()] } else { vec![Isa::Avx2, simd::detected()] };
+                for isa in isas.into_iter().filter(|i| simd::available().contains(i)) {
                     matmul_isa(&w, &x, n, &mut out, isa);
-                    let target = if isa == Isa::Scalar { 0.3 } else { 1.0 };
+                    let target = if isa == Isa::Scalar { 0.2 } else { 0.4 };
                     let start = Instant::now();
                     let mut iters = 0;
                     while start.elapsed().as_secs_f64() < target {
