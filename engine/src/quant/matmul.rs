@@ -372,12 +372,19 @@ fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
     per.clamp(16, 256).next_multiple_of(align)
 }
 
-/// Whether the 16-row AVX512 kernel (gemm16) takes this matmul's whole tiles.
+/// Whether a 16-row AVX512 kernel (gemm16, or gemm16k for the super-block
+/// types) takes this matmul's whole tiles.
 fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::gemm16;
-        isa == Isa::Avx512Vnni && n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
+        use super::{gemm16, gemm16k};
+        if isa != Isa::Avx512Vnni {
+            return false;
+        }
+        if gemm16k::supports(w.ty) {
+            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride);
+        }
+        n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -401,7 +408,12 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
             let r = rows.start;
             // SAFETY: `wide` means AVX512-VNNI was detected and the type and
             // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows values.
-            rows16(w.ty, w.base_ptr().add(r * w.row_stride), w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            let p = w.base_ptr().add(r * w.row_stride);
+            if super::gemm16k::supports(w.ty) {
+                super::gemm16k::rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            } else {
+                rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            }
             rows.start += ROWS;
         }
     }
@@ -636,6 +648,12 @@ mod tests {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL] {
             for (rows, n) in [(16, 4), (37, 9), (48, 17), (33, 3), (40, 1), (17, 2)] {
                 check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
+            }
+        }
+        // gemm16k (the super-block types) from 3 tokens, around its 4-token tile.
+        for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
+            for (rows, n) in [(16, 3), (37, 5), (33, 8), (17, 2)] {
+                check(ty, rows, 512, n, rows as u64 * 7 + n as u64);
             }
         }
     }
