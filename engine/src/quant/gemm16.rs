@@ -171,8 +171,10 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
         let p = w.add(b * bsz);
+        // The first 16 bytes of each row's block: d (and m), and Q5's qh.
+        let head = transpose16x4(p, ws);
         if decoded(K) {
-            let q = decode16::<K>(p, ws);
+            let q = decode16::<K>(p, ws, &head);
             for k in 0..8 {
                 _mm512_store_si512(dst.add(b * u + k), q[k]);
             }
@@ -187,7 +189,7 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
         }
         // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
         // (A gather here, or for the quants, costs several times the transposes.)
-        let dm = transpose16x4(p, ws)[0];
+        let dm = head[0];
         let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
         _mm512_store_ps(dst.add(b * u + nq) as *mut f32, d);
         if has_min(K) {
@@ -200,12 +202,13 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
 /// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
 /// unsigned bytes (the quant plus this type's bias: 16, 0, 128): the nibbles
 /// are transposed as Q4_0's, then completed in place, 64 bytes at a time.
+/// `head` is the transposed first 16 bytes of the blocks.
 #[inline(always)]
-unsafe fn decode16<const K: u8>(p: *const u8, ws: usize) -> [__m512i; 8] {
-    let (qh_off, qs_off) = match K {
-        Q5_0K => (2, 6),
-        Q5_1K => (4, 8),
-        _ => (0, 2),
+unsafe fn decode16<const K: u8>(p: *const u8, ws: usize, head: &[__m512i; 4]) -> [__m512i; 8] {
+    let qs_off = match K {
+        Q5_0K => 6,
+        Q5_1K => 8,
+        _ => 2,
     };
     let raw = transpose16x4(p.add(qs_off), ws);
     let low = _mm512_set1_epi8(0x0f);
@@ -224,7 +227,9 @@ unsafe fn decode16<const K: u8>(p: *const u8, ws: usize) -> [__m512i; 8] {
     // Lane r of qh is row r's 32 fifth bits (bit e: element e). Vector k holds
     // elements 4k..4k+4 (k < 4) or 16+4(k-4).. in its 4 bytes per lane: byte i of
     // vector k needs bit 4k+i, i.e. bit 4(k%2)+i of qh byte k/2 (+2 for k >= 4).
-    let qh = transpose16x4(p.add(qh_off), ws)[0];
+    // qh is bytes 2..6 of a Q5_0 block (dwords 0 and 1 of `head` hold it in
+    // halves), bytes 4..8 of a Q5_1 block (dword 1).
+    let qh = if K == Q5_0K { _mm512_or_si512(_mm512_srli_epi32(head[0], 16), _mm512_slli_epi32(head[1], 16)) } else { head[1] };
     let dword_base = _mm512_set_epi32(
         0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
         0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
