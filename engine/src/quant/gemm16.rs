@@ -117,6 +117,11 @@ const fn has_min(k: u8) -> bool {
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
+    if n == 1 && K != Q4_1K {
+        // One token (single-stream decode): nothing to reuse the packed copy,
+        // so each block goes from the transposes straight into the dot.
+        return one_token::<K>(w, ws, a, out);
+    }
     pack_rows::<K>(w, ws, a.nb, pack);
     let pk = pack.as_ptr();
     let mut t = 0;
@@ -149,15 +154,14 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
 /// Transposes the 16 rows' `nb` blocks into `pack` (see the module docs).
 #[inline(always)]
 unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut [__m512i]) {
-    let (bsz, u, qoff, nq) = match K {
-        Q4_0K => (Q4_0_BYTES, 6, 2, 4),
-        Q4_1K => (Q4_1_BYTES, 6, 4, 4),
-        Q5_0K => (Q5_0_BYTES, 9, 0, 8),
-        Q5_1K => (Q5_1_BYTES, 10, 0, 8),
-        IQ4_NLK => (IQ4_NL_BYTES, 9, 0, 8),
-        _ => (Q8_0_BYTES, 9, 2, 8),
+    let (bsz, u, nq) = match K {
+        Q4_0K => (Q4_0_BYTES, 6, 4),
+        Q4_1K => (Q4_1_BYTES, 6, 4),
+        Q5_0K => (Q5_0_BYTES, 9, 8),
+        Q5_1K => (Q5_1_BYTES, 10, 8),
+        IQ4_NLK => (IQ4_NL_BYTES, 9, 8),
+        _ => (Q8_0_BYTES, 9, 8),
     };
-    let flip = _mm512_set1_epi8(-128);
     let dst = pack.as_mut_ptr();
     // The next 16 rows (the caller's next call) span at most 16 * ws bytes from
     // w + 16 * ws: prefetch them a slice per block, while this group is packed,
@@ -170,33 +174,118 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             // Never faults, even past the end of the mapping.
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
-        let p = w.add(b * bsz);
-        // The first 16 bytes of each row's block: d (and m), and Q5's qh.
-        let head = transpose16x4(p, ws);
-        if decoded(K) {
-            let q = decode16::<K>(p, ws, &head);
-            for k in 0..8 {
-                _mm512_store_si512(dst.add(b * u + k), q[k]);
-            }
-        } else {
-            for h in 0..nq / 4 {
-                let q = transpose16x4(p.add(qoff + 16 * h), ws);
-                for k in 0..4 {
-                    let v = if K == Q8_0K { _mm512_xor_si512(q[k], flip) } else { q[k] };
-                    _mm512_store_si512(dst.add(b * u + 4 * h + k), v);
-                }
-            }
+        let blk = load_block::<K>(w.add(b * bsz), ws);
+        for k in 0..nq {
+            _mm512_store_si512(dst.add(b * u + k), blk.q[k]);
         }
-        // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
-        // (A gather here, or for the quants, costs several times the transposes.)
-        let dm = head[0];
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        _mm512_store_ps(dst.add(b * u + nq) as *mut f32, d);
+        _mm512_store_ps(dst.add(b * u + nq) as *mut f32, blk.d);
         if has_min(K) {
-            let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
-            _mm512_store_ps(dst.add(b * u + nq + 1) as *mut f32, m);
+            _mm512_store_ps(dst.add(b * u + nq + 1) as *mut f32, blk.m);
         }
     }
+}
+
+/// One block of the 16 rows in packed form: the quant vectors (Q4_0 / Q4_1:
+/// the 4 raw nibble vectors; the others: 8 vectors of whole unsigned bytes),
+/// d and m as f32.
+struct Block16 {
+    q: [__m512i; 8],
+    d: __m512,
+    m: __m512,
+}
+
+/// Transposes (and for Q5 / IQ4_NL decodes) the block at `p` of 16 rows.
+#[inline(always)]
+unsafe fn load_block<const K: u8>(p: *const u8, ws: usize) -> Block16 {
+    let (qoff, nq) = match K {
+        Q4_0K => (2, 4),
+        Q4_1K => (4, 4),
+        _ => (2, 8),
+    };
+    // The first 16 bytes of each row's block: d (and m), and Q5's qh.
+    let head = transpose16x4(p, ws);
+    let mut q = [_mm512_setzero_si512(); 8];
+    if decoded(K) {
+        q = decode16::<K>(p, ws, &head);
+    } else {
+        let flip = _mm512_set1_epi8(-128);
+        for h in 0..nq / 4 {
+            let t = transpose16x4(p.add(qoff + 16 * h), ws);
+            for k in 0..4 {
+                q[4 * h + k] = if K == Q8_0K { _mm512_xor_si512(t[k], flip) } else { t[k] };
+            }
+        }
+    }
+    // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
+    // (A gather here, or for the quants, costs several times the transposes.)
+    let dm = head[0];
+    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    let m = if has_min(K) { _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) } else { _mm512_setzero_ps() };
+    Block16 { q, d, m }
+}
+
+/// The 8 vectors of unsigned quants (4 elements a lane each) from a block's
+/// packed quants (Q4_0 / Q4_1 nibbles split here, once per block and tokens).
+#[inline(always)]
+unsafe fn weight_bytes<const K: u8>(q: &[__m512i; 8]) -> [__m512i; 8] {
+    if bytes_packed(K) {
+        return *q;
+    }
+    let low = _mm512_set1_epi8(0x0f);
+    let mut wq = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        wq[k] = _mm512_and_si512(q[k], low);
+        wq[k + 4] = _mm512_and_si512(_mm512_srli_epi16(q[k], 4), low);
+    }
+    wq
+}
+
+/// Block `b` of token `tt` into the token's accumulators: the integer dot
+/// (seeded with -bias * sum of the quants), scaled by d * dy; and m * s apart.
+#[inline(always)]
+unsafe fn block_dot<const K: u8>(wq: &[__m512i; 8], dv: __m512, mv: __m512, a: &ActPtrs, tt: usize, b: usize, acc: &mut __m512, macc: &mut __m512) {
+    let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
+    let mut s0 = if has_min(K) { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
+    // Two dependency chains: vpdpbusd's latency would otherwise bound the loop.
+    let mut s1 = _mm512_setzero_si512();
+    for k in 0..4 {
+        s0 = _mm512_dpbusd_epi32(s0, wq[k], _mm512_set1_epi32(y.add(k).read_unaligned()));
+        s1 = _mm512_dpbusd_epi32(s1, wq[k + 4], _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
+    }
+    let s = _mm512_add_epi32(s0, s1);
+    let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+    if has_min(K) {
+        // Apart from acc: one fma chain per token would bound the loop.
+        *macc = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), *macc);
+    }
+}
+
+/// 16 rows x token 0 straight from the rows (same operations as `tokens`).
+#[inline(always)]
+unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
+    let bsz = match K {
+        Q4_0K => Q4_0_BYTES,
+        Q5_0K => Q5_0_BYTES,
+        Q5_1K => Q5_1_BYTES,
+        IQ4_NLK => IQ4_NL_BYTES,
+        _ => Q8_0_BYTES,
+    };
+    let next = w.wrapping_add(ROWS * ws);
+    let lines = (ROWS * ws).div_ceil(64);
+    let per_block = lines.div_ceil(a.nb.max(1));
+    let mut acc = _mm512_setzero_ps();
+    let mut macc = _mm512_setzero_ps();
+    for b in 0..a.nb {
+        // The next 16 rows, a slice per block (as pack_rows).
+        for l in b * per_block..((b + 1) * per_block).min(lines) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
+        }
+        let blk = load_block::<K>(w.add(b * bsz), ws);
+        block_dot::<K>(&weight_bytes::<K>(&blk.q), blk.d, blk.m, a, 0, b, &mut acc, &mut macc);
+    }
+    let sum = if has_min(K) { _mm512_add_ps(acc, macc) } else { acc };
+    _mm512_storeu_ps(out, sum);
 }
 
 /// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
@@ -284,43 +373,20 @@ unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t
         Q4_0K => (6, 4),
         _ => (9, 8),
     };
-    let low = _mm512_set1_epi8(0x0f);
     debug_assert!(K != Q4_1K, "Q4_1 takes tokens_q4_1");
     let mut acc = [_mm512_setzero_ps(); T];
     let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         let blk = pk.add(b * u);
-        let mut wq = [_mm512_setzero_si512(); 8];
-        if bytes_packed(K) {
-            for k in 0..8 {
-                wq[k] = _mm512_load_si512(blk.add(k));
-            }
-        } else {
-            for k in 0..4 {
-                let raw = _mm512_load_si512(blk.add(k));
-                wq[k] = _mm512_and_si512(raw, low);
-                wq[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-            }
+        let mut q = [_mm512_setzero_si512(); 8];
+        for k in 0..nq {
+            q[k] = _mm512_load_si512(blk.add(k));
         }
+        let wq = weight_bytes::<K>(&q);
         let dv = _mm512_load_ps(blk.add(nq) as *const f32);
         let mv = if has_min(K) { _mm512_load_ps(blk.add(nq + 1) as *const f32) } else { _mm512_setzero_ps() };
         for t in 0..T {
-            let tt = t0 + t;
-            let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
-            let mut s0 = if has_min(K) { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
-            // Two dependency chains: vpdpbusd's latency would otherwise bound the loop.
-            let mut s1 = _mm512_setzero_si512();
-            for k in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, wq[k], _mm512_set1_epi32(y.add(k).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, wq[k + 4], _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
-            }
-            let s = _mm512_add_epi32(s0, s1);
-            let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
-            if has_min(K) {
-                // Apart from acc: one fma chain per token would bound the loop.
-                macc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), macc[t]);
-            }
+            block_dot::<K>(&wq, dv, mv, a, t0 + t, b, &mut acc[t], &mut macc[t]);
         }
     }
     for t in 0..T {

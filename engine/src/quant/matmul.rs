@@ -659,6 +659,28 @@ mod tests {
     }
 
     #[test]
+    fn one_token_equals_its_column_of_a_batch_bit_for_bit() {
+        // gemm16's single-token path skips the packed copy; every token count must
+        // still give each token the same bits (a sequence decodes the same alone
+        // or batched). So must the per-row tiles, whatever their shape.
+        let (rows, cols, n) = (48, 256, 5);
+        let x = data(n * cols, 31, 1.0);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL] {
+            let w = random_blocks(ty, rows, cols, 40 + ty.id() as u64);
+            for isa in available() {
+                let mut all = vec![0f32; n * rows];
+                matmul_isa(&w, &x, n, &mut all, isa);
+                for t in 0..n {
+                    let mut one = vec![0f32; rows];
+                    matmul_isa(&w, &x[t * cols..(t + 1) * cols], 1, &mut one, isa);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{} {isa:?} token {t}", ty.name());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn group_matches_separate_matmuls_bit_for_bit() {
         // Mixed types share one input: Q4_0 and Q8_0 need different unsigned
         // biases on gemm16, Q4_1 another activation type, Q6_K and F16 others again.
@@ -1011,6 +1033,24 @@ mod tests {
                 println!("{isa:?} n={n:<3} step {:>8.2} ms  {:>8.1} tokens/s", secs * 1e3, n as f64 / secs);
             }
         }
+    }
+
+    /// Fixed-work probe for `perf stat -e cycles:u` on a loaded machine (where
+    /// wall time mostly measures the other processes): FERRY_AB=TYPE,ROWS,COLS,TOKENS,ITERS.
+    #[test]
+    #[ignore]
+    fn fixed_work_probe() {
+        let Ok(spec) = std::env::var("FERRY_AB") else { return };
+        let f: Vec<&str> = spec.split(',').collect();
+        let ty = GgmlType::ALL.into_iter().find(|t| t.name() == f[0]).unwrap();
+        let (rows, cols, n, iters): (usize, usize, usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap(), f[4].parse().unwrap());
+        let w = random_blocks(ty, rows, cols, 1);
+        let x = data(n * cols, 2, 1.0);
+        let mut out = vec![0f32; n * rows];
+        for _ in 0..iters {
+            matmul(&w, &x, n, &mut out);
+        }
+        std::hint::black_box(&out);
     }
 
     /// Speed probe: `cargo test --release -- --ignored --nocapture speed_probe`.
