@@ -422,6 +422,7 @@ unsafe fn q4_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         let mut packed = [0u8; 12];
         std::ptr::copy_nonoverlapping(p.add(Q4_K_SCALES), packed.as_mut_ptr(), 12);
         let (sc, mn) = scales_mins_k4(&packed);
+        let m16s: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
         let mut isum = [_mm256_setzero_si256(); T];
         for c in 0..4 {
             let q4 = _mm256_loadu_si256(p.add(Q4_K_QS + 32 * c) as *const __m256i);
@@ -441,11 +442,7 @@ unsafe fn q4_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         for t in 0..T {
             let tt = t0 + t;
             let dy = *a.d.add(tt * nb + b);
-            let bs = a.bsums.add(tt * (a.cols / 16) + b * 16);
-            let mut smin = 0i32;
-            for j in 0..16 {
-                smin += *bs.add(j) as i32 * mn[j / 2] as i32;
-            }
+            let smin = bsum_dot(a, tt, b, &m16s);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
             macc[t] += dmin * dy * smin as f32;
         }
@@ -470,13 +467,10 @@ unsafe fn q6_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         let dw = f16x1(p.add(Q6_K_D));
         let mut sc = [0i8; 16];
         std::ptr::copy_nonoverlapping(p.add(Q6_K_SCALES) as *const i8, sc.as_mut_ptr(), 16);
+        let sc16: [i16; 16] = std::array::from_fn(|j| sc[j] as i16);
         let mut isum = [_mm256_setzero_si256(); T];
         for t in 0..T {
-            let bs = a.bsums.add((t0 + t) * (a.cols / 16) + b * 16);
-            let mut off = 0i32;
-            for j in 0..16 {
-                off += *bs.add(j) as i32 * sc[j] as i32;
-            }
+            let off = bsum_dot(a, t0 + t, b, &sc16);
             isum[t] = _mm256_setr_epi32(-32 * off, 0, 0, 0, 0, 0, 0, 0);
         }
         for h in 0..2 {
@@ -522,13 +516,13 @@ unsafe fn scale_pair(lo: i16, hi: i16) -> __m256i {
 
 /// sum_j bsums[j] * m[j] of token `tt`, super-block `b` (the min / offset terms).
 #[inline(always)]
-unsafe fn bsum_dot(a: &ActPtrs, tt: usize, b: usize, m: &[i32; 16]) -> i32 {
-    let bs = a.bsums.add(tt * (a.cols / 16) + b * 16);
-    let mut s = 0i32;
-    for j in 0..16 {
-        s += *bs.add(j) as i32 * m[j];
-    }
-    s
+unsafe fn bsum_dot(a: &ActPtrs, tt: usize, b: usize, m: &[i16; 16]) -> i32 {
+    // Exact: |bsums| <= 16 * 128 and |m| <= 128, pairs summed in i32.
+    let bs = _mm256_loadu_si256(a.bsums.add(tt * (a.cols / 16) + b * 16) as *const __m256i);
+    let v = _mm256_madd_epi16(bs, _mm256_loadu_si256(m.as_ptr() as *const __m256i));
+    let s128 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
+    _mm_cvtsi128_si32(_mm_add_epi32(s64, _mm_shuffle_epi32(s64, 0b10_11_00_01)))
 }
 
 /// Q5_K against Q8_K, one row x T tokens: Q4_K plus the 5th bits from qh.
@@ -568,7 +562,7 @@ unsafe fn q5_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
             }
         }
-        let m16s: [i32; 16] = std::array::from_fn(|j| mn[j / 2] as i32);
+        let m16s: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
         for t in 0..T {
             let tt = t0 + t;
             let dy = *a.d.add(tt * nb + b);
@@ -619,7 +613,7 @@ unsafe fn q2_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
                 }
             }
         }
-        let mins: [i32; 16] = std::array::from_fn(|g| (sc[g] >> 4) as i32);
+        let mins: [i16; 16] = std::array::from_fn(|g| (sc[g] >> 4) as i16);
         for t in 0..T {
             let tt = t0 + t;
             let dy = *a.d.add(tt * nb + b);
@@ -648,7 +642,7 @@ unsafe fn q3_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         std::ptr::copy_nonoverlapping(p.add(Q3_K_SCALES), packed.as_mut_ptr(), 12);
         let sc = scales_q3_k(&packed);
         let hm = _mm256_loadu_si256(p as *const __m256i);
-        let off: [i32; 16] = std::array::from_fn(|g| -4 * sc[g] as i32);
+        let off: [i16; 16] = std::array::from_fn(|g| -4 * sc[g] as i16);
         let mut isum = [_mm256_setzero_si256(); T];
         for t in 0..T {
             isum[t] = _mm256_setr_epi32(bsum_dot(a, t0 + t, b, &off), 0, 0, 0, 0, 0, 0, 0);
