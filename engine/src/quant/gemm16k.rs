@@ -168,10 +168,14 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             decode_row::<K>(p, &mut s, r);
         }
         let base = dst.add(b * u);
-        for c in 0..16 {
-            let q = transpose16x4(s.u.as_ptr().add(16 * c), QK_K);
-            for k in 0..4 {
-                _mm512_store_si512(base.add(4 * c + k), q[k]);
+        if nibble_type(K) {
+            nibbles16::<K>(w.add(b * block_bytes(K)), ws, base);
+        } else {
+            for c in 0..16 {
+                let q = transpose16x4(s.u.as_ptr().add(16 * c), QK_K);
+                for k in 0..4 {
+                    _mm512_store_si512(base.add(4 * c + k), q[k]);
+                }
             }
         }
         for j in 0..g {
@@ -189,6 +193,60 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
 #[inline(always)]
 unsafe fn put(s: &mut Scratch, r: usize, i: usize, v: __m256i) {
     _mm256_store_si256(s.u.as_mut_ptr().add(QK_K * r + 32 * i) as *mut __m256i, v);
+}
+
+/// Types whose quants are nibbles (plus Q5_K's 5th bits): transposed raw and
+/// split on whole zmm registers, which costs half the transposes of decoding
+/// each row first and no round trip through the scratch.
+const fn nibble_type(k: u8) -> bool {
+    matches!(k, Q4K | Q5K | IQ4XSK)
+}
+
+/// The 64 packed quant vectors of one super-block of 16 rows (at `p`, `ws`
+/// bytes apart) of a nibble type, into `dst`. Packed vector v holds elements
+/// 4v..4v+4 of every row.
+#[inline(always)]
+unsafe fn nibbles16<const K: u8>(p: *const u8, ws: usize, dst: *mut __m512i) {
+    let low = _mm512_set1_epi8(0x0f);
+    if K == IQ4XSK {
+        // Sub-block ib's 16 bytes: low nibbles are elements 32ib + 4k.., high 32ib + 16 + 4k..
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+        let flip = _mm512_set1_epi8(-128);
+        for ib in 0..8 {
+            let t = transpose16x4(p.add(IQ4_XS_QS + 16 * ib), ws);
+            for k in 0..4 {
+                let lo = _mm512_and_si512(t[k], low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(t[k], 4), low);
+                _mm512_store_si512(dst.add(8 * ib + k), _mm512_xor_si512(_mm512_shuffle_epi8(table, lo), flip));
+                _mm512_store_si512(dst.add(8 * ib + 4 + k), _mm512_xor_si512(_mm512_shuffle_epi8(table, hi), flip));
+            }
+        }
+        return;
+    }
+    // Q4_K / Q5_K: bytes 32c + l hold element 64c + l (low nibble) and 64c + 32 + l
+    // (high); the 16-byte chunk `half` of those 32 holds l = 16 half + 4k + 0..4.
+    // Q5_K's qh[l] bit s is the 5th bit of element 32s + l.
+    let qs = if K == Q4K { Q4_K_QS } else { Q5_K_QS };
+    let qh = if K == Q5K { [transpose16x4(p.add(Q5_K_QH), ws), transpose16x4(p.add(Q5_K_QH + 16), ws)] } else { [[_mm512_setzero_si512(); 4]; 2] };
+    let five = _mm512_set1_epi8(0x10);
+    for c in 0..4 {
+        for half in 0..2 {
+            let t = transpose16x4(p.add(qs + 32 * c + 16 * half), ws);
+            for k in 0..4 {
+                let mut lo = _mm512_and_si512(t[k], low);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16(t[k], 4), low);
+                if K == Q5K {
+                    let h = qh[half][k];
+                    let ml = _mm512_test_epi8_mask(h, _mm512_set1_epi8(1 << (2 * c)));
+                    let mh = _mm512_test_epi8_mask(h, _mm512_set1_epi8((1u8 << (2 * c + 1)) as i8));
+                    lo = _mm512_mask_add_epi8(lo, ml, lo, five);
+                    hi = _mm512_mask_add_epi8(hi, mh, hi, five);
+                }
+                _mm512_store_si512(dst.add(16 * c + 4 * half + k), lo);
+                _mm512_store_si512(dst.add(16 * c + 8 + 4 * half + k), hi);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -218,7 +276,8 @@ unsafe fn decode_row<const K: u8>(p: *const u8, s: &mut Scratch, r: usize) {
             dmin = f16_at(blk, 2);
             let (sc, mn) = scales_mins_k4(&blk[Q4_K_SCALES..Q4_K_SCALES + 12]);
             let (qs, qh) = if K == Q4K { (Q4_K_QS, None) } else { (Q5_K_QS, Some(ld(p, Q5_K_QH))) };
-            for c in 0..4 {
+            // (The quants themselves come from nibbles16, transposed first.)
+            for c in 0..4 * (!nibble_type(K)) as usize {
                 let q = ld(p, qs + 32 * c);
                 let mut lo = _mm256_and_si256(q, m4);
                 let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
@@ -290,9 +349,11 @@ unsafe fn decode_row<const K: u8>(p: *const u8, s: &mut Scratch, r: usize) {
             dmin = d;
             let table = iq4_table();
             for ib in 0..8 {
-                let raw = _mm_loadu_si128(p.add(IQ4_XS_QS + 16 * ib) as *const __m128i);
-                let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
-                put(s, r, ib, _mm256_xor_si256(_mm256_shuffle_epi8(table, nib), _mm256_set1_epi8(-128)));
+                if !nibble_type(K) {
+                    let raw = _mm_loadu_si128(p.add(IQ4_XS_QS + 16 * ib) as *const __m128i);
+                    let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+                    put(s, r, ib, _mm256_xor_si256(_mm256_shuffle_epi8(table, nib), _mm256_set1_epi8(-128)));
+                }
                 let sc = scale_iq4_xs(blk, ib);
                 s.sc[16 * ib + r] = sc;
                 m16[2 * ib] = 128 * sc;
