@@ -17,8 +17,8 @@
 //! per super-block. The packed copy of the 16 rows' super-blocks (about 5.5 KB
 //! each) is made once per call and reused for every token, from L1 / L2.
 //!
-//! Packing costs about what 3 tokens of the per-row kernels do, so this kernel
-//! takes matmuls of `MIN_TOKENS` tokens or more.
+//! Packing costs about what 1 to 3 tokens of the per-row kernels do, so this
+//! kernel takes matmuls of `min_tokens` tokens or more.
 
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
@@ -30,8 +30,16 @@ use std::arch::x86_64::*;
 
 /// Rows per kernel call (zmm lanes).
 pub(crate) const ROWS: usize = 16;
-/// Fewest tokens for which this kernel is used (see the module docs).
-pub(crate) const MIN_TOKENS: usize = 3;
+/// Fewest tokens for which this kernel is used for `ty` (see the module docs):
+/// measured crossovers with the per-row kernels on SmolLM2's 576x1536 (2-core
+/// Xeon, CPU time): Q4_K at 2 tokens 46 µs here against 57 µs per-row, at 1 token
+/// 40 against 37; the types whose quants need a per-row decode pack slower.
+pub(crate) fn min_tokens(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::IQ4_XS => 2,
+        _ => 3,
+    }
+}
 /// Tokens that share each load of a packed weight vector.
 const TT: usize = 4;
 
@@ -165,9 +173,14 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
                 // Never faults, even past the end of the mapping.
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ROWS * ws + 64 * l) as *const i8);
             }
-            decode_row::<K>(p, &mut s, r);
+            if !nibble_type(K) {
+                decode_row::<K>(p, &mut s, r);
+            }
         }
         let base = dst.add(b * u);
+        if fast_scales(K) {
+            scales16::<K>(w.add(b * block_bytes(K)), ws, base);
+        }
         if nibble_type(K) {
             nibbles16::<K>(w.add(b * block_bytes(K)), ws, base);
         } else {
@@ -178,14 +191,16 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
                 }
             }
         }
-        for j in 0..g {
-            _mm512_store_si512(base.add(64 + j), _mm512_load_si512(s.sc.as_ptr().add(16 * j) as *const __m512i));
+        if !fast_scales(K) {
+            for j in 0..g {
+                _mm512_store_si512(base.add(64 + j), _mm512_load_si512(s.sc.as_ptr().add(16 * j) as *const __m512i));
+            }
+            for j in 0..8 {
+                _mm512_store_si512(base.add(64 + g + j), _mm512_load_si512(s.mp.as_ptr().add(16 * j) as *const __m512i));
+            }
+            _mm512_store_ps(base.add(72 + g) as *mut f32, _mm512_load_ps(s.d.as_ptr()));
+            _mm512_store_ps(base.add(73 + g) as *mut f32, _mm512_load_ps(s.dmin.as_ptr()));
         }
-        for j in 0..8 {
-            _mm512_store_si512(base.add(64 + g + j), _mm512_load_si512(s.mp.as_ptr().add(16 * j) as *const __m512i));
-        }
-        _mm512_store_ps(base.add(72 + g) as *mut f32, _mm512_load_ps(s.d.as_ptr()));
-        _mm512_store_ps(base.add(73 + g) as *mut f32, _mm512_load_ps(s.dmin.as_ptr()));
     }
 }
 
@@ -193,6 +208,101 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
 #[inline(always)]
 unsafe fn put(s: &mut Scratch, r: usize, i: usize, v: __m256i) {
     _mm256_store_si256(s.u.as_mut_ptr().add(QK_K * r + 32 * i) as *mut __m256i, v);
+}
+
+/// Types whose scales, mins and d are unpacked on 16 rows at once (`scales16`)
+/// rather than row by row, which cost more than the quants.
+const fn fast_scales(k: u8) -> bool {
+    matches!(k, Q4K | Q5K | Q6K | IQ4XSK)
+}
+
+/// Byte `i` of every dword, zero-extended.
+#[inline(always)]
+unsafe fn byte_of(v: __m512i, i: u32) -> __m512i {
+    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * i as i32)), _mm512_set1_epi32(0xff))
+}
+
+/// Two i16 per dword: `lo` and `hi` (each an i32 within i16 range).
+#[inline(always)]
+unsafe fn pair16(lo: __m512i, hi: __m512i) -> __m512i {
+    _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16))
+}
+
+/// f16 in the low half of every dword, as f32.
+#[inline(always)]
+unsafe fn f16_lo(v: __m512i) -> __m512 {
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+}
+
+/// The group scales, min pairs, d and dmin of one super-block of 16 rows (at
+/// `p`, `ws` bytes apart) into their packed vectors at `base`, lane r = row r,
+/// from transposes of the blocks' header bytes (as ggml's get_scale_min_k4 etc.).
+#[inline(always)]
+unsafe fn scales16<const K: u8>(p: *const u8, ws: usize, base: *mut __m512i) {
+    let g = groups(K);
+    let (d, dmin);
+    let mut sc = [_mm512_setzero_si512(); 16];
+    let mut mn = [_mm512_setzero_si512(); 16]; // per 16-element group
+    let m63 = _mm512_set1_epi32(63);
+    let m15 = _mm512_set1_epi32(15);
+    match K {
+        Q4K | Q5K => {
+            // dword 0: d, dmin; dwords 1..4: the 12 packed scale bytes q[0..12].
+            let h = transpose16x4(p, ws);
+            d = f16_lo(h[0]);
+            dmin = f16_lo(_mm512_srli_epi32(h[0], 16));
+            for j in 0..4u32 {
+                let (a, b, c) = (byte_of(h[1], j), byte_of(h[2], j), byte_of(h[3], j));
+                let (jj, jh) = (j as usize, j as usize + 4);
+                sc[jj] = _mm512_and_si512(a, m63);
+                let m_lo = _mm512_and_si512(b, m63);
+                sc[jh] = _mm512_or_si512(_mm512_and_si512(c, m15), _mm512_slli_epi32(_mm512_srli_epi32(a, 6), 4));
+                let m_hi = _mm512_or_si512(_mm512_srli_epi32(c, 4), _mm512_slli_epi32(_mm512_srli_epi32(b, 6), 4));
+                mn[2 * jj] = m_lo;
+                mn[2 * jj + 1] = m_lo;
+                mn[2 * jh] = m_hi;
+                mn[2 * jh + 1] = m_hi;
+            }
+        }
+        IQ4XSK => {
+            // dword 0: d, scales_h; dword 1: scales_l[0..4].
+            let h = transpose16x4(p, ws);
+            d = f16_lo(h[0]);
+            dmin = d;
+            let sh = _mm512_srli_epi32(h[0], 16);
+            for ib in 0..8u32 {
+                let lo = _mm512_and_si512(_mm512_srlv_epi32(byte_of(h[1], ib / 2), _mm512_set1_epi32(4 * (ib % 2) as i32)), m15);
+                let hi = _mm512_and_si512(_mm512_srlv_epi32(sh, _mm512_set1_epi32(2 * ib as i32)), _mm512_set1_epi32(3));
+                let v = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+                sc[ib as usize] = v;
+                let m = _mm512_slli_epi32(v, 7); // 128 * sc
+                mn[2 * ib as usize] = m;
+                mn[2 * ib as usize + 1] = m;
+            }
+        }
+        _ => {
+            // Q6_K: scales[16] i8 at 192, d at 208 (read as the top of 194..210,
+            // so the read stays inside the block).
+            let t = transpose16x4(p.add(Q6_K_SCALES), ws);
+            let td = transpose16x4(p.add(Q6_K_SCALES + 2), ws);
+            d = f16_lo(_mm512_srli_epi32(td[3], 16));
+            dmin = d;
+            for j in 0..16 {
+                let left = _mm512_set1_epi32(24 - 8 * (j as i32 % 4));
+                let v = _mm512_srai_epi32(_mm512_sllv_epi32(t[j / 4], left), 24);
+                sc[j] = v;
+                mn[j] = _mm512_slli_epi32(v, 5); // 32 * sc
+            }
+        }
+    }
+    for j in 0..g {
+        _mm512_store_si512(base.add(64 + j), sc[j]);
+    }
+    for k in 0..8 {
+        _mm512_store_si512(base.add(64 + g + k), pair16(mn[2 * k], mn[2 * k + 1]));
+    }
+    _mm512_store_ps(base.add(72 + g) as *mut f32, d);
+    _mm512_store_ps(base.add(73 + g) as *mut f32, dmin);
 }
 
 /// Types whose quants are nibbles (plus Q5_K's 5th bits): transposed raw and
@@ -308,11 +418,7 @@ unsafe fn decode_row<const K: u8>(p: *const u8, s: &mut Scratch, r: usize) {
                 put(s, r, 4 * h + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)));
                 put(s, r, 4 * h + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)));
             }
-            for j in 0..16 {
-                let sc = blk[Q6_K_SCALES + j] as i8 as i32;
-                s.sc[16 * j + r] = sc;
-                m16[j] = 32 * sc;
-            }
+            // (Scales, mins and d come from scales16.)
         }
         Q2K | Q3K => {
             let (qs, hm) = if K == Q2K { (Q2_K_QS, None) } else { (Q3_K_QS, Some(ld(p, 0))) };

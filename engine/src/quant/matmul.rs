@@ -382,7 +382,7 @@ fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
             return false;
         }
         if gemm16k::supports(w.ty) {
-            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride);
+            return n_tokens >= gemm16k::min_tokens(w.ty) && gemm16k::stride_ok(w.row_stride);
         }
         n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
     }
