@@ -4,8 +4,8 @@
 //! with the SIMD kernels this CPU offers and with the portable scalar ones.
 //!
 //! Throughput is weight elements x tokens (multiply-adds), so criterion prints
-//! elements/s and the types compare directly. Q4_K and Q6_K need rows of whole
-//! 256-element super-blocks, so they only run on the 576x1536 shape (as in
+//! elements/s and the types compare directly. The K-quants and IQ4_XS need rows
+//! of whole 256-element super-blocks, so they only run on the 576x1536 shape (as in
 //! llama.cpp, a 576-column tensor can't be stored as a K-quant).
 //!
 //! matmul is called from the bench thread and fans out over rayon's global
@@ -18,7 +18,20 @@ use ferry_engine::rng::{symmetric_f32, splitmix};
 use std::hint::black_box;
 use std::time::Duration;
 
-const TYPES: [GgmlType; 5] = [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16];
+const TYPES: [GgmlType; 12] = [
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::IQ4_NL,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_XS,
+    GgmlType::F16,
+];
 /// (rows, cols): ffn_gate/ffn_up, then ffn_down of SmolLM2-135M.
 const SHAPES: [(usize, usize); 2] = [(1536, 576), (576, 1536)];
 const TOKENS: [usize; 2] = [1, 16];

@@ -44,6 +44,13 @@ fn forward_matches_f64_reference_for_every_weight_type() {
             (GgmlType::Q4_1, 5e-2),
             (GgmlType::Q4_K, 5e-2),
             (GgmlType::Q6_K, 3e-2),
+            (GgmlType::Q5_0, 5e-2),
+            (GgmlType::Q5_1, 5e-2),
+            (GgmlType::IQ4_NL, 5e-2),
+            (GgmlType::Q2_K, 5e-2),
+            (GgmlType::Q3_K, 5e-2),
+            (GgmlType::Q5_K, 5e-2),
+            (GgmlType::IQ4_XS, 5e-2),
         ] {
             let w = dummy(&cfg, ty, 7).unwrap();
             let toks = tokens(1, 11, cfg.vocab_size);

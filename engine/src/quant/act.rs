@@ -29,9 +29,9 @@ pub(crate) enum ActKind {
 /// The vec_dot_type of weights of type `ty`.
 pub(crate) fn act_kind(ty: GgmlType) -> ActKind {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => ActKind::Q8_0,
-        GgmlType::Q4_1 => ActKind::Q8_1,
-        GgmlType::Q4_K | GgmlType::Q6_K => ActKind::Q8K,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL => ActKind::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => ActKind::Q8_1,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::IQ4_XS => ActKind::Q8K,
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8_K => ActKind::F32,
     }
 }
@@ -162,6 +162,12 @@ fn quantize_token(kind: ActKind, isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f3
             }
         }
         ActKind::Q8K => {
+            #[cfg(target_arch = "x86_64")]
+            if isa != Isa::Scalar {
+                // SAFETY: a non-scalar Isa is only produced after detecting AVX2+FMA+F16C.
+                unsafe { x86::q8k_blocks(x, qs, d, bs) };
+                return;
+            }
             for ((xb, qb), (db, bb)) in
                 x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).zip(d.iter_mut().zip(bs.chunks_exact_mut(16)))
             {
@@ -241,12 +247,100 @@ mod x86 {
             s[b] = round_f16(dd * isum as f32);
         }
     }
+
+    /// AVX2 version of quantize_row_q8_K_ref (`q8_k_values`) over whole rows,
+    /// same bits: the first value of the largest magnitude sets
+    /// iscale = -127 / max, quants are rint(iscale * x) capped at 127, d = 1 / iscale.
+    /// (The scalar loop's rint is a libm call per value without SSE4.1 at compile
+    /// time, which made activation quantization most of a batched Q*_K matmul.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8k_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], bs: &mut [i16]) {
+        use crate::quant::blocks::QK_K;
+        let nb = x.len() / QK_K;
+        assert!(q.len() >= nb * QK_K && d.len() >= nb && bs.len() >= nb * 16);
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK_K);
+            let mut m = _mm256_setzero_ps();
+            for i in 0..32 {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))));
+            }
+            let mut m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            let amax = _mm_cvtss_f32(m4);
+            let qb = q.as_mut_ptr().add(b * QK_K);
+            if amax == 0.0 {
+                std::ptr::write_bytes(qb, 0, QK_K);
+                d[b] = 0.0;
+                bs[b * 16..b * 16 + 16].fill(0);
+                continue;
+            }
+            // The first element whose magnitude is amax (its sign matters).
+            let am = _mm256_set1_ps(amax);
+            let mut max = amax;
+            for i in 0..32 {
+                let eq = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(8 * i))), am));
+                if eq != 0 {
+                    max = *p.add(8 * i + eq.trailing_zeros() as usize);
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            let mul = _mm256_set1_ps(iscale);
+            let cap = _mm256_set1_epi32(127);
+            for c in 0..8 {
+                let mut iv = [_mm256_setzero_si256(); 4];
+                for k in 0..4 {
+                    let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(32 * c + 8 * k)), mul);
+                    let r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    iv[k] = _mm256_min_epi32(_mm256_cvtps_epi32(r), cap);
+                }
+                for h in 0..2 {
+                    let s = _mm256_add_epi32(iv[2 * h], iv[2 * h + 1]);
+                    let s128 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                    let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
+                    let s32 = _mm_add_epi32(s64, _mm_shuffle_epi32(s64, 0b10_11_00_01));
+                    bs[b * 16 + 2 * c + h] = _mm_cvtsi128_si32(s32) as i16;
+                }
+                let a = _mm256_packs_epi32(iv[0], iv[1]);
+                let e = _mm256_packs_epi32(iv[2], iv[3]);
+                let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, e), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(qb.add(32 * c) as *mut __m256i, p8);
+            }
+            d[b] = 1.0 / iscale;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::simd::available;
+
+    #[test]
+    fn q8_k_scalar_and_simd_are_bit_identical() {
+        let mut x: Vec<f32> = (0..256 * 6).map(|i| ((i as f32 * 0.37).sin() * 3.0) * (1.0 + (i / 256) as f32)).collect();
+        // A zero block, a block whose largest magnitude is negative and comes
+        // after an equal positive one (the first wins), and exact .5 ties.
+        x[256..512].fill(0.0);
+        x[512 + 3] = 9.0;
+        x[512 + 200] = -9.0;
+        for j in 0..16 {
+            x[768 + j] = -127.0 + j as f32 + 0.5;
+        }
+        x[768 + 100] = -127.0;
+        let mut reference = None;
+        for isa in available() {
+            let mut a = Acts::default();
+            a.quantize(ActKind::Q8K, &x, 256 * 3, 2, isa);
+            let got = (a.qs.clone(), a.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.bsums.clone());
+            match &reference {
+                None => reference = Some(got),
+                Some(r) => assert!(*r == got, "{isa:?} differs from scalar"),
+            }
+        }
+    }
 
     #[test]
     fn q8_scalar_and_simd_are_bit_identical() {

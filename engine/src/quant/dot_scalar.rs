@@ -15,8 +15,15 @@ pub(crate) fn dot(ty: GgmlType, w: &[u8], a: &ActRow, n: usize) -> f32 {
     match ty {
         GgmlType::Q4_0 => q4_0(w, a, n / QK),
         GgmlType::Q4_1 => q4_1(w, a, n / QK),
+        GgmlType::Q5_0 => q5_0(w, a, n / QK),
+        GgmlType::Q5_1 => q5_1(w, a, n / QK),
+        GgmlType::IQ4_NL => iq4_nl(w, a, n / QK),
         GgmlType::Q8_0 => q8_0(w, a, n / QK),
+        GgmlType::Q2_K => q2_k(w, a, n / QK_K),
+        GgmlType::Q3_K => q3_k(w, a, n / QK_K),
         GgmlType::Q4_K => q4_k(w, a, n / QK_K),
+        GgmlType::Q5_K => q5_k(w, a, n / QK_K),
+        GgmlType::IQ4_XS => iq4_xs(w, a, n / QK_K),
         GgmlType::Q6_K => q6_k(w, a, n / QK_K),
         GgmlType::F32 => a.f[..n].iter().zip(w.chunks_exact(4)).map(|(x, b)| f32_at(b, 0) * x).sum(),
         GgmlType::F16 => a.f[..n].iter().zip(w.chunks_exact(2)).map(|(x, b)| f16_at(b, 0) * x).sum(),
@@ -76,6 +83,143 @@ fn q4_1(w: &[u8], a: &ActRow, nb: usize) -> f32 {
         }
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + summs
+}
+
+fn q5_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q5_0_BYTES..(b + 1) * Q5_0_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let q = q5_values(u32_at(blk, 2), &blk[6..22]);
+        let sumi: i32 = q.iter().zip(y).map(|(&q, &v)| (q as i32 - 16) * v as i32).sum();
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sumf
+}
+
+/// value = q*d + m, so the dot is d*dy*sum(q*y) + m*s (s = dy * sum(y), f16), as ggml.
+fn q5_1(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q5_1_BYTES..(b + 1) * Q5_1_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let q = q5_values(u32_at(blk, 4), &blk[8..24]);
+        let sumi: i32 = q.iter().zip(y).map(|(&q, &v)| q as i32 * v as i32).sum();
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]) + f16_at(blk, 2) * a.s[b];
+    }
+    sumf
+}
+
+fn iq4_nl(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * IQ4_NL_BYTES..(b + 1) * IQ4_NL_BYTES];
+        let y = &a.qs[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let q = blk[2 + j];
+            sumi += KVALUES_IQ4NL[(q & 0x0f) as usize] as i32 * y[j] as i32;
+            sumi += KVALUES_IQ4NL[(q >> 4) as usize] as i32 * y[j + 16] as i32;
+        }
+        sumf += sumi as f32 * (f16_at(blk, 0) * a.d[b]);
+    }
+    sumf
+}
+
+/// Per 16 elements: scale * sum(q*y) and, through the activations' bsums, min * sum(y).
+fn q2_k(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q2_K_BYTES..(b + 1) * Q2_K_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let bsums = &a.bsums[b * 16..(b + 1) * 16];
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for g in 0..16 {
+            let sc = blk[g];
+            summ += bsums[g] as i32 * (sc >> 4) as i32;
+            let mut p = 0i32;
+            for e in 16 * g..16 * g + 16 {
+                let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                let q = (blk[Q2_K_QS + 32 * h + l] >> (2 * j)) & 3;
+                p += q as i32 * y[e] as i32;
+            }
+            sumi += p * (sc & 0x0f) as i32;
+        }
+        let dy = a.d[b];
+        sumf += f16_at(blk, Q2_K_D) * dy * sumi as f32 - f16_at(blk, Q2_K_D + 2) * dy * summ as f32;
+    }
+    sumf
+}
+
+fn q3_k(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q3_K_BYTES..(b + 1) * Q3_K_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let sc = scales_q3_k(&blk[Q3_K_SCALES..Q3_K_SCALES + 12]);
+        let mut sumi = 0i32;
+        for g in 0..16 {
+            let mut p = 0i32;
+            for e in 16 * g..16 * g + 16 {
+                let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                let q = ((blk[Q3_K_QS + 32 * h + l] >> (2 * j)) & 3) as i32;
+                let q = if (blk[l] >> (4 * h + j)) & 1 == 0 { q - 4 } else { q };
+                p += q * y[e] as i32;
+            }
+            sumi += p * sc[g] as i32;
+        }
+        sumf += f16_at(blk, Q3_K_D) * a.d[b] * sumi as f32;
+    }
+    sumf
+}
+
+fn q5_k(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * Q5_K_BYTES..(b + 1) * Q5_K_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let bsums = &a.bsums[b * 16..(b + 1) * 16];
+        let (sc, mn) = scales_mins_k4(&blk[Q4_K_SCALES..Q4_K_SCALES + 12]);
+        let mut sum_mins = 0i32;
+        for j in 0..16 {
+            sum_mins += bsums[j] as i32 * mn[j / 2] as i32;
+        }
+        let mut sumi = 0i32;
+        for s in 0..8 {
+            let mut p = 0i32;
+            for l in 0..32 {
+                let byte = blk[Q5_K_QS + 32 * (s / 2) + l];
+                let nib = if s % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                let q = nib | (((blk[Q5_K_QH + l] >> s) & 1) << 4);
+                p += q as i32 * y[32 * s + l] as i32;
+            }
+            sumi += p * sc[s] as i32;
+        }
+        let dy = a.d[b];
+        sumf += f16_at(blk, 0) * dy * sumi as f32 - f16_at(blk, 2) * dy * sum_mins as f32;
+    }
+    sumf
+}
+
+fn iq4_xs(w: &[u8], a: &ActRow, nb: usize) -> f32 {
+    let mut sumf = 0f32;
+    for b in 0..nb {
+        let blk = &w[b * IQ4_XS_BYTES..(b + 1) * IQ4_XS_BYTES];
+        let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let mut sumi = 0i32;
+        for ib in 0..8 {
+            let qs = &blk[IQ4_XS_QS + 16 * ib..IQ4_XS_QS + 16 * ib + 16];
+            let y = &y[32 * ib..32 * ib + 32];
+            let mut p = 0i32;
+            for j in 0..16 {
+                p += KVALUES_IQ4NL[(qs[j] & 0x0f) as usize] as i32 * y[j] as i32;
+                p += KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32 * y[j + 16] as i32;
+            }
+            sumi += p * scale_iq4_xs(blk, ib);
+        }
+        sumf += f16_at(blk, 0) * a.d[b] * sumi as f32;
+    }
+    sumf
 }
 
 fn q8_0(w: &[u8], a: &ActRow, nb: usize) -> f32 {

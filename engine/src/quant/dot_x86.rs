@@ -41,7 +41,7 @@ pub(crate) type Tile = [[f32; 4]; 4];
 /// caller uses 4, 2 or 1 rows up to it.
 pub(crate) fn max_rows(ty: GgmlType, isa: Isa, nt: usize) -> usize {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::IQ4_NL => {
             // 32 zmm registers hold a 4x4 tile; 16 ymm ones a 2x4 tile.
             if nt == 1 || isa == Isa::Avx512Vnni {
                 4
@@ -66,14 +66,27 @@ pub(crate) unsafe fn tile(ty: GgmlType, isa: Isa, w: *const u8, ws: usize, nr: u
         (GgmlType::Q4_0, Isa::Avx2) => b32_avx2::<Q4_0K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_1, Isa::Avx2) => b32_avx2::<Q4_1K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q8_0, Isa::Avx2) => b32_avx2::<Q8_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_0, Isa::Avx2) => b32_avx2::<Q5_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_1, Isa::Avx2) => b32_avx2::<Q5_1K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::IQ4_NL, Isa::Avx2) => b32_avx2::<IQ4_NLK>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_0, Isa::AvxVnni) => b32_avxvnni::<Q4_0K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_1, Isa::AvxVnni) => b32_avxvnni::<Q4_1K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q8_0, Isa::AvxVnni) => b32_avxvnni::<Q8_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_0, Isa::AvxVnni) => b32_avxvnni::<Q5_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_1, Isa::AvxVnni) => b32_avxvnni::<Q5_1K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::IQ4_NL, Isa::AvxVnni) => b32_avxvnni::<IQ4_NLK>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_0, Isa::Avx512Vnni) => b32_avx512vnni::<Q4_0K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_1, Isa::Avx512Vnni) => b32_avx512vnni::<Q4_1K>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q8_0, Isa::Avx512Vnni) => b32_avx512vnni::<Q8_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_0, Isa::Avx512Vnni) => b32_avx512vnni::<Q5_0K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::Q5_1, Isa::Avx512Vnni) => b32_avx512vnni::<Q5_1K>(w, ws, nr, a, t0, nt, out),
+        (GgmlType::IQ4_NL, Isa::Avx512Vnni) => b32_avx512vnni::<IQ4_NLK>(w, ws, nr, a, t0, nt, out),
         (GgmlType::Q4_K, _) => other_avx2::<Q4_KK>(w, ws, a, t0, nt, out),
         (GgmlType::Q6_K, _) => other_avx2::<Q6_KK>(w, ws, a, t0, nt, out),
+        (GgmlType::Q5_K, _) => other_avx2::<Q5_KK>(w, ws, a, t0, nt, out),
+        (GgmlType::Q2_K, _) => other_avx2::<Q2_KK>(w, ws, a, t0, nt, out),
+        (GgmlType::Q3_K, _) => other_avx2::<Q3_KK>(w, ws, a, t0, nt, out),
+        (GgmlType::IQ4_XS, _) => other_avx2::<IQ4_XSK>(w, ws, a, t0, nt, out),
         (GgmlType::F32, _) => other_avx2::<F32K>(w, ws, a, t0, nt, out),
         (GgmlType::F16, _) => other_avx2::<F16K>(w, ws, a, t0, nt, out),
         (GgmlType::BF16, _) => other_avx2::<BF16K>(w, ws, a, t0, nt, out),
@@ -89,6 +102,72 @@ const Q6_KK: u8 = 4;
 const F32K: u8 = 5;
 const F16K: u8 = 6;
 const BF16K: u8 = 7;
+pub(crate) const Q5_0K: u8 = 8;
+pub(crate) const Q5_1K: u8 = 9;
+pub(crate) const IQ4_NLK: u8 = 10;
+const Q5_KK: u8 = 11;
+const Q2_KK: u8 = 12;
+const Q3_KK: u8 = 13;
+const IQ4_XSK: u8 = 14;
+
+/// Bytes per block of the 32-element kernels.
+const fn b32_bytes(k: u8) -> usize {
+    match k {
+        Q4_0K => Q4_0_BYTES,
+        Q4_1K => Q4_1_BYTES,
+        Q5_0K => Q5_0_BYTES,
+        Q5_1K => Q5_1_BYTES,
+        IQ4_NLK => IQ4_NL_BYTES,
+        _ => Q8_0_BYTES,
+    }
+}
+
+/// Whether the 32-element type has a min (value = q*d + m, dotted against Q8_1).
+const fn b32_has_min(k: u8) -> bool {
+    matches!(k, Q4_1K | Q5_1K)
+}
+
+/// Byte e is 0xFF where bit e of the (unaligned) u32 at `p` is set: Q5's qh.
+#[inline(always)]
+pub(crate) unsafe fn bits32(p: *const u8) -> __m256i {
+    let x = _mm256_set1_epi32((p as *const i32).read_unaligned());
+    // Byte e takes qh byte e / 8, then tests bit e % 8.
+    let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let bytes = _mm256_and_si256(_mm256_shuffle_epi8(x, spread), bit);
+    _mm256_cmpeq_epi8(bytes, bit)
+}
+
+/// IQ4_NL's levels in both 128-bit lanes (for vpshufb).
+#[inline(always)]
+pub(crate) unsafe fn iq4_table() -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i))
+}
+
+/// One 32-element block at `p` as 32 quant bytes in element order (signed
+/// for the types without a min, 0..31 or 0..15 for those with one), d and m.
+#[inline(always)]
+pub(crate) unsafe fn decode_b32<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    match K {
+        Q4_0K => (_mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)), f16x1(p), 0.0),
+        Q4_1K => {
+            let (d, m) = f16x2(p);
+            (nibbles(p.add(4)), d, m)
+        }
+        Q5_0K => {
+            // nib - 16 where the 5th bit is clear (0xF0 | nib as i8), nib where set.
+            let high = _mm256_andnot_si256(bits32(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            (_mm256_or_si256(nibbles(p.add(6)), high), f16x1(p), 0.0)
+        }
+        Q5_1K => {
+            let (d, m) = f16x2(p);
+            let high = _mm256_and_si256(bits32(p.add(4)), _mm256_set1_epi8(0x10));
+            (_mm256_or_si256(nibbles(p.add(8)), high), d, m)
+        }
+        IQ4_NLK => (_mm256_shuffle_epi8(iq4_table(), nibbles(p.add(2))), f16x1(p), 0.0),
+        _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16x1(p), 0.0),
+    }
+}
 
 /// How 8-bit dot products are done: maddubs+madd (AVX2), or vpdpbusd.
 const V_AVX2: u8 = 0;
@@ -125,6 +204,10 @@ unsafe fn other_body<const K: u8, const T: usize>(w: *const u8, ws: usize, a: &A
     match K {
         Q4_KK => q4_k_body::<T>(w, ws, a, t0, out),
         Q6_KK => q6_k_body::<T>(w, ws, a, t0, out),
+        Q5_KK => q5_k_body::<T>(w, ws, a, t0, out),
+        Q2_KK => q2_k_body::<T>(w, ws, a, t0, out),
+        Q3_KK => q3_k_body::<T>(w, ws, a, t0, out),
+        IQ4_XSK => iq4_xs_body::<T>(w, ws, a, t0, out),
         _ => float_body::<K, T>(w, ws, a, t0, out),
     }
 }
@@ -186,12 +269,8 @@ unsafe fn b32_shapes512<const K: u8>(w: *const u8, ws: usize, nr: usize, a: &Act
 /// vpdpbusd, convert and fma serve two tokens. R rows x 2P tokens.
 #[inline(always)]
 unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
-    let bsz = match K {
-        Q4_0K => Q4_0_BYTES,
-        Q4_1K => Q4_1_BYTES,
-        _ => Q8_0_BYTES,
-    };
-    let signed = K != Q4_1K;
+    let bsz = b32_bytes(K);
+    let signed = !b32_has_min(K);
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     // Q4_1's m * s terms, summed apart from the lanes as llama.cpp does: lane 0
@@ -209,7 +288,7 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
             let da = _mm256_set1_ps(*a.d.add(ta * a.nb + b));
             let db = _mm256_set1_ps(*a.d.add(tb * a.nb + b));
             dyv[p] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(da)), _mm256_castps_pd(db), 1));
-            if K == Q4_1K {
+            if b32_has_min(K) {
                 // s in lanes 0 and 8 only: added once per block by the m * s fma.
                 let sa = _mm256_zextps128_ps256(_mm_set_ss(*a.s.add(ta * a.nb + b)));
                 let sb = _mm256_zextps128_ps256(_mm_set_ss(*a.s.add(tb * a.nb + b)));
@@ -219,14 +298,7 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
         for r in 0..R {
             let p = w.add(r * ws + b * bsz);
             prefetch(p.wrapping_add(2 * R * ws), 1);
-            let (wx, dw, mw) = match K {
-                Q4_0K => (_mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)), f16x1(p), 0.0),
-                Q4_1K => {
-                    let (d, m) = f16x2(p);
-                    (nibbles(p.add(4)), d, m)
-                }
-                _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16x1(p), 0.0),
-            };
+            let (wx, dw, mw) = decode_b32::<K>(p);
             let wz = _mm512_broadcast_i64x4(wx);
             // Signed weights: |w| times y with w's sign (no vpsignb in AVX512).
             let (uz, neg) = if signed { (_mm512_abs_epi8(wz), _mm512_movepi8_mask(wz)) } else { (wz, 0) };
@@ -235,7 +307,7 @@ unsafe fn b32_body512<const K: u8, const R: usize, const P: usize>(w: *const u8,
                 let yy = if signed { _mm512_mask_sub_epi8(y[p], neg, zero, y[p]) } else { y[p] };
                 let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, uz, yy));
                 acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dwv, dyv[p]), acc[r][p]);
-                if K == Q4_1K {
+                if b32_has_min(K) {
                     macc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(mw), sv[p], macc[r][p]);
                 }
             }
@@ -295,14 +367,10 @@ unsafe fn dot_u8i8<const V: u8>(u: __m256i, s: __m256i) -> __m256i {
 /// Q4_0 / Q4_1 / Q8_0 against Q8_0 / Q8_1 activations, R rows x T tokens.
 #[inline(always)]
 unsafe fn b32_body<const K: u8, const V: u8, const R: usize, const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
-    let bsz = match K {
-        Q4_0K => Q4_0_BYTES,
-        Q4_1K => Q4_1_BYTES,
-        _ => Q8_0_BYTES,
-    };
-    // Q4_0 and Q8_0 weights are signed: multiply |w| by y*sign(w) (vpdpbusd and
-    // maddubs take one unsigned operand), as llama.cpp does.
-    let signed = K != Q4_1K;
+    let bsz = b32_bytes(K);
+    // Q4_0, Q5_0, Q8_0 and IQ4_NL weights are signed: multiply |w| by y*sign(w)
+    // (vpdpbusd and maddubs take one unsigned operand), as llama.cpp does.
+    let signed = !b32_has_min(K);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut macc = [[0f32; T]; R];
     for b in 0..a.nb {
@@ -310,7 +378,7 @@ unsafe fn b32_body<const K: u8, const V: u8, const R: usize, const T: usize>(w: 
         let mut sy = [0f32; T];
         for t in 0..T {
             dy[t] = *a.d.add((t0 + t) * a.nb + b);
-            if K == Q4_1K {
+            if b32_has_min(K) {
                 sy[t] = *a.s.add((t0 + t) * a.nb + b);
             }
         }
@@ -318,14 +386,7 @@ unsafe fn b32_body<const K: u8, const V: u8, const R: usize, const T: usize>(w: 
             let p = w.add(r * ws + b * bsz);
             // The weights stream from DRAM once: fetch the rows two tiles ahead.
             prefetch(p.wrapping_add(2 * R * ws), 1);
-            let (wx, dw, mw) = match K {
-                Q4_0K => (_mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)), f16x1(p), 0.0),
-                Q4_1K => {
-                    let (d, m) = f16x2(p);
-                    (nibbles(p.add(4)), d, m)
-                }
-                _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16x1(p), 0.0),
-            };
+            let (wx, dw, mw) = decode_b32::<K>(p);
             let ux = if signed { _mm256_sign_epi8(wx, wx) } else { wx };
             for t in 0..T {
                 let mut y = _mm256_loadu_si256(a.qs.add((t0 + t) * a.cols + b * QK) as *const __m256i);
@@ -334,7 +395,7 @@ unsafe fn b32_body<const K: u8, const V: u8, const R: usize, const T: usize>(w: 
                 }
                 let dot = _mm256_cvtepi32_ps(dot_u8i8::<V>(ux, y));
                 acc[r][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * dy[t]), acc[r][t]);
-                if K == Q4_1K {
+                if b32_has_min(K) {
                     macc[r][t] += mw * sy[t];
                 }
             }
@@ -361,6 +422,7 @@ unsafe fn q4_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         let mut packed = [0u8; 12];
         std::ptr::copy_nonoverlapping(p.add(Q4_K_SCALES), packed.as_mut_ptr(), 12);
         let (sc, mn) = scales_mins_k4(&packed);
+        let m16s: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
         let mut isum = [_mm256_setzero_si256(); T];
         for c in 0..4 {
             let q4 = _mm256_loadu_si256(p.add(Q4_K_QS + 32 * c) as *const __m256i);
@@ -380,11 +442,7 @@ unsafe fn q4_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         for t in 0..T {
             let tt = t0 + t;
             let dy = *a.d.add(tt * nb + b);
-            let bs = a.bsums.add(tt * (a.cols / 16) + b * 16);
-            let mut smin = 0i32;
-            for j in 0..16 {
-                smin += *bs.add(j) as i32 * mn[j / 2] as i32;
-            }
+            let smin = bsum_dot(a, tt, b, &m16s);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
             macc[t] += dmin * dy * smin as f32;
         }
@@ -409,13 +467,10 @@ unsafe fn q6_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
         let dw = f16x1(p.add(Q6_K_D));
         let mut sc = [0i8; 16];
         std::ptr::copy_nonoverlapping(p.add(Q6_K_SCALES) as *const i8, sc.as_mut_ptr(), 16);
+        let sc16: [i16; 16] = std::array::from_fn(|j| sc[j] as i16);
         let mut isum = [_mm256_setzero_si256(); T];
         for t in 0..T {
-            let bs = a.bsums.add((t0 + t) * (a.cols / 16) + b * 16);
-            let mut off = 0i32;
-            for j in 0..16 {
-                off += *bs.add(j) as i32 * sc[j] as i32;
-            }
+            let off = bsum_dot(a, t0 + t, b, &sc16);
             isum[t] = _mm256_setr_epi32(-32 * off, 0, 0, 0, 0, 0, 0, 0);
         }
         for h in 0..2 {
@@ -440,6 +495,206 @@ unsafe fn q6_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: us
                     let pk = _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], yk), s[k]);
                     isum[t] = _mm256_add_epi32(isum[t], pk);
                 }
+            }
+        }
+        for t in 0..T {
+            let dy = *a.d.add((t0 + t) * nb + b);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
+        }
+    }
+    for t in 0..T {
+        out[0][t] = hsum(acc[t]);
+    }
+}
+
+/// Per-16 scale pairs as maddubs+madd wants them: the low 128 bits take
+/// group `g`'s scale, the high 128 bits group `g + 1`'s.
+#[inline(always)]
+unsafe fn scale_pair(lo: i16, hi: i16) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+/// sum_j bsums[j] * m[j] of token `tt`, super-block `b` (the min / offset terms).
+#[inline(always)]
+unsafe fn bsum_dot(a: &ActPtrs, tt: usize, b: usize, m: &[i16; 16]) -> i32 {
+    // Exact: |bsums| <= 16 * 128 and |m| <= 128, pairs summed in i32.
+    let bs = _mm256_loadu_si256(a.bsums.add(tt * (a.cols / 16) + b * 16) as *const __m256i);
+    let v = _mm256_madd_epi16(bs, _mm256_loadu_si256(m.as_ptr() as *const __m256i));
+    let s128 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
+    _mm_cvtsi128_si32(_mm_add_epi32(s64, _mm_shuffle_epi32(s64, 0b10_11_00_01)))
+}
+
+/// Q5_K against Q8_K, one row x T tokens: Q4_K plus the 5th bits from qh.
+#[inline(always)]
+unsafe fn q5_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
+    let nb = a.nb;
+    let mask = _mm256_set1_epi8(0x0f);
+    let m16 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut macc = [0f32; T];
+    for b in 0..nb {
+        let p = w.add(b * Q5_K_BYTES);
+        prefetch(p.wrapping_add(2 * ws), 3);
+        let (dw, dmin) = f16x2(p);
+        let mut packed = [0u8; 12];
+        std::ptr::copy_nonoverlapping(p.add(Q4_K_SCALES), packed.as_mut_ptr(), 12);
+        let (sc, mn) = scales_mins_k4(&packed);
+        let qh = _mm256_loadu_si256(p.add(Q5_K_QH) as *const __m256i);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for c in 0..4 {
+            let q4 = _mm256_loadu_si256(p.add(Q5_K_QS + 32 * c) as *const __m256i);
+            // Sub-block s takes bit s of each qh byte as its 5th bit.
+            let (bl, bh) = (_mm256_set1_epi8(1 << (2 * c)), _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8));
+            let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), m16);
+            let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), m16);
+            let lo = _mm256_or_si256(_mm256_and_si256(q4, mask), hl);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), mask), hh);
+            let sl = _mm256_set1_epi16(sc[2 * c] as i16);
+            let sh = _mm256_set1_epi16(sc[2 * c + 1] as i16);
+            for t in 0..T {
+                let y = a.qs.add((t0 + t) * a.cols + b * QK_K + 64 * c);
+                let y0 = _mm256_loadu_si256(y as *const __m256i);
+                let y1 = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                // maddubs cannot saturate: 2 * 31 * 128 < 32767.
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), sl);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), sh);
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(p0, p1));
+            }
+        }
+        let m16s: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
+        for t in 0..T {
+            let tt = t0 + t;
+            let dy = *a.d.add(tt * nb + b);
+            let smin = bsum_dot(a, tt, b, &m16s);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
+            macc[t] += dmin * dy * smin as f32;
+        }
+    }
+    for t in 0..T {
+        out[0][t] = hsum(acc[t]) - macc[t];
+    }
+}
+
+/// The four 2-bit planes of 32 bytes: plane j holds bits 2j..2j+2 of each byte.
+#[inline(always)]
+unsafe fn planes2(q: __m256i) -> [__m256i; 4] {
+    let m3 = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(q, m3),
+        _mm256_and_si256(_mm256_srli_epi16(q, 2), m3),
+        _mm256_and_si256(_mm256_srli_epi16(q, 4), m3),
+        _mm256_and_si256(_mm256_srli_epi16(q, 6), m3),
+    ]
+}
+
+/// Q2_K against Q8_K, one row x T tokens. Plane j of qs half h holds elements
+/// 128h + 32j .. +32: groups 8h + 2j and 8h + 2j + 1 of 16.
+#[inline(always)]
+unsafe fn q2_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
+    let nb = a.nb;
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut macc = [0f32; T];
+    for b in 0..nb {
+        let p = w.add(b * Q2_K_BYTES);
+        prefetch(p.wrapping_add(2 * ws), 2);
+        let (dw, dmin) = f16x2(p.add(Q2_K_D));
+        let mut sc = [0u8; 16];
+        std::ptr::copy_nonoverlapping(p, sc.as_mut_ptr(), 16);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for h in 0..2 {
+            let q = planes2(_mm256_loadu_si256(p.add(Q2_K_QS + 32 * h) as *const __m256i));
+            for j in 0..4 {
+                let g = 8 * h + 2 * j;
+                let s = scale_pair((sc[g] & 0x0f) as i16, (sc[g + 1] & 0x0f) as i16);
+                for t in 0..T {
+                    let y = _mm256_loadu_si256(a.qs.add((t0 + t) * a.cols + b * QK_K + 128 * h + 32 * j) as *const __m256i);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], y), s));
+                }
+            }
+        }
+        let mins: [i16; 16] = std::array::from_fn(|g| (sc[g] >> 4) as i16);
+        for t in 0..T {
+            let tt = t0 + t;
+            let dy = *a.d.add(tt * nb + b);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
+            macc[t] += dmin * dy * bsum_dot(a, tt, b, &mins) as f32;
+        }
+    }
+    for t in 0..T {
+        out[0][t] = hsum(acc[t]) - macc[t];
+    }
+}
+
+/// Q3_K against Q8_K, one row x T tokens. The quants are used unsigned
+/// (low 2 bits + 4 * hmask bit, 0..7); the -4 offset is folded in exactly
+/// through the activations' bsums, as Q6_K's -32.
+#[inline(always)]
+unsafe fn q3_k_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
+    let nb = a.nb;
+    let m4 = _mm256_set1_epi8(4);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = w.add(b * Q3_K_BYTES);
+        prefetch(p.wrapping_add(2 * ws), 2);
+        let dw = f16x1(p.add(Q3_K_D));
+        let mut packed = [0u8; 12];
+        std::ptr::copy_nonoverlapping(p.add(Q3_K_SCALES), packed.as_mut_ptr(), 12);
+        let sc = scales_q3_k(&packed);
+        let hm = _mm256_loadu_si256(p as *const __m256i);
+        let off: [i16; 16] = std::array::from_fn(|g| -4 * sc[g] as i16);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            isum[t] = _mm256_setr_epi32(bsum_dot(a, t0 + t, b, &off), 0, 0, 0, 0, 0, 0, 0);
+        }
+        for h in 0..2 {
+            let q = planes2(_mm256_loadu_si256(p.add(Q3_K_QS + 32 * h) as *const __m256i));
+            for j in 0..4 {
+                let bit = _mm256_set1_epi8((1u8 << (4 * h + j)) as i8);
+                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), m4);
+                let u = _mm256_or_si256(q[j], high);
+                let g = 8 * h + 2 * j;
+                let s = scale_pair(sc[g] as i16, sc[g + 1] as i16);
+                for t in 0..T {
+                    let y = _mm256_loadu_si256(a.qs.add((t0 + t) * a.cols + b * QK_K + 128 * h + 32 * j) as *const __m256i);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), s));
+                }
+            }
+        }
+        for t in 0..T {
+            let dy = *a.d.add((t0 + t) * nb + b);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dw * dy), acc[t]);
+        }
+    }
+    for t in 0..T {
+        out[0][t] = hsum(acc[t]);
+    }
+}
+
+/// IQ4_XS against Q8_K, one row x T tokens: each 32-element sub-block is an
+/// IQ4_NL block (levels by vpshufb, signed: |w| times y with w's sign) with its
+/// own 6-bit scale.
+#[inline(always)]
+unsafe fn iq4_xs_body<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, t0: usize, out: &mut Tile) {
+    let nb = a.nb;
+    let table = iq4_table();
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let p = w.add(b * IQ4_XS_BYTES);
+        prefetch(p.wrapping_add(2 * ws), 3);
+        let dw = f16x1(p);
+        let mut head = [0u8; IQ4_XS_QS];
+        std::ptr::copy_nonoverlapping(p, head.as_mut_ptr(), IQ4_XS_QS);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for ib in 0..8 {
+            let wx = _mm256_shuffle_epi8(table, nibbles(p.add(IQ4_XS_QS + 16 * ib)));
+            let ux = _mm256_sign_epi8(wx, wx);
+            let s = _mm256_set1_epi16(scale_iq4_xs(&head, ib) as i16);
+            for t in 0..T {
+                let y = _mm256_loadu_si256(a.qs.add((t0 + t) * a.cols + b * QK_K + 32 * ib) as *const __m256i);
+                // |w| <= 127, |y| <= 127: pairs stay within i16.
+                let pr = _mm256_maddubs_epi16(ux, _mm256_sign_epi8(y, wx));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pr, s));
             }
         }
         for t in 0..T {

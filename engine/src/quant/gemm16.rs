@@ -1,5 +1,5 @@
-//! AVX512-VNNI kernel for Q4_0 / Q4_1 / Q8_0 weights, 16 rows at a time, any
-//! number of tokens (decode, batched decode, prefill).
+//! AVX512-VNNI kernel for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL weights,
+//! 16 rows at a time, any number of tokens (decode, batched decode, prefill).
 //!
 //! One zmm lane per weight row: the 16 rows' blocks are transposed into a small
 //! per-thread buffer (lane r of vector k holds row r's quants 4k..4k+4), so
@@ -11,9 +11,12 @@
 //! every token, so no second copy of the weights is kept.
 //!
 //! vpdpbusd multiplies unsigned by signed bytes: Q4_0 nibbles are used as they
-//! are stored (0..15) and Q8_0 quants are biased by 128, and the bias times the
+//! are stored (0..15), Q5_0 quants as 0..31, and Q8_0 and IQ4_NL values (the
+//! latter looked up while packing) are biased by 128; the bias times the
 //! activation block's quant sum (`Acts::neg_sums`, exact integers) seeds the
-//! integer accumulator. Q4_1's minimum uses the activations' f16 `s` as ggml does.
+//! integer accumulator. Q4_1's and Q5_1's minimum uses the activations' f16 `s`
+//! as ggml does. The 5-bit and IQ4_NL blocks are decoded to whole bytes once,
+//! while packing, so the token loop is Q8_0's.
 
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
@@ -39,6 +42,9 @@ pub(crate) fn bias(ty: GgmlType) -> Option<i32> {
         GgmlType::Q4_0 => Some(8),
         GgmlType::Q4_1 => Some(0),
         GgmlType::Q8_0 => Some(128),
+        GgmlType::Q5_0 => Some(16),
+        GgmlType::Q5_1 => Some(0),
+        GgmlType::IQ4_NL => Some(128),
         _ => None,
     }
 }
@@ -51,7 +57,8 @@ pub(crate) fn stride_ok(ws: usize) -> bool {
 /// Vectors of the transposed buffer per block: the quants, then d, then m.
 fn units(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q8_0 => 9,
+        GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL => 9,
+        GgmlType::Q5_1 => 10,
         _ => 6,
     }
 }
@@ -78,6 +85,9 @@ pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, 
     match ty {
         GgmlType::Q4_0 => run::<Q4_0K>(w, ws, a, n_tokens, out, os, &mut pack),
         GgmlType::Q4_1 => run::<Q4_1K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::Q5_0 => run::<Q5_0K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::Q5_1 => run::<Q5_1K>(w, ws, a, n_tokens, out, os, &mut pack),
+        GgmlType::IQ4_NL => run::<IQ4_NLK>(w, ws, a, n_tokens, out, os, &mut pack),
         _ => run::<Q8_0K>(w, ws, a, n_tokens, out, os, &mut pack),
     }
     PACK.with(|c| c.set(pack));
@@ -86,9 +96,32 @@ pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, 
 const Q4_0K: u8 = 0;
 const Q4_1K: u8 = 1;
 const Q8_0K: u8 = 2;
+const Q5_0K: u8 = 3;
+const Q5_1K: u8 = 4;
+const IQ4_NLK: u8 = 5;
+
+/// Types whose packed quants are whole bytes (8 vectors a block), not nibbles.
+const fn bytes_packed(k: u8) -> bool {
+    !matches!(k, Q4_0K | Q4_1K)
+}
+
+/// Types that are decoded (5th bits, level table) while packing (`decode16`).
+const fn decoded(k: u8) -> bool {
+    matches!(k, Q5_0K | Q5_1K | IQ4_NLK)
+}
+
+/// Types with a min (value = q * d + m), dotted against Q8_1.
+const fn has_min(k: u8) -> bool {
+    matches!(k, Q4_1K | Q5_1K)
+}
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
+    if n == 1 && K != Q4_1K {
+        // One token (single-stream decode): nothing to reuse the packed copy,
+        // so each block goes from the transposes straight into the dot.
+        return one_token::<K>(w, ws, a, out);
+    }
     pack_rows::<K>(w, ws, a.nb, pack);
     let pk = pack.as_ptr();
     let mut t = 0;
@@ -121,12 +154,14 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
 /// Transposes the 16 rows' `nb` blocks into `pack` (see the module docs).
 #[inline(always)]
 unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut [__m512i]) {
-    let (bsz, u, qoff, nq) = match K {
-        Q4_0K => (Q4_0_BYTES, 6, 2, 4),
-        Q4_1K => (Q4_1_BYTES, 6, 4, 4),
-        _ => (Q8_0_BYTES, 9, 2, 8),
+    let (bsz, u, nq) = match K {
+        Q4_0K => (Q4_0_BYTES, 6, 4),
+        Q4_1K => (Q4_1_BYTES, 6, 4),
+        Q5_0K => (Q5_0_BYTES, 9, 8),
+        Q5_1K => (Q5_1_BYTES, 10, 8),
+        IQ4_NLK => (IQ4_NL_BYTES, 9, 8),
+        _ => (Q8_0_BYTES, 9, 8),
     };
-    let flip = _mm512_set1_epi8(-128);
     let dst = pack.as_mut_ptr();
     // The next 16 rows (the caller's next call) span at most 16 * ws bytes from
     // w + 16 * ws: prefetch them a slice per block, while this group is packed,
@@ -139,24 +174,166 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             // Never faults, even past the end of the mapping.
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
-        let p = w.add(b * bsz);
-        for h in 0..nq / 4 {
-            let q = transpose16x4(p.add(qoff + 16 * h), ws);
-            for k in 0..4 {
-                let v = if K == Q8_0K { _mm512_xor_si512(q[k], flip) } else { q[k] };
-                _mm512_store_si512(dst.add(b * u + 4 * h + k), v);
-            }
+        let blk = load_block::<K>(w.add(b * bsz), ws);
+        for k in 0..nq {
+            _mm512_store_si512(dst.add(b * u + k), blk.q[k]);
         }
-        // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
-        // (A gather here, or for the quants, costs several times the transposes.)
-        let dm = transpose16x4(p, ws)[0];
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        _mm512_store_ps(dst.add(b * u + nq) as *mut f32, d);
-        if K == Q4_1K {
-            let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
-            _mm512_store_ps(dst.add(b * u + nq + 1) as *mut f32, m);
+        _mm512_store_ps(dst.add(b * u + nq) as *mut f32, blk.d);
+        if has_min(K) {
+            _mm512_store_ps(dst.add(b * u + nq + 1) as *mut f32, blk.m);
         }
     }
+}
+
+/// One block of the 16 rows in packed form: the quant vectors (Q4_0 / Q4_1:
+/// the 4 raw nibble vectors; the others: 8 vectors of whole unsigned bytes),
+/// d and m as f32.
+struct Block16 {
+    q: [__m512i; 8],
+    d: __m512,
+    m: __m512,
+}
+
+/// Transposes (and for Q5 / IQ4_NL decodes) the block at `p` of 16 rows.
+#[inline(always)]
+unsafe fn load_block<const K: u8>(p: *const u8, ws: usize) -> Block16 {
+    let (qoff, nq) = match K {
+        Q4_0K => (2, 4),
+        Q4_1K => (4, 4),
+        _ => (2, 8),
+    };
+    // The first 16 bytes of each row's block: d (and m), and Q5's qh.
+    let head = transpose16x4(p, ws);
+    let mut q = [_mm512_setzero_si512(); 8];
+    if decoded(K) {
+        q = decode16::<K>(p, ws, &head);
+    } else {
+        let flip = _mm512_set1_epi8(-128);
+        for h in 0..nq / 4 {
+            let t = transpose16x4(p.add(qoff + 16 * h), ws);
+            for k in 0..4 {
+                q[4 * h + k] = if K == Q8_0K { _mm512_xor_si512(t[k], flip) } else { t[k] };
+            }
+        }
+    }
+    // d (and m) are the block's first 2 (4) bytes; the dword read stays inside the block.
+    // (A gather here, or for the quants, costs several times the transposes.)
+    let dm = head[0];
+    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    let m = if has_min(K) { _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) } else { _mm512_setzero_ps() };
+    Block16 { q, d, m }
+}
+
+/// The 8 vectors of unsigned quants (4 elements a lane each) from a block's
+/// packed quants (Q4_0 / Q4_1 nibbles split here, once per block and tokens).
+#[inline(always)]
+unsafe fn weight_bytes<const K: u8>(q: &[__m512i; 8]) -> [__m512i; 8] {
+    if bytes_packed(K) {
+        return *q;
+    }
+    let low = _mm512_set1_epi8(0x0f);
+    let mut wq = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        wq[k] = _mm512_and_si512(q[k], low);
+        wq[k + 4] = _mm512_and_si512(_mm512_srli_epi16(q[k], 4), low);
+    }
+    wq
+}
+
+/// Block `b` of token `tt` into the token's accumulators: the integer dot
+/// (seeded with -bias * sum of the quants), scaled by d * dy; and m * s apart.
+#[inline(always)]
+unsafe fn block_dot<const K: u8>(wq: &[__m512i; 8], dv: __m512, mv: __m512, a: &ActPtrs, tt: usize, b: usize, acc: &mut __m512, macc: &mut __m512) {
+    let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
+    let mut s0 = if has_min(K) { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
+    // Two dependency chains: vpdpbusd's latency would otherwise bound the loop.
+    let mut s1 = _mm512_setzero_si512();
+    for k in 0..4 {
+        s0 = _mm512_dpbusd_epi32(s0, wq[k], _mm512_set1_epi32(y.add(k).read_unaligned()));
+        s1 = _mm512_dpbusd_epi32(s1, wq[k + 4], _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
+    }
+    let s = _mm512_add_epi32(s0, s1);
+    let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+    if has_min(K) {
+        // Apart from acc: one fma chain per token would bound the loop.
+        *macc = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), *macc);
+    }
+}
+
+/// 16 rows x token 0 straight from the rows (same operations as `tokens`).
+#[inline(always)]
+unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
+    let bsz = match K {
+        Q4_0K => Q4_0_BYTES,
+        Q5_0K => Q5_0_BYTES,
+        Q5_1K => Q5_1_BYTES,
+        IQ4_NLK => IQ4_NL_BYTES,
+        _ => Q8_0_BYTES,
+    };
+    let next = w.wrapping_add(ROWS * ws);
+    let lines = (ROWS * ws).div_ceil(64);
+    let per_block = lines.div_ceil(a.nb.max(1));
+    let mut acc = _mm512_setzero_ps();
+    let mut macc = _mm512_setzero_ps();
+    for b in 0..a.nb {
+        // The next 16 rows, a slice per block (as pack_rows).
+        for l in b * per_block..((b + 1) * per_block).min(lines) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
+        }
+        let blk = load_block::<K>(w.add(b * bsz), ws);
+        block_dot::<K>(&weight_bytes::<K>(&blk.q), blk.d, blk.m, a, 0, b, &mut acc, &mut macc);
+    }
+    let sum = if has_min(K) { _mm512_add_ps(acc, macc) } else { acc };
+    _mm512_storeu_ps(out, sum);
+}
+
+/// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
+/// unsigned bytes (the quant plus this type's bias: 16, 0, 128): the nibbles
+/// are transposed as Q4_0's, then completed in place, 64 bytes at a time.
+/// `head` is the transposed first 16 bytes of the blocks.
+#[inline(always)]
+unsafe fn decode16<const K: u8>(p: *const u8, ws: usize, head: &[__m512i; 4]) -> [__m512i; 8] {
+    let qs_off = match K {
+        Q5_0K => 6,
+        Q5_1K => 8,
+        _ => 2,
+    };
+    let raw = transpose16x4(p.add(qs_off), ws);
+    let low = _mm512_set1_epi8(0x0f);
+    let mut q = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        q[k] = _mm512_and_si512(raw[k], low);
+        q[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw[k], 4), low);
+    }
+    if K == IQ4_NLK {
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+        for v in q.iter_mut() {
+            *v = _mm512_xor_si512(_mm512_shuffle_epi8(table, *v), _mm512_set1_epi8(-128));
+        }
+        return q;
+    }
+    // Lane r of qh is row r's 32 fifth bits (bit e: element e). Vector k holds
+    // elements 4k..4k+4 (k < 4) or 16+4(k-4).. in its 4 bytes per lane: byte i of
+    // vector k needs bit 4k+i, i.e. bit 4(k%2)+i of qh byte k/2 (+2 for k >= 4).
+    // qh is bytes 2..6 of a Q5_0 block (dwords 0 and 1 of `head` hold it in
+    // halves), bytes 4..8 of a Q5_1 block (dword 1).
+    let qh = if K == Q5_0K { _mm512_or_si512(_mm512_srli_epi32(head[0], 16), _mm512_slli_epi32(head[1], 16)) } else { head[1] };
+    let dword_base = _mm512_set_epi32(
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+        0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
+    );
+    let five = _mm512_set1_epi8(0x10);
+    for k in 0..8 {
+        let byte = (k % 4 / 2 + if k >= 4 { 2 } else { 0 }) as i32;
+        let idx = _mm512_add_epi8(dword_base, _mm512_set1_epi8(byte as i8));
+        let bits = _mm512_set1_epi32(0x0804_0201 << (4 * (k % 2)));
+        let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, idx), bits);
+        q[k] = _mm512_mask_add_epi8(q[k], set, q[k], five);
+    }
+    q
 }
 
 /// The 16 bytes at `p` of 16 rows `ws` bytes apart, as 4 vectors: dword r of
@@ -192,48 +369,29 @@ unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
 #[inline(always)]
 unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize, out: *mut f32, os: usize) {
     let (u, nq) = match K {
-        Q8_0K => (9, 8),
-        _ => (6, 4),
+        Q5_1K => (10, 8),
+        Q4_0K => (6, 4),
+        _ => (9, 8),
     };
-    let low = _mm512_set1_epi8(0x0f);
     debug_assert!(K != Q4_1K, "Q4_1 takes tokens_q4_1");
     let mut acc = [_mm512_setzero_ps(); T];
+    let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         let blk = pk.add(b * u);
-        let mut wq = [_mm512_setzero_si512(); 8];
-        if K == Q8_0K {
-            for k in 0..8 {
-                wq[k] = _mm512_load_si512(blk.add(k));
-            }
-        } else {
-            for k in 0..4 {
-                let raw = _mm512_load_si512(blk.add(k));
-                wq[k] = _mm512_and_si512(raw, low);
-                wq[k + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-            }
+        let mut q = [_mm512_setzero_si512(); 8];
+        for k in 0..nq {
+            q[k] = _mm512_load_si512(blk.add(k));
         }
+        let wq = weight_bytes::<K>(&q);
         let dv = _mm512_load_ps(blk.add(nq) as *const f32);
-        let mv = if K == Q4_1K { _mm512_load_ps(blk.add(nq + 1) as *const f32) } else { _mm512_setzero_ps() };
+        let mv = if has_min(K) { _mm512_load_ps(blk.add(nq + 1) as *const f32) } else { _mm512_setzero_ps() };
         for t in 0..T {
-            let tt = t0 + t;
-            let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
-            let mut s0 = if K == Q4_1K { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.ysum.add(tt * a.nb + b)) };
-            // Two dependency chains: vpdpbusd's latency would otherwise bound the loop.
-            let mut s1 = _mm512_setzero_si512();
-            for k in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, wq[k], _mm512_set1_epi32(y.add(k).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, wq[k + 4], _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
-            }
-            let s = _mm512_add_epi32(s0, s1);
-            let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
-            if K == Q4_1K {
-                acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), acc[t]);
-            }
+            block_dot::<K>(&wq, dv, mv, a, t0 + t, b, &mut acc[t], &mut macc[t]);
         }
     }
     for t in 0..T {
-        _mm512_storeu_ps(out.add((t0 + t) * os), acc[t]);
+        let sum = if has_min(K) { _mm512_add_ps(acc[t], macc[t]) } else { acc[t] };
+        _mm512_storeu_ps(out.add((t0 + t) * os), sum);
     }
 }
 

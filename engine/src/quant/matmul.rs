@@ -372,12 +372,19 @@ fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
     per.clamp(16, 256).next_multiple_of(align)
 }
 
-/// Whether the 16-row AVX512 kernel (gemm16) takes this matmul's whole tiles.
+/// Whether a 16-row AVX512 kernel (gemm16, or gemm16k for the super-block
+/// types) takes this matmul's whole tiles.
 fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::gemm16;
-        isa == Isa::Avx512Vnni && n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
+        use super::{gemm16, gemm16k};
+        if isa != Isa::Avx512Vnni {
+            return false;
+        }
+        if gemm16k::supports(w.ty) {
+            return n_tokens >= gemm16k::min_tokens(w.ty) && gemm16k::stride_ok(w.row_stride);
+        }
+        n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -401,7 +408,12 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
             let r = rows.start;
             // SAFETY: `wide` means AVX512-VNNI was detected and the type and
             // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows values.
-            rows16(w.ty, w.base_ptr().add(r * w.row_stride), w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            let p = w.base_ptr().add(r * w.row_stride);
+            if super::gemm16k::supports(w.ty) {
+                super::gemm16k::rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            } else {
+                rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            }
             rows.start += ROWS;
         }
     }
@@ -495,15 +507,22 @@ mod tests {
             .collect()
     }
 
-    const WEIGHT_TYPES: [GgmlType; 8] = [
+    const WEIGHT_TYPES: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::IQ4_NL,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_XS,
     ];
 
     /// Dequantized matrix (f64).
@@ -529,7 +548,7 @@ mod tests {
         (0..n * cols).map(|i| a.qs[i] as f64 * a.d[(i / cols) * (cols / bs) + (i % cols) / bs] as f64).collect()
     }
 
-    /// llama.cpp's Q4_1 dot uses s = f16(d_y * sum(q_y)) for the min term: the
+    /// llama.cpp's Q4_1 (and Q5_1) dot uses s = f16(d_y * sum(q_y)) for the min term: the
     /// difference between that and the exact m * d_y * sum(q_y), per row/token.
     fn q4_1_s_rounding(w: &QMatrix, x: &[f32], n: usize) -> Vec<Vec<f64>> {
         let mut a = Acts::default();
@@ -542,7 +561,7 @@ mod tests {
                     .map(|t| {
                         (0..nb)
                             .map(|b| {
-                                let m = crate::quant::blocks::f16_at(row, b * 20 + 2) as f64;
+                                let m = crate::quant::blocks::f16_at(row, b * w.ty().type_size() + 2) as f64;
                                 let sumq: f64 = a.qs[t * w.cols() + b * 32..][..32].iter().map(|&q| q as f64).sum();
                                 m * (a.s[t * nb + b] as f64 - a.d[t * nb + b] as f64 * sumq)
                             })
@@ -561,7 +580,7 @@ mod tests {
         let w = QMatrix::quantize(ty, rows, cols, &wdata).unwrap();
         let wd = dense(&w);
         let xq = acts_as_seen(ty, &x, cols, n);
-        let corr = (ty == GgmlType::Q4_1).then(|| q4_1_s_rounding(&w, &x, n));
+        let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&w, &x, n));
         let mut first: Option<Vec<f32>> = None;
         for isa in available() {
             let mut out = vec![f32::NAN; n * rows];
@@ -626,9 +645,37 @@ mod tests {
     fn sixteen_row_kernel_shapes() {
         // Whole 16-row groups (gemm16 on AVX512) plus leftover rows, token
         // counts around the kernel's 8-token register tile.
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL] {
             for (rows, n) in [(16, 4), (37, 9), (48, 17), (33, 3), (40, 1), (17, 2)] {
                 check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
+            }
+        }
+        // gemm16k (the super-block types) from 3 tokens, around its 4-token tile.
+        for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
+            for (rows, n) in [(16, 3), (37, 5), (33, 8), (17, 2)] {
+                check(ty, rows, 512, n, rows as u64 * 7 + n as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_equals_its_column_of_a_batch_bit_for_bit() {
+        // gemm16's single-token path skips the packed copy; every token count must
+        // still give each token the same bits (a sequence decodes the same alone
+        // or batched). So must the per-row tiles, whatever their shape.
+        let (rows, cols, n) = (48, 256, 5);
+        let x = data(n * cols, 31, 1.0);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL] {
+            let w = random_blocks(ty, rows, cols, 40 + ty.id() as u64);
+            for isa in available() {
+                let mut all = vec![0f32; n * rows];
+                matmul_isa(&w, &x, n, &mut all, isa);
+                for t in 0..n {
+                    let mut one = vec![0f32; rows];
+                    matmul_isa(&w, &x[t * cols..(t + 1) * cols], 1, &mut one, isa);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{} {isa:?} token {t}", ty.name());
+                }
             }
         }
     }
@@ -749,7 +796,7 @@ mod tests {
             matmul(&cs, &xs, n, &mut d);
             let wd = dense(&full);
             let xq = acts_as_seen(ty, &xs, 64, n);
-            let corr = (ty == GgmlType::Q4_1).then(|| q4_1_s_rounding(&cs, &xs, n));
+            let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&cs, &xs, n));
             for t in 0..n {
                 for r in 0..rows {
                     let mut want: f64 = (0..64).map(|k| wd[r][32 + k] * xq[t * 64 + k]).sum();
@@ -807,7 +854,7 @@ mod tests {
             dequantize_row(ty, &wq, &mut wd).unwrap();
             let xq = acts_as_seen(ty, &xv, n, 1);
             let mut want: f64 = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * b).sum();
-            if ty == GgmlType::Q4_1 {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                 let w1 = QMatrix::new(ty, 1, n, Arc::new(wq.clone()), 0).unwrap();
                 want += q4_1_s_rounding(&w1, &xv, 1)[0][0];
             }
@@ -838,6 +885,82 @@ mod tests {
             }
         }
         QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
+    }
+
+    /// Where each type keeps its f16 scales (byte offsets inside a block).
+    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        }
+    }
+
+    /// Random bytes for every block (every bit pattern of quants, packed scales
+    /// and high bits), with the f16 scales set to random sane values.
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut bytes: Vec<u8> = (0..rows * rb).map(|_| (next() >> 32) as u8).collect();
+        for blk in bytes.chunks_exact_mut(ty.type_size()) {
+            for &o in scale_offsets(ty) {
+                let v = 1e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.02;
+                let v = if next() & 1 == 0 { v } else { -v };
+                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
+    }
+
+    #[test]
+    fn random_blocks_against_f64_dequantized_dot() {
+        // Each dot product (scalar and every SIMD body this CPU has, per-row tiles
+        // and 16-row kernels) against sum(dequant(w) * dequant(x)) in f64.
+        for ty in WEIGHT_TYPES.into_iter().filter(|t| t.block_size() > 1) {
+            let cols = if ty.block_size() == 256 { 512 } else { 128 };
+            for (rows, n) in [(1, 1), (5, 3), (19, 2), (33, 9), (32, 16)] {
+                let w = random_blocks(ty, rows, cols, rows as u64 * 1000 + n as u64 + ty.id() as u64);
+                let x = data(n * cols, 77 + n as u64, 1.5);
+                let wd = dense(&w);
+                let xq = acts_as_seen(ty, &x, cols, n);
+                let corr = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1).then(|| q4_1_s_rounding(&w, &x, n));
+                let mut scalar: Option<Vec<f32>> = None;
+                for isa in available() {
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul_isa(&w, &x, n, &mut out, isa);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for k in 0..cols {
+                                want += wd[r][k] * xq[t * cols + k];
+                                mag += (wd[r][k] * xq[t * cols + k]).abs();
+                            }
+                            if let Some(c) = &corr {
+                                want += c[r][t];
+                            }
+                            let got = out[t * rows + r] as f64;
+                            assert!((got - want).abs() <= 2e-5 * mag + 1e-6, "{} {isa:?} {rows}x{n} r{r} t{t}: {got} vs {want}", ty.name());
+                        }
+                    }
+                    match &scalar {
+                        None => scalar = Some(out),
+                        Some(sc) => {
+                            for (a, b) in sc.iter().zip(&out) {
+                                assert!((a - b).abs() <= 1e-4 * (a.abs() + 1.0), "{} {isa:?} vs scalar: {b} vs {a}", ty.name());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Decode-step probe on SmolLM2-135M's shapes (30 layers of Q4_1 + the Q8_0
@@ -912,21 +1035,58 @@ mod tests {
         }
     }
 
+    /// Fixed-work probe for `perf stat -e cycles:u` on a loaded machine (where
+    /// wall time mostly measures the other processes): FERRY_AB=TYPE,ROWS,COLS,TOKENS,ITERS.
+    #[test]
+    #[ignore]
+    fn fixed_work_probe() {
+        let Ok(spec) = std::env::var("FERRY_AB") else { return };
+        let f: Vec<&str> = spec.split(',').collect();
+        let ty = GgmlType::ALL.into_iter().find(|t| t.name() == f[0]).unwrap();
+        let (rows, cols, n, iters): (usize, usize, usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap(), f[4].parse().unwrap());
+        let w = random_blocks(ty, rows, cols, 1);
+        let x = data(n * cols, 2, 1.0);
+        let mut out = vec![0f32; n * rows];
+        for _ in 0..iters {
+            matmul(&w, &x, n, &mut out);
+        }
+        std::hint::black_box(&out);
+    }
+
     /// Speed probe: `cargo test --release -- --ignored --nocapture speed_probe`.
     #[test]
     #[ignore]
     fn speed_probe() {
         use std::time::Instant;
-        let shapes = [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q8_0, 49152, 576), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q4_1, 192, 576)];
+        use GgmlType::*;
+        let shapes = [
+            (Q4_1, 1536, 576),
+            (Q8_0, 49152, 576),
+            (Q4_1, 576, 1536),
+            (Q4_1, 192, 576),
+            (Q5_0, 1536, 576),
+            (Q5_1, 1536, 576),
+            (IQ4_NL, 1536, 576),
+            (Q2_K, 576, 1536),
+            (Q3_K, 576, 1536),
+            (Q4_K, 576, 1536),
+            (Q5_K, 576, 1536),
+            (Q6_K, 576, 1536),
+            (IQ4_XS, 576, 1536),
+        ];
+        // FERRY_PROBE_TYPES=Q5_0,Q5_K keeps only those types.
+        let only = std::env::var("FERRY_PROBE_TYPES").ok();
+        let keep = |ty: GgmlType| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == ty.name()));
         println!("threads: {}, simd: {:?}", rayon::current_num_threads(), simd::detected());
-        for (ty, rows, cols) in shapes {
+        for (ty, rows, cols) in shapes.into_iter().filter(|s| keep(s.0)) {
             let w = QMatrix::quantize(ty, rows, cols, &data(rows * cols, 1, 0.5)).unwrap();
-            for n in [1usize, 16, 64] {
+            for n in [1usize, 4, 16, 64] {
                 let x = data(n * cols, 2, 1.0);
                 let mut out = vec![0f32; n * rows];
-                for isa in [Isa::Scalar, simd::detected()] {
+                let isas = if n == 1 { vec![Isa::Scalar, Isa::Avx2, simd::detected()] } else { vec![Isa::Avx2, simd::detected()] };
+                for isa in isas.into_iter().filter(|i| simd::available().contains(i)) {
                     matmul_isa(&w, &x, n, &mut out, isa);
-                    let target = if isa == Isa::Scalar { 0.3 } else { 1.0 };
+                    let target = if isa == Isa::Scalar { 0.2 } else { 0.4 };
                     let start = Instant::now();
                     let mut iters = 0;
                     while start.elapsed().as_secs_f64() < target {

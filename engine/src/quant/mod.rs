@@ -19,6 +19,8 @@ mod dot_scalar;
 mod dot_x86;
 #[cfg(target_arch = "x86_64")]
 mod gemm16;
+#[cfg(target_arch = "x86_64")]
+mod gemm16k;
 mod matmul;
 mod quantize;
 mod simd;

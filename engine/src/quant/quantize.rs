@@ -19,6 +19,13 @@ pub fn quantize_row(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
         GgmlType::BF16 => src.iter().for_each(|v| out.extend(f32_to_bf16(*v).to_le_bytes())),
         GgmlType::Q4_0 => src.chunks_exact(QK).for_each(|x| q4_0_block(x, &mut out)),
         GgmlType::Q4_1 => src.chunks_exact(QK).for_each(|x| q4_1_block(x, &mut out)),
+        GgmlType::Q5_0 => src.chunks_exact(QK).for_each(|x| q5_0_block(x, &mut out)),
+        GgmlType::Q5_1 => src.chunks_exact(QK).for_each(|x| q5_1_block(x, &mut out)),
+        GgmlType::IQ4_NL => src.chunks_exact(QK).for_each(|x| iq4_nl_block(x, &mut out)),
+        GgmlType::IQ4_XS => src.chunks_exact(QK_K).for_each(|x| iq4_xs_block(x, &mut out)),
+        GgmlType::Q2_K => src.chunks_exact(QK_K).for_each(|x| q2_k_block(x, &mut out)),
+        GgmlType::Q3_K => src.chunks_exact(QK_K).for_each(|x| q3_k_block(x, &mut out)),
+        GgmlType::Q5_K => src.chunks_exact(QK_K).for_each(|x| q5_k_block(x, &mut out)),
         GgmlType::Q8_0 => src.chunks_exact(QK).for_each(|x| q8_0_block(x, &mut out)),
         GgmlType::Q8_1 => src.chunks_exact(QK).for_each(|x| q8_1_block(x, &mut out)),
         GgmlType::Q4_K => src.chunks_exact(QK_K).for_each(|x| q4_k_block(x, &mut out)),
@@ -74,6 +81,190 @@ fn q4_1_block(x: &[f32], out: &mut Vec<u8>) {
         let q0 = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
         let q1 = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
         out.push(q0 | (q1 << 4));
+    }
+}
+
+/// quantize_row_q5_0_ref: d = max / -16, q = min(31, trunc(x / d + 16.5)).
+fn q5_0_block(x: &[f32], out: &mut Vec<u8>) {
+    let (_, max) = signed_absmax(x);
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q: [u8; 32] = std::array::from_fn(|j| ((x[j] * id + 16.5) as i8).min(31) as u8);
+    push_q5(f16_bytes(d).as_slice(), &q, out);
+}
+
+/// quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = round(x - min) / d.
+fn q5_1_block(x: &[f32], out: &mut Vec<u8>) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q: [u8; 32] = std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as u8).min(31));
+    let mut head = f16_bytes(d).to_vec();
+    head.extend(f16_bytes(min));
+    push_q5(&head, &q, out);
+}
+
+/// Writes a Q5_0 / Q5_1 block: `head` (scales), qh (5th bits), then the nibbles.
+fn push_q5(head: &[u8], q: &[u8; 32], out: &mut Vec<u8>) {
+    out.extend_from_slice(head);
+    let qh = q.iter().enumerate().fold(0u32, |h, (j, &v)| h | (((v >> 4) as u32 & 1) << j));
+    out.extend(qh.to_le_bytes());
+    out.extend((0..16).map(|j| (q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4)));
+}
+
+/// The IQ4_NL level nearest to `v` (in units of the block scale).
+fn nearest_iq4(v: f32) -> u8 {
+    let mut best = 0;
+    for (i, &k) in KVALUES_IQ4NL.iter().enumerate() {
+        if (v - k as f32).abs() < (v - KVALUES_IQ4NL[best] as f32).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// 32 values as IQ4_NL indices with scale `d` first mapping the largest
+/// magnitude onto the -127 level, then refitted by least squares (a one-step
+/// version of ggml's search). Returns (d, indices).
+fn iq4_fit(x: &[f32]) -> (f32, [u8; 32]) {
+    let (amax, max) = signed_absmax(x);
+    if amax == 0.0 {
+        return (0.0, [8; 32]); // level 8 is 1: times d = 0 it is 0
+    }
+    let d0 = max / KVALUES_IQ4NL[0] as f32;
+    let idx: [u8; 32] = std::array::from_fn(|j| nearest_iq4(x[j] / d0));
+    let (mut xv, mut vv) = (0f32, 0f32);
+    for j in 0..32 {
+        let v = KVALUES_IQ4NL[idx[j] as usize] as f32;
+        xv += x[j] * v;
+        vv += v * v;
+    }
+    (if vv > 0.0 { xv / vv } else { d0 }, idx)
+}
+
+fn iq4_nl_block(x: &[f32], out: &mut Vec<u8>) {
+    let (d, _) = iq4_fit(x);
+    let d = round_f16(d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let idx: [u8; 32] = std::array::from_fn(|j| nearest_iq4(x[j] * id));
+    out.extend(f16_bytes(d));
+    out.extend((0..16).map(|j| idx[j] | (idx[j + 16] << 4)));
+}
+
+/// IQ4_XS: each sub-block's own IQ4_NL scale, then those scales as 6-bit
+/// multiples (-32..31) of the block's d, then the indices against the result.
+fn iq4_xs_block(x: &[f32], out: &mut Vec<u8>) {
+    let sub: [f32; 8] = std::array::from_fn(|ib| iq4_fit(&x[32 * ib..32 * ib + 32]).0);
+    let (_, max_scale) = signed_absmax(&sub);
+    let d = round_f16(max_scale / -32.0);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let ls: [i32; 8] = std::array::from_fn(|ib| nearest_int(sub[ib] * id).clamp(-32, 31));
+    out.extend(f16_bytes(d));
+    let sh = (0..8).fold(0u16, |h, ib| h | ((((ls[ib] + 32) >> 4) as u16 & 3) << (2 * ib)));
+    out.extend(sh.to_le_bytes());
+    out.extend((0..4).map(|k| (((ls[2 * k] + 32) & 0x0f) | (((ls[2 * k + 1] + 32) & 0x0f) << 4)) as u8));
+    for ib in 0..8 {
+        let dl = d * ls[ib] as f32;
+        let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+        let idx: [u8; 32] = std::array::from_fn(|j| if dl != 0.0 { nearest_iq4(x[32 * ib + j] * idl) } else { 8 });
+        out.extend((0..16).map(|j| idx[j] | (idx[j + 16] << 4)));
+    }
+}
+
+/// Sub-block scales and mins for the asymmetric K-quants (value = d*sc*q - dmin*m,
+/// q in 0..=qmax) with `bits`-bit sc and m over sub-blocks of `len` elements.
+/// Ranges are rounded outward (ceil) so no element falls outside its grid.
+/// Returns (d, dmin, sc, m).
+fn k_ranges(x: &[f32], len: usize, qmax: f32, bits: u32) -> (f32, f32, Vec<u8>, Vec<u8>) {
+    let top = ((1 << bits) - 1) as f32;
+    let n = x.len() / len;
+    let mins: Vec<f32> = x.chunks(len).map(|c| -c.iter().fold(0f32, |m, &v| m.min(v))).collect();
+    let dmin = round_f16(mins.iter().fold(0f32, |m, &v| m.max(v)) / top);
+    let lm: Vec<u8> = mins.iter().map(|&m| if dmin > 0.0 { ((m / dmin).ceil()).clamp(0.0, top) as u8 } else { 0 }).collect();
+    let scales: Vec<f32> = (0..n)
+        .map(|j| {
+            let hi = x[len * j..len * j + len].iter().fold(f32::MIN, |m, &v| m.max(v));
+            ((hi + dmin * lm[j] as f32) / qmax).max(0.0)
+        })
+        .collect();
+    let d = round_f16(scales.iter().fold(0f32, |m, &v| m.max(v)) / top);
+    let ls: Vec<u8> = scales.iter().map(|&s| if d > 0.0 { ((s / d).ceil()).clamp(0.0, top) as u8 } else { 0 }).collect();
+    (d, dmin, ls, lm)
+}
+
+/// Each element's quant on its sub-block's grid (0..=qmax).
+fn k_levels(x: &[f32], len: usize, qmax: i32, d: f32, dmin: f32, ls: &[u8], lm: &[u8]) -> [u8; QK_K] {
+    std::array::from_fn(|i| {
+        let (de, me) = (d * ls[i / len] as f32, dmin * lm[i / len] as f32);
+        if de > 0.0 {
+            nearest_int((x[i] + me) / de).clamp(0, qmax) as u8
+        } else {
+            0
+        }
+    })
+}
+
+/// Q2_K: value = d*sc*q - dmin*m, 4-bit sc and m per 16 elements, q in 0..4.
+fn q2_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let (d, dmin, ls, lm) = k_ranges(x, 16, 3.0, 4);
+    let l = k_levels(x, 16, 3, d, dmin, &ls, &lm);
+    out.extend((0..16).map(|j| ls[j] | (lm[j] << 4)));
+    for h in 0..2 {
+        for i in 0..32 {
+            let e = 128 * h + i;
+            out.push(l[e] | (l[e + 32] << 2) | (l[e + 64] << 4) | (l[e + 96] << 6));
+        }
+    }
+    out.extend(f16_bytes(d));
+    out.extend(f16_bytes(dmin));
+}
+
+/// Q3_K: value = d*sc*q, signed 6-bit sc per 16 elements, q in -4..3. Each
+/// group's largest magnitude goes to -4 (the scale takes its sign), as ggml.
+fn q3_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let scales: [f32; 16] = std::array::from_fn(|j| signed_absmax(&x[16 * j..16 * j + 16]).1 / -4.0);
+    let (_, max_scale) = signed_absmax(&scales);
+    let d = round_f16(max_scale / -32.0);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let ls: [i8; 16] = std::array::from_fn(|j| nearest_int(scales[j] * id).clamp(-32, 31) as i8);
+    let l: [u8; QK_K] = std::array::from_fn(|i| {
+        let de = d * ls[i / 16] as f32;
+        let q = if de != 0.0 { nearest_int(x[i] / de).clamp(-4, 3) } else { 0 };
+        (q + 4) as u8
+    });
+    let mut hmask = [0u8; 32];
+    let mut qs = [0u8; 64];
+    for e in 0..QK_K {
+        let (h, j, i) = (e / 128, (e % 128) / 32, e % 32);
+        hmask[i] |= (l[e] >> 2) << (4 * h + j);
+        qs[32 * h + i] |= (l[e] & 3) << (2 * j);
+    }
+    out.extend(hmask);
+    out.extend(qs);
+    out.extend(pack_scales_q3_k(&ls));
+    out.extend(f16_bytes(d));
+}
+
+/// Q5_K: as Q4_K with q in 0..32, the 5th bits in qh.
+fn q5_k_block(x: &[f32], out: &mut Vec<u8>) {
+    let (d, dmin, ls, lm) = k_ranges(x, 32, 31.0, 6);
+    let l = k_levels(x, 32, 31, d, dmin, &ls, &lm);
+    out.extend(f16_bytes(d));
+    out.extend(f16_bytes(dmin));
+    out.extend(pack_scales_mins_k4(&ls[..].try_into().unwrap(), &lm[..].try_into().unwrap()));
+    let mut qh = [0u8; 32];
+    for e in 0..QK_K {
+        qh[e % 32] |= (l[e] >> 4) << (e / 32);
+    }
+    out.extend(qh);
+    for c in 0..4 {
+        for i in 0..32 {
+            out.push((l[64 * c + i] & 0x0f) | ((l[64 * c + 32 + i] & 0x0f) << 4));
+        }
     }
 }
 
@@ -273,6 +464,17 @@ mod tests {
             (GgmlType::Q4_1, 2.0 / 15.0 * 0.5 + 1e-2),
             (GgmlType::Q4_K, 2.0 / 15.0 * 0.5 * 1.25 + 2e-2),
             (GgmlType::Q6_K, 0.5 / 31.0 * 1.25 + 5e-3),
+            (GgmlType::Q5_0, 1.0 / 16.0 + 1e-2),
+            (GgmlType::Q5_1, 2.0 / 31.0 * 0.5 + 1e-2),
+            (GgmlType::Q5_K, 2.0 / 31.0 * 0.5 * 1.25 + 2e-2),
+            // 2 bits: a third of a range per step, plus sub-scale slack.
+            (GgmlType::Q2_K, 2.0 / 3.0 * 0.5 * 1.5 + 5e-2),
+            // 3 bits, -4..3: the largest magnitude sits on -4, so one of the other
+            // sign can be a whole step (a quarter of the max) off at 3.
+            (GgmlType::Q3_K, 0.25 * 1.1 + 2e-2),
+            // Non-linear levels: the widest gap (-127 to -104) is 23/127 of the range.
+            (GgmlType::IQ4_NL, 23.0 / 127.0 * 0.5 * 1.25 + 2e-2),
+            (GgmlType::IQ4_XS, 23.0 / 127.0 * 0.5 * 1.5 + 5e-2),
         ];
         for (ty, bound) in cases {
             let e = worst_rel_err(ty, &x);
@@ -327,7 +529,20 @@ mod tests {
 
     #[test]
     fn zero_blocks_and_errors() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q5_K,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
+        ] {
             let n = ty.block_size();
             let q = quantize_row(ty, &vec![0.0; n]).unwrap();
             let mut y = vec![1f32; n];

@@ -8,11 +8,18 @@ pub enum GgmlType {
     F16 = 1,
     Q4_0 = 2,
     Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
     Q8_0 = 8,
     Q8_1 = 9,
+    Q2_K = 10,
+    Q3_K = 11,
     Q4_K = 12,
+    Q5_K = 13,
     Q6_K = 14,
     Q8_K = 15,
+    IQ4_NL = 20,
+    IQ4_XS = 23,
     BF16 = 30,
 }
 
@@ -20,6 +27,12 @@ pub enum GgmlType {
 pub const QK_K: usize = 256;
 
 impl GgmlType {
+    /// Every type ferry loads, in ggml id order (for messages that list them).
+    pub const ALL: [GgmlType; 17] = {
+        use GgmlType::*;
+        [F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_NL, IQ4_XS, BF16]
+    };
+
     /// The type with ggml id `id`, if ferry supports it.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         use GgmlType::*;
@@ -28,11 +41,18 @@ impl GgmlType {
             1 => F16,
             2 => Q4_0,
             3 => Q4_1,
+            6 => Q5_0,
+            7 => Q5_1,
             8 => Q8_0,
             9 => Q8_1,
+            10 => Q2_K,
+            11 => Q3_K,
             12 => Q4_K,
+            13 => Q5_K,
             14 => Q6_K,
             15 => Q8_K,
+            20 => IQ4_NL,
+            23 => IQ4_XS,
             30 => BF16,
             _ => return None,
         })
@@ -49,11 +69,18 @@ impl GgmlType {
             F16 => "F16",
             Q4_0 => "Q4_0",
             Q4_1 => "Q4_1",
+            Q5_0 => "Q5_0",
+            Q5_1 => "Q5_1",
             Q8_0 => "Q8_0",
             Q8_1 => "Q8_1",
+            Q2_K => "Q2_K",
+            Q3_K => "Q3_K",
             Q4_K => "Q4_K",
+            Q5_K => "Q5_K",
             Q6_K => "Q6_K",
             Q8_K => "Q8_K",
+            IQ4_NL => "IQ4_NL",
+            IQ4_XS => "IQ4_XS",
             BF16 => "BF16",
         }
     }
@@ -63,8 +90,8 @@ impl GgmlType {
         use GgmlType::*;
         match self {
             F32 | F16 | BF16 => 1,
-            Q4_0 | Q4_1 | Q8_0 | Q8_1 => 32,
-            Q4_K | Q6_K | Q8_K => QK_K,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL => 32,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ4_XS => QK_K,
         }
     }
 
@@ -76,11 +103,18 @@ impl GgmlType {
             F16 | BF16 => 2,
             Q4_0 => 2 + 16,
             Q4_1 => 2 + 2 + 16,
+            Q5_0 => 2 + 4 + 16,
+            Q5_1 => 2 + 2 + 4 + 16,
             Q8_0 => 2 + 32,
             Q8_1 => 2 + 2 + 32,
+            Q2_K => QK_K / 16 + QK_K / 4 + 2 + 2,
+            Q3_K => QK_K / 8 + QK_K / 4 + 12 + 2,
             Q4_K => 2 + 2 + 12 + QK_K / 2,
+            Q5_K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
             Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             Q8_K => 4 + QK_K + QK_K / 16 * 2,
+            IQ4_NL => 2 + 16,
+            IQ4_XS => 2 + 2 + QK_K / 64 + QK_K / 2,
         }
     }
 
