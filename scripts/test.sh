@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
-scripts/fetch-model.sh >/dev/null
-export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+# The default model lives in the per-user cache (scripts/fetch-model.sh prints where).
+export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}
 scripts/check-import-cycles.py
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace

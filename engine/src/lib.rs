@@ -18,6 +18,7 @@ pub mod fingerprint;
 pub mod gguf;
 pub mod kv_cache;
 pub mod loader;
+pub mod model_cache;
 pub mod quant;
 pub mod rng;
 pub mod sampler;
