@@ -47,6 +47,8 @@ fn smollm2_135m_shape() -> ModelConfig {
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         qkv_bias: false,
+        rope_freq_factors: None,
+        sliding_window: None,
     }
 }
 

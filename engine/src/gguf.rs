@@ -549,7 +549,13 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed, GgufError> {
         }
         let ty_id = c.u32(&what)?;
         let ty = GgmlType::from_id(ty_id)
-            .ok_or_else(|| c.invalid(format!("{what} has unknown or unsupported type id {ty_id}")))?;
+            .ok_or_else(|| {
+                c.invalid(format!(
+                    "{what} has {}, which ferry does not load (it loads {})",
+                    crate::ggml_type_names::describe_type_id(ty_id),
+                    crate::ggml_type_names::supported_weight_types()
+                ))
+            })?;
         let rel_offset = c.u64(&what)?;
         if rel_offset % alignment as u64 != 0 {
             return Err(c.invalid(format!(
@@ -991,7 +997,7 @@ mod tests {
         assert_eq!(&bytes[at..at + 4], &0u32.to_le_bytes());
         bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
         let e = open_bytes("badtype.gguf", &bytes).unwrap_err();
-        assert!(e.to_string().contains("tensor 'blk.0.x' has unknown or unsupported type id 99"), "{e}");
+        assert!(e.to_string().contains("tensor 'blk.0.x' has unknown type id 99, which ferry does not load (it loads F32, F16"), "{e}");
     }
 
     #[test]
