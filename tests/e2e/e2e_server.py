@@ -151,7 +151,7 @@ def start_server(extra_args: list[str] | None = None) -> Server:
         tls_port = free_tcp_udp_port()
     args = [str(binary), "serve"]
     # With no MODEL the server serves its default model from $FERRY_MODEL_DIR
-    # (or ./models); another file is passed explicitly.
+    # (the model cache); another file is passed explicitly.
     if model.name != DEFAULT_MODEL_FILE:
         args.append(str(model))
     args += ["--host", host, "--port", str(port), "--tls-port", str(tls_port),
