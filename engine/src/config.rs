@@ -89,6 +89,12 @@ impl ModelConfig {
                 .map(|a| a.len())
                 .ok_or_else(|| err(format!("missing metadata key {arch}.vocab_size")))?,
         };
+        // Rotary embedding over part of a head (Phi, GPT-NeoX style) is not what
+        // the forward pass computes: refuse it rather than rotate every pair.
+        let rope_dims_key = format!("{arch}.rope.dimension_count");
+        if let Some(d) = g.get_u64(&rope_dims_key).filter(|&d| d as usize != head_dim) {
+            return Err(err(format!("metadata key {rope_dims_key} is {d}, but ferry rotates whole heads (head_dim {head_dim})")));
+        }
         let rope_freq_factors = crate::rope_scaling::from_gguf(g, &arch, head_dim).map_err(&err)?;
         let sliding_window = g.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).filter(|&w| w > 0);
         let max_position_embeddings = g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096);

@@ -194,6 +194,22 @@ fn unsupported_type_architecture_pre_tokenizer_and_rope_scaling_are_refused_at_l
         assert!(e.contains(part), "{part:?} missing from: {e}");
     }
 
+    let mut partial = tiny_gguf_writer(&cfg, &w);
+    partial.add_metadata("llama.rope.dimension_count", MetaValue::U32(cfg.head_dim as u32 / 2));
+    let p = dir.path().join("partial.gguf");
+    partial.write(&p).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["partial.gguf", "llama.rope.dimension_count", "16", "whole heads"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    // The key at its full value is fine (llama.cpp writes it for every llama file).
+    let mut full = tiny_gguf_writer(&cfg, &w);
+    full.add_metadata("llama.rope.dimension_count", MetaValue::U32(cfg.head_dim as u32));
+    let p = dir.path().join("full.gguf");
+    full.write(&p).unwrap();
+    load_model(&p, LoadFormat::Auto, GgmlType::F32, &NoProgress).unwrap();
+
     // The Hugging Face side: model_type, rope_scaling, and a dtype.
     let hf = dir.path().join("hf");
     std::fs::create_dir(&hf).unwrap();
