@@ -13,7 +13,10 @@ import tempfile
 import time
 import urllib.request
 
-MODEL = os.environ.get("FERRY_TEST_MODEL", "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+# The default model: FERRY_TEST_MODEL, else wherever scripts/fetch-model.sh puts it (the model cache).
+MODEL = os.environ.get("FERRY_TEST_MODEL") or subprocess.run(
+    [os.path.join(os.path.dirname(os.path.abspath(__file__)), "fetch-model.sh")],
+    check=True, capture_output=True, text=True).stdout.strip()
 
 
 def rss(pid):

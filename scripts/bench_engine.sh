@@ -6,7 +6,7 @@
 # $LLAMA_VENV (default .venv-llama-cpp, which scripts/llama_cpp_server.sh makes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+model=${1:-$(scripts/fetch-model.sh)}
 threads=${2:-2}
 venv=${LLAMA_VENV:-.venv-llama-cpp}
 ours=$(target/release/ferry bench engine "$model" --threads "$threads")

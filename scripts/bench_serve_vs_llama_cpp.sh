@@ -6,7 +6,7 @@
 # Needs a release build and llama-cpp-python (scripts/llama_cpp_server.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+model=${1:-$(scripts/fetch-model.sh)}
 out=${2:-bench-results}
 mkdir -p "$out"
 ferry=target/release/ferry

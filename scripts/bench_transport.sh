@@ -9,7 +9,7 @@
 # The per-message round trip of each link is `cargo bench --bench transport`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+model=${1:-$(scripts/fetch-model.sh)}
 out=${2:-bench-results/transport}
 rm -rf "$out"; mkdir -p "$out"
 ferry=target/release/ferry

@@ -8,8 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
-scripts/fetch-model.sh >/dev/null
-export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+# The default model lives in the per-user cache (scripts/fetch-model.sh prints where).
+export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}
+# llama.cpp's vocab-only files and expected tokenizations (from the llama-cpp-python sdist).
+export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch-llama-cpp-vocabs.sh)}
 scripts/check-import-cycles.py
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace

@@ -77,6 +77,14 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
                 "--max-model-len {m} is more than the KV cache holds ({capacity} tokens); raise --kv-cache-memory-bytes"
             ))
         }
+        // Past the window, full attention (what ferry computes) and the model's
+        // sliding-window attention part ways: refuse rather than answer wrongly.
+        Some(m) if model.cfg.sliding_window.is_some_and(|w| m > w) => {
+            return Err(format!(
+                "--max-model-len {m} is longer than the model's sliding attention window ({}), which ferry does not implement",
+                model.cfg.sliding_window.unwrap_or_default()
+            ))
+        }
         Some(m) => m,
         None => model.cfg.max_position_embeddings.min(capacity),
     };

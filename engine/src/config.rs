@@ -34,6 +34,15 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Qwen2 adds biases to q, k and v.
     pub qkv_bias: bool,
+    /// Divisors of RoPE's head_dim/2 frequencies (Llama 3's long-context
+    /// scaling, or linear scaling; see [`crate::rope_scaling`]); `None` is plain
+    /// RoPE, computed exactly as before they existed.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// Mistral's sliding attention window. ferry attends over the whole
+    /// sequence, which equals sliding-window attention while a sequence fits in
+    /// the window, so the window caps the model length instead (see
+    /// `max_position_embeddings`).
+    pub sliding_window: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +67,7 @@ impl ModelConfig {
             .ok_or_else(|| err("missing metadata key general.architecture".into()))?
             .to_string();
         if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-            return Err(err(format!("unsupported architecture '{arch}' (ferry runs llama, mistral and qwen2)")));
+            return Err(err(format!("unsupported architecture '{arch}' in metadata key general.architecture (ferry runs llama, mistral and qwen2)")));
         }
         let req = |key: &str| -> Result<usize, ConfigError> {
             let full = format!("{arch}.{key}");
@@ -80,6 +89,15 @@ impl ModelConfig {
                 .map(|a| a.len())
                 .ok_or_else(|| err(format!("missing metadata key {arch}.vocab_size")))?,
         };
+        // Rotary embedding over part of a head (Phi, GPT-NeoX style) is not what
+        // the forward pass computes: refuse it rather than rotate every pair.
+        let rope_dims_key = format!("{arch}.rope.dimension_count");
+        if let Some(d) = g.get_u64(&rope_dims_key).filter(|&d| d as usize != head_dim) {
+            return Err(err(format!("metadata key {rope_dims_key} is {d}, but ferry rotates whole heads (head_dim {head_dim})")));
+        }
+        let rope_freq_factors = crate::rope_scaling::from_gguf(g, &arch, head_dim).map_err(&err)?;
+        let sliding_window = g.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).filter(|&w| w > 0);
+        let max_position_embeddings = g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096);
         let cfg = ModelConfig {
             hidden_size,
             intermediate_size: req("feed_forward_length")?,
@@ -91,9 +109,11 @@ impl ModelConfig {
             rms_norm_eps: g.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             rope_theta: g.get_f32(&format!("{arch}.rope.freq_base")).unwrap_or(10000.0),
             rope_style: if arch == "qwen2" { RopeStyle::Neox } else { RopeStyle::Interleaved },
-            max_position_embeddings: g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096),
+            max_position_embeddings: sliding_window.map_or(max_position_embeddings, |w| w.min(max_position_embeddings)),
             tie_word_embeddings: g.tensor("output.weight").is_none(),
             qkv_bias: arch == "qwen2",
+            rope_freq_factors,
+            sliding_window,
             arch,
         };
         cfg.check().map_err(err)?;
@@ -110,20 +130,30 @@ impl ModelConfig {
             return Err(ConfigError::new(path, format!("unsupported model_type '{arch}' (ferry runs llama, mistral and qwen2)")));
         }
         let num_heads = hf.num_attention_heads;
+        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size.checked_div(num_heads).unwrap_or(0));
+        let rope_theta = hf.rope_theta.unwrap_or(10000.0);
+        let rope_freq_factors = crate::rope_scaling::from_hf(hf.rope_scaling.as_ref(), head_dim, rope_theta as f64)
+            .map_err(|p| ConfigError::new(path, p))?;
+        // Qwen2 configs carry a sliding_window they don't use (use_sliding_window
+        // false); Mistral's applies whenever it is set.
+        let sliding_window = hf.sliding_window.filter(|&w| w > 0 && hf.use_sliding_window != Some(false));
+        let max_position_embeddings = hf.max_position_embeddings.unwrap_or(4096);
         let cfg = ModelConfig {
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
             num_layers: hf.num_hidden_layers,
             num_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: hf.head_dim.unwrap_or(hf.hidden_size.checked_div(num_heads).unwrap_or(0)),
+            head_dim,
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_theta,
             rope_style: RopeStyle::Neox,
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings: sliding_window.map_or(max_position_embeddings, |w| w.min(max_position_embeddings)),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == "qwen2",
+            rope_freq_factors,
+            sliding_window,
             arch,
         };
         cfg.check().map_err(|p| ConfigError::new(path, p))?;
@@ -165,6 +195,14 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope_theta {} must be positive", self.rope_theta));
         }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 {
+                return Err(format!("{} rope frequency factors for head_dim {} (it needs {})", f.len(), self.head_dim, self.head_dim / 2));
+            }
+            if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                return Err(format!("rope frequency factor {x} must be positive"));
+            }
+        }
         Ok(())
     }
 
@@ -191,4 +229,7 @@ struct HfConfig {
     rope_theta: Option<f32>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }

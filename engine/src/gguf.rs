@@ -548,7 +548,14 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed, GgufError> {
             dims.push(c.u64(&what)?);
         }
         let ty_id = c.u32(&what)?;
-        let ty = GgmlType::from_id(ty_id).ok_or_else(|| c.invalid(unsupported_type(&what, ty_id)))?;
+        let ty = GgmlType::from_id(ty_id)
+            .ok_or_else(|| {
+                c.invalid(format!(
+                    "{what} has {}, which ferry does not load (it loads {})",
+                    crate::ggml_type_names::describe_type_id(ty_id),
+                    crate::ggml_type_names::supported_weight_types()
+                ))
+            })?;
         let rel_offset = c.u64(&what)?;
         if rel_offset % alignment as u64 != 0 {
             return Err(c.invalid(format!(
@@ -798,46 +805,6 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) -> Result<(), String> {
     Ok(())
 }
 
-/// ggml's names of the types ferry does not load (ggml.h's enum ggml_type), so
-/// a refusal can say what the file holds.
-fn ggml_type_name(id: u32) -> Option<&'static str> {
-    Some(match id {
-        4 => "Q4_2 (removed from ggml)",
-        5 => "Q4_3 (removed from ggml)",
-        16 => "IQ2_XXS",
-        17 => "IQ2_XS",
-        18 => "IQ3_XXS",
-        19 => "IQ1_S",
-        21 => "IQ3_S",
-        22 => "IQ2_S",
-        24 => "I8",
-        25 => "I16",
-        26 => "I32",
-        27 => "I64",
-        28 => "F64",
-        29 => "IQ1_M",
-        34 => "TQ1_0",
-        35 => "TQ2_0",
-        39 => "MXFP4",
-        _ => return None,
-    })
-}
-
-/// The refusal of a tensor whose type ferry cannot load: the tensor, the type
-/// (by ggml's name where known), and every type that is supported.
-fn unsupported_type(what: &str, id: u32) -> String {
-    let supported: Vec<&str> = GgmlType::ALL
-        .iter()
-        .filter(|t| !matches!(t, GgmlType::Q8_1 | GgmlType::Q8_K))
-        .map(|t| t.name())
-        .collect();
-    let ty = match ggml_type_name(id) {
-        Some(name) => format!("type {name} (id {id})"),
-        None => format!("unknown type id {id}"),
-    };
-    format!("{what} has {ty}, which ferry does not support; supported types: {}", supported.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1032,12 +999,11 @@ mod tests {
         let e = open_bytes("badtype.gguf", &bytes).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("badtype.gguf"), "{msg}");
-        assert!(msg.contains("tensor 'blk.0.x' has unknown type id 99"), "{msg}");
-        assert!(msg.contains("supported types: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16"), "{msg}");
+        assert!(msg.contains("tensor 'blk.0.x' has unknown type id 99, which ferry does not load (it loads F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16"), "{msg}");
         // A known ggml type that ferry does not load is named.
         bytes[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
         let e = open_bytes("badtype.gguf", &bytes).unwrap_err();
-        assert!(e.to_string().contains("tensor 'blk.0.x' has type IQ2_XXS (id 16), which ferry does not support"), "{e}");
+        assert!(e.to_string().contains("tensor 'blk.0.x' has type IQ2_XXS (ggml type 16), which ferry does not load"), "{e}");
     }
 
     #[test]

@@ -64,8 +64,15 @@ fn matrix(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> Resul
             format!("tensor '{name}' has shape {dims:?} (ggml order), but the config implies [{cols}, {rows}]"),
         ));
     }
-    if matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K) {
-        return Err(ConfigError::new(src.file(), format!("tensor '{name}' has type {} which is not a weight type", ty.name())));
+    if !crate::ggml_type_names::is_weight_type(ty) {
+        return Err(ConfigError::new(
+            src.file(),
+            format!(
+                "tensor '{name}' has type {}, which is not a weight type (ferry loads {})",
+                ty.name(),
+                crate::ggml_type_names::supported_weight_types()
+            ),
+        ));
     }
     QMatrix::new(ty, rows, cols, bytes, offset)
         .map_err(|e| ConfigError::new(src.file(), format!("tensor '{name}': {e}")))

@@ -4,7 +4,8 @@
 //! the same top-5 at the first generated position within 0.05 nats, and the
 //! chosen token's logprob within 0.05 at every compared step.
 //!
-//! The model file comes from `FERRY_TEST_MODEL` or `models/`; `.ci/run` fetches
+//! The model file comes from `FERRY_TEST_MODEL` or the model cache
+//! (`ferry_engine::model_cache`); `.ci/run` fetches
 //! it and scripts/test.sh sets the variable, so under the test command a
 //! missing model fails the test; a bare `cargo test` without it skips.
 
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama_cpp/smollm2_greedy.json");
 
 /// The default model: `FERRY_TEST_MODEL` (scripts/test.sh sets it, and then a
-/// missing file fails the test), else `models/` for a local run.
+/// missing file fails the test), else the model cache for a local run.
 fn model_and_reference() -> Option<(PathBuf, Value)> {
     let reference = std::env::var_os("FERRY_REFERENCE").map_or_else(|| PathBuf::from(REFERENCE), PathBuf::from);
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
@@ -32,7 +33,7 @@ fn model_and_reference() -> Option<(PathBuf, Value)> {
             p
         }
         None => {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let p = ferry_engine::model_cache::default_model_path();
             if !p.exists() {
                 eprintln!("SKIPPED: default model not found (scripts/fetch-model.sh, or set FERRY_TEST_MODEL)");
                 return None;

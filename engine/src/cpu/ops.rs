@@ -50,12 +50,28 @@ pub fn rope_theta_scale(head_dim: usize, base: f32) -> f32 {
 /// angle starts at pos and is multiplied by the step once per pair, in f32.
 /// ferry is checked against llama.cpp bit for bit on the default model, and
 /// `pos * base^(-2i/d)` rounds differently.
-pub fn rope_cache(pos: usize, theta_scale: f32, cache: &mut [f32]) {
+///
+/// `freq_factors` (Llama 3's rope_freqs) divide each pair's angle as ggml does
+/// (`theta / ff`, in f32); without them the loop is the one that matches
+/// llama.cpp on the default model bit for bit.
+pub fn rope_cache(pos: usize, theta_scale: f32, freq_factors: Option<&[f32]>, cache: &mut [f32]) {
     let mut theta = pos as f32;
-    for cs in cache.chunks_exact_mut(2) {
-        cs[0] = theta.cos();
-        cs[1] = theta.sin();
-        theta *= theta_scale;
+    match freq_factors {
+        None => {
+            for cs in cache.chunks_exact_mut(2) {
+                cs[0] = theta.cos();
+                cs[1] = theta.sin();
+                theta *= theta_scale;
+            }
+        }
+        Some(ff) => {
+            for (cs, &f) in cache.chunks_exact_mut(2).zip(ff) {
+                let t = theta / f;
+                cs[0] = t.cos();
+                cs[1] = t.sin();
+                theta *= theta_scale;
+            }
+        }
     }
 }
 
@@ -201,7 +217,7 @@ mod tests {
         }
         let (hd, base, pos) = (16, 10000.0f32, 7);
         let mut cache = vec![0f32; hd];
-        rope_cache(pos, rope_theta_scale(hd, base), &mut cache);
+        rope_cache(pos, rope_theta_scale(hd, base), None, &mut cache);
         let orig: Vec<f32> = (0..hd).map(|i| 0.5 + i as f32).collect();
         let mut v = orig.clone();
         rope(&mut v, hd, &cache, RopeStyle::Interleaved);

@@ -47,6 +47,15 @@ struct PreTok {
     add_bos: bool,
 }
 
+/// Every `tokenizer.ggml.pre` value [`pre_tokenizer_for`] accepts, for the
+/// refusal of any other (a test keeps the two in step).
+const PRE_NAMES: &[&str] = &[
+    "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx",
+    "smaug-bpe", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+    "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4", "starcoder", "refact", "command-r", "smollm",
+    "codeshell", "exaone", "minerva-7b", "qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan", "falcon",
+];
+
 fn pre_tokenizer_for(pre: &str) -> Option<PreTok> {
     let p = |regexes, ignore_merges, add_bos| Some(PreTok { regexes, ignore_merges, add_bos });
     match pre {
@@ -156,7 +165,13 @@ pub(super) fn build(g: &GgufFile) -> Result<Parts, TokenizerError> {
     } else {
         let name = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
         Some(pre_tokenizer_for(name).ok_or_else(|| {
-            load_err(g, format!("pre-tokenizer '{name}' (tokenizer.ggml.pre) is not supported"))
+            load_err(
+                g,
+                format!(
+                    "pre-tokenizer '{name}' (metadata key tokenizer.ggml.pre) is not supported (ferry knows {})",
+                    PRE_NAMES.join(", ")
+                ),
+            )
         })?)
     };
     let add_bos = g
@@ -552,12 +567,10 @@ mod tests {
         }
     }
 
-    /// Every pre-tokenizer name we accept compiles its regexes.
+    /// Every pre-tokenizer name we accept (and list in refusals) compiles its regexes.
     #[test]
     fn all_pre_tokenizer_regexes_compile() {
-        for name in [
-            "default", "llama3", "llama-bpe", "dbrx", "gpt-2", "starcoder", "smollm", "qwen2", "falcon", "mpt",
-        ] {
+        for &name in super::PRE_NAMES {
             let pre = super::pre_tokenizer_for(name).unwrap();
             let tokens: Vec<String> = (0..=255u8).map(|b| super::super::pieces::byte_to_char(b).to_string()).collect();
             super::bpe_tokenizer(&tokens, &[], &pre).unwrap();
@@ -581,7 +594,8 @@ mod tests {
             .add_metadata("tokenizer.ggml.merges", strings(&["a b"]));
         w.write(&path).unwrap();
         let e = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap();
-        assert!(e.to_string().contains("pre-tokenizer 'martian'"), "{e}");
+        assert!(e.to_string().contains("pre-tokenizer 'martian' (metadata key tokenizer.ggml.pre)"), "{e}");
+        assert!(e.to_string().contains("llama-bpe, ") && e.to_string().contains("qwen2"), "{e}");
 
         w.add_metadata("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()))
             .add_metadata("tokenizer.ggml.token_type", MetaValue::Array(vec![MetaValue::I32(1)]));

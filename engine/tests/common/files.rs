@@ -76,19 +76,26 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The metadata and tensors of a GGUF llama model; tests edit the writer before writing.
+/// The metadata and tensors of a GGUF model of `cfg.arch` (q/k/v biases when the
+/// weights have them, `rope_freqs.weight` when the config has rope frequency
+/// factors, as llama.cpp's converter writes Llama 3); tests edit the writer
+/// before writing.
 pub fn tiny_gguf_writer(cfg: &ModelConfig, w: &ModelWeights) -> GgufWriter {
     let mut g = GgufWriter::new();
     let u = |v: usize| MetaValue::U32(v as u32);
-    g.add_metadata("general.architecture", MetaValue::String("llama".into()));
-    g.add_metadata("llama.block_count", u(cfg.num_layers));
-    g.add_metadata("llama.context_length", u(cfg.max_position_embeddings));
-    g.add_metadata("llama.embedding_length", u(cfg.hidden_size));
-    g.add_metadata("llama.feed_forward_length", u(cfg.intermediate_size));
-    g.add_metadata("llama.attention.head_count", u(cfg.num_heads));
-    g.add_metadata("llama.attention.head_count_kv", u(cfg.num_kv_heads));
-    g.add_metadata("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(cfg.rms_norm_eps));
-    g.add_metadata("llama.rope.freq_base", MetaValue::F32(cfg.rope_theta));
+    let a = &cfg.arch;
+    g.add_metadata("general.architecture", MetaValue::String(a.clone()));
+    g.add_metadata(format!("{a}.block_count"), u(cfg.num_layers));
+    g.add_metadata(format!("{a}.context_length"), u(cfg.max_position_embeddings));
+    g.add_metadata(format!("{a}.embedding_length"), u(cfg.hidden_size));
+    g.add_metadata(format!("{a}.feed_forward_length"), u(cfg.intermediate_size));
+    g.add_metadata(format!("{a}.attention.head_count"), u(cfg.num_heads));
+    g.add_metadata(format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads));
+    g.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), MetaValue::F32(cfg.rms_norm_eps));
+    g.add_metadata(format!("{a}.rope.freq_base"), MetaValue::F32(cfg.rope_theta));
+    if let Some(win) = cfg.sliding_window {
+        g.add_metadata(format!("{a}.attention.sliding_window"), u(win));
+    }
     let v = tiny_vocab(cfg.vocab_size);
     g.add_metadata("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
     g.add_metadata("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()));
@@ -124,15 +131,29 @@ pub fn tiny_gguf_writer(cfg: &ModelConfig, w: &ModelWeights) -> GgufWriter {
     for (i, l) in w.layers.iter().enumerate() {
         vec1(format!("blk.{i}.attn_norm.weight"), &l.attn_norm);
         vec1(format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm);
+        for (n, b) in [("attn_q", &l.bq), ("attn_k", &l.bk), ("attn_v", &l.bv)] {
+            if let Some(b) = b {
+                vec1(format!("blk.{i}.{n}.bias"), b);
+            }
+        }
+    }
+    if let Some(f) = &cfg.rope_freq_factors {
+        vec1("rope_freqs.weight".into(), f);
     }
     g
 }
 
 /// A Hugging Face folder: weights as F32 safetensors over two shards.
 pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
+    write_tiny_hf_with(dir, cfg, w, serde_json::json!({}))
+}
+
+/// The same, with `extra` keys merged into config.json (rope_scaling,
+/// sliding_window, ...). q/k/v biases are written when the weights have them.
+pub fn write_tiny_hf_with(dir: &Path, cfg: &ModelConfig, w: &ModelWeights, extra: serde_json::Value) {
     use safetensors::tensor::{Dtype, TensorView};
-    let config = serde_json::json!({
-        "model_type": "llama",
+    let mut config = serde_json::json!({
+        "model_type": cfg.arch,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
@@ -144,6 +165,9 @@ pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": false,
     });
+    for (k, v) in extra.as_object().expect("extra config keys are an object") {
+        config[k] = v.clone();
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let deq = |m: &QMatrix| -> Vec<u8> {
         let mut row = vec![0f32; m.cols()];
@@ -170,6 +194,11 @@ pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
         }
         s.push((format!("model.layers.{i}.input_layernorm.weight"), vec![l.attn_norm.len()], f32_bytes(&l.attn_norm)));
         s.push((format!("model.layers.{i}.post_attention_layernorm.weight"), vec![l.ffn_norm.len()], f32_bytes(&l.ffn_norm)));
+        for (n, b) in [("q_proj", &l.bq), ("k_proj", &l.bk), ("v_proj", &l.bv)] {
+            if let Some(b) = b {
+                s.push((format!("model.layers.{i}.self_attn.{n}.bias"), vec![b.len()], f32_bytes(b)));
+            }
+        }
     }
     for (k, shard) in shards.iter().enumerate() {
         let views: Vec<(String, TensorView)> = shard

@@ -24,6 +24,8 @@ pub fn tiny_config(style: RopeStyle) -> ModelConfig {
         max_position_embeddings: 512,
         tie_word_embeddings: false,
         qkv_bias: false,
+        rope_freq_factors: None,
+        sliding_window: None,
     }
 }
 
@@ -47,10 +49,12 @@ fn rms(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
     x.iter().zip(w).map(|(v, &g)| v * s * g as f64).collect()
 }
 
-fn rope(x: &mut [f64], hd: usize, pos: usize, theta: f64, style: RopeStyle) {
+/// Rotary embedding in f64; `factors` divide each pair's frequency (Llama 3).
+fn rope(x: &mut [f64], hd: usize, pos: usize, theta: f64, factors: Option<&[f32]>, style: RopeStyle) {
     for head in x.chunks_mut(hd) {
         for i in 0..hd / 2 {
-            let ang = pos as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
+            let ff = factors.map_or(1.0, |f| f[i] as f64);
+            let ang = pos as f64 * theta.powf(-2.0 * i as f64 / hd as f64) / ff;
             let (a, b) = match style {
                 RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                 RopeStyle::Neox => (i, i + hd / 2),
@@ -82,8 +86,9 @@ pub fn reference_logits(cfg: &ModelConfig, w: &ModelWeights, tokens: &[u32]) -> 
             let xn = rms(x, &l.attn_norm, cfg.rms_norm_eps);
             let mut q = add(matvec(&wq, &xn), &l.bq);
             let mut k = add(matvec(&wk, &xn), &l.bk);
-            rope(&mut q, hd, pos, cfg.rope_theta as f64, cfg.rope_style);
-            rope(&mut k, hd, pos, cfg.rope_theta as f64, cfg.rope_style);
+            let ff = cfg.rope_freq_factors.as_deref();
+            rope(&mut q, hd, pos, cfg.rope_theta as f64, ff, cfg.rope_style);
+            rope(&mut k, hd, pos, cfg.rope_theta as f64, ff, cfg.rope_style);
             qs.push(q);
             ks.push(k);
             vs.push(add(matvec(&wv, &xn), &l.bv));
