@@ -225,7 +225,8 @@ async fn completion_streamed_equals_unstreamed_and_usage_counts() {
     assert_eq!(v["choices"][0]["text"], want);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["choices"][0]["stop_reason"], Value::Null);
-    assert_eq!(v["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}));
+    assert_eq!(v["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n,
+        "prompt_tokens_details": {"cached_tokens": 0}}));
 
     let body = json!({"prompt": prompt, "max_tokens": n, "stream": true,
         "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
@@ -306,12 +307,15 @@ async fn chat_stream_shapes_eos_and_equality() {
     let n = ev.len();
     assert_eq!(ev[n - 1], "[DONE]");
     assert_eq!(ev[n - 2]["choices"], json!([]));
-    assert_eq!(ev[n - 2]["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": text_len + 1, "total_tokens": prompt_len + text_len + 1}));
+    assert_eq!(ev[n - 2]["usage"], json!({"prompt_tokens": prompt_len, "completion_tokens": text_len + 1, "total_tokens": prompt_len + text_len + 1,
+        "prompt_tokens_details": {"cached_tokens": 0}}));
     let content: Vec<&Value> = ev[1..n - 2].iter().collect();
-    let streamed: String = content.iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap()).collect();
+    let streamed: String = content.iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("")).collect();
     assert_eq!(streamed, want);
+    // OpenAI's order: the text, then an empty delta with the finish reason.
     let last = content.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["choices"][0]["delta"], json!({}));
     assert!(last["choices"][0].get("stop_reason").is_some());
     assert!(content[..content.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()
         && c["choices"][0].get("stop_reason").is_none() && c["choices"][0]["delta"].get("role").is_none()));
