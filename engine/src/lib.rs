@@ -13,6 +13,9 @@ pub mod batch;
 pub mod communicator;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod engine_core;
 pub mod executor;
 pub mod fingerprint;
