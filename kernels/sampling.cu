@@ -126,6 +126,10 @@ extern "C" __global__ void sample_rows(
         float s = (l[i] - max) * inv_t;
         part += s >= cutoff ? __expf(s) : 0.0f;
     }
+    // sv[0] held the maximum that every thread read above; with no top-k or
+    // top-p pass between (no block-wide sum, so no barrier), a fast warp could
+    // overwrite it before a slow one had read it.
+    __syncthreads();
     sv[threadIdx.x] = part;
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -4,7 +4,8 @@
 # and integration tests (release profile: the real model runs at speed and the
 # binary is shared with the end-to-end tests), then the end-to-end suite that
 # drives `ferry serve` with real clients over HTTP/1.1, HTTP/2 and HTTP/3, and
-# the NVRTC compile check of the CUDA kernels.
+# the NVRTC compile check of the CUDA kernels. (The checks that need a GPU are
+# scripts/gpu-check.sh's, run on a GPU machine: see docs/cuda.md.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
@@ -13,8 +14,20 @@ export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}
 # llama.cpp's vocab-only files and expected tokenizations (from the llama-cpp-python sdist).
 export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch-llama-cpp-vocabs.sh)}
 scripts/check-import-cycles.py
+# The CUDA feature builds and its own tests pass with no CUDA here (cudarc
+# loads the libraries at run time; the probe and --device tests say what they
+# found). Then the default build, which the end-to-end tests run.
+cargo build --release --locked --features cuda --bin ferry
+cargo test --release --locked -p ferry-engine --features cuda --lib
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace
+# The GPU check's float64 references, checked on their own (no GPU needed).
+if command -v g++ >/dev/null; then
+  selftest=$(mktemp -d)/reference_selftest
+  g++ -O2 -std=c++17 -o "$selftest" scripts/gpu-check/reference_selftest.cpp && "$selftest"
+else
+  echo "skipped: the GPU check's reference self-test (no g++)"
+fi
 # Every CUDA kernel must compile with NVRTC for sm_90 (the lent H200): the PyPI
 # wheel ships libnvrtc (pinned to CUDA 13.0, the H200 driver's own version).
 nvrtc_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')

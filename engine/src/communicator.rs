@@ -1,33 +1,40 @@
 //! Collective operations between the tensor-parallel workers of one engine.
 //!
+//! The trait is generic over the buffer it works on, so each backend reduces
+//! its own memory: `[f32]` in host memory for the CPU backend (the default, so
+//! `dyn Communicator` is the CPU's), a device slice for a GPU backend, whose
+//! NCCL communicator (not written yet) implements `Communicator<ItsSlice>`.
+//!
 //! The CPU communicator joins worker threads of one process through shared
-//! buffers and a barrier; the CUDA backend brings an NCCL one behind the same trait.
+//! buffers and a barrier.
 
 use std::sync::{Barrier, Mutex};
 
-pub trait Communicator: Send + Sync {
+pub trait Communicator<B: ?Sized = [f32]>: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Every rank's `buf` becomes the element-wise sum over ranks. Ranks sum in the
     /// same order, so all ranks hold bit-identical results.
-    fn all_reduce_sum(&self, buf: &mut [f32]);
+    fn all_reduce_sum(&self, buf: &mut B);
     /// Concatenates each rank's `local` in rank order into `out` on every rank.
-    /// `out.len()` must equal the sum of the ranks' local lengths.
-    fn all_gather(&self, local: &[f32], out: &mut [f32]);
+    /// `out`'s length must equal the sum of the ranks' local lengths.
+    fn all_gather(&self, local: &B, out: &mut B);
 }
 
-/// The trivial communicator of a single worker.
+/// The trivial communicator of a single worker, for host slices of any
+/// element type (a device backend alone has nothing to reduce either, but its
+/// buffers are its own type: it brings its own no-op).
 pub struct SoloCommunicator;
 
-impl Communicator for SoloCommunicator {
+impl<T: Copy> Communicator<[T]> for SoloCommunicator {
     fn rank(&self) -> usize {
         0
     }
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&self, _buf: &mut [f32]) {}
-    fn all_gather(&self, local: &[f32], out: &mut [f32]) {
+    fn all_reduce_sum(&self, _buf: &mut [T]) {}
+    fn all_gather(&self, local: &[T], out: &mut [T]) {
         out.copy_from_slice(local);
     }
 }

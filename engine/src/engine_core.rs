@@ -5,6 +5,7 @@
 //! commands from the transport, a busy loop that schedules, executes and samples, and
 //! an output thread that sends each step's outputs with the queue figures attached.
 
+use crate::backend::{StepOutput, StepSampling};
 use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
@@ -273,8 +274,11 @@ impl EngineCore {
                 })
                 .collect(),
         };
-        let mut logits = match self.executor.execute(&input) {
-            Ok(l) => l,
+        // The host samples (StepSampling::Host), so logit rows come back;
+        // taking device-sampled ids here waits for a backend that makes them.
+        let mut logits = match self.executor.execute(&input, &StepSampling::Host) {
+            Ok(StepOutput::Logits(l)) => l,
+            Ok(StepOutput::Sampled(_)) => return self.fail_scheduled(&plan, "the backend sampled when asked for logits"),
             Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
         };
         let vocab = self.vocab_size();

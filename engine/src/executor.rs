@@ -1,40 +1,28 @@
 //! Executors run the model for the engine's busy loop: one worker on the calling
 //! thread, or one thread per tensor-parallel shard joined by a communicator.
 
+use crate::backend::{Backend, StepOutput, StepSampling};
+use crate::batch::ModelInput;
 use crate::communicator::{CpuGroup, SoloCommunicator};
 use crate::config::ModelConfig;
-use crate::cpu::{kv::KvStore, CpuShard, ModelInput};
+use crate::cpu::{kv::KvStore, worker::CpuWorker, CpuShard};
 use crate::weights::ModelWeights;
 use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error(transparent)]
-    Forward(#[from] crate::cpu::ForwardError),
-    #[error(transparent)]
-    Shard(#[from] crate::cpu::ShardError),
-    #[error("the model cannot run on this backend: {0}")]
-    Unsupported(String),
-    #[error("a tensor-parallel worker died: {0}")]
-    WorkerDied(String),
-}
+pub use crate::backend::ExecError;
 
-/// Runs the model: `execute` returns, for each sequence of the input that wants
-/// logits, its full-vocabulary logits, back to back.
+/// Runs the model for the engine: the answer to each step comes from the
+/// backend(s) behind it (see [`StepOutput`]).
 pub trait Executor: Send {
-    fn execute(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError>;
+    fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError>;
     fn vocab_size(&self) -> usize;
-}
 
-/// A worker's own thread pool. The forward pass runs inside it (`install`), so its
-/// many small parallel loops start on pool threads instead of waking the pool from
-/// outside for each one, which costs a third of single-stream speed.
-fn worker_pool(threads: usize, name: String) -> Result<rayon::ThreadPool, ExecError> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .thread_name(move |i| format!("{name}-{i}"))
-        .build()
-        .map_err(|e| ExecError::WorkerDied(format!("cannot start a thread pool: {e}")))
+    /// The step's logit rows (host sampling), for callers that sample themselves.
+    fn logits(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError> {
+        self.execute(input, &StepSampling::Host)?
+            .into_logits()
+            .ok_or_else(|| ExecError::Unsupported("the backend sampled when asked for logits".into()))
+    }
 }
 
 /// Threads for the model's arithmetic: `requested`, or every core when 0.
@@ -46,19 +34,18 @@ pub fn default_threads(requested: usize) -> usize {
     }
 }
 
-/// One worker with its own thread pool.
+/// One worker, on the calling thread.
 pub struct UniProcExecutor {
-    shard: CpuShard,
-    kv: KvStore,
-    pool: rayon::ThreadPool,
+    worker: Box<dyn Backend>,
 }
 
 impl UniProcExecutor {
-    /// `threads`: 0 means every core.
+    /// The CPU backend on every core.
     pub fn new(cfg: &ModelConfig, weights: &ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self, ExecError> {
         Self::with_threads(cfg, weights, num_blocks, block_size, 0)
     }
 
+    /// The CPU backend on `threads` threads (0: every core).
     pub fn with_threads(
         cfg: &ModelConfig,
         weights: &ModelWeights,
@@ -67,27 +54,31 @@ impl UniProcExecutor {
         threads: usize,
     ) -> Result<Self, ExecError> {
         let shard = CpuShard::new(cfg, weights, 0, 1)?;
-        let kv = shard.new_kv_store(num_blocks, block_size);
-        let pool = worker_pool(default_threads(threads), "ferry-cpu".into())?;
-        Ok(UniProcExecutor { shard, kv, pool })
+        let worker =
+            CpuWorker::new(shard, num_blocks, block_size, default_threads(threads), Box::new(SoloCommunicator), "ferry-cpu".into())?;
+        Ok(Self::from_backend(Box::new(worker)))
+    }
+
+    /// Any backend, alone.
+    pub fn from_backend(worker: Box<dyn Backend>) -> Self {
+        UniProcExecutor { worker }
     }
 }
 
 impl Executor for UniProcExecutor {
-    fn execute(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError> {
-        let (shard, kv) = (&self.shard, &mut self.kv);
-        Ok(self.pool.install(|| shard.forward(input, kv, &SoloCommunicator))?)
+    fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
+        self.worker.execute(input, sampling)
     }
     fn vocab_size(&self) -> usize {
-        self.shard.cfg.vocab_size
+        self.worker.vocab_size()
     }
 }
 
-type Job = Arc<ModelInput>;
-type JobResult = Result<Vec<f32>, String>;
+type Job = Arc<(ModelInput, StepSampling)>;
+type JobResult = Result<StepOutput, String>;
 
-/// One thread per tensor-parallel shard. Every worker runs every step (they meet in
-/// all-reduces); rank 0's logits are the answer.
+/// One thread per tensor-parallel worker. Every worker runs every step (they meet
+/// in their communicator's collectives); rank 0's answer is the step's.
 pub struct MultiWorkerExecutor {
     jobs: Vec<flume::Sender<Job>>,
     results: Vec<flume::Receiver<JobResult>>,
@@ -106,7 +97,8 @@ impl MultiWorkerExecutor {
         Self::with_threads(cfg, weights, world, num_blocks, block_size, 0)
     }
 
-    /// `threads` (0: every core) are shared out among the workers, at least one each.
+    /// The CPU backend over `world` shards; `threads` (0: every core) are shared
+    /// out among the workers, at least one each.
     pub fn with_threads(
         cfg: &ModelConfig,
         weights: &ModelWeights,
@@ -119,18 +111,30 @@ impl MultiWorkerExecutor {
         // Build every shard first so a model that can't be split fails before any thread starts.
         let shards = (0..world).map(|r| CpuShard::new(cfg, weights, r, world)).collect::<Result<Vec<_>, _>>()?;
         let group = CpuGroup::new(world);
+        let workers = shards
+            .into_iter()
+            .map(|shard| {
+                let (rank, comm) = (shard.rank(), Box::new(group.member(shard.rank())));
+                CpuWorker::new(shard, num_blocks, block_size, per_worker, comm, format!("ferry-tp{rank}"))
+                    .map(|w| Box::new(w) as Box<dyn Backend>)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_backends(workers)
+    }
+
+    /// One thread for each of `workers`, in rank order (rank 0 first). They must
+    /// already be joined by their communicators.
+    pub fn from_backends(workers: Vec<Box<dyn Backend>>) -> Result<Self, ExecError> {
+        let vocab_size = workers.first().map(|w| w.vocab_size()).ok_or_else(|| ExecError::Unsupported("no workers".into()))?;
         let (mut jobs, mut results, mut threads) = (Vec::new(), Vec::new(), Vec::new());
-        for shard in shards {
+        for (rank, mut worker) in workers.into_iter().enumerate() {
             let (job_tx, job_rx) = flume::bounded::<Job>(1);
             let (res_tx, res_rx) = flume::bounded::<JobResult>(1);
-            let comm = group.member(shard.rank());
-            let mut kv = shard.new_kv_store(num_blocks, block_size);
-            let pool = worker_pool(per_worker, format!("ferry-tp{}", shard.rank()))?;
             let t = std::thread::Builder::new()
-                .name(format!("ferry-tp{}", shard.rank()))
+                .name(format!("ferry-tp{rank}"))
                 .spawn(move || {
                     while let Ok(job) = job_rx.recv() {
-                        let r = pool.install(|| shard.forward(&job, &mut kv, &comm)).map_err(|e| e.to_string());
+                        let r = worker.execute(&job.0, &job.1).map_err(|e| e.to_string());
                         if res_tx.send(r).is_err() {
                             break;
                         }
@@ -141,13 +145,13 @@ impl MultiWorkerExecutor {
             results.push(res_rx);
             threads.push(t);
         }
-        Ok(MultiWorkerExecutor { jobs, results, threads, vocab_size: cfg.vocab_size })
+        Ok(MultiWorkerExecutor { jobs, results, threads, vocab_size })
     }
 }
 
 impl Executor for MultiWorkerExecutor {
-    fn execute(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError> {
-        let job = Arc::new(input.clone());
+    fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
+        let job = Arc::new((input.clone(), sampling.clone()));
         for tx in &self.jobs {
             tx.send(job.clone()).map_err(|_| ExecError::WorkerDied("job channel closed".into()))?;
         }

@@ -1,17 +1,21 @@
 //! ferry's engine: continuous batching over a paged KV cache, on the CPU.
 //!
 //! The path of a step: [`scheduler`] picks tokens within a budget over the blocks
-//! that [`kv_cache`] hands out; an [`executor`] runs the [`cpu`] backend's forward
-//! pass (over tensor-parallel shards joined by a [`communicator`]); the [`sampler`]
-//! picks tokens; [`engine_core`] ties them together behind the protocol types of
+//! that [`kv_cache`] hands out; an [`executor`] runs one or more workers of a
+//! [`backend`] (the [`cpu`] one's forward pass, over tensor-parallel shards
+//! joined by a [`communicator`]); the [`sampler`] picks tokens; [`engine_core`] ties them together behind the protocol types of
 //! `ferry-transport`. Models load from GGUF ([`gguf`]) or Hugging Face folders
 //! ([`weights`], [`loader`]) with their [`tokenizer`].
 
 pub mod args;
+pub mod backend;
 pub mod batch;
 pub mod communicator;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod engine_core;
 pub mod executor;
 pub mod fingerprint;

@@ -161,10 +161,10 @@ fn tensor_parallel_matches_one_worker() {
         let input = one_seq(&toks, 0, vec![0, 1, 2]);
         let decode = one_seq(&[42], toks.len(), vec![0, 1, 2]);
         let mut solo = UniProcExecutor::new(&cfg, &w, 4, BS).unwrap();
-        let want = (solo.execute(&input).unwrap(), solo.execute(&decode).unwrap());
+        let want = (solo.logits(&input).unwrap(), solo.logits(&decode).unwrap());
         for world in [2, 4] {
             let mut tp = MultiWorkerExecutor::new(&cfg, &w, world, 4, BS).unwrap();
-            let got = (tp.execute(&input).unwrap(), tp.execute(&decode).unwrap());
+            let got = (tp.logits(&input).unwrap(), tp.logits(&decode).unwrap());
             let tol = if ty == GgmlType::F32 { 1e-4 } else { 2e-2 };
             assert!(max_abs_diff(&got.0, &want.0) < tol, "{ty:?} TP={world} prefill");
             assert!(max_abs_diff(&got.1, &want.1) < tol, "{ty:?} TP={world} decode");

@@ -10,6 +10,7 @@ pub mod attention;
 mod dump;
 pub mod kv;
 pub mod ops;
+pub mod worker;
 
 use crate::communicator::Communicator;
 use crate::config::ModelConfig;

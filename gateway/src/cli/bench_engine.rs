@@ -71,9 +71,9 @@ fn decode_rate(core: &mut EngineCore, rng: &mut SplitMix64, n: usize, prompt_len
 }
 
 pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
+    let mut eargs = args.engine.engine_args()?;
     let (path, name) = model_source::resolve(args.model.as_deref())?;
     let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &NoProgress)?;
-    let mut eargs = args.engine.engine_args();
     let most = args.concurrency.iter().copied().max().unwrap_or(1);
     eargs.max_num_seqs = eargs.max_num_seqs.max(most);
     // Timings must not be helped by earlier runs' cached prompts.

@@ -1,6 +1,7 @@
 //! The engine flags `ferry serve` and `ferry generate` share, with vLLM's names.
 
 use clap::{Args, ValueEnum};
+use ferry_engine::device::{self, DeviceChoice};
 use ferry_engine::quant::GgmlType;
 use ferry_engine::{EngineArgs, LoadFormat};
 
@@ -21,8 +22,22 @@ pub enum DtypeFlag {
     Q8_0,
 }
 
+/// Where the model's arithmetic runs.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceFlag {
+    /// CUDA when a usable GPU (and the CUDA backend) is there, else the CPU.
+    Auto,
+    Cpu,
+    /// An NVIDIA GPU; a start-up error where none can be used.
+    Cuda,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct EngineFlags {
+    /// `cuda` needs a build with `--features cuda`, an NVIDIA driver and a GPU;
+    /// the CUDA backend itself is not written yet, so today only `cpu` runs.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceFlag,
     /// `dummy`: random weights of the model's shape, for tests and benchmarks.
     #[arg(long, value_enum, default_value = "auto")]
     pub load_format: LoadFormatFlag,
@@ -56,8 +71,19 @@ pub struct EngineFlags {
 }
 
 impl EngineFlags {
-    pub fn engine_args(&self) -> EngineArgs {
-        EngineArgs {
+    /// The engine's settings. Decides `--device` first, so a device that cannot
+    /// be had fails here, at start-up, before any model is loaded.
+    pub fn engine_args(&self) -> anyhow::Result<EngineArgs> {
+        let choice = match self.device {
+            DeviceFlag::Auto => DeviceChoice::Auto,
+            DeviceFlag::Cpu => DeviceChoice::Cpu,
+            DeviceFlag::Cuda => DeviceChoice::Cuda,
+        };
+        let resolved = device::resolve(choice).map_err(anyhow::Error::msg)?;
+        if let Some(note) = &resolved.note {
+            tracing::info!("{note}");
+        }
+        Ok(EngineArgs {
             max_model_len: self.max_model_len,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
@@ -68,7 +94,7 @@ impl EngineFlags {
             seed: self.seed,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             threads: self.threads.unwrap_or(0),
-        }
+        })
     }
 
     pub fn load_format(&self) -> LoadFormat {

@@ -73,9 +73,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let prompt = if args.chat { Prompt::user(args.prompt.clone()) } else { Prompt::text(args.prompt.clone()) };
+    let engine_args = args.engine.engine_args()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
-        let mut builder = Llm::builder().engine_args(args.engine.engine_args());
+        let mut builder = Llm::builder().engine_args(engine_args);
         if let Some(m) = &args.model {
             builder = builder.model(m.clone());
         }

@@ -28,12 +28,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan: ClusterPlan = args.cluster.plan()?;
+    let engine_args = args.engine.engine_args()?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let name = args.served_model_name.first().cloned().unwrap_or(default_name.clone());
     let model = Arc::new(load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?);
     let addr = args.cluster.rpc_addr()?;
     let tls = args.cluster.client_tls()?;
-    let engine_args = args.engine.engine_args();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     eprintln!("ferry: headless node, engine ranks {:?} of {}, serving the API node at udp {addr}", plan.local, plan.size);
     let (fatal_tx, fatal_rx) = std::sync::mpsc::channel::<String>();

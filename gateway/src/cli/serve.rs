@@ -112,9 +112,9 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
+    let engine_args = args.engine.engine_args()?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
-    let engine_args = args.engine.engine_args();
     // With no ranks of its own, the API node needs the tokenizer and the config
     // (to check the ranks' fingerprints), not the weights.
     let (cfg, tokenizer, model) = if plan.local.is_empty() {

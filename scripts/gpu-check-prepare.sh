@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepares, on a machine without a GPU, what scripts/gpu-check.sh needs on the
+# GPU machine, which has CUDA and nvcc but no Rust: stripped release builds of
+# `ferry` (with `--features cuda`) and of the kernels' and engine's unit tests,
+# in gpu-bin/ (ignored by git; the device tool's `carry` takes it). It also
+# checks the parts of the GPU check that can be checked here: the float64
+# references' self-test (g++), the kernel harness parsed and type-checked by
+# g++ against a stand-in for CUDA's names, and the script's syntax.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-bin
+target=${CARGO_TARGET_DIR:-target}
+rm -rf "$out"
+mkdir -p "$out"
+
+cargo build --release --locked --features cuda --bin ferry
+cp "$target/release/ferry" "$out/ferry"
+# The unit-test binaries of a package's library, by Cargo's own report of them.
+test_exe() {
+    cargo test --release --locked -p "$1" --features cuda --lib --no-run --message-format=json |
+        python3 -c 'import sys, json
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | tail -1
+}
+cp "$(test_exe ferry-kernels)" "$out/ferry-kernels-tests"
+cp "$(test_exe ferry-engine)" "$out/ferry-engine-tests"
+strip "$out"/*
+
+# What can be checked without a GPU.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+g++ -O2 -std=c++17 -Wall -o "$tmp/reference_selftest" scripts/gpu-check/reference_selftest.cpp
+"$tmp/reference_selftest"
+sed -e 's/<<<[^;]*>>>//' -e 's|#include <cuda_runtime.h>|#include "cuda_standin.h"|' scripts/gpu-check/kernels_check.cu >scripts/gpu-check/.standin_check.cpp
+g++ -std=c++17 -fsyntax-only -Wall -Wno-unused-variable -Wno-unused-function -Wno-sign-compare -Iscripts/gpu-check scripts/gpu-check/.standin_check.cpp
+rm -f scripts/gpu-check/.standin_check.cpp
+bash -n scripts/gpu-check.sh
+echo "harness: references self-tested, kernels_check.cu type-checked (g++ stand-in); gpu-check.sh parses"
+du -sh "$out"
+ls -l "$out"
