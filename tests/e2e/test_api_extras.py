@@ -287,3 +287,64 @@ def test_metrics_have_vllms_names_types_and_labels(http, server):
     assert info.value == 1 and int(info.labels["block_size"]) > 0 and int(info.labels["num_gpu_blocks"]) > 0
     les = [float(s.labels["le"]) for s in families["vllm:request_params_n"].samples if s.name.endswith("_bucket")]
     assert les == [1, 2, 5, 10, 20, math.inf]
+
+
+# ------------------------------------------------------------------ Responses API
+
+
+def test_responses_create(oai, server):
+    r = oai.responses.create(model=server.model_id, input="Say hello.", instructions="Be brief.",
+                             max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.status in ("completed", "incomplete")
+    assert r.output_text and r.output[0].type == "message"
+    assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 8
+    chat = oai.chat.completions.create(model=server.model_id, max_tokens=8, temperature=0,
+                                       messages=[{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Say hello."}])
+    assert r.output_text == chat.choices[0].message.content
+
+
+def test_responses_stream(oai, server):
+    kinds = []
+    with oai.responses.stream(model=server.model_id, input=[{"role": "user", "content": "Count to three."}],
+                              max_output_tokens=10, temperature=0) as stream:
+        text = ""
+        for ev in stream:
+            kinds.append(ev.type)
+            if ev.type == "response.output_text.delta":
+                text += ev.delta
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.done" in kinds and "response.output_item.done" in kinds
+    assert final.output_text == text and text
+    assert final.usage.output_tokens > 0
+
+
+def test_responses_json_schema_and_errors(oai, server, http):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    r = oai.responses.create(model=server.model_id, input="Give a number as JSON.", max_output_tokens=30, temperature=0,
+                             text={"format": {"type": "json_schema", "name": "num", "schema": schema, "strict": True}})
+    assert isinstance(json.loads(r.output_text)["n"], int)
+    for body, needle in [({"input": [{"type": "input_image"}]}, "input_image"),
+                         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                         ({}, "input")]:
+        err = error_of(http, "/v1/responses", {"model": server.model_id, **body})
+        assert needle in err["message"], err
+
+
+def test_responses_function_tool_round_trip(oai, server):
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    r = oai.responses.create(model=server.model_id, input="What is the weather in Paris?", tools=tools,
+                             tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40, temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather"
+    args = json.loads(calls[0].arguments)
+    assert isinstance(args["city"], str)
+    follow = oai.responses.create(model=server.model_id, tools=tools, max_output_tokens=10, temperature=0, tool_choice="none",
+                                  input=[{"role": "user", "content": "What is the weather in Paris?"},
+                                         {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                                          "arguments": calls[0].arguments},
+                                         {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18C, sunny"}])
+    assert follow.output_text

@@ -82,7 +82,7 @@ pub fn render_options(
     })
 }
 
-async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+pub(super) async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let pin = super::params::data_parallel_rank(&headers)?;
     let arrival = Instant::now();
     let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;

@@ -22,6 +22,7 @@ pub mod limits;
 pub mod logprobs;
 pub mod models;
 pub mod params;
+pub mod responses;
 pub mod sse;
 pub mod stop_strings;
 pub mod tokenize;
@@ -227,6 +228,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/responses", post(responses::create))
         .route("/v1/models", get(models::list))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
