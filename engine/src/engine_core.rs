@@ -9,6 +9,7 @@ use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
@@ -40,6 +41,8 @@ struct SeqState {
     num_cached_tokens: usize,
     /// Set while this sequence computes its request's prompt logprobs.
     prompt_lp: Option<PromptLogprobs>,
+    /// The structured-output constraint's state, when the request has one.
+    grammar: Option<SeqGrammar>,
 }
 
 /// Prompt logprobs being gathered over a prompt's prefill chunks; sent with
@@ -84,6 +87,21 @@ pub struct EngineCore {
     seeds: SplitMix64,
     /// Requests offered to `add_request`, refused ones included.
     num_added: u64,
+    /// The vocabulary for structured outputs; None: constrained requests are refused.
+    grammars: Option<GrammarEnv>,
+}
+
+/// A request's constraint compiled ahead of `add_request_compiled` (on the
+/// input thread, off the busy loop): None when it has none.
+pub type Compiled = Option<Result<SeqGrammar, EngineError>>;
+
+/// Compiles `req`'s constraint, if any, against `env`.
+pub fn compile_constraint(env: Option<&GrammarEnv>, req: &EngineRequest) -> Compiled {
+    let c = req.sampling.constraint.as_ref()?;
+    Some(match env {
+        None => Err(EngineError::invalid("this engine cannot serve structured outputs (it has no tokenizer)")),
+        Some(env) => crate::structured::compile(env, c).map_err(|e| EngineError::invalid(e.0)),
+    })
 }
 
 impl EngineCore {
@@ -99,7 +117,18 @@ impl EngineCore {
             next_seq: 0,
             seeds,
             num_added: 0,
+            grammars: None,
         }
+    }
+
+    /// Serves structured outputs over this vocabulary (the model's tokenizer).
+    pub fn with_grammars(mut self, env: GrammarEnv) -> EngineCore {
+        self.grammars = Some(env);
+        self
+    }
+
+    pub fn grammars(&self) -> Option<&GrammarEnv> {
+        self.grammars.as_ref()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -120,18 +149,18 @@ impl EngineCore {
 
     /// Queues a request, or returns the output that refuses it.
     pub fn add_request(&mut self, req: EngineRequest) -> Result<(), TokenOutput> {
+        let compiled = compile_constraint(self.grammars.as_ref(), &req);
+        self.add_request_compiled(req, compiled)
+    }
+
+    /// `add_request` with the constraint already compiled by [`compile_constraint`].
+    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled) -> Result<(), TokenOutput> {
         self.num_added += 1;
-        if let Err(why) = self.check_request(&req) {
-            return Err(TokenOutput {
-                id: req.id,
-                index: 0,
-                new_tokens: vec![],
-                logprobs: None,
-                finish: Some(FinishReason::Error(why)),
-                num_cached_tokens: 0,
-                prompt_logprobs: None,
-            });
-        }
+        let checked = self.check_request(&req).and_then(|()| compiled.transpose());
+        let grammar = match checked {
+            Ok(g) => g,
+            Err(why) => return Err(refusal(req.id, why)),
+        };
         let n = req.sampling.n.max(1);
         for index in 0..n {
             let seed = match req.sampling.seed {
@@ -159,6 +188,8 @@ impl EngineCore {
                     reported_cached: false,
                     num_cached_tokens: 0,
                     prompt_lp,
+                    // Each completion follows its own tokens.
+                    grammar: grammar.as_ref().map(SeqGrammar::fork),
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
@@ -230,7 +261,32 @@ impl EngineCore {
                 })
                 .collect(),
         };
-        let mut logits = match self.executor.execute(&input) {
+        // The masks of constrained sequences due to sample are computed on a
+        // helper thread while the model runs, so they add nothing to the step
+        // unless they take longer than the forward pass.
+        let mut masked: Vec<(SeqId, SeqGrammar)> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .filter_map(|s| Some((s.id, self.seqs.get_mut(&s.id)?.grammar.take()?)))
+            .collect();
+        let executor = &mut self.executor;
+        let result = if masked.is_empty() {
+            executor.execute(&input)
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| masked.iter_mut().for_each(|(_, g)| g.fill_mask()));
+                let r = executor.execute(&input);
+                let _ = masks.join();
+                r
+            })
+        };
+        for (sid, g) in masked {
+            if let Some(st) = self.seqs.get_mut(&sid) {
+                st.grammar = Some(g);
+            }
+        }
+        let mut logits = match result {
             Ok(l) => l,
             Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
         };
@@ -256,10 +312,25 @@ impl EngineCore {
             let Some(req) = self.requests.get(&st.request) else { continue };
             let row = rows.end - 1;
             let logits_row = &mut logits[row * vocab..(row + 1) * vocab];
+            // Tokens outside the constraint get -inf before anything else
+            // looks at the logits, greedy decoding included.
+            // A mask that cannot be computed is the constraint's fault (too
+            // complex for llguidance's limits); a rejected token is ours.
+            let mut grammar_error = st.grammar.as_mut().and_then(|g| g.apply_mask(logits_row).err()).map(EngineError::invalid);
             let pick = st.sampler.sample(logits_row, &req.params, &self.eog_ids);
             sampled.push((s.id, pick.token));
             let generated = st.sampler.num_generated();
             let mut finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
+            if grammar_error.is_none() {
+                match st.grammar.as_mut().map(|g| g.commit(pick.token)) {
+                    Some(Commit::Finished) => finish = finish.or(Some(FinishReason::Stop)),
+                    Some(Commit::Rejected(e)) => grammar_error = Some(EngineError::internal(e)),
+                    Some(Commit::Continue) | None => {}
+                }
+            }
+            if let Some(e) = grammar_error {
+                finish = Some(FinishReason::Error(e));
+            }
             if finish.is_none() && st.prompt_len + generated >= self.sched.max_seq_len() {
                 finish = Some(FinishReason::Length);
             }
@@ -344,6 +415,19 @@ impl EngineCore {
     }
 }
 
+/// The output that refuses request `id`.
+fn refusal(id: RequestId, why: EngineError) -> TokenOutput {
+    TokenOutput {
+        id,
+        index: 0,
+        new_tokens: vec![],
+        logprobs: None,
+        finish: Some(FinishReason::Error(why)),
+        num_cached_tokens: 0,
+        prompt_logprobs: None,
+    }
+}
+
 fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
     TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None }
 }
@@ -405,6 +489,8 @@ impl EngineThreads {
 
 enum Inbox {
     Command(EngineCommand),
+    /// An Add whose constraint the input thread already compiled.
+    Add(EngineRequest, Compiled),
     /// The gateway's end went away.
     Closed,
     /// Look at the control flags (a drain began).
@@ -450,6 +536,15 @@ fn busy_loop(
                         outputs.push(refusal);
                     }
                 }
+                Inbox::Add(req, compiled) => {
+                    if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
+                        let _ = core.add_request_compiled(req, compiled);
+                        panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
+                    }
+                    if let Err(refusal) = core.add_request_compiled(req, compiled) {
+                        outputs.push(refusal);
+                    }
+                }
                 Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
                 Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
                 Inbox::Wake => woken = true,
@@ -482,12 +577,22 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
     let control = std::sync::Arc::new(Control::default());
     let control_busy = control.clone();
     let wake = inbox_tx.clone();
+    // Constraints compile on the input thread (milliseconds for a big schema),
+    // so the busy loop never waits on a compile.
+    let grammars = core.grammars().cloned();
 
     let input = std::thread::Builder::new().name(format!("ferry-in{rank}")).spawn(move || loop {
         match cmd_rx.recv() {
             Ok(ToEngine::Command(c)) => {
                 let stop = matches!(c, EngineCommand::Shutdown);
-                if inbox_tx.send(Inbox::Command(c)).is_err() || stop {
+                let msg = match c {
+                    EngineCommand::Add(req) if req.sampling.constraint.is_some() => {
+                        let compiled = compile_constraint(grammars.as_ref(), &req);
+                        Inbox::Add(req, compiled)
+                    }
+                    c => Inbox::Command(c),
+                };
+                if inbox_tx.send(msg).is_err() || stop {
                     break;
                 }
             }

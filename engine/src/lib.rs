@@ -22,6 +22,7 @@ pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod scheduler;
+pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 

@@ -218,6 +218,7 @@ pub fn sampling_params(
         logprobs,
         prompt_logprobs: None,
         logit_bias: Vec::new(),
+        constraint: None,
     };
     sampler::validate(&p, vocab_size)
         .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;
