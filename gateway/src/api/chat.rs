@@ -83,7 +83,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         (None, m) => (m, "max_tokens"),
     };
     let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
-    let params = sampling_params(
+    let mut params = sampling_params(
         &req.sampling,
         max_tokens,
         want_logprobs.then_some(top_k),
@@ -91,6 +91,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         &limits,
         tok.vocab_size(),
     )?;
+    params.constraint = super::structured::constraint(&state, &req.sampling.structured).await?;
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
     if plan.stream {

@@ -93,12 +93,15 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         (None, false) => None,
     };
     let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "prompt", max_tokens_param: "max_tokens" };
+    let constraint = super::structured::constraint(&state, &req.sampling.structured).await?;
     let mut params = Vec::with_capacity(prompts.len());
     for p in &prompts {
         // The default 16 shrinks to the room left; an explicit value must fit.
         let room = state.max_model_len.saturating_sub(p.len() as u32);
         let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
-        params.push(sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?);
+        let mut sp = sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?;
+        sp.constraint = constraint.clone();
+        params.push(sp);
     }
     let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
     let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;

@@ -24,6 +24,7 @@ pub mod models;
 pub mod params;
 pub mod sse;
 pub mod stop_strings;
+pub mod structured;
 pub mod tokenize;
 pub mod types;
 

@@ -66,6 +66,9 @@ pub struct SamplingFields {
     pub min_tokens: Option<u32>,
     pub skip_special_tokens: Option<bool>,
     pub add_special_tokens: Option<bool>,
+    /// response_format, structured_outputs, guided_*.
+    #[serde(flatten)]
+    pub structured: super::structured::StructuredFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
