@@ -17,18 +17,44 @@ use super::TokenizerError;
 /// Deserializes OpenAI's forms of `content`: a string, null (as ""), or a
 /// list of parts of which the `{"type": "text", "text": ..}` ones are
 /// joined with newlines (as vLLM does); other part types are refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Other fields (`tool_calls` of an assistant message, `tool_call_id` and
+/// `name` of a tool's answer, ...) are kept as they came and passed to the
+/// template with the message, as Hugging Face passes message dicts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
     }
 }
+
+/// How to render one conversation: the arguments of Hugging Face's
+/// `apply_chat_template` that requests may set.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderOptions {
+    /// Open an assistant turn after the messages.
+    pub add_generation_prompt: bool,
+    /// Leave the last message open, so the model continues it (Hugging
+    /// Face cuts the rendering right after that message's content).
+    pub continue_final_message: bool,
+    /// Tool (function) definitions, as the template's `tools` variable.
+    pub tools: Option<serde_json::Value>,
+    /// Extra template variables (vLLM's `chat_template_kwargs`); they never
+    /// replace `messages`, `tools`, the special tokens or the flags above.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Most template instructions one render of a request's own template may
+/// run (minijinja fuel): a template sent by a client cannot spin forever.
+const REQUEST_TEMPLATE_FUEL: u64 = 5_000_000;
 
 fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
@@ -86,6 +112,14 @@ pub(super) struct ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// A template sent with a request (vLLM's `chat_template` field): like
+    /// the model's, but every render is bounded by fuel.
+    pub fn untrusted(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
+        let mut t = Self::new(source, bos, eos)?;
+        t.env.set_fuel(Some(REQUEST_TEMPLATE_FUEL));
+        Ok(t)
+    }
+
     pub fn new(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -107,19 +141,54 @@ impl ChatTemplate {
         &self.source
     }
 
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+    pub fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TokenizerError> {
+        if opts.continue_final_message && opts.add_generation_prompt {
+            // Hugging Face's own refusal, word for word.
+            return Err(TokenizerError::Template(
+                "continue_final_message and add_generation_prompt are not compatible. Use continue_final_message when you \
+                 want the model to continue the final message, and add_generation_prompt when you want to add a header \
+                 that will prompt it to generate a new assistant message instead."
+                    .into(),
+            ));
+        }
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => Value::from(Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos.as_str(),
-            eos_token => self.eos.as_str(),
-        })
-        .map_err(|e| TokenizerError::Template(e.to_string()))
+        let rendered = tmpl
+            .render(minijinja::context! {
+                messages => Value::from(Serde(messages)),
+                tools => Value::from(Serde(&opts.tools)),
+                add_generation_prompt => opts.add_generation_prompt,
+                bos_token => self.bos.as_str(),
+                eos_token => self.eos.as_str(),
+                ..Value::from(Serde(&opts.kwargs))
+            })
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        if !opts.continue_final_message {
+            return Ok(rendered);
+        }
+        cut_after_final_message(rendered, messages)
     }
+}
+
+/// Hugging Face's `continue_final_message`: the rendering up to the end of
+/// the last message's content (its last occurrence; stripped when the
+/// template strips messages, as Llama 3.1's does).
+fn cut_after_final_message(rendered: String, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
+    let last = messages.last().map(|m| m.content.as_str()).unwrap_or("");
+    for needle in [last, last.trim()] {
+        if let Some(i) = rendered.rfind(needle) {
+            let mut rendered = rendered;
+            rendered.truncate(i + needle.len());
+            return Ok(rendered);
+        }
+    }
+    Err(TokenizerError::Template(
+        "continue_final_message is set but the final message does not appear in the chat after applying the chat template! \
+         This can happen if the chat template deletes portions of the final message."
+            .into(),
+    ))
 }
 
 /// `raise_exception(msg)`: templates use it to refuse a conversation.
@@ -313,7 +382,8 @@ mod tests {
     use super::*;
 
     fn render(src: &str, msgs: &[ChatMessage], gen: bool) -> Result<String, TokenizerError> {
-        ChatTemplate::new(src.into(), "<s>".into(), "</s>".into())?.render(msgs, gen)
+        ChatTemplate::new(src.into(), "<s>".into(), "</s>".into())?
+            .render(msgs, &RenderOptions { add_generation_prompt: gen, ..Default::default() })
     }
 
     #[test]
@@ -434,5 +504,56 @@ mod tests {
         assert_eq!(strftime(1_722_000_000 - 1_722_000_000 % 86_400 + 45_296, "%d %b %Y %H:%M:%S %A %j"), "26 Jul 2024 12:34:56 Friday 208");
         assert_eq!(strftime(951_782_400, "%Y-%m-%d %a %B %-d"), "2000-02-29 Tue February 29");
         assert_eq!(strftime(0, "%%%y"), "%70");
+    }
+
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    fn opts() -> RenderOptions {
+        RenderOptions::default()
+    }
+
+    #[test]
+    fn continue_final_message_leaves_the_last_message_open() {
+        let t = ChatTemplate::new(CHATML.into(), String::new(), String::new()).unwrap();
+        let msgs = [ChatMessage::new("user", "Count"), ChatMessage::new("assistant", "1, 2,")];
+        let out = t.render(&msgs, &RenderOptions { continue_final_message: true, ..opts() }).unwrap();
+        assert_eq!(out, "<|im_start|>user\nCount<|im_end|>\n<|im_start|>assistant\n1, 2,");
+        let e = t
+            .render(&msgs, &RenderOptions { continue_final_message: true, add_generation_prompt: true, ..opts() })
+            .unwrap_err();
+        assert!(e.to_string().contains("not compatible"), "{e}");
+        // A template that drops the message's text cannot be continued.
+        let t = ChatTemplate::new("{% for m in messages %}[{{ m.role }}]{% endfor %}".into(), String::new(), String::new()).unwrap();
+        let e = t.render(&msgs, &RenderOptions { continue_final_message: true, ..opts() }).unwrap_err();
+        assert!(e.to_string().contains("does not appear"), "{e}");
+    }
+
+    #[test]
+    fn tools_kwargs_and_message_extras_reach_the_template() {
+        let src = "{% if tools %}{% for t in tools %}T:{{ t.function.name }};{% endfor %}{% endif %}\
+                   {% for m in messages %}{{ m.role }}{% if m.tool_calls %}={{ m.tool_calls[0].function.name }}{% endif %}\
+                   {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}{{ enable_thinking }}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let msgs: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"}
+        ]))
+        .unwrap();
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), false.into());
+        // kwargs never replace the fixed variables.
+        kwargs.insert("messages".into(), serde_json::json!([]));
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let out = t.render(&msgs, &RenderOptions { tools: Some(tools), kwargs, ..opts() }).unwrap();
+        assert_eq!(out, "T:get_weather;user;assistant=f;tool#c1;False"); // Python prints False
+    }
+
+    #[test]
+    fn a_request_template_cannot_run_forever() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::untrusted(src.into(), String::new(), String::new()).unwrap();
+        let e = t.render(&[ChatMessage::new("user", "x")], &opts()).unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("fuel"), "{e}");
     }
 }

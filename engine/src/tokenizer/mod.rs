@@ -17,7 +17,7 @@ mod pieces;
 
 use std::path::Path;
 
-pub use chat_template::ChatMessage;
+pub use chat_template::{ChatMessage, RenderOptions};
 pub use detokenizer::IncrementalDetokenizer;
 
 use chat_template::ChatTemplate;
@@ -57,6 +57,9 @@ pub struct Tokenizer {
     add_eos: bool,
     eog: Vec<u32>,
     chat: Option<ChatTemplate>,
+    /// The special tokens' texts, for templates sent with a request.
+    bos_text: String,
+    eos_text: String,
     /// llguidance's view of this vocabulary, built on first use and shared
     /// by the gateway's validation and the in-process engines.
     grammar: std::sync::OnceLock<Result<crate::structured::GrammarEnv, String>>,
@@ -92,7 +95,7 @@ impl Tokenizer {
 
     fn assemble(p: Parts) -> Result<Tokenizer, TokenizerError> {
         let chat = match p.chat_template {
-            Some(src) => Some(ChatTemplate::new(src, p.bos_text, p.eos_text)?),
+            Some(src) => Some(ChatTemplate::new(src, p.bos_text.clone(), p.eos_text.clone())?),
             None => None,
         };
         Ok(Tokenizer {
@@ -106,6 +109,8 @@ impl Tokenizer {
             add_eos: p.add_eos,
             eog: p.eog,
             chat,
+            bos_text: p.bos_text,
+            eos_text: p.eos_text,
             grammar: std::sync::OnceLock::new(),
         })
     }
@@ -235,10 +240,22 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.chat
-            .as_ref()
-            .ok_or(TokenizerError::NoChatTemplate)?
-            .render(messages, add_generation_prompt)
+        self.render_chat(messages, &RenderOptions { add_generation_prompt, ..Default::default() }, None)
+    }
+
+    /// `apply_chat_template` with every option a request may set; `template`
+    /// replaces the model's own for this one render (bounded, since it comes
+    /// from a client).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+        template: Option<&str>,
+    ) -> Result<String, TokenizerError> {
+        match template {
+            Some(src) => ChatTemplate::untrusted(src.to_string(), self.bos_text.clone(), self.eos_text.clone())?.render(messages, opts),
+            None => self.chat.as_ref().ok_or(TokenizerError::NoChatTemplate)?.render(messages, opts),
+        }
     }
 }
 
