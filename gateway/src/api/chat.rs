@@ -17,6 +17,8 @@ use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
+use super::tools::stream::{Piece, ToolStream};
+use super::tools::ToolMode;
 use super::types::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, Usage,
@@ -41,8 +43,19 @@ pub fn render_chat(
     add_generation_prompt: bool,
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
+    let opts = super::fe::tokenizer::RenderOptions { add_generation_prompt, ..Default::default() };
+    render_chat_with(tok, messages, &opts, add_special_tokens)
+}
+
+/// `render_chat` with every template option (the tools among them).
+pub fn render_chat_with(
+    tok: &Tokenizer,
+    messages: &[super::fe::tokenizer::ChatMessage],
+    opts: &super::fe::tokenizer::RenderOptions,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
     let text = tok
-        .apply_chat_template(messages, add_generation_prompt)
+        .render_chat(messages, opts, None)
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to apply the chat template: {e}")))?;
     tok.encode(&text, add_special_tokens)
         .map_err(|e| ApiError::invalid_param("messages", format!("Failed to tokenize the chat: {e}")))
@@ -70,13 +83,18 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
     // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
     super::limits::check_stop(req.sampling.stop.as_ref())?;
     super::limits::check_messages(messages)?;
+    let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
     let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
     let prompt = {
-        let (tok, messages) = (tok.clone(), messages.clone());
-        let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+        let (tok, messages) = (tok.clone(), super::tools::template_messages(messages));
+        let opts = super::fe::tokenizer::RenderOptions {
+            add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+            tools: tool_plan.template_tools.clone(),
+            ..Default::default()
+        };
         let add_special = req.sampling.add_special_tokens.unwrap_or(false);
-        state.text_work(move || render_chat(&tok, &messages, add_generation_prompt, add_special)).await?
+        state.text_work(move || render_chat_with(&tok, &messages, &opts, add_special)).await?
     };
     let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
@@ -91,11 +109,13 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         &limits,
         tok.vocab_size(),
     )?;
-    params.constraint = super::structured::constraint(&state, &req.sampling.structured).await?;
+    let structured = super::structured::constraint(&state, &req.sampling.structured).await?;
+    params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
-    let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k) };
+    let out = Output { id: new_response_id("chatcmpl"), created: unix_now(), model, logprobs: want_logprobs.then_some(top_k), tools: tool_plan.mode };
     if plan.stream {
-        let shape = ChatStream { gen, out, plan };
+        let tools = (0..gen.num_choices()).map(|_| ToolStream::new(out.tools.clone())).collect();
+        let shape = ChatStream { gen, out, plan, tools };
         let first = shape.role_chunks();
         return Ok(sse::response(DeltaStream::new(shape, first)));
     }
@@ -108,6 +128,8 @@ struct Output {
     model: String,
     /// Some(k): logprobs with k alternatives per token.
     logprobs: Option<u32>,
+    /// How tool calls are read out of the text.
+    tools: ToolMode,
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
@@ -128,13 +150,16 @@ async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionRespo
     let choices = texts
         .into_iter()
         .enumerate()
-        .map(|(i, content)| {
+        .map(|(i, text)| {
             let finish = finishes[i].take();
+            let reason = finish.as_ref().map(|f| f.reason).unwrap_or("stop");
+            let (content, calls, reason) = super::tools::read_output(&out.tools, text, reason);
+            let tool_calls = calls.iter().map(|c| super::tools::call_value(c, None)).collect();
             ChatChoice {
                 index: i as u32,
-                message: ChatResponseMessage { role: "assistant", content, tool_calls: Vec::new() },
+                message: ChatResponseMessage { role: "assistant", content, tool_calls },
                 logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &lps[i], top)),
-                finish_reason: finish.as_ref().map(|f| f.reason),
+                finish_reason: finish.as_ref().map(|_| reason),
                 stop_reason: finish.and_then(|f| f.stop_reason),
             }
         })
@@ -185,6 +210,8 @@ struct ChatStream {
     gen: Generation,
     out: Output,
     plan: StreamPlan,
+    /// Per choice: what of its text may be tool calls.
+    tools: Vec<ToolStream>,
 }
 
 impl ChatStream {
@@ -209,7 +236,7 @@ impl ChatStream {
         for i in 0..self.gen.num_choices() {
             let choice = ChatStreamChoice {
                 index: i as u32,
-                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
                 logprobs: None,
                 finish_reason: None,
                 stop_reason: None,
@@ -221,6 +248,9 @@ impl ChatStream {
     }
 
     fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
+        if self.out.tools != ToolMode::Off {
+            return self.on_tool_delta(d);
+        }
         let i = d.index as usize;
         let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
         let usage = self
@@ -230,12 +260,52 @@ impl ChatStream {
         let finish = d.finish;
         let choice = ChatStreamChoice {
             index: d.index,
-            delta: ChatDelta { role: None, content: Some(d.text) },
+            delta: ChatDelta { role: None, content: Some(d.text), tool_calls: None },
             logprobs,
             finish_reason: finish.as_ref().map(|f| f.reason),
             stop_reason: finish.map(|f| f.stop_reason),
         };
         self.chunk(vec![choice], usage)
+    }
+}
+
+impl ChatStream {
+    /// A delta of a choice whose text may hold tool calls: a chunk per piece
+    /// its [`ToolStream`] lets out (content or `tool_calls`), then, when the
+    /// choice ends, a chunk with an empty delta carrying the finish reason.
+    fn on_tool_delta(&mut self, d: ChoiceDelta) -> Bytes {
+        let i = d.index as usize;
+        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+        let usage = self
+            .plan
+            .continuous_usage
+            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
+        let mut pieces = self.tools[i].push(&d.text);
+        let finish = d.finish.map(|f| {
+            let (rest, reason) = self.tools[i].finish(f.reason);
+            pieces.extend(rest);
+            (reason, f.stop_reason)
+        });
+        let mut out = Vec::new();
+        for p in pieces {
+            let delta = match p {
+                Piece::Content(c) => ChatDelta { content: Some(c), ..Default::default() },
+                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls), ..Default::default() },
+            };
+            let choice = ChatStreamChoice { index: d.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
+            out.extend_from_slice(&self.chunk(vec![choice], usage.clone()));
+        }
+        if let Some((reason, stop_reason)) = finish {
+            let choice = ChatStreamChoice {
+                index: d.index,
+                delta: ChatDelta::default(),
+                logprobs: logprobs.take(),
+                finish_reason: Some(reason),
+                stop_reason: Some(stop_reason),
+            };
+            out.extend_from_slice(&self.chunk(vec![choice], usage));
+        }
+        Bytes::from(out)
     }
 }
 

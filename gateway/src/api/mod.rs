@@ -25,6 +25,7 @@ pub mod params;
 pub mod sse;
 pub mod stop_strings;
 pub mod structured;
+pub mod tools;
 pub mod tokenize;
 pub mod types;
 
@@ -82,6 +83,8 @@ pub struct AppState {
     text_work: Arc<Semaphore>,
     pub client_limits: Arc<client_limits::ClientLimits>,
     pub cors: cors::CorsConfig,
+    /// `--enable-auto-tool-choice` and `--tool-call-parser`.
+    pub tools: tools::ToolConfig,
 }
 
 impl AppState {
@@ -113,8 +116,14 @@ impl AppState {
             drain_fire: Arc::new(drain_fire),
             client_limits: client_limits::ClientLimits::new(Default::default()),
             cors: cors::CorsConfig::default(),
+            tools: tools::ToolConfig::default(),
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
         }
+    }
+
+    pub fn with_tool_config(mut self, tools: tools::ToolConfig) -> Self {
+        self.tools = tools;
+        self
     }
 
     pub fn with_api_key(self, key: Option<String>) -> Self {

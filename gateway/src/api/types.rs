@@ -97,6 +97,9 @@ pub struct ChatCompletionRequest {
     pub add_generation_prompt: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// tools, tool_choice, parallel_tool_calls.
+    #[serde(flatten)]
+    pub tool_fields: super::tools::ToolFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -234,6 +237,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -291,7 +296,7 @@ mod tests {
     fn chat_chunk_shapes() {
         let role = ChatStreamChoice {
             index: 0,
-            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
             logprobs: None,
             finish_reason: None,
             stop_reason: None,
@@ -302,7 +307,7 @@ mod tests {
         );
         let last = ChatStreamChoice {
             index: 1,
-            delta: ChatDelta { role: None, content: Some("x".into()) },
+            delta: ChatDelta { role: None, content: Some("x".into()), tool_calls: None },
             logprobs: None,
             finish_reason: Some("stop"),
             stop_reason: Some(Some(StopReason::Text("END".into()))),

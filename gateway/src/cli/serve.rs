@@ -86,6 +86,15 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM or SIGINT.
     #[arg(long, default_value_t = 5)]
     pub shutdown_timeout: u64,
+    /// Let the model decide when to call tools (`tool_choice: "auto"`, the
+    /// default when a request has tools); needs --tool-call-parser.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are read from the model's text: `hermes`
+    /// (`<tool_call>` JSON blocks: Hermes, Qwen2, SmolLM) or `json`
+    /// (bare JSON calls, alias `llama3_json`).
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -108,6 +117,7 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
+    let tools = crate::api::tools::ToolConfig::new(args.enable_auto_tool_choice, args.tool_call_parser.as_deref()).map_err(anyhow::Error::msg)?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
     let engine_args = args.engine.engine_args();
@@ -163,7 +173,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokens_per_minute: args.max_tokens_per_minute_per_client,
             })
             .with_cors(cors)
-            .map_err(anyhow::Error::msg)?;
+            .map_err(anyhow::Error::msg)?
+            .with_tool_config(tools);
         let mut cfg = ServeConfig {
             host: args.host.clone(),
             port: args.port,
