@@ -89,6 +89,21 @@ pub struct EngineCore {
     num_added: u64,
     /// The vocabulary for structured outputs; None: constrained requests are refused.
     grammars: Option<GrammarEnv>,
+    mask_timing: MaskTiming,
+}
+
+/// What structured outputs' masks cost, since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MaskTiming {
+    /// Masks computed (one per constrained sequence per sampling step).
+    pub masks: u64,
+    /// Steps that computed masks.
+    pub steps: u64,
+    /// Time spent computing them (on the helper thread, beside the forward pass).
+    pub compute: std::time::Duration,
+    /// Time the step waited for them after the forward pass was done: what
+    /// they added to the step.
+    pub stall: std::time::Duration,
 }
 
 /// A request's constraint compiled ahead of `add_request_compiled` (on the
@@ -118,7 +133,12 @@ impl EngineCore {
             seeds,
             num_added: 0,
             grammars: None,
+            mask_timing: MaskTiming::default(),
         }
+    }
+
+    pub fn mask_timing(&self) -> MaskTiming {
+        self.mask_timing
     }
 
     /// Serves structured outputs over this vocabulary (the model's tokenizer).
@@ -274,13 +294,23 @@ impl EngineCore {
         let result = if masked.is_empty() {
             executor.execute(&input)
         } else {
+            let timing = &mut self.mask_timing;
             std::thread::scope(|scope| {
-                let masks = scope.spawn(|| masked.iter_mut().for_each(|(_, g)| g.fill_mask()));
+                let masks = scope.spawn(|| {
+                    let t = std::time::Instant::now();
+                    masked.iter_mut().for_each(|(_, g)| g.fill_mask());
+                    t.elapsed()
+                });
                 let r = executor.execute(&input);
-                let _ = masks.join();
+                let waited = std::time::Instant::now();
+                let compute = masks.join().unwrap_or_default();
+                timing.stall += waited.elapsed();
+                timing.compute += compute;
+                timing.steps += 1;
                 r
             })
         };
+        self.mask_timing.masks += masked.len() as u64;
         for (sid, g) in masked {
             if let Some(st) = self.seqs.get_mut(&sid) {
                 st.grammar = Some(g);

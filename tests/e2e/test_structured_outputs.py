@@ -160,6 +160,18 @@ def test_lark_grammar_holds(oai, server):
         assert re.fullmatch(r"(Hello|Hi) [A-Z][a-z]{1,8}!", text) and finish == "stop", text
 
 
+def test_gbnf_grammar_holds(oai, server):
+    # vLLM's examples write grammars in GBNF/EBNF; they are rewritten as Lark.
+    grammar = """
+root ::= "SELECT " column (", " column)* " FROM " table
+column ::= "id" | "name" | "age"
+table ::= [a-z]{3,8}
+"""
+    got = _chat_choices(oai, server, False, extra_body={"structured_outputs": {"grammar": grammar}})
+    for text, finish in got.values():
+        assert re.fullmatch(r"SELECT (id|name|age)(, (id|name|age))* FROM [a-z]{3,8}", text) and finish == "stop", text
+
+
 @pytest.mark.parametrize("body, param, mentions", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
      "response_format", ("frobnicate",)),

@@ -17,6 +17,7 @@ pub mod client_limits;
 pub mod completions;
 pub mod cors;
 pub mod errors;
+pub mod gbnf;
 pub mod generation;
 pub mod limits;
 pub mod logprobs;

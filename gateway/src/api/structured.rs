@@ -97,6 +97,16 @@ impl Whitespace {
     }
 }
 
+/// A grammar in Lark, or in GBNF (`root ::= ...`) rewritten as Lark.
+fn grammar(param: &'static str, g: &str) -> Result<Constraint, ApiError> {
+    if !super::gbnf::is_gbnf(g) {
+        return Ok(Constraint::Lark(g.to_string()));
+    }
+    super::gbnf::to_lark(g)
+        .map(Constraint::Lark)
+        .map_err(|e| ApiError::invalid_param(param, format!("Invalid GBNF grammar: {e}")))
+}
+
 /// Every constraint the fields ask for.
 fn asked(f: &StructuredFields) -> Result<Vec<Asked>, ApiError> {
     let mut out = Vec::new();
@@ -135,7 +145,7 @@ fn asked(f: &StructuredFields) -> Result<Vec<Asked>, ApiError> {
             push("structured_outputs", Constraint::Choice(c.clone()));
         }
         if let Some(g) = &so.grammar {
-            push("structured_outputs", Constraint::Lark(g.clone()));
+            push("structured_outputs", grammar("structured_outputs", g)?);
         }
         if so.json_object == Some(true) {
             push("structured_outputs", Constraint::JsonObject);
@@ -151,7 +161,7 @@ fn asked(f: &StructuredFields) -> Result<Vec<Asked>, ApiError> {
         push("guided_choice", Constraint::Choice(c.clone()));
     }
     if let Some(g) = &f.guided_grammar {
-        push("guided_grammar", Constraint::Lark(g.clone()));
+        push("guided_grammar", grammar("guided_grammar", g)?);
     }
     Ok(out)
 }
