@@ -111,7 +111,13 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
             long_prefill_token_threshold: args.long_prefill_token_threshold,
         },
     };
-    let core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
+    let mut core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
+    // Structured outputs need the vocabulary's bytes; a model whose tokenizer
+    // gives llguidance nothing to work with serves everything else.
+    match model.tokenizer.grammar_env() {
+        Ok(env) => core = core.with_grammars(env.clone()),
+        Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
+    }
     let shape = EngineShape {
         fingerprint: crate::fingerprint::fingerprint(&model.cfg, &model.weights),
         vocab_size: model.cfg.vocab_size,

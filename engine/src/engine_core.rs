@@ -10,6 +10,7 @@ use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
@@ -42,6 +43,8 @@ struct SeqState {
     num_cached_tokens: usize,
     /// Set while this sequence computes its request's prompt logprobs.
     prompt_lp: Option<PromptLogprobs>,
+    /// The structured-output constraint's state, when the request has one.
+    grammar: Option<SeqGrammar>,
     clock: SeqClock,
 }
 
@@ -110,6 +113,36 @@ pub struct EngineCore {
     num_added: u64,
     /// Tokens of each step not yet reported (`take_step_tokens`).
     step_tokens: Vec<u32>,
+    /// The vocabulary for structured outputs; None: constrained requests are refused.
+    grammars: Option<GrammarEnv>,
+    mask_timing: MaskTiming,
+}
+
+/// What structured outputs' masks cost, since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MaskTiming {
+    /// Masks computed (one per constrained sequence per sampling step).
+    pub masks: u64,
+    /// Steps that computed masks.
+    pub steps: u64,
+    /// Time spent computing them (on the helper thread, beside the forward pass).
+    pub compute: std::time::Duration,
+    /// Time the step waited for them after the forward pass was done: what
+    /// they added to the step.
+    pub stall: std::time::Duration,
+}
+
+/// A request's constraint compiled ahead of `add_request_compiled` (on the
+/// input thread, off the busy loop): None when it has none.
+pub type Compiled = Option<Result<SeqGrammar, EngineError>>;
+
+/// Compiles `req`'s constraint, if any, against `env`.
+pub fn compile_constraint(env: Option<&GrammarEnv>, req: &EngineRequest) -> Compiled {
+    let c = req.sampling.constraint.as_ref()?;
+    Some(match env {
+        None => Err(EngineError::invalid("this engine cannot serve structured outputs (it has no tokenizer)")),
+        Some(env) => crate::structured::compile(env, c).map_err(|e| EngineError::invalid(e.0)),
+    })
 }
 
 impl EngineCore {
@@ -126,7 +159,23 @@ impl EngineCore {
             seeds,
             num_added: 0,
             step_tokens: Vec::new(),
+            grammars: None,
+            mask_timing: MaskTiming::default(),
         }
+    }
+
+    pub fn mask_timing(&self) -> MaskTiming {
+        self.mask_timing
+    }
+
+    /// Serves structured outputs over this vocabulary (the model's tokenizer).
+    pub fn with_grammars(mut self, env: GrammarEnv) -> EngineCore {
+        self.grammars = Some(env);
+        self
+    }
+
+    pub fn grammars(&self) -> Option<&GrammarEnv> {
+        self.grammars.as_ref()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -147,19 +196,18 @@ impl EngineCore {
 
     /// Queues a request, or returns the output that refuses it.
     pub fn add_request(&mut self, req: EngineRequest) -> Result<(), TokenOutput> {
+        let compiled = compile_constraint(self.grammars.as_ref(), &req);
+        self.add_request_compiled(req, compiled)
+    }
+
+    /// `add_request` with the constraint already compiled by [`compile_constraint`].
+    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled) -> Result<(), TokenOutput> {
         self.num_added += 1;
-        if let Err(why) = self.check_request(&req) {
-            return Err(TokenOutput {
-                id: req.id,
-                index: 0,
-                new_tokens: vec![],
-                logprobs: None,
-                finish: Some(FinishReason::Error(why)),
-                num_cached_tokens: 0,
-                prompt_logprobs: None,
-                timing: None,
-            });
-        }
+        let checked = self.check_request(&req).and_then(|()| compiled.transpose());
+        let grammar = match checked {
+            Ok(g) => g,
+            Err(why) => return Err(refusal(req.id, why)),
+        };
         let n = req.sampling.n.max(1);
         for index in 0..n {
             let seed = match req.sampling.seed {
@@ -188,6 +236,8 @@ impl EngineCore {
                     num_cached_tokens: 0,
                     prompt_lp,
                     clock: SeqClock { arrived: Instant::now(), scheduled: None, first_token: None },
+                    // Each completion follows its own tokens.
+                    grammar: grammar.as_ref().map(SeqGrammar::fork),
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
@@ -274,9 +324,44 @@ impl EngineCore {
                 })
                 .collect(),
         };
+        // The masks of constrained sequences due to sample are computed on a
+        // helper thread while the model runs, so they add nothing to the step
+        // unless they take longer than the forward pass.
+        let mut masked: Vec<(SeqId, SeqGrammar)> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .filter_map(|s| Some((s.id, self.seqs.get_mut(&s.id)?.grammar.take()?)))
+            .collect();
+        let executor = &mut self.executor;
+        let result = if masked.is_empty() {
+            executor.execute(&input, &StepSampling::Host)
+        } else {
+            let timing = &mut self.mask_timing;
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| {
+                    let t = std::time::Instant::now();
+                    masked.iter_mut().for_each(|(_, g)| g.fill_mask());
+                    t.elapsed()
+                });
+                let r = executor.execute(&input, &StepSampling::Host);
+                let waited = std::time::Instant::now();
+                let compute = masks.join().unwrap_or_default();
+                timing.stall += waited.elapsed();
+                timing.compute += compute;
+                timing.steps += 1;
+                r
+            })
+        };
+        self.mask_timing.masks += masked.len() as u64;
+        for (sid, g) in masked {
+            if let Some(st) = self.seqs.get_mut(&sid) {
+                st.grammar = Some(g);
+            }
+        }
         // The host samples (StepSampling::Host), so logit rows come back;
         // taking device-sampled ids here waits for a backend that makes them.
-        let mut logits = match self.executor.execute(&input, &StepSampling::Host) {
+        let mut logits = match result {
             Ok(StepOutput::Logits(l)) => l,
             Ok(StepOutput::Sampled(_)) => return self.fail_scheduled(&plan, "the backend sampled when asked for logits"),
             Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
@@ -303,10 +388,25 @@ impl EngineCore {
             let Some(req) = self.requests.get(&st.request) else { continue };
             let row = rows.end - 1;
             let logits_row = &mut logits[row * vocab..(row + 1) * vocab];
+            // Tokens outside the constraint get -inf before anything else
+            // looks at the logits, greedy decoding included.
+            // A mask that cannot be computed is the constraint's fault (too
+            // complex for llguidance's limits); a rejected token is ours.
+            let mut grammar_error = st.grammar.as_mut().and_then(|g| g.apply_mask(logits_row).err()).map(EngineError::invalid);
             let pick = st.sampler.sample(logits_row, &req.params, &self.eog_ids);
             sampled.push((s.id, pick.token));
             let generated = st.sampler.num_generated();
             let mut finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
+            if grammar_error.is_none() {
+                match st.grammar.as_mut().map(|g| g.commit(pick.token)) {
+                    Some(Commit::Finished) => finish = finish.or(Some(FinishReason::Stop)),
+                    Some(Commit::Rejected(e)) => grammar_error = Some(EngineError::internal(e)),
+                    Some(Commit::Continue) | None => {}
+                }
+            }
+            if let Some(e) = grammar_error {
+                finish = Some(FinishReason::Error(e));
+            }
             if finish.is_none() && st.prompt_len + generated >= self.sched.max_seq_len() {
                 finish = Some(FinishReason::Length);
             }
@@ -394,6 +494,20 @@ impl EngineCore {
     }
 }
 
+/// The output that refuses request `id`.
+fn refusal(id: RequestId, why: EngineError) -> TokenOutput {
+    TokenOutput {
+        id,
+        index: 0,
+        new_tokens: vec![],
+        logprobs: None,
+        finish: Some(FinishReason::Error(why)),
+        num_cached_tokens: 0,
+        prompt_logprobs: None,
+        timing: None,
+    }
+}
+
 fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
     TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None, timing: None }
 }
@@ -455,6 +569,8 @@ impl EngineThreads {
 
 enum Inbox {
     Command(EngineCommand),
+    /// An Add whose constraint the input thread already compiled.
+    Add(EngineRequest, Compiled),
     /// The gateway's end went away.
     Closed,
     /// Look at the control flags (a drain began).
@@ -500,6 +616,15 @@ fn busy_loop(
                         outputs.push(refusal);
                     }
                 }
+                Inbox::Add(req, compiled) => {
+                    if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
+                        let _ = core.add_request_compiled(req, compiled);
+                        panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
+                    }
+                    if let Err(refusal) = core.add_request_compiled(req, compiled) {
+                        outputs.push(refusal);
+                    }
+                }
                 Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
                 Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
                 Inbox::Wake => woken = true,
@@ -532,12 +657,22 @@ pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::
     let control = std::sync::Arc::new(Control::default());
     let control_busy = control.clone();
     let wake = inbox_tx.clone();
+    // Constraints compile on the input thread (milliseconds for a big schema),
+    // so the busy loop never waits on a compile.
+    let grammars = core.grammars().cloned();
 
     let input = std::thread::Builder::new().name(format!("ferry-in{rank}")).spawn(move || loop {
         match cmd_rx.recv() {
             Ok(ToEngine::Command(c)) => {
                 let stop = matches!(c, EngineCommand::Shutdown);
-                if inbox_tx.send(Inbox::Command(c)).is_err() || stop {
+                let msg = match c {
+                    EngineCommand::Add(req) if req.sampling.constraint.is_some() => {
+                        let compiled = compile_constraint(grammars.as_ref(), &req);
+                        Inbox::Add(req, compiled)
+                    }
+                    c => Inbox::Command(c),
+                };
+                if inbox_tx.send(msg).is_err() || stop {
                     break;
                 }
             }

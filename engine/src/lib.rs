@@ -29,9 +29,10 @@ pub mod rng;
 pub mod rope_scaling;
 pub mod sampler;
 pub mod scheduler;
+pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineHandle, EngineThreads};
+pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineHandle, EngineThreads, MaskTiming};
 pub use args::{build_engine_core, EngineArgs, EngineShape};
 pub use loader::{load_model, LoadFormat, LoadedModel};

@@ -58,6 +58,42 @@ pub struct SamplingParams {
     /// (OpenAI `logit_bias`, already clamped to [-100, 100]): (token id, bias),
     /// ids unique and inside the vocabulary.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Structured outputs: every sampled token must keep the output inside
+    /// this language (vLLM `structured_outputs` / `response_format`). The
+    /// engine compiles it against its own tokenizer; read off the wire it is
+    /// untrusted, so its size is bounded (`MAX_CONSTRAINT_BYTES`).
+    pub constraint: Option<Constraint>,
+}
+
+/// Most bytes a constraint's text may hold (a schema, regex, grammar, or all
+/// choices together): bounds what one request can make an engine compile.
+pub const MAX_CONSTRAINT_BYTES: usize = 256 * 1024;
+
+/// The language a structured output must belong to. Text forms (not parsed
+/// values) so every codec carries them as they are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Constraint {
+    /// A JSON Schema, as JSON text.
+    JsonSchema(String),
+    /// Any JSON object (`response_format: json_object`).
+    JsonObject,
+    /// A regular expression (Rust `regex` syntax) the whole output matches.
+    Regex(String),
+    /// The output is exactly one of these strings.
+    Choice(Vec<String>),
+    /// A context-free grammar in llguidance's Lark syntax.
+    Lark(String),
+}
+
+impl Constraint {
+    /// Bytes of text this constraint carries (what `MAX_CONSTRAINT_BYTES` bounds).
+    pub fn text_len(&self) -> usize {
+        match self {
+            Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s) => s.len(),
+            Constraint::JsonObject => 0,
+            Constraint::Choice(v) => v.iter().map(|c| c.len() + 1).sum(),
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -79,6 +115,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             logit_bias: Vec::new(),
+            constraint: None,
         }
     }
 }

@@ -17,11 +17,11 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
     (
         (any::<u32>(), f32s(), f32s(), any::<i32>(), f32s(), f32s(), f32s()),
         (f32s(), option::of(any::<u64>()), any::<u32>(), any::<u32>(), vec(any::<u32>(), 0..8)),
-        (any::<bool>(), option::of(any::<u32>())),
+        (any::<bool>(), option::of(any::<u32>()), option::of(constraint())),
     )
         .prop_map(|((n, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty), b, c)| {
             let (frequency_penalty, seed, max_tokens, min_tokens, stop_token_ids) = b;
-            let (ignore_eos, logprobs) = c;
+            let (ignore_eos, logprobs, constraint) = c;
             let logit_bias = stop_token_ids.iter().map(|&t| (t, -1.5)).collect();
             SamplingParams {
                 n,
@@ -40,8 +40,19 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
                 logprobs,
                 prompt_logprobs: logprobs,
                 logit_bias,
+                constraint,
             }
         })
+}
+
+fn constraint() -> impl Strategy<Value = Constraint> {
+    prop_oneof![
+        ".{0,40}".prop_map(Constraint::JsonSchema),
+        Just(Constraint::JsonObject),
+        ".{0,40}".prop_map(Constraint::Regex),
+        vec(".{0,10}", 0..4).prop_map(Constraint::Choice),
+        ".{0,40}".prop_map(Constraint::Lark),
+    ]
 }
 
 fn to_engine() -> impl Strategy<Value = ToEngine> {

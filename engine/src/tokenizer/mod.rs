@@ -60,6 +60,9 @@ pub struct Tokenizer {
     /// The special tokens' texts, for templates sent with a request.
     bos_text: String,
     eos_text: String,
+    /// llguidance's view of this vocabulary, built on first use and shared
+    /// by the gateway's validation and the in-process engines.
+    grammar: std::sync::OnceLock<Result<crate::structured::GrammarEnv, String>>,
 }
 
 /// Everything a loader hands over to assemble a `Tokenizer`.
@@ -108,6 +111,7 @@ impl Tokenizer {
             chat,
             bos_text: p.bos_text,
             eos_text: p.eos_text,
+            grammar: std::sync::OnceLock::new(),
         })
     }
 
@@ -218,6 +222,11 @@ impl Tokenizer {
     /// Control tokens: dropped when decoding with `skip_special_tokens`.
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The structured-outputs environment for this vocabulary (built once).
+    pub fn grammar_env(&self) -> Result<&crate::structured::GrammarEnv, String> {
+        self.grammar.get_or_init(|| crate::structured::GrammarEnv::from_tokenizer(self)).as_ref().map_err(Clone::clone)
     }
 
     pub fn chat_template(&self) -> Option<&str> {

@@ -17,6 +17,8 @@ use super::fe::tokenizer::{RenderOptions, Tokenizer};
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
+use super::tools::stream::{Piece, ToolStream};
+use super::tools::ToolMode;
 use super::types::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, Usage,
@@ -104,6 +106,7 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
     // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
     super::limits::check_stop(req.sampling.stop.as_ref())?;
     super::limits::check_messages(messages)?;
+    let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
     let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
     let opts = render_options(
@@ -114,7 +117,8 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         req.chat_template_kwargs.as_ref(),
     )?;
     let prompt = {
-        let (tok, messages, template) = (tok.clone(), messages.clone(), req.chat_template.clone());
+        let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.chat_template.clone());
+        let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
         let add_special = req.sampling.add_special_tokens.unwrap_or(false);
         state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
     };
@@ -123,7 +127,7 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         (None, m) => (m, "max_tokens"),
     };
     let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
-    let params = sampling_params(
+    let mut params = sampling_params(
         &req.sampling,
         max_tokens,
         want_logprobs.then_some(top_k),
@@ -131,6 +135,8 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         &limits,
         tok.vocab_size(),
     )?;
+    let structured = super::structured::constraint(&state, &req.sampling.structured).await?;
+    params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
     let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
     let out = Output {
         id: new_response_id("chatcmpl"),
@@ -138,9 +144,11 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         model,
         logprobs: want_logprobs.then_some(top_k),
         prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+        tools: tool_plan.mode,
     };
     if plan.stream {
-        let shape = ChatStream { gen, out, plan };
+        let tools = (0..gen.num_choices()).map(|_| ToolStream::new(out.tools.clone())).collect();
+        let shape = ChatStream { gen, out, plan, tools };
         let first = shape.role_chunks();
         return Ok(sse::response(DeltaStream::new(shape, first)));
     }
@@ -155,6 +163,8 @@ struct Output {
     logprobs: Option<u32>,
     /// vLLM's `prompt_logprobs` was asked for.
     prompt_logprobs: bool,
+    /// How tool calls are read out of the text.
+    tools: ToolMode,
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
@@ -175,13 +185,16 @@ async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionRespo
     let choices = texts
         .into_iter()
         .enumerate()
-        .map(|(i, content)| {
+        .map(|(i, text)| {
             let finish = finishes[i].take();
+            let reason = finish.as_ref().map(|f| f.reason).unwrap_or("stop");
+            let (content, calls, reason) = super::tools::read_output(&out.tools, text, reason);
+            let tool_calls = calls.iter().map(|c| super::tools::call_value(c, None)).collect();
             ChatChoice {
                 index: i as u32,
-                message: ChatResponseMessage { role: "assistant", content, tool_calls: Vec::new() },
+                message: ChatResponseMessage { role: "assistant", content, tool_calls },
                 logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &lps[i], top)),
-                finish_reason: finish.as_ref().map(|f| f.reason),
+                finish_reason: finish.as_ref().map(|_| reason),
                 stop_reason: finish.and_then(|f| f.stop_reason),
             }
         })
@@ -233,6 +246,8 @@ struct ChatStream {
     gen: Generation,
     out: Output,
     plan: StreamPlan,
+    /// Per choice: what of its text may be tool calls.
+    tools: Vec<ToolStream>,
 }
 
 impl ChatStream {
@@ -257,7 +272,7 @@ impl ChatStream {
         for i in 0..self.gen.num_choices() {
             let choice = ChatStreamChoice {
                 index: i as u32,
-                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
                 logprobs: None,
                 finish_reason: None,
                 stop_reason: None,
@@ -272,6 +287,9 @@ impl ChatStream {
     /// chunk of its own with an empty delta, in OpenAI's order (clients
     /// written against OpenAI drop text that comes with `finish_reason`).
     fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
+        if self.out.tools != ToolMode::Off {
+            return self.on_tool_delta(d);
+        }
         let i = d.index as usize;
         let usage = || {
             self.plan
@@ -283,7 +301,7 @@ impl ChatStream {
             let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
             let choice = ChatStreamChoice {
                 index: d.index,
-                delta: ChatDelta { role: None, content: Some(d.text) },
+                delta: ChatDelta { role: None, content: Some(d.text), tool_calls: None },
                 logprobs,
                 finish_reason: None,
                 stop_reason: None,
@@ -301,6 +319,46 @@ impl ChatStream {
             out.extend_from_slice(&self.chunk(vec![choice], usage()));
         }
         out.freeze()
+    }
+}
+
+impl ChatStream {
+    /// A delta of a choice whose text may hold tool calls: a chunk per piece
+    /// its [`ToolStream`] lets out (content or `tool_calls`), then, when the
+    /// choice ends, a chunk with an empty delta carrying the finish reason.
+    fn on_tool_delta(&mut self, d: ChoiceDelta) -> Bytes {
+        let i = d.index as usize;
+        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+        let usage = self
+            .plan
+            .continuous_usage
+            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
+        let mut pieces = self.tools[i].push(&d.text);
+        let finish = d.finish.map(|f| {
+            let (rest, reason) = self.tools[i].finish(f.reason);
+            pieces.extend(rest);
+            (reason, f.stop_reason)
+        });
+        let mut out = Vec::new();
+        for p in pieces {
+            let delta = match p {
+                Piece::Content(c) => ChatDelta { content: Some(c), ..Default::default() },
+                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls), ..Default::default() },
+            };
+            let choice = ChatStreamChoice { index: d.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
+            out.extend_from_slice(&self.chunk(vec![choice], usage.clone()));
+        }
+        if let Some((reason, stop_reason)) = finish {
+            let choice = ChatStreamChoice {
+                index: d.index,
+                delta: ChatDelta::default(),
+                logprobs: logprobs.take(),
+                finish_reason: Some(reason),
+                stop_reason: Some(stop_reason),
+            };
+            out.extend_from_slice(&self.chunk(vec![choice], usage));
+        }
+        Bytes::from(out)
     }
 }
 

@@ -93,6 +93,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         (None, false) => None,
     };
     let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "prompt", max_tokens_param: "max_tokens" };
+    let constraint = super::structured::constraint(&state, &req.sampling.structured).await?;
     let mut params = Vec::with_capacity(prompts.len());
     for p in &prompts {
         // The default 16 shrinks to the room left; an explicit value must fit.
@@ -103,6 +104,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         if req.echo.unwrap_or(false) {
             sp.prompt_logprobs = sp.prompt_logprobs.or(req.logprobs);
         }
+        sp.constraint = constraint.clone();
         params.push(sp);
     }
     let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());

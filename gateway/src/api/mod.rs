@@ -17,6 +17,7 @@ pub mod client_limits;
 pub mod completions;
 pub mod cors;
 pub mod errors;
+pub mod gbnf;
 pub mod generation;
 pub mod limits;
 pub mod logprobs;
@@ -25,6 +26,8 @@ pub mod params;
 pub mod responses;
 pub mod sse;
 pub mod stop_strings;
+pub mod structured;
+pub mod tools;
 pub mod tokenize;
 pub mod types;
 
@@ -85,6 +88,8 @@ pub struct AppState {
     /// Requests may bring their own chat template (vLLM's
     /// `--trust-request-chat-template`); refused otherwise.
     pub trust_request_chat_template: bool,
+    /// `--enable-auto-tool-choice` and `--tool-call-parser`.
+    pub tools: tools::ToolConfig,
 }
 
 impl AppState {
@@ -117,8 +122,14 @@ impl AppState {
             client_limits: client_limits::ClientLimits::new(Default::default()),
             cors: cors::CorsConfig::default(),
             trust_request_chat_template: false,
+            tools: tools::ToolConfig::default(),
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
         }
+    }
+
+    pub fn with_tool_config(mut self, tools: tools::ToolConfig) -> Self {
+        self.tools = tools;
+        self
     }
 
     pub fn with_api_key(self, key: Option<String>) -> Self {

@@ -218,6 +218,7 @@ pub fn sampling_params(
         logprobs,
         prompt_logprobs: f.prompt_logprobs,
         logit_bias: logit_bias(f.logit_bias.as_ref(), vocab_size)?,
+        constraint: None,
     };
     sampler::validate(&p, vocab_size)
         .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;

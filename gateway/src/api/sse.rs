@@ -98,7 +98,10 @@ impl<S: ChunkShape> EventSource for DeltaStream<S> {
             match self.shape.generation().next().await {
                 Some(Ok(d)) => {
                     let b = self.shape.delta_chunk(d);
-                    self.pending.push_back(b);
+                    // Empty: the delta's text is held back (tool-call parsing).
+                    if !b.is_empty() {
+                        self.pending.push_back(b);
+                    }
                 }
                 Some(Err(e)) => {
                     self.pending.push_back(error_event(&e));

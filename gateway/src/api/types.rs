@@ -70,6 +70,9 @@ pub struct SamplingFields {
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// vLLM's `prompt_logprobs`: alternatives for each prompt token.
     pub prompt_logprobs: Option<u32>,
+    /// response_format, structured_outputs, guided_*.
+    #[serde(flatten)]
+    pub structured: super::structured::StructuredFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -103,6 +106,9 @@ pub struct ChatCompletionRequest {
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// tools, tool_choice, parallel_tool_calls.
+    #[serde(flatten)]
+    pub tool_fields: super::tools::ToolFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -269,6 +275,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -326,7 +334,7 @@ mod tests {
     fn chat_chunk_shapes() {
         let role = ChatStreamChoice {
             index: 0,
-            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
             logprobs: None,
             finish_reason: None,
             stop_reason: None,
@@ -337,7 +345,7 @@ mod tests {
         );
         let last = ChatStreamChoice {
             index: 1,
-            delta: ChatDelta { role: None, content: Some("x".into()) },
+            delta: ChatDelta { role: None, content: Some("x".into()), tool_calls: None },
             logprobs: None,
             finish_reason: Some("stop"),
             stop_reason: Some(Some(StopReason::Text("END".into()))),

@@ -129,6 +129,19 @@ pub struct BenchServeArgs {
     /// Hide the progress bar.
     #[arg(long, default_value_t = false)]
     pub disable_tqdm: bool,
+
+    /// A JSON object merged into every request body (vLLM's `--extra-body`),
+    /// e.g. '{"structured_outputs": {"json": {...}}}'.
+    #[arg(long, value_parser = parse_extra_body)]
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn parse_extra_body(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("--extra-body must be a JSON object".into()),
+        Err(e) => Err(format!("--extra-body is not valid JSON: {e}")),
+    }
 }
 
 /// `ferry bench compare`: print saved results side by side.

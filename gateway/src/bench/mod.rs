@@ -103,6 +103,7 @@ pub async fn bench_serve(args: &BenchServeArgs) -> Result<BenchOutcome> {
         temperature: args.temperature,
         ignore_eos: args.ignore_eos,
         timeout,
+        extra_body: args.extra_body.clone().unwrap_or_default(),
     });
 
     let show_progress = !args.disable_tqdm;

@@ -27,6 +27,8 @@ pub struct RequestSettings {
     pub temperature: f64,
     pub ignore_eos: bool,
     pub timeout: Duration,
+    /// Merged into every body last (`--extra-body`).
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The JSON body for one request.
@@ -46,6 +48,9 @@ pub fn build_body(s: &RequestSettings, prompt: &str, max_tokens: usize) -> serde
     obj.insert("stream_options".into(), json!({ "include_usage": true }));
     if s.ignore_eos {
         obj.insert("ignore_eos".into(), json!(true));
+    }
+    for (k, v) in &s.extra_body {
+        obj.insert(k.clone(), v.clone());
     }
     body
 }
@@ -226,6 +231,7 @@ mod tests {
             temperature: 0.0,
             ignore_eos: false,
             timeout: Duration::from_secs(1),
+            extra_body: Default::default(),
         };
         let b = build_body(&s, "hi", 7);
         assert_eq!(b["prompt"], "hi");
@@ -240,5 +246,7 @@ mod tests {
         assert_eq!(b["messages"][0]["content"], "hi");
         assert_eq!(b["ignore_eos"], true);
         assert!(b.get("prompt").is_none());
+        s.extra_body.insert("guided_regex".into(), json!("a+"));
+        assert_eq!(build_body(&s, "hi", 7)["guided_regex"], "a+");
     }
 }

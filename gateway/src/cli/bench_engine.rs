@@ -9,7 +9,7 @@ use clap::Args;
 use ferry_engine::rng::{RngCore, SplitMix64};
 use ferry_engine::weights::NoProgress;
 use ferry_engine::{build_engine_core, load_model, EngineCore};
-use ferry_transport::{EngineRequest, SamplingParams};
+use ferry_transport::{Constraint, EngineRequest, SamplingParams};
 use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
@@ -27,6 +27,11 @@ pub struct EngineBenchArgs {
     /// Each figure is the best of this many runs.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Also decode under this JSON-schema constraint (structured outputs),
+    /// each run right after its unconstrained twin, and report both with
+    /// what the masks cost.
+    #[arg(long)]
+    pub json_schema: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
 }
@@ -50,9 +55,23 @@ fn prompt_rate(core: &mut EngineCore, rng: &mut SplitMix64, len: usize, id: &mut
 
 /// Aggregate decode tokens/s of `n` sequences: prefill first, then time only the
 /// steps in which every sequence decodes.
-fn decode_rate(core: &mut EngineCore, rng: &mut SplitMix64, n: usize, prompt_len: usize, decode_len: u32, id: &mut u64) -> f64 {
+fn decode_rate(
+    core: &mut EngineCore,
+    rng: &mut SplitMix64,
+    n: usize,
+    prompt_len: usize,
+    decode_len: u32,
+    id: &mut u64,
+    constraint: Option<&Constraint>,
+) -> f64 {
     let vocab = core.vocab_size();
-    let sampling = SamplingParams { temperature: 0.0, max_tokens: decode_len + 1, ignore_eos: true, ..Default::default() };
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        max_tokens: decode_len + 1,
+        ignore_eos: true,
+        constraint: constraint.cloned(),
+        ..Default::default()
+    };
     for _ in 0..n {
         *id += 1;
         let req = EngineRequest { id: *id, prompt_tokens: random_prompt(rng, prompt_len, vocab), sampling: sampling.clone() };
@@ -82,22 +101,50 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     let mut rng = ferry_engine::rng::splitmix(42);
     let mut id = 0;
     // One untimed warm-up pages the weights in.
-    decode_rate(&mut core, &mut rng, 1, args.short_prompt_len, 4, &mut id);
+    decode_rate(&mut core, &mut rng, 1, args.short_prompt_len, 4, &mut id, None);
     let best = |f: &mut dyn FnMut() -> f64| (0..args.repeats.max(1)).map(|_| f()).fold(0.0, f64::max);
     let prompt = best(&mut || prompt_rate(&mut core, &mut rng, args.prompt_len, &mut id));
     let mut decode = serde_json::Map::new();
+    let constraint = args.json_schema.clone().map(Constraint::JsonSchema);
+    let mut constrained = serde_json::Map::new();
     for &n in &args.concurrency {
-        let r = best(&mut || decode_rate(&mut core, &mut rng, n, args.short_prompt_len, args.decode_len, &mut id));
-        decode.insert(n.to_string(), r.into());
+        let Some(c) = &constraint else {
+            let r = best(&mut || decode_rate(&mut core, &mut rng, n, args.short_prompt_len, args.decode_len, &mut id, None));
+            decode.insert(n.to_string(), r.into());
+            continue;
+        };
+        // Twin runs, one after the other, so a busy machine slows both alike.
+        let (mut free, mut json) = (0.0f64, 0.0f64);
+        let before = core.mask_timing();
+        for _ in 0..args.repeats.max(1) {
+            free = free.max(decode_rate(&mut core, &mut rng, n, args.short_prompt_len, args.decode_len, &mut id, None));
+            json = json.max(decode_rate(&mut core, &mut rng, n, args.short_prompt_len, args.decode_len, &mut id, Some(c)));
+        }
+        let t = core.mask_timing();
+        let (masks, steps) = ((t.masks - before.masks).max(1) as f64, (t.steps - before.steps).max(1) as f64);
+        decode.insert(n.to_string(), free.into());
+        constrained.insert(
+            n.to_string(),
+            serde_json::json!({
+                "decode_tokens_per_s": json,
+                "ratio_to_unconstrained": json / free,
+                "mask_us_per_token": (t.compute - before.compute).as_secs_f64() * 1e6 / masks,
+                "mask_us_per_step": (t.compute - before.compute).as_secs_f64() * 1e6 / steps,
+                "stall_us_per_step": (t.stall - before.stall).as_secs_f64() * 1e6 / steps,
+            }),
+        );
     }
     let threads = ferry_engine::executor::default_threads(eargs.threads);
-    let out = serde_json::json!({
+    let mut out = serde_json::json!({
         "engine": format!("ferry {}", env!("CARGO_PKG_VERSION")),
         "model": name,
         "threads": threads,
         "prompt_tokens_per_s": prompt,
         "decode_tokens_per_s": decode,
     });
+    if constraint.is_some() {
+        out["json_schema"] = constrained.into();
+    }
     println!("{out}");
     Ok(())
 }

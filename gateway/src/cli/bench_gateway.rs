@@ -408,6 +408,7 @@ async fn measure(
         temperature: 0.0,
         ignore_eos: true,
         timeout: REQUEST_TIMEOUT,
+        extra_body: Default::default(),
     });
     let c = args.max_concurrency;
     if args.num_warmups > 0 {

@@ -90,6 +90,15 @@ pub struct ServeArgs {
     /// of such a template is bounded).
     #[arg(long)]
     pub trust_request_chat_template: bool,
+    /// Let the model decide when to call tools (`tool_choice: "auto"`, the
+    /// default when a request has tools); needs --tool-call-parser.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are read from the model's text: `hermes`
+    /// (`<tool_call>` JSON blocks: Hermes, Qwen2, SmolLM) or `json`
+    /// (bare JSON calls, alias `llama3_json`).
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -113,6 +122,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
     let engine_args = args.engine.engine_args()?;
+    let tools = crate::api::tools::ToolConfig::new(args.enable_auto_tool_choice, args.tool_call_parser.as_deref()).map_err(anyhow::Error::msg)?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
     // With no ranks of its own, the API node needs the tokenizer and the config
@@ -167,7 +177,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokens_per_minute: args.max_tokens_per_minute_per_client,
             })
             .with_cors(cors)
-            .map_err(anyhow::Error::msg)?;
+            .map_err(anyhow::Error::msg)?
+            .with_tool_config(tools);
         let mut state = state;
         state.trust_request_chat_template = args.trust_request_chat_template;
         let mut cfg = ServeConfig {
