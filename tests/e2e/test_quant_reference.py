@@ -40,7 +40,12 @@ pytestmark = pytest.mark.timeout(900)
 #   Q3_K_M  Q4_0 (120), Q5_0, Q5_1, Q4_K, Q5_K, Q8_0   (no Q3_K tensor)
 #   Q2_K    Q4_0 (180), Q3_K (ffn_down), Q8_0          (no Q2_K tensor)
 #   IQ4_XS  IQ4_NL (180), IQ4_XS, Q5_K, Q8_0
-FERRY_LOADS = {"Q8_0", "Q6_K"}
+FERRY_LOADS = {"Q8_0", "Q6_K", "Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"}
+# Files ferry loads whose greedy tokens still leave llama.cpp's before the
+# first near-tie, with the reason as far as it is known (an open question,
+# not a pass): Q3_K_M's mix differs at 2 of 8 prompts (steps 5 and 8) while
+# every type in it passes alone in the other files and in the f64 unit tests.
+KNOWN_DIVERGENT = {"Q3_K_M": "2 of 8 prompts leave llama.cpp at a margin >= 0.25; cause not found yet"}
 TYPES = ["Q8_0", "Q6_K", "Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"]
 NEAR_TIE = 0.25
 
@@ -94,8 +99,8 @@ def _ferry_greedy(gguf: Path, prompt: str, n: int) -> tuple[list[int], list[tupl
 
 
 @pytest.mark.parametrize("qtype", [
-    pytest.param(t, id=t, marks=[] if t in FERRY_LOADS else [
-        pytest.mark.xfail(strict=False, reason=f"ferry does not load every tensor type of a {t} file yet")])
+    pytest.param(t, id=t, marks=[] if t in FERRY_LOADS and t not in KNOWN_DIVERGENT else [
+        pytest.mark.xfail(strict=False, reason=KNOWN_DIVERGENT.get(t, f"ferry does not load every tensor type of a {t} file yet"))])
     for t in TYPES
 ])
 def test_greedy_tokens_match_llama_cpp(qtype):
