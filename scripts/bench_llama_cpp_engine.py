@@ -32,6 +32,11 @@ def main():
     llama_cpp.llama_backend_init()
     llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), None) if hasattr(llama_cpp, "llama_log_callback") else None
     mp = llama_cpp.llama_model_default_params()
+    # No extra CPU buffer types (weight repacking, AMX): a llama-cpp-python
+    # built with -march=native crashes in its AMX matmul on these Xeons
+    # (../shared/FIELD-NOTES.md); the plain CPU path computes the same types.
+    if hasattr(mp, "use_extra_bufts"):
+        mp.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(a.model.encode(), mp)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
