@@ -50,6 +50,11 @@ pub fn response<S: EventSource>(src: S) -> Response {
     let stream = futures_util::stream::unfold(src, |mut s| async move {
         s.next_bytes().await.map(|b| (Ok::<Bytes, Infallible>(b), s))
     });
+    stream_response(stream)
+}
+
+/// A 200 `text/event-stream` response whose body is `stream`, already framed.
+pub fn stream_response(stream: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();

@@ -59,7 +59,7 @@ async fn run(state: AppState, client: super::client_limits::ClientId, headers: a
         let chat: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("parsing the chat completion: {e}")))?;
         return Ok(Json(output::from_chat(&echo, &chat, &mut item_id)).into_response());
     }
-    Ok(sse_response(translate(resp.into_body(), echo)))
+    Ok(super::sse::stream_response(translate(resp.into_body(), echo)))
 }
 
 /// `event: TYPE` + `data: JSON`, as OpenAI frames Responses events.
@@ -142,14 +142,4 @@ fn error_event(chat_error: &Value) -> Value {
     serde_json::json!({"type": "error", "code": e.get("code").cloned().unwrap_or(Value::Null),
                        "message": e.get("message").cloned().unwrap_or(Value::Null), "param": e.get("param").cloned().unwrap_or(Value::Null),
                        "sequence_number": 0})
-}
-
-fn sse_response(stream: impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static) -> Response {
-    use axum::http::{header, HeaderValue};
-    let mut resp = Response::new(Body::from_stream(stream));
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
 }
