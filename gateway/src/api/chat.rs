@@ -21,7 +21,7 @@ use super::tools::stream::{Piece, ToolStream};
 use super::tools::ToolMode;
 use super::types::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, Usage,
+    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
 };
 use super::{new_response_id, unix_now, AppState};
 
@@ -54,33 +54,27 @@ pub fn render_chat(
 /// The template options a chat request sets, checked as vLLM checks them:
 /// `continue_final_message` and `add_generation_prompt` both set true is a
 /// 400; a request's own `chat_template` needs `--trust-request-chat-template`.
-pub fn render_options(
-    state: &AppState,
-    add_generation_prompt: Option<bool>,
-    continue_final_message: Option<bool>,
-    chat_template: Option<&str>,
-    kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Result<RenderOptions, ApiError> {
-    let cont = continue_final_message.unwrap_or(false);
-    if cont && add_generation_prompt == Some(true) {
+pub fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOptions, ApiError> {
+    let cont = f.continue_final_message.unwrap_or(false);
+    if cont && f.add_generation_prompt == Some(true) {
         return Err(ApiError::bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
     }
-    if chat_template.is_some() && !state.trust_request_chat_template {
+    if f.chat_template.is_some() && !state.trust_request_chat_template {
         return Err(ApiError::invalid_param(
             "chat_template",
             "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request with untrusted chat template.",
         ));
     }
-    if let Some(t) = chat_template {
+    if let Some(t) = &f.chat_template {
         super::limits::check_prompt_chars("chat_template", t.chars().count())?;
     }
     Ok(RenderOptions {
         // vLLM defaults add_generation_prompt to true; continuing a message
         // means not opening a new turn, so an unset flag follows it.
-        add_generation_prompt: add_generation_prompt.unwrap_or(!cont),
+        add_generation_prompt: f.add_generation_prompt.unwrap_or(!cont),
         continue_final_message: cont,
         tools: None,
-        kwargs: kwargs.cloned().unwrap_or_default(),
+        kwargs: f.chat_template_kwargs.clone().unwrap_or_default(),
     })
 }
 
@@ -109,15 +103,9 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
     let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
     let permit = state.admit(client)?;
     let tok = state.tokenizer.clone();
-    let opts = render_options(
-        &state,
-        req.add_generation_prompt,
-        req.continue_final_message,
-        req.chat_template.as_deref(),
-        req.chat_template_kwargs.as_ref(),
-    )?;
+    let opts = render_options(&state, &req.template)?;
     let prompt = {
-        let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.chat_template.clone());
+        let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.template.chat_template.clone());
         let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
         let add_special = req.sampling.add_special_tokens.unwrap_or(false);
         state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?

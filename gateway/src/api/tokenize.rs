@@ -42,14 +42,8 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
                 .encode(p, req.add_special_tokens.unwrap_or(true))
                 .map_err(|e| ApiError::invalid_param("prompt", format!("Failed to tokenize: {e}")))?,
             (None, Some(m)) => {
-                let opts = render_options(
-                    &state,
-                    req.add_generation_prompt,
-                    req.continue_final_message,
-                    req.chat_template.as_deref(),
-                    req.chat_template_kwargs.as_ref(),
-                )?;
-                render_chat(tok, m, &opts, req.chat_template.as_deref(), req.add_special_tokens.unwrap_or(false))?
+                let opts = render_options(&state, &req.template)?;
+                render_chat(tok, m, &opts, req.template.chat_template.as_deref(), req.add_special_tokens.unwrap_or(false))?
             }
             _ => return Err(ApiError::bad_request("Provide exactly one of `prompt` or `messages`.")),
         };

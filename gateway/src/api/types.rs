@@ -98,12 +98,8 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<u32>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
-    pub add_generation_prompt: Option<bool>,
-    pub continue_final_message: Option<bool>,
-    /// A template for this request instead of the model's (needs
-    /// `--trust-request-chat-template`, as in vLLM).
-    pub chat_template: Option<String>,
-    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(flatten)]
+    pub template: TemplateFields,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// tools, tool_choice, parallel_tool_calls.
@@ -117,12 +113,23 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
-    pub add_generation_prompt: Option<bool>,
-    pub continue_final_message: Option<bool>,
-    pub chat_template: Option<String>,
-    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(flatten)]
+    pub template: TemplateFields,
     pub add_special_tokens: Option<bool>,
     pub return_token_strs: Option<bool>,
+}
+
+/// How a chat is rendered: the fields chat completions and /tokenize share
+/// (checked by `chat::render_options`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TemplateFields {
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    /// A template for this request instead of the model's (needs
+    /// `--trust-request-chat-template`, as in vLLM).
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
