@@ -18,6 +18,32 @@ pub fn splitmix(seed: u64) -> SplitMix64 {
     SplitMix64::seed_from_u64(seed)
 }
 
+/// SplitMix64's output function (Steele, Lea and Flood, 2014): a bijection on
+/// u64 that spreads every input bit over every output bit.
+pub const fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The sampler's one random source: 64 bits that depend only on a sequence's
+/// `seed`, the `position` in its output (0 for the first generated token) and
+/// a `sub`-draw index within that position. A counter-based draw, not a
+/// stream: a sequence resumed after preemption, or on another rank, or batched
+/// with others, draws exactly what an undisturbed run draws at that position.
+/// `kernels/sampling.cu` computes the same function (`draw_bits`), so host and
+/// device agree bit for bit.
+pub const fn draw_bits(seed: u64, position: u64, sub: u64) -> u64 {
+    let h = mix64(seed ^ 0x9E37_79B9_7F4A_7C15);
+    let h = mix64(h ^ position.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    mix64(h ^ sub.wrapping_mul(0xAEF1_7502_108E_F2D9))
+}
+
+/// [`draw_bits`] as a uniform in [0, 1) with 53 random bits.
+pub fn draw_unit(seed: u64, position: u64, sub: u64) -> f64 {
+    (draw_bits(seed, position, sub) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// Uniform in [0, 1) with 53 random bits.
 pub fn unit_f64(rng: &mut impl RngCore) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -47,6 +73,30 @@ mod tests {
         for w in [11520u64, 0, 1509978240, 1215971899390074240, 1216172134540287360, 607988272756665600] {
             assert_eq!(x.next_u64(), w);
         }
+    }
+
+    /// Computed independently (Python, arbitrary-precision integers masked to 64 bits).
+    const DRAW_VECTORS: [u64; 5] =
+        [0x33FE_8BD4_F9C5_7863, 0x6B9A_F544_17D0_BF75, 0x74DC_7851_EA78_D0FD, 0xB619_8159_6C3F_1275, 0xD26A_14F2_6D25_7DB5];
+
+    /// The counter-based draw is pinned: these values are what every seeded
+    /// request's tokens rest on, on the host and in `kernels/sampling.cu`.
+    #[test]
+    fn draw_bits_vectors() {
+        assert_eq!(mix64(0), 0);
+        assert_eq!(mix64(0x9E37_79B9_7F4A_7C15), 0xE220_A839_7B1D_CDAF); // SplitMix64's first output from state 0
+        let got: Vec<u64> = [(0u64, 0u64, 0u64), (42, 0, 0), (42, 1, 0), (42, 0, 1), (u64::MAX, 1 << 40, 7)]
+            .iter()
+            .map(|&(s, p, d)| draw_bits(s, p, d))
+            .collect();
+        assert_eq!(got, DRAW_VECTORS);
+        let u = draw_unit(42, 3, 0);
+        assert!((0.0..1.0).contains(&u));
+        // Positions and sub-draws give distinct values.
+        let mut all: Vec<u64> = (0..64).flat_map(|p| (0..4).map(move |d| draw_bits(9, p, d))).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 256);
     }
 
     /// `seeded` is xoshiro256** over SplitMix64's first four outputs, as ferry's
