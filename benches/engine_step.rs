@@ -121,8 +121,8 @@ impl Decoder {
             self.next_id += 1;
             // Stay clear of the special tokens at both ends of most vocabularies.
             let prompt = (0..PROMPT_LEN).map(|_| (100 + self.rng.next_u64() % (vocab - 200)) as u32).collect();
-            let req = EngineRequest { id: self.next_id, prompt_tokens: prompt, sampling: sampling.clone() };
-            if let Err(refused) = self.core.add_request(req) {
+            let req = EngineRequest::new(self.next_id, prompt, sampling.clone());
+            if let Err(refused) = self.core.add_request(req, std::time::Instant::now()) {
                 panic!("engine_step: the engine refused a bench request: {:?}", refused.finish);
             }
             self.live.push(self.next_id);
@@ -130,7 +130,7 @@ impl Decoder {
         let mut first = 0;
         let mut steps = 0;
         while first < batch {
-            first += self.core.step().iter().filter(|o| !o.new_tokens.is_empty()).count();
+            first += self.core.step(std::time::Instant::now()).iter().filter(|o| !o.new_tokens.is_empty()).count();
             steps += 1;
             assert!(steps < 1000, "engine_step: prefill did not finish");
         }
@@ -148,7 +148,7 @@ impl Decoder {
             let n = left.min(MAX_DECODE - self.generated);
             let t = Instant::now();
             for _ in 0..n {
-                let outs = self.core.step();
+                let outs = self.core.step(std::time::Instant::now());
                 debug_assert_eq!(outs.len(), batch);
                 std::hint::black_box(outs);
             }

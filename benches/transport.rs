@@ -80,12 +80,12 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
             Ok(FromEngine::Hello(_)) => {}
             other => return eprintln!("transport: expected a Hello on the {link_name} link, got {other:?}"),
         }
-        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None };
+        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 };
         if tx.send(ToEngine::Welcome(welcome)).is_err() {
             return eprintln!("transport: the {link_name} link closed in its handshake");
         }
         let sampling = SamplingParams { n: n as u32, temperature: 0.7, max_tokens: 64, ..Default::default() };
-        let mut req = EngineRequest { id: 0, prompt_tokens: (0..PROMPT_LEN).collect(), sampling };
+        let mut req = EngineRequest::new(0, (0..PROMPT_LEN).collect(), sampling);
         // Outputs per second: the batch's token outputs delivered to the gateway.
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(BenchmarkId::new("add_then_outputs", format!("outputs={n}")), |b| {

@@ -1,8 +1,9 @@
 //! The engine's settings, named and defaulted as vLLM's engine arguments, and the
 //! assembly of an [`EngineCore`] from a loaded model.
 
+use crate::device::Device;
 use crate::engine_core::{EngineCore, EngineCoreConfig};
-use crate::executor::{kv_bytes_per_block, make_executor};
+use crate::executor::{KvMemory, LoadedBackend};
 use crate::loader::LoadedModel;
 use crate::scheduler::SchedulerConfig;
 use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
@@ -16,8 +17,14 @@ pub struct EngineArgs {
     pub max_num_batched_tokens: Option<usize>,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
-    /// Memory for the KV cache (vLLM's `--kv-cache-memory-bytes`).
-    pub kv_cache_memory_bytes: usize,
+    /// Memory for the KV cache (vLLM's `--kv-cache-memory-bytes`); None: the
+    /// backend's default (the CPU's 1 GiB, a GPU's share of what is left).
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// The fraction of a GPU's memory the engine may use (vLLM's
+    /// `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f32,
+    /// The device whose backend runs the model.
+    pub device: Device,
     pub tensor_parallel_size: usize,
     pub seed: u64,
     /// Cap on the tokens one prompt chunk takes per step (0: no cap).
@@ -35,7 +42,9 @@ impl Default for EngineArgs {
             max_num_batched_tokens: None,
             block_size: 16,
             enable_prefix_caching: true,
-            kv_cache_memory_bytes: 1 << 30,
+            kv_cache_memory_bytes: None,
+            gpu_memory_utilization: 0.9,
+            device: Device::Cpu,
             tensor_parallel_size: 1,
             seed: 0,
             long_prefill_token_threshold: 0,
@@ -61,13 +70,20 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     if args.max_num_seqs == 0 {
         return Err("--max-num-seqs must be at least 1".into());
     }
-    let per_block = kv_bytes_per_block(&model.cfg, args.block_size);
-    let num_blocks = args.kv_cache_memory_bytes / per_block;
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        return Err(format!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization));
+    }
+    // Phase one: the backend checks the model and loads its weights; only
+    // then is it known how much memory the KV cache can have.
+    let loaded = build_backend(model, args).map_err(|e| e.to_string())?;
+    let memory = KvMemory { kv_cache_memory_bytes: args.kv_cache_memory_bytes, gpu_memory_utilization: args.gpu_memory_utilization };
+    let num_blocks = loaded.num_kv_blocks(args.block_size, &memory).map_err(|e| e.to_string())?;
     if num_blocks < 2 {
-        return Err(format!(
-            "--kv-cache-memory-bytes {} holds {num_blocks} blocks of {} bytes; at least 2 are needed",
-            args.kv_cache_memory_bytes, per_block
-        ));
+        let per_block = loaded.kv_bytes_per_block(args.block_size);
+        return Err(match args.kv_cache_memory_bytes {
+            Some(bytes) => format!("--kv-cache-memory-bytes {bytes} holds {num_blocks} blocks of {per_block} bytes; at least 2 are needed"),
+            None => format!("the {} has room for {num_blocks} KV blocks of {per_block} bytes after the weights; at least 2 are needed", args.device),
+        });
     }
     let capacity = num_blocks * args.block_size;
     let max_model_len = match args.max_model_len {
@@ -95,8 +111,8 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
             args.max_num_seqs
         ));
     }
-    let executor = make_executor(&model.cfg, &model.weights, args.tensor_parallel_size, num_blocks, args.block_size, args.threads)
-        .map_err(|e| e.to_string())?;
+    // Phase two: the KV cache and the workers.
+    let executor = loaded.into_executor(num_blocks, args.block_size).map_err(|e| e.to_string())?;
     let cfg = EngineCoreConfig {
         rank,
         seed: args.seed,
@@ -126,6 +142,14 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
         block_size: args.block_size,
     };
     Ok((core, shape))
+}
+
+/// The named device's backend with `model`'s weights loaded: each backend's
+/// one constructor.
+fn build_backend(model: &LoadedModel, args: &EngineArgs) -> Result<Box<dyn LoadedBackend>, crate::executor::ExecError> {
+    match args.device {
+        Device::Cpu => crate::cpu::build(&model.cfg, &model.weights, args.tensor_parallel_size, args.threads),
+    }
 }
 
 impl EngineShape {

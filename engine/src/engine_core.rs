@@ -1,23 +1,25 @@
 //! EngineCore: turns requests into tokens, one step at a time.
 //!
-//! [`EngineCore`] itself is sans-IO: `add_request`, `abort`, `step`. [`spawn_engine`]
-//! wraps it in three threads as vLLM's EngineCore does: an input thread that receives
-//! commands from the transport, a busy loop that schedules, executes and samples, and
-//! an output thread that sends each step's outputs with the queue figures attached.
+//! Sans-IO, as quinn-proto is: no threads, no clock (every call that needs the
+//! time takes `now`), no links. A step has two halves around the model:
+//! [`EngineCore::begin_step`] schedules and says what to run and how to pick
+//! each token, the executor runs it, and [`EngineCore::finish_step`] takes the
+//! picked tokens and reports what each sequence made; [`EngineCore::step`]
+//! does all three. The threads and links live in `crate::shell`.
 
-use crate::backend::{StepOutput, StepSampling};
+use crate::backend::{ExecError, MaskGuard, StepOutput, StepSampling, TokenMask};
 use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
-use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
-    EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FinishReason, FromEngine, Hello, RequestId,
-    SamplingParams, SeqTiming, ToEngine, TokenLogprob, TokenOutput, MAX_STEP_REPORTS,
+    EngineError, EngineRequest, EngineStats, FinishReason, RequestId, SamplingParams, SeqTiming, TokenLogprob, TokenOutput,
+    MAX_STEP_REPORTS,
 };
-use std::time::Instant;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct EngineCoreConfig {
@@ -27,10 +29,15 @@ pub struct EngineCoreConfig {
     pub seed: u64,
 }
 
+/// Who sent a request: the shell's number for the link it came on. Each
+/// owner's queue figures are its own ([`EngineCore::stats_for`]).
+pub type Owner = u32;
+
 struct RequestState {
     params: SamplingParams,
     /// Sequences of this request still running.
     live: usize,
+    owner: Owner,
 }
 
 struct SeqState {
@@ -164,6 +171,11 @@ impl EngineCore {
         }
     }
 
+    /// The rank this engine serves as.
+    pub fn rank(&self) -> u32 {
+        self.cfg.rank
+    }
+
     pub fn mask_timing(&self) -> MaskTiming {
         self.mask_timing
     }
@@ -187,7 +199,22 @@ impl EngineCore {
         if let Some(t) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.vocab_size()) {
             return Err(EngineError::invalid(format!("prompt token id {t} is out of vocabulary (size {})", self.vocab_size())));
         }
-        self.sched.check_prompt(req.prompt_tokens.len()).map_err(|e| EngineError::invalid(e.to_string()))?;
+        let resumed = req.resume.as_ref().map_or(0, |r| r.output_tokens.len());
+        if let Some(r) = &req.resume {
+            if let Some(t) = r.output_tokens.iter().find(|&&t| t as usize >= self.vocab_size()) {
+                return Err(EngineError::invalid(format!("resumed token id {t} is out of vocabulary (size {})", self.vocab_size())));
+            }
+            if r.index >= ferry_transport::MAX_N {
+                return Err(EngineError::invalid(format!("resumed completion index {} is not below {}", r.index, ferry_transport::MAX_N)));
+            }
+            if resumed >= req.sampling.max_tokens as usize {
+                return Err(EngineError::invalid(format!(
+                    "{resumed} resumed tokens leave nothing to generate (max_tokens is {})",
+                    req.sampling.max_tokens
+                )));
+            }
+        }
+        self.sched.check_prompt(req.prompt_tokens.len() + resumed).map_err(|e| EngineError::invalid(e.to_string()))?;
         if self.requests.contains_key(&req.id) {
             return Err(EngineError::invalid(format!("request id {} is already running", req.id)));
         }
@@ -195,55 +222,79 @@ impl EngineCore {
     }
 
     /// Queues a request, or returns the output that refuses it.
-    pub fn add_request(&mut self, req: EngineRequest) -> Result<(), TokenOutput> {
+    pub fn add_request(&mut self, req: EngineRequest, now: Instant) -> Result<(), TokenOutput> {
         let compiled = compile_constraint(self.grammars.as_ref(), &req);
-        self.add_request_compiled(req, compiled)
+        self.add_request_compiled(req, compiled, 0, now)
     }
 
-    /// `add_request` with the constraint already compiled by [`compile_constraint`].
-    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled) -> Result<(), TokenOutput> {
+    /// `add_request` with the constraint already compiled by
+    /// [`compile_constraint`], for `owner`.
+    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled, owner: Owner, now: Instant) -> Result<(), TokenOutput> {
         self.num_added += 1;
         let checked = self.check_request(&req).and_then(|()| compiled.transpose());
         let grammar = match checked {
             Ok(g) => g,
             Err(why) => return Err(refusal(req.id, why)),
         };
-        let n = req.sampling.n.max(1);
-        for index in 0..n {
+        // A resumed request continues one completion; a new one starts n.
+        let indices = match &req.resume {
+            Some(r) => r.index..r.index + 1,
+            None => 0..req.sampling.n.max(1),
+        };
+        let resumed: &[u32] = req.resume.as_ref().map_or(&[], |r| &r.output_tokens);
+        let mut seqs = Vec::with_capacity(indices.len());
+        for index in indices.clone() {
             let seed = match req.sampling.seed {
                 // Children of one seeded request differ from each other, yet are reproducible.
                 Some(s) => sequence_seed(s, index),
                 None => self.seeds.next_u64(),
             };
-            let id = self.next_seq;
-            self.next_seq += 1;
-            // Completion 0 computes the prompt logprobs, so it skips the prefix
-            // cache (every prompt position must run); its siblings may use it.
-            let prompt_lp = req.sampling.prompt_logprobs.filter(|_| index == 0).map(|k| PromptLogprobs {
+            let mut sampler = SequenceSampler::new(&req.sampling, &req.prompt_tokens, seed);
+            // Each completion follows its own tokens; a resumed one replays
+            // what it already made, as output.
+            let mut grammar = grammar.as_ref().map(SeqGrammar::fork);
+            for &t in resumed {
+                sampler.record(t);
+                let why = match grammar.as_mut().map(|g| g.commit(t)) {
+                    Some(Commit::Rejected(e)) => e,
+                    Some(Commit::Finished) => "the constraint was complete before the last resumed token".into(),
+                    Some(Commit::Continue) | None => continue,
+                };
+                return Err(refusal(req.id, EngineError::invalid(format!("the resumed tokens do not follow the constraint: {why}"))));
+            }
+            // Completion 0 computes the prompt logprobs (not again on a
+            // resume), so it skips the prefix cache (every prompt position
+            // must run); its siblings may use it.
+            let prompt_lp = req.sampling.prompt_logprobs.filter(|_| index == 0 && req.resume.is_none()).map(|k| PromptLogprobs {
                 k: k as usize,
                 prompt: req.prompt_tokens.clone(),
                 entries: vec![None; req.prompt_tokens.len().saturating_sub(1)],
             });
+            seqs.push((index, sampler, grammar, prompt_lp));
+        }
+        let tokens: Vec<u32> = req.prompt_tokens.iter().chain(resumed).copied().collect();
+        for (index, sampler, grammar, prompt_lp) in seqs {
+            let id = self.next_seq;
+            self.next_seq += 1;
             let use_cache = prompt_lp.is_none();
             self.seqs.insert(
                 id,
                 SeqState {
                     request: req.id,
                     index,
-                    sampler: SequenceSampler::new(&req.sampling, &req.prompt_tokens, seed),
+                    sampler,
                     prompt_len: req.prompt_tokens.len(),
                     reported_cached: false,
                     num_cached_tokens: 0,
                     prompt_lp,
-                    clock: SeqClock { arrived: Instant::now(), scheduled: None, first_token: None },
-                    // Each completion follows its own tokens.
-                    grammar: grammar.as_ref().map(SeqGrammar::fork),
+                    clock: SeqClock { arrived: now, scheduled: None, first_token: None },
+                    grammar,
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
-            let _ = self.sched.try_add_sequence_with(id, req.prompt_tokens.clone(), use_cache);
+            let _ = self.sched.try_add_sequence_with(id, tokens.clone(), use_cache);
         }
-        self.requests.insert(req.id, RequestState { params: req.sampling, live: n as usize });
+        self.requests.insert(req.id, RequestState { params: req.sampling, live: indices.len(), owner });
         Ok(())
     }
 
@@ -274,6 +325,28 @@ impl EngineCore {
         std::mem::take(&mut self.step_tokens)
     }
 
+    /// The queue figures of `owner`'s requests (sequences waiting and
+    /// running), with the engine's own cache figures: what one link sees.
+    /// `num_added` is left for the caller, who counts what each link sent.
+    pub fn stats_for(&self, owner: Owner) -> EngineStats {
+        let (mut waiting, mut running) = (0u32, 0u32);
+        for (&sid, s) in &self.seqs {
+            if self.requests.get(&s.request).is_some_and(|r| r.owner == owner) {
+                if self.sched.is_running(sid) {
+                    running += 1;
+                } else {
+                    waiting += 1;
+                }
+            }
+        }
+        EngineStats { num_waiting: waiting, num_running: running, ..self.stats() }
+    }
+
+    /// Whether request `id` still has sequences in the engine.
+    pub fn has_request(&self, id: RequestId) -> bool {
+        self.requests.contains_key(&id)
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             num_waiting: self.sched.num_waiting() as u32,
@@ -288,13 +361,22 @@ impl EngineCore {
         }
     }
 
-    /// One step: schedule, run the model, sample, and report what each sequence made.
-    pub fn step(&mut self) -> Vec<TokenOutput> {
+    /// One step: schedule, run the model, pick tokens, and report what each
+    /// sequence made. `now` stamps the whole step; the shell stamps the two
+    /// halves apart ([`Self::begin_step`], [`Self::finish_step`]).
+    pub fn step(&mut self, now: Instant) -> Vec<TokenOutput> {
+        let Some(mut step) = self.begin_step(now) else { return Vec::new() };
+        let result = self.run_step(&mut step);
+        self.finish_step(step, result, now)
+    }
+
+    /// Schedules the next step: what the model runs and how each sampled
+    /// token is picked. None: nothing to run.
+    pub fn begin_step(&mut self, now: Instant) -> Option<PlannedStep> {
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
-            return Vec::new();
+            return None;
         }
-        let now = Instant::now();
         if self.step_tokens.len() == MAX_STEP_REPORTS {
             self.step_tokens.remove(0);
         }
@@ -302,12 +384,8 @@ impl EngineCore {
         for s in &plan.seqs {
             if let Some(st) = self.seqs.get_mut(&s.id) {
                 st.clock.scheduled.get_or_insert(now);
-            }
-            if s.num_cached_tokens > 0 {
-                if let Some(st) = self.seqs.get_mut(&s.id) {
-                    if !st.reported_cached {
-                        st.num_cached_tokens = s.num_cached_tokens;
-                    }
+                if s.num_cached_tokens > 0 && !st.reported_cached {
+                    st.num_cached_tokens = s.num_cached_tokens;
                 }
             }
         }
@@ -324,79 +402,122 @@ impl EngineCore {
                 })
                 .collect(),
         };
-        // The masks of constrained sequences due to sample are computed on a
-        // helper thread while the model runs, so they add nothing to the step
-        // unless they take longer than the forward pass.
-        let mut masked: Vec<(SeqId, SeqGrammar)> = plan
-            .seqs
-            .iter()
-            .filter(|s| s.sample)
-            .filter_map(|s| Some((s.id, self.seqs.get_mut(&s.id)?.grammar.take()?)))
-            .collect();
+        // One sampling row per chunk due to sample. A constrained sequence's
+        // row carries an empty mask, filled beside the forward pass.
+        let mut sampling = StepSampling::default();
+        let mut masked = Vec::new();
+        for (chunk, s) in plan.seqs.iter().enumerate().filter(|(_, s)| s.sample) {
+            let Some(st) = self.seqs.get_mut(&s.id) else { continue };
+            let Some(req) = self.requests.get(&st.request) else { continue };
+            let mut row = st.sampler.row(&req.params, &self.eog_ids, chunk);
+            if let Some(g) = st.grammar.take() {
+                let mask = TokenMask::new();
+                row.allowed = Some(mask.clone());
+                masked.push(MaskedSeq { sid: s.id, grammar: g, mask, error: None });
+            }
+            sampling.rows.push(row);
+        }
+        Some(PlannedStep { plan, input, sampling, masked })
+    }
+
+    /// Runs a planned step on this core's executor, computing the
+    /// constraint masks on a helper thread while the model runs: they add
+    /// nothing to the step unless they take longer than the forward pass
+    /// (the backend waits for a row's mask only when it samples that row).
+    pub fn run_step(&mut self, step: &mut PlannedStep) -> Result<StepOutput, ExecError> {
         let executor = &mut self.executor;
-        let result = if masked.is_empty() {
-            executor.execute(&input, &StepSampling::Host)
-        } else {
-            let timing = &mut self.mask_timing;
-            std::thread::scope(|scope| {
-                let masks = scope.spawn(|| {
-                    let t = std::time::Instant::now();
-                    masked.iter_mut().for_each(|(_, g)| g.fill_mask());
-                    t.elapsed()
-                });
-                let r = executor.execute(&input, &StepSampling::Host);
-                let waited = std::time::Instant::now();
-                let compute = masks.join().unwrap_or_default();
-                timing.stall += waited.elapsed();
-                timing.compute += compute;
-                timing.steps += 1;
-                r
-            })
-        };
-        self.mask_timing.masks += masked.len() as u64;
-        for (sid, g) in masked {
-            if let Some(st) = self.seqs.get_mut(&sid) {
-                st.grammar = Some(g);
+        if step.masked.is_empty() {
+            return executor.execute(&step.input, &step.sampling);
+        }
+        let (input, sampling, masked) = (&step.input, &step.sampling, &mut step.masked);
+        // Should the helper fail, the guard fills its masks with "nothing to
+        // apply" so the backend never waits forever.
+        let guard = MaskGuard(masked.iter().map(|m| m.mask.clone()).collect());
+        let (result, compute) = std::thread::scope(|scope| {
+            let masks = scope.spawn(move || {
+                let t = Instant::now();
+                for m in masked.iter_mut() {
+                    match m.grammar.mask_words() {
+                        Ok(words) => m.mask.fill(Some(words)),
+                        Err(e) => {
+                            m.mask.fill(None);
+                            m.error = Some(e);
+                        }
+                    }
+                }
+                drop(guard);
+                t.elapsed()
+            });
+            let r = executor.execute(input, sampling);
+            (r, masks.join().unwrap_or_default())
+        });
+        self.mask_timing.compute += compute;
+        self.mask_timing.steps += 1;
+        self.mask_timing.masks += step.masked.len() as u64;
+        self.mask_timing.stall += step.masked.iter().map(|m| m.mask.waited()).sum::<Duration>();
+        result
+    }
+
+    /// Takes what the model picked for a planned step and reports what each
+    /// sequence made. `now`: when the step's tokens were picked.
+    pub fn finish_step(&mut self, step: PlannedStep, result: Result<StepOutput, ExecError>, now: Instant) -> Vec<TokenOutput> {
+        let PlannedStep { plan, input, sampling, masked } = step;
+        // A constrained sequence gets its grammar back, and learns whether
+        // its mask could be computed.
+        let mut mask_errors: HashMap<SeqId, String> = HashMap::new();
+        for m in masked {
+            if let Some(e) = m.error {
+                mask_errors.insert(m.sid, e);
+            }
+            if let Some(st) = self.seqs.get_mut(&m.sid) {
+                st.grammar = Some(m.grammar);
             }
         }
-        // The host samples (StepSampling::Host), so logit rows come back;
-        // taking device-sampled ids here waits for a backend that makes them.
-        let mut logits = match result {
-            Ok(StepOutput::Logits(l)) => l,
-            Ok(StepOutput::Sampled(_)) => return self.fail_scheduled(&plan, "the backend sampled when asked for logits"),
+        let out = match result {
+            Ok(out) if out.sampled.len() == sampling.rows.len() => out,
+            Ok(out) => {
+                let why = format!("the backend picked {} tokens for {} rows", out.sampled.len(), sampling.rows.len());
+                return self.fail_scheduled(&plan, &why);
+            }
             Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
         };
         let vocab = self.vocab_size();
+        let mut logits = out.logits;
+        let mut picks = out.sampled.into_iter().zip(&sampling.rows).map(|(p, r)| (r.chunk, p)).peekable();
         let mut sampled = Vec::new();
         let mut outs = Vec::new();
         let mut ended = Vec::new();
+        // Rows come back for All chunks (all of theirs) and for Last chunks
+        // not sampled (their one), in batch order.
         let mut next_row = 0usize;
-        for (s, chunk) in plan.seqs.iter().zip(&input.seqs) {
-            let rows = next_row..next_row + chunk.logits.count(chunk.len);
+        for (chunk_index, (s, chunk)) in plan.seqs.iter().zip(&input.seqs).enumerate() {
+            let pick = picks.next_if(|(c, _)| *c == chunk_index).map(|(_, p)| p);
+            let returned = match chunk.logits {
+                LogitRows::All => chunk.len,
+                LogitRows::Last if pick.is_none() => 1,
+                LogitRows::Last | LogitRows::None => 0,
+            };
+            let rows = next_row..next_row + returned;
             next_row = rows.end;
             let Some(st) = self.seqs.get_mut(&s.id) else { continue };
             if chunk.logits == LogitRows::All {
                 if let Some(plp) = st.prompt_lp.as_mut() {
                     for (t, r) in rows.clone().enumerate() {
-                        plp.record(s.start_pos + t, &mut logits[r * vocab..(r + 1) * vocab]);
+                        if let Some(row) = logits.get_mut(r * vocab..(r + 1) * vocab) {
+                            plp.record(s.start_pos + t, row);
+                        }
                     }
                 }
             }
-            if !s.sample || rows.is_empty() {
-                continue;
-            }
+            let Some(pick) = pick else { continue };
             let Some(req) = self.requests.get(&st.request) else { continue };
-            let row = rows.end - 1;
-            let logits_row = &mut logits[row * vocab..(row + 1) * vocab];
-            // Tokens outside the constraint get -inf before anything else
-            // looks at the logits, greedy decoding included.
-            // A mask that cannot be computed is the constraint's fault (too
-            // complex for llguidance's limits); a rejected token is ours.
-            let mut grammar_error = st.grammar.as_mut().and_then(|g| g.apply_mask(logits_row).err()).map(EngineError::invalid);
-            let pick = st.sampler.sample(logits_row, &req.params, &self.eog_ids);
+            st.sampler.record(pick.token);
             sampled.push((s.id, pick.token));
             let generated = st.sampler.num_generated();
             let mut finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
+            // A mask that cannot be computed is the constraint's fault (too
+            // complex for llguidance's limits); a rejected token is ours.
+            let mut grammar_error = mask_errors.remove(&s.id).map(EngineError::invalid);
             if grammar_error.is_none() {
                 match st.grammar.as_mut().map(|g| g.commit(pick.token)) {
                     Some(Commit::Finished) => finish = finish.or(Some(FinishReason::Stop)),
@@ -412,8 +533,7 @@ impl EngineCore {
             }
             let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
             st.reported_cached = true;
-            let token_at = Instant::now();
-            st.clock.first_token.get_or_insert(token_at);
+            st.clock.first_token.get_or_insert(now);
             outs.push(TokenOutput {
                 id: st.request,
                 index: st.index,
@@ -422,7 +542,7 @@ impl EngineCore {
                 finish: finish.clone(),
                 num_cached_tokens: cached as u32,
                 prompt_logprobs: st.prompt_lp.take().map(PromptLogprobs::finish),
-                timing: finish.is_some().then(|| st.clock.timing(token_at)),
+                timing: finish.is_some().then(|| st.clock.timing(now)),
             });
             if finish.is_some() {
                 ended.push(s.id);
@@ -460,7 +580,7 @@ impl EngineCore {
 
     /// The model failed on this batch: end its requests with the error rather than
     /// retrying forever, and keep serving the others.
-    fn fail_scheduled(&mut self, plan: &crate::scheduler::SchedulerOutput, why: &str) -> Vec<TokenOutput> {
+    fn fail_scheduled(&mut self, plan: &SchedulerOutput, why: &str) -> Vec<TokenOutput> {
         tracing::error!("model step failed: {why}");
         let rids: Vec<RequestId> = plan.seqs.iter().filter_map(|s| self.seqs.get(&s.id).map(|st| st.request)).collect();
         let mut outs = self.abort(&rids);
@@ -494,8 +614,39 @@ impl EngineCore {
     }
 }
 
+/// A step scheduled by [`EngineCore::begin_step`]: what the model runs, how
+/// each token is picked, and the constrained sequences' grammars, lent out
+/// for the step so their masks can be computed beside the forward pass.
+pub struct PlannedStep {
+    plan: SchedulerOutput,
+    input: ModelInput,
+    sampling: StepSampling,
+    masked: Vec<MaskedSeq>,
+}
+
+/// A constrained sequence's part of a step: its grammar (lent out), the mask
+/// its sampling row waits for, and why that mask could not be computed.
+struct MaskedSeq {
+    sid: SeqId,
+    grammar: SeqGrammar,
+    mask: TokenMask,
+    error: Option<String>,
+}
+
+impl PlannedStep {
+    /// What the model runs.
+    pub fn input(&self) -> &ModelInput {
+        &self.input
+    }
+
+    /// How each sampled token is picked.
+    pub fn sampling(&self) -> &StepSampling {
+        &self.sampling
+    }
+}
+
 /// The output that refuses request `id`.
-fn refusal(id: RequestId, why: EngineError) -> TokenOutput {
+pub(crate) fn refusal(id: RequestId, why: EngineError) -> TokenOutput {
     TokenOutput {
         id,
         index: 0,
@@ -510,221 +661,4 @@ fn refusal(id: RequestId, why: EngineError) -> TokenOutput {
 
 fn finished(id: RequestId, index: u32, toks: Vec<u32>, lp: Option<Vec<ferry_transport::TokenLogprob>>, f: FinishReason, cached: u32) -> TokenOutput {
     TokenOutput { id, index, new_tokens: toks, logprobs: lp, finish: Some(f), num_cached_tokens: cached, prompt_logprobs: None, timing: None }
-}
-
-/// A running engine's threads. Dropping it does not stop them: send Shutdown, or
-/// drop the gateway's end of the link, then `join`.
-pub struct EngineThreads {
-    threads: Vec<std::thread::JoinHandle<()>>,
-    /// Why the gateway refused this rank, if it did.
-    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
-    control: std::sync::Arc<Control>,
-    wake: flume::Sender<Inbox>,
-}
-
-/// What the node may ask of a running engine besides its link's commands.
-#[derive(Default)]
-struct Control {
-    /// Finish what is running, take nothing new, and say so in the stats.
-    draining: std::sync::atomic::AtomicBool,
-    /// Requests in flight, as of the busy loop's last turn.
-    in_flight: std::sync::atomic::AtomicUsize,
-}
-
-/// A running engine's controls, for the node that runs it (cheap to clone).
-#[derive(Clone)]
-pub struct EngineHandle {
-    control: std::sync::Arc<Control>,
-    wake: flume::Sender<Inbox>,
-}
-
-impl EngineHandle {
-    /// Stop taking requests: the gateway sees `draining` in the next stats and
-    /// sends no more; requests already running finish. (The node is stopping.)
-    pub fn drain(&self) {
-        self.control.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-        // Wake an idle busy loop so the gateway hears of it now.
-        let _ = self.wake.send(Inbox::Wake);
-    }
-
-    /// Requests the engine is still working on.
-    pub fn in_flight(&self) -> usize {
-        self.control.in_flight.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl EngineThreads {
-    pub fn handle(&self) -> EngineHandle {
-        EngineHandle { control: self.control.clone(), wake: self.wake.clone() }
-    }
-
-    /// Waits for the threads to end; returns the gateway's refusal, if that is why.
-    pub fn join(self) -> Option<String> {
-        for t in self.threads {
-            let _ = t.join();
-        }
-        self.refused.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-enum Inbox {
-    Command(EngineCommand),
-    /// An Add whose constraint the input thread already compiled.
-    Add(EngineRequest, Compiled),
-    /// The gateway's end went away.
-    Closed,
-    /// Look at the control flags (a drain began).
-    Wake,
-}
-
-/// A test-only fault: with `FERRY_FAULT_INJECT_PANIC=ID` set, the busy loop
-/// panics on a request whose prompt holds token `ID`, so tests can prove the
-/// panic boundary. Unset in normal use, and then it costs one check per Add.
-fn fault_injection_token() -> Option<u32> {
-    std::env::var("FERRY_FAULT_INJECT_PANIC").ok().and_then(|v| v.parse().ok())
-}
-
-/// Schedules, executes and samples until the link closes or Shutdown comes.
-fn busy_loop(
-    core: &mut EngineCore,
-    inbox_rx: &flume::Receiver<Inbox>,
-    outbox_tx: &flume::Sender<EngineOutputs>,
-    control: &Control,
-    fault: Option<u32>,
-) {
-    let rank = core.cfg.rank;
-    let mut pending = Vec::new();
-    let mut woken = false;
-    'run: loop {
-        // Block for commands only when idle; otherwise take what has arrived.
-        if !core.has_work() && pending.is_empty() {
-            match inbox_rx.recv() {
-                Ok(m) => pending.push(m),
-                Err(_) => break,
-            }
-        }
-        pending.extend(inbox_rx.try_iter());
-        let mut outputs = Vec::new();
-        for m in pending.drain(..) {
-            match m {
-                Inbox::Command(EngineCommand::Add(req)) => {
-                    if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
-                        let _ = core.add_request(req);
-                        panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
-                    }
-                    if let Err(refusal) = core.add_request(req) {
-                        outputs.push(refusal);
-                    }
-                }
-                Inbox::Add(req, compiled) => {
-                    if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
-                        let _ = core.add_request_compiled(req, compiled);
-                        panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
-                    }
-                    if let Err(refusal) = core.add_request_compiled(req, compiled) {
-                        outputs.push(refusal);
-                    }
-                }
-                Inbox::Command(EngineCommand::Abort(ids)) => outputs.extend(core.abort(&ids)),
-                Inbox::Command(EngineCommand::Shutdown) | Inbox::Closed => break 'run,
-                Inbox::Wake => woken = true,
-            }
-        }
-        if core.has_work() {
-            outputs.extend(core.step());
-        }
-        let draining = control.draining.load(std::sync::atomic::Ordering::Relaxed);
-        control.in_flight.store(core.num_requests(), std::sync::atomic::Ordering::Relaxed);
-        if !outputs.is_empty() || woken {
-            woken = false;
-            let batch = EngineOutputs { rank, outputs, stats: EngineStats { draining, step_tokens: core.take_step_tokens(), ..core.stats() } };
-            if outbox_tx.send(batch).is_err() {
-                break;
-            }
-        }
-    }
-}
-
-/// Starts the input thread, busy loop and output thread of `core` on `end`. The
-/// first message out is `hello`.
-pub fn spawn_engine(mut core: EngineCore, end: EngineEnd, hello: Hello) -> std::io::Result<EngineThreads> {
-    let EngineEnd { rx: mut cmd_rx, tx: mut out_tx } = end;
-    let (inbox_tx, inbox_rx) = flume::unbounded::<Inbox>();
-    let (outbox_tx, outbox_rx) = flume::unbounded::<EngineOutputs>();
-    let rank = core.cfg.rank;
-    let refused = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let refused_in = refused.clone();
-    let control = std::sync::Arc::new(Control::default());
-    let control_busy = control.clone();
-    let wake = inbox_tx.clone();
-    // Constraints compile on the input thread (milliseconds for a big schema),
-    // so the busy loop never waits on a compile.
-    let grammars = core.grammars().cloned();
-
-    let input = std::thread::Builder::new().name(format!("ferry-in{rank}")).spawn(move || loop {
-        match cmd_rx.recv() {
-            Ok(ToEngine::Command(c)) => {
-                let stop = matches!(c, EngineCommand::Shutdown);
-                let msg = match c {
-                    EngineCommand::Add(req) if req.sampling.constraint.is_some() => {
-                        let compiled = compile_constraint(grammars.as_ref(), &req);
-                        Inbox::Add(req, compiled)
-                    }
-                    c => Inbox::Command(c),
-                };
-                if inbox_tx.send(msg).is_err() || stop {
-                    break;
-                }
-            }
-            Ok(ToEngine::Welcome(w)) => {
-                // The gateway may refuse this rank (a duplicate, another model, another
-                // protocol version): say why and stop, rather than idle on a link that
-                // will never carry a request.
-                if let Err(refusal) = ferry_transport::handshake::check_welcome(&w) {
-                    tracing::error!(rank, "engine rank {rank} stops: {refusal}");
-                    *refused_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal.message);
-                    let _ = inbox_tx.send(Inbox::Closed);
-                    break;
-                }
-            }
-            Err(_) => {
-                let _ = inbox_tx.send(Inbox::Closed);
-                break;
-            }
-        }
-    })?;
-
-    let fault = fault_injection_token();
-    let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
-        // The panic boundary: a bug in a step must not leave the rank's streams
-        // hanging. Every request still here fails as an internal error, the
-        // panic is logged, and the loop ends, which closes the link, so the
-        // gateway marks the rank down and serves on with the others.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            busy_loop(&mut core, &inbox_rx, &outbox_tx, &control_busy, fault)
-        }));
-        if let Err(panic) = run {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic with no message".into());
-            tracing::error!(rank, "engine rank {rank} panicked: {what}; failing its requests");
-            let why = EngineError::internal(format!("engine rank {rank} failed: {what}"));
-            let outputs = core.fail_all(&why);
-            let _ = outbox_tx.send(EngineOutputs { rank, outputs, stats: EngineStats::default() });
-        }
-    })?;
-
-    let output = std::thread::Builder::new().name(format!("ferry-out{rank}")).spawn(move || {
-        if out_tx.send(FromEngine::Hello(hello)).is_err() {
-            return;
-        }
-        while let Ok(batch) = outbox_rx.recv() {
-            if out_tx.send(FromEngine::Outputs(batch)).is_err() {
-                break;
-            }
-        }
-    })?;
-    Ok(EngineThreads { threads: vec![input, busy, output], refused, control, wake })
 }

@@ -1,12 +1,10 @@
 //! Executors run the model for the engine's busy loop: one worker on the calling
 //! thread, or one thread per tensor-parallel shard joined by a communicator.
+//! They drive any [`Backend`]; which one is the factory's choice
+//! ([`LoadedBackend`], made by a backend's `build`), not theirs.
 
 use crate::backend::{Backend, StepOutput, StepSampling};
 use crate::batch::ModelInput;
-use crate::communicator::{CpuGroup, SoloCommunicator};
-use crate::config::ModelConfig;
-use crate::cpu::{kv::KvStore, worker::CpuWorker, CpuShard};
-use crate::weights::ModelWeights;
 use std::sync::Arc;
 
 pub use crate::backend::ExecError;
@@ -17,12 +15,34 @@ pub trait Executor: Send {
     fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError>;
     fn vocab_size(&self) -> usize;
 
-    /// The step's logit rows (host sampling), for callers that sample themselves.
+    /// Every logit row the batch's chunks ask for, sampling nothing (for
+    /// tests and tools that look at the logits themselves).
     fn logits(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError> {
-        self.execute(input, &StepSampling::Host)?
-            .into_logits()
-            .ok_or_else(|| ExecError::Unsupported("the backend sampled when asked for logits".into()))
+        Ok(self.execute(input, &StepSampling::default())?.logits)
     }
+}
+
+/// What the KV cache may take, as the flags say it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvMemory {
+    /// vLLM's `--kv-cache-memory-bytes`: the cache's size, when given.
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// vLLM's `--gpu-memory-utilization`: the fraction of a device's memory
+    /// the engine may use in all (weights, activations, KV cache). A backend
+    /// with a fixed-size memory sizes its cache from it when no size is given.
+    pub gpu_memory_utilization: f32,
+}
+
+/// A backend whose weights are loaded and whose KV cache is not made yet:
+/// the first phase of building an engine. The engine asks how many blocks fit
+/// in what is left, then makes the cache and the workers.
+pub trait LoadedBackend: Send {
+    /// Bytes of KV cache one block of `block_size` tokens takes, all shards together.
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize;
+    /// KV blocks that fit in what the device has left after the weights.
+    fn num_kv_blocks(&self, block_size: usize, memory: &KvMemory) -> Result<usize, ExecError>;
+    /// Makes the KV cache of `num_blocks` blocks and the workers.
+    fn into_executor(self: Box<Self>, num_blocks: usize, block_size: usize) -> Result<Box<dyn Executor>, ExecError>;
 }
 
 /// Threads for the model's arithmetic: `requested`, or every core when 0.
@@ -40,25 +60,6 @@ pub struct UniProcExecutor {
 }
 
 impl UniProcExecutor {
-    /// The CPU backend on every core.
-    pub fn new(cfg: &ModelConfig, weights: &ModelWeights, num_blocks: usize, block_size: usize) -> Result<Self, ExecError> {
-        Self::with_threads(cfg, weights, num_blocks, block_size, 0)
-    }
-
-    /// The CPU backend on `threads` threads (0: every core).
-    pub fn with_threads(
-        cfg: &ModelConfig,
-        weights: &ModelWeights,
-        num_blocks: usize,
-        block_size: usize,
-        threads: usize,
-    ) -> Result<Self, ExecError> {
-        let shard = CpuShard::new(cfg, weights, 0, 1)?;
-        let worker =
-            CpuWorker::new(shard, num_blocks, block_size, default_threads(threads), Box::new(SoloCommunicator), "ferry-cpu".into())?;
-        Ok(Self::from_backend(Box::new(worker)))
-    }
-
     /// Any backend, alone.
     pub fn from_backend(worker: Box<dyn Backend>) -> Self {
         UniProcExecutor { worker }
@@ -75,7 +76,7 @@ impl Executor for UniProcExecutor {
 }
 
 type Job = Arc<(ModelInput, StepSampling)>;
-type JobResult = Result<StepOutput, String>;
+type JobResult = Result<StepOutput, ExecError>;
 
 /// One thread per tensor-parallel worker. Every worker runs every step (they meet
 /// in their communicator's collectives); rank 0's answer is the step's.
@@ -87,41 +88,6 @@ pub struct MultiWorkerExecutor {
 }
 
 impl MultiWorkerExecutor {
-    pub fn new(
-        cfg: &ModelConfig,
-        weights: &ModelWeights,
-        world: usize,
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<Self, ExecError> {
-        Self::with_threads(cfg, weights, world, num_blocks, block_size, 0)
-    }
-
-    /// The CPU backend over `world` shards; `threads` (0: every core) are shared
-    /// out among the workers, at least one each.
-    pub fn with_threads(
-        cfg: &ModelConfig,
-        weights: &ModelWeights,
-        world: usize,
-        num_blocks: usize,
-        block_size: usize,
-        threads: usize,
-    ) -> Result<Self, ExecError> {
-        let per_worker = (default_threads(threads) / world.max(1)).max(1);
-        // Build every shard first so a model that can't be split fails before any thread starts.
-        let shards = (0..world).map(|r| CpuShard::new(cfg, weights, r, world)).collect::<Result<Vec<_>, _>>()?;
-        let group = CpuGroup::new(world);
-        let workers = shards
-            .into_iter()
-            .map(|shard| {
-                let (rank, comm) = (shard.rank(), Box::new(group.member(shard.rank())));
-                CpuWorker::new(shard, num_blocks, block_size, per_worker, comm, format!("ferry-tp{rank}"))
-                    .map(|w| Box::new(w) as Box<dyn Backend>)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::from_backends(workers)
-    }
-
     /// One thread for each of `workers`, in rank order (rank 0 first). They must
     /// already be joined by their communicators.
     pub fn from_backends(workers: Vec<Box<dyn Backend>>) -> Result<Self, ExecError> {
@@ -134,8 +100,7 @@ impl MultiWorkerExecutor {
                 .name(format!("ferry-tp{rank}"))
                 .spawn(move || {
                     while let Ok(job) = job_rx.recv() {
-                        let r = worker.execute(&job.0, &job.1).map_err(|e| e.to_string());
-                        if res_tx.send(r).is_err() {
+                        if res_tx.send(worker.execute(&job.0, &job.1)).is_err() {
                             break;
                         }
                     }
@@ -155,14 +120,27 @@ impl Executor for MultiWorkerExecutor {
         for tx in &self.jobs {
             tx.send(job.clone()).map_err(|_| ExecError::WorkerDied("job channel closed".into()))?;
         }
-        let mut first = None;
+        // Wait for every worker (they share the step's collectives), keep
+        // the leader's answer, and the first error with its kind.
+        let mut answer = None;
+        let mut failure = None;
         for (rank, rx) in self.results.iter().enumerate() {
-            let r = rx.recv().map_err(|_| ExecError::WorkerDied(format!("rank {rank} exited")))?;
-            if rank == 0 {
-                first = Some(r);
+            match rx.recv() {
+                Ok(Ok(out)) if rank == 0 => answer = Some(out),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    failure.get_or_insert(ExecError::WorkerDied(format!("rank {rank} exited")));
+                }
             }
         }
-        first.expect("world >= 1").map_err(ExecError::WorkerDied)
+        match (failure, answer) {
+            (Some(e), _) => Err(e),
+            (None, Some(out)) => Ok(out),
+            (None, None) => Err(ExecError::WorkerDied("no answer from rank 0".into())),
+        }
     }
     fn vocab_size(&self) -> usize {
         self.vocab_size
@@ -177,26 +155,3 @@ impl Drop for MultiWorkerExecutor {
         }
     }
 }
-
-/// The executor for `tensor_parallel_size` workers.
-pub fn make_executor(
-    cfg: &ModelConfig,
-    weights: &ModelWeights,
-    tensor_parallel_size: usize,
-    num_blocks: usize,
-    block_size: usize,
-    threads: usize,
-) -> Result<Box<dyn Executor>, ExecError> {
-    crate::cpu::check_model(cfg).map_err(ExecError::Unsupported)?;
-    if tensor_parallel_size <= 1 {
-        Ok(Box::new(UniProcExecutor::with_threads(cfg, weights, num_blocks, block_size, threads)?))
-    } else {
-        Ok(Box::new(MultiWorkerExecutor::with_threads(cfg, weights, tensor_parallel_size, num_blocks, block_size, threads)?))
-    }
-}
-
-/// Bytes of KV cache per block for the whole model (all shards together).
-pub fn kv_bytes_per_block(cfg: &ModelConfig, block_size: usize) -> usize {
-    KvStore::bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim)
-}
-

@@ -4,7 +4,7 @@
 //! that [`kv_cache`] hands out; an [`executor`] runs one or more workers of a
 //! [`backend`] (the [`cpu`] one's forward pass, over tensor-parallel shards
 //! joined by a [`communicator`]); the [`sampler`] picks tokens; [`engine_core`] ties them together behind the protocol types of
-//! `ferry-transport`. Models load from GGUF ([`gguf`]) or Hugging Face folders
+//! `ferry-transport`, and [`shell`] runs it on its threads and links. Models load from GGUF ([`gguf`]) or Hugging Face folders
 //! ([`weights`], [`loader`]) with their [`tokenizer`].
 
 pub mod args;
@@ -29,10 +29,12 @@ pub mod rng;
 pub mod rope_scaling;
 pub mod sampler;
 pub mod scheduler;
+pub mod shell;
 pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine_core::{spawn_engine, EngineCore, EngineCoreConfig, EngineHandle, EngineThreads, MaskTiming};
+pub use engine_core::{EngineCore, EngineCoreConfig, MaskTiming, PlannedStep};
+pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};
 pub use args::{build_engine_core, EngineArgs, EngineShape};
 pub use loader::{load_model, LoadFormat, LoadedModel};

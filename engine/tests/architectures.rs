@@ -142,7 +142,7 @@ fn mistral_gguf_and_hf_folder_cap_the_length_at_the_sliding_window() {
     assert_eq!(h.cfg, ModelConfig { max_position_embeddings: 128, sliding_window: Some(128), ..cfg });
     check_against_f64("mistral hf", &h);
     // A model length past the window would silently change the model: refused.
-    let args = ferry_engine::EngineArgs { max_model_len: Some(256), kv_cache_memory_bytes: 1 << 24, ..Default::default() };
+    let args = ferry_engine::EngineArgs { max_model_len: Some(256), kv_cache_memory_bytes: Some(1 << 24), ..Default::default() };
     let e = ferry_engine::build_engine_core(&h, &args, 0).err().expect("a length past the window is refused");
     assert!(e.contains("sliding attention window (128)"), "{e}");
 }

@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use ferry_engine::config::RopeStyle;
-use ferry_engine::executor::UniProcExecutor;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::rng::RngCore;
@@ -19,7 +18,7 @@ const EOG: u32 = 2;
 fn core(num_blocks: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> EngineCore {
     let cfg = tiny_config(RopeStyle::Interleaved);
     let w = dummy(&cfg, GgmlType::Q8_0, 11).unwrap();
-    let exec = UniProcExecutor::new(&cfg, &w, num_blocks, 4).unwrap();
+    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap();
     let sched = SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens,
@@ -30,7 +29,7 @@ fn core(num_blocks: usize, max_num_batched_tokens: usize, prefix_caching: bool) 
         enable_chunked_prefill: true,
         long_prefill_token_threshold: 0,
     };
-    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, Box::new(exec), vec![EOG])
+    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, exec, vec![EOG])
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
@@ -43,7 +42,7 @@ type Outs = HashMap<(RequestId, u32), (Vec<u32>, Vec<TokenLogprob>, Option<Finis
 fn run_to_end(core: &mut EngineCore, outs: &mut Outs) {
     let mut steps = 0;
     while core.has_work() {
-        for o in core.step() {
+        for o in core.step(std::time::Instant::now()) {
             let e = outs.entry((o.id, o.index)).or_default();
             e.0.extend(&o.new_tokens);
             e.1.extend(o.logprobs.unwrap_or_default());
@@ -57,7 +56,7 @@ fn run_to_end(core: &mut EngineCore, outs: &mut Outs) {
 }
 
 fn add(core: &mut EngineCore, id: RequestId, prompt: Vec<u32>, p: SamplingParams) {
-    core.add_request(EngineRequest { id, prompt_tokens: prompt, sampling: p }).expect("valid request");
+    core.add_request(EngineRequest::new(id, prompt, p), std::time::Instant::now()).expect("valid request");
 }
 
 #[test]
@@ -137,7 +136,7 @@ fn every_block_returns_after_a_random_mix_of_endings() {
             let victim = live.swap_remove((rng.next_u64() % live.len() as u64) as usize);
             c.abort(&[victim]);
         }
-        for o in c.step() {
+        for o in c.step(std::time::Instant::now()) {
             if o.finish.is_some() {
                 outs.insert((o.id, o.index), (vec![], vec![], o.finish));
             }
@@ -154,7 +153,7 @@ fn every_block_returns_after_a_random_mix_of_endings() {
 #[test]
 fn invalid_requests_are_refused_with_the_parameter_named() {
     let mut c = core(16, 64, true);
-    let bad = |p: SamplingParams| EngineRequest { id: 1, prompt_tokens: vec![1, 2, 3], sampling: p };
+    let bad = |p: SamplingParams| EngineRequest::new(1, vec![1, 2, 3], p);
     let cases = [
         (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
         (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
@@ -162,17 +161,17 @@ fn invalid_requests_are_refused_with_the_parameter_named() {
         (SamplingParams { stop_token_ids: vec![9999], ..Default::default() }, "stop_token_ids"),
     ];
     for (p, name) in cases {
-        let refusal = c.add_request(bad(p)).expect_err("must be refused");
+        let refusal = c.add_request(bad(p), std::time::Instant::now()).expect_err("must be refused");
         match refusal.finish {
             Some(FinishReason::Error(e)) => assert!(e.kind == ferry_transport::ErrorKind::InvalidRequest && e.message.contains(name), "{e:?} should name {name}"),
             other => panic!("expected an error, got {other:?}"),
         }
     }
-    let too_long = EngineRequest { id: 2, prompt_tokens: vec![1; 300], sampling: Default::default() };
-    let refusal = c.add_request(too_long).expect_err("longer than max_model_len");
+    let too_long = EngineRequest::new(2, vec![1; 300], Default::default());
+    let refusal = c.add_request(too_long, std::time::Instant::now()).expect_err("longer than max_model_len");
     assert!(matches!(refusal.finish, Some(FinishReason::Error(e)) if e.message.contains("300") && e.message.contains("256")));
-    let oov = EngineRequest { id: 3, prompt_tokens: vec![300], sampling: Default::default() };
-    assert!(c.add_request(oov).is_err());
+    let oov = EngineRequest::new(3, vec![300], Default::default());
+    assert!(c.add_request(oov, std::time::Instant::now()).is_err());
     assert_eq!(c.num_requests(), 0);
 }
 
@@ -203,7 +202,7 @@ fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello));
     let long = SamplingParams { max_tokens: 200, ignore_eos: true, ..Default::default() };
-    gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest { id: 5, prompt_tokens: tokens(1, 20, 300), sampling: long }))).unwrap();
+    gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest::new(5, tokens(1, 20, 300), long)))).unwrap();
     // Wait for a token, then abort: the request must end as aborted with usage back to 0.
     let mut saw_token = false;
     let mut aborted = false;
@@ -242,11 +241,11 @@ fn prompt_logprobs_equal_scoring_each_prefix_and_skip_the_cache() {
 
     let mut p = greedy(2);
     p.prompt_logprobs = Some(5);
-    c.add_request(EngineRequest { id: 2, prompt_tokens: prompt.clone(), sampling: p }).unwrap();
+    c.add_request(EngineRequest::new(2, prompt.clone(), p), std::time::Instant::now()).unwrap();
     let mut plps = None;
     let mut cached = 0;
     while c.has_work() {
-        for o in c.step() {
+        for o in c.step(std::time::Instant::now()) {
             if o.id == 2 && o.prompt_logprobs.is_some() {
                 assert!(plps.is_none(), "prompt logprobs come once");
                 plps = o.prompt_logprobs.clone();
@@ -296,7 +295,7 @@ fn logit_bias_bans_and_forces_tokens_and_bad_maps_are_refused() {
     for (bias, what) in [(vec![(10_000u32, 1.0f32)], "out-of-vocab"), (vec![(5, 1.0), (5, 2.0)], "more than once"), (vec![(5, f32::NAN)], "[-100, 100]")] {
         let mut p = greedy(2);
         p.logit_bias = bias;
-        let refused = c.add_request(EngineRequest { id: 3, prompt_tokens: prompt.clone(), sampling: p }).unwrap_err();
+        let refused = c.add_request(EngineRequest::new(3, prompt.clone(), p), std::time::Instant::now()).unwrap_err();
         match refused.finish {
             Some(FinishReason::Error(e)) => assert!(e.kind == ErrorKind::InvalidRequest && e.message.contains(what), "{e:?}"),
             other => panic!("expected a refusal, got {other:?}"),

@@ -8,7 +8,6 @@ use common::*;
 use ferry_engine::config::RopeStyle;
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
 use ferry_engine::communicator::SoloCommunicator;
-use ferry_engine::executor::{Executor, MultiWorkerExecutor, UniProcExecutor};
 use ferry_engine::quant::GgmlType;
 use ferry_engine::weights::dummy;
 
@@ -160,10 +159,10 @@ fn tensor_parallel_matches_one_worker() {
         let toks = tokens(4, 10, cfg.vocab_size);
         let input = one_seq(&toks, 0, vec![0, 1, 2]);
         let decode = one_seq(&[42], toks.len(), vec![0, 1, 2]);
-        let mut solo = UniProcExecutor::new(&cfg, &w, 4, BS).unwrap();
+        let mut solo = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(4, BS).unwrap();
         let want = (solo.logits(&input).unwrap(), solo.logits(&decode).unwrap());
         for world in [2, 4] {
-            let mut tp = MultiWorkerExecutor::new(&cfg, &w, world, 4, BS).unwrap();
+            let mut tp = ferry_engine::cpu::build(&cfg, &w, world, 0).unwrap().into_executor(4, BS).unwrap();
             let got = (tp.logits(&input).unwrap(), tp.logits(&decode).unwrap());
             let tol = if ty == GgmlType::F32 { 1e-4 } else { 2e-2 };
             assert!(max_abs_diff(&got.0, &want.0) < tol, "{ty:?} TP={world} prefill");
@@ -177,7 +176,7 @@ fn a_model_that_cannot_be_split_is_refused_with_a_reason() {
     let mut cfg = tiny_config(RopeStyle::Interleaved);
     cfg.num_kv_heads = 2;
     let w = dummy(&cfg, GgmlType::F32, 1).unwrap();
-    let err = MultiWorkerExecutor::new(&cfg, &w, 4, 4, BS).err().expect("2 KV heads over 4 workers");
+    let err = ferry_engine::cpu::build(&cfg, &w, 4, 0).err().expect("2 KV heads over 4 workers");
     assert!(err.to_string().contains("KV heads"), "{err}");
 }
 

@@ -69,7 +69,7 @@ fn ids(v: &Value) -> Vec<u32> {
 fn greedy_tokens_and_logprobs_match_llama_cpp() {
     let Some((path, reference)) = model_and_reference() else { return };
     let model = load_model(&path, LoadFormat::Auto, GgmlType::F32, &NoProgress).unwrap();
-    let args = EngineArgs { kv_cache_memory_bytes: 256 << 20, ..Default::default() };
+    let args = EngineArgs { kv_cache_memory_bytes: Some(256 << 20), ..Default::default() };
     let (mut core, _) = build_engine_core(&model, &args, 0).unwrap();
     let tok = &model.tokenizer;
     let prompts = reference["prompts"].as_array().unwrap();
@@ -88,11 +88,11 @@ fn greedy_tokens_and_logprobs_match_llama_cpp() {
 
         let want = ids(&p["generated_token_ids"]);
         let sampling = SamplingParams { temperature: 0.0, max_tokens: want.len() as u32, logprobs: Some(5), ..Default::default() };
-        core.add_request(EngineRequest { id: i as u64, prompt_tokens: prompt_ids, sampling }).unwrap();
+        core.add_request(EngineRequest::new(i as u64, prompt_ids, sampling), std::time::Instant::now()).unwrap();
         let mut got = Vec::new();
         let mut logprobs = Vec::new();
         while core.has_work() {
-            for o in core.step() {
+            for o in core.step(std::time::Instant::now()) {
                 got.extend(o.new_tokens);
                 logprobs.extend(o.logprobs.unwrap_or_default());
             }

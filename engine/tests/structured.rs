@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use ferry_engine::config::RopeStyle;
-use ferry_engine::executor::UniProcExecutor;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::structured::GrammarEnv;
@@ -39,7 +38,7 @@ fn text(ids: &[u32]) -> String {
 fn core(num_blocks: usize, grammars: bool) -> EngineCore {
     let cfg = tiny_config(RopeStyle::Interleaved);
     let w = dummy(&cfg, GgmlType::Q8_0, 11).unwrap();
-    let exec = UniProcExecutor::new(&cfg, &w, num_blocks, 4).unwrap();
+    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap();
     let sched = SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
@@ -50,7 +49,7 @@ fn core(num_blocks: usize, grammars: bool) -> EngineCore {
         enable_chunked_prefill: true,
         long_prefill_token_threshold: 0,
     };
-    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, Box::new(exec), vec![EOG]);
+    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, exec, vec![EOG]);
     if !grammars {
         return core;
     }
@@ -65,7 +64,7 @@ fn run_to_end(core: &mut EngineCore) -> Outs {
     let mut outs = Outs::new();
     let mut steps = 0;
     while core.has_work() {
-        for o in core.step() {
+        for o in core.step(std::time::Instant::now()) {
             let e = outs.entry((o.id, o.index)).or_default();
             e.0.extend(&o.new_tokens);
             if o.finish.is_some() {
@@ -101,7 +100,7 @@ fn every_completion_fits_its_schema_and_stops_even_under_preemption() {
     for c in [&mut roomy, &mut tight] {
         for r in 0..2u64 {
             let p = constrained(Constraint::JsonSchema(schema().to_string()), 1.0, 3, 7 + r);
-            c.add_request(EngineRequest { id: r, prompt_tokens: tokens(r, 12, VOCAB), sampling: p }).unwrap();
+            c.add_request(EngineRequest::new(r, tokens(r, 12, VOCAB), p), std::time::Instant::now()).unwrap();
         }
     }
     let (a, b) = (run_to_end(&mut roomy), run_to_end(&mut tight));
@@ -129,7 +128,7 @@ fn greedy_regex_and_choice_hold() {
         (3, constrained(Constraint::Lark("start: \"ab\" (\"c\" | \"dd\")".into()), 0.0, 1, 1)),
     ];
     for (id, p) in reqs {
-        c.add_request(EngineRequest { id, prompt_tokens: tokens(id, 9, VOCAB), sampling: p }).unwrap();
+        c.add_request(EngineRequest::new(id, tokens(id, 9, VOCAB), p), std::time::Instant::now()).unwrap();
     }
     let outs = run_to_end(&mut c);
     let r = text(&outs[&(0, 0)].0);
@@ -146,14 +145,14 @@ fn greedy_regex_and_choice_hold() {
 fn bad_constraints_and_engines_without_a_vocabulary_refuse_the_request() {
     let mut c = core(64, true);
     let p = constrained(Constraint::JsonSchema("{\"type\": 5}".into()), 0.0, 1, 1);
-    let refusal = c.add_request(EngineRequest { id: 1, prompt_tokens: vec![5, 6], sampling: p.clone() }).unwrap_err();
+    let refusal = c.add_request(EngineRequest::new(1, vec![5, 6], p.clone()), std::time::Instant::now()).unwrap_err();
     match refusal.finish {
         Some(FinishReason::Error(e)) => assert_eq!(e.kind, ErrorKind::InvalidRequest, "{e}"),
         other => panic!("{other:?}"),
     }
     let mut bare = core(64, false);
     let p = constrained(Constraint::JsonObject, 0.0, 1, 1);
-    let refusal = bare.add_request(EngineRequest { id: 1, prompt_tokens: vec![5, 6], sampling: p }).unwrap_err();
+    let refusal = bare.add_request(EngineRequest::new(1, vec![5, 6], p), std::time::Instant::now()).unwrap_err();
     assert!(matches!(refusal.finish, Some(FinishReason::Error(e)) if e.message.contains("structured outputs")));
     assert_eq!(c.num_requests() + bare.num_requests(), 0);
 }

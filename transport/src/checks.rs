@@ -35,7 +35,10 @@ struct Said {
 /// A request sent on this link whose completions have not all finished.
 #[derive(Debug, Clone, Copy)]
 struct Live {
-    /// Completions asked for (`sampling.n`, at least 1).
+    /// The completion indices outputs may carry: `first..first + n`. A new
+    /// request has `sampling.n` completions from 0; a resumed one has one,
+    /// the index it resumes.
+    first: u32,
     n: u32,
     /// Completions not finished yet.
     open: u32,
@@ -62,9 +65,13 @@ impl GatewayChecks {
     /// Records a command the gateway is about to send.
     pub fn on_send(&mut self, msg: &ToEngine) {
         if let ToEngine::Command(EngineCommand::Add(req)) = msg {
-            let n = req.sampling.n.max(1);
-            let prompt_entries = if req.sampling.prompt_logprobs.is_some() { req.prompt_tokens.len().saturating_sub(1) } else { 0 };
-            self.live.insert(req.id, Live { n, open: n, prompt_entries });
+            let (first, n) = match &req.resume {
+                Some(r) => (r.index, 1),
+                None => (0, req.sampling.n.max(1)),
+            };
+            let asks_prompt_logprobs = req.sampling.prompt_logprobs.is_some() && req.resume.is_none();
+            let prompt_entries = if asks_prompt_logprobs { req.prompt_tokens.len().saturating_sub(1) } else { 0 };
+            self.live.insert(req.id, Live { first, n, open: n, prompt_entries });
         }
     }
 
@@ -106,8 +113,14 @@ impl GatewayChecks {
             let Some(live) = self.live.get(&out.id) else {
                 return violation(format!("output for request {} that was never sent on this link or has finished", out.id));
             };
-            if out.index >= live.n {
-                return violation(format!("output for completion {} of request {}, which asked for {}", out.index, out.id, live.n));
+            if !(live.first..live.first + live.n).contains(&out.index) {
+                return violation(format!(
+                    "output for completion {} of request {}, which asked for completions {}..{}",
+                    out.index,
+                    out.id,
+                    live.first,
+                    live.first + live.n
+                ));
             }
             for &t in &out.new_tokens {
                 token(t, "sampled")?;
@@ -226,7 +239,7 @@ mod tests {
 
     fn add(id: u64, n: u32) -> ToEngine {
         let sampling = SamplingParams { n, ..SamplingParams::default() };
-        ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens: vec![1], sampling }))
+        ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, vec![1], sampling)))
     }
 
     fn out(rank: u32, id: u64, index: u32, tokens: Vec<u32>, finish: Option<FinishReason>) -> FromEngine {
@@ -252,6 +265,25 @@ mod tests {
         c.on_recv(&out(3, 7, 0, vec![], Some(FinishReason::Length))).unwrap();
         assert_eq!(c.num_live(), 0);
         assert!(c.on_recv(&out(3, 7, 0, vec![1], None)).is_err(), "finished request");
+    }
+
+    #[test]
+    fn a_resumed_request_answers_under_the_index_it_resumes() {
+        let mut c = ready();
+        let mut req = EngineRequest::new(9, vec![1, 2], SamplingParams { n: 4, prompt_logprobs: Some(1), ..Default::default() });
+        req.resume = Some(Resume { index: 2, output_tokens: vec![5, 6] });
+        c.on_send(&ToEngine::Command(EngineCommand::Add(req)));
+        assert!(c.on_recv(&out(3, 9, 0, vec![1], None)).unwrap_err().0.contains("completions 2..3"));
+        let mut c = ready();
+        let mut req = EngineRequest::new(9, vec![1, 2], SamplingParams { n: 4, prompt_logprobs: Some(1), ..Default::default() });
+        req.resume = Some(Resume { index: 2, output_tokens: vec![5, 6] });
+        c.on_send(&ToEngine::Command(EngineCommand::Add(req)));
+        let FromEngine::Outputs(mut o) = out(3, 9, 2, vec![1], Some(FinishReason::Stop)) else { unreachable!() };
+        o.outputs[0].prompt_logprobs = Some(vec![TokenLogprob { token: 2, logprob: -1.0, rank: 1, top: vec![] }]);
+        assert!(c.on_recv(&FromEngine::Outputs(o.clone())).unwrap_err().0.contains("prompt logprob"), "a resumed request gets none");
+        o.outputs[0].prompt_logprobs = None;
+        c.on_recv(&FromEngine::Outputs(o)).unwrap();
+        assert_eq!(c.num_live(), 1, "request 7 still open, request 9 done");
     }
 
     #[test]
@@ -295,7 +327,7 @@ mod tests {
 
     #[test]
     fn engine_side() {
-        let w = ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None });
+        let w = ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 });
         let mut c = EngineChecks::new();
         assert!(c.on_recv(&ToEngine::Command(EngineCommand::Shutdown)).is_err());
         let mut c = EngineChecks::new();

@@ -170,11 +170,7 @@ mod tests {
     use crate::*;
 
     fn add(id: u64, prompt_len: usize) -> ToEngine {
-        ToEngine::Command(EngineCommand::Add(EngineRequest {
-            id,
-            prompt_tokens: (0..prompt_len as u32).collect(),
-            sampling: SamplingParams::default(),
-        }))
+        ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, (0..prompt_len as u32).collect(), SamplingParams::default())))
     }
 
     #[test]
@@ -221,11 +217,7 @@ mod tests {
     #[test]
     fn encode_refuses_an_over_limit_message() {
         // u32::MAX is a 5-byte varint: 4 * 5 bytes per 4 bytes of limit.
-        let big = ToEngine::Command(EngineCommand::Add(EngineRequest {
-            id: 1,
-            prompt_tokens: vec![u32::MAX; MAX_FRAME_BYTES / 4],
-            sampling: SamplingParams::default(),
-        }));
+        let big = ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, vec![u32::MAX; MAX_FRAME_BYTES / 4], SamplingParams::default())));
         let e = encode(&big).unwrap_err();
         assert!(matches!(e, CodecError::FrameTooLarge { .. }), "{e}");
     }

@@ -15,6 +15,10 @@ pub struct Expectations {
     /// None: the gateway loaded no weights, so it cannot know the tensor table;
     /// the first rank it accepts sets it for all later ones ([`Self::accepted`]).
     pub tensors_fingerprint: Option<u64>,
+    /// Tokens per KV block. None until the first rank is accepted, which then
+    /// sets it for all: every rank must hash prompt blocks alike, so that a
+    /// cached prefix means the same on each (prefix-aware routing, migration).
+    pub block_size: Option<u32>,
 }
 
 impl Expectations {
@@ -23,6 +27,7 @@ impl Expectations {
     pub fn accepted(&self, hello: &Hello) -> Expectations {
         Expectations {
             tensors_fingerprint: Some(self.tensors_fingerprint.unwrap_or(hello.fingerprint.tensors)),
+            block_size: Some(self.block_size.unwrap_or(hello.block_size)),
             ..self.clone()
         }
     }
@@ -72,20 +77,29 @@ pub fn check_hello(hello: &Hello, exp: &Expectations, joined: &impl Fn(u32) -> b
             ));
         }
     }
+    if let Some(block_size) = exp.block_size {
+        if hello.block_size != block_size {
+            return refuse(format!(
+                "block size differs: rank {} caches {} tokens per block, the cluster {block_size} (give every node the same --block-size)",
+                hello.rank, hello.block_size
+            ));
+        }
+    }
     Ok(())
 }
 
-/// The gateway's answer to a Hello it checked.
-pub fn welcome(result: &Result<(), Refusal>) -> Welcome {
+/// The gateway's answer to `hello`, which it checked with `result`.
+pub fn welcome(hello: &Hello, result: &Result<(), Refusal>) -> Welcome {
     Welcome {
         protocol_version: PROTOCOL_VERSION,
         accepted: result.is_ok(),
         reason: result.as_ref().err().map(|r| r.message.clone()),
+        rank: hello.rank,
     }
 }
 
-/// The engine's check of the gateway's answer.
-pub fn check_welcome(w: &Welcome) -> Result<(), Refusal> {
+/// The engine's check of the gateway's answer to its Hello as rank `rank`.
+pub fn check_welcome(w: &Welcome, rank: u32) -> Result<(), Refusal> {
     if w.protocol_version != PROTOCOL_VERSION {
         return refuse(format!(
             "protocol version differs: the gateway speaks {}, this engine {PROTOCOL_VERSION}",
@@ -95,6 +109,9 @@ pub fn check_welcome(w: &Welcome) -> Result<(), Refusal> {
     if !w.accepted {
         let why = w.reason.as_deref().unwrap_or("no reason given");
         return refuse(format!("the gateway refused this rank: {why}"));
+    }
+    if w.rank != rank {
+        return refuse(format!("the gateway welcomed rank {} on the link of rank {rank}", w.rank));
     }
     Ok(())
 }
@@ -122,6 +139,7 @@ mod tests {
             data_parallel_size: 4,
             config_fingerprint: 0xc0,
             tensors_fingerprint: tensors,
+            block_size: None,
         }
     }
 
@@ -145,6 +163,11 @@ mod tests {
         assert_eq!(refused(&hello(1, 0xc0, 0), &exp(None), &|r| r == 1), "rank 1 is already connected");
         assert!(refused(&hello(1, 0xc1, 0), &exp(None), &NONE).starts_with("model fingerprint differs"));
         assert!(refused(&hello(1, 0xc0, 1), &exp(Some(2)), &NONE).contains("tensor table"));
+        let mut h = hello(1, 0xc0, 2);
+        h.block_size = 32;
+        let e = exp(Some(2)).accepted(&hello(0, 0xc0, 2));
+        assert_eq!(e.block_size, Some(16));
+        assert!(refused(&h, &e, &NONE).starts_with("block size differs: rank 1 caches 32"));
     }
 
     #[test]
@@ -161,11 +184,13 @@ mod tests {
 
     #[test]
     fn welcome_carries_the_reason_and_the_engine_reads_it() {
-        assert_eq!(check_welcome(&welcome(&Ok(()))), Ok(()));
+        let h = hello(1, 0xc0, 0);
+        assert_eq!(check_welcome(&welcome(&h, &Ok(())), 1), Ok(()));
         let r = Err(Refusal { message: "rank 1 is already connected".into() });
-        let got = check_welcome(&welcome(&r)).unwrap_err().message;
+        let got = check_welcome(&welcome(&h, &r), 1).unwrap_err().message;
         assert_eq!(got, "the gateway refused this rank: rank 1 is already connected");
-        let w = Welcome { protocol_version: 1, accepted: true, reason: None };
-        assert!(check_welcome(&w).unwrap_err().message.contains("protocol version differs"));
+        let w = Welcome { protocol_version: 1, accepted: true, reason: None, rank: 1 };
+        assert!(check_welcome(&w, 1).unwrap_err().message.contains("protocol version differs"));
+        assert!(check_welcome(&welcome(&h, &Ok(())), 2).unwrap_err().message.contains("welcomed rank 1 on the link of rank 2"));
     }
 }

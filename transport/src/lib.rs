@@ -7,7 +7,8 @@
 //! the same traits and pass one conformance suite (`tests/conformance.rs`).
 //!
 //! Modules, one job each:
-//! - [`protocol`]: the messages, plain data.
+//! - `protocol`: the messages, plain data, re-exported here (one path each:
+//!   `ferry_transport::EngineRequest`).
 //! - [`handshake`]: Hello/Welcome checks (version, rank, duplicates, model
 //!   fingerprint), one implementation for every link. Sans-IO.
 //! - [`codec`]: the QUIC link's wire format, versioned postcard in
@@ -21,7 +22,7 @@
 pub mod checks;
 pub mod codec;
 pub mod handshake;
-pub mod protocol;
+mod protocol;
 pub mod quic_link;
 
 use std::future::Future;
@@ -29,25 +30,16 @@ use std::pin::Pin;
 
 pub use protocol::*;
 
-/// Gateway -> engine.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum ToEngine {
-    Welcome(Welcome),
-    Command(EngineCommand),
-}
-
-/// Engine -> gateway.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum FromEngine {
-    Hello(Hello),
-    Outputs(EngineOutputs),
-}
-
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum TransportError {
     /// The other end went away; no more messages will come.
     #[error("transport closed")]
     Closed,
+    /// The peer broke the protocol (an undecodable or oversized frame, a
+    /// message its state does not allow, a number out of range); the link is
+    /// closed with this reason.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
     #[error("transport error: {0}")]
     Other(String),
 }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -126,6 +126,32 @@ pub struct EngineRequest {
     pub id: RequestId,
     pub prompt_tokens: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Set when the request continues one completion that another rank (or
+    /// this one, before a link dropped) already began: see [`Resume`].
+    pub resume: Option<Resume>,
+}
+
+impl EngineRequest {
+    /// A new request, not a resumed one.
+    pub fn new(id: RequestId, prompt_tokens: Vec<u32>, sampling: SamplingParams) -> EngineRequest {
+        EngineRequest { id, prompt_tokens, sampling, resume: None }
+    }
+}
+
+/// One completion of a request carried on from where it stopped. The engine
+/// treats `output_tokens` as output, not prompt: penalties, `min_tokens`,
+/// `max_tokens`, the random draw's position and a constraint's state all count
+/// them, so the completion goes on token for token as an undisturbed run
+/// would (given the request's seed, which the gateway fixes at admission).
+/// A resumed request has one completion whatever `sampling.n` says, reported
+/// under `index`, and its prompt logprobs are not computed again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Which completion of the original request this is (it seeds the draw
+    /// and numbers the outputs).
+    pub index: u32,
+    /// The tokens already generated and delivered, oldest first.
+    pub output_tokens: Vec<u32>,
 }
 
 /// Gateway -> engine.
@@ -303,4 +329,21 @@ pub struct Welcome {
     pub protocol_version: u32,
     pub accepted: bool,
     pub reason: Option<String>,
+    /// The rank the API node knows this link by: the one the Hello named
+    /// (a node that lets the API node assign its ranks will learn it here).
+    pub rank: u32,
+}
+
+/// Gateway -> engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToEngine {
+    Welcome(Welcome),
+    Command(EngineCommand),
+}
+
+/// Engine -> gateway.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromEngine {
+    Hello(Hello),
+    Outputs(EngineOutputs),
 }

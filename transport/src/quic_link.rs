@@ -326,7 +326,7 @@ async fn read_commands(conn: Connection, mut recv: RecvStream, out: flume::Sende
                 Err(e) => format!("undecodable frame: {e}"),
             };
             close(&conn, CODE_VIOLATION, &why);
-            let _ = out.send(Err(TransportError::Other(why)));
+            let _ = out.send(Err(TransportError::Protocol(why)));
             return;
         }
         match recv.read(&mut buf).await {
@@ -392,7 +392,7 @@ impl QuicOutputRx {
                 },
             };
             close(&self.conn, CODE_VIOLATION, &why);
-            let e = TransportError::Other(why);
+            let e = TransportError::Protocol(why);
             self.failed = Some(e.clone());
             return Err(e);
         }

@@ -57,12 +57,15 @@ fn constraint() -> impl Strategy<Value = Constraint> {
 
 fn to_engine() -> impl Strategy<Value = ToEngine> {
     prop_oneof![
-        (any::<u32>(), any::<bool>(), option::of(".{0,40}")).prop_map(|(protocol_version, accepted, reason)| {
-            ToEngine::Welcome(Welcome { protocol_version, accepted, reason })
+        (any::<u32>(), any::<bool>(), option::of(".{0,40}"), any::<u32>()).prop_map(|(protocol_version, accepted, reason, rank)| {
+            ToEngine::Welcome(Welcome { protocol_version, accepted, reason, rank })
         }),
-        (any::<u64>(), vec(any::<u32>(), 0..300), sampling()).prop_map(|(id, prompt_tokens, sampling)| {
-            ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens, sampling }))
-        }),
+        (any::<u64>(), vec(any::<u32>(), 0..300), sampling(), option::of((any::<u32>(), vec(any::<u32>(), 0..50)))).prop_map(
+            |(id, prompt_tokens, sampling, resume)| {
+                let resume = resume.map(|(index, output_tokens)| Resume { index, output_tokens });
+                ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens, sampling, resume }))
+            }
+        ),
         vec(any::<u64>(), 0..20).prop_map(|ids| ToEngine::Command(EngineCommand::Abort(ids))),
         Just(ToEngine::Command(EngineCommand::Shutdown)),
     ]

@@ -27,7 +27,7 @@ async fn violation_closes_the_link(bad: FromEngine, why: &str) {
     });
     let got = gw.rx.recv().await;
     match &got {
-        Err(TransportError::Other(m)) => assert!(m.contains(why), "{m:?} should mention {why:?}"),
+        Err(TransportError::Protocol(m)) => assert!(m.contains(why), "{m:?} should mention {why:?}"),
         other => panic!("expected a violation, got {other:?}"),
     }
     assert_eq!(gw.rx.recv().await, got, "the link stays failed");
@@ -62,7 +62,7 @@ async fn outputs_before_hello_close_the_link() {
     let mut eng = eng;
     eng.tx.send(outputs(RANK, 1, vec![1])).unwrap();
     let got = gw.rx.recv().await;
-    assert!(matches!(&got, Err(TransportError::Other(m)) if m.contains("before Hello")), "{got:?}");
+    assert!(matches!(&got, Err(TransportError::Protocol(m)) if m.contains("before Hello")), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +75,7 @@ async fn a_command_before_the_welcome_closes_the_link_on_the_engine_side() {
     })
     .await
     .unwrap();
-    assert!(matches!(&got.0, Err(TransportError::Other(m)) if m.contains("before the Welcome")), "{got:?}");
+    assert!(matches!(&got.0, Err(TransportError::Protocol(m)) if m.contains("before the Welcome")), "{got:?}");
     assert_eq!(got.1, Err(TransportError::Closed));
     let end = tokio::time::timeout(Duration::from_secs(2), gw.rx.recv()).await.expect("gateway sees the close");
     assert_eq!(end, Err(TransportError::Closed));

@@ -7,6 +7,7 @@
 //! split by rows and all-gathered. With one worker the shard is the whole model.
 
 pub mod attention;
+pub mod build;
 mod dump;
 pub mod kv;
 pub mod ops;
@@ -22,6 +23,7 @@ use kv::KvStore;
 use std::ops::Range;
 
 pub use crate::batch::{LogitRows, ModelInput, SeqChunk};
+pub use build::build;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {

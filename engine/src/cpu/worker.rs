@@ -1,11 +1,13 @@
 //! The CPU backend as a [`Backend`]: one shard, its KV store, its own thread
-//! pool and its communicator. It always answers with logits: on the CPU the
-//! logits already sit in host memory, and the engine's sampler is the sampler.
+//! pool and its communicator. It picks the step's tokens itself, with the
+//! engine's one sampler (`crate::sampler::sample_row`), on its own threads.
 
 use super::{kv::KvStore, CpuShard, ForwardError, ShardError};
-use crate::backend::{Backend, ExecError, StepOutput, StepSampling};
-use crate::batch::ModelInput;
+use crate::backend::{Backend, ExecError, SampledToken, StepOutput, StepSampling};
+use crate::batch::{LogitRows, ModelInput};
 use crate::communicator::Communicator;
+use crate::sampler::{sample_row, SamplerScratch};
+use rayon::prelude::*;
 
 impl From<ForwardError> for ExecError {
     fn from(e: ForwardError) -> Self {
@@ -35,6 +37,8 @@ pub struct CpuWorker {
     kv: KvStore,
     pool: rayon::ThreadPool,
     comm: Box<dyn Communicator>,
+    /// One sampler scratch per row of the largest step so far, reused.
+    scratch: Vec<SamplerScratch>,
 }
 
 impl CpuWorker {
@@ -50,17 +54,95 @@ impl CpuWorker {
     ) -> Result<CpuWorker, ExecError> {
         let kv = shard.new_kv_store(num_blocks, block_size);
         let pool = worker_pool(threads, name)?;
-        Ok(CpuWorker { shard, kv, pool, comm })
+        Ok(CpuWorker { shard, kv, pool, comm, scratch: Vec::new() })
     }
 }
 
 impl Backend for CpuWorker {
-    fn execute(&mut self, input: &ModelInput, _sampling: &StepSampling) -> Result<StepOutput, ExecError> {
+    fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
         let (shard, kv, comm) = (&self.shard, &mut self.kv, &*self.comm);
-        Ok(StepOutput::Logits(self.pool.install(|| shard.forward(input, kv, comm))?))
+        let rows = self.pool.install(|| shard.forward(input, kv, comm))?;
+        if sampling.rows.is_empty() {
+            return Ok(StepOutput { sampled: Vec::new(), logits: rows });
+        }
+        // Every shard holds the gathered logits; the leader's picks are the step's.
+        if shard.rank() != 0 {
+            return Ok(StepOutput::default());
+        }
+        let vocab = shard.cfg.vocab_size;
+        let scratch = &mut self.scratch;
+        self.pool.install(|| pick_tokens(input, rows, sampling, vocab, scratch)).map_err(ExecError::from)
     }
 
     fn vocab_size(&self) -> usize {
         self.shard.cfg.vocab_size
     }
+}
+
+/// Splits a step's logit rows into the ones that go back (see
+/// [`StepOutput::logits`]) and the ones sampled, and samples those, one row
+/// per thread. Rows that go back are copied out first: sampling uses its row
+/// as scratch.
+fn pick_tokens(
+    input: &ModelInput,
+    mut rows: Vec<f32>,
+    sampling: &StepSampling,
+    vocab: usize,
+    scratch: &mut Vec<SamplerScratch>,
+) -> Result<StepOutput, ForwardError> {
+    // Where each chunk's rows start.
+    let mut first_row = Vec::with_capacity(input.seqs.len());
+    let mut next = 0usize;
+    for c in &input.seqs {
+        first_row.push(next);
+        next += c.logits.count(c.len);
+    }
+    if rows.len() != next * vocab {
+        return Err(ForwardError::BadBatch(format!("{} logits for {next} rows of {vocab}", rows.len())));
+    }
+    let mut sampled_chunk = vec![false; input.seqs.len()];
+    let mut sample_rows = Vec::with_capacity(sampling.rows.len());
+    for r in &sampling.rows {
+        let chunk = input.seqs.get(r.chunk).filter(|c| c.logits != LogitRows::None);
+        let Some(c) = chunk else {
+            return Err(ForwardError::BadBatch(format!("sampling row for chunk {}, which has no logit rows", r.chunk)));
+        };
+        if std::mem::replace(&mut sampled_chunk[r.chunk], true) {
+            return Err(ForwardError::BadBatch(format!("chunk {} sampled twice", r.chunk)));
+        }
+        sample_rows.push(first_row[r.chunk] + c.logits.count(c.len) - 1);
+    }
+    let mut logits = Vec::new();
+    for (i, c) in input.seqs.iter().enumerate() {
+        let returned = match c.logits {
+            LogitRows::All => c.len,
+            LogitRows::Last if !sampled_chunk[i] => 1,
+            LogitRows::Last | LogitRows::None => 0,
+        };
+        let end = first_row[i] + c.logits.count(c.len);
+        logits.extend_from_slice(&rows[(end - returned) * vocab..end * vocab]);
+    }
+    if scratch.len() < sample_rows.len() {
+        scratch.resize_with(sample_rows.len(), SamplerScratch::default);
+    }
+    // Each sampled row is a distinct slice of `rows`: hand them out in order.
+    let mut order: Vec<usize> = (0..sample_rows.len()).collect();
+    order.sort_unstable_by_key(|&i| sample_rows[i]);
+    let mut slices: Vec<Option<&mut [f32]>> = (0..sample_rows.len()).map(|_| None).collect();
+    let mut rest: &mut [f32] = &mut rows;
+    let mut at = 0usize;
+    for &i in &order {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((sample_rows[i] - at) * vocab);
+        let (row, tail) = tail.split_at_mut(vocab);
+        slices[i] = Some(row);
+        rest = tail;
+        at = sample_rows[i] + 1;
+    }
+    let sampled: Vec<SampledToken> = slices
+        .into_par_iter()
+        .zip(sampling.rows.par_iter())
+        .zip(scratch.par_iter_mut())
+        .map(|((row, settings), scratch)| sample_row(row.expect("every row was handed out"), settings, scratch))
+        .collect();
+    Ok(StepOutput { sampled, logits })
 }

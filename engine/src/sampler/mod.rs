@@ -14,7 +14,15 @@
 //! 4. temperature 0: greedy argmax (ties go to the lowest id). Otherwise divide
 //!    by the temperature, then min-p, then top-k, then top-p (vLLM v1 applies
 //!    min-p, an "argmax-invariant logits processor", before top-k/top-p), and
-//!    draw from the softmax of what is left with the sequence's own RNG.
+//!    draw from the softmax of what is left at the sequence's counter-based
+//!    draw `crate::rng::draw_unit(seed, output position, 0)`, so a token
+//!    depends only on the sequence's seed and its position in the output.
+//!
+//! [`sample_row`] is the one place a token is picked: backends call it (the
+//! CPU's directly; a device mirrors it, see `crate::backend::RowSampling`),
+//! and [`SequenceSampler`] keeps what a sequence must remember between steps
+//! (the counts penalties need, its seed, how many tokens it made) and turns
+//! it into each step's [`RowSampling`].
 //!
 //! Like vLLM's `SamplingParams.__post_init__`, a temperature in (0, 0.01) is
 //! raised to 0.01 (smaller ones only produce inf/NaN on GPUs), so only an
@@ -28,8 +36,8 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use crate::rng::Xoshiro256StarStar;
-use ferry_transport::protocol::{SamplingParams, TokenLogprob};
+use crate::backend::{RowSampling, SampledToken};
+use ferry_transport::{SamplingParams, TokenLogprob};
 
 mod stop;
 mod validate;
@@ -66,25 +74,25 @@ fn effective_temperature(t: f32) -> f32 {
 }
 
 /// What `SequenceSampler::sample` picked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub token: u32,
-    /// Present when the request asked for logprobs.
-    pub logprob: Option<TokenLogprob>,
-}
+pub type Sampled = SampledToken;
 
-/// Per-sequence sampling state: its RNG, the counts the penalties need, and
-/// scratch buffers reused from step to step.
-///
-/// `sample` must be called with the same `SamplingParams` that `new` got.
+/// What one sequence remembers between steps: its seed, the counts the
+/// penalties need, and how many tokens it has generated (the draw's position).
 #[derive(Debug, Clone)]
 pub struct SequenceSampler {
-    rng: Xoshiro256StarStar,
+    seed: u64,
     /// Distinct prompt token ids, sorted (for the repetition penalty).
     prompt_set: Vec<u32>,
     /// Output token id -> times generated (frequency/presence/repetition).
     output_counts: HashMap<u32, u32>,
     num_generated: usize,
+    /// For `sample`, the one-call form used off the engine's path.
+    scratch: SamplerScratch,
+}
+
+/// Buffers `sample_row` reuses from call to call (one per worker thread).
+#[derive(Debug, Clone, Default)]
+pub struct SamplerScratch {
     /// Surviving (id, logit) pairs when top-k/top-p need them.
     cand: Vec<(u32, f32)>,
     /// Unnormalized probabilities when sampling over the whole vocabulary.
@@ -180,24 +188,14 @@ fn weight(l: f32, max: f32) -> f32 {
 
 impl SequenceSampler {
     /// `seed`: the request's seed mixed with the sequence's index (see
-    /// [`sequence_seed`]), or an engine-drawn seed when the request has none.
-    /// The prompt's distinct ids are kept whatever the params (they are few
-    /// next to the KV cache), for the repetition penalty.
+    /// [`sequence_seed`]), or one the gateway drew at admission. The prompt's
+    /// distinct ids are kept whatever the params (they are few next to the
+    /// KV cache), for the repetition penalty.
     pub fn new(_params: &SamplingParams, prompt_tokens: &[u32], seed: u64) -> SequenceSampler {
         let mut prompt_set = prompt_tokens.to_vec();
         prompt_set.sort_unstable();
         prompt_set.dedup();
-        SequenceSampler {
-            rng: crate::rng::seeded(seed),
-            prompt_set,
-            output_counts: HashMap::new(),
-            num_generated: 0,
-            cand: Vec::new(),
-            weights: Vec::new(),
-            raw: Vec::new(),
-            heap: BinaryHeap::new(),
-            buckets: Vec::new(),
-        }
+        SequenceSampler { seed, prompt_set, output_counts: HashMap::new(), num_generated: 0, scratch: SamplerScratch::default() }
     }
 
     /// Output tokens sampled so far.
@@ -205,157 +203,194 @@ impl SequenceSampler {
         self.num_generated
     }
 
-    /// Picks the next token from this position's raw logits; `logits` is used
-    /// as scratch and holds no particular values afterwards. `eog_ids`: the
-    /// model's end-of-generation ids. Records the token for the penalties and
-    /// min_tokens. Empty logits (a caller bug) give token 0.
-    pub fn sample(
-        &mut self,
-        logits: &mut [f32],
-        params: &SamplingParams,
-        eog_ids: &[u32],
-    ) -> Sampled {
-        // NaN -> -inf, +inf -> MAX, so every later comparison and softmax is sound.
-        let raw_argmax = sanitize(logits);
-        if params.logprobs.is_some() {
-            self.raw.clear();
-            self.raw.extend_from_slice(logits);
-        }
-
-        if self.num_generated < params.min_tokens as usize {
-            mask_ids(logits, eog_ids);
-            mask_ids(logits, &params.stop_token_ids);
-        }
-        apply_logit_bias(logits, &params.logit_bias);
-        self.apply_penalties(logits, params);
-
-        let token = if is_greedy(params.temperature) {
-            argmax(logits).unwrap_or(raw_argmax)
-        } else {
-            self.sample_random(logits, params).unwrap_or(raw_argmax)
-        };
-
-        let logprob = params.logprobs.map(|k| {
-            let k = k.min(MAX_LOGPROBS) as usize;
-            log_softmax_top(&self.raw, token, k, &mut self.heap)
-        });
-
+    /// Counts `token` as this sequence's next output (a sampled token, or one
+    /// it resumes with).
+    pub fn record(&mut self, token: u32) {
         self.num_generated += 1;
         *self.output_counts.entry(token).or_insert(0) += 1;
-        Sampled { token, logprob }
     }
 
-    /// Repetition penalty over prompt and output tokens, then frequency and
-    /// presence penalties over output tokens, as vLLM's `apply_penalties`
-    /// (positive logits times 1/penalty, the others times penalty).
-    /// Ids outside the vocabulary are skipped; out-of-range penalty values
-    /// (unvalidated params) are ignored rather than poisoning the logits.
-    fn apply_penalties(&self, logits: &mut [f32], params: &SamplingParams) {
+    /// The settings of this sequence's next draw, sampling from batch chunk
+    /// `chunk`. `eog_ids`: the model's end-of-generation ids.
+    pub fn row(&self, params: &SamplingParams, eog_ids: &[u32], chunk: usize) -> RowSampling {
+        let banned = if self.num_generated < params.min_tokens as usize {
+            eog_ids.iter().chain(&params.stop_token_ids).copied().collect()
+        } else {
+            Vec::new()
+        };
+        RowSampling {
+            chunk,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k.max(0) as u32,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            seed: self.seed,
+            position: self.num_generated as u64,
+            logprobs: params.logprobs,
+            penalties: self.penalties(params),
+            logit_bias: params.logit_bias.clone(),
+            banned,
+            allowed: None,
+        }
+    }
+
+    /// (token, times generated, in the prompt) for every token a penalty of
+    /// `params` touches: prompt and output tokens under a repetition penalty,
+    /// output tokens under frequency or presence penalties, none otherwise.
+    fn penalties(&self, params: &SamplingParams) -> Vec<(u32, u32, bool)> {
         let rep = params.repetition_penalty;
-        if rep.is_finite() && rep > 0.0 && rep != 1.0 {
-            let inv = 1.0 / rep;
-            let penalize = |l: &mut f32| *l = if *l > 0.0 { *l * inv } else { *l * rep };
-            for &t in &self.prompt_set {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    penalize(l);
-                }
-            }
-            for &t in self.output_counts.keys() {
-                if self.prompt_set.binary_search(&t).is_err() {
-                    if let Some(l) = logits.get_mut(t as usize) {
-                        penalize(l);
-                    }
-                }
-            }
+        let repetition = rep.is_finite() && rep > 0.0 && rep != 1.0;
+        let additive = params.frequency_penalty != 0.0 || params.presence_penalty != 0.0;
+        let mut out = Vec::new();
+        if repetition {
+            out.extend(self.prompt_set.iter().map(|&t| (t, self.output_counts.get(&t).copied().unwrap_or(0), true)));
         }
-        let freq = params.frequency_penalty;
-        let pres = params.presence_penalty;
-        let freq = if freq.is_finite() { freq } else { 0.0 };
-        let pres = if pres.is_finite() { pres } else { 0.0 };
-        if freq != 0.0 || pres != 0.0 {
-            for (&t, &count) in &self.output_counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= freq * count as f32;
-                    *l -= pres;
-                }
+        if repetition || additive {
+            out.extend(
+                self.output_counts.iter().filter(|(t, _)| !repetition || self.prompt_set.binary_search(t).is_err()).map(|(&t, &c)| (t, c, false)),
+            );
+        }
+        out
+    }
+
+    /// Picks the next token from this position's raw logits with
+    /// [`sample_row`] and records it: the whole of a step for one sequence,
+    /// for callers outside the engine's batched path (tests, tools).
+    /// `logits` is used as scratch.
+    pub fn sample(&mut self, logits: &mut [f32], params: &SamplingParams, eog_ids: &[u32]) -> Sampled {
+        let row = self.row(params, eog_ids, 0);
+        let picked = sample_row(logits, &row, &mut self.scratch);
+        self.record(picked.token);
+        picked
+    }
+}
+
+/// Picks one token from one position's raw logits as `row` says (see
+/// [`RowSampling`] for the order of operations). `logits` is used as
+/// scratch and holds no particular values afterwards. Waits for the row's
+/// constraint mask if it has one. Empty logits (a caller bug) give token 0.
+pub fn sample_row(logits: &mut [f32], row: &RowSampling, scratch: &mut SamplerScratch) -> SampledToken {
+    if let Some(words) = row.allowed.as_ref().and_then(|m| m.wait()) {
+        apply_allowed(logits, &words);
+    }
+    // NaN -> -inf, +inf -> MAX, so every later comparison and softmax is sound.
+    let raw_argmax = sanitize(logits);
+    if row.logprobs.is_some() {
+        scratch.raw.clear();
+        scratch.raw.extend_from_slice(logits);
+    }
+    mask_ids(logits, &row.banned);
+    apply_logit_bias(logits, &row.logit_bias);
+    apply_penalties(logits, row);
+
+    let token = if is_greedy(row.temperature) {
+        argmax(logits).unwrap_or(raw_argmax)
+    } else {
+        let u = crate::rng::draw_unit(row.seed, row.position, 0);
+        sample_random(logits, row, u, scratch).unwrap_or(raw_argmax)
+    };
+
+    let logprob = row.logprobs.map(|k| {
+        let k = k.min(MAX_LOGPROBS) as usize;
+        log_softmax_top(&scratch.raw, token, k, &mut scratch.heap)
+    });
+    SampledToken { token, logprob }
+}
+
+/// Sets every logit the mask does not allow to -inf: vLLM's bitmask layout,
+/// bit `b` of word `w` for token `32 w + b`, ids past the words not allowed.
+pub fn apply_allowed(logits: &mut [f32], words: &[u32]) {
+    // 32 ids per mask word; all-allowed words are skipped.
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
             }
         }
     }
+}
 
-    /// Temperature, min-p, top-k, top-p, then a draw. None when no token has
-    /// a finite logit.
-    fn sample_random(&mut self, logits: &mut [f32], params: &SamplingParams) -> Option<u32> {
-        let t = effective_temperature(params.temperature);
-        let mut max = f32::NEG_INFINITY;
-        for l in logits.iter_mut() {
-            // A penalty or a small temperature can overflow to +inf; keep it finite.
-            *l = (*l / t).min(f32::MAX);
-            max = max.max(*l);
+/// Repetition penalty over prompt and output tokens, then frequency and
+/// presence penalties over output tokens, as vLLM's `apply_penalties`
+/// (positive logits times 1/penalty, the others times penalty). Each token
+/// appears once in `row.penalties`, so the order of the list does not matter.
+/// Ids outside the vocabulary are skipped; out-of-range penalty values
+/// (unvalidated params) are ignored rather than poisoning the logits.
+fn apply_penalties(logits: &mut [f32], row: &RowSampling) {
+    let rep = row.repetition_penalty;
+    let repetition = rep.is_finite() && rep > 0.0 && rep != 1.0;
+    let freq = if row.frequency_penalty.is_finite() { row.frequency_penalty } else { 0.0 };
+    let pres = if row.presence_penalty.is_finite() { row.presence_penalty } else { 0.0 };
+    let inv = 1.0 / rep;
+    for &(t, count, in_prompt) in &row.penalties {
+        let Some(l) = logits.get_mut(t as usize) else { continue };
+        if repetition && (in_prompt || count > 0) {
+            *l = if *l > 0.0 { *l * inv } else { *l * rep };
         }
-        if max == f32::NEG_INFINITY {
-            return None;
+        if count > 0 && (freq != 0.0 || pres != 0.0) {
+            *l -= freq * count as f32;
+            *l -= pres;
         }
-        // min-p keeps p_i >= min_p * p_max, i.e. l_i - max >= ln(min_p).
-        let min_p = if params.min_p.is_nan() {
-            0.0
-        } else {
-            params.min_p.clamp(0.0, 1.0)
-        };
-        let floor = if min_p > 0.0 {
-            (min_p as f64).ln()
-        } else {
-            f64::NEG_INFINITY
-        };
-        let keep = |l: f32| l > f32::NEG_INFINITY && ((l - max) as f64) >= floor;
-
-        let vocab = logits.len();
-        let top_k =
-            (params.top_k > 0 && (params.top_k as usize) < vocab).then_some(params.top_k as usize);
-        let top_p = (params.top_p < 1.0).then_some(params.top_p as f64);
-
-        if top_k.is_none() && top_p.is_none() {
-            // No ranking needed: draw straight from the (min-p filtered) vocabulary.
-            self.weights.clear();
-            self.weights.extend(
-                logits
-                    .iter()
-                    .map(|&l| if keep(l) { weight(l, max) } else { 0.0 }),
-            );
-            return draw(
-                &mut self.rng,
-                self.weights.iter().enumerate().map(|(i, &w)| (i as u32, w)),
-            );
-        }
-
-        let kept = logits
-            .iter()
-            .enumerate()
-            .filter(|&(_, &l)| keep(l))
-            .map(|(i, &l)| (i as u32, l));
-        // vLLM's top-k masks logits below the k-th largest (of the min-p
-        // survivors): ties with it stay.
-        let kth = match top_k {
-            Some(k) => {
-                best_k(&mut self.heap, kept.clone(), k);
-                if self.heap.len() == k {
-                    self.heap.peek().map_or(f32::NEG_INFINITY, |r| r.1)
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }
-            None => f32::NEG_INFINITY,
-        };
-        self.cand.clear();
-        self.cand.extend(kept.filter(|&(_, l)| l >= kth));
-        if let Some(p) = top_p {
-            let n = top_p_keep(&mut self.cand, max, p, &mut self.buckets);
-            self.cand.truncate(n);
-        }
-        draw(
-            &mut self.rng,
-            self.cand.iter().map(|&(i, l)| (i, weight(l, max))),
-        )
     }
+}
+
+/// Temperature, min-p, top-k, top-p, then a draw at `u` in [0, 1). None
+/// when no token has a finite logit.
+fn sample_random(logits: &mut [f32], row: &RowSampling, u: f64, scratch: &mut SamplerScratch) -> Option<u32> {
+    let t = effective_temperature(row.temperature);
+    let mut max = f32::NEG_INFINITY;
+    for l in logits.iter_mut() {
+        // A penalty or a small temperature can overflow to +inf; keep it finite.
+        *l = (*l / t).min(f32::MAX);
+        max = max.max(*l);
+    }
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    // min-p keeps p_i >= min_p * p_max, i.e. l_i - max >= ln(min_p).
+    let min_p = if row.min_p.is_nan() { 0.0 } else { row.min_p.clamp(0.0, 1.0) };
+    let floor = if min_p > 0.0 { (min_p as f64).ln() } else { f64::NEG_INFINITY };
+    let keep = |l: f32| l > f32::NEG_INFINITY && ((l - max) as f64) >= floor;
+
+    let vocab = logits.len();
+    let top_k = (row.top_k > 0 && (row.top_k as usize) < vocab).then_some(row.top_k as usize);
+    let top_p = (row.top_p < 1.0).then_some(row.top_p as f64);
+
+    if top_k.is_none() && top_p.is_none() {
+        // No ranking needed: draw straight from the (min-p filtered) vocabulary.
+        scratch.weights.clear();
+        scratch.weights.extend(logits.iter().map(|&l| if keep(l) { weight(l, max) } else { 0.0 }));
+        return draw(u, scratch.weights.iter().enumerate().map(|(i, &w)| (i as u32, w)));
+    }
+
+    let kept = logits.iter().enumerate().filter(|&(_, &l)| keep(l)).map(|(i, &l)| (i as u32, l));
+    // vLLM's top-k masks logits below the k-th largest (of the min-p
+    // survivors): ties with it stay.
+    let kth = match top_k {
+        Some(k) => {
+            best_k(&mut scratch.heap, kept.clone(), k);
+            if scratch.heap.len() == k {
+                scratch.heap.peek().map_or(f32::NEG_INFINITY, |r| r.1)
+            } else {
+                f32::NEG_INFINITY
+            }
+        }
+        None => f32::NEG_INFINITY,
+    };
+    scratch.cand.clear();
+    scratch.cand.extend(kept.filter(|&(_, l)| l >= kth));
+    if let Some(p) = top_p {
+        let n = top_p_keep(&mut scratch.cand, max, p, &mut scratch.buckets);
+        scratch.cand.truncate(n);
+    }
+    draw(u, scratch.cand.iter().map(|&(i, l)| (i, weight(l, max))))
 }
 
 /// NaN -> -inf, +inf -> `f32::MAX`; returns the argmax of the result (the
@@ -463,9 +498,9 @@ fn top_p_keep(cand: &mut [(u32, f32)], max: f32, p: f64, buckets: &mut Vec<f64>)
     end
 }
 
-/// Inverse-CDF draw over (id, unnormalized weight) pairs. None when the
-/// weights sum to zero.
-fn draw<I>(rng: &mut Xoshiro256StarStar, items: I) -> Option<u32>
+/// Inverse-CDF draw at `u` in [0, 1) over (id, unnormalized weight) pairs.
+/// None when the weights sum to zero.
+fn draw<I>(u: f64, items: I) -> Option<u32>
 where
     I: Iterator<Item = (u32, f32)> + Clone,
 {
@@ -473,7 +508,7 @@ where
     if total.is_nan() || total <= 0.0 {
         return None;
     }
-    let u = crate::rng::unit_f64(rng) * total;
+    let u = u * total;
     let mut acc = 0.0f64;
     let mut last = None;
     for (id, w) in items {

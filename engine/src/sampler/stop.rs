@@ -1,6 +1,6 @@
 //! Stop conditions the engine checks on each sampled token.
 
-use ferry_transport::protocol::{FinishReason, SamplingParams};
+use ferry_transport::{FinishReason, SamplingParams};
 
 /// Whether the sequence ends after emitting `token` as its `num_generated`-th
 /// output token (1-based). Mirrors vLLM v1's `check_stop`: nothing stops before

@@ -1,6 +1,6 @@
 //! The sampler's tests: validation, stop conditions, sampling.
 use super::*;
-use ferry_transport::protocol::FinishReason;
+use ferry_transport::FinishReason;
 
 /// Test data from a tiny LCG of the tests' own, independent of the sampler's RNG.
 struct Lcg(u64);
@@ -374,7 +374,7 @@ fn penalties_match_the_formula() {
     }
     let base: Vec<f32> = vec![1.5, -2.0, 0.8, 3.0, -0.5, 0.0, 2.2, -1.1, 0.6, -3.3];
     let mut got = base.clone();
-    s.apply_penalties(&mut got, &p);
+    apply_penalties(&mut got, &s.row(&p, &[], 0));
     for i in 0..10u32 {
         let count = outputs.iter().filter(|&&t| t == i).count() as f64;
         let seen = prompt.contains(&i) || count > 0.0;

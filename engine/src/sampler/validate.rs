@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use ferry_transport::protocol::SamplingParams;
+use ferry_transport::SamplingParams;
 use ferry_transport::{MAX_LOGPROBS, MAX_N};
 
 use super::is_greedy;

@@ -1,6 +1,8 @@
 //! One sequence's constraint at run time: the llguidance matcher, the mask
 //! for the next token, and what committing a sampled token means.
 
+use std::sync::Arc;
+
 use llguidance::toktrie::SimpleVob;
 use llguidance::Matcher;
 
@@ -11,7 +13,7 @@ use super::GrammarEnv;
 pub struct SeqGrammar {
     matcher: Matcher,
     env: GrammarEnv,
-    /// The mask for the next token, computed ahead by [`SeqGrammar::fill_mask`]
+    /// The mask for the next token, computed ahead by [`SeqGrammar::mask_words`]
     /// (possibly on another thread while the model runs).
     mask: Option<Result<SimpleVob, String>>,
 }
@@ -37,53 +39,47 @@ impl SeqGrammar {
         SeqGrammar { matcher: self.matcher.deep_clone(), env: self.env.clone(), mask: None }
     }
 
-    /// Computes the mask for the next token, if not already done. Costly
-    /// (tens of microseconds to milliseconds): the engine calls it off its
-    /// critical path, in parallel with the forward pass.
-    pub fn fill_mask(&mut self) {
+    /// The mask for the next token in vLLM's bitmask layout (see
+    /// `crate::backend::TokenMask`): the ids the grammar allows, ids beyond
+    /// the tokenizer's vocabulary not, and every end-of-generation id where
+    /// the grammar allows EOS (which one the model ends with is its choice).
+    /// Costly (tens of microseconds to milliseconds): the engine calls it off
+    /// its critical path, in parallel with the forward pass. Err: the mask
+    /// could not be computed (the grammar is too complex for llguidance's
+    /// limits, or broke).
+    pub fn mask_words(&mut self) -> Result<Arc<[u32]>, String> {
         if self.mask.is_none() {
             self.mask = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string()));
         }
-    }
-
-    /// Sets the logits of every token the grammar forbids to -inf (ids beyond
-    /// the tokenizer's vocabulary too). Where the grammar allows EOS, every
-    /// end-of-generation id is allowed. Err: the mask could not be computed
-    /// (the grammar is too complex for llguidance's limits, or broke).
-    pub fn apply_mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        self.fill_mask();
         let mask = match self.mask.as_ref().expect("filled above") {
             Ok(m) => m,
             Err(e) => return Err(format!("structured output failed: {e}")),
         };
-        let eos_allowed = mask.is_allowed(self.env.eos());
-        // The raw logits of the end-of-generation ids, restored below where
-        // the grammar allows EOS: which one the model ends with is its choice.
-        let eog: Vec<(usize, f32)> = if eos_allowed {
-            self.env.eog().iter().filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l))).collect()
-        } else {
-            Vec::new()
-        };
-        let words = mask.as_slice();
-        let n = logits.len().min(self.env.vocab_size());
-        // 32 ids per mask word; all-allowed words are skipped.
-        for (w, chunk) in logits[..n].chunks_mut(32).enumerate() {
-            let bits = words.get(w).copied().unwrap_or(0);
-            if bits == u32::MAX {
-                continue;
+        let vocab = self.env.vocab_size();
+        let mut words: Vec<u32> = mask.as_slice().iter().copied().take(vocab.div_ceil(32)).collect();
+        words.resize(vocab.div_ceil(32), 0);
+        if vocab % 32 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u32 << (vocab % 32)) - 1;
             }
-            for (b, l) in chunk.iter_mut().enumerate() {
-                if bits & (1 << b) == 0 {
-                    *l = f32::NEG_INFINITY;
+        }
+        if mask.is_allowed(self.env.eos()) {
+            for &t in self.env.eog() {
+                let w = t as usize / 32;
+                if words.len() <= w {
+                    words.resize(w + 1, 0);
                 }
+                words[w] |= 1 << (t % 32);
             }
         }
-        for l in &mut logits[n..] {
-            *l = f32::NEG_INFINITY;
-        }
-        for (t, l) in eog {
-            logits[t] = l;
-        }
+        Ok(words.into())
+    }
+
+    /// Sets the logits of every token the grammar forbids to -inf (what a
+    /// backend does with [`Self::mask_words`]).
+    pub fn apply_mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let words = self.mask_words()?;
+        crate::sampler::apply_allowed(logits, &words);
         Ok(())
     }
 

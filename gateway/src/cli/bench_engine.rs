@@ -45,10 +45,10 @@ fn prompt_rate(core: &mut EngineCore, rng: &mut SplitMix64, len: usize, id: &mut
     let vocab = core.vocab_size();
     let sampling = SamplingParams { temperature: 0.0, max_tokens: 1, ..Default::default() };
     *id += 1;
-    core.add_request(EngineRequest { id: *id, prompt_tokens: random_prompt(rng, len, vocab), sampling }).expect("valid");
+    core.add_request(EngineRequest::new(*id, random_prompt(rng, len, vocab), sampling), Instant::now()).expect("valid");
     let t = Instant::now();
     while core.has_work() {
-        core.step();
+        core.step(Instant::now());
     }
     len as f64 / t.elapsed().as_secs_f64()
 }
@@ -74,17 +74,17 @@ fn decode_rate(
     };
     for _ in 0..n {
         *id += 1;
-        let req = EngineRequest { id: *id, prompt_tokens: random_prompt(rng, prompt_len, vocab), sampling: sampling.clone() };
-        core.add_request(req).expect("valid");
+        let req = EngineRequest::new(*id, random_prompt(rng, prompt_len, vocab), sampling.clone());
+        core.add_request(req, Instant::now()).expect("valid");
     }
     let mut first_tokens = 0;
     while first_tokens < n {
-        first_tokens += core.step().iter().filter(|o| !o.new_tokens.is_empty()).count();
+        first_tokens += core.step(Instant::now()).iter().filter(|o| !o.new_tokens.is_empty()).count();
     }
     let t = Instant::now();
     let mut tokens = 0usize;
     while core.has_work() {
-        tokens += core.step().iter().map(|o| o.new_tokens.len()).sum::<usize>();
+        tokens += core.step(Instant::now()).iter().map(|o| o.new_tokens.len()).sum::<usize>();
     }
     tokens as f64 / t.elapsed().as_secs_f64()
 }

@@ -56,8 +56,12 @@ pub struct EngineFlags {
     pub enable_prefix_caching: bool,
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
-    #[arg(long, default_value_t = 1 << 30)]
-    pub kv_cache_memory_bytes: usize,
+    /// Memory for the KV cache (default: 1 GiB on the CPU).
+    #[arg(long)]
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// The fraction of a GPU's memory the engine may use, weights and KV cache together.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
     #[arg(long, short = 't', default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Seed of requests that bring none.
@@ -90,6 +94,8 @@ impl EngineFlags {
             block_size: self.block_size,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             kv_cache_memory_bytes: self.kv_cache_memory_bytes,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            device: resolved.device,
             tensor_parallel_size: self.tensor_parallel_size,
             seed: self.seed,
             long_prefill_token_threshold: self.long_prefill_token_threshold,

@@ -1,11 +1,12 @@
 //! `ferry serve --headless`: a node that runs engine ranks only and serves the
 //! API node at `--data-parallel-address:--data-parallel-rpc-port`.
 //!
-//! Each local rank dials the API node over QUIC with mutual TLS, retrying with
-//! backoff (capped at 1 s) until it answers, says hello, and runs its engine on
-//! that link until the link closes; then it dials again, so the node outlives an
-//! API node's restart. A rank the API node refuses (a duplicate, another model)
-//! stops the node with the API node's reason. SIGTERM or SIGINT drains the node:
+//! Each local rank builds its engine once, then dials the API node over QUIC
+//! with mutual TLS, retrying with backoff (capped at 1 s) until it answers,
+//! says hello, and serves that link until it closes; then it dials again. The
+//! engine outlives its links, so after an API node's restart the rank still
+//! holds its prefix cache. A rank the API node refuses (a duplicate, another
+//! model) stops the node with the API node's reason. SIGTERM or SIGINT drains the node:
 //! its ranks tell the API node they take nothing new, finish what they run (up
 //! to `--shutdown-timeout`), and the node leaves.
 
@@ -14,14 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_certs::CLUSTER_SERVER_NAME;
-use ferry_engine::{load_model, EngineArgs, EngineHandle, LoadedModel};
+use ferry_engine::{build_engine_core, load_model, Engine, EngineArgs, EngineHandle, LoadedModel};
 
 use crate::cli::cluster_flags::ClusterPlan;
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::cli::serve::ServeArgs;
 use crate::cli::signals::stop_signal;
-use crate::engines::local::start_engine_on;
 
 /// The longest wait between two dials.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -103,17 +103,26 @@ fn serve_rank(
 ) -> Result<(), String> {
     let mut backoff = Duration::from_millis(50);
     let mut said_waiting = false;
+    let start = || -> Result<(Engine, ferry_transport::Hello), String> {
+        let (core, shape) = build_engine_core(model, args, rank).map_err(|e| format!("engine rank {rank}: {e}"))?;
+        let engine = Engine::start(core).map_err(|e| format!("engine rank {rank}: {e}"))?;
+        running.lock().unwrap_or_else(|p| p.into_inner()).insert(rank, engine.handle());
+        Ok((engine, shape.hello(rank, name)))
+    };
+    let (mut engine, hello) = start()?;
     loop {
         match rt.block_on(ferry_transport::dial(addr, CLUSTER_SERVER_NAME, tls.clone())) {
             Ok(end) => {
                 backoff = Duration::from_millis(50);
                 said_waiting = false;
                 tracing::info!(rank, "connected to the API node at {addr}");
-                // A fresh engine per link: an API node that comes back starts
-                // from an empty queue and cache on this rank too.
-                let engine = start_engine_on(model, args, rank, name, end).map_err(|e| format!("engine rank {rank}: {e:#}"))?;
-                running.lock().unwrap_or_else(|p| p.into_inner()).insert(rank, engine.threads.handle());
-                if let Some(why) = engine.threads.join() {
+                // An engine whose busy loop died (a panic failed its
+                // requests) is built again; a live one keeps its cache.
+                if !engine.is_alive() {
+                    engine = start()?.0;
+                }
+                let link = engine.attach(end, hello.clone()).map_err(|e| format!("engine rank {rank}: {e}"))?;
+                if let Some(why) = link.join() {
                     return Err(format!("the API node refused engine rank {rank}: {why}"));
                 }
                 tracing::warn!(rank, "the link to the API node closed; dialing again");

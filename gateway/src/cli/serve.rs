@@ -145,7 +145,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The engines' threads do the arithmetic; the async runtime moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let coordinator = Coordinator::new(expect);
+        let coordinator = Coordinator::new(expect, engine_args.seed);
         for (rank, end) in ends {
             coordinator.attach(end, format!("in-process rank {rank}"));
         }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_transport::handshake::{check_hello, welcome, Expectations};
+use ferry_engine::rng::{RngCore, SplitMix64};
 use ferry_transport::{EngineRequest, EngineStats, FromEngine, GatewayEnd, RequestId, SamplingParams, ToEngine};
 
 use crate::engines::rank_link::{read_outputs, EventTx, RankLink};
@@ -42,6 +43,9 @@ struct Inner {
     /// rank installed, so two links claiming one rank cannot both get in.
     expect: Mutex<Expectations>,
     next_id: AtomicU64,
+    /// Seeds for requests that bring none: drawn at admission and kept with
+    /// the request, so that any rank can resume it token for token.
+    seeds: Mutex<SplitMix64>,
     /// Every rank has joined once: start-up is over.
     started: AtomicBool,
 }
@@ -59,9 +63,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Coordinator {
     /// A coordinator for `expect.data_parallel_size` ranks, none joined yet.
-    pub fn new(expect: Expectations) -> Coordinator {
+    /// `seed` (vLLM's `--seed`) starts the seeds of requests that bring none.
+    pub fn new(expect: Expectations, seed: u64) -> Coordinator {
         let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
-        Coordinator { inner: Arc::new(Inner { slots, expect: Mutex::new(expect), next_id: AtomicU64::new(1), started: AtomicBool::new(false) }) }
+        Coordinator {
+            inner: Arc::new(Inner {
+                slots,
+                expect: Mutex::new(expect),
+                next_id: AtomicU64::new(1),
+                seeds: Mutex::new(ferry_engine::rng::splitmix(seed)),
+                started: AtomicBool::new(false),
+            }),
+        }
     }
 
     /// The data-parallel size: how many ranks this coordinator has slots for.
@@ -146,7 +159,7 @@ impl Coordinator {
                 let mut expect = lock(&this.inner.expect);
                 let live = |r: u32| this.rank(r as usize).is_some_and(|l| l.is_healthy());
                 let result = check_hello(&hello, &expect, &live);
-                let sent = tx.send(ToEngine::Welcome(welcome(&result)));
+                let sent = tx.send(ToEngine::Welcome(welcome(&hello, &result)));
                 if let Err(refusal) = result {
                     return tracing::error!(%peer, rank = hello.rank, "refused an engine rank: {refusal}");
                 }
@@ -196,7 +209,9 @@ impl Coordinator {
             }
         };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        rank.add(EngineRequest { id, prompt_tokens, sampling }, events).map_err(SubmitError::Send)?;
+        let mut sampling = sampling;
+        sampling.seed = sampling.seed.or_else(|| Some(lock(&self.inner.seeds).next_u64()));
+        rank.add(EngineRequest::new(id, prompt_tokens, sampling), events).map_err(SubmitError::Send)?;
         Ok(RequestGuard { id, rank, live: true })
     }
 }
@@ -213,7 +228,7 @@ pub struct RankScrape {
 }
 
 pub fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
-    let c = Coordinator::new(expect);
+    let c = Coordinator::new(expect, 0);
     for (k, end) in ends.into_iter().enumerate() {
         c.attach(end, format!("in-process link {k}"));
     }
@@ -269,7 +284,7 @@ pub(crate) mod tests_support {
     }
 
     pub(crate) fn expect(size: u32) -> Expectations {
-        Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, config_fingerprint: 1, tensors_fingerprint: None }
+        Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, config_fingerprint: 1, tensors_fingerprint: None, block_size: None }
     }
 
     pub(crate) fn hello(rank: u32, tensors: u64) -> Hello {
@@ -324,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn ranks_take_the_slot_their_hello_names_and_bad_ones_are_refused() {
-        let c = Coordinator::new(expect(2));
+        let c = Coordinator::new(expect(2), 0);
         // Rank 1 arrives first: it goes to slot 1, not slot 0.
         let (_e1, w) = join(&c, hello(1, 7)).await;
         assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted), "{w:?}");
@@ -353,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn submit_balances_by_reported_and_uncounted_load_and_honours_a_pin() {
-        let c = Coordinator::new(expect(2));
+        let c = Coordinator::new(expect(2), 0);
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), None).err(), Some(SubmitError::NoHealthyRank));
         let (e0, _) = join(&c, hello(0, 7)).await;

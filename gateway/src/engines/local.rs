@@ -60,5 +60,7 @@ pub fn expectations(cfg: &ferry_engine::config::ModelConfig, weights: Option<&fe
         data_parallel_size,
         config_fingerprint: ferry_engine::fingerprint::config_hash(cfg),
         tensors_fingerprint: weights.map(ferry_engine::fingerprint::tensors_hash),
+        // The first rank to join sets the block size every later one must share.
+        block_size: None,
     }
 }

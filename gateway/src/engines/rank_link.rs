@@ -229,7 +229,7 @@ mod tests {
         assert!(link.is_healthy());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let sampling = SamplingParams { n: 2, ..Default::default() };
-        link.add(EngineRequest { id: 7, prompt_tokens: vec![1], sampling }, tx).unwrap();
+        link.add(EngineRequest::new(7, vec![1], sampling), tx).unwrap();
         assert_eq!(link.load_score(), 4); // sent, not yet counted: one waiting
         let stats = EngineStats { num_running: 1, num_added: 1, ..Default::default() };
         eng.tx
@@ -249,7 +249,7 @@ mod tests {
         task.await.unwrap();
         assert!(!link.is_healthy());
         let (tx2, _rx2) = mpsc::unbounded_channel();
-        assert!(link.add(EngineRequest { id: 8, prompt_tokens: vec![1], sampling: Default::default() }, tx2).is_err());
+        assert!(link.add(EngineRequest::new(8, vec![1], Default::default()), tx2).is_err());
     }
 
     #[tokio::test]
@@ -257,7 +257,7 @@ mod tests {
         let (gw, mut eng) = flume_link();
         let link = Arc::new(RankLink::new(3, gw.tx, hello(3, 7)));
         let (tx, _rx) = mpsc::unbounded_channel();
-        link.add(EngineRequest { id: 1, prompt_tokens: vec![1], sampling: Default::default() }, tx).unwrap();
+        link.add(EngineRequest::new(1, vec![1], Default::default()), tx).unwrap();
         link.abort(1);
         link.abort(1); // second time: already forgotten, nothing sent
         assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));

@@ -106,7 +106,7 @@ pub fn hello(rank: u32, vocab_size: u32) -> Hello {
 }
 
 pub fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
-    ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens, sampling: SamplingParams::default() }))
+    ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, prompt_tokens, SamplingParams::default())))
 }
 
 pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
@@ -118,7 +118,7 @@ pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
 }
 
 pub fn accepted() -> ToEngine {
-    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None })
+    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 })
 }
 
 /// Hello from the engine, Welcome from the gateway; both checked with the handshake.
@@ -127,7 +127,7 @@ pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u3
         let mut eng = eng;
         eng.tx.send(FromEngine::Hello(hello(rank, vocab))).unwrap();
         match eng.rx.recv().unwrap() {
-            ToEngine::Welcome(w) => handshake::check_welcome(&w).unwrap(),
+            ToEngine::Welcome(w) => handshake::check_welcome(&w, rank).unwrap(),
             other => panic!("expected Welcome, got {other:?}"),
         }
         eng
@@ -138,9 +138,10 @@ pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u3
         data_parallel_size: rank + 1,
         config_fingerprint: 1,
         tensors_fingerprint: None,
+        block_size: None,
     };
     let checked = handshake::check_hello(&h, &exp, &|_| false);
-    gw.tx.send(ToEngine::Welcome(handshake::welcome(&checked))).unwrap();
+    gw.tx.send(ToEngine::Welcome(handshake::welcome(&h, &checked))).unwrap();
     checked.unwrap();
     tokio::task::spawn_blocking(move || eng.join().unwrap()).await.unwrap()
 }

@@ -1,0 +1,432 @@
+//! The engine's threads: the shell around the sans-IO [`EngineCore`].
+//!
+//! As vLLM's EngineCore process: one busy loop that schedules, runs the model
+//! and picks tokens, and for each link an input thread that receives its
+//! commands and an output thread that sends its outputs with its queue
+//! figures. The shell owns the core for the engine's whole life and accepts
+//! links over time ([`Engine::attach`]): a headless node keeps its engine, its
+//! KV memory and its prefix cache across its API node's restarts, and may
+//! serve several links at once. A link's requests are keyed by the link and
+//! the link's own request id, so two links may use the same ids; each link's
+//! figures (requests added, waiting, running) are its own. A link that closes
+//! takes its requests with it (their KV blocks are freed; what they computed
+//! stays in the prefix cache).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::engine_core::{compile_constraint, refusal, Compiled, EngineCore, Owner};
+use crate::structured::GrammarEnv;
+use ferry_transport::{
+    EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FromEngine, Hello, RequestId, ToEngine, TokenOutput,
+    MAX_STEP_REPORTS,
+};
+
+/// What the node may ask of a running engine besides its links' commands.
+#[derive(Default)]
+struct Control {
+    /// Finish what is running, take nothing new, and say so in the stats.
+    draining: AtomicBool,
+    /// Requests in flight, as of the busy loop's last turn.
+    in_flight: AtomicUsize,
+    /// The busy loop has ended (a Stop, or a panic).
+    stopped: AtomicBool,
+}
+
+/// A running engine's controls, for the node that runs it (cheap to clone).
+#[derive(Clone)]
+pub struct EngineHandle {
+    control: Arc<Control>,
+    inbox: flume::Sender<Inbox>,
+}
+
+impl EngineHandle {
+    /// Stop taking requests: every link sees `draining` in its next stats and
+    /// sends no more; requests already running finish. (The node is stopping.)
+    pub fn drain(&self) {
+        self.control.draining.store(true, Ordering::Relaxed);
+        // Wake an idle busy loop so the gateways hear of it now.
+        let _ = self.inbox.send(Inbox::Wake);
+    }
+
+    /// Requests the engine is still working on, from every link.
+    pub fn in_flight(&self) -> usize {
+        self.control.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A running engine: its busy loop, and the links attached to it.
+pub struct Engine {
+    rank: u32,
+    control: Arc<Control>,
+    inbox: flume::Sender<Inbox>,
+    busy: Option<std::thread::JoinHandle<()>>,
+    next_link: std::sync::atomic::AtomicU32,
+    /// The vocabulary constraints compile against, on each link's input thread.
+    grammars: Option<GrammarEnv>,
+}
+
+/// One link's threads. Dropping it does not stop them: the link ends when its
+/// gateway's end goes away or sends Shutdown; then `join`.
+pub struct LinkThreads {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    refused: Arc<Mutex<Option<String>>>,
+}
+
+impl LinkThreads {
+    /// Waits for the link to end; returns the gateway's refusal, if that is why.
+    pub fn join(self) -> Option<String> {
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+enum Inbox {
+    /// A link's output queue; its commands follow under the same number.
+    Attach(Owner, flume::Sender<EngineOutputs>),
+    Command(Owner, EngineCommand),
+    /// An Add whose constraint the link's input thread already compiled.
+    Add(Owner, EngineRequest, Compiled),
+    /// The link is gone (closed, refused, or told to shut down).
+    Detach(Owner),
+    /// Look at the control flags (a drain began).
+    Wake,
+    /// The engine ends.
+    Stop,
+}
+
+impl Engine {
+    /// Starts the busy loop of `core`.
+    pub fn start(core: EngineCore) -> std::io::Result<Engine> {
+        let rank = core.rank();
+        let (inbox, inbox_rx) = flume::unbounded::<Inbox>();
+        let control = Arc::new(Control::default());
+        let control_busy = control.clone();
+        let fault = fault_injection_token();
+        let grammars = core.grammars().cloned();
+        let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
+            let mut shell = Shell::new(core, rank);
+            // The panic boundary: a bug in a step must not leave the rank's streams
+            // hanging. Every request still here fails as an internal error, the
+            // panic is logged, and the loop ends, which closes every link, so the
+            // gateways mark the rank down and serve on with the others.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shell.run(&inbox_rx, &control_busy, fault)));
+            if let Err(panic) = run {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with no message".into());
+                tracing::error!(rank, "engine rank {rank} panicked: {what}; failing its requests");
+                shell.fail_all(&EngineError::internal(format!("engine rank {rank} failed: {what}")));
+            }
+            control_busy.stopped.store(true, Ordering::Relaxed);
+        })?;
+        Ok(Engine { rank, control, inbox, busy: Some(busy), next_link: 0.into(), grammars })
+    }
+
+    /// Whether the busy loop still runs (it ends on `stop` or a panic).
+    pub fn is_alive(&self) -> bool {
+        !self.control.stopped.load(Ordering::Relaxed)
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle { control: self.control.clone(), inbox: self.inbox.clone() }
+    }
+
+    /// Serves a new link on `end`: says `hello` first, then takes its
+    /// commands and sends its outputs until it closes.
+    pub fn attach(&self, end: EngineEnd, hello: Hello) -> std::io::Result<LinkThreads> {
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let rank = self.rank;
+        let EngineEnd { rx: mut cmd_rx, tx: mut out_tx } = end;
+        let (outbox_tx, outbox_rx) = flume::unbounded::<EngineOutputs>();
+        let refused = Arc::new(Mutex::new(None));
+        if self.inbox.send(Inbox::Attach(link, outbox_tx)).is_err() {
+            return Err(std::io::Error::other(format!("engine rank {rank} has stopped")));
+        }
+        let (inbox, refused_in, grammars) = (self.inbox.clone(), refused.clone(), self.grammars.clone());
+        let input = std::thread::Builder::new().name(format!("ferry-in{rank}.{link}")).spawn(move || {
+            read_link(&mut *cmd_rx, &inbox, link, rank, grammars.as_ref(), &refused_in);
+            let _ = inbox.send(Inbox::Detach(link));
+        })?;
+        let output = std::thread::Builder::new().name(format!("ferry-out{rank}.{link}")).spawn(move || {
+            if out_tx.send(FromEngine::Hello(hello)).is_err() {
+                return;
+            }
+            while let Ok(batch) = outbox_rx.recv() {
+                if out_tx.send(FromEngine::Outputs(batch)).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(LinkThreads { threads: vec![input, output], refused })
+    }
+
+    /// Ends the busy loop (every link's requests end with it) and waits for it.
+    pub fn stop(mut self) {
+        let _ = self.inbox.send(Inbox::Stop);
+        if let Some(t) = self.busy.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one link's commands onto the busy loop's inbox until the link ends.
+/// Constraints compile here (milliseconds for a big schema), so the busy loop
+/// never waits on a compile.
+fn read_link(
+    cmd_rx: &mut dyn ferry_transport::CommandRx,
+    inbox: &flume::Sender<Inbox>,
+    link: Owner,
+    rank: u32,
+    grammars: Option<&GrammarEnv>,
+    refused: &Mutex<Option<String>>,
+) {
+    loop {
+        match cmd_rx.recv() {
+            Ok(ToEngine::Command(EngineCommand::Shutdown)) | Err(_) => return,
+            Ok(ToEngine::Command(EngineCommand::Add(req))) => {
+                let compiled = compile_constraint(grammars, &req);
+                if inbox.send(Inbox::Add(link, req, compiled)).is_err() {
+                    return;
+                }
+            }
+            Ok(ToEngine::Command(c)) => {
+                if inbox.send(Inbox::Command(link, c)).is_err() {
+                    return;
+                }
+            }
+            Ok(ToEngine::Welcome(w)) => {
+                // The gateway may refuse this rank (a duplicate, another model, another
+                // protocol version): say why and end the link, rather than idle on a
+                // link that will never carry a request.
+                if let Err(refusal) = ferry_transport::handshake::check_welcome(&w, rank) {
+                    tracing::error!(rank, "engine rank {rank}: {refusal}");
+                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal.message);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One link as the busy loop sees it.
+struct Link {
+    outbox: flume::Sender<EngineOutputs>,
+    /// The link's request ids, to the engine's.
+    ids: HashMap<RequestId, RequestId>,
+    /// `Add`s this link has sent (refused ones too).
+    num_added: u64,
+    /// Step token counts not yet sent to this link.
+    step_tokens: Vec<u32>,
+    /// Outputs of this turn, not yet sent.
+    outputs: Vec<TokenOutput>,
+}
+
+/// The busy loop's state: the core, the links, and which link each of the
+/// engine's request ids belongs to.
+struct Shell {
+    core: EngineCore,
+    rank: u32,
+    links: HashMap<Owner, Link>,
+    /// The engine's request id -> (link, the link's id).
+    owners: HashMap<RequestId, (Owner, RequestId)>,
+    next_id: RequestId,
+}
+
+impl Shell {
+    fn new(core: EngineCore, rank: u32) -> Shell {
+        Shell { core, rank, links: HashMap::new(), owners: HashMap::new(), next_id: 0 }
+    }
+
+    /// Schedules, executes and samples until told to stop.
+    fn run(&mut self, inbox: &flume::Receiver<Inbox>, control: &Control, fault: Option<u32>) {
+        let mut pending = Vec::new();
+        loop {
+            // Block for commands only when idle; otherwise take what has arrived.
+            if !self.core.has_work() && pending.is_empty() {
+                match inbox.recv() {
+                    Ok(m) => pending.push(m),
+                    Err(_) => return,
+                }
+            }
+            pending.extend(inbox.try_iter());
+            let mut woken = false;
+            for m in pending.drain(..) {
+                match m {
+                    Inbox::Attach(link, outbox) => {
+                        let link_state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new() };
+                        self.links.insert(link, link_state);
+                    }
+                    Inbox::Add(link, req, compiled) => {
+                        if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
+                            panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
+                        }
+                        self.add(link, req, compiled);
+                    }
+                    Inbox::Command(link, EngineCommand::Abort(ids)) => self.abort(link, &ids),
+                    Inbox::Command(link, EngineCommand::Shutdown) | Inbox::Detach(link) => self.detach(link),
+                    Inbox::Command(_, EngineCommand::Add(_)) => {} // comes as Inbox::Add
+                    Inbox::Wake => woken = true,
+                    Inbox::Stop => return self.fail_all(&EngineError::capacity("the engine is stopping")),
+                }
+            }
+            if self.core.has_work() {
+                self.step();
+            }
+            control.in_flight.store(self.core.num_requests(), Ordering::Relaxed);
+            self.send(control.draining.load(Ordering::Relaxed), woken);
+        }
+    }
+
+    /// Takes in a link's request under an engine-wide id.
+    fn add(&mut self, link: Owner, mut req: EngineRequest, compiled: Compiled) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        l.num_added += 1;
+        let theirs = req.id;
+        if l.ids.contains_key(&theirs) {
+            let why = EngineError::invalid(format!("request id {theirs} is already running"));
+            l.outputs.push(refusal(theirs, why));
+            return;
+        }
+        let ours = self.next_id;
+        self.next_id += 1;
+        req.id = ours;
+        match self.core.add_request_compiled(req, compiled, link, Instant::now()) {
+            Ok(()) => {
+                l.ids.insert(theirs, ours);
+                self.owners.insert(ours, (link, theirs));
+            }
+            Err(mut refusal) => {
+                refusal.id = theirs;
+                l.outputs.push(refusal);
+            }
+        }
+    }
+
+    fn abort(&mut self, link: Owner, ids: &[RequestId]) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let ours: Vec<RequestId> = ids.iter().filter_map(|id| l.ids.get(id).copied()).collect();
+        let outs = self.core.abort(&ours);
+        self.route(outs);
+    }
+
+    /// The link is gone: its requests end and their blocks are freed.
+    fn detach(&mut self, link: Owner) {
+        let Some(l) = self.links.remove(&link) else { return };
+        let ours: Vec<RequestId> = l.ids.values().copied().collect();
+        self.core.abort(&ours);
+        for id in ours {
+            self.owners.remove(&id);
+        }
+        if !l.ids.is_empty() {
+            tracing::info!(rank = self.rank, "a link closed with {} requests in flight; they were aborted", l.ids.len());
+        }
+    }
+
+    fn step(&mut self) {
+        let Some(mut step) = self.core.begin_step(Instant::now()) else { return };
+        let result = self.core.run_step(&mut step);
+        let outs = self.core.finish_step(step, result, Instant::now());
+        let tokens = self.core.take_step_tokens();
+        for l in self.links.values_mut() {
+            l.step_tokens.extend_from_slice(&tokens);
+            let over = l.step_tokens.len().saturating_sub(MAX_STEP_REPORTS);
+            l.step_tokens.drain(..over);
+        }
+        self.route(outs);
+    }
+
+    /// Hands each output to its link under the link's own id, and forgets
+    /// requests that have ended.
+    fn route(&mut self, outs: Vec<TokenOutput>) {
+        for mut out in outs {
+            let ours = out.id;
+            let Some(&(link, theirs)) = self.owners.get(&ours) else { continue };
+            let finished = out.finish.is_some() && !self.core.has_request(ours);
+            if finished {
+                self.owners.remove(&ours);
+            }
+            let Some(l) = self.links.get_mut(&link) else { continue };
+            if finished {
+                l.ids.remove(&theirs);
+            }
+            out.id = theirs;
+            l.outputs.push(out);
+        }
+    }
+
+    /// Sends each link what this turn made for it, with its figures; to every
+    /// link when `all` (a drain began). A link whose queue is gone is detached.
+    fn send(&mut self, draining: bool, all: bool) {
+        let mut gone = Vec::new();
+        for (&link, l) in &mut self.links {
+            if l.outputs.is_empty() && !all {
+                continue;
+            }
+            let stats = EngineStats {
+                draining,
+                num_added: l.num_added,
+                step_tokens: std::mem::take(&mut l.step_tokens),
+                ..self.core.stats_for(link)
+            };
+            let batch = EngineOutputs { rank: self.rank, outputs: std::mem::take(&mut l.outputs), stats };
+            if l.outbox.send(batch).is_err() {
+                gone.push(link);
+            }
+        }
+        for link in gone {
+            self.detach(link);
+        }
+    }
+
+    /// Ends every request of every link with `why`, tells each link, and
+    /// closes them all.
+    fn fail_all(&mut self, why: &EngineError) {
+        let outs = self.core.fail_all(why);
+        self.route(outs);
+        self.send(false, false);
+        self.links.clear();
+        self.owners.clear();
+    }
+}
+
+/// A test-only fault: with `FERRY_FAULT_INJECT_PANIC=ID` set, the busy loop
+/// panics on a request whose prompt holds token `ID`, so tests can prove the
+/// panic boundary. Unset in normal use, and then it costs one check per Add.
+fn fault_injection_token() -> Option<u32> {
+    std::env::var("FERRY_FAULT_INJECT_PANIC").ok().and_then(|v| v.parse().ok())
+}
+
+/// An engine serving one link: it stops when that link ends.
+pub struct EngineThreads {
+    engine: Engine,
+    link: LinkThreads,
+}
+
+impl EngineThreads {
+    pub fn handle(&self) -> EngineHandle {
+        self.engine.handle()
+    }
+
+    /// Waits for the link to end, then stops the engine; returns the
+    /// gateway's refusal, if that is why it ended.
+    pub fn join(self) -> Option<String> {
+        let refused = self.link.join();
+        self.engine.stop();
+        refused
+    }
+}
+
+/// Starts `core` serving one link, `end`; the first message out is `hello`.
+/// The engine lives as long as that link.
+pub fn spawn_engine(core: EngineCore, end: EngineEnd, hello: Hello) -> std::io::Result<EngineThreads> {
+    let engine = Engine::start(core)?;
+    let link = engine.attach(end, hello)?;
+    Ok(EngineThreads { engine, link })
+}
