@@ -193,6 +193,27 @@ def test_sigterm_on_the_api_node_drains_and_headless_nodes_reconnect_to_a_new_on
     assert cluster.ranks_up() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.timeout(300)
+def test_a_headless_rank_keeps_its_prefix_cache_when_its_api_node_restarts(cluster):
+    """The engine outlives its link: after the API node is killed and started
+    again, the headless rank still holds the blocks of a prompt it served."""
+    prompt = "Remember these words exactly: " + " ".join(f"token{i}" for i in range(80)) + ". Now answer:"
+    pin = {"X-data-parallel-rank": "1"}
+    first = httpx.post(cluster.url + "/v1/completions", json=body(prompt, 4), headers=pin, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["prompt_tokens"] > 48
+    api = cluster.nodes["api"]
+    api.kill9()
+    api.start()
+    cluster.wait_healthy()
+    assert wait_until(lambda: cluster.ranks_up() == [1.0, 1.0, 1.0], 60, what="every rank back")
+    again = httpx.post(cluster.url + "/v1/completions", json=body(prompt, 4), headers=pin, timeout=120)
+    assert again.status_code == 200, again.text
+    usage = again.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0, usage
+    assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+
+
 def test_one_machine_two_in_process_replicas_both_take_work(tmp_path):
     from e2e_cluster import Node
     from e2e_util import free_tcp_port, free_tcp_udp_port
