@@ -3,22 +3,33 @@
 //! prefill, where each weight super-block is decoded once per matmul call and
 //! dotted against every token.
 //!
-//! As in gemm16, one zmm lane per weight row. Every type is brought to one form
-//! while packing: value = d * sc_g * u - dmin * m_g, with u an unsigned byte
-//! per element and g a group of 16 or 32 elements. For the symmetric types the
-//! offset becomes the "min" (Q6_K: u = q + 32, m_g = 32 * sc_g, dmin = d; Q3_K:
-//! u = q + 4, m_g = 4 * sc_g; IQ4_XS: u = level + 128, m_g = 128 * sc_g), so
-//! one token loop serves all six:
-//! - sum_g sc_g * (u . y over g): vpdpbusd per 4 elements, vpmulld per group;
-//! - sum_g m_g * bsums_g: the activations' per-16 sums (Q8_K carries them),
-//!   vpdpwssd over pairs of groups;
+//! As in gemm16, one zmm lane per weight row. Every result has the bits of
+//! the per-row kernels (`dot_x86`'s q4_k_body etc., which one-token decode
+//! runs), so a sequence's numbers don't depend on how many tokens share a
+//! matmul (prefill, chunks, a verify pass, batched decode). Those kernels keep
+//! 8 float lanes per row and token: lane i takes the integer dot of the
+//! elements e with (e % 32) / 4 == i, times the group scales, converted and
+//! fma'd with d * dy once per super-block; the lanes are summed at the end in
+//! `hsum`'s tree, and the min term, where the type has one, is a separate
+//! float sum subtracted last. This kernel keeps the same 8 lanes, a vector of
+//! 16 rows each, so every float operation is theirs:
+//! - while packing, each quant is multiplied by its group scale into an i16
+//!   (|sc * q| < 2^13 for every type), so each element pair is one vpdpwssd
+//!   against the token's i16 activation pair, and the 8 lanes' integer sums
+//!   need no per-group multiply;
+//! - Q2_K, Q4_K, Q5_K: the min term sum_g m_g * bsums_g (vpdpwssd over pairs of
+//!   groups), scaled by dmin * dy and added to its own float sum;
+//! - Q3_K, Q6_K: the quants are used unsigned (q + 4, q + 32) and the offset's
+//!   sum_g m_g * bsums_g is subtracted from lane 0's integer, as the per-row
+//!   kernels fold it there; IQ4_XS's levels are signed and need no offset.
 //!
-//! both exact in i32 (the largest, Q6_K's, stays below 2^28), then scaled once
-//! per super-block. The packed copy of the 16 rows' super-blocks (about 5.5 KB
+//! Integer sums are exact, so only the float order matters, and it is the
+//! per-row kernels'. The packed copy of the 16 rows' super-blocks (about 8.8 KB
 //! each) is made once per call and reused for every token, from L1 / L2.
 //!
-//! Packing costs about what 1 to 3 tokens of the per-row kernels do, so this
-//! kernel takes matmuls of `min_tokens` tokens or more.
+//! Packing, and the 8 lanes' extra float work, cost about what several tokens
+//! of the per-row kernels do, so this kernel takes matmuls of `MIN_TOKENS`
+//! tokens or more.
 
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
@@ -30,18 +41,15 @@ use std::arch::x86_64::*;
 
 /// Rows per kernel call (zmm lanes).
 pub(crate) const ROWS: usize = 16;
-/// Fewest tokens for which this kernel is used for `ty` (see the module docs):
-/// measured crossovers with the per-row kernels on SmolLM2's 576x1536 (2-core
-/// Xeon, CPU time): Q4_K at 2 tokens 46 µs here against 57 µs per-row, at 1 token
-/// 40 against 37; the types whose quants need a per-row decode pack slower.
-pub(crate) fn min_tokens(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::IQ4_XS => 2,
-        _ => 3,
-    }
-}
-/// Tokens that share each load of a packed weight vector.
-const TT: usize = 4;
+/// Fewest tokens for which this kernel is used (see the module docs).
+/// Keeping the per-row kernels' 8 float lanes costs it about half its former
+/// speed; measured against them on SmolLM2's 576x1536 (2-core machine under
+/// load, `speed_probe`): slower at 4 tokens, level or faster at 16, 1.1-2x
+/// faster at 64. Both give the same bits, so the threshold only moves time.
+pub(crate) const MIN_TOKENS: usize = 8;
+/// Tokens that share each load of a packed weight vector (each holds 8
+/// integer lane vectors in registers; 3 tokens spilled and ran 2x slower).
+const TT: usize = 2;
 
 /// Whether this kernel handles `ty`.
 pub(crate) fn supports(ty: GgmlType) -> bool {
@@ -68,16 +76,28 @@ const fn groups(k: u8) -> usize {
     }
 }
 
-/// Whether the min term is the type's own offset (dmin = d).
-const fn symmetric(k: u8) -> bool {
-    matches!(k, Q3K | Q6K | IQ4XSK)
+/// Types with a min term kept as its own float sum (dmin * dy * sum_g m_g * bsums_g).
+const fn has_min(k: u8) -> bool {
+    matches!(k, Q2K | Q4K | Q5K)
 }
 
-/// Packed vectors per super-block: 64 of quants, the group scales, 8 of min
-/// pairs, d and dmin.
-const fn units(k: u8) -> usize {
-    64 + groups(k) + 8 + 2
+/// Types whose quants are used unsigned, the offset subtracted from lane 0.
+const fn offset_in_lane0(k: u8) -> bool {
+    matches!(k, Q3K | Q6K)
 }
+
+/// Staged vectors of a super-block while packing, at most: 64 of unsigned
+/// quants (IQ4_XS: levels + 128), the group scales (8 or 16), 8 of min pairs,
+/// d and dmin.
+const STAGED: usize = 64 + 16 + 8 + 2;
+
+/// Packed vectors per super-block: 128 of scaled i16 pairs (vector v holds
+/// elements 2v, 2v + 1 of each row), 8 of min pairs, d and dmin.
+const UNITS: usize = 128 + 8 + 2;
+/// Where the min pairs, d and dmin sit in a packed super-block.
+const MINS: usize = 128;
+const D: usize = 136;
+const DMIN: usize = 137;
 
 const fn block_bytes(k: u8) -> usize {
     match k {
@@ -113,7 +133,7 @@ pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, 
         GgmlType::Q6_K => Q6K,
         _ => IQ4XSK,
     };
-    let need = a.nb * units(k);
+    let need = a.nb * UNITS;
     if pack.len() < need {
         pack.resize(need, _mm512_setzero_si512());
     }
@@ -136,8 +156,6 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
     while t < n {
         let nt = (n - t).min(TT);
         match nt {
-            4 => tokens::<K, 4>(pk, a, t, out, os),
-            3 => tokens::<K, 3>(pk, a, t, out, os),
             2 => tokens::<K, 2>(pk, a, t, out, os),
             _ => tokens::<K, 1>(pk, a, t, out, os),
         }
@@ -161,7 +179,7 @@ struct Scratch {
 #[inline(always)]
 unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut [__m512i]) {
     let g = groups(K);
-    let u = units(K);
+    let mut staged = [_mm512_setzero_si512(); STAGED];
     let mut s = Scratch { u: [0; ROWS * QK_K], sc: [0; ROWS * 16], mp: [0; ROWS * 8], d: [0.0; ROWS], dmin: [0.0; ROWS] };
     let dst = pack.as_mut_ptr();
     for b in 0..nb {
@@ -177,7 +195,7 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
                 decode_row::<K>(p, &mut s, r);
             }
         }
-        let base = dst.add(b * u);
+        let base = staged.as_mut_ptr();
         if fast_scales(K) {
             scales16::<K>(w.add(b * block_bytes(K)), ws, base);
         }
@@ -201,7 +219,37 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
             _mm512_store_ps(base.add(72 + g) as *mut f32, _mm512_load_ps(s.d.as_ptr()));
             _mm512_store_ps(base.add(73 + g) as *mut f32, _mm512_load_ps(s.dmin.as_ptr()));
         }
+        scale_quants::<K>(base, dst.add(b * UNITS));
     }
+}
+
+/// One staged super-block (at `src`) into its packed form at `dst`: each
+/// quant times its group's scale as an i16, two elements per dword (exact:
+/// |sc * q| < 2^13), then the min pairs, d and dmin as they are.
+#[inline(always)]
+unsafe fn scale_quants<const K: u8>(src: *const __m512i, dst: *mut __m512i) {
+    let g = groups(K);
+    let per = 64 / g; // quant vectors per group
+    // Bytes 0, 1 (even) or 2, 3 (odd) of each dword, zero-extended to i16.
+    let even = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+    let odd = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+    // IQ4_XS levels were staged biased by 128 (unsigned); here they are
+    // signed again, as the per-row kernel multiplies them.
+    let bias = _mm512_set1_epi16(if K == IQ4XSK { 128 } else { 0 });
+    for v in 0..64 {
+        let q = _mm512_load_si512(src.add(v));
+        let sc = _mm512_load_si512(src.add(64 + v / per));
+        let sc2 = pair16(sc, sc);
+        let lo = _mm512_sub_epi16(_mm512_shuffle_epi8(q, even), bias);
+        let hi = _mm512_sub_epi16(_mm512_shuffle_epi8(q, odd), bias);
+        _mm512_store_si512(dst.add(2 * v), _mm512_mullo_epi16(lo, sc2));
+        _mm512_store_si512(dst.add(2 * v + 1), _mm512_mullo_epi16(hi, sc2));
+    }
+    for k in 0..8 {
+        _mm512_store_si512(dst.add(MINS + k), _mm512_load_si512(src.add(64 + g + k)));
+    }
+    _mm512_store_si512(dst.add(D), _mm512_load_si512(src.add(72 + g)));
+    _mm512_store_si512(dst.add(DMIN), _mm512_load_si512(src.add(73 + g)));
 }
 
 /// Stores 32 decoded bytes (elements 32 * i ..) of row r.
@@ -501,58 +549,76 @@ unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
     ]
 }
 
-/// 16 rows x T tokens from t0, over all super-blocks of the packed rows.
+/// 16 rows x T tokens from t0, over all super-blocks of the packed rows, in
+/// the per-row kernels' float order (see the module docs).
 #[inline(always)]
 unsafe fn tokens<const K: u8, const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize, out: *mut f32, os: usize) {
-    let g = groups(K);
-    let per = 64 / g; // quant vectors per group
     let n16 = a.cols / 16;
     let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc = [[_mm512_setzero_ps(); 8]; T];
     let mut macc = [_mm512_setzero_ps(); T];
+    // The tokens' activations of one super-block as i16 pairs (dword v holds
+    // elements 2v, 2v + 1), the form vpdpwssd broadcasts.
+    let mut y16 = Y16([[0; 128]; T]);
     for b in 0..a.nb {
-        let blk = pk.add(b * units(K));
-        let mut isum = [zero; T];
-        for j in 0..g {
-            let sc = _mm512_load_si512(blk.add(64 + j));
-            // Two chains per token: vpdpbusd's latency would otherwise bound the loop.
-            let mut s0 = [zero; T];
-            let mut s1 = [zero; T];
-            for v in (0..per).step_by(2) {
-                let w0 = _mm512_load_si512(blk.add(per * j + v));
-                let w1 = _mm512_load_si512(blk.add(per * j + v + 1));
-                for t in 0..T {
-                    let y = a.qs.add((t0 + t) * a.cols + b * QK_K + 4 * (per * j + v)) as *const i32;
-                    s0[t] = _mm512_dpbusd_epi32(s0[t], w0, _mm512_set1_epi32(y.read_unaligned()));
-                    s1[t] = _mm512_dpbusd_epi32(s1[t], w1, _mm512_set1_epi32(y.add(1).read_unaligned()));
-                }
-            }
-            for t in 0..T {
-                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(s0[t], s1[t]), sc));
+        let blk = pk.add(b * UNITS);
+        for t in 0..T {
+            let y = a.qs.add((t0 + t) * a.cols + b * QK_K);
+            for c in 0..8 {
+                let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(y.add(32 * c) as *const __m256i));
+                _mm512_store_si512(y16.0[t].as_mut_ptr().add(16 * c) as *mut __m512i, w);
             }
         }
-        let dv = _mm512_load_ps(blk.add(72 + g) as *const f32);
-        let dminv = _mm512_load_ps(blk.add(73 + g) as *const f32);
+        // lanes[t][i]: the integer sum of per-row lane i (elements e with
+        // (e % 32) / 4 == i, i.e. pair vectors v with (v % 16) / 2 == i).
+        let mut lanes = [[zero; 8]; T];
+        for c in 0..8 {
+            for j in 0..16 {
+                let v = 16 * c + j;
+                let w = _mm512_load_si512(blk.add(v));
+                for t in 0..T {
+                    let y = _mm512_set1_epi32(y16.0[t][v]);
+                    lanes[t][j / 2] = _mm512_dpwssd_epi32(lanes[t][j / 2], w, y);
+                }
+            }
+        }
+        let dv = _mm512_load_ps(blk.add(D) as *const f32);
+        let dminv = _mm512_load_ps(blk.add(DMIN) as *const f32);
         for t in 0..T {
             let tt = t0 + t;
-            // sum_g m_g * bsums_g: pairs of i16 groups against pairs of bsums.
-            let bs = a.bsums.add(tt * n16 + b * 16) as *const i32;
-            let mut msum = zero;
-            for k in 0..8 {
-                msum = _mm512_dpwssd_epi32(msum, _mm512_load_si512(blk.add(64 + g + k)), _mm512_set1_epi32(bs.add(k).read_unaligned()));
-            }
             let dy = _mm512_set1_ps(*a.d.add(tt * a.nb + b));
-            if symmetric(K) {
-                // dmin = d: one exact integer difference.
-                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum[t], msum));
-                acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(dv, dy), acc[t]);
-            } else {
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dv, dy), acc[t]);
-                macc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dminv, dy), macc[t]);
+            if has_min(K) || offset_in_lane0(K) {
+                // sum_g m_g * bsums_g: pairs of i16 groups against pairs of bsums.
+                let bs = a.bsums.add(tt * n16 + b * 16) as *const i32;
+                let mut msum = zero;
+                for k in 0..8 {
+                    msum = _mm512_dpwssd_epi32(msum, _mm512_load_si512(blk.add(MINS + k)), _mm512_set1_epi32(bs.add(k).read_unaligned()));
+                }
+                if offset_in_lane0(K) {
+                    lanes[t][0] = _mm512_sub_epi32(lanes[t][0], msum);
+                } else {
+                    // macc += dmin * dy * smin, unfused, as the per-row kernels.
+                    macc[t] = _mm512_add_ps(macc[t], _mm512_mul_ps(_mm512_mul_ps(dminv, dy), _mm512_cvtepi32_ps(msum)));
+                }
+            }
+            let dd = _mm512_mul_ps(dv, dy);
+            for i in 0..8 {
+                acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes[t][i]), dd, acc[t][i]);
             }
         }
     }
     for t in 0..T {
-        _mm512_storeu_ps(out.add((t0 + t) * os), _mm512_sub_ps(acc[t], macc[t]));
+        // dot_x86::hsum's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+        let a = &acc[t];
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+        );
+        let r = if has_min(K) { _mm512_sub_ps(sum, macc[t]) } else { sum };
+        _mm512_storeu_ps(out.add((t0 + t) * os), r);
     }
 }
+
+/// [`tokens`]' i16 activation pairs, aligned for whole-vector stores.
+#[repr(align(64))]
+struct Y16<const T: usize>([[i32; 128]; T]);

@@ -382,7 +382,7 @@ fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
             return false;
         }
         if gemm16k::supports(w.ty) {
-            return n_tokens >= gemm16k::min_tokens(w.ty) && gemm16k::stride_ok(w.row_stride);
+            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride);
         }
         n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
     }
@@ -650,34 +650,54 @@ mod tests {
                 check(ty, rows, 64, n, rows as u64 * 7 + n as u64);
             }
         }
-        // gemm16k (the super-block types) from 3 tokens, around its 4-token tile.
+        // gemm16k (the super-block types) from 8 tokens, around its 2-token tile.
         for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
-            for (rows, n) in [(16, 3), (37, 5), (33, 8), (17, 2)] {
+            for (rows, n) in [(16, 3), (37, 9), (33, 8), (17, 11)] {
                 check(ty, rows, 512, n, rows as u64 * 7 + n as u64);
             }
         }
     }
 
     #[test]
-    fn one_token_equals_its_column_of_a_batch_bit_for_bit() {
-        // gemm16's single-token path skips the packed copy; every token count must
-        // still give each token the same bits (a sequence decodes the same alone
-        // or batched). So must the per-row tiles, whatever their shape.
-        let (rows, cols, n) = (48, 256, 5);
-        let x = data(n * cols, 31, 1.0);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::IQ4_NL] {
-            let w = random_blocks(ty, rows, cols, 40 + ty.id() as u64);
-            for isa in available() {
-                let mut all = vec![0f32; n * rows];
-                matmul_isa(&w, &x, n, &mut all, isa);
-                for t in 0..n {
-                    let mut one = vec![0f32; rows];
-                    matmul_isa(&w, &x[t * cols..(t + 1) * cols], 1, &mut one, isa);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{} {isa:?} token {t}", ty.name());
+    fn every_token_count_gives_each_token_its_one_token_bits() {
+        // A sequence's numbers must not depend on how many tokens share a
+        // matmul (decode, batched decode, prefill chunks, a verify pass): every
+        // token of a batch gets the bits it gets alone, for every type and ISA,
+        // on both sides of each token-count threshold (gemm16k's MIN_TOKENS,
+        // the 4-token tiles, TOKEN_TILE) and of the parallel split (the larger
+        // shape is shared out over the pool even for one token).
+        let max_n = 35;
+        let mut bad = Vec::new();
+        for ty in WEIGHT_TYPES {
+            for (rows, cols) in [(53, 256), (300, 512)] {
+                let seed = rows as u64 + ty.id() as u64;
+                let w = match ty.block_size() {
+                    1 => QMatrix::quantize(ty, rows, cols, &data(rows * cols, seed, 0.1)).unwrap(),
+                    _ => random_blocks(ty, rows, cols, seed),
+                };
+                let x = data(max_n * cols, seed + 1, 1.0);
+                for isa in available() {
+                    let alone: Vec<Vec<f32>> = x
+                        .chunks_exact(cols)
+                        .map(|xt| {
+                            let mut o = vec![f32::NAN; rows];
+                            matmul_isa(&w, xt, 1, &mut o, isa);
+                            o
+                        })
+                        .collect();
+                    for n in (2..=20).chain([33, max_n]) {
+                        let mut all = vec![f32::NAN; n * rows];
+                        matmul_isa(&w, &x[..n * cols], n, &mut all, isa);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        if let Some(t) = (0..n).find(|&t| bits(&all[t * rows..(t + 1) * rows]) != bits(&alone[t])) {
+                            bad.push(format!("{} {isa:?} {rows}x{cols}: {n} tokens, token {t}", ty.name()));
+                            break;
+                        }
+                    }
                 }
             }
         }
+        assert!(bad.is_empty(), "a token's bits depend on the batch:\n{}", bad.join("\n"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(crate) use blocks::round_f16;
 pub use dequant::dequantize_row;
 pub use matmul::{matmul, matmul_gated, matmul_group, vec_dot, QMatrix, WeightBytes};
 pub use quantize::quantize_row;
-pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_scalar, simd_name};
+pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_scalar, simd_name};
 
 /// What can go wrong reading, writing or slicing quantized data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,12 +1,12 @@
 //! Which kernels run: the SIMD level this CPU offers, and the process-wide
-//! switch that forces the scalar path (tests, debugging, odd CPUs).
+//! switches that force the scalar or the AVX2 paths (tests, debugging, odd CPUs).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-/// Instruction-set level of the kernels. The VNNI levels only change how the
-/// 8-bit dot products are done; results are bit-identical to `Avx2`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Instruction-set level of the kernels, lowest first. The VNNI levels only
+/// change how the 8-bit dot products are done; results are bit-identical to `Avx2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
@@ -17,7 +17,9 @@ pub(crate) enum Isa {
     Avx512Vnni,
 }
 
-static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
+/// The highest level the kernels may use, as an `Isa as u8`: the switches
+/// lower it so the fallback paths run on a CPU that has better ones.
+static CAP: AtomicU8 = AtomicU8::new(Isa::Avx512Vnni as u8);
 static ENV_READ: OnceLock<()> = OnceLock::new();
 static DETECTED: OnceLock<Isa> = OnceLock::new();
 
@@ -27,21 +29,31 @@ fn init_from_env() {
     ENV_READ.get_or_init(|| {
         let on = std::env::var("FERRY_FORCE_SCALAR").is_ok_and(|v| v.trim() == "1");
         if on {
-            FORCE_SCALAR.store(true, Ordering::Relaxed);
+            CAP.store(Isa::Scalar as u8, Ordering::Relaxed);
         }
     });
 }
 
+fn set_cap(cap: Isa) {
+    init_from_env();
+    CAP.store(cap as u8, Ordering::Relaxed);
+}
+
 /// Forces (or stops forcing) the portable scalar kernels for the whole process.
 pub fn set_force_scalar(on: bool) {
-    init_from_env();
-    FORCE_SCALAR.store(on, Ordering::Relaxed);
+    set_cap(if on { Isa::Scalar } else { Isa::Avx512Vnni });
+}
+
+/// Forces (or stops forcing) the AVX2 kernels for the whole process, on a CPU
+/// with more (AVX-VNNI, AVX512): the paths an AVX2-only CPU takes.
+pub fn set_force_avx2(on: bool) {
+    set_cap(if on { Isa::Avx2 } else { Isa::Avx512Vnni });
 }
 
 /// Whether the scalar kernels are forced.
 pub fn force_scalar() -> bool {
     init_from_env();
-    FORCE_SCALAR.load(Ordering::Relaxed)
+    CAP.load(Ordering::Relaxed) == Isa::Scalar as u8
 }
 
 /// The best level this CPU supports, ignoring the switch.
@@ -69,14 +81,17 @@ fn detect() -> Isa {
     Isa::Scalar
 }
 
-/// The level the kernels use now: the detected one unless scalar is forced.
+/// The level the kernels use now: the detected one, or the forced one below it.
 #[inline]
 pub(crate) fn current() -> Isa {
-    if force_scalar() {
-        Isa::Scalar
-    } else {
-        detected()
-    }
+    init_from_env();
+    let cap = match CAP.load(Ordering::Relaxed) {
+        0 => Isa::Scalar,
+        1 => Isa::Avx2,
+        2 => Isa::AvxVnni,
+        _ => Isa::Avx512Vnni,
+    };
+    detected().min(cap)
 }
 
 /// Every level this CPU can run, scalar first (for tests that compare them).
@@ -133,6 +148,10 @@ mod tests {
         assert_eq!(current(), Isa::Scalar);
         assert_eq!(simd_name(), "scalar");
         set_force_scalar(false);
+        assert_eq!(current(), detected());
+        set_force_avx2(true);
+        assert_eq!(current(), detected().min(Isa::Avx2));
+        set_force_avx2(false);
         assert_eq!(current(), detected());
         set_force_scalar(before);
         assert!(available().contains(&detected()));

@@ -1,0 +1,285 @@
+//! Every way the forward pass computes a position gives it the bits that
+//! decoding it, one token per step, gives: a whole-prompt prefill, chunked
+//! prefill at uneven boundaries, recompute after preemption (a prefill over
+//! prompt and output), a verify chunk of several tokens at a sequence's end (as
+//! speculative decoding runs), and each of these with other sequences in the
+//! same step or on one thread. The logits of every position and the K/V the
+//! cache holds for it are compared with `to_bits`, for every weight type, a
+//! GGUF and a Hugging Face model, on every SIMD level this CPU runs, and on the
+//! default model when `FERRY_TEST_MODEL` is set.
+//!
+//! Decode's own bits are pinned elsewhere (llama_cpp_reference.rs): here they
+//! are what every other path must reproduce.
+
+mod common;
+
+use common::files::{tiny_gguf_writer, write_tiny_hf};
+use common::*;
+use ferry_engine::communicator::SoloCommunicator;
+use ferry_engine::config::{ModelConfig, RopeStyle};
+use ferry_engine::cpu::kv::KvStore;
+use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
+use ferry_engine::quant::{set_force_avx2, set_force_scalar, GgmlType};
+use ferry_engine::weights::{dummy, NoProgress};
+use ferry_engine::{load_model, LoadFormat};
+use std::path::Path;
+use std::sync::Mutex;
+
+const BS: usize = 16;
+/// Positions computed: the prompt (and, for recompute, its output so far).
+const LEN: usize = 41;
+/// The sequence under test: shuffled blocks, so paging is exercised.
+const TABLE: [u32; 3] = [6, 1, 4];
+/// The other sequences' blocks, apart from the sequence's.
+const NEIGHBOUR_TABLES: [[u32; 3]; 2] = [[10, 11, 12], [13, 14, 15]];
+const BLOCKS: usize = 16;
+
+/// The SIMD switches are process-wide: the tests here run one at a time.
+static SIMD: Mutex<()> = Mutex::new(());
+
+/// A way to compute positions 0..LEN: each step's chunk length, whether
+/// other sequences share each step, whether the pool has one thread.
+struct Route {
+    name: &'static str,
+    chunks: Vec<usize>,
+    neighbours: bool,
+    one_thread: bool,
+}
+
+fn paths() -> Vec<Route> {
+    let p = |name, chunks: Vec<usize>, neighbours, one_thread| Route { name, chunks, neighbours, one_thread };
+    vec![
+        p("whole prefill", vec![LEN], false, false),
+        p("chunks 7 + 13 + 21", vec![7, 13, 21], false, false),
+        p("prefill 37 + verify 4", vec![LEN - 4, 4], false, false),
+        p("decode 20 + chunk 21", vec![1; 20].into_iter().chain([LEN - 20]).collect(), false, false),
+        p("decode beside other sequences", vec![1; LEN], true, false),
+        p("chunks 7 + 13 + 21 beside other sequences", vec![7, 13, 21], true, false),
+        p("prefill 37 + verify 4 beside other sequences", vec![LEN - 4, 4], true, false),
+        p("whole prefill on one thread", vec![LEN], false, true),
+        p("decode on one thread", vec![1; LEN], false, true),
+    ]
+}
+
+/// What a run leaves, as bits: each position's logits, and each position's
+/// K and V over all layers and KV heads as the cache stores them.
+struct Bits {
+    logits: Vec<Vec<u32>>,
+    kv: Vec<Vec<u16>>,
+}
+
+/// Another sequence's chunk for step `step`: one prefilling 5 tokens a step,
+/// or one decoding. Their numbers don't matter, only that they share the step.
+fn neighbour(which: usize, step: usize, vocab: usize) -> (Vec<u32>, SeqChunk) {
+    let (len, start_pos, logits) = if which == 0 { (5, (5 * step) % 40, LogitRows::Last) } else { (1, step % 48, LogitRows::All) };
+    let toks = (0..len).map(|i| ((step * 31 + i * 7 + which) % vocab) as u32).collect();
+    (toks, SeqChunk { start_pos, len, block_table: NEIGHBOUR_TABLES[which].to_vec(), logits })
+}
+
+/// Computes `toks` along `path`, logits of every position.
+fn run(shard: &CpuShard, toks: &[u32], path: &Route) -> Bits {
+    let v = shard.cfg.vocab_size;
+    let mut kv = shard.new_kv_store(BLOCKS, BS);
+    let mut logits = Vec::with_capacity(LEN);
+    let mut at = 0;
+    for (step, &len) in path.chunks.iter().enumerate() {
+        let ours = SeqChunk { start_pos: at, len, block_table: TABLE.to_vec(), logits: LogitRows::All };
+        let mut input = ModelInput { tokens: toks[at..at + len].to_vec(), seqs: vec![ours] };
+        // Neighbours before and after: the sequence's rows sit mid-batch.
+        let mut skip = 0;
+        if path.neighbours {
+            let (t0, s0) = neighbour(0, step, v);
+            let (t1, s1) = neighbour(1, step, v);
+            skip = s0.logits.count(s0.len);
+            input.tokens = [t0, input.tokens, t1].concat();
+            input.seqs.insert(0, s0);
+            input.seqs.push(s1);
+        }
+        let out = if path.one_thread {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            pool.install(|| shard.forward(&input, &mut kv, &SoloCommunicator))
+        } else {
+            shard.forward(&input, &mut kv, &SoloCommunicator)
+        }
+        .unwrap();
+        let rows = &out[skip * v..(skip + len) * v];
+        logits.extend(rows.chunks_exact(v).map(|r| r.iter().map(|x| x.to_bits()).collect()));
+        at += len;
+    }
+    assert_eq!(at, LEN);
+    Bits { logits, kv: (0..LEN).map(|p| kv_bits(&kv, p)).collect() }
+}
+
+/// Position `pos`'s K and V in every layer and KV head, as stored.
+fn kv_bits(kv: &KvStore, pos: usize) -> Vec<u16> {
+    let mut bits = Vec::new();
+    for (k, v) in kv.k.iter().zip(&kv.v) {
+        for kvh in 0..kv.num_kv_heads {
+            let off = kv.head_offset(&TABLE, pos, kvh).unwrap();
+            bits.extend(k[off..off + kv.head_dim].iter().chain(&v[off..off + kv.head_dim]).map(|x| x.to_bits()));
+        }
+    }
+    bits
+}
+
+/// The first position where `got` differs from `want`, in words.
+fn first_difference(want: &Bits, got: &Bits) -> Option<String> {
+    (0..LEN).find_map(|p| {
+        let what = match (want.logits[p] != got.logits[p], want.kv[p] != got.kv[p]) {
+            (false, false) => return None,
+            (true, false) => "logits",
+            (false, true) => "K/V",
+            (true, true) => "logits and K/V",
+        };
+        Some(format!("{what} first differ at position {p}"))
+    })
+}
+
+/// Every path against decoding one token per step; returns what differed.
+fn check(model: &str, shard: &CpuShard, toks: &[u32]) -> Vec<String> {
+    let decode = run(shard, toks, &Route { name: "decode", chunks: vec![1; LEN], neighbours: false, one_thread: false });
+    paths()
+        .iter()
+        .filter_map(|p| first_difference(&decode, &run(shard, toks, p)).map(|d| format!("{model}, {}: {d}", p.name)))
+        .collect()
+}
+
+/// The SIMD levels to run: this CPU's best, AVX2 and scalar. Each sets the
+/// switches, which `reset` puts back.
+const LEVELS: [&str; 3] = ["native", "avx2", "scalar"];
+
+fn set_level(level: &str) {
+    set_force_scalar(level == "scalar");
+    if level == "avx2" {
+        set_force_avx2(true);
+    }
+}
+
+fn reset_level() {
+    set_force_scalar(false);
+}
+
+/// [`check`] on every SIMD level.
+fn check_all_levels(model: &str, shard: &CpuShard, toks: &[u32]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for level in LEVELS {
+        set_level(level);
+        bad.extend(check(&format!("{model} ({level})"), shard, toks));
+    }
+    reset_level();
+    bad
+}
+
+/// SmolLM2's head shape (64) and query groups of 2, small.
+fn config_hd64() -> ModelConfig {
+    ModelConfig { num_heads: 4, num_kv_heads: 2, head_dim: 64, ..tiny_config(RopeStyle::Neox) }
+}
+
+fn load_shard(path: &Path) -> (ModelConfig, CpuShard) {
+    let m = load_model(path, LoadFormat::Auto, GgmlType::F32, &NoProgress).unwrap();
+    let shard = CpuShard::new(&m.cfg, &m.weights, 0, 1).unwrap();
+    (m.cfg, shard)
+}
+
+fn assert_none(bad: Vec<String>) {
+    assert!(bad.is_empty(), "{} path(s) differ from one-token decode:\n{}", bad.len(), bad.join("\n"));
+}
+
+#[test]
+fn gguf_every_weight_type() {
+    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_hd64();
+    let mut bad = Vec::new();
+    for ty in GgmlType::ALL.into_iter().filter(|t| !matches!(t, GgmlType::Q8_1 | GgmlType::Q8_K)) {
+        let path = dir.path().join(format!("{}.gguf", ty.name()));
+        tiny_gguf_writer(&cfg, &dummy(&cfg, ty, 11).unwrap()).write(&path).unwrap();
+        let (cfg, shard) = load_shard(&path);
+        bad.extend(check_all_levels(&format!("GGUF {}", ty.name()), &shard, &tokens(21, LEN, cfg.vocab_size)));
+    }
+    assert_none(bad);
+}
+
+#[test]
+fn hugging_face_safetensors() {
+    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bad = Vec::new();
+    // Head sizes of 64 (whole 64-element dot chunks) and 32 (none: all left over).
+    for (name, cfg) in [("head dim 64", config_hd64()), ("head dim 32", tiny_config(RopeStyle::Interleaved))] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_hf(dir.path(), &cfg, &dummy(&cfg, GgmlType::F32, 12).unwrap());
+        let (cfg, shard) = load_shard(dir.path());
+        bad.extend(check_all_levels(&format!("HF {name}"), &shard, &tokens(22, LEN, cfg.vocab_size)));
+    }
+    assert_none(bad);
+}
+
+#[test]
+fn default_model() {
+    let Some(path) = std::env::var_os("FERRY_TEST_MODEL") else {
+        eprintln!("SKIPPED: FERRY_TEST_MODEL is not set");
+        return;
+    };
+    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let (cfg, shard) = load_shard(Path::new(&path));
+    // Ordinary text's ids are low; any ids will do.
+    let toks = tokens(23, LEN, cfg.vocab_size.min(20000));
+    assert_none(check("default model", &shard, &toks));
+}
+
+/// Speed of the paths this file checks, on SmolLM2-135M's shape with random
+/// weights of a few types (and on the default model when FERRY_TEST_MODEL is
+/// set): a 128-token prefill, and decode steps of 1 and 16 sequences at 64
+/// tokens of context; the best of several runs, as the machine may be busy.
+/// `cargo test --release -p ferry-engine --test recompute_equals_decode -- --ignored --nocapture speed_probe`
+#[test]
+#[ignore]
+fn speed_probe() {
+    use std::time::Instant;
+    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = ModelConfig {
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        ..tiny_config(RopeStyle::Interleaved)
+    };
+    let mut shards: Vec<(String, CpuShard)> = [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K]
+        .into_iter()
+        .map(|ty| (format!("random {}", ty.name()), CpuShard::new(&cfg, &dummy(&cfg, ty, 1).unwrap(), 0, 1).unwrap()))
+        .collect();
+    if let Some(p) = std::env::var_os("FERRY_TEST_MODEL") {
+        shards.push(("default model".into(), load_shard(Path::new(&p)).1));
+    }
+    let best = |f: &mut dyn FnMut() -> f64| (0..5).map(|_| f()).fold(f64::INFINITY, f64::min);
+    for (name, shard) in &shards {
+        let vocab = shard.cfg.vocab_size.min(20000);
+        let (n_seqs, ctx, prompt) = (16, 64, 128);
+        let table = |s: usize| -> Vec<u32> { (0..8).map(|b| (s * 8 + b) as u32).collect() };
+        let mut kv = shard.new_kv_store(8 * n_seqs, BS);
+        let toks = tokens(5, prompt, vocab);
+        let timed = |input: &ModelInput, kv: &mut KvStore| {
+            let t = Instant::now();
+            shard.forward(input, kv, &SoloCommunicator).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        };
+        let chunk = |s: usize, start_pos: usize, len: usize| SeqChunk { start_pos, len, block_table: table(s), logits: LogitRows::Last };
+        let prefill = ModelInput { tokens: toks.clone(), seqs: vec![chunk(0, 0, prompt)] };
+        let prefill_ms = best(&mut || timed(&prefill, &mut kv));
+        for s in 0..n_seqs {
+            shard.forward(&ModelInput { tokens: toks[..ctx].to_vec(), seqs: vec![chunk(s, 0, ctx)] }, &mut kv, &SoloCommunicator).unwrap();
+        }
+        let step = |n: usize| ModelInput { tokens: toks[..n].to_vec(), seqs: (0..n).map(|s| chunk(s, ctx, 1)).collect() };
+        let (one, many) = (step(1), step(n_seqs));
+        let one_ms = best(&mut || timed(&one, &mut kv));
+        let many_ms = best(&mut || timed(&many, &mut kv));
+        println!(
+            "{name:>14}: prefill {prompt} tokens {prefill_ms:7.1} ms ({:6.0} tok/s) | decode 1 seq {one_ms:6.2} ms | decode {n_seqs} seqs {many_ms:6.2} ms ({:5.0} tok/s)",
+            prompt as f64 / prefill_ms * 1e3,
+            n_seqs as f64 / many_ms * 1e3
+        );
+    }
+}
