@@ -46,6 +46,7 @@ pub fn paged_attention(
         let (row, kvh) = (unit / n_kv, unit % n_kv);
         let (si, pos) = row_info[row];
         let table = seqs[si].block_table;
+        let order = if seqs[si].len == 1 { DotOrder::VecDot } else { DotOrder::TinyBlas };
         // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
         // the same precision as the reference it is checked against.
         let mut qv = [0f32; MAX_GROUP_DIM];
@@ -54,7 +55,7 @@ pub fn paged_attention(
         for (d, &s) in qv.iter_mut().zip(&q[q0..q0 + group * hd]) {
             *d = round_f16(s);
         }
-        let ctx = AttnCtx { kl, vl, table, pos, kvh, hd, n_kv, bs: kv.block_size, scale };
+        let ctx = AttnCtx { kl, vl, table, pos, kvh, hd, n_kv, bs: kv.block_size, scale, order };
         SCRATCH.with(|s| attend(&ctx, qv, &mut s.borrow_mut(), o));
     });
 }
@@ -74,14 +75,10 @@ struct Scratch {
     offs: Vec<usize>,
 }
 
-/// The lanes of llama.cpp's f16 dot products: element i of a dot product is
-/// accumulated, with an fma, into lane i % 16 of one of [`ACCS`] accumulators,
+/// The lanes of llama.cpp's f16 dot products (tinyBLAS with 512-bit vectors):
+/// element i of a dot product is accumulated, with an fma, into lane i % 16,
 /// and the lanes are summed as `_mm512_reduce_add_ps` does ([`reduce16`]).
 const LANES: usize = 16;
-/// ggml_vec_dot_f16's accumulators: element i goes to lane i % 16 of
-/// accumulator (i / 16) % 4, so there are 64 partial sums.
-const ACCS: usize = 4;
-const PARTS: usize = ACCS * LANES;
 
 /// Where one (row, KV head) task reads its sequence's cache.
 struct AttnCtx<'a> {
@@ -94,21 +91,43 @@ struct AttnCtx<'a> {
     n_kv: usize,
     bs: usize,
     scale: f32,
+    order: DotOrder,
 }
 
-/// The 16 lanes of the [`PARTS`] partial sums of a dot product in
-/// ggml_vec_dot_f16's order: the accumulators added (0+2)+(1+3), lane by lane.
-/// Elements past the last whole 64 are added afterwards in f64 ([`finish_dot`]).
+/// The two orders in which llama.cpp sums its f16 dot products (KQ and KQV),
+/// each element's product fma'd into a lane:
+/// - a one-token batch (decode) runs ggml_vec_dot_f16: element i goes to lane
+///   i % 16 of accumulator (i / 16) % 4, the accumulators are added
+///   (0+2)+(1+3), then the lanes as [`reduce16`]; elements past the last whole
+///   64 are added afterwards in f64;
+/// - a longer batch (prompt) runs tinyBLAS: element i goes to lane i % 16 of
+///   one accumulator, then [`reduce16`].
 ///
-/// Every position of a sequence is computed in this order, the one llama.cpp
-/// decodes with, whether it comes in a one-token decode step or in a prefill
-/// chunk of any length (llama.cpp's prompt batches sum KQ and KQV in tinyBLAS's
-/// one-accumulator order instead): so a position's K/V and logits have the same
-/// bits however it is computed (prefill, chunks, recompute after preemption,
-/// a verify pass), and a sequence's never depend on what shares the step.
-#[inline(always)]
-fn lanes(part: impl Fn(usize) -> f32) -> [f32; LANES] {
-    std::array::from_fn(|l| (part(l) + part(32 + l)) + (part(16 + l) + part(48 + l)))
+/// ferry picks by the sequence's chunk length, so a sequence's numbers don't
+/// depend on what else shares the step.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DotOrder {
+    VecDot,
+    TinyBlas,
+}
+
+impl DotOrder {
+    /// Partial sums kept: 16 lanes per accumulator.
+    fn parts(self) -> usize {
+        match self {
+            DotOrder::VecDot => 4 * LANES,
+            DotOrder::TinyBlas => LANES,
+        }
+    }
+
+    /// The 16 lanes of `parts` partial sums (see [`DotOrder`]).
+    #[inline(always)]
+    fn lanes(self, part: impl Fn(usize) -> f32) -> [f32; LANES] {
+        match self {
+            DotOrder::VecDot => std::array::from_fn(|l| (part(l) + part(32 + l)) + (part(16 + l) + part(48 + l))),
+            DotOrder::TinyBlas => std::array::from_fn(part),
+        }
+    }
 }
 
 /// The query heads of one KV head, for one row, against the sequence's cached
@@ -121,7 +140,6 @@ fn lanes(part: impl Fn(usize) -> f32) -> [f32; LANES] {
 /// reference ferry is checked against: q rounded to f16; each score a 16-lane
 /// fma dot; softmax with ggml's exp, summed per 16 positions in f64; the
 /// probabilities rounded to f16; each output a 16-lane fma dot over positions.
-/// Both dots are summed in decode's order ([`lanes`]) for every chunk length.
 fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -176,14 +194,14 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
     offs.extend((0..n_pos).map(slot));
     // SAFETY: ISA is AVX512 only inside attend_avx512.
     #[cfg(target_arch = "x86_64")]
-    let done = ISA == AVX512 && unsafe { x86::scores_avx512(c.kl, offs, qv, hd, c.scale, scores, n_pad) };
+    let done = ISA == AVX512 && unsafe { x86::scores_avx512(c.kl, offs, qv, hd, c.order, c.scale, scores, n_pad) };
     #[cfg(not(target_arch = "x86_64"))]
     let done = false;
     if !done {
         for (p, &off) in offs.iter().enumerate() {
             let k = &c.kl[off..off + hd];
             for g in 0..group {
-                scores[g * n_pad + p] = dot_f16::<ISA>(&qv[g * hd..(g + 1) * hd], k) * c.scale;
+                scores[g * n_pad + p] = dot_f16::<ISA>(&qv[g * hd..(g + 1) * hd], k, c.order) * c.scale;
             }
         }
     }
@@ -208,13 +226,14 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
     // multiple of 256, so vec_dot leaves no positions over).
     for g in 0..group {
         let w = &scores[g * n_pad..g * n_pad + n_pos];
-        weighted_v::<ISA>(c.vl, &scratch.offs, w, &mut o[g * hd..(g + 1) * hd]);
+        weighted_v::<ISA>(c.vl, &scratch.offs, w, c.order, &mut o[g * hd..(g + 1) * hd]);
     }
 }
 
 /// o[d] = Σ_p w[p] · v_p[d], summed as llama.cpp's dot of the probabilities
-/// with V's column d: position p's product is fma'd into partial sum p % 64
-/// ([`PARTS`]), then the partials are combined by [`lanes`] and [`reduce16`]. `v_p` is the `o.len()` values at `offs[p]` in `vl`.
+/// with V's column d: position p's product is fma'd into partial sum p % parts
+/// ([`DotOrder::parts`]), then the partials are combined by [`DotOrder::lanes`]
+/// and [`reduce16`]. `v_p` is the `o.len()` values at `offs[p]` in `vl`.
 ///
 /// Each output's partials live in registers, a register of outputs (8 or 16)
 /// at a time: positions are walked once per partial rather than once, but
@@ -222,29 +241,30 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
 /// of a decode step). Zero probabilities are multiplied like any other, as
 /// llama.cpp's dot does (an inf or NaN in V then shows, as it does there).
 #[inline(always)]
-fn weighted_v<const ISA: u8>(vl: &[f16], offs: &[usize], w: &[f32], o: &mut [f32]) {
+fn weighted_v<const ISA: u8>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
     {
         if ISA == AVX512 {
             // SAFETY: ISA is AVX512 only inside attend_avx512.
-            d0 = unsafe { x86::weighted_v16(vl, offs, w, o) };
+            d0 = unsafe { x86::weighted_v16(vl, offs, w, order, o) };
         }
         if ISA >= AVX2 {
             // SAFETY: ISA is AVX2 or more only inside attend_avx2 or attend_avx512.
-            d0 = unsafe { x86::weighted_v(vl, offs, w, o, d0) };
+            d0 = unsafe { x86::weighted_v(vl, offs, w, order, o, d0) };
         }
     }
+    let parts = order.parts();
     for d in d0..o.len() {
         let part = |j: usize| {
             let mut acc = 0.0f32;
-            for p in (j..w.len()).step_by(PARTS) {
+            for p in (j..w.len()).step_by(parts) {
                 acc = w[p].mul_add(vl[offs[p] + d].to_f32(), acc);
             }
             acc
         };
-        let l = lanes(part);
+        let l = order.lanes(part);
         o[d] = reduce16(|i| l[i]);
     }
 }
@@ -263,29 +283,30 @@ pub const MAX_HEAD_DIM: usize = 512;
 /// Most query values that share one KV head (heads per group × head dim).
 pub const MAX_GROUP_DIM: usize = 8192;
 
-/// q · k with k in f16, summed in decode's order ([`lanes`]).
+/// q · k with k in f16, summed in `order`.
 #[inline(always)]
-fn dot_f16<const ISA: u8>(q: &[f32], k: &[f16]) -> f32 {
+fn dot_f16<const ISA: u8>(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if ISA >= AVX2 {
         // SAFETY: ISA is AVX2 or more only inside attend_avx2 or attend_avx512,
         // which run on CPUs with AVX2, FMA and F16C.
-        return unsafe { x86::dot_f16(q, k) };
+        return unsafe { x86::dot_f16(q, k, order) };
     }
     let n = q.len().min(k.len());
-    // The lanes take whole 64s.
-    let main = n - n % PARTS;
-    let mut acc = [0.0f32; PARTS];
+    let parts = order.parts();
+    // The elements the lanes take: all, or (vec_dot) whole 64s.
+    let main = if order == DotOrder::VecDot { n - n % parts } else { n };
+    let mut acc = [0.0f32; 4 * LANES];
     for i in 0..main {
-        acc[i % PARTS] = q[i].mul_add(k[i].to_f32(), acc[i % PARTS]);
+        acc[i % parts] = q[i].mul_add(k[i].to_f32(), acc[i % parts]);
     }
-    finish_dot(&acc, &q[main..n], &k[main..n])
+    finish_dot(&acc, order, &q[main..n], &k[main..n])
 }
 
 /// The lanes' sum plus the elements left over (added in f64, as ggml does).
 #[inline(always)]
-fn finish_dot(acc: &[f32; PARTS], q: &[f32], k: &[f16]) -> f32 {
-    let l = lanes(|i| acc[i]);
+fn finish_dot(acc: &[f32; 4 * LANES], order: DotOrder, q: &[f32], k: &[f16]) -> f32 {
+    let l = order.lanes(|i| acc[i]);
     let mut s = reduce16(|i| l[i]) as f64;
     for (x, y) in q.iter().zip(k) {
         s += (x * y.to_f32()) as f64;
@@ -295,35 +316,63 @@ fn finish_dot(acc: &[f32; PARTS], q: &[f32], k: &[f16]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::PARTS;
+    use super::DotOrder;
     use half::f16;
     use std::arch::x86_64::*;
 
-    /// The 64 partial sums (see super::lanes) as 8-lane registers, summed in
-    /// registers: lanes 0..8 and 8..16 of accumulator a are acc[a][0] and
+    /// The partial sums (16 or 64, see DotOrder) as 8-lane registers, summed
+    /// in registers: lanes 0..8 and 8..16 of accumulator a are acc[a][0] and
     /// acc[a][1].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
+    pub unsafe fn dot_f16(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
         let n = q.len().min(k.len());
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
-        // Constant indices only (whole 64s), so the accumulators stay in
-        // registers; and no closures, which would not inherit this function's
-        // target features.
-        while i + PARTS <= n {
-            for (a, acc) in acc.iter_mut().enumerate() {
-                for (h, half) in acc.iter_mut().enumerate() {
-                    let e = i + 16 * a + 8 * h;
-                    // SAFETY: e + 8 <= i + 64 <= n keeps the reads inside the slices.
-                    let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(e) as *const __m128i));
-                    *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(e)), kk, *half);
+        // Constant indices only (whole 64s, or whole 16s), so the accumulators
+        // stay in registers; and no closures, which would not inherit this
+        // function's target features.
+        if order == DotOrder::VecDot {
+            while i + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    for (h, half) in acc.iter_mut().enumerate() {
+                        let e = i + 16 * a + 8 * h;
+                        // SAFETY: e + 8 <= i + 64 <= n keeps the reads inside the slices.
+                        let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(e) as *const __m128i));
+                        *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(e)), kk, *half);
+                    }
                 }
+                i += 64;
             }
-            i += PARTS;
+        } else {
+            while i + 16 <= n {
+                for (h, half) in acc[0].iter_mut().enumerate() {
+                    // SAFETY: i + 16 <= n keeps the reads inside the slices.
+                    let kk = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i + 8 * h) as *const __m128i));
+                    *half = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8 * h)), kk, *half);
+                }
+                i += 16;
+            }
         }
-        let lo = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[2][0]), _mm256_add_ps(acc[1][0], acc[3][0]));
-        let hi = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[2][1]), _mm256_add_ps(acc[1][1], acc[3][1]));
+        let (lo, hi) = if order == DotOrder::VecDot {
+            (
+                _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[2][0]), _mm256_add_ps(acc[1][0], acc[3][0])),
+                _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[2][1]), _mm256_add_ps(acc[1][1], acc[3][1])),
+            )
+        } else {
+            (acc[0][0], acc[0][1])
+        };
+        if i < n && order == DotOrder::TinyBlas {
+            // A last partial 16 continues the lanes.
+            let mut lanes = [0f32; 16];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+            while i < n {
+                lanes[i % 16] = q[i].mul_add(k[i].to_f32(), lanes[i % 16]);
+                i += 1;
+            }
+            return super::reduce16(|l| lanes[l]);
+        }
         // reduce16: halves, quarters, then (0+2)+(1+3).
         let h = _mm256_add_ps(lo, hi);
         let mut r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -343,10 +392,22 @@ mod x86 {
     /// each dot's 16 lanes are built in one register, and four registers are
     /// reduced together in `_mm512_reduce_add_ps`'s tree, which one at a time
     /// was most of a dot's cost. Returns false, doing nothing, for head sizes
-    /// whose dots would leave elements over (not a multiple of 64).
+    /// whose dots would leave elements over (vec_dot: not a multiple of 64;
+    /// tinyBLAS: of 16).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn scores_avx512(kl: &[f16], offs: &[usize], qv: &[f32], hd: usize, scale: f32, scores: &mut [f32], n_pad: usize) -> bool {
-        if hd == 0 || !hd.is_multiple_of(PARTS) {
+    pub unsafe fn scores_avx512(
+        kl: &[f16],
+        offs: &[usize],
+        qv: &[f32],
+        hd: usize,
+        order: DotOrder,
+        scale: f32,
+        scores: &mut [f32],
+        n_pad: usize,
+    ) -> bool {
+        let step = if order == DotOrder::VecDot { 64 } else { 16 };
+        if hd == 0 || !hd.is_multiple_of(step) {
             return false;
         }
         let group = qv.len() / hd;
@@ -359,7 +420,7 @@ mod x86 {
                 for (i, lanes) in lanes.iter_mut().enumerate() {
                     if p0 + i < n_pos {
                         let off = offs[p0 + i];
-                        *lanes = dot_lanes(q, &kl[off..off + hd]);
+                        *lanes = dot_lanes(q, &kl[off..off + hd], order);
                     }
                 }
                 let r = reduce16x4(lanes);
@@ -373,24 +434,35 @@ mod x86 {
     }
 
     /// The 16 lanes of q · k before the final reduction: element e is fma'd
-    /// into lane e % 16 of accumulator (e / 16) % 4, then the accumulators are
-    /// added (0+2)+(1+3). The length is a whole number of 64s.
+    /// into lane e % 16 of accumulator (e / 16) % 4 (vec_dot; the accumulators
+    /// then added (0+2)+(1+3)) or of the one accumulator (tinyBLAS). The
+    /// length is a whole number of 64s (vec_dot) or 16s.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot_lanes(q: &[f32], k: &[f16]) -> __m512 {
+    unsafe fn dot_lanes(q: &[f32], k: &[f16], order: DotOrder) -> __m512 {
         let n = q.len().min(k.len());
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut e = 0;
-        while e + PARTS <= n {
-            for (a, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: x + 16 <= e + 64 <= n keeps the reads inside the slices.
-                let x = e + 16 * a;
-                let kk = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(x) as *const __m256i));
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(x)), kk, *acc);
+        if order == DotOrder::VecDot {
+            while e + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: x + 16 <= e + 64 <= n keeps the reads inside the slices.
+                    let x = e + 16 * a;
+                    let kk = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(x) as *const __m256i));
+                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(x)), kk, *acc);
+                }
+                e += 64;
             }
-            e += PARTS;
+            _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
+        } else {
+            while e + 16 <= n {
+                // SAFETY: e + 16 <= n keeps the reads inside the slices.
+                let kk = _mm512_cvtph_ps(_mm256_loadu_si256(k.as_ptr().add(e) as *const __m256i));
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(e)), kk, acc[0]);
+                e += 16;
+            }
+            acc[0]
         }
-        _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
     }
 
     /// Four [`super::reduce16`]s at once, in the same tree: halves, quarters,
@@ -414,14 +486,14 @@ mod x86 {
 
     /// [`super::weighted_v`] for outputs 0.. in whole 16s; returns where it stopped.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], o: &mut [f32]) -> usize {
-        weighted_v_lanes::<__m512>(vl, offs, w, o, 0)
+    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+        weighted_v_lanes::<__m512>(vl, offs, w, order, o, 0)
     }
 
     /// [`super::weighted_v`] for outputs d0.. in whole 8s; returns where it stopped.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], o: &mut [f32], d0: usize) -> usize {
-        weighted_v_lanes::<__m256>(vl, offs, w, o, d0)
+    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
+        weighted_v_lanes::<__m256>(vl, offs, w, order, o, d0)
     }
 
     /// A register of f32 lanes, as far as [`weighted_v_lanes`] needs one. The
@@ -482,8 +554,9 @@ mod x86 {
     /// # Safety
     /// The CPU must support `V`'s instructions (the caller's target features).
     #[inline(always)]
-    unsafe fn weighted_v_lanes<V: Lanes>(vl: &[f16], offs: &[usize], w: &[f32], o: &mut [f32], d0: usize) -> usize {
-        let n_pos = w.len().min(offs.len());
+    unsafe fn weighted_v_lanes<V: Lanes>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
+        let (n_pos, parts) = (w.len().min(offs.len()), order.parts());
+        let n_parts = if order == DotOrder::VecDot { 4 } else { 1 };
         // No closures here: they would not inherit the caller's target
         // features, and every intrinsic in them would become a call.
         let mut d0 = d0;
@@ -491,18 +564,18 @@ mod x86 {
             // The 16 lanes, each a vector of outputs' partial sums combined.
             let mut lane = [V::zero(); 16];
             for (l, lane) in lane.iter_mut().enumerate() {
-                // Partials l, 32 + l, 16 + l, 48 + l, combined as super::lanes does.
+                // Partials l, 32 + l, 16 + l, 48 + l (vec_dot) or l (tinyBLAS).
                 let mut part = [V::zero(); 4];
-                for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]) {
+                for (acc, j) in part.iter_mut().zip([l, 32 + l, 16 + l, 48 + l]).take(n_parts) {
                     let mut p = j;
                     while p < n_pos {
                         // Bounds-checked: the offsets come from the block table.
                         let v = &vl[offs[p] + d0..offs[p] + d0 + V::N];
                         *acc = acc.fma_f16(w[p], v.as_ptr());
-                        p += PARTS;
+                        p += parts;
                     }
                 }
-                *lane = part[0].add(part[1]).add(part[2].add(part[3]));
+                *lane = if n_parts == 4 { part[0].add(part[1]).add(part[2].add(part[3])) } else { part[0] };
             }
             // reduce16's tree over the lanes.
             let mut g = [V::zero(); 4];
@@ -569,10 +642,7 @@ mod tests {
     fn simd_and_scalar_agree_bit_for_bit_and_match_f64() {
         for hd in [64, 128, 48, 20] {
             for n_pos in [1, 15, 16, 17, 63, 64, 65, 130] {
-                // The last position's bits, computed in chunks of each length:
-                // a position gets decode's bits whatever chunk it comes in.
-                let mut by_chunk: Vec<Vec<u32>> = Vec::new();
-                for chunk in [1, 2, 5] {
+                for chunk in [1, 2] {
                     let (kv, table, q) = setup(n_pos, hd);
                     // The chunk's last row sits at position n_pos - 1.
                     let len = chunk.min(n_pos);
@@ -584,6 +654,7 @@ mod tests {
                     let fast = &fast[(len - 1) * q.len()..];
                     // The scalar body, on the same inputs, task by task.
                     let mut slow = vec![0.0; q.len()];
+                    let order = if len == 1 { DotOrder::VecDot } else { DotOrder::TinyBlas };
                     for kvh in 0..2 {
                         let qv: Vec<f32> = q[kvh * 3 * hd..(kvh + 1) * 3 * hd].iter().map(|&x| round_f16(x)).collect();
                         let c = AttnCtx {
@@ -596,6 +667,7 @@ mod tests {
                             n_kv: 2,
                             bs: 16,
                             scale: 1.0 / (hd as f32).sqrt(),
+                            order,
                         };
                         let o = &mut slow[kvh * 3 * hd..(kvh + 1) * 3 * hd];
                         attend_body::<SCALAR>(&c, &qv, &mut Scratch::default(), o);
@@ -612,8 +684,6 @@ mod tests {
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(fast), bits(&slow), "hd {hd}, {n_pos} positions, chunk {chunk}");
-                    by_chunk.push(bits(fast));
-                    assert_eq!(by_chunk[0], bits(fast), "hd {hd}, {n_pos} positions: chunk {chunk} differs from decode");
                     for (i, (a, b)) in fast.iter().zip(reference(&kv, &table, &q, n_pos)).enumerate() {
                         // Probabilities are rounded to f16 (as llama.cpp does).
                         assert!((*a as f64 - b).abs() < 4e-3, "hd {hd}, {n_pos} positions, output {i}: {a} vs {b}");
