@@ -7,6 +7,12 @@
 pub struct SeqChunk {
     pub start_pos: usize,
     pub len: usize,
+    /// The sequence's prompt length: positions below it are prompt, the rest
+    /// output (resumed output included). A backend may compute the two kinds
+    /// in different float orders, but each position always in its kind's, so
+    /// a position's bits never depend on the chunk it comes in (the CPU's
+    /// attention keeps llama.cpp's prompt and decode orders this way).
+    pub prompt_len: usize,
     pub block_table: Vec<u32>,
     /// Which of the chunk's positions need logits.
     pub logits: LogitRows,

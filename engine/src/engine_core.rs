@@ -397,6 +397,7 @@ impl EngineCore {
                 .map(|s| SeqChunk {
                     start_pos: s.start_pos,
                     len: s.tokens.len(),
+                    prompt_len: self.seqs.get(&s.id).map_or(0, |st| st.prompt_len),
                     block_table: s.block_table.clone(),
                     logits: self.logit_rows(s),
                 })

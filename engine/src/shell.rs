@@ -342,22 +342,27 @@ impl Shell {
         self.route(outs);
     }
 
-    /// Hands each output to its link under the link's own id, and forgets
-    /// requests that have ended.
+    /// Hands each output to its link under the link's own id, then forgets
+    /// requests that have ended (after all of this turn's outputs are
+    /// routed: one step can end several completions of one request).
     fn route(&mut self, outs: Vec<TokenOutput>) {
+        let mut ended = Vec::new();
         for mut out in outs {
             let ours = out.id;
             let Some(&(link, theirs)) = self.owners.get(&ours) else { continue };
-            let finished = out.finish.is_some() && !self.core.has_request(ours);
-            if finished {
-                self.owners.remove(&ours);
+            if out.finish.is_some() && !self.core.has_request(ours) {
+                ended.push(ours);
             }
             let Some(l) = self.links.get_mut(&link) else { continue };
-            if finished {
-                l.ids.remove(&theirs);
-            }
             out.id = theirs;
             l.outputs.push(out);
+        }
+        for ours in ended {
+            if let Some((link, theirs)) = self.owners.remove(&ours) {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.ids.remove(&theirs);
+                }
+            }
         }
     }
 

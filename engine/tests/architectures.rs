@@ -54,7 +54,7 @@ fn all_logits(cfg: &ModelConfig, w: &ModelWeights, toks: &[u32]) -> Vec<Vec<f32>
         .map(|p| {
             let input = ModelInput {
                 tokens: toks[p..p + 1].to_vec(),
-                seqs: vec![SeqChunk { start_pos: p, len: 1, block_table: (0..8).collect(), logits: LogitRows::Last }],
+                seqs: vec![SeqChunk { start_pos: p, len: 1, prompt_len: 0, block_table: (0..8).collect(), logits: LogitRows::Last }],
             };
             shard.forward(&input, &mut kv, &SoloCommunicator).unwrap()
         })

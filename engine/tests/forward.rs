@@ -16,7 +16,7 @@ const BS: usize = 4;
 fn one_seq(tokens: &[u32], start_pos: usize, table: Vec<u32>) -> ModelInput {
     ModelInput {
         tokens: tokens.to_vec(),
-        seqs: vec![SeqChunk { start_pos, len: tokens.len(), block_table: table, logits: LogitRows::Last }],
+        seqs: vec![SeqChunk { start_pos, len: tokens.len(), prompt_len: if start_pos == 0 { tokens.len() } else { start_pos }, block_table: table, logits: LogitRows::Last }],
     }
 }
 
@@ -122,7 +122,7 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
         seqs: prompts
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqChunk { start_pos: 0, len: p.len(), block_table: t.clone(), logits: LogitRows::Last })
+            .map(|(p, t)| SeqChunk { start_pos: 0, len: p.len(), prompt_len: p.len(), block_table: t.clone(), logits: LogitRows::Last })
             .collect(),
     };
     let together = shard.forward(&batch, &mut kv, &SoloCommunicator).unwrap();
@@ -138,7 +138,7 @@ fn a_batch_gives_each_sequence_what_it_gets_alone() {
         seqs: prompts
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqChunk { start_pos: p.len(), len: 1, block_table: t.clone(), logits: LogitRows::Last })
+            .map(|(p, t)| SeqChunk { start_pos: p.len(), len: 1, prompt_len: p.len(), block_table: t.clone(), logits: LogitRows::Last })
             .collect(),
     };
     let batched = shard.forward(&decode, &mut kv, &SoloCommunicator).unwrap();

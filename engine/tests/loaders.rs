@@ -19,7 +19,7 @@ fn last_logits(cfg: &ferry_engine::config::ModelConfig, w: &ferry_engine::weight
     let mut kv = shard.new_kv_store(8, 4);
     let input = ModelInput {
         tokens: toks.to_vec(),
-        seqs: vec![SeqChunk { start_pos: 0, len: toks.len(), block_table: (0..8).collect(), logits: LogitRows::Last }],
+        seqs: vec![SeqChunk { start_pos: 0, len: toks.len(), prompt_len: toks.len(), block_table: (0..8).collect(), logits: LogitRows::Last }],
     };
     shard.forward(&input, &mut kv, &SoloCommunicator).unwrap()
 }

@@ -20,7 +20,7 @@ fn real_model_logits_match_the_f64_reference() {
     let toks = vec![504u32, 3575, 282, 4649, 314]; // "The capital of France is"
     let shard = CpuShard::new(&m.cfg, &m.weights, 0, 1).unwrap();
     let mut kv = shard.new_kv_store(4, 16);
-    let input = ModelInput { tokens: toks.clone(), seqs: vec![SeqChunk { start_pos: 0, len: 5, block_table: vec![0], logits: LogitRows::Last }] };
+    let input = ModelInput { tokens: toks.clone(), seqs: vec![SeqChunk { start_pos: 0, len: 5, prompt_len: 5, block_table: vec![0], logits: LogitRows::Last }] };
     let ours = shard.forward(&input, &mut kv, &SoloCommunicator).unwrap();
     let want = common::reference_logits(&m.cfg, &m.weights, &toks);
     let want = want.last().unwrap();

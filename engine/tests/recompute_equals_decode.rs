@@ -26,8 +26,12 @@ use std::path::Path;
 use std::sync::Mutex;
 
 const BS: usize = 16;
-/// Positions computed: the prompt (and, for recompute, its output so far).
+/// Positions computed: the prompt and the output so far (a recompute).
 const LEN: usize = 41;
+/// Of those, the prompt's: prompt and output positions are summed in
+/// different orders (llama.cpp's prompt and decode orders), each always in
+/// its own, so both kinds are checked.
+const PROMPT_LEN: usize = 23;
 /// The sequence under test: shuffled blocks, so paging is exercised.
 const TABLE: [u32; 3] = [6, 1, 4];
 /// The other sequences' blocks, apart from the sequence's.
@@ -73,7 +77,7 @@ struct Bits {
 fn neighbour(which: usize, step: usize, vocab: usize) -> (Vec<u32>, SeqChunk) {
     let (len, start_pos, logits) = if which == 0 { (5, (5 * step) % 40, LogitRows::Last) } else { (1, step % 48, LogitRows::All) };
     let toks = (0..len).map(|i| ((step * 31 + i * 7 + which) % vocab) as u32).collect();
-    (toks, SeqChunk { start_pos, len, block_table: NEIGHBOUR_TABLES[which].to_vec(), logits })
+    (toks, SeqChunk { start_pos, len, prompt_len: 20, block_table: NEIGHBOUR_TABLES[which].to_vec(), logits })
 }
 
 /// Computes `toks` along `path`, logits of every position.
@@ -83,7 +87,7 @@ fn run(shard: &CpuShard, toks: &[u32], path: &Route) -> Bits {
     let mut logits = Vec::with_capacity(LEN);
     let mut at = 0;
     for (step, &len) in path.chunks.iter().enumerate() {
-        let ours = SeqChunk { start_pos: at, len, block_table: TABLE.to_vec(), logits: LogitRows::All };
+        let ours = SeqChunk { start_pos: at, len, prompt_len: PROMPT_LEN, block_table: TABLE.to_vec(), logits: LogitRows::All };
         let mut input = ModelInput { tokens: toks[at..at + len].to_vec(), seqs: vec![ours] };
         // Neighbours before and after: the sequence's rows sit mid-batch.
         let mut skip = 0;
@@ -266,7 +270,7 @@ fn speed_probe() {
             shard.forward(input, kv, &SoloCommunicator).unwrap();
             t.elapsed().as_secs_f64() * 1e3
         };
-        let chunk = |s: usize, start_pos: usize, len: usize| SeqChunk { start_pos, len, block_table: table(s), logits: LogitRows::Last };
+        let chunk = |s: usize, start_pos: usize, len: usize| SeqChunk { start_pos, len, prompt_len: prompt, block_table: table(s), logits: LogitRows::Last };
         let prefill = ModelInput { tokens: toks.clone(), seqs: vec![chunk(0, 0, prompt)] };
         let prefill_ms = best(&mut || timed(&prefill, &mut kv));
         for s in 0..n_seqs {

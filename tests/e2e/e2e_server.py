@@ -139,7 +139,7 @@ def _find_cert(state_dir: Path) -> str | None:
     return None
 
 
-def start_server(extra_args: list[str] | None = None) -> Server:
+def start_server(extra_args: list[str] | None = None, max_model_len: int = MAX_MODEL_LEN, max_num_seqs: int = 8) -> Server:
     binary = ferry_binary()
     model = default_model()
     state_dir = Path(tempfile.mkdtemp(prefix="ferry-e2e-state-"))
@@ -155,7 +155,7 @@ def start_server(extra_args: list[str] | None = None) -> Server:
     if model.name != DEFAULT_MODEL_FILE:
         args.append(str(model))
     args += ["--host", host, "--port", str(port), "--tls-port", str(tls_port),
-             "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
+             "--api-key", API_KEY, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
              "--seed", "0"]
     args += extra_args or []
     env = dict(os.environ)
@@ -173,7 +173,7 @@ def start_server(extra_args: list[str] | None = None) -> Server:
     err.close()
     srv = Server(proc=proc, host=host, port=port, tls_port=tls_port, api_key=API_KEY,
                  state_dir=state_dir, stderr_path=stderr_path, model_path=model,
-                 max_model_len=MAX_MODEL_LEN)
+                 max_model_len=max_model_len)
     try:
         _wait_healthy(srv)
     except BaseException:

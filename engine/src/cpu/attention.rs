@@ -12,6 +12,8 @@ pub struct AttnSeq<'a> {
     pub row0: usize,
     pub len: usize,
     pub start_pos: usize,
+    /// Positions below this are the sequence's prompt (see [`DotOrder`]).
+    pub prompt_len: usize,
     pub block_table: &'a [u32],
 }
 
@@ -46,7 +48,7 @@ pub fn paged_attention(
         let (row, kvh) = (unit / n_kv, unit % n_kv);
         let (si, pos) = row_info[row];
         let table = seqs[si].block_table;
-        let order = if seqs[si].len == 1 { DotOrder::VecDot } else { DotOrder::TinyBlas };
+        let order = DotOrder::at(pos, seqs[si].prompt_len);
         // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
         // the same precision as the reference it is checked against.
         let mut qv = [0f32; MAX_GROUP_DIM];
@@ -103,15 +105,30 @@ struct AttnCtx<'a> {
 /// - a longer batch (prompt) runs tinyBLAS: element i goes to lane i % 16 of
 ///   one accumulator, then [`reduce16`].
 ///
-/// ferry picks by the sequence's chunk length, so a sequence's numbers don't
-/// depend on what else shares the step.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// llama.cpp's order follows its batch; ferry's follows what a position is:
+/// a prompt position is summed as llama.cpp sums a prompt (tinyBLAS), an
+/// output position as llama.cpp decodes it (vec_dot), whatever chunk either
+/// comes in. So a position has the same bits however it is computed (one
+/// prefill, chunks, one token at a time, recompute after preemption, a resume
+/// on another rank, a verify pass over proposed tokens), never depends on
+/// what shares the step, and both halves keep llama.cpp's reference bits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DotOrder {
     VecDot,
     TinyBlas,
 }
 
 impl DotOrder {
+    /// The order of the query row at `pos` of a sequence whose prompt has
+    /// `prompt_len` tokens.
+    fn at(pos: usize, prompt_len: usize) -> DotOrder {
+        if pos < prompt_len {
+            DotOrder::TinyBlas
+        } else {
+            DotOrder::VecDot
+        }
+    }
+
     /// Partial sums kept: 16 lanes per accumulator.
     fn parts(self) -> usize {
         match self {
@@ -646,7 +663,10 @@ mod tests {
                     let (kv, table, q) = setup(n_pos, hd);
                     // The chunk's last row sits at position n_pos - 1.
                     let len = chunk.min(n_pos);
-                    let seqs = [AttnSeq { row0: 0, len, start_pos: n_pos - len, block_table: &table }];
+                    // A one-token chunk stands for decode (an output position),
+                    // a longer one for a prompt.
+                    let prompt_len = if len == 1 { 0 } else { n_pos };
+                    let seqs = [AttnSeq { row0: 0, len, start_pos: n_pos - len, prompt_len, block_table: &table }];
                     let mut qs = vec![0.0; len * q.len()];
                     qs[(len - 1) * q.len()..].copy_from_slice(&q);
                     let mut fast = vec![0.0; qs.len()];
@@ -654,7 +674,7 @@ mod tests {
                     let fast = &fast[(len - 1) * q.len()..];
                     // The scalar body, on the same inputs, task by task.
                     let mut slow = vec![0.0; q.len()];
-                    let order = if len == 1 { DotOrder::VecDot } else { DotOrder::TinyBlas };
+                    let order = DotOrder::at(n_pos - 1, prompt_len);
                     for kvh in 0..2 {
                         let qv: Vec<f32> = q[kvh * 3 * hd..(kvh + 1) * 3 * hd].iter().map(|&x| round_f16(x)).collect();
                         let c = AttnCtx {

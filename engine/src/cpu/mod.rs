@@ -310,7 +310,7 @@ impl CpuShard {
             {
                 return bad(format!("block table of {} blocks doesn't cover position {}", s.block_table.len(), end - 1));
             }
-            seqs.push(AttnSeq { row0, len: s.len, start_pos: s.start_pos, block_table: &s.block_table });
+            seqs.push(AttnSeq { row0, len: s.len, start_pos: s.start_pos, prompt_len: s.prompt_len, block_table: &s.block_table });
             row0 += s.len;
         }
         if row0 != input.tokens.len() {
