@@ -264,10 +264,11 @@ impl Shell {
                         self.links.insert(link, link_state);
                     }
                     Inbox::Add(link, req, compiled) => {
-                        if fault.is_some_and(|t| req.prompt_tokens.contains(&t)) {
+                        let inject = fault.is_some_and(|t| req.prompt_tokens.contains(&t));
+                        self.add(link, req, compiled);
+                        if inject {
                             panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
                         }
-                        self.add(link, req, compiled);
                     }
                     Inbox::Command(link, EngineCommand::Abort(ids)) => self.abort(link, &ids),
                     Inbox::Command(link, EngineCommand::Shutdown) | Inbox::Detach(link) => self.detach(link),

@@ -42,9 +42,9 @@ fn top_level(c: &Constraint) -> Result<TopLevelGrammar, ConstraintError> {
             if !(schema.is_object() || schema.is_boolean()) {
                 return Err(ConstraintError("the JSON schema must be an object or a boolean".into()));
             }
-            TopLevelGrammar::from_json_schema(schema)
+            TopLevelGrammar::from_json_schema(bounded_whitespace(schema))
         }
-        Constraint::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+        Constraint::JsonObject => TopLevelGrammar::from_json_schema(bounded_whitespace(serde_json::json!({"type": "object"}))),
         Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
         Constraint::Choice(choices) => TopLevelGrammar::from_lark(choice_lark(choices)?),
         Constraint::Lark(g) => {
@@ -54,6 +54,26 @@ fn top_level(c: &Constraint) -> Result<TopLevelGrammar, ConstraintError> {
             TopLevelGrammar::from_lark(g.clone())
         }
     })
+}
+
+/// Most whitespace characters one run between two JSON tokens may hold,
+/// unless the request names its own whitespace rule (vLLM's
+/// `whitespace_pattern`, `disable_any_whitespace`). Unbounded, a small model
+/// can spend every token of a reply on blank lines and stop at `max_tokens`
+/// with invalid JSON; xgrammar bounds the runs the same way
+/// (`max_whitespace_cnt`). 24 leaves room for pretty-printed JSON nested
+/// several levels deep.
+pub const MAX_JSON_WHITESPACE: usize = 24;
+
+/// `schema` with llguidance's whitespace rule bounded to
+/// [`MAX_JSON_WHITESPACE`] characters a run, where it names no rule of its own
+/// (llguidance reads its JSON options from the schema's `x-guidance` key).
+fn bounded_whitespace(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = schema.as_object_mut() {
+        map.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_pattern": format!("[\\x20\\x0A\\x0D\\x09]{{1,{MAX_JSON_WHITESPACE}}}")}));
+    }
+    schema
 }
 
 /// `start: "a" | "b"`: Lark string literals are JSON strings, so serde_json's

@@ -136,3 +136,30 @@ fn bad_constraints_say_what_is_wrong() {
     let big = "a".repeat(ferry_transport::MAX_CONSTRAINT_BYTES + 1);
     assert!(err(Constraint::Regex(big)).contains("at most"));
 }
+
+/// A run of whitespace between JSON tokens is bounded by default
+/// (MAX_JSON_WHITESPACE), so a model that loves blank lines still has to
+/// write the value; a schema that names its own rule keeps it.
+#[test]
+fn json_whitespace_runs_are_bounded_unless_the_schema_says_otherwise() {
+    let (env, _, _) = env();
+    let allows_newline = |g: &mut SeqGrammar| {
+        let words = g.mask_words().unwrap();
+        words[b'\n' as usize / 32] & (1 << (b'\n' % 32)) != 0
+    };
+    let mut g = compile(&env, &Constraint::JsonSchema(r#"{"type": "object"}"#.into())).unwrap();
+    assert_eq!(g.commit(b'{' as u32), Commit::Continue);
+    for i in 0..MAX_JSON_WHITESPACE {
+        assert!(allows_newline(&mut g), "newline {i} refused");
+        assert_eq!(g.commit(b'\n' as u32), Commit::Continue);
+    }
+    assert!(!allows_newline(&mut g), "a run longer than {MAX_JSON_WHITESPACE} was allowed");
+    // The request's own rule (vLLM's whitespace_pattern) wins.
+    let own = r#"{"type": "object", "x-guidance": {"whitespace_pattern": "[\\n]*"}}"#;
+    let mut g = compile(&env, &Constraint::JsonSchema(own.into())).unwrap();
+    assert_eq!(g.commit(b'{' as u32), Commit::Continue);
+    for _ in 0..2 * MAX_JSON_WHITESPACE {
+        assert_eq!(g.commit(b'\n' as u32), Commit::Continue);
+    }
+    assert!(allows_newline(&mut g));
+}
