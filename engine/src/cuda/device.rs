@@ -987,9 +987,11 @@ impl DeviceWorker {
             return Ok(out);
         }
         let s = rows.len();
-        // The sampling rows, contiguous: the logit rows themselves when every
-        // logit row samples, else gathered (f32 rows moved as pairs of bf16).
-        let logits_ptr = if r == s && !plan.any_all {
+        // The sampling rows, contiguous: the first logit rows themselves when
+        // they are the sampling rows (decode, padded or not), else gathered
+        // (f32 rows moved as pairs of bf16).
+        let contiguous = plan.sample_rows.iter().enumerate().all(|(i, &x)| x as usize == i);
+        let logits_ptr = if contiguous {
             addr(&self.act.logits, &self.stream)
         } else {
             let (src, dst) = (addr(&self.act.logits, &self.stream), addr(&self.act.sample_logits, &self.stream));
