@@ -64,12 +64,25 @@ __device__ float block_max(float v, float* scratch) {
     return scratch[0];
 }
 
-// A counter-based random number in [0, 1) for (seed, step, lane): the same
-// draw on every run for a seeded sequence, and no state kept on the device.
-__device__ __forceinline__ float uniform01(u64 seed, u64 step) {
-    u64 z = seed + 0x9E3779B97F4A7C15ull * (step + 1);
+// The sampler's one random source, the same function as the engine's
+// `rng::draw_bits` (engine/src/rng.rs), bit for bit: 64 bits that depend only
+// on a sequence's seed, its output position (tokens it has generated so far)
+// and a sub-draw index (0: the token draw). SplitMix64's output function,
+// keyed three times. Counter-based: no state is kept on the device, and a
+// sequence draws the same whatever batch, rank or resumption it runs in.
+__device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (1.0f / 16777216.0f);
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ u64 draw_bits(u64 seed, u64 position, u64 sub) {
+    u64 h = mix64(seed ^ 0x9E3779B97F4A7C15ull);
+    h = mix64(h ^ (position * 0xD1B54A32D192ED03ull));
+    return mix64(h ^ (sub * 0xAEF17502108EF2D9ull));
+}
+
+// draw_bits as a uniform in [0, 1) with 53 random bits (rng::draw_unit).
+__device__ __forceinline__ double draw_unit(u64 seed, u64 position, u64 sub) {
+    return (double)(draw_bits(seed, position, sub) >> 11) * (1.0 / 9007199254740992.0);
 }

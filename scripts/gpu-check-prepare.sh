@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Prepares, on a machine without a GPU, what scripts/gpu-check.sh needs on the
-# GPU machine, which has CUDA and nvcc but no Rust: stripped release builds of
-# `ferry` (with `--features cuda`) and of the kernels' and engine's unit tests,
-# in gpu-bin/ (ignored by git; the device tool's `carry` takes it). It also
+# GPU machine, which has CUDA, nvcc, PyTorch and transformers but no Rust and
+# no network: stripped release builds of `ferry` (with `--features cuda`) and
+# of the kernels' and engine's unit tests, and the default model's tokenizer
+# as a Hugging Face folder (gpu-bin/tokenizer, read from its GGUF: the GPU
+# machine makes random weights of that shape itself), all in gpu-bin/ (ignored
+# by git; the device tool's `carry` takes it; it must stay under 64 MiB). It also
 # checks the parts of the GPU check that can be checked here: the float64
 # references' self-test (g++), the kernel harness parsed and type-checked by
 # g++ against a stand-in for CUDA's names, and the script's syntax.
@@ -25,7 +28,13 @@ for m in map(json.loads, sys.stdin):
 }
 cp "$(test_exe ferry-kernels)" "$out/ferry-kernels-tests"
 cp "$(test_exe ferry-engine)" "$out/ferry-engine-tests"
-strip "$out"/*
+strip "$out"/ferry "$out"/ferry-kernels-tests "$out"/ferry-engine-tests
+
+# The tokenizer (PyPI gguf and tokenizers, in a venv of their own).
+venv=$target/gpu-check-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check gguf tokenizers
+"$venv/bin/python" scripts/gpu-check/gguf_tokenizer.py "${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}" "$out/tokenizer"
 
 # What can be checked without a GPU.
 tmp=$(mktemp -d)
@@ -34,8 +43,19 @@ g++ -O2 -std=c++17 -Wall -o "$tmp/reference_selftest" scripts/gpu-check/referenc
 "$tmp/reference_selftest"
 sed -e 's/<<<[^;]*>>>//' -e 's|#include <cuda_runtime.h>|#include "cuda_standin.h"|' scripts/gpu-check/kernels_check.cu >scripts/gpu-check/.standin_check.cpp
 g++ -std=c++17 -fsyntax-only -Wall -Wno-unused-variable -Wno-unused-function -Wno-sign-compare -Iscripts/gpu-check scripts/gpu-check/.standin_check.cpp
+# The sampling kernel and the draw, run on the CPU (each block as 64 threads
+# that meet at __syncthreads; see cuda_standin.h) against the same references.
+g++ -O2 -std=c++17 -pthread -DFERRY_HOST_EMULATION -Wall -Wno-unused-variable -Wno-unused-function -Wno-sign-compare \
+    -Iscripts/gpu-check -o "$tmp/sampling_emulated" scripts/gpu-check/.standin_check.cpp
 rm -f scripts/gpu-check/.standin_check.cpp
+"$tmp/sampling_emulated"
 bash -n scripts/gpu-check.sh
-echo "harness: references self-tested, kernels_check.cu type-checked (g++ stand-in); gpu-check.sh parses"
+echo "harness: references self-tested, kernels_check.cu type-checked (g++ stand-in), sampling and draw_bits run emulated on the CPU; gpu-check.sh parses"
+python3 -m py_compile scripts/gpu-check/*.py
 du -sh "$out"
-ls -l "$out"
+ls -l "$out" "$out/tokenizer"
+size=$(du -sb "$out" | cut -f1)
+if ((size > 64 * 1024 * 1024)); then
+    echo "gpu-bin is $size bytes, more than the 64 MiB the GPU machine takes" >&2
+    exit 1
+fi

@@ -9,14 +9,30 @@
 #              are no multiple of the block, contexts of 4096 tokens and more
 #   nvrtc      this machine's NVRTC compiles every kernel (ferry-kernels' tests)
 #   probe      the engine's device probe describes the GPU (ferry-engine's tests)
-#   serve-cuda `ferry serve --device cuda` stops at start-up, names the GPU and
-#              says the CUDA backend is not implemented yet (no panic)
-#   serve-auto `ferry serve --device auto` says it found the GPU and runs on the CPU
+#   model      a random SmolLM2-135M-shaped Llama made with transformers on the
+#              GPU (bf16 safetensors + the carried tokenizer), and the prompts
+#   engine     the CUDA backend driven directly (ferry-engine's ignored GPU
+#              test: prefill, then greedy decode sampled on the device, with
+#              CUDA graphs and with --enforce-eager; both must agree)
+#   logits     its first-step logits against transformers' forward pass
+#   greedy     its greedy tokens against transformers' (near-ties excepted)
+#   serve-cuda `ferry serve --device cuda` on that model: greedy completions
+#              over HTTP against transformers
+#   bench-serve `ferry bench serve` at 64 concurrent streams for 60 s: no error
+#   bench-engine `ferry bench engine --device cuda` on a Llama-3-8B-shaped
+#              `--load-format dummy` model (bf16) at 1, 16, 64 and 256 sequences
+#   bench-hf   the yardsticks: the batch-1 HBM floor (weight bytes over
+#              measured copy bandwidth) and transformers' static-cache
+#              `generate` on the same shape at the same batch sizes
+#
+# The serve and bench rows need `--device cuda` wired into the CLI (main's
+# backend factory); until then they fail with what the binary said.
 #
 # The Rust binaries come from here: scripts/gpu-check-prepare.sh builds them
 # into gpu-bin/ (ignored by git). With the device tool:
 #   run(command="bash scripts/gpu-check.sh", carry=["gpu-bin"], timeout_s=540)
-# Logs go to $OUT (the device tool brings back its 7 files), else a temporary folder.
+# Logs go to $OUT (the device tool brings back at most 8 files: the set-up
+# logs are folded into one at the end), else a temporary folder.
 # Exit status: 0 when every row passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -123,28 +139,88 @@ else
     row probe FAIL "no $BIN/ferry-engine-tests"
 fi
 
-# 5. and 6. What `ferry serve` says of the device. Neither gets as far as a
-# model: --device cuda stops first; --device auto is given one that is not there.
-if [ -x "$BIN/ferry" ]; then
-    step serve-cuda 30 "$BIN/ferry" serve --device cuda
-    plain serve-cuda
-    if ((rc != 0 && rc < 124)) && ! grep -q panicked "$OUT/serve-cuda.log" && grep -q 'not implemented yet' "$OUT/serve-cuda.log" \
-        && grep -q 'GPU 0: ' "$OUT/serve-cuda.log"; then
-        row serve-cuda PASS "exit $rc: $(grep -o 'GPU 0: [^)]*)' "$OUT/serve-cuda.log" | head -1 | cut -c1-90), backend not implemented yet"
+# 5. A random model of the default model's shape, made with transformers here.
+SMOL=$WORK/smollm2
+step model 90 bash -c "python3 scripts/gpu-check/make_model.py '$SMOL' '$BIN/tokenizer' --shape smollm2 && python3 scripts/gpu-check/compare_transformers.py prompts '$SMOL' '$WORK/prompts.json'"
+if ((rc == 0)); then row model PASS "$(summary_of model '^random' | cut -c1-110)"; else row model FAIL "rc $rc: $(tail -1 "$OUT/model.log" | cut -c1-120)"; fi
+
+# 6. The CUDA backend itself (no CLI): greedy decode and first-step logits,
+# judged against transformers on the same weights.
+if ((rc == 0)) && [ -x "$BIN/ferry-engine-tests" ]; then
+    step engine 120 env FERRY_GPU_MODEL="$SMOL" FERRY_GPU_PROMPTS="$WORK/prompts.json" FERRY_GPU_OUT="$WORK/ferry-engine.json" \
+        "$BIN/ferry-engine-tests" --ignored --test-threads 1 --nocapture cuda::gpu_tests
+    if ((rc == 0)); then
+        row engine PASS "$(summary_of engine '^found:' | cut -c8-)"
+        step compare 90 python3 scripts/gpu-check/compare_transformers.py engine "$SMOL" "$WORK/prompts.json" "$WORK/ferry-engine.json"
+        for r in logits greedy; do
+            line=$(grep "^RESULT $r " "$OUT/compare.log" | tail -1)
+            if [ -n "$line" ]; then row "$r" "$(awk '{print $3}' <<<"$line")" "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
+            else row "$r" FAIL "rc $rc: $(tail -1 "$OUT/compare.log" | cut -c1-120)"; fi
+        done
     else
-        row serve-cuda FAIL "exit $rc: $(tail -1 "$OUT/serve-cuda.log" | cut -c1-130)"
-    fi
-    step serve-auto 30 "$BIN/ferry" serve --device auto "$WORK/no-such-model.gguf"
-    plain serve-auto
-    if grep -q 'device auto: found .*GPU 0: .*running on the CPU' "$OUT/serve-auto.log" && ! grep -q panicked "$OUT/serve-auto.log"; then
-        row serve-auto PASS "found the GPU, ran on the CPU, said why"
-    else
-        row serve-auto FAIL "exit $rc: $(grep -m1 -- '--device' "$OUT/serve-auto.log" | cut -c1-130)"
+        row engine FAIL "rc $rc: $(grep -m1 -E 'panicked|error' "$OUT/engine.log" | cut -c1-130)"
     fi
 else
-    row serve-cuda FAIL "no $BIN/ferry"
-    row serve-auto FAIL "no $BIN/ferry"
+    row engine FAIL "no model or no $BIN/ferry-engine-tests"
 fi
+
+# 7. `ferry serve --device cuda`: greedy completions against transformers,
+# then `ferry bench serve` at 64 concurrent streams for one minute.
+PORT=18431
+wait_up() {  # seconds; 0 when the server answers /v1/models
+    local i
+    for ((i = 0; i < $1; i++)); do
+        curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1 && return 0
+        kill -0 "$server" 2>/dev/null || return 1
+        sleep 1
+    done
+    return 1
+}
+if [ -x "$BIN/ferry" ] && [ -d "$SMOL" ] && (($(allow 150) > 0)); then
+    "$BIN/ferry" serve "$SMOL" --device cuda --port "$PORT" --max-num-seqs 64 >"$OUT/serve.log" 2>&1 &
+    server=$!
+    if wait_up 90; then
+        step serve-cuda 60 python3 scripts/gpu-check/compare_transformers.py serve "$SMOL" "http://127.0.0.1:$PORT"
+        line=$(grep '^RESULT serve ' "$OUT/serve-cuda.log" | tail -1)
+        if [ -n "$line" ]; then row serve-cuda "$(awk '{print $3}' <<<"$line")" "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
+        else row serve-cuda FAIL "rc $rc: $(tail -1 "$OUT/serve-cuda.log" | cut -c1-120)"; fi
+        step bench-serve 85 "$BIN/ferry" bench serve --base-url "http://127.0.0.1:$PORT" --max-concurrency 64 --num-prompts 100000 \
+            --max-duration 60 --dataset-name random --random-input-len 128 --random-output-len 128 --ignore-eos --disable-tqdm
+        plain bench-serve
+        failed=$(grep -iE 'failed requests' "$OUT/bench-serve.log" | grep -oE '[0-9]+' | tail -1)
+        ok=$(grep -iE 'successful requests' "$OUT/bench-serve.log" | grep -oE '[0-9]+' | tail -1)
+        if ((rc == 0)) && [ "${failed:-0}" = 0 ] && [ "${ok:-0}" -gt 0 ]; then
+            row bench-serve PASS "$ok requests, 0 failed; $(summary_of bench-serve '[Oo]utput token throughput' | tr -s ' ')"
+        else
+            row bench-serve FAIL "rc $rc; ${ok:-?} succeeded, ${failed:-?} failed: $(tail -1 "$OUT/bench-serve.log" | cut -c1-100)"
+        fi
+    else
+        plain serve
+        row serve-cuda FAIL "the server did not come up: $(grep -m1 -iE 'error|panicked' "$OUT/serve.log" | cut -c1-130)"
+        row bench-serve FAIL "no server"
+    fi
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+else
+    row serve-cuda FAIL "not started (no $BIN/ferry, no model, or no time left)"
+    row bench-serve FAIL "not started"
+fi
+
+# 8. Throughput on a Llama-3-8B-shaped model (dummy bf16 weights), and the
+# yardsticks: the HBM floor and transformers' static-cache generate.
+L8=$WORK/llama3-8b
+python3 scripts/gpu-check/make_model.py "$L8" "$BIN/tokenizer" --shape llama3-8b --config-only >/dev/null 2>&1
+if [ -x "$BIN/ferry" ]; then
+    step bench-engine 150 "$BIN/ferry" bench engine "$L8" --device cuda --load-format dummy --dtype bfloat16 \
+        --concurrency 1,16,64,256 --prompt-len 128 --decode-len 64 --repeats 1 --max-num-seqs 256
+    plain bench-engine
+    if ((rc == 0)); then row bench-engine PASS "$(grep -iE 'tok/s|decode' "$OUT/bench-engine.log" | tail -4 | tr -s ' ' | tr '\n' ';' | cut -c1-150)"
+    else row bench-engine FAIL "rc $rc: $(grep -m1 -iE 'error|panicked' "$OUT/bench-engine.log" | cut -c1-130)"; fi
+fi
+step bench-hf 120 python3 scripts/gpu-check/bench_transformers.py "$L8" --batches 1,16,64,256 --prompt-len 128 --decode-len 64
+line=$(grep '^RESULT bench-hf ' "$OUT/bench-hf.log" | tail -1)
+if [ -n "$line" ]; then row bench-hf PASS "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
+else row bench-hf FAIL "rc $rc: $(tail -1 "$OUT/bench-hf.log" 2>/dev/null | cut -c1-120)"; fi
 
 # The kernel cases, one line each, then the table.
 echo
@@ -161,8 +237,9 @@ status=0
     printf 'took %ds of %ds; logs in %s\n' $((SECONDS - start)) "$BUDGET" "$OUT"
 } | tee "$OUT/table.txt"
 grep -q '| FAIL ' "$OUT/table.txt" && status=1
-# Fewer files to bring back (the device tool takes 8): the set-up steps in one.
-for f in machine reference kernels-build; do
+# Fewer files to bring back (the device tool takes 8): the set-up steps and
+# the server's own log in one.
+for f in machine reference kernels-build nvrtc probe model compare serve serve-cuda; do
     [ -f "$OUT/$f.log" ] && { echo "### $f"; cat "$OUT/$f.log"; rm -f "$OUT/$f.log"; }
 done >"$OUT/setup.log"
 rm -rf "$WORK"

@@ -2,9 +2,10 @@
 //! prepended) and, with the `cuda` feature, their compilation by NVRTC for the
 //! GPU in hand.
 //!
-//! Status: written and compiled for sm_90 here (the test below, in CI); not yet
-//! run on a GPU, and no backend launches them yet. Nothing here is called
-//! working until it has run on one (see issue 14 and docs/cuda.md).
+//! Status: written and compiled for sm_90 here (the test below, in CI), and
+//! launched by the CUDA backend (`ferry-engine`'s `cuda::device`); not yet run
+//! on a GPU. Nothing here is called working until it has run on one (see
+//! docs/cuda.md).
 
 /// The helpers every kernel file starts with.
 pub const COMMON: &str = include_str!("../common.cuh");

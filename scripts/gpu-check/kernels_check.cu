@@ -15,6 +15,20 @@
 
 #include <cuda_runtime.h>
 
+// A launch; with -DFERRY_HOST_EMULATION (g++, cuda_standin.h) a loop over the
+// grid's blocks, each run by EMULATED_THREADS CPU threads.
+#ifdef FERRY_HOST_EMULATION
+#define LAUNCH(kernel, grid, block, ...)                                                  \
+    do {                                                                                  \
+        for (unsigned b_ = 0; b_ < (unsigned)(grid); b_++) {                              \
+            blockIdx.x = b_;                                                              \
+            emu_block_run([&] { kernel(__VA_ARGS__); });                                  \
+        }                                                                                 \
+    } while (0)
+#else
+#define LAUNCH(kernel, grid, block, ...) kernel<<<(grid), (block)>>>(__VA_ARGS__)
+#endif
+
 #include "../../kernels/common.cuh"
 #include "../../kernels/embedding.cu"
 #include "../../kernels/rmsnorm.cu"
@@ -290,20 +304,62 @@ static void check_prefill(ref::Rng& rng, const char* label, const std::vector<in
 // exact argmax (ties included), every drawn token inside what the settings
 // allow, and each draw equal to the float64 inverse-CDF draw of the same
 // uniform number unless the two sit within rounding of a bucket's edge.
-static void check_sampling(ref::Rng& rng, const char* label, int vocab, const std::vector<ref::RowParams>& params) {
+// The device's draw_bits against the engine's pinned vectors (rng.rs) and
+// the float64 reference's, on many more (seed, position, sub) triples.
+__global__ void draw_bits_kernel(const unsigned long long* args, unsigned long long* out, double* unit, int n) {
+    int i = blockIdx.x;
+    if (i >= n || threadIdx.x != 0) return;
+    out[i] = draw_bits(args[3 * i], args[3 * i + 1], args[3 * i + 2]);
+    unit[i] = draw_unit(args[3 * i], args[3 * i + 1], args[3 * i + 2]);
+}
+
+static void check_draw_bits(ref::Rng& rng) {
+    std::vector<unsigned long long> args;
+    for (auto& a : ref::DRAW_VECTOR_ARGS) args.insert(args.end(), {a[0], a[1], a[2]});
+    for (int i = 0; i < 4091; i++) args.insert(args.end(), {rng.next(), rng.next() >> rng.below(64), rng.below(4)});
+    int n = (int)args.size() / 3;
+    Dev<unsigned long long> da(args), dout((size_t)n);
+    Dev<double> du((size_t)n);
+    LAUNCH(draw_bits_kernel, n, 32, da.p, dout.p, du.p, n);
+    launched();
+    auto got = dout.get();
+    auto unit = du.get();
+    int vectors_ok = 0, bad = 0;
+    for (int i = 0; i < 5; i++) vectors_ok += got[i] == ref::DRAW_VECTORS[i];
+    for (int i = 0; i < n; i++) {
+        uint64_t want = ref::draw_bits(args[3 * i], args[3 * i + 1], args[3 * i + 2]);
+        if (got[i] != want || unit[i] != ref::draw_unit(args[3 * i], args[3 * i + 1], args[3 * i + 2])) bad++;
+    }
+    char what[160];
+    std::snprintf(what, sizeof what, "engine vectors %d/5 equal; %d of %d draws differ from the reference", vectors_ok, bad, n);
+    result("draw_bits", vectors_ok == 5 && bad == 0, what);
+}
+
+// Rows of every kind (see sampling_rows) over random logits, with a grammar
+// mask, banned ids, logit_bias and penalties on some rows, and logprobs asked
+// for on others. Checked: the kernel's processed row (after the penalties, and
+// the temperature's division) against the f32 reference exactly up to 1e-6,
+// the pick (greedy: exactly the argmax; drawn: the float64 reference's pick
+// for the same u, or within rounding of a bucket edge), and the logprobs.
+static void check_sampling(ref::Rng& rng, const char* label, int vocab, std::vector<ref::RowParams> params, float quantum = 0.0f) {
     int rows = (int)params.size();
     std::vector<float> logits((size_t)rows * vocab);
     for (auto& x : logits) x = rng.sym(8.0f);
+    // Coarse logits (multiples of `quantum`): many exact ties at top-k's k-th
+    // value and at top-p's crossing, which must be kept by id order as the host does.
+    if (quantum > 0.0f)
+        for (auto& x : logits) x = std::round(x / quantum) * quantum;
     // Row 0 holds a tie for the maximum (greedy must take the lower id), and a
     // NaN and a +inf to be clamped.
     logits[7] = logits[vocab - 3] = 50.0f;
     logits[11] = NAN;
     if (rows > 1) logits[(size_t)vocab + 5] = INFINITY;
-    std::vector<int> offsets{0};
-    std::vector<uint32_t> ptok, pcnt;
-    std::vector<unsigned char> pprompt;
+    ref::RowLists lists;
+    int words = (vocab + 31) / 32;
     for (int r = 0; r < rows; r++) {
+        auto& p = params[r];
         // A distinct set of penalized tokens per row (the kernel writes each once).
+        p.pen_from = (int)lists.pen_tokens.size();
         int n = 40 + (int)rng.below(40);
         std::vector<uint32_t> chosen;
         while ((int)chosen.size() < n) {
@@ -311,59 +367,108 @@ static void check_sampling(ref::Rng& rng, const char* label, int vocab, const st
             if (std::find(chosen.begin(), chosen.end(), t) == chosen.end()) chosen.push_back(t);
         }
         for (uint32_t t : chosen) {
-            ptok.push_back(t);
-            pcnt.push_back(rng.below(4));
-            pprompt.push_back((unsigned char)rng.below(2));
+            lists.pen_tokens.push_back(t);
+            lists.pen_counts.push_back(rng.below(4));
+            lists.pen_in_prompt.push_back((unsigned char)rng.below(2));
         }
-        offsets.push_back((int)ptok.size());
+        p.pen_to = (int)lists.pen_tokens.size();
+        // logit_bias on every third row (one token twice: it adds twice), banned ids on every fourth.
+        p.bias_from = (int)lists.bias_tokens.size();
+        if (r % 3 == 1) {
+            for (int i = 0; i < 6; i++) { lists.bias_tokens.push_back(rng.below(vocab)); lists.bias_values.push_back(rng.sym(20.0f)); }
+            lists.bias_tokens.push_back(lists.bias_tokens.back()); lists.bias_values.push_back(3.0f);
+            lists.bias_tokens.push_back((uint32_t)vocab + 3); lists.bias_values.push_back(5.0f);  // outside: skipped
+        }
+        p.bias_to = (int)lists.bias_tokens.size();
+        p.ban_from = (int)lists.ban_tokens.size();
+        if (r % 4 == 2) {
+            for (int i = 0; i < 5; i++) lists.ban_tokens.push_back(rng.below(vocab));
+            lists.ban_tokens.push_back(7);  // row 0's tied maximum position, if this were row 0
+        }
+        p.ban_to = (int)lists.ban_tokens.size();
+        // A grammar mask on every fifth row: about a tenth of the vocabulary allowed.
+        p.mask_word = -1;
+        if (r % 5 == 3) {
+            p.mask_word = (long long)lists.mask_words.size();
+            for (int w = 0; w < words; w++) {
+                uint32_t m = 0;
+                for (int b = 0; b < 32; b++) m |= (rng.below(10) == 0 ? 1u : 0u) << b;
+                lists.mask_words.push_back(m);
+            }
+        }
+        p.logprobs = r % 3 == 0 ? (int)rng.below(21) : -1;
     }
-    Dev<float> dl(logits);
+    Dev<float> dl(logits), draw_((size_t)rows * vocab);
     Dev<ref::RowParams> dp(params);
-    Dev<int> doff(offsets);
-    Dev<uint32_t> dtok(ptok), dcnt(pcnt), dout((size_t)rows);
-    Dev<unsigned char> dpr(pprompt);
+    Dev<uint32_t> dtok(lists.pen_tokens), dcnt(lists.pen_counts), dbt(lists.bias_tokens), dban(lists.ban_tokens), dmask(lists.mask_words);
+    Dev<float> dbv(lists.bias_values);
+    Dev<unsigned char> dpr(lists.pen_in_prompt);
+    Dev<uint32_t> dout((size_t)rows), dtop((size_t)rows * MAX_TOP_LOGPROBS);
+    Dev<float> dlp((size_t)rows), dtoplp((size_t)rows * MAX_TOP_LOGPROBS);
+    Dev<int> drank((size_t)rows);
     static_assert(sizeof(ref::RowParams) == sizeof(RowParams), "RowParams layout");
-    sample_rows<<<rows, 1024>>>(dl.p, vocab, reinterpret_cast<const RowParams*>(dp.p), doff.p, dtok.p, dcnt.p, dpr.p, dout.p);
+    LAUNCH(sample_rows, rows, SAMPLE_THREADS, dl.p, draw_.p, vocab, reinterpret_cast<const RowParams*>(dp.p), dtok.p, dcnt.p, dpr.p,
+           dbt.p, dbv.p, dban.p, dmask.p, dout.p, dlp.p, drank.p, dtop.p, dtoplp.p);
     launched();
     auto got_l = dl.get();
+    auto got_raw = draw_.get();
     auto picks = dout.get();
-    ref::Check pen(1e-6, 1e-6);
-    int outside = 0, exact = 0, edge = 0, wrong = 0;
+    auto lps = dlp.get();
+    auto ranks = drank.get();
+    auto tops = dtop.get();
+    auto toplps = dtoplp.get();
+    ref::Check pen(1e-6, 1e-6), lpc(1e-5, 1e-5);
+    int outside = 0, exact = 0, edge = 0, wrong = 0, lp_wrong = 0;
     std::string first_wrong;
     for (int r = 0; r < rows; r++) {
         const auto& p = params[r];
-        std::vector<float> row(logits.begin() + (size_t)r * vocab, logits.begin() + (size_t)(r + 1) * vocab);
-        int off = offsets[r];
-        ref::clamp_and_penalize(row, p, &ptok[off], &pcnt[off], &pprompt[off], offsets[r + 1] - off);
+        std::vector<float> row(logits.begin() + (size_t)r * vocab, logits.begin() + (size_t)(r + 1) * vocab), raw;
+        ref::prepare_row(row, p, lists, raw);
+        if (!ref::greedy(p)) ref::divide_by_temperature(row, p);
         for (int i = 0; i < vocab; i++) pen.add(got_l[(size_t)r * vocab + i], row[i]);
-        // From here on the kernel's own penalized row is the input, so float
+        // From here on the kernel's own processed row is the input, so float
         // rounding in the penalties cannot move the draw.
         std::vector<float> krow(got_l.begin() + (size_t)r * vocab, got_l.begin() + (size_t)(r + 1) * vocab);
         int pick = (int)picks[r];
-        if (p.temperature < 1e-5f) {
-            if (pick == ref::argmax(krow)) exact++; else { wrong++; if (first_wrong.empty()) first_wrong = "greedy row " + std::to_string(r); }
+        int raw_am = std::max(ref::argmax(raw), 0);
+        if (p.logprobs >= 0 && pick >= 0 && pick < vocab) {
+            auto want = ref::logprobs_reference(raw, pick, p.logprobs);
+            lpc.add(lps[r], want.logprob);
+            bool same = ranks[r] == want.rank;
+            for (size_t j = 0; j < want.top.size(); j++) {
+                same = same && (int)tops[(size_t)r * MAX_TOP_LOGPROBS + j] == want.top[j].first;
+                lpc.add(toplps[(size_t)r * MAX_TOP_LOGPROBS + j], want.top[j].second);
+            }
+            if (!same) { lp_wrong++; if (first_wrong.empty()) first_wrong = "row " + std::to_string(r) + ": logprob rank or top ids"; }
+        }
+        if (ref::greedy(p)) {
+            int want = ref::argmax(krow);
+            if (want < 0) want = raw_am;
+            if (pick == want) exact++; else { wrong++; if (first_wrong.empty()) first_wrong = "greedy row " + std::to_string(r); }
             continue;
         }
-        float u = ref::uniform01(p.seed, p.step);
+        double u = ref::draw_unit(p.seed, p.position, 0);
         ref::Draw loose = ref::sample_reference(krow, p, u, 1e-4);
         ref::Draw strict = ref::sample_reference(krow, p, u, 0.0);
+        if (strict.pick < 0) { if (pick == raw_am) exact++; else wrong++; continue; }
         if (pick < 0 || pick >= vocab || loose.w[pick] == 0.0) { outside++; continue; }
         if (pick == strict.pick) { exact++; continue; }
         // Different bucket: fine only when u lies within rounding of the edge
         // between the two picks in the cumulative mass.
-        double lo = std::min(pick, strict.pick), run = 0.0;
+        int lo = std::min(pick, strict.pick);
+        double run = 0.0;
         for (int i = 0; i < lo; i++) run += strict.w[i];
-        double cut = run + strict.w[(int)lo];
-        double ud = (double)u * strict.total;
+        double cut = run + strict.w[lo];
+        double ud = u * strict.total;
         if (std::fabs(ud - cut) <= 1e-4 * strict.total || std::fabs(ud - run) <= 1e-4 * strict.total) edge++;
         else { wrong++; if (first_wrong.empty()) first_wrong = "row " + std::to_string(r) + ": drew " + std::to_string(pick) + ", reference " + std::to_string(strict.pick); }
     }
     char name[96];
     std::snprintf(name, sizeof name, "sampling[%s,rows=%d,vocab=%d]", label, rows, vocab);
-    char what[256];
-    std::snprintf(what, sizeof what, "penalized logits: %s; draws equal %d, at a bucket edge %d, outside the allowed set %d, wrong %d%s%s",
-                  pen.summary().c_str(), exact, edge, outside, wrong, first_wrong.empty() ? "" : "; first: ", first_wrong.c_str());
-    result(name, pen.ok() && outside == 0 && wrong == 0, what);
+    char what[320];
+    std::snprintf(what, sizeof what, "processed logits: %s; logprobs: %s, %d rows wrong; draws equal %d, at a bucket edge %d, outside the allowed set %d, wrong %d%s%s",
+                  pen.summary().c_str(), lpc.summary().c_str(), lp_wrong, exact, edge, outside, wrong, first_wrong.empty() ? "" : "; first: ", first_wrong.c_str());
+    result(name, pen.ok() && lpc.ok() && outside == 0 && wrong == 0 && lp_wrong == 0, what);
 }
 
 static std::vector<ref::RowParams> sampling_rows(ref::Rng& rng, int rows) {
@@ -374,7 +479,7 @@ static std::vector<ref::RowParams> sampling_rows(ref::Rng& rng, int rows) {
         p.top_p = 1.0f;
         p.repetition = 1.0f;
         p.seed = rng.next();
-        p.step = rng.below(1000);
+        p.position = rng.below(1000);
         switch (r % 8) {
             case 0: p.temperature = 0.0f; p.repetition = 1.3f; break;              // greedy, penalized
             case 1: p.temperature = 0.0f; break;                                   // greedy
@@ -383,7 +488,7 @@ static std::vector<ref::RowParams> sampling_rows(ref::Rng& rng, int rows) {
             case 4: p.temperature = 1.3f; p.top_p = 0.9f; break;
             case 5: p.temperature = 0.8f; p.min_p = 0.05f; p.top_k = 200; p.top_p = 0.95f; break;
             case 6: p.temperature = 1.0f; p.presence = 0.5f; p.frequency = 0.3f; p.repetition = 1.1f; p.top_p = 0.8f; break;
-            case 7: p.temperature = 2.0f; p.top_k = 1; break;                      // top-k 1 is greedy by another road
+            case 7: p.temperature = 0.005f; p.top_k = 1; break;                    // raised to 0.01; top-k 1 is greedy by another road
         }
         out.push_back(p);
     }
@@ -400,6 +505,7 @@ int main(int argc, char** argv) {
                 (unsigned long long)seed);
     ref::Rng rng(seed);
 
+#ifndef FERRY_HOST_EMULATION
     check_embedding(rng, 37, 576, 49152, 256);   // SmolLM2's width
     check_embedding(rng, 5, 1003, 1009, 128);    // widths that are no multiple of the block
 
@@ -431,9 +537,12 @@ int main(int argc, char** argv) {
     check_prefill(rng, "d128,bs7", {0, 5}, {45, 60}, 8, 2, 128, 7);
     check_prefill(rng, "d256", {2000}, {8}, 4, 2, 256, 16);
 
+#endif
+    check_draw_bits(rng);
     check_sampling(rng, "small", 1009, sampling_rows(rng, 16));
     check_sampling(rng, "SmolLM2", 49152, sampling_rows(rng, 16));
     check_sampling(rng, "Qwen2", 151936, sampling_rows(rng, 8));
+    check_sampling(rng, "ties", 4099, sampling_rows(rng, 16), 0.5f);
 
     std::printf("%d case(s) failed\n", failures);
     return std::min(failures, 99);

@@ -55,14 +55,26 @@ inline std::vector<uint16_t> random_bf16(Rng& r, size_t n, float scale, float of
     return v;
 }
 
-// The kernels' counter-based draw in [0, 1) (common.cuh's uniform01), bit for bit.
-inline float uniform01(uint64_t seed, uint64_t step) {
-    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (step + 1);
+// The sampler's counter-based draw (common.cuh's draw_bits, the engine's
+// rng::draw_bits), bit for bit, and its uniform in [0, 1) with 53 bits.
+inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (1.0f / 16777216.0f);
+    return z ^ (z >> 31);
 }
+inline uint64_t draw_bits(uint64_t seed, uint64_t position, uint64_t sub) {
+    uint64_t h = mix64(seed ^ 0x9E3779B97F4A7C15ull);
+    h = mix64(h ^ (position * 0xD1B54A32D192ED03ull));
+    return mix64(h ^ (sub * 0xAEF17502108EF2D9ull));
+}
+inline double draw_unit(uint64_t seed, uint64_t position, uint64_t sub) {
+    return (double)(draw_bits(seed, position, sub) >> 11) * (1.0 / 9007199254740992.0);
+}
+// engine/src/rng.rs's DRAW_VECTORS: draw_bits of (0,0,0), (42,0,0), (42,1,0),
+// (42,0,1), (2^64-1, 2^40, 7), computed outside Rust.
+static const uint64_t DRAW_VECTOR_ARGS[5][3] = {{0, 0, 0}, {42, 0, 0}, {42, 1, 0}, {42, 0, 1}, {~0ull, 1ull << 40, 7}};
+static const uint64_t DRAW_VECTORS[5] = {0x33FE8BD4F9C57863ull, 0x6B9AF54417D0BF75ull, 0x74DC7851EA78D0FDull,
+                                         0xB61981596C3F1275ull, 0xD26A14F26D257DB5ull};
 
 // Error of got against want: each element may be off by atol + rtol * |want|;
 // `worst` is the largest ratio of error to that allowance (pass: <= 1).
@@ -179,91 +191,164 @@ inline void attend(const std::vector<uint16_t>& q, size_t q_off, const std::vect
 struct RowParams {
     float temperature, top_p, min_p, repetition, presence, frequency;
     int top_k;
-    int pad;
-    uint64_t seed, step;
+    int logprobs;  // -1: none
+    uint64_t seed, position;
+    int pen_from, pen_to, bias_from, bias_to, ban_from, ban_to;
+    long long mask_word;  // -1: no grammar mask
+};
+static_assert(sizeof(RowParams) == 80, "RowParams is 80 bytes (the engine packs it so)");
+
+// The flat lists the rows' ranges point into.
+struct RowLists {
+    std::vector<uint32_t> pen_tokens, pen_counts;
+    std::vector<unsigned char> pen_in_prompt;
+    std::vector<uint32_t> bias_tokens;
+    std::vector<float> bias_values;
+    std::vector<uint32_t> ban_tokens;
+    std::vector<uint32_t> mask_words;
 };
 
-// sample_rows' first stage, in f32 as the kernel does it: NaN to -inf, +inf to
-// the largest finite value, then the penalties of the row's sparse list.
-inline void clamp_and_penalize(std::vector<float>& l, const RowParams& p, const uint32_t* tokens, const uint32_t* counts,
-                               const unsigned char* in_prompt, int n) {
-    for (auto& x : l) x = (x != x) ? -INFINITY : std::min(x, 3.402823466e38f);
-    for (int i = 0; i < n; i++) {
-        uint32_t t = tokens[i];
-        if (t >= l.size()) continue;
-        float v = l[t];
-        if (p.repetition != 1.0f && (counts[i] > 0 || in_prompt[i])) v = v > 0.0f ? v / p.repetition : v * p.repetition;
-        if (counts[i] > 0) v -= p.presence + p.frequency * (float)counts[i];
-        l[t] = v;
+const float kF32Max = 3.402823466e38f;
+
+// Steps 1-4 of sample_rows, in f32 as the engine's host sampler does them:
+// `raw` becomes the masked, sanitized row (logprobs come from it), `l` the
+// row after banned ids, logit_bias and penalties.
+inline void prepare_row(std::vector<float>& l, const RowParams& p, const RowLists& s, std::vector<float>& raw) {
+    size_t v = l.size();
+    for (size_t i = 0; i < v; i++) {
+        float x = l[i];
+        if (p.mask_word >= 0 && !((s.mask_words[p.mask_word + (i >> 5)] >> (i & 31)) & 1u)) x = -INFINITY;
+        l[i] = (x != x) ? -INFINITY : std::min(x, kF32Max);
+    }
+    raw = l;
+    for (int i = p.ban_from; i < p.ban_to; i++)
+        if (s.ban_tokens[i] < v) l[s.ban_tokens[i]] = -INFINITY;
+    for (int i = p.bias_from; i < p.bias_to; i++) {
+        uint32_t t = s.bias_tokens[i];
+        float b = s.bias_values[i];
+        if (t < v && std::isfinite(b)) l[t] = std::min(l[t] + b, kF32Max);
+    }
+    float rep = p.repetition;
+    bool use_rep = std::isfinite(rep) && rep > 0.0f && rep != 1.0f;
+    float inv = 1.0f / rep;
+    float freq = std::isfinite(p.frequency) ? p.frequency : 0.0f, pres = std::isfinite(p.presence) ? p.presence : 0.0f;
+    for (int i = p.pen_from; i < p.pen_to; i++) {
+        uint32_t t = s.pen_tokens[i];
+        if (t >= v) continue;
+        float x = l[t];
+        uint32_t c = s.pen_counts[i];
+        if (use_rep && (c > 0 || s.pen_in_prompt[i])) x = x > 0.0f ? x * inv : x * rep;
+        if ((freq != 0.0f || pres != 0.0f) && c > 0) {
+            float fc = freq * (float)c;
+            x = x - fc;
+            x = x - pres;
+        }
+        l[t] = x;
     }
 }
 
-// The greedy pick: the largest value, the lowest id among equal maxima.
+inline bool greedy(const RowParams& p) { return !(p.temperature > 0.0f); }
+
+// Step 5's division: l = min(l / T, MAX) with T = max(T, 0.01).
+inline void divide_by_temperature(std::vector<float>& l, const RowParams& p) {
+    float t = std::min(std::max(p.temperature, 1e-2f), kF32Max);
+    for (auto& x : l) x = std::min(x / t, kF32Max);
+}
+
+// The greedy pick: the largest value, the lowest id among equal maxima; -1
+// when every value is -inf.
 inline int argmax(const std::vector<float>& l) {
-    int best = 0;
-    for (int i = 1; i < (int)l.size(); i++)
-        if (l[i] > l[best]) best = i;
+    int best = -1;
+    for (int i = 0; i < (int)l.size(); i++)
+        if (l[i] > -INFINITY && (best < 0 || l[i] > l[best])) best = i;
     return best;
 }
 
-// What sample_rows may draw from a (penalized) row, and the draw itself, in
-// double: z = (l - max) / T; kept: z >= log(min_p), fewer than top_k values
-// strictly above, and (top-p over what min-p and top-k kept) the mass strictly
-// above it below top_p of their total. `slack` widens each bound relatively,
-// so a token within float rounding of a bound counts as kept.
+// What sample_rows may draw from a row already divided by the temperature,
+// and the draw itself, in double: kept are min-p's survivors (l - max >=
+// ln(min_p)) that are >= the k-th largest of them, and of those, in (l desc,
+// id asc) order, each one while the mass before it is below top_p of their
+// total. The draw walks the kept weights exp(l - max) in index order. `slack`
+// widens each bound relatively, so a token within rounding of one counts as kept.
 struct Draw {
-    std::vector<double> w;  // exp(z) of kept tokens, 0 elsewhere
+    std::vector<double> w;  // exp(l - max) of kept tokens, 0 elsewhere
     double total = 0.0;
-    int pick = -1;          // the inverse-CDF pick for u
+    int pick = -1;          // the inverse-CDF pick for u; -1: nothing kept
 };
 
-inline Draw sample_reference(const std::vector<float>& l, const RowParams& p, float u01, double slack) {
+inline Draw sample_reference(const std::vector<float>& l, const RowParams& p, double u01, double slack) {
     int v = (int)l.size();
+    Draw d;
+    d.w.assign(v, 0.0);
     int am = argmax(l);
+    if (am < 0) return d;
     double mx = l[am];
-    double inv_t = 1.0 / std::max((double)p.temperature, 1e-2);
-    std::vector<double> z(v);
-    for (int i = 0; i < v; i++) z[i] = ((double)l[i] - mx) * inv_t;
-    std::vector<char> keep(v, 1);
-    if (p.min_p > 0.0f)
-        for (int i = 0; i < v; i++) keep[i] = z[i] >= std::log((double)p.min_p) - slack;
-    if (p.top_k > 0 && p.top_k < v) {
-        std::vector<double> sorted(z);
-        std::sort(sorted.begin(), sorted.end(), std::greater<double>());
-        double kth = sorted[p.top_k - 1];
-        for (int i = 0; i < v; i++) keep[i] = keep[i] && z[i] >= kth - slack;
+    float min_p = p.min_p != p.min_p ? 0.0f : std::min(std::max(p.min_p, 0.0f), 1.0f);
+    double floor_ = min_p > 0.0f ? std::log((double)min_p) : -INFINITY;
+    std::vector<char> keep(v, 0);
+    std::vector<int> kept;
+    for (int i = 0; i < v; i++)
+        if (l[i] > -INFINITY && (double)l[i] - mx >= floor_ - slack) { keep[i] = 1; kept.push_back(i); }
+    if (p.top_k > 0 && p.top_k < v && (int)kept.size() >= p.top_k) {
+        std::vector<float> vals;
+        for (int i : kept) vals.push_back(l[i]);
+        std::nth_element(vals.begin(), vals.begin() + (p.top_k - 1), vals.end(), std::greater<float>());
+        double kth = vals[p.top_k - 1];
+        for (int i = 0; i < v; i++) keep[i] = keep[i] && (double)l[i] >= kth - slack * std::fabs(kth);
     }
     if (p.top_p < 1.0f) {
         std::vector<int> idx;
         double zs = 0.0;
         for (int i = 0; i < v; i++)
-            if (keep[i]) { idx.push_back(i); zs += std::exp(z[i]); }
-        std::sort(idx.begin(), idx.end(), [&](int a, int b) { return z[a] > z[b]; });
+            if (keep[i]) { idx.push_back(i); zs += std::exp((double)l[i] - mx); }
+        std::sort(idx.begin(), idx.end(), [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
         double above = 0.0;
         std::vector<char> nucleus(v, 0);
         for (size_t k = 0; k < idx.size(); k++) {
-            // Ties: tokens of equal z share the mass strictly above them.
-            size_t e = k;
-            while (e + 1 < idx.size() && z[idx[e + 1]] == z[idx[k]]) e++;
-            bool in = above < p.top_p * zs * (1.0 + slack);
-            double group = 0.0;
-            for (size_t g = k; g <= e; g++) { nucleus[idx[g]] = in; group += std::exp(z[idx[g]]); }
-            above += group;
-            k = e;
+            if (k > 0 && above >= (double)p.top_p * zs * (1.0 + slack)) break;
+            nucleus[idx[k]] = 1;
+            above += std::exp((double)l[idx[k]] - mx);
         }
         for (int i = 0; i < v; i++) keep[i] = keep[i] && nucleus[i];
     }
-    Draw d;
-    d.w.assign(v, 0.0);
     for (int i = 0; i < v; i++)
-        if (keep[i]) { d.w[i] = std::exp(z[i]); d.total += d.w[i]; }
-    double u = (double)u01 * d.total, run = 0.0;
+        if (keep[i]) { d.w[i] = std::exp((double)l[i] - mx); d.total += d.w[i]; }
+    double u = u01 * d.total, run = 0.0;
     for (int i = 0; i < v; i++) {
+        if (d.w[i] <= 0.0) continue;
         run += d.w[i];
-        if (d.w[i] > 0.0 && run > u) { d.pick = i; break; }
+        d.pick = i;
+        if (u < run) break;
     }
-    if (d.pick < 0) d.pick = am;
     return d;
+}
+
+// Logprobs of the raw row: log-softmax in double; the chosen token's logprob
+// and rank, and the k best (id, logprob), lowest id first on ties.
+struct Logprobs {
+    double logprob = 0.0;
+    int rank = 0;
+    std::vector<std::pair<int, double>> top;
+};
+
+inline Logprobs logprobs_reference(const std::vector<float>& raw, int token, int k) {
+    double mx = -INFINITY;
+    for (float x : raw) mx = std::max(mx, (double)x);
+    double sum = 0.0;
+    if (mx > -INFINITY)
+        for (float x : raw) sum += std::exp((double)x - mx);
+    double lse = mx > -INFINITY ? mx + std::log(sum) : INFINITY;
+    Logprobs r;
+    r.logprob = (double)raw[token] - lse;
+    r.rank = 1;
+    for (float x : raw) r.rank += x > raw[token] ? 1 : 0;
+    std::vector<int> idx(raw.size());
+    for (size_t i = 0; i < raw.size(); i++) idx[i] = (int)i;
+    int n = std::min<int>(k, (int)raw.size());
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
+                      [&](int a, int b) { return raw[a] > raw[b] || (raw[a] == raw[b] && a < b); });
+    for (int j = 0; j < n; j++) r.top.push_back({idx[j], (double)raw[idx[j]] - lse});
+    return r;
 }
 
 }  // namespace ref

@@ -6,6 +6,15 @@
 
 #include "reference.hpp"
 
+// The kernels' own common.cuh, compiled for the host through the stand-in for
+// CUDA's names, so its draw_bits (the text NVRTC compiles) is checked against
+// the engine's vectors here, with no GPU.
+#include "cuda_standin.h"
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#include "../../kernels/common.cuh"
+#pragma GCC diagnostic pop
+
 static int failed = 0;
 #define EXPECT(cond)                                                              \
     do {                                                                          \
@@ -20,12 +29,20 @@ int main() {
     EXPECT(ref::bf16_to_f32(ref::f32_to_bf16(-2.5f)) == -2.5f);
     EXPECT(std::isnan(ref::bf16_to_f32(ref::f32_to_bf16(NAN))));
 
-    // The draw's uniform numbers: in [0, 1), mean near a half.
+    // The draw: the kernels' draw_bits (common.cuh) and the reference's equal
+    // engine/src/rng.rs's vectors bit for bit; uniforms in [0, 1), mean near a half.
+    for (int i = 0; i < 5; i++) {
+        const uint64_t* a = ref::DRAW_VECTOR_ARGS[i];
+        EXPECT(ref::draw_bits(a[0], a[1], a[2]) == ref::DRAW_VECTORS[i]);
+        EXPECT(::draw_bits(a[0], a[1], a[2]) == ref::DRAW_VECTORS[i]);
+        EXPECT(::draw_unit(a[0], a[1], a[2]) == ref::draw_unit(a[0], a[1], a[2]));
+    }
+    EXPECT(ref::mix64(0) == 0 && ref::mix64(0x9E3779B97F4A7C15ull) == 0xE220A8397B1DCDAFull);
     double mean = 0.0;
     bool in_range = true;
     for (int i = 0; i < 100000; i++) {
-        float u = ref::uniform01(12345, i);
-        in_range = in_range && u >= 0.0f && u < 1.0f;
+        double u = ref::draw_unit(12345, i, 0);
+        in_range = in_range && u >= 0.0 && u < 1.0 && ::draw_bits(12345, i, 0) == ref::draw_bits(12345, i, 0);
         mean += u / 100000.0;
     }
     EXPECT(in_range);
@@ -84,38 +101,67 @@ int main() {
     // draws on a fine grid of u hit each token as often as its probability.
     std::vector<float> l{1.0f, 3.0f, 3.0f, 2.0f, -1.0f};
     EXPECT(ref::argmax(l) == 1);
+    EXPECT(ref::argmax(std::vector<float>(3, -INFINITY)) == -1);
     ref::RowParams p{};
-    p.temperature = 1.0f; p.top_p = 1.0f; p.repetition = 1.0f;
+    p.temperature = 1.0f; p.top_p = 1.0f; p.repetition = 1.0f; p.logprobs = -1; p.mask_word = -1;
     std::vector<float> l2{0.5f, 3.0f, 2.0f, 1.0f};
     ref::RowParams k1 = p; k1.top_k = 1;
     ref::RowParams mp = p; mp.min_p = 1.0f;
     ref::RowParams tp = p; tp.top_p = 0.01f;
     for (const auto& r : {k1, mp, tp}) {
-        auto d = ref::sample_reference(l2, r, 0.99f, 0.0);
+        auto d = ref::sample_reference(l2, r, 0.99, 0.0);
         EXPECT(d.pick == 1);
         EXPECT(d.w[0] == 0.0 && d.w[2] == 0.0 && d.w[3] == 0.0);
     }
     // top-p 0.7 over softmax(0.5, 3, 2, 1) = (.057, .636, .234, .086): tokens 1 and 2.
     ref::RowParams p7 = p; p7.top_p = 0.7f;
-    auto d7 = ref::sample_reference(l2, p7, 0.0f, 0.0);
+    auto d7 = ref::sample_reference(l2, p7, 0.0, 0.0);
     EXPECT(d7.w[1] > 0 && d7.w[2] > 0 && d7.w[0] == 0 && d7.w[3] == 0);
+    // Ties: top-k keeps every value equal to the k-th; top-p keeps ties at its
+    // crossing in id order, while the mass before each is below the target.
+    std::vector<float> lt{1.0f, 2.0f, 1.0f, 2.0f, 1.0f};
+    ref::RowParams k2 = p; k2.top_k = 1;
+    auto dk = ref::sample_reference(lt, k2, 0.5, 0.0);
+    EXPECT(dk.w[1] > 0 && dk.w[3] > 0 && dk.w[0] == 0);
+    ref::RowParams tpt = p; tpt.top_p = 0.3f;  // masses (.42 each for 2.0): the first tie reaches 0.3
+    auto dt = ref::sample_reference(lt, tpt, 0.5, 0.0);
+    EXPECT(dt.w[1] > 0 && dt.w[3] == 0);
     std::vector<int> hits(4, 0);
     const int N = 20000;
-    for (int i = 0; i < N; i++) hits[ref::sample_reference(l2, p, (i + 0.5f) / N, 0.0).pick]++;
+    for (int i = 0; i < N; i++) hits[ref::sample_reference(l2, p, (i + 0.5) / N, 0.0).pick]++;
     double z = 0.0;
     for (float v : l2) z += std::exp((double)v);
     for (int i = 0; i < 4; i++) EXPECT(std::fabs(hits[i] / (double)N - std::exp((double)l2[i]) / z) < 1e-3);
-    // Penalties: repetition divides positive and multiplies negative logits of
-    // tokens seen; presence and frequency subtract for generated ones only.
-    std::vector<float> pl{2.0f, -2.0f, 1.0f, 1.0f};
-    ref::RowParams pp = p; pp.repetition = 2.0f; pp.presence = 0.5f; pp.frequency = 0.25f;
-    uint32_t toks[] = {0, 1, 2}, cnts[] = {0, 2, 1};
-    unsigned char inp[] = {1, 0, 0};
-    ref::clamp_and_penalize(pl, pp, toks, cnts, inp, 3);
+    // Steps 1-4: the grammar mask and NaN give -inf in the raw row; banned ids,
+    // logit_bias (twice for a token listed twice), then repetition divides
+    // positive and multiplies negative logits of tokens seen, and presence and
+    // frequency subtract for generated ones only.
+    ref::RowLists s;
+    s.pen_tokens = {0, 1, 2};
+    s.pen_counts = {0, 2, 1};
+    s.pen_in_prompt = {1, 0, 0};
+    s.bias_tokens = {3, 3, 99};
+    s.bias_values = {0.5f, 0.25f, 1.0f};
+    s.ban_tokens = {4};
+    s.mask_words = {0x2Fu};  // tokens 0-3 and 5 allowed
+    std::vector<float> pl{2.0f, -2.0f, 1.0f, 1.0f, 7.0f, NAN, 9.0f}, raw;
+    ref::RowParams pp = p;
+    pp.repetition = 2.0f; pp.presence = 0.5f; pp.frequency = 0.25f;
+    pp.pen_from = 0; pp.pen_to = 3; pp.bias_from = 0; pp.bias_to = 3; pp.ban_from = 0; pp.ban_to = 1; pp.mask_word = 0;
+    ref::prepare_row(pl, pp, s, raw);
+    EXPECT(raw[4] == -INFINITY && raw[5] == -INFINITY && raw[6] == -INFINITY && raw[0] == 2.0f);
     EXPECT(pl[0] == 1.0f);                      // prompt only: repetition
     EXPECT(pl[1] == -4.0f - 0.5f - 0.5f);       // generated twice
-    EXPECT(pl[2] == 0.5f - 0.5f - 0.25f);       // generated once
-    EXPECT(pl[3] == 1.0f);                      // untouched
+    EXPECT(pl[2] == 0.5f - 0.25f - 0.5f);       // generated once
+    EXPECT(pl[3] == 1.75f);                     // biased twice
+    EXPECT(pl[4] == -INFINITY);                 // masked (and banned)
+    // Temperature: below 0.01 it is 0.01; logprobs rank ties together.
+    std::vector<float> tl{1.0f, -1.0f};
+    ref::RowParams tiny = p; tiny.temperature = 0.001f;
+    ref::divide_by_temperature(tl, tiny);
+    EXPECT(tl[0] == 1.0f / 0.01f && tl[1] == -1.0f / 0.01f);
+    auto lp = ref::logprobs_reference(lt, 0, 2);
+    EXPECT(lp.rank == 3 && lp.top.size() == 2 && lp.top[0].first == 1 && lp.top[1].first == 3);
 
     std::printf("reference self-test: %s\n", failed ? "FAILED" : "ok");
     return failed ? 1 : 0;

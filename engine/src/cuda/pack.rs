@@ -1,0 +1,196 @@
+//! A step's sampling rows packed for `kernels/sampling.cu`'s `sample_rows`
+//! (its `RowParams` and flat lists), and the kernel's answers unpacked into
+//! tokens and logprobs. Pure host code: tested here without a GPU.
+
+use super::seam::{RowSampling, SampledToken};
+use ferry_transport::TokenLogprob;
+
+/// Top logprobs per row (sampling.cu's MAX_TOP_LOGPROBS).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// sampling.cu's `RowParams`, field for field (80 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition: f32,
+    pub presence: f32,
+    pub frequency: f32,
+    pub top_k: i32,
+    pub logprobs: i32,
+    pub seed: u64,
+    pub position: u64,
+    pub pen_from: i32,
+    pub pen_to: i32,
+    pub bias_from: i32,
+    pub bias_to: i32,
+    pub ban_from: i32,
+    pub ban_to: i32,
+    pub mask_word: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<RowParams>() == 80);
+
+/// Everything `sample_rows` reads besides the logits.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Packed {
+    pub params: Vec<RowParams>,
+    pub pen_tokens: Vec<u32>,
+    pub pen_counts: Vec<u32>,
+    pub pen_in_prompt: Vec<u8>,
+    pub bias_tokens: Vec<u32>,
+    pub bias_values: Vec<f32>,
+    pub ban_tokens: Vec<u32>,
+    pub mask_words: Vec<u32>,
+    /// Some row asked for logprobs (the raw copy is then written).
+    pub any_logprobs: bool,
+}
+
+fn at(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Packs `rows` for a vocabulary of `vocab`. Waits for each row's grammar
+/// mask; a mask shorter than the vocabulary disallows the tokens it does not
+/// reach (a model's padding rows), a longer one is cut.
+pub fn pack(rows: &[RowSampling], vocab: usize) -> Packed {
+    let words = vocab.div_ceil(32);
+    let mut p = Packed::default();
+    for r in rows {
+        let pen_from = at(p.pen_tokens.len());
+        for &(t, n, in_prompt) in &r.penalties {
+            p.pen_tokens.push(t);
+            p.pen_counts.push(n);
+            p.pen_in_prompt.push(in_prompt as u8);
+        }
+        let bias_from = at(p.bias_tokens.len());
+        for &(t, b) in &r.logit_bias {
+            p.bias_tokens.push(t);
+            p.bias_values.push(b);
+        }
+        let ban_from = at(p.ban_tokens.len());
+        p.ban_tokens.extend_from_slice(&r.banned);
+        let mask_word = match r.allowed.as_ref().and_then(|m| m.wait()) {
+            Some(mask) => {
+                let start = p.mask_words.len() as i64;
+                p.mask_words.extend(mask.iter().copied().chain(std::iter::repeat(0)).take(words));
+                start
+            }
+            None => -1,
+        };
+        let logprobs = r.logprobs.map_or(-1, |k| k.min(MAX_TOP_LOGPROBS as u32) as i32);
+        p.any_logprobs |= logprobs >= 0;
+        p.params.push(RowParams {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            min_p: r.min_p,
+            repetition: r.repetition_penalty,
+            presence: r.presence_penalty,
+            frequency: r.frequency_penalty,
+            top_k: i32::try_from(r.top_k).unwrap_or(i32::MAX),
+            logprobs,
+            seed: r.seed,
+            position: r.position,
+            pen_from,
+            pen_to: at(p.pen_tokens.len()),
+            bias_from,
+            bias_to: at(p.bias_tokens.len()),
+            ban_from,
+            ban_to: at(p.ban_tokens.len()),
+            mask_word,
+        });
+    }
+    p
+}
+
+/// The kernel's outputs for `rows` rows, as copied back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answers {
+    pub tokens: Vec<u32>,
+    pub logprob: Vec<f32>,
+    pub rank: Vec<i32>,
+    /// rows × MAX_TOP_LOGPROBS.
+    pub top_ids: Vec<u32>,
+    pub top_logprobs: Vec<f32>,
+}
+
+/// One `SampledToken` per row; logprobs where the row asked for them.
+pub fn unpack(params: &[RowParams], a: &Answers) -> Vec<SampledToken> {
+    params
+        .iter()
+        .enumerate()
+        .map(|(r, p)| SampledToken {
+            token: a.tokens[r],
+            logprob: (p.logprobs >= 0).then(|| TokenLogprob {
+                token: a.tokens[r],
+                logprob: a.logprob[r],
+                rank: a.rank[r].max(1) as u32,
+                top: (0..p.logprobs as usize)
+                    .map(|j| (a.top_ids[r * MAX_TOP_LOGPROBS + j], a.top_logprobs[r * MAX_TOP_LOGPROBS + j]))
+                    .collect(),
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::seam::ReadyMask;
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn rows_point_into_their_own_slices_of_the_lists() {
+        let mut a = RowSampling::greedy();
+        a.penalties = vec![(5, 2, true), (9, 0, true)];
+        a.logit_bias = vec![(3, -1.5)];
+        a.logprobs = Some(50);
+        let mut b = RowSampling::greedy();
+        b.temperature = 0.7;
+        b.top_k = 40;
+        b.seed = 42;
+        b.position = 17;
+        b.banned = vec![2, 0];
+        b.penalties = vec![(1, 1, false)];
+        b.allowed = Some(Arc::new(ReadyMask(Some(Arc::from(vec![0b1010u32])))));
+        let c = RowSampling { allowed: Some(Arc::new(ReadyMask(None))), ..RowSampling::greedy() };
+        let p = pack(&[a, b, c], 70);
+        assert_eq!(p.pen_tokens, vec![5, 9, 1]);
+        assert_eq!(p.pen_counts, vec![2, 0, 1]);
+        assert_eq!(p.pen_in_prompt, vec![1, 1, 0]);
+        assert_eq!((p.bias_tokens.clone(), p.bias_values.clone()), (vec![3], vec![-1.5]));
+        assert_eq!(p.ban_tokens, vec![2, 0]);
+        // A one-word mask for 70 tokens: padded to three words, the rest disallowed.
+        assert_eq!(p.mask_words, vec![0b1010, 0, 0]);
+        let [r0, r1, r2] = [p.params[0], p.params[1], p.params[2]];
+        assert_eq!((r0.pen_from, r0.pen_to, r0.bias_from, r0.bias_to, r0.ban_from, r0.ban_to, r0.mask_word), (0, 2, 0, 1, 0, 0, -1));
+        assert_eq!((r1.pen_from, r1.pen_to, r1.bias_from, r1.bias_to, r1.ban_from, r1.ban_to, r1.mask_word), (2, 3, 1, 1, 0, 2, 0));
+        assert_eq!((r2.pen_from, r2.pen_to, r2.mask_word), (3, 3, -1));
+        assert_eq!((r0.logprobs, r1.logprobs), (20, -1));
+        assert_eq!((r1.top_k, r1.seed, r1.position, r1.temperature), (40, 42, 17, 0.7));
+        assert!(p.any_logprobs);
+        assert!(!pack(&[RowSampling::greedy()], 10).any_logprobs);
+    }
+
+    #[test]
+    fn answers_become_tokens_with_the_logprobs_asked_for() {
+        let mut a = RowSampling::greedy();
+        a.logprobs = Some(2);
+        let p = pack(&[a, RowSampling::greedy()], 100);
+        let mut ans = Answers {
+            tokens: vec![7, 3],
+            logprob: vec![-0.5, 0.0],
+            rank: vec![1, 0],
+            top_ids: vec![0; 2 * MAX_TOP_LOGPROBS],
+            top_logprobs: vec![0.0; 2 * MAX_TOP_LOGPROBS],
+        };
+        ans.top_ids[..2].copy_from_slice(&[7, 8]);
+        ans.top_logprobs[..2].copy_from_slice(&[-0.5, -1.25]);
+        let out = unpack(&p.params, &ans);
+        assert_eq!(out[0].token, 7);
+        assert_eq!(out[0].logprob, Some(TokenLogprob { token: 7, logprob: -0.5, rank: 1, top: vec![(7, -0.5), (8, -1.25)] }));
+        assert_eq!(out[1], SampledToken { token: 3, logprob: None });
+    }
+}
