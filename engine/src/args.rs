@@ -25,6 +25,8 @@ pub struct EngineArgs {
     pub gpu_memory_utilization: f32,
     /// The device whose backend runs the model.
     pub device: Device,
+    /// No CUDA graphs on a GPU (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
     pub tensor_parallel_size: usize,
     pub seed: u64,
     /// Cap on the tokens one prompt chunk takes per step (0: no cap).
@@ -45,6 +47,7 @@ impl Default for EngineArgs {
             kv_cache_memory_bytes: None,
             gpu_memory_utilization: 0.9,
             device: Device::Cpu,
+            enforce_eager: false,
             tensor_parallel_size: 1,
             seed: 0,
             long_prefill_token_threshold: 0,
@@ -149,6 +152,10 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
 fn build_backend(model: &LoadedModel, args: &EngineArgs) -> Result<Box<dyn LoadedBackend>, crate::executor::ExecError> {
     match args.device {
         Device::Cpu => crate::cpu::build(&model.cfg, &model.weights, args.tensor_parallel_size, args.threads),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => crate::cuda::build(model, args),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(crate::executor::ExecError::Unsupported("this ferry was built without CUDA support (build it with `--features cuda`)".into())),
     }
 }
 

@@ -75,6 +75,13 @@ pub struct RowSampling {
     pub allowed: Option<TokenMask>,
 }
 
+impl RowSampling {
+    /// Greedy and nothing else: what a request with no sampling fields asks.
+    pub fn greedy() -> RowSampling {
+        RowSampling { top_p: 1.0, repetition_penalty: 1.0, ..RowSampling::default() }
+    }
+}
+
 /// The tokens a constraint allows at one position, in vLLM's bitmask layout
 /// (bit `b` of word `w` allows token `32 w + b`; ids past the words are not
 /// allowed). It is computed beside the forward pass: the engine fills it on
@@ -95,6 +102,13 @@ struct MaskSlot {
 impl TokenMask {
     pub fn new() -> TokenMask {
         TokenMask::default()
+    }
+
+    /// A mask already computed (tests, and callers that computed it first).
+    pub fn ready(words: Option<Arc<[u32]>>) -> TokenMask {
+        let m = TokenMask::new();
+        m.fill(words);
+        m
     }
 
     /// Sets the mask (once; later calls are ignored) and wakes the backend.

@@ -7,13 +7,13 @@
 
 use super::budget;
 use super::device::{self, DeviceWorker, Kernels, Limits, NcclComm};
-use super::seam::{CudaOptions, LoadedBackend, RowSampling, StepOutput as SeamOutput};
+use super::seam::CudaOptions;
 use super::tp::{self, IdExchange, RankShare};
 use crate::args::EngineArgs;
-use crate::backend::{self, Backend, ExecError, StepOutput, StepSampling};
+use crate::backend::{Backend, ExecError, StepOutput, StepSampling};
 use crate::batch::ModelInput;
 use crate::config::ModelConfig;
-use crate::executor::{Executor, MultiWorkerExecutor, UniProcExecutor};
+use crate::executor::{Executor, KvMemory, LoadedBackend, MultiWorkerExecutor, UniProcExecutor};
 use crate::loader::LoadedModel;
 use cudarc::driver::{CudaContext, CudaStream};
 use std::sync::Arc;
@@ -95,7 +95,11 @@ pub fn build_with(model: &LoadedModel, args: &EngineArgs, opts: &CudaOptions) ->
 }
 
 impl LoadedBackend for CudaLoaded {
-    fn num_kv_blocks(&self, _args: &EngineArgs, block_size: usize) -> Result<usize, ExecError> {
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        self.ranks.iter().map(|r| budget::block_bytes(self.cfg.num_layers, block_size, r.share.num_kv_heads(), self.cfg.head_dim)).sum()
+    }
+
+    fn num_kv_blocks(&self, block_size: usize, memory: &KvMemory) -> Result<usize, ExecError> {
         let mut fewest = usize::MAX;
         for r in &self.ranks {
             let mem = device::device_memory(&r.ctx, r.free_at_start).map_err(unsupported)?;
@@ -104,8 +108,8 @@ impl LoadedBackend for CudaLoaded {
             let b = budget::kv_blocks(
                 r.share.device,
                 mem,
-                self.opts.gpu_memory_utilization,
-                self.opts.kv_cache_memory_bytes,
+                memory.gpu_memory_utilization,
+                memory.kv_cache_memory_bytes,
                 act,
                 bb,
                 block_size,
@@ -168,48 +172,15 @@ impl LoadedBackend for CudaLoaded {
     }
 }
 
-/// One rank behind today's `Backend` trait: `StepSampling::Host` gets the
-/// logit rows; `StepSampling::Device` rows are sampled on the GPU.
+/// One rank behind the engine's `Backend` trait: with sampling rows, the
+/// tokens are picked on the GPU and only they (and requested logprobs, and
+/// prompt-logprob rows) come back; with none, every requested logit row does.
 pub struct CudaWorker(DeviceWorker);
-
-impl CudaWorker {
-    /// A step in the new seam's terms (main's `StepSampling { rows }`).
-    pub fn step(&mut self, input: &ModelInput, rows: &[RowSampling]) -> Result<SeamOutput, ExecError> {
-        self.0.run(input, Some(rows)).map_err(|e| ExecError::Backend(e.into()))
-    }
-}
-
-/// Today's device row (no logit_bias, banned ids or grammar mask yet) in the new seam's terms.
-fn from_current(r: &backend::RowSampling) -> RowSampling {
-    RowSampling {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        top_k: r.top_k,
-        min_p: r.min_p,
-        repetition_penalty: r.repetition_penalty,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-        seed: r.seed,
-        position: r.step,
-        logprobs: r.logprobs,
-        penalties: r.penalties.clone(),
-        logit_bias: Vec::new(),
-        banned: Vec::new(),
-        allowed: None,
-    }
-}
 
 impl Backend for CudaWorker {
     fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
-        let err = |e: String| ExecError::Backend(e.into());
-        match sampling {
-            StepSampling::Host => Ok(StepOutput::Logits(self.0.run(input, None).map_err(err)?.logits)),
-            StepSampling::Device(rows) => {
-                let rows: Vec<RowSampling> = rows.iter().map(from_current).collect();
-                let out = self.0.run(input, Some(&rows)).map_err(err)?;
-                Ok(StepOutput::Sampled(out.sampled.into_iter().map(|s| backend::SampledToken { token: s.token, logprob: s.logprob }).collect()))
-            }
-        }
+        let rows = (!sampling.rows.is_empty()).then_some(&sampling.rows[..]);
+        self.0.run(input, rows).map_err(|e| ExecError::Backend(e.into()))
     }
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()

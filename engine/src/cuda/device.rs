@@ -18,6 +18,7 @@ use super::budget::{self, ActivationShape, DeviceMemory};
 use super::convert;
 use super::pack::{self, Answers, Packed, RowParams, MAX_TOP_LOGPROBS};
 use super::tp::RankShare;
+use crate::backend::{RowSampling, StepOutput};
 use crate::batch::{LogitRows, ModelInput};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::weights::ModelWeights;
@@ -557,7 +558,8 @@ impl DeviceWorker {
     }
 
     /// Lays out one step. Decode steps that fit a captured size run padded to it.
-    fn plan(&self, input: &ModelInput) -> DevResult<Plan> {
+    /// `samples[s]`: chunk `s` has a sampling row (its last logit row is sampled).
+    fn plan(&self, input: &ModelInput, samples: &[bool]) -> DevResult<Plan> {
         let bs = self.lim.block_size;
         let n = input.tokens.len();
         if n > self.lim.max_tokens.max(self.lim.max_seqs) {
@@ -606,14 +608,18 @@ impl DeviceWorker {
             match c.logits {
                 LogitRows::None => {}
                 LogitRows::Last => {
-                    p.sample_rows.push(p.logit_rows.len() as u32);
+                    if samples.get(s).copied().unwrap_or(false) {
+                        p.sample_rows.push(p.logit_rows.len() as u32);
+                    }
                     p.logit_rows.push((first + c.len - 1) as u32);
                 }
                 LogitRows::All => {
                     let at = p.logit_rows.len();
                     p.logit_rows.extend((first..first + c.len).map(|t| t as u32));
                     p.all_ranges.push(at..p.logit_rows.len());
-                    p.sample_rows.push((p.logit_rows.len() - 1) as u32);
+                    if samples.get(s).copied().unwrap_or(false) {
+                        p.sample_rows.push((p.logit_rows.len() - 1) as u32);
+                    }
                     p.any_all = true;
                 }
             }
@@ -947,9 +953,16 @@ impl DeviceWorker {
     /// Runs one step: the forward pass (a graph when one fits), then either
     /// the logit rows back to the host (`rows` None), or device sampling of
     /// `rows` (one per sampling chunk) plus the rows of `LogitRows::All` chunks.
-    pub fn run(&mut self, input: &ModelInput, rows: Option<&[super::seam::RowSampling]>) -> DevResult<super::seam::StepOutput> {
+    pub fn run(&mut self, input: &ModelInput, rows: Option<&[RowSampling]>) -> DevResult<StepOutput> {
         self.ctx.bind_to_thread().map_err(drv("binding the CUDA context"))?;
-        let plan = self.plan(input)?;
+        let mut samples = vec![false; input.seqs.len()];
+        for r in rows.unwrap_or_default() {
+            match samples.get_mut(r.chunk) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(format!("a sampling row names chunk {}, which the batch does not have once", r.chunk)),
+            }
+        }
+        let plan = self.plan(input, &samples)?;
         self.upload_plan(&plan)?;
         let vocab = self.cfg.vocab_size;
         let r = plan.logit_rows.len();
@@ -958,7 +971,7 @@ impl DeviceWorker {
             None => self.forward(plan.tokens.len(), r, plan.attn)?,
         }
         let n_real = input.seqs.iter().map(|c| c.logits.count(c.len)).sum::<usize>();
-        let mut out = super::seam::StepOutput::default();
+        let mut out = StepOutput::default();
         let Some(rows) = rows else {
             let mut logits = vec![0f32; n_real * vocab];
             if n_real > 0 {

@@ -13,26 +13,15 @@
 
 use super::seam::CudaOptions;
 use crate::args::EngineArgs;
-use crate::backend::{RowSampling as CurrentRow, StepSampling};
+use crate::backend::{RowSampling, StepSampling};
+use crate::executor::KvMemory;
 use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::loader::{load_model, LoadFormat};
 use crate::quant::GgmlType;
 use crate::weights::NoProgress;
 
-fn greedy_row(position: u64) -> CurrentRow {
-    CurrentRow {
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: 0,
-        step: position,
-        logprobs: None,
-        penalties: Vec::new(),
-    }
+fn greedy_row(chunk: usize, position: u64) -> RowSampling {
+    RowSampling { chunk, position, ..RowSampling::greedy() }
 }
 
 /// Prefill of every prompt in one step, then `new_tokens` greedy decode steps.
@@ -47,7 +36,8 @@ fn run(model: &crate::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usi
     };
     let opts = CudaOptions { enforce_eager: eager, ..CudaOptions::default() };
     let loaded = super::build_with(model, &args, &opts).unwrap_or_else(|e| panic!("{e}"));
-    let blocks = loaded.num_kv_blocks(&args, block_size).unwrap_or_else(|e| panic!("{e}"));
+    let memory = KvMemory { kv_cache_memory_bytes: None, gpu_memory_utilization: opts.gpu_memory_utilization };
+    let blocks = loaded.num_kv_blocks(block_size, &memory).unwrap_or_else(|e| panic!("{e}"));
     let per_seq = max_len.div_ceil(block_size);
     assert!(blocks >= per_seq * prompts.len(), "{blocks} KV blocks");
     let mut exec = loaded.into_executor(blocks, block_size).unwrap_or_else(|e| panic!("{e}"));
@@ -57,7 +47,7 @@ fn run(model: &crate::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usi
         seqs: prompts
             .iter()
             .enumerate()
-            .map(|(s, p)| SeqChunk { start_pos: 0, len: p.len(), block_table: table(s), logits: LogitRows::Last })
+            .map(|(s, p)| SeqChunk { start_pos: 0, len: p.len(), prompt_len: p.len(), block_table: table(s), logits: LogitRows::Last })
             .collect(),
     };
     let t0 = std::time::Instant::now();
@@ -82,13 +72,13 @@ fn run(model: &crate::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usi
             seqs: prompts
                 .iter()
                 .enumerate()
-                .map(|(s, p)| SeqChunk { start_pos: p.len() + step - 1, len: 1, block_table: table(s), logits: LogitRows::Last })
+                .map(|(s, p)| SeqChunk { start_pos: p.len() + step - 1, len: 1, prompt_len: p.len(), block_table: table(s), logits: LogitRows::Last })
                 .collect(),
         };
-        let rows = (0..prompts.len()).map(|_| greedy_row(step as u64)).collect();
-        let out = exec.execute(&input, &StepSampling::Device(rows)).unwrap_or_else(|e| panic!("{e}"));
-        let crate::backend::StepOutput::Sampled(s) = out else { panic!("asked to sample, got logits") };
-        last = s.iter().map(|t| t.token).collect();
+        let rows = (0..prompts.len()).map(|s| greedy_row(s, step as u64)).collect();
+        let out = exec.execute(&input, &StepSampling { rows }).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.sampled.len(), prompts.len(), "asked to sample every row");
+        last = out.sampled.iter().map(|t| t.token).collect();
         for (g, &t) in generated.iter_mut().zip(&last) {
             g.push(t);
         }

@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn only_pure_decode_steps_replay_a_graph() {
         let s = capture_sizes(8, false);
-        let chunk = |len, logits| SeqChunk { start_pos: 10, len, block_table: vec![0], logits };
+        let chunk = |len, logits| SeqChunk { start_pos: 10, len, prompt_len: 10, block_table: vec![0], logits };
         let decode = ModelInput { tokens: vec![1, 2, 3], seqs: vec![chunk(1, LogitRows::Last); 3] };
         assert_eq!(graph_bucket(&decode, &s), Some(4));
         let prefill = ModelInput { tokens: vec![1, 2, 3], seqs: vec![chunk(3, LogitRows::Last)] };

@@ -2,7 +2,7 @@
 //! (its `RowParams` and flat lists), and the kernel's answers unpacked into
 //! tokens and logprobs. Pure host code: tested here without a GPU.
 
-use super::seam::{RowSampling, SampledToken};
+use crate::backend::{RowSampling, SampledToken};
 use ferry_transport::TokenLogprob;
 
 /// Top logprobs per row (sampling.cu's MAX_TOP_LOGPROBS).
@@ -137,7 +137,7 @@ pub fn unpack(params: &[RowParams], a: &Answers) -> Vec<SampledToken> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::seam::ReadyMask;
+    use crate::backend::TokenMask;
     use super::*;
     use std::sync::Arc;
 
@@ -154,8 +154,8 @@ mod tests {
         b.position = 17;
         b.banned = vec![2, 0];
         b.penalties = vec![(1, 1, false)];
-        b.allowed = Some(Arc::new(ReadyMask(Some(Arc::from(vec![0b1010u32])))));
-        let c = RowSampling { allowed: Some(Arc::new(ReadyMask(None))), ..RowSampling::greedy() };
+        b.allowed = Some(TokenMask::ready(Some(Arc::from(vec![0b1010u32]))));
+        let c = RowSampling { allowed: Some(TokenMask::ready(None)), ..RowSampling::greedy() };
         let p = pack(&[a, b, c], 70);
         assert_eq!(p.pen_tokens, vec![5, 9, 1]);
         assert_eq!(p.pen_counts, vec![2, 0, 1]);

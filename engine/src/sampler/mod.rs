@@ -390,6 +390,10 @@ fn sample_random(logits: &mut [f32], row: &RowSampling, u: f64, scratch: &mut Sa
         let n = top_p_keep(&mut scratch.cand, max, p, &mut scratch.buckets);
         scratch.cand.truncate(n);
     }
+    // The draw walks the kept tokens in id order, as it walks the whole
+    // vocabulary above and as a device sampler does: which token a given u
+    // lands on then depends on the kept set, not on how it was found.
+    scratch.cand.sort_unstable_by_key(|&(i, _)| i);
     draw(u, scratch.cand.iter().map(|&(i, l)| (i, weight(l, max))))
 }
 

@@ -62,6 +62,9 @@ pub struct EngineFlags {
     /// The fraction of a GPU's memory the engine may use, weights and KV cache together.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+    /// No CUDA graphs: every decode step runs eagerly on the GPU.
+    #[arg(long)]
+    pub enforce_eager: bool,
     #[arg(long, short = 't', default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Seed of requests that bring none.
@@ -96,6 +99,7 @@ impl EngineFlags {
             kv_cache_memory_bytes: self.kv_cache_memory_bytes,
             gpu_memory_utilization: self.gpu_memory_utilization,
             device: resolved.device,
+            enforce_eager: self.enforce_eager,
             tensor_parallel_size: self.tensor_parallel_size,
             seed: self.seed,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
