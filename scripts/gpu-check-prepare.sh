@@ -37,20 +37,7 @@ venv=$target/gpu-check-venv
 "$venv/bin/python" scripts/gpu-check/gguf_tokenizer.py "${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}" "$out/tokenizer"
 
 # What can be checked without a GPU.
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-g++ -O2 -std=c++17 -Wall -o "$tmp/reference_selftest" scripts/gpu-check/reference_selftest.cpp
-"$tmp/reference_selftest"
-sed -e 's/<<<[^;]*>>>//' -e 's|#include <cuda_runtime.h>|#include "cuda_standin.h"|' scripts/gpu-check/kernels_check.cu >scripts/gpu-check/.standin_check.cpp
-g++ -std=c++17 -fsyntax-only -Wall -Wno-unused-variable -Wno-unused-function -Wno-sign-compare -Iscripts/gpu-check scripts/gpu-check/.standin_check.cpp
-# The sampling kernel and the draw, run on the CPU (each block as 64 threads
-# that meet at __syncthreads; see cuda_standin.h) against the same references.
-g++ -O2 -std=c++17 -pthread -DFERRY_HOST_EMULATION -Wall -Wno-unused-variable -Wno-unused-function -Wno-sign-compare \
-    -Iscripts/gpu-check -o "$tmp/sampling_emulated" scripts/gpu-check/.standin_check.cpp
-rm -f scripts/gpu-check/.standin_check.cpp
-"$tmp/sampling_emulated"
-bash -n scripts/gpu-check.sh
-echo "harness: references self-tested, kernels_check.cu type-checked (g++ stand-in), sampling and draw_bits run emulated on the CPU; gpu-check.sh parses"
+scripts/gpu-check/host-checks.sh
 python3 -m py_compile scripts/gpu-check/*.py
 du -sh "$out"
 ls -l "$out" "$out/tokenizer"

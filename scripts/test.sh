@@ -21,12 +21,12 @@ cargo build --release --locked --features cuda --bin ferry
 cargo test --release --locked -p ferry-engine --features cuda --lib
 cargo build --release --locked --bin ferry
 cargo test --release --locked --workspace
-# The GPU check's float64 references, checked on their own (no GPU needed).
+# What of the GPU check needs no GPU: its float64 references, and the
+# sampling kernel with the counter-based draw run emulated on the CPU.
 if command -v g++ >/dev/null; then
-  selftest=$(mktemp -d)/reference_selftest
-  g++ -O2 -std=c++17 -o "$selftest" scripts/gpu-check/reference_selftest.cpp && "$selftest"
+  scripts/gpu-check/host-checks.sh
 else
-  echo "skipped: the GPU check's reference self-test (no g++)"
+  echo "skipped: the GPU check's host checks (no g++)"
 fi
 # Every CUDA kernel must compile with NVRTC for sm_90 (the lent H200): the PyPI
 # wheel ships libnvrtc (pinned to CUDA 13.0, the H200 driver's own version).
