@@ -2,8 +2,9 @@
 //!
 //! The trait is generic over the buffer it works on, so each backend reduces
 //! its own memory: `[f32]` in host memory for the CPU backend (the default, so
-//! `dyn Communicator` is the CPU's), a device slice for a GPU backend, whose
-//! NCCL communicator (not written yet) implements `Communicator<ItsSlice>`.
+//! `dyn Communicator` is the CPU's), device rows for the CUDA backend, whose
+//! NCCL communicator (`crate::cuda::device::NcclComm`) implements
+//! `Communicator<DeviceRows>`.
 //!
 //! The CPU communicator joins worker threads of one process through shared
 //! buffers and a barrier.
