@@ -4,11 +4,9 @@
 mod common;
 
 use common::*;
-use ferry_engine::config::RopeStyle;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::rng::RngCore;
-use ferry_engine::weights::dummy;
 use ferry_engine::{spawn_engine, EngineCore, EngineCoreConfig};
 use ferry_transport::*;
 use std::collections::HashMap;
@@ -16,19 +14,8 @@ use std::collections::HashMap;
 const EOG: u32 = 2;
 
 fn core(num_blocks: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> EngineCore {
-    let cfg = tiny_config(RopeStyle::Interleaved);
-    let w = dummy(&cfg, GgmlType::Q8_0, 11).unwrap();
-    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap();
-    let sched = SchedulerConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens,
-        max_model_len: 256,
-        block_size: 4,
-        num_blocks,
-        enable_prefix_caching: prefix_caching,
-        enable_chunked_prefill: true,
-        long_prefill_token_threshold: 0,
-    };
+    let exec = tiny_executor(GgmlType::Q8_0, 11, num_blocks);
+    let sched = SchedulerConfig { enable_prefix_caching: prefix_caching, ..tiny_scheduler(num_blocks, 8, max_num_batched_tokens) };
     EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, exec, vec![EOG])
 }
 

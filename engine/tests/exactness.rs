@@ -8,10 +8,7 @@
 mod common;
 
 use common::*;
-use ferry_engine::config::RopeStyle;
 use ferry_engine::quant::GgmlType;
-use ferry_engine::scheduler::SchedulerConfig;
-use ferry_engine::weights::dummy;
 use ferry_engine::{EngineCore, EngineCoreConfig};
 use ferry_transport::*;
 use std::collections::HashMap;
@@ -21,22 +18,10 @@ const EOG: u32 = 2;
 const MAX_TOKENS: u32 = 40;
 
 fn core(ty: GgmlType, num_blocks: usize, max_num_batched_tokens: usize) -> EngineCore {
-    let cfg = tiny_config(RopeStyle::Interleaved);
-    let w = dummy(&cfg, ty, 23).unwrap();
-    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap();
-    let sched = SchedulerConfig {
-        max_num_seqs: 16,
-        max_num_batched_tokens,
-        max_model_len: 256,
-        block_size: 4,
-        num_blocks,
-        enable_prefix_caching: true,
-        enable_chunked_prefill: true,
-        long_prefill_token_threshold: 0,
-    };
+    let sched = tiny_scheduler(num_blocks, 16, max_num_batched_tokens);
     // The engine's own seed differs from run to run of this test's cores:
     // requests without a seed must not be what the comparisons rest on.
-    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: num_blocks as u64 }, exec, vec![EOG])
+    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: num_blocks as u64 }, tiny_executor(ty, 23, num_blocks), vec![EOG])
 }
 
 /// Request `i`'s settings: even ones greedy, odd ones sampled with every

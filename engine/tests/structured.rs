@@ -6,11 +6,8 @@
 mod common;
 
 use common::*;
-use ferry_engine::config::RopeStyle;
 use ferry_engine::quant::GgmlType;
-use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::structured::GrammarEnv;
-use ferry_engine::weights::dummy;
 use ferry_engine::{EngineCore, EngineCoreConfig};
 use ferry_transport::*;
 use std::collections::HashMap;
@@ -36,20 +33,8 @@ fn text(ids: &[u32]) -> String {
 }
 
 fn core(num_blocks: usize, grammars: bool) -> EngineCore {
-    let cfg = tiny_config(RopeStyle::Interleaved);
-    let w = dummy(&cfg, GgmlType::Q8_0, 11).unwrap();
-    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap();
-    let sched = SchedulerConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 64,
-        max_model_len: 256,
-        block_size: 4,
-        num_blocks,
-        enable_prefix_caching: true,
-        enable_chunked_prefill: true,
-        long_prefill_token_threshold: 0,
-    };
-    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, exec, vec![EOG]);
+    let exec = tiny_executor(GgmlType::Q8_0, 11, num_blocks);
+    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: tiny_scheduler(num_blocks, 8, 64), seed: 1 }, exec, vec![EOG]);
     if !grammars {
         return core;
     }

@@ -5,8 +5,34 @@
 pub mod files;
 
 use ferry_engine::config::{ModelConfig, RopeStyle};
-use ferry_engine::quant::QMatrix;
-use ferry_engine::weights::ModelWeights;
+use ferry_engine::executor::Executor;
+use ferry_engine::quant::{GgmlType, QMatrix};
+use ferry_engine::scheduler::SchedulerConfig;
+use ferry_engine::weights::{dummy, ModelWeights};
+
+/// The CPU backend over `tiny_config` with random weights of `ty` drawn from
+/// `weights_seed`, a KV cache of `num_blocks` blocks of 4 tokens: what the
+/// engine-loop tests run on.
+pub fn tiny_executor(ty: GgmlType, weights_seed: u64, num_blocks: usize) -> Box<dyn Executor> {
+    let cfg = tiny_config(RopeStyle::Interleaved);
+    let w = dummy(&cfg, ty, weights_seed).unwrap();
+    ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap()
+}
+
+/// A scheduler for [`tiny_executor`]'s cache: blocks of 4 tokens, 256
+/// positions, chunked prefill and prefix caching.
+pub fn tiny_scheduler(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        max_model_len: 256,
+        block_size: 4,
+        num_blocks,
+        enable_prefix_caching: true,
+        enable_chunked_prefill: true,
+        long_prefill_token_threshold: 0,
+    }
+}
 
 pub fn tiny_config(style: RopeStyle) -> ModelConfig {
     ModelConfig {
