@@ -1,11 +1,15 @@
-//! ferry's engine: continuous batching over a paged KV cache, on the CPU.
+//! ferry's engine: continuous batching over a paged KV cache, on the CPU or
+//! (feature `cuda`) NVIDIA GPUs.
 //!
-//! The path of a step: [`scheduler`] picks tokens within a budget over the blocks
-//! that [`kv_cache`] hands out; an [`executor`] runs one or more workers of a
-//! [`backend`] (the [`cpu`] one's forward pass, over tensor-parallel shards
-//! joined by a [`communicator`]); the [`sampler`] picks tokens; [`engine_core`] ties them together behind the protocol types of
-//! `ferry-transport`, and [`shell`] runs it on its threads and links. Models load from GGUF ([`gguf`]) or Hugging Face folders
-//! ([`weights`], [`loader`]) with their [`tokenizer`].
+//! The path of a step: [`scheduler`] picks tokens within a budget over the
+//! blocks that [`kv_cache`] hands out; an [`executor`] runs one or more
+//! workers of a [`backend`] (the [`cpu`] one's forward pass, over
+//! tensor-parallel shards joined by a [`communicator`]), which pick the tokens
+//! with the [`sampler`]'s one way of picking; the sans-IO [`engine_core`] ties
+//! them together behind the protocol types of `ferry-transport`, and
+//! [`shell`] runs it on its threads and serves its links. Models load from
+//! GGUF ([`gguf`]) or Hugging Face folders ([`weights`], [`loader`]) with
+//! their [`tokenizer`].
 
 pub mod args;
 pub mod backend;
