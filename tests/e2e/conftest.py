@@ -20,6 +20,14 @@ _failed = []
 def pytest_configure(config):
     # Keep the marker known when pytest-timeout is not installed.
     config.addinivalue_line("markers", "timeout(seconds): per-test time limit (pytest-timeout)")
+    config.addinivalue_line("markers", "heavy: minutes of full CPU load; runs after every other test")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # Minutes of full load on a 2-core machine leave it slower for a while
+    # after (the tests that time /health under bad requests then miss their
+    # bound): heavy tests go last, in their own order.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is not None)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -53,6 +53,7 @@ def preemptions(srv) -> float:
     return sum(float(m.group(1)) for m in re.finditer(r"^vllm:num_preemptions_total\{[^}]*\} (\S+)$", text, re.M))
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", ["greedy", "seeded"])
 def test_sixteen_streams_preempted_again_and_again_give_their_single_stream_text(tight, mode):
