@@ -15,7 +15,7 @@ mod common;
 use common::model_path;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::config::{ModelConfig, RopeStyle};
-use ferry_engine::executor::UniProcExecutor;
+use ferry_engine::cpu::kv::KvStore;
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::rng::{RngCore, SplitMix64};
@@ -76,9 +76,9 @@ fn dummy_core() -> Result<EngineCore, String> {
     let cfg = smollm2_135m_shape();
     let w = dummy(&cfg, GgmlType::Q4_1, 0).map_err(|e| e.to_string())?;
     let blocks = num_blocks();
-    let exec = UniProcExecutor::new(&cfg, &w, blocks, BLOCK_SIZE).map_err(|e| e.to_string())?;
+    let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).and_then(|b| b.into_executor(blocks, BLOCK_SIZE)).map_err(|e| e.to_string())?;
     // No EOG ids: the requests ignore EOS anyway.
-    Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 }, Box::new(exec), vec![]))
+    Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 }, exec, vec![]))
 }
 
 fn real_core(path: &std::path::Path) -> Result<EngineCore, String> {
@@ -88,7 +88,7 @@ fn real_core(path: &std::path::Path) -> Result<EngineCore, String> {
         max_num_seqs: 64,
         enable_prefix_caching: false,
         block_size: BLOCK_SIZE,
-        kv_cache_memory_bytes: num_blocks() * ferry_engine::executor::kv_bytes_per_block(&model.cfg, BLOCK_SIZE),
+        kv_cache_memory_bytes: Some(num_blocks() * KvStore::bytes_per_block(model.cfg.num_layers, BLOCK_SIZE, model.cfg.num_kv_heads, model.cfg.head_dim)),
         ..EngineArgs::default()
     };
     build_engine_core(&model, &args, 0).map(|(core, _)| core)

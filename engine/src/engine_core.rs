@@ -221,20 +221,27 @@ impl EngineCore {
         validate(&req.sampling, self.vocab_size()).map_err(|e| EngineError::invalid(e.to_string()))
     }
 
-    /// Queues a request, or returns the output that refuses it.
-    pub fn add_request(&mut self, req: EngineRequest, now: Instant) -> Result<(), TokenOutput> {
+    /// Queues a request, or returns the output that refuses it (boxed: it is
+    /// large, and rare).
+    pub fn add_request(&mut self, req: EngineRequest, now: Instant) -> Result<(), Box<TokenOutput>> {
         let compiled = compile_constraint(self.grammars.as_ref(), &req);
         self.add_request_compiled(req, compiled, 0, now)
     }
 
     /// `add_request` with the constraint already compiled by
     /// [`compile_constraint`], for `owner`.
-    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled, owner: Owner, now: Instant) -> Result<(), TokenOutput> {
+    pub fn add_request_compiled(
+        &mut self,
+        req: EngineRequest,
+        compiled: Compiled,
+        owner: Owner,
+        now: Instant,
+    ) -> Result<(), Box<TokenOutput>> {
         self.num_added += 1;
         let checked = self.check_request(&req).and_then(|()| compiled.transpose());
         let grammar = match checked {
             Ok(g) => g,
-            Err(why) => return Err(refusal(req.id, why)),
+            Err(why) => return Err(Box::new(refusal(req.id, why))),
         };
         // A resumed request continues one completion; a new one starts n.
         let indices = match &req.resume {
@@ -260,7 +267,8 @@ impl EngineCore {
                     Some(Commit::Finished) => "the constraint was complete before the last resumed token".into(),
                     Some(Commit::Continue) | None => continue,
                 };
-                return Err(refusal(req.id, EngineError::invalid(format!("the resumed tokens do not follow the constraint: {why}"))));
+                let why = EngineError::invalid(format!("the resumed tokens do not follow the constraint: {why}"));
+                return Err(Box::new(refusal(req.id, why)));
             }
             // Completion 0 computes the prompt logprobs (not again on a
             // resume), so it skips the prefix cache (every prompt position

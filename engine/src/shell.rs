@@ -88,9 +88,11 @@ impl LinkThreads {
 enum Inbox {
     /// A link's output queue; its commands follow under the same number.
     Attach(Owner, flume::Sender<EngineOutputs>),
-    Command(Owner, EngineCommand),
-    /// An Add whose constraint the link's input thread already compiled.
-    Add(Owner, EngineRequest, Compiled),
+    /// Stop these of the link's requests now and free their blocks.
+    Abort(Owner, Vec<RequestId>),
+    /// An Add whose constraint the link's input thread already compiled
+    /// (boxed: a request and its grammar are far larger than the other messages).
+    Add(Owner, Box<(EngineRequest, Compiled)>),
     /// The link is gone (closed, refused, or told to shut down).
     Detach(Owner),
     /// Look at the control flags (a drain began).
@@ -192,12 +194,12 @@ fn read_link(
             Ok(ToEngine::Command(EngineCommand::Shutdown)) | Err(_) => return,
             Ok(ToEngine::Command(EngineCommand::Add(req))) => {
                 let compiled = compile_constraint(grammars, &req);
-                if inbox.send(Inbox::Add(link, req, compiled)).is_err() {
+                if inbox.send(Inbox::Add(link, Box::new((req, compiled)))).is_err() {
                     return;
                 }
             }
-            Ok(ToEngine::Command(c)) => {
-                if inbox.send(Inbox::Command(link, c)).is_err() {
+            Ok(ToEngine::Command(EngineCommand::Abort(ids))) => {
+                if inbox.send(Inbox::Abort(link, ids)).is_err() {
                     return;
                 }
             }
@@ -263,16 +265,16 @@ impl Shell {
                         let link_state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new() };
                         self.links.insert(link, link_state);
                     }
-                    Inbox::Add(link, req, compiled) => {
+                    Inbox::Add(link, add) => {
+                        let (req, compiled) = *add;
                         let inject = fault.is_some_and(|t| req.prompt_tokens.contains(&t));
                         self.add(link, req, compiled);
                         if inject {
                             panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
                         }
                     }
-                    Inbox::Command(link, EngineCommand::Abort(ids)) => self.abort(link, &ids),
-                    Inbox::Command(link, EngineCommand::Shutdown) | Inbox::Detach(link) => self.detach(link),
-                    Inbox::Command(_, EngineCommand::Add(_)) => {} // comes as Inbox::Add
+                    Inbox::Abort(link, ids) => self.abort(link, &ids),
+                    Inbox::Detach(link) => self.detach(link),
                     Inbox::Wake => woken = true,
                     Inbox::Stop => return self.fail_all(&EngineError::capacity("the engine is stopping")),
                 }
@@ -305,7 +307,7 @@ impl Shell {
             }
             Err(mut refusal) => {
                 refusal.id = theirs;
-                l.outputs.push(refusal);
+                l.outputs.push(*refusal);
             }
         }
     }

@@ -27,7 +27,7 @@ fn core(ty: GgmlType, num_blocks: usize, max_num_batched_tokens: usize) -> Engin
 /// Request `i`'s settings: even ones greedy, odd ones sampled with every
 /// setting a request can carry, seeded.
 fn params(i: u64) -> SamplingParams {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         return SamplingParams { temperature: 0.0, max_tokens: MAX_TOKENS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
     }
     SamplingParams {

@@ -58,7 +58,7 @@ impl SeqGrammar {
         let vocab = self.env.vocab_size();
         let mut words: Vec<u32> = mask.as_slice().iter().copied().take(vocab.div_ceil(32)).collect();
         words.resize(vocab.div_ceil(32), 0);
-        if vocab % 32 != 0 {
+        if !vocab.is_multiple_of(32) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u32 << (vocab % 32)) - 1;
             }
