@@ -7,7 +7,7 @@
 
 use super::budget;
 use super::device::{self, DeviceWorker, Kernels, Limits, NcclComm};
-use super::seam::CudaOptions;
+use super::options::CudaOptions;
 use super::tp::{self, IdExchange, RankShare};
 use crate::args::EngineArgs;
 use crate::backend::{Backend, ExecError, StepOutput, StepSampling};

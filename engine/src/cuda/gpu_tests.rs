@@ -11,7 +11,7 @@
 //! per run (graphs, eager): the first step's logit rows (one per prompt) and
 //! the greedy tokens of N steps, sampled on the device.
 
-use super::seam::CudaOptions;
+use super::options::CudaOptions;
 use crate::args::EngineArgs;
 use crate::backend::{RowSampling, StepSampling};
 use crate::executor::KvMemory;

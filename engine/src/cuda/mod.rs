@@ -7,8 +7,8 @@
 //! [`budget`] (KV blocks from `--gpu-memory-utilization`), [`graphs`] (CUDA
 //! graph batch sizes), [`tp`] (tensor-parallel split and NCCL id exchange),
 //! [`nvrtc_cache`] (compiled kernels on disk), [`pack`] (sampling rows for the
-//! kernel). The device parts ([`device`], [`backend`]) compile here and have
-//! never run.
+//! kernel), [`options`] (its settings from the engine's arguments). The
+//! device parts ([`device`], [`backend`]) compile here and have never run.
 
 pub mod backend;
 pub mod budget;
@@ -16,9 +16,9 @@ pub mod convert;
 pub mod device;
 pub mod graphs;
 pub mod nvrtc_cache;
+pub mod options;
 pub mod pack;
 pub mod probe;
-pub mod seam;
 pub mod tp;
 
 pub use backend::{build, build_with, CudaLoaded, CudaWorker};
