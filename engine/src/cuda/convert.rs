@@ -100,8 +100,10 @@ mod tests {
     #[test]
     fn bf16_rounding() {
         assert_eq!(bf16_bits(1.0), 0x3f80);
-        assert_eq!(bf16_bits(1.003_906_25), 0x3f80); // halfway: down to even
-        assert_eq!(bf16_bits(1.011_718_75), 0x3f82); // halfway: up to even
+        // bf16 keeps 7 mantissa bits: 1 + 1/256 is halfway between 0x3f80 and
+        // 0x3f81, 1 + 3/256 halfway between 0x3f81 and 0x3f82 (exact in f32).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80); // halfway: down to even
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82); // halfway: up to even
         assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
         assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(vec_to_bf16(&[-2.5, 0.0]), vec![0xc020, 0x0000]);

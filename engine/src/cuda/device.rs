@@ -159,10 +159,10 @@ pub fn check_model(cfg: &ModelConfig, weights: &ModelWeights) -> Result<(), Stri
     if cfg.qkv_bias {
         return Err(format!("the CUDA backend does not run models with q/k/v biases ({}) yet; use --device cpu", cfg.arch));
     }
-    if cfg.head_dim > 256 || cfg.head_dim % 2 != 0 {
+    if cfg.head_dim > 256 || !cfg.head_dim.is_multiple_of(2) {
         return Err(format!("head_dim {} is not supported by the CUDA kernels (even, at most 256)", cfg.head_dim));
     }
-    if cfg.num_heads % cfg.num_kv_heads != 0 {
+    if !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
         return Err(format!("{} heads are not a multiple of {} KV heads", cfg.num_heads, cfg.num_kv_heads));
     }
     let check = |m: &crate::quant::QMatrix| {
