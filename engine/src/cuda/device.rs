@@ -707,6 +707,27 @@ impl DeviceWorker {
         .map_err(blas("cublasGemmEx"))
     }
 
+    /// `embedding_gather_bf16` on this stream: `out[i, :] = table[ids[i], :]`
+    /// for `n` ids, rows of `width` bf16 (f32 rows move as pairs); ids at or
+    /// past `table_rows` give zeros. The token embedding, the logit rows and
+    /// the sampling rows are all this one gather.
+    fn gather(&self, table: u64, ids: u64, out: u64, width: i32, table_rows: i32, n: usize) -> DevResult<()> {
+        // SAFETY: the arguments match the kernel's signature in
+        // kernels/embedding.cu; the callers size `out` for n rows of `width`.
+        unsafe {
+            self.stream
+                .launch_builder(&self.k.embed)
+                .arg(&table)
+                .arg(&ids)
+                .arg(&out)
+                .arg(&width)
+                .arg(&table_rows)
+                .launch(cfg1(n as u32, 256))
+                .map_err(drv("embedding_gather_bf16"))
+                .map(|_| ())
+        }
+    }
+
     fn all_reduce(&self, ptr: u64, len: usize) -> DevResult<()> {
         match &self.comm {
             Some(c) if c.world > 1 => c.all_reduce_bf16(ptr, len, &self.stream),
@@ -733,16 +754,7 @@ impl DeviceWorker {
         let embed = p(&self.w.embed);
         // SAFETY (every launch below): the arguments match the kernel's
         // signature in kernels/*.cu, and every buffer is sized by `Limits`.
-        unsafe {
-            st.launch_builder(&self.k.embed)
-                .arg(&embed)
-                .arg(&tokens)
-                .arg(&residual)
-                .arg(&hi)
-                .arg(&vocab)
-                .launch(cfg1(t as u32, 256))
-                .map_err(&l)?;
-        }
+        self.gather(embed, tokens, residual, hi, vocab, t)?;
         let eps = cfg.rms_norm_eps;
         let null = 0u64;
         let norm = |res: u64, add: u64, wt: u64, out: u64, rows: usize| -> DevResult<()> {
@@ -862,17 +874,8 @@ impl DeviceWorker {
         }
         norm(residual, proj, p(&self.w.norm), normed, t)?;
         // The logit rows, gathered (embedding_gather over the normed rows), then the LM head.
-        let (rows_ptr, picked, ri) = (addr(&self.step.logit_rows, st), p(&a.picked), ti);
-        unsafe {
-            st.launch_builder(&self.k.embed)
-                .arg(&normed)
-                .arg(&rows_ptr)
-                .arg(&picked)
-                .arg(&hi)
-                .arg(&ri)
-                .launch(cfg1(r as u32, 256))
-                .map_err(&l)?;
-        }
+        let (rows_ptr, picked) = (addr(&self.step.logit_rows, st), p(&a.picked));
+        self.gather(normed, rows_ptr, picked, hi, ti, r)?;
         self.gemm(picked, &self.w.lm_head, addr(&a.logits, st), r, true)
     }
 
@@ -1008,18 +1011,8 @@ impl DeviceWorker {
             addr(&self.act.logits, &self.stream)
         } else {
             let (src, dst) = (addr(&self.act.logits, &self.stream), addr(&self.act.sample_logits, &self.stream));
-            let (idx, width, ri) = (addr(&self.step.sample_rows, &self.stream), 2 * vocab as i32, r as i32);
-            unsafe {
-                self.stream
-                    .launch_builder(&self.k.embed)
-                    .arg(&src)
-                    .arg(&idx)
-                    .arg(&dst)
-                    .arg(&width)
-                    .arg(&ri)
-                    .launch(cfg1(s as u32, 256))
-                    .map_err(drv("gathering sampling rows"))?;
-            }
+            let idx = addr(&self.step.sample_rows, &self.stream);
+            self.gather(src, idx, dst, 2 * vocab as i32, r as i32, s)?;
             dst
         };
         let pk = pack::pack(rows, vocab);
