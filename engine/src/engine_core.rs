@@ -271,9 +271,10 @@ impl EngineCore {
                 return Err(Box::new(refusal(req.id, why)));
             }
             // Completion 0 computes the prompt logprobs (not again on a
-            // resume), so it skips the prefix cache (every prompt position
-            // must run); its siblings may use it.
-            let prompt_lp = req.sampling.prompt_logprobs.filter(|_| index == 0 && req.resume.is_none()).map(|k| PromptLogprobs {
+            // resume that delivered tokens: the first output carried them),
+            // so it skips the prefix cache (every prompt position must run);
+            // its siblings may use it.
+            let prompt_lp = req.sampling.prompt_logprobs.filter(|_| index == 0 && resumed.is_empty()).map(|k| PromptLogprobs {
                 k: k as usize,
                 prompt: req.prompt_tokens.clone(),
                 entries: vec![None; req.prompt_tokens.len().saturating_sub(1)],

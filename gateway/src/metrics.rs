@@ -15,7 +15,8 @@
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Recorder, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::engines::coordinator::RankScrape;
+use crate::engines::coordinator::{CoordinatorCounters, RankScrape};
+use crate::engines::routing::RouteReason;
 use ferry_transport::SeqTiming;
 
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -70,6 +71,14 @@ const TPOT_HISTOGRAMS: [&str; 3] =
 /// already lists them all (as vLLM does).
 const FAMILIES: &[(&str, Kind, &str)] = &[
     ("ferry:engine_up", Kind::Gauge, "1 while the engine rank is connected and serving, else 0."),
+    ("ferry:rank_breaker_state", Kind::Gauge, "The rank's circuit breaker: 0 closed (in rotation), 1 open (out for a cool-down), 2 half-open (on trial)."),
+    ("ferry:prefix_cache_hit_rate", Kind::Gauge, "Prefix cache hits over queries since the rank started, in tokens (0 before any query)."),
+    ("ferry:rank_cached_blocks", Kind::Gauge, "Full KV blocks the rank reports holding in its prefix cache (what prefix-aware routing reads)."),
+    ("ferry:migrations_total", Kind::Counter, "Moves of in-flight requests that had delivered tokens to another rank (resumed token for token)."),
+    ("ferry:request_retries_total", Kind::Counter, "Moves of requests that had delivered nothing yet to another rank."),
+    ("ferry:migration_failures_total", Kind::Counter, "Requests that needed a move and ended with an error (out of --migration-limit, or no rank to take them)."),
+    ("ferry:breaker_trips_total", Kind::Counter, "Times a rank's circuit breaker took it out of rotation."),
+    ("ferry:routing_decisions_total", Kind::Counter, "Placements of requests on ranks, by why that rank was chosen."),
     ("vllm:num_requests_running", Kind::Gauge, "Number of requests in model execution batches."),
     ("vllm:num_requests_waiting", Kind::Gauge, "Number of requests waiting to be processed."),
     ("vllm:kv_cache_usage_perc", Kind::Gauge, "KV-cache usage. 1 means 100 percent usage."),
@@ -108,6 +117,9 @@ enum Kind {
 struct EngineSeries {
     labels: Vec<Label>,
     up: Gauge,
+    breaker: Gauge,
+    hit_rate: Gauge,
+    cached_blocks: Gauge,
     running: Gauge,
     waiting: Gauge,
     kv_usage: Gauge,
@@ -154,6 +166,47 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     engines: Vec<EngineSeries>,
+    cluster: ClusterSeries,
+}
+
+/// The coordinator's series (one set per API node).
+struct ClusterSeries {
+    migrations: Counter,
+    retries: Counter,
+    migration_failures: Counter,
+    breaker_trips: Counter,
+    routed: [Counter; RouteReason::ALL.len()],
+}
+
+impl ClusterSeries {
+    fn new(rec: &PrometheusRecorder, model_name: &str) -> Self {
+        let md = metadata();
+        let labels = vec![Label::new("model_name", model_name.to_string())];
+        let counter = |name: &'static str, extra: Option<(&'static str, &'static str)>| {
+            let mut l = labels.clone();
+            l.extend(extra.map(|(k, v)| Label::new(k, v)));
+            let c = rec.register_counter(&Key::from_parts(name, l), &md);
+            c.increment(0);
+            c
+        };
+        ClusterSeries {
+            migrations: counter("ferry:migrations_total", None),
+            retries: counter("ferry:request_retries_total", None),
+            migration_failures: counter("ferry:migration_failures_total", None),
+            breaker_trips: counter("ferry:breaker_trips_total", None),
+            routed: RouteReason::ALL.map(|r| counter("ferry:routing_decisions_total", Some(("reason", r.label())))),
+        }
+    }
+
+    fn set(&self, c: &CoordinatorCounters) {
+        self.migrations.absolute(c.migrations);
+        self.retries.absolute(c.retries);
+        self.migration_failures.absolute(c.moves_failed);
+        self.breaker_trips.absolute(c.breaker_trips);
+        for (counter, &v) in self.routed.iter().zip(&c.routed) {
+            counter.absolute(v);
+        }
+    }
 }
 
 impl Metrics {
@@ -188,7 +241,8 @@ impl Metrics {
         }
         let model_name = model_name.into();
         let engines = (0..num_engines).map(|k| EngineSeries::new(&recorder, &model_name, k)).collect();
-        Metrics { recorder, handle, engines }
+        let cluster = ClusterSeries::new(&recorder, &model_name);
+        Metrics { recorder, handle, engines, cluster }
     }
 
     fn engine(&self, k: usize) -> Option<&EngineSeries> {
@@ -250,12 +304,19 @@ impl Metrics {
 
     /// The exposition text, after taking in what each rank reported since
     /// the last scrape (`ranks[k]`: rank k, or None when it never joined).
-    pub fn render(&self, ranks: &[Option<RankScrape>]) -> String {
+    pub fn render(&self, ranks: &[Option<RankScrape>], counters: &CoordinatorCounters) -> String {
+        self.cluster.set(counters);
         for (k, e) in self.engines.iter().enumerate() {
             let r = ranks.get(k).and_then(|r| r.as_ref());
             e.up.set(f64::from(u8::from(r.is_some_and(|r| r.up))));
             let Some(r) = r else { continue };
             let st = &r.stats;
+            e.breaker.set(r.breaker.gauge_value());
+            e.cached_blocks.set(r.cached_blocks as f64);
+            if r.up {
+                let rate = if st.prefix_cache_queries == 0 { 0.0 } else { st.prefix_cache_hits as f64 / st.prefix_cache_queries as f64 };
+                e.hit_rate.set(rate);
+            }
             e.running.set(st.num_running as f64);
             e.waiting.set(st.num_waiting as f64);
             e.kv_usage.set(st.kv_usage as f64);
@@ -313,6 +374,9 @@ impl EngineSeries {
         });
         EngineSeries {
             up: gauge("ferry:engine_up"),
+            breaker: gauge("ferry:rank_breaker_state"),
+            hit_rate: gauge("ferry:prefix_cache_hit_rate"),
+            cached_blocks: gauge("ferry:rank_cached_blocks"),
             running: gauge("vllm:num_requests_running"),
             waiting: gauge("vllm:num_requests_waiting"),
             kv_usage: gauge("vllm:kv_cache_usage_perc"),
@@ -394,7 +458,7 @@ mod tests {
             num_kv_blocks: 64,
             block_size: 16,
         };
-        Some(RankScrape { up, stats, steps, hello })
+        Some(RankScrape { up, stats, steps, hello, breaker: crate::engines::breaker::BreakerState::Open, cached_blocks: 5, draining: false })
     }
 
     #[test]
@@ -411,7 +475,8 @@ mod tests {
         m.sequence_finished(1, &fin);
         m.sequence_finished(7, &FinishedSeq { reason: "stop", ..fin.clone() }); // no such rank: ignored
         let stats = EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, ..Default::default() };
-        let text = m.render(&[None, scrape(true, stats, vec![1, 7, 300])]);
+        let counters = CoordinatorCounters { migrations: 3, retries: 1, routed: [0, 9, 2, 0, 0, 0], ..Default::default() };
+        let text = m.render(&[None, scrape(true, stats, vec![1, 7, 300])], &counters);
         let s = parse(&text);
         let l1 = "model_name=\"smol\\\"lm\",engine=\"1\"";
         let l0 = "model_name=\"smol\\\"lm\",engine=\"0\"";
@@ -459,7 +524,15 @@ mod tests {
         assert!(text.contains("# TYPE vllm:prompt_tokens_total counter\n"));
         assert!(text.contains("# TYPE vllm:e2e_request_latency_seconds histogram\n"));
         // A later scrape does not count the steps again.
-        let again = parse(&m.render(&[None, scrape(true, EngineStats::default(), vec![])]));
+        // The coordinator's counters and each rank's routing figures.
+        assert_eq!(s["ferry:migrations_total{model_name=\"smol\\\"lm\"}"], 3.0);
+        assert_eq!(s["ferry:request_retries_total{model_name=\"smol\\\"lm\"}"], 1.0);
+        assert_eq!(s["ferry:routing_decisions_total{model_name=\"smol\\\"lm\",reason=\"prefix_hit\"}"], 9.0);
+        assert_eq!(s["ferry:routing_decisions_total{model_name=\"smol\\\"lm\",reason=\"balance_guard\"}"], 0.0);
+        assert_eq!(g("ferry:rank_breaker_state"), 1.0);
+        assert_eq!(g("ferry:rank_cached_blocks"), 5.0);
+        assert_eq!(g("ferry:prefix_cache_hit_rate"), 0.4);
+        let again = parse(&m.render(&[None, scrape(true, EngineStats::default(), vec![])], &counters));
         assert_eq!(again[&format!("{it}_count{{{l1}}}")], 3.0);
     }
 

@@ -144,7 +144,8 @@ impl EngineRequest {
 /// them, so the completion goes on token for token as an undisturbed run
 /// would (given the request's seed, which the gateway fixes at admission).
 /// A resumed request has one completion whatever `sampling.n` says, reported
-/// under `index`, and its prompt logprobs are not computed again.
+/// under `index`; its prompt logprobs are computed again only for completion
+/// 0 resumed before its first token (they come with the first output).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Resume {
     /// Which completion of the original request this is (it seeds the draw
@@ -293,7 +294,29 @@ pub struct EngineOutputs {
     pub rank: u32,
     pub outputs: Vec<TokenOutput>,
     pub stats: EngineStats,
+    /// Changes to the set of full KV blocks this rank holds in its prefix
+    /// cache since the previous batch to this link, oldest first (at most
+    /// [`MAX_KV_EVENTS`]). A link's first batches after it attaches start
+    /// with `Cleared` and then list every block held, so a gateway that
+    /// (re)joins learns the whole set.
+    pub kv_events: Vec<KvEvent>,
 }
+
+/// One change to a rank's prefix cache, named by the block's chained hash
+/// (`ferry_engine::kv_cache::chain_hash` over the block's tokens, chained
+/// from `ROOT_HASH`): the same function the gateway computes over a prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvEvent {
+    /// Forget every block reported before on this link.
+    Cleared,
+    /// The rank now holds one more block with this hash.
+    Stored(u64),
+    /// The rank dropped one block with this hash.
+    Removed(u64),
+}
+
+/// Most `EngineOutputs::kv_events` one batch carries.
+pub const MAX_KV_EVENTS: usize = 1 << 16;
 
 /// Engine -> gateway, first message on a transport.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

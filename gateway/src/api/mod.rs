@@ -12,6 +12,7 @@
 //!   Retry-After, as do requests while no engine rank is up.
 //! - All errors are `{"error": {"message", "type", "param", "code"}}`.
 
+pub mod admin;
 pub mod chat;
 pub mod client_limits;
 pub mod completions;
@@ -246,6 +247,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(models::health))
         .route("/version", get(models::version))
         .route("/metrics", get(metrics_text))
+        .route("/v1/admin/ranks", get(admin::list_ranks))
+        .route("/v1/admin/ranks/{rank}/drain", post(admin::drain_rank))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), identify_client))
@@ -278,7 +281,7 @@ async fn close_after_early_error(req: Request, next: Next) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(&state.coordinator.scrape());
+    let body = state.metrics.render(&state.coordinator.scrape(), &state.coordinator.counters());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::engines::routing::RoutingPolicy;
+
 #[derive(Args, Debug, Clone)]
 pub struct ClusterFlags {
     /// Data-parallel engine ranks in the whole cluster.
@@ -43,6 +45,16 @@ pub struct ClusterFlags {
     /// Seconds the API node waits at start-up for every rank to join.
     #[arg(long, default_value_t = 600)]
     pub data_parallel_startup_timeout: u64,
+    /// How the API node picks a rank for each request: `prefix-aware` (load
+    /// against the prompt blocks each rank caches), `least-loaded` (vLLM's),
+    /// or `round-robin`.
+    #[arg(long, value_enum, default_value_t = RoutingPolicy::PrefixAware)]
+    pub routing: RoutingPolicy,
+    /// Times one request may move to another rank when its rank dies or
+    /// fails it, resuming from the tokens already sent (Dynamo's flag); 0
+    /// turns migration off.
+    #[arg(long, default_value_t = crate::engines::coordinator::DEFAULT_MIGRATION_LIMIT)]
+    pub migration_limit: u32,
 }
 
 /// The flags, checked.

@@ -11,7 +11,8 @@ use crate::cli::engine_flags::EngineFlags;
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::cli::signals::stop_signal;
-use crate::engines::coordinator::Coordinator;
+use crate::engines::coordinator::{Coordinator, CoordinatorConfig};
+use crate::engines::routing::RoutingConfig;
 use crate::engines::local::{expectations, start_local_ranks, LocalRanks};
 use crate::server::{serve, ServeConfig};
 use clap::Args;
@@ -145,7 +146,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The engines' threads do the arithmetic; the async runtime moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let coordinator = Coordinator::new(expect, engine_args.seed);
+        let config = CoordinatorConfig {
+            seed: engine_args.seed,
+            routing: RoutingConfig { policy: args.cluster.routing, ..Default::default() },
+            migration_limit: args.cluster.migration_limit,
+            breaker: Default::default(),
+            drain_timeout: Duration::from_secs(args.shutdown_timeout),
+        };
+        let coordinator = Coordinator::with_config(expect, config);
         for (rank, end) in ends {
             coordinator.attach(end, format!("in-process rank {rank}"));
         }

@@ -1,4 +1,5 @@
-//! Picks the engine rank for each request: the least loaded healthy one.
+//! Picks the engine rank for each request, and moves requests off ranks that
+//! die or fail them.
 //!
 //! Ranks live in slots named by their checked rank number (`Hello.rank`), not by
 //! the order their links arrived in. A link of either transport is handed to
@@ -6,23 +7,33 @@
 //! puts the rank in its slot, and reads its outputs until the link closes; a rank
 //! that left can come back, and its new link replaces the dead one.
 //!
-//! Load is vLLM's data-parallel score, waiting × 4 + running, from the figures
-//! each rank attaches to its output batches, with requests sent since those
-//! figures counted as waiting (see [`RankLink::load_score`]). Ties go to the
-//! lower rank.
+//! Routing ([`crate::engines::routing`]) weighs each rank's load (vLLM's
+//! data-parallel score, waiting × 4 + running, with requests sent since the
+//! rank's last figures counted as waiting) against how much of the prompt the
+//! rank caches. Each request is followed ([`Tracked`]) until it ends: when its
+//! rank's link drops, the rank fails it with an internal or capacity error,
+//! or a drained rank's time runs out, its unfinished completions move to other
+//! ranks and resume from the tokens already delivered (at most
+//! `--migration-limit` moves per request), so the client's stream goes on.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_transport::handshake::{check_hello, welcome, Expectations};
 use ferry_engine::rng::{RngCore, SplitMix64};
-use ferry_transport::{EngineRequest, EngineStats, FromEngine, GatewayEnd, RequestId, SamplingParams, ToEngine};
+use ferry_transport::handshake::{check_hello, welcome, Expectations};
+use ferry_transport::{EngineRequest, EngineStats, FinishReason, FromEngine, GatewayEnd, OutputRx, RequestId, SamplingParams, ToEngine, TokenOutput};
 
-use crate::engines::rank_link::{read_outputs, EventTx, RankLink};
+use crate::engines::breaker::{BreakerConfig, BreakerState};
+use crate::engines::rank_link::{EventTx, RankLink};
+use crate::engines::routing::{choose, prompt_block_hashes, Candidate, RouteReason, RoutingConfig};
+use crate::engines::tracked::{Delivery, Placement, Tracked};
 
 /// How long a new link may take to say hello before it is dropped.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Dynamo's default: a request may move three times.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -36,7 +47,58 @@ pub enum SubmitError {
     Send(String),
 }
 
+/// How the coordinator routes and moves requests.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// vLLM's `--seed`: starts the seeds of requests that bring none.
+    pub seed: u64,
+    pub routing: RoutingConfig,
+    /// `--migration-limit`: moves one request may make (0: none).
+    pub migration_limit: u32,
+    pub breaker: BreakerConfig,
+    /// How long a rank drained by an operator may finish its requests before
+    /// they move (`--shutdown-timeout`).
+    pub drain_timeout: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            seed: 0,
+            routing: RoutingConfig::default(),
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
+            breaker: BreakerConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Totals since start, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CoordinatorCounters {
+    /// Moves of requests that had delivered tokens.
+    pub migrations: u64,
+    /// Moves of requests that had delivered nothing yet.
+    pub retries: u64,
+    /// Requests that needed a move and could not get one.
+    pub moves_failed: u64,
+    /// Times a rank's breaker opened.
+    pub breaker_trips: u64,
+    /// Placements by [`RouteReason`] (indexed by `RouteReason::index`).
+    pub routed: [u64; RouteReason::ALL.len()],
+}
+
+#[derive(Default)]
+struct Counters {
+    migrations: AtomicU64,
+    retries: AtomicU64,
+    moves_failed: AtomicU64,
+    breaker_trips: AtomicU64,
+    routed: [AtomicU64; RouteReason::ALL.len()],
+}
+
 struct Inner {
+    config: CoordinatorConfig,
     /// Slot k holds rank k's latest link (None until it first joins).
     slots: Vec<Mutex<Option<Arc<RankLink>>>>,
     /// What a rank must match to join; held while a Hello is checked and its
@@ -48,6 +110,11 @@ struct Inner {
     seeds: Mutex<SplitMix64>,
     /// Every rank has joined once: start-up is over.
     started: AtomicBool,
+    /// We are stopping every rank: nothing moves any more.
+    stopping: AtomicBool,
+    /// The rank chosen last (ties rotate after it).
+    last_choice: AtomicUsize,
+    counters: Counters,
 }
 
 /// The gateway's view of all its engine ranks. Cheap to clone.
@@ -62,19 +129,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    /// A coordinator for `expect.data_parallel_size` ranks, none joined yet.
-    /// `seed` (vLLM's `--seed`) starts the seeds of requests that bring none.
+    /// A coordinator for `expect.data_parallel_size` ranks, none joined yet,
+    /// with the default routing and migration settings.
+    #[cfg(test)]
     pub fn new(expect: Expectations, seed: u64) -> Coordinator {
+        Self::with_config(expect, CoordinatorConfig { seed, ..Default::default() })
+    }
+
+    pub fn with_config(expect: Expectations, config: CoordinatorConfig) -> Coordinator {
         let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
         Coordinator {
             inner: Arc::new(Inner {
+                seeds: Mutex::new(ferry_engine::rng::splitmix(config.seed)),
+                config,
                 slots,
                 expect: Mutex::new(expect),
                 next_id: AtomicU64::new(1),
-                seeds: Mutex::new(ferry_engine::rng::splitmix(seed)),
                 started: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+                last_choice: AtomicUsize::new(usize::MAX),
+                counters: Counters::default(),
             }),
         }
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.inner.config
     }
 
     /// The data-parallel size: how many ranks this coordinator has slots for.
@@ -96,7 +176,6 @@ impl Coordinator {
         self.links().iter().map(|l| l.as_ref().is_some_and(|l| l.is_healthy())).collect()
     }
 
-    /// Each rank's latest queue figures (zeros for a rank that is down).
     /// What a metrics scrape reads of each rank slot: None for a slot no rank
     /// has joined yet.
     pub fn scrape(&self) -> Vec<Option<RankScrape>> {
@@ -105,12 +184,32 @@ impl Coordinator {
             .map(|l| {
                 l.as_ref().map(|l| {
                     let up = l.is_healthy();
-                    RankScrape { up, stats: if up { l.stats() } else { EngineStats::default() }, steps: l.take_step_tokens(), hello: l.hello().clone() }
+                    RankScrape {
+                        up,
+                        stats: if up { l.stats() } else { EngineStats::default() },
+                        steps: l.take_step_tokens(),
+                        hello: l.hello().clone(),
+                        breaker: l.breaker_state(),
+                        cached_blocks: l.held_blocks(),
+                        draining: up && !l.serves(),
+                    }
                 })
             })
             .collect()
     }
 
+    /// Routing and migration totals since start.
+    pub fn counters(&self) -> CoordinatorCounters {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CoordinatorCounters {
+            migrations: get(&c.migrations),
+            retries: get(&c.retries),
+            moves_failed: get(&c.moves_failed),
+            breaker_trips: get(&c.breaker_trips),
+            routed: std::array::from_fn(|k| get(&c.routed[k])),
+        }
+    }
 
     /// Ranks that are not serving, for start-up messages.
     pub fn missing_ranks(&self) -> Vec<u32> {
@@ -168,56 +267,209 @@ impl Coordinator {
                 }
                 *expect = expect.accepted(&hello);
                 let rank = hello.rank;
-                let link = Arc::new(RankLink::new(rank as usize, tx, hello));
+                let link = Arc::new(RankLink::with_breaker(rank as usize, tx, hello, this.inner.config.breaker));
                 *lock(&this.inner.slots[rank as usize]) = Some(link.clone());
                 link
             };
             tracing::info!(%peer, rank = link.index(), model = %link.hello().model, "engine rank joined");
-            read_outputs(&link, rx).await;
+            this.read_link(&link, rx).await;
         })
+    }
+
+    /// Reads one rank's outputs until its link closes, delivering each to its
+    /// request and moving what the rank fails; then moves (or fails) every
+    /// placement still on it. A second Hello breaks the protocol and ends the link.
+    async fn read_link(&self, link: &Arc<RankLink>, mut rx: Box<dyn OutputRx>) {
+        let why = loop {
+            match rx.recv().await {
+                Ok(FromEngine::Outputs(batch)) => {
+                    for (tracked, out) in link.on_outputs(batch) {
+                        self.deliver(link, &tracked, out);
+                    }
+                }
+                Ok(FromEngine::Hello(_)) => break format!("engine rank {} said Hello twice; link closed", link.index()),
+                Err(e) => break format!("engine rank {} went away ({e})", link.index()),
+            }
+        };
+        for (link_id, p) in link.on_closed(&why) {
+            self.relocate(&p.tracked, link_id, link.index(), why.clone(), None);
+        }
+    }
+
+    fn deliver(&self, link: &Arc<RankLink>, tracked: &Arc<Tracked>, out: TokenOutput) {
+        let link_id = out.id;
+        // Kept to pass on as it is, should the failure it reports not be movable.
+        let failure = matches!(out.finish, Some(FinishReason::Error(_))).then(|| out.clone());
+        match tracked.deliver(out) {
+            Delivery::Done => {}
+            Delivery::PlacementFinished => {
+                link.record_outcome(true);
+            }
+            Delivery::PlacementFailed(why) => {
+                if link.record_outcome(false) {
+                    self.inner.counters.breaker_trips.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(rank = link.index(), "engine rank {} failed requests {} times in a row: out of rotation for {:?}",
+                        link.index(), self.inner.config.breaker.failures_to_open, self.inner.config.breaker.cool_down);
+                }
+                link.abort(link_id);
+                let why = format!("engine rank {} failed the request: {why}", link.index());
+                self.relocate(tracked, link_id, link.index(), why, failure);
+            }
+        }
+    }
+
+    /// Moves placement `link_id` of `tracked` off rank `from`, or fails the
+    /// request if it is out of moves or no other rank can take it: with
+    /// `failure` (the rank's own error output) when there is one, else with
+    /// a `Failed` event saying `why`.
+    fn relocate(&self, tracked: &Arc<Tracked>, link_id: RequestId, from: usize, why: String, failure: Option<TokenOutput>) {
+        let limit = if self.inner.stopping.load(Ordering::Relaxed) { 0 } else { self.inner.config.migration_limit };
+        let plan = match tracked.plan_move(link_id, limit) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return,
+            Err(()) => {
+                if limit > 0 {
+                    self.inner.counters.moves_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let why = if limit > 0 { format!("{why}; the request moved {limit} times already (--migration-limit)") } else { why };
+                return self.fail(tracked, why, failure);
+            }
+        };
+        let counter = if plan.before_first_token { &self.inner.counters.retries } else { &self.inner.counters.migrations };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let placed = tracked.with_placements(|placements, _| {
+            for (req, indices) in plan.requests {
+                let req = EngineRequest { id: self.inner.next_id.fetch_add(1, Ordering::Relaxed), ..req };
+                let resumed = req.resume.as_ref().map_or(0, |r| r.output_tokens.len());
+                let to = self.place(tracked, req, indices, placements, None, &[from])?;
+                tracing::info!(request = tracked.id, from, to, resumed, "moved a request: {why}");
+            }
+            Ok::<(), SubmitError>(())
+        });
+        if let Some(Err(e)) = placed {
+            self.inner.counters.moves_failed.fetch_add(1, Ordering::Relaxed);
+            self.fail(tracked, format!("{why}; no other rank could take the request: {e}"), failure);
+        }
+    }
+
+    /// Ends `tracked` for good, and aborts whatever of it still runs.
+    fn fail(&self, tracked: &Arc<Tracked>, why: String, failure: Option<TokenOutput>) {
+        for p in tracked.fail(why, failure) {
+            p.link.abort(p.link_id);
+        }
     }
 
     /// Tells every rank to stop (requests still running there end).
     pub fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
         for l in self.links().into_iter().flatten() {
             l.shutdown();
         }
     }
 
-    /// Send one request to the least loaded healthy rank, or to rank `pin` (vLLM's
-    /// `X-data-parallel-rank`). Its outputs arrive on `events`; dropping the
-    /// returned guard aborts it.
-    pub fn submit(
+    /// Drains rank `rank` (an operator's request): it takes nothing new now;
+    /// what it still runs after `drain_timeout` moves to other ranks.
+    /// Returns how many placements it had in flight.
+    pub fn drain_rank(&self, rank: u32) -> Result<usize, SubmitError> {
+        let size = self.size() as u32;
+        if rank >= size {
+            return Err(SubmitError::NoSuchRank { rank, size });
+        }
+        let link = self.rank(rank as usize).filter(|l| l.is_healthy()).ok_or(SubmitError::RankDown(rank))?;
+        link.mark_drained();
+        let in_flight = link.in_flight();
+        tracing::info!(rank, in_flight, "draining engine rank {rank} (up to {:?})", self.inner.config.drain_timeout);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + this.inner.config.drain_timeout;
+            while link.in_flight() > 0 && link.is_healthy() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = link.take_all();
+            if !left.is_empty() {
+                tracing::info!(rank, "drained engine rank {rank}: moving its {} unfinished requests", left.len());
+            }
+            for (link_id, p) in left {
+                this.relocate(&p.tracked, link_id, rank as usize, format!("engine rank {rank} was drained"), None);
+            }
+        });
+        Ok(in_flight)
+    }
+
+    /// Chooses a rank for `req` and adds it there, recording the placement.
+    /// `pin` names the only rank allowed; `exclude` ranks are skipped. A rank
+    /// whose link fails the send is skipped and the next best tried.
+    fn place(
         &self,
-        prompt_tokens: Vec<u32>,
-        sampling: SamplingParams,
-        events: EventTx,
+        tracked: &Arc<Tracked>,
+        req: EngineRequest,
+        indices: Vec<u32>,
+        placements: &mut Vec<Placement>,
         pin: Option<u32>,
-    ) -> Result<RequestGuard, SubmitError> {
+        exclude: &[usize],
+    ) -> Result<usize, SubmitError> {
         let links = self.links();
-        let rank = match pin {
-            Some(r) => {
-                let size = links.len() as u32;
-                let l = links.get(r as usize).ok_or(SubmitError::NoSuchRank { rank: r, size })?;
-                l.clone().filter(|l| l.takes_requests()).ok_or(SubmitError::RankDown(r))?
+        let mut skip: Vec<usize> = exclude.to_vec();
+        let mut last_err = SubmitError::NoHealthyRank;
+        loop {
+            let (link, reason) = match pin {
+                Some(r) => {
+                    let size = links.len() as u32;
+                    let l = links.get(r as usize).ok_or(SubmitError::NoSuchRank { rank: r, size })?;
+                    (l.clone().filter(|l| l.serves()).ok_or(SubmitError::RankDown(r))?, RouteReason::Pinned)
+                }
+                None => {
+                    let candidates: Vec<Candidate> = links
+                        .iter()
+                        .enumerate()
+                        .filter(|(k, _)| !skip.contains(k))
+                        .filter_map(|(k, l)| l.as_ref().filter(|l| l.takes_requests()).map(|l| (k, l)))
+                        .map(|(rank, l)| {
+                            let (load, cached_blocks) = l.load_and_overlap(&tracked.block_hashes);
+                            Candidate { rank, load, cached_blocks }
+                        })
+                        .collect();
+                    let last = self.inner.last_choice.load(Ordering::Relaxed);
+                    let Some((k, reason)) = choose(&self.inner.config.routing, &candidates, last) else {
+                        return Err(last_err);
+                    };
+                    self.inner.last_choice.store(k, Ordering::Relaxed);
+                    (links[k].clone().expect("a candidate has a link"), reason)
+                }
+            };
+            let link_id = req.id;
+            match link.add(req.clone(), tracked.clone()) {
+                Ok(()) => {
+                    self.inner.counters.routed[reason.index()].fetch_add(1, Ordering::Relaxed);
+                    placements.push(Placement { link: link.clone(), link_id, indices });
+                    return Ok(link.index());
+                }
+                Err(e) if pin.is_none() => {
+                    skip.push(link.index());
+                    last_err = SubmitError::Send(e);
+                }
+                Err(e) => return Err(SubmitError::Send(e)),
             }
-            None => {
-                let loads: Vec<Option<u64>> =
-                    links.iter().map(|l| l.as_ref().filter(|l| l.takes_requests()).map(|l| l.load_score())).collect();
-                let k = choose_rank(&loads).ok_or(SubmitError::NoHealthyRank)?;
-                links[k].clone().expect("a rank with a load has a link")
-            }
-        };
+        }
+    }
+
+    /// Sends one request to the best rank, or to rank `pin` (vLLM's
+    /// `X-data-parallel-rank`). Its outputs arrive on `events`, under the
+    /// returned guard's id, wherever it runs; dropping the guard aborts it.
+    pub fn submit(&self, prompt_tokens: Vec<u32>, sampling: SamplingParams, events: EventTx, pin: Option<u32>) -> Result<RequestGuard, SubmitError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut sampling = sampling;
         sampling.seed = sampling.seed.or_else(|| Some(lock(&self.inner.seeds).next_u64()));
-        rank.add(EngineRequest::new(id, prompt_tokens, sampling), events).map_err(SubmitError::Send)?;
-        Ok(RequestGuard { id, rank, live: true })
+        let block_size = lock(&self.inner.expect).block_size.unwrap_or(0) as usize;
+        let hashes = prompt_block_hashes(&prompt_tokens, block_size);
+        let tracked = Arc::new(Tracked::new(id, prompt_tokens, sampling, hashes, pin.is_some(), events));
+        let (req, indices) = tracked.first_request(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let placed = tracked.with_placements(|placements, _| self.place(&tracked, req, indices, placements, pin, &[]));
+        let rank = placed.expect("a new request is not over")?;
+        Ok(RequestGuard { tracked, rank })
     }
 }
 
-/// A coordinator with these links attached (in-process ranks: tests, benches,
-/// embedding). Call inside a tokio runtime; ranks join as their Hellos arrive.
 /// One rank as a metrics scrape sees it.
 pub struct RankScrape {
     pub up: bool,
@@ -225,43 +477,50 @@ pub struct RankScrape {
     /// Token counts of its steps since the last scrape.
     pub steps: Vec<u32>,
     pub hello: ferry_transport::Hello,
+    pub breaker: BreakerState,
+    /// Blocks it reports holding in its prefix cache.
+    pub cached_blocks: usize,
+    /// Takes nothing new: its node is stopping, or an operator drained it.
+    pub draining: bool,
 }
 
+/// A coordinator with these links attached (in-process ranks: tests, benches,
+/// embedding). Call inside a tokio runtime; ranks join as their Hellos arrive.
 pub fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
-    let c = Coordinator::new(expect, 0);
+    start_engine_clients_with(ends, expect, CoordinatorConfig::default())
+}
+
+pub fn start_engine_clients_with(ends: Vec<GatewayEnd>, expect: Expectations, config: CoordinatorConfig) -> Coordinator {
+    let c = Coordinator::with_config(expect, config);
     for (k, end) in ends.into_iter().enumerate() {
         c.attach(end, format!("in-process link {k}"));
     }
     c
 }
 
-/// The least loaded rank among the healthy ones (`None` entries are unhealthy).
-pub fn choose_rank(loads: &[Option<u64>]) -> Option<usize> {
-    loads.iter().enumerate().filter_map(|(k, l)| l.map(|l| (l, k))).min().map(|(_, k)| k)
-}
-
-/// One request on one rank. Dropping it while the engine is still working on the
-/// request sends `Abort` at once (a client went away, or a stop string matched).
+/// One request, wherever it runs. Dropping it while the engine is still
+/// working on the request sends `Abort` at once (a client went away, or a
+/// stop string matched).
 pub struct RequestGuard {
-    id: RequestId,
-    rank: Arc<RankLink>,
-    live: bool,
+    tracked: Arc<Tracked>,
+    rank: usize,
 }
 
 impl RequestGuard {
+    /// The id its outputs and events carry.
     pub fn id(&self) -> RequestId {
-        self.id
+        self.tracked.id
     }
 
+    /// The rank it was first placed on.
     pub fn rank_index(&self) -> usize {
-        self.rank.index()
+        self.rank
     }
 
-    /// Stop the request now (a no-op if the engine already finished it).
+    /// Stop the request now (a no-op if it already ended).
     pub fn abort(&mut self) {
-        if self.live {
-            self.live = false;
-            self.rank.abort(self.id);
+        for p in self.tracked.abort() {
+            p.link.abort(p.link_id);
         }
     }
 }
@@ -305,7 +564,8 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::{expect, hello};
     use super::*;
-    use ferry_transport::{flume_link, EngineCommand, EngineEnd, EngineOutputs, Hello};
+    use crate::engines::rank_link::SeqEvent;
+    use ferry_transport::{flume_link, EngineCommand, EngineEnd, EngineOutputs, Hello, Resume};
 
     /// Attaches a flume link that says `hello`; returns the engine's end and its Welcome.
     async fn join(c: &Coordinator, h: Hello) -> (EngineEnd, ToEngine) {
@@ -326,15 +586,6 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    #[test]
-    fn least_loaded_healthy_rank_wins() {
-        assert_eq!(choose_rank(&[]), None);
-        assert_eq!(choose_rank(&[None, None]), None);
-        assert_eq!(choose_rank(&[Some(5), Some(3), Some(9)]), Some(1));
-        assert_eq!(choose_rank(&[None, Some(7), Some(7)]), Some(1)); // tie: lower rank
-        assert_eq!(choose_rank(&[Some(0), None]), Some(0));
     }
 
     #[tokio::test]
@@ -376,8 +627,8 @@ mod tests {
         let mut e0 = e0;
         // Rank 0 reports 1 waiting + 1 running (score 5); rank 1 reports 3 running (3).
         let st = |w, r| EngineStats { num_waiting: w, num_running: r, ..Default::default() };
-        e0.tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: st(1, 1) })).unwrap();
-        e1.tx.send(FromEngine::Outputs(EngineOutputs { rank: 1, outputs: vec![], stats: st(0, 3) })).unwrap();
+        e0.tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: st(1, 1), kv_events: vec![] })).unwrap();
+        e1.tx.send(FromEngine::Outputs(EngineOutputs { rank: 1, outputs: vec![], stats: st(0, 3), kv_events: vec![] })).unwrap();
         until("stats", || {
             c.all_healthy() && c.rank(0).unwrap().load_score() == 5 && c.rank(1).unwrap().load_score() == 3
         })
@@ -400,5 +651,196 @@ mod tests {
         drop(e0);
         until("rank 0 down", || c.ranks_up() == vec![false, true]).await;
         assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(0)).err(), Some(SubmitError::RankDown(0)));
+    }
+
+    fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
+        TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }
+    }
+
+    /// A rank played by the test: commands it receives are queued for
+    /// [`command`]; dropping it closes its link.
+    struct FakeRank {
+        cmds: std::sync::mpsc::Receiver<ToEngine>,
+        tx: Mutex<Box<dyn ferry_transport::OutputTx>>,
+    }
+
+    async fn fake(c: &Coordinator, h: Hello) -> FakeRank {
+        let (e, w) = join(c, h).await;
+        assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted), "{w:?}");
+        let EngineEnd { mut rx, tx } = e;
+        let (cmd_tx, cmds) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(m) = rx.recv() {
+                if cmd_tx.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        FakeRank { cmds, tx: Mutex::new(tx) }
+    }
+
+    fn send_outputs(e: &FakeRank, rank: u32, outputs: Vec<TokenOutput>) {
+        send_batch(e, EngineOutputs { rank, outputs, stats: EngineStats::default(), kv_events: vec![] });
+    }
+
+    fn send_batch(e: &FakeRank, batch: EngineOutputs) {
+        lock(&e.tx).send(FromEngine::Outputs(batch)).unwrap();
+    }
+
+    /// The next command the rank receives (within 5 s).
+    async fn command(e: &FakeRank) -> EngineCommand {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match e.cmds.try_recv() {
+                Ok(ToEngine::Command(c)) => return c,
+                Ok(other) => panic!("expected a command, got {other:?}"),
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "no command within 5 s");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    async fn event(rx: &mut crate::engines::rank_link::EventRx) -> SeqEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("an event in time").expect("channel open")
+    }
+
+    fn add_of(c: EngineCommand) -> EngineRequest {
+        match c {
+            EngineCommand::Add(r) => r,
+            other => panic!("expected Add, got {other:?}"),
+        }
+    }
+
+    fn greedy(n: u32) -> SamplingParams {
+        SamplingParams { n, temperature: 0.0, max_tokens: 8, ..Default::default() }
+    }
+
+    async fn two_ranks(config: CoordinatorConfig) -> (Coordinator, FakeRank, FakeRank) {
+        let c = Coordinator::with_config(expect(2), config);
+        let e0 = fake(&c, hello(0, 7)).await;
+        let e1 = fake(&c, hello(1, 7)).await;
+        until("both up", || c.all_healthy()).await;
+        (c, e0, e1)
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_rank_dies_resumes_on_another_under_its_own_id() {
+        let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = c.submit(vec![1, 2, 3], greedy(1), tx, Some(0)).unwrap();
+        let first = add_of(command(&e0).await);
+        assert!(first.sampling.seed.is_some(), "a seed is fixed at admission");
+        send_outputs(&e0, 0, vec![out(first.id, 0, &[5], None), out(first.id, 0, &[6], None)]);
+        for t in [5, 6] {
+            assert!(matches!(event(&mut rx).await, SeqEvent::Output(o) if o.id == g.id() && o.new_tokens == vec![t]));
+        }
+        drop(e0); // the rank dies
+        let moved = add_of(command(&e1).await);
+        assert_eq!(moved.resume, Some(Resume { index: 0, output_tokens: vec![5, 6] }));
+        assert_eq!((moved.prompt_tokens.clone(), moved.sampling.seed), (vec![1, 2, 3], first.sampling.seed));
+        assert_ne!(moved.id, first.id);
+        send_outputs(&e1, 1, vec![out(moved.id, 0, &[7], Some(FinishReason::Length))]);
+        let last = event(&mut rx).await;
+        assert!(matches!(&last, SeqEvent::Output(o) if o.id == g.id() && o.new_tokens == vec![7] && o.finish.is_some()), "{last:?}");
+        assert_eq!(c.counters().migrations, 1);
+        drop(g); // finished: nothing to abort
+        assert!(e1.cmds.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn with_migration_off_a_dead_rank_fails_its_streams() {
+        let (c, e0, _e1) = two_ranks(CoordinatorConfig { migration_limit: 0, ..Default::default() }).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        add_of(command(&e0).await);
+        drop(e0);
+        let ev = event(&mut rx).await;
+        assert!(matches!(&ev, SeqEvent::Failed { message, .. } if message.contains("went away")), "{ev:?}");
+    }
+
+    #[tokio::test]
+    async fn each_unfinished_completion_moves_on_its_own() {
+        let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _g = c.submit(vec![1], greedy(3), tx, Some(0)).unwrap();
+        let first = add_of(command(&e0).await);
+        send_outputs(&e0, 0, vec![out(first.id, 0, &[4], Some(FinishReason::Stop)), out(first.id, 1, &[8], None)]);
+        event(&mut rx).await;
+        event(&mut rx).await;
+        drop(e0);
+        let a = add_of(command(&e1).await);
+        let b = add_of(command(&e1).await);
+        let mut resumes: Vec<Resume> = vec![a.resume.clone().unwrap(), b.resume.clone().unwrap()];
+        resumes.sort_by_key(|r| r.index);
+        assert_eq!(resumes, vec![Resume { index: 1, output_tokens: vec![8] }, Resume { index: 2, output_tokens: vec![] }]);
+        assert_eq!(c.counters().migrations, 1, "one move of one request");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_failed_before_its_first_token_is_sent_again_whole() {
+        let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = c.submit(vec![1], greedy(2), tx, None).unwrap();
+        let (here, there) = if g.rank_index() == 0 { (&e0, &e1) } else { (&e1, &e0) };
+        let first = add_of(command(here).await);
+        let err = FinishReason::Error(ferry_transport::EngineError::capacity("no room"));
+        send_outputs(here, 0, vec![out(first.id, 0, &[], Some(err))]);
+        let again = add_of(command(there).await);
+        assert_eq!((again.resume.clone(), again.sampling.n), (None, 2));
+        assert!(matches!(command(here).await, EngineCommand::Abort(ids) if ids == vec![first.id]));
+        assert_eq!(c.counters().retries, 1);
+        // A pinned request's error goes to the client as the rank said it.
+        let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();
+        let _p = c.submit(vec![1], greedy(1), tx2, Some(0)).unwrap();
+        let pinned = add_of(command(&e0).await);
+        let err = FinishReason::Error(ferry_transport::EngineError::capacity("no room"));
+        send_outputs(&e0, 0, vec![out(pinned.id, 0, &[], Some(err.clone()))]);
+        assert!(matches!(event(&mut rx2).await, SeqEvent::Output(o) if o.finish == Some(err)));
+        assert!(rx.try_recv().is_err(), "the retried request saw nothing of its first rank's failure");
+    }
+
+    #[tokio::test]
+    async fn an_abort_that_races_a_move_leaks_nothing() {
+        let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
+        // Aborted before the move: nothing reaches the other rank.
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        add_of(command(&e0).await);
+        drop(g);
+        assert!(matches!(command(&e0).await, EngineCommand::Abort(_)));
+        // Aborted after the move: the new rank hears the abort of the new id.
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        add_of(command(&e0).await);
+        drop(e0);
+        let moved = add_of(command(&e1).await);
+        drop(g);
+        assert_eq!(command(&e1).await, EngineCommand::Abort(vec![moved.id]));
+        assert!(e1.cmds.try_recv().is_err(), "only the second request ever reached rank 1");
+    }
+
+    #[tokio::test]
+    async fn prefix_aware_routing_follows_the_blocks_a_rank_reports() {
+        let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
+        let prompt: Vec<u32> = (0..40).collect();
+        let hashes = prompt_block_hashes(&prompt, 16);
+        let stored = hashes.iter().map(|&h| ferry_transport::KvEvent::Stored(h)).collect();
+        send_batch(&e1, EngineOutputs { rank: 1, outputs: vec![], stats: EngineStats::default(), kv_events: stored });
+        until("rank 1's blocks", || c.rank(1).unwrap().held_blocks() == 2).await;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let guards: Vec<RequestGuard> = (0..3).map(|_| c.submit(prompt.clone(), greedy(1), tx.clone(), None).unwrap()).collect();
+        // Rank 1's two cached blocks win the first; one request waiting there
+        // (4) outweighs them for the second, which goes to rank 0 and makes
+        // the prompt in flight there too; the third is a tie of cost and
+        // overlap and load, broken after the last winner.
+        assert_eq!(guards.iter().map(|g| g.rank_index()).collect::<Vec<_>>(), vec![1, 0, 1]);
+        let other: Vec<u32> = (100..140).collect();
+        let g = c.submit(other, greedy(1), tx, None).unwrap();
+        assert_eq!(g.rank_index(), 0, "no overlap anywhere: the less loaded rank");
+        let counters = c.counters();
+        assert_eq!(counters.routed[RouteReason::PrefixHit.index()], 2, "{counters:?}");
+        drop((e0, e1));
     }
 }

@@ -2,6 +2,9 @@
 //! request, each rank's link as the gateway sees it, and ranks started in this
 //! process.
 
+pub mod breaker;
 pub mod coordinator;
 pub mod local;
 pub mod rank_link;
+pub mod routing;
+pub mod tracked;

@@ -1,35 +1,41 @@
 //! The gateway's side of one engine rank's link.
 //!
-//! Once the coordinator has checked a rank's Hello, one tokio task per link reads
-//! its `OutputRx` ([`read_outputs`]): it keeps the rank's latest `EngineStats` and
-//! hands each `TokenOutput` to the channel of the request waiting for it. If the link closes, the rank is marked
-//! unhealthy and every request still waiting on it gets a `Failed` event, so no
-//! stream hangs. Sending (`Add`, `Abort`) goes straight through the rank's `CommandTx`,
-//! which never blocks.
+//! Once the coordinator has checked a rank's Hello, one tokio task per link
+//! reads its `OutputRx` (the coordinator's reader): it keeps the rank's latest
+//! `EngineStats` and its prefix-cache index, and hands each `TokenOutput` to
+//! the request it belongs to ([`Tracked::deliver`]). If the link closes, the
+//! rank is marked down and the placements still on it are handed back to the
+//! coordinator, which moves them or fails them, so no stream hangs. Sending
+//! (`Add`, `Abort`) goes straight through the rank's `CommandTx`, which never
+//! blocks.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
-use ferry_transport::{
-    CommandTx, EngineCommand, EngineRequest, EngineStats, FromEngine, Hello, OutputRx, RequestId, ToEngine,
-    TokenOutput,
-};
+use ferry_transport::{CommandTx, EngineCommand, EngineOutputs, EngineRequest, EngineStats, Hello, RequestId, ToEngine, TokenOutput};
 use tokio::sync::mpsc;
+
+use crate::engines::breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::engines::routing::PrefixIndex;
+use crate::engines::tracked::Tracked;
 
 /// What a request's channel carries.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SeqEvent {
     Output(TokenOutput),
-    /// The rank went away (or refused the request) before the request finished.
+    /// The request could not go on (its rank went away or failed it, and it
+    /// could not be moved).
     Failed { id: RequestId, message: String },
 }
 
 pub type EventTx = mpsc::UnboundedSender<SeqEvent>;
 pub type EventRx = mpsc::UnboundedReceiver<SeqEvent>;
 
-struct Pending {
-    events: EventTx,
-    /// Sequences (of the request's `n`) the engine has not finished yet.
+/// One placement on this link: the request it belongs to.
+pub struct Pending {
+    pub tracked: Arc<Tracked>,
+    /// Completions the engine has not finished yet.
     unfinished: u32,
 }
 
@@ -38,16 +44,19 @@ struct RankState {
     /// The link closed: it takes no more requests.
     down: Option<String>,
     stats: EngineStats,
-    /// Requests sent since the last stats arrived: the engine may not count them yet.
     /// `Add`s sent on this link; those beyond the engine's `num_added` it has
     /// not counted yet.
     sent: u64,
     pending: HashMap<RequestId, Pending>,
     /// We told the rank to stop: its link closing is expected, not a fault.
     stopping: bool,
+    /// An operator drained this rank (`POST /v1/admin/ranks/{rank}/drain`).
+    drained: bool,
     /// Token counts of the rank's steps not yet taken by a metrics scrape
     /// (at most `MAX_UNSCRAPED_STEPS`, the newest kept).
     unscraped_steps: Vec<u32>,
+    prefix: PrefixIndex,
+    breaker: Option<Breaker>,
 }
 
 /// Steps remembered between two scrapes: hours of steps at the usual scrape
@@ -64,8 +73,14 @@ pub struct RankLink {
 
 impl RankLink {
     /// Rank `index`'s link, after its `hello` was checked and welcomed.
+    #[cfg(test)]
     pub fn new(index: usize, tx: Box<dyn CommandTx>, hello: Hello) -> Self {
-        RankLink { index, hello, tx, state: Mutex::new(RankState::default()) }
+        Self::with_breaker(index, tx, hello, BreakerConfig::default())
+    }
+
+    pub fn with_breaker(index: usize, tx: Box<dyn CommandTx>, hello: Hello, breaker: BreakerConfig) -> Self {
+        let state = RankState { prefix: PrefixIndex::new(hello.num_kv_blocks as usize), breaker: Some(Breaker::new(breaker)), ..Default::default() };
+        RankLink { index, hello, tx, state: Mutex::new(state) }
     }
 
     /// The rank's number (its slot, and its `engine` metrics label).
@@ -84,10 +99,16 @@ impl RankLink {
         self.lock().down.is_none()
     }
 
-    /// Up, and not draining: new requests may go here.
+    /// Up, not draining, and not held out by its breaker: new requests may go here.
     pub fn takes_requests(&self) -> bool {
         let s = self.lock();
-        s.down.is_none() && !s.stats.draining
+        s.down.is_none() && !s.stats.draining && !s.drained && s.breaker.as_ref().is_none_or(|b| b.admits(Instant::now()))
+    }
+
+    /// Up and not draining, whatever its breaker says (a pin may still use it).
+    pub fn serves(&self) -> bool {
+        let s = self.lock();
+        s.down.is_none() && !s.stats.draining && !s.drained
     }
 
     pub fn hello(&self) -> &Hello {
@@ -99,45 +120,73 @@ impl RankLink {
         self.lock().stats.clone()
     }
 
+    pub fn breaker_state(&self) -> BreakerState {
+        self.lock().breaker.as_ref().map_or(BreakerState::Closed, |b| b.state(Instant::now()))
+    }
+
     /// vLLM's load score: waiting × 4 + running, counting requests sent that the
     /// engine has not reported taking in yet as waiting.
+    #[cfg(test)]
     pub fn load_score(&self) -> u64 {
         let s = self.lock();
         let uncounted = s.sent.saturating_sub(s.stats.num_added);
         (s.stats.num_waiting as u64 + uncounted) * 4 + s.stats.num_running as u64
     }
 
-    /// Requests this gateway has on the rank and not yet seen finish.
-    #[cfg(test)]
+    /// The load score and how many of `hashes` (a prompt's leading blocks)
+    /// this rank holds or is computing, read under one lock.
+    pub fn load_and_overlap(&self, hashes: &[u64]) -> (u64, usize) {
+        let s = self.lock();
+        let uncounted = s.sent.saturating_sub(s.stats.num_added);
+        let load = (s.stats.num_waiting as u64 + uncounted) * 4 + s.stats.num_running as u64;
+        (load, s.prefix.overlap(hashes))
+    }
+
+    /// Blocks the rank reports holding in its prefix cache.
+    pub fn held_blocks(&self) -> usize {
+        self.lock().prefix.held_blocks()
+    }
+
+    /// Placements this gateway has on the rank and not yet seen finish.
     pub fn in_flight(&self) -> usize {
         self.lock().pending.len()
     }
 
-    /// Register the request's channel, then send `Add`. The channel is registered
-    /// first so that no output can arrive before someone waits for it.
-    pub fn add(&self, req: EngineRequest, events: EventTx) -> Result<(), String> {
+    /// Register the placement, then send `Add`. Registered first so that no
+    /// output can arrive before someone waits for it.
+    pub fn add(&self, req: EngineRequest, tracked: Arc<Tracked>) -> Result<(), String> {
         let id = req.id;
         {
             let mut s = self.lock();
             if let Some(why) = &s.down {
                 return Err(why.clone());
             }
-            s.pending.insert(id, Pending { events, unfinished: req.sampling.n.max(1) });
+            s.prefix.add_routed(&tracked.block_hashes);
+            let unfinished = if req.resume.is_some() { 1 } else { req.sampling.n.max(1) };
+            s.pending.insert(id, Pending { tracked, unfinished });
             s.sent += 1;
         }
         if let Err(e) = self.tx.send(ToEngine::Command(EngineCommand::Add(req))) {
             let mut s = self.lock();
-            s.pending.remove(&id);
+            if let Some(p) = s.pending.remove(&id) {
+                s.prefix.remove_routed(&p.tracked.block_hashes);
+            }
             s.sent = s.sent.saturating_sub(1);
             return Err(format!("engine rank {} is unreachable: {e}", self.index));
         }
         Ok(())
     }
 
-    /// Forget the request and tell the engine to stop it, unless the engine already
-    /// finished all its sequences (then there is nothing to stop).
+    fn forget(s: &mut RankState, id: RequestId) -> Option<Pending> {
+        let p = s.pending.remove(&id)?;
+        s.prefix.remove_routed(&p.tracked.block_hashes);
+        Some(p)
+    }
+
+    /// Forget the placement and tell the engine to stop it, unless the engine
+    /// already finished all its sequences (then there is nothing to stop).
     pub fn abort(&self, id: RequestId) {
-        let was_pending = self.lock().pending.remove(&id).is_some();
+        let was_pending = Self::forget(&mut self.lock(), id).is_some();
         if was_pending {
             // A closed link has nothing left to abort; the error is moot.
             let _ = self.tx.send(ToEngine::Command(EngineCommand::Abort(vec![id])));
@@ -150,120 +199,169 @@ impl RankLink {
         let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
     }
 
+    /// Takes no new requests from now on (an operator's drain).
+    pub fn mark_drained(&self) {
+        self.lock().drained = true;
+    }
+
+    /// Stops every placement still on the rank and hands them back, to move
+    /// (a drained rank whose time ran out).
+    pub fn take_all(&self) -> Vec<(RequestId, Pending)> {
+        let taken: Vec<(RequestId, Pending)> = {
+            let mut s = self.lock();
+            let ids: Vec<RequestId> = s.pending.keys().copied().collect();
+            ids.into_iter().filter_map(|id| Self::forget(&mut s, id).map(|p| (id, p))).collect()
+        };
+        if !taken.is_empty() {
+            let _ = self.tx.send(ToEngine::Command(EngineCommand::Abort(taken.iter().map(|(id, _)| *id).collect())));
+        }
+        taken
+    }
+
+    /// Counts a placement's outcome on the rank's breaker; true when this
+    /// failure took the rank out of rotation.
+    pub fn record_outcome(&self, ok: bool) -> bool {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let Some(b) = s.breaker.as_mut() else { return false };
+        if ok {
+            b.on_success(now);
+            false
+        } else {
+            b.on_failure(now)
+        }
+    }
+
     /// The token counts of the rank's steps since the last call (vLLM's
     /// iteration tokens), for the metrics scrape.
     pub fn take_step_tokens(&self) -> Vec<u32> {
         std::mem::take(&mut self.lock().unscraped_steps)
     }
 
-    fn on_outputs(&self, outputs: Vec<TokenOutput>, mut stats: EngineStats) {
+    /// Takes in one batch: figures, cache events, and the outputs with the
+    /// request each belongs to, in order, for the caller to deliver once
+    /// this link's lock is released.
+    pub fn on_outputs(&self, batch: EngineOutputs) -> Vec<(Arc<Tracked>, TokenOutput)> {
+        let EngineOutputs { outputs, mut stats, kv_events, .. } = batch;
         let mut s = self.lock();
         s.unscraped_steps.append(&mut stats.step_tokens);
         let over = s.unscraped_steps.len().saturating_sub(MAX_UNSCRAPED_STEPS);
         s.unscraped_steps.drain(..over);
         s.stats = stats;
-        for out in outputs {
-            let id = out.id;
+        if let Err(why) = s.prefix.apply(&kv_events) {
+            tracing::warn!(rank = self.index, "ignoring engine rank {}'s prefix-cache reports: it {why}", self.index);
+        }
+        let mut out = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let id = o.id;
             let Some(p) = s.pending.get_mut(&id) else {
                 continue; // aborted by us, or never ours: nothing waits for it
             };
-            let done = out.finish.is_some();
-            let delivered = p.events.send(SeqEvent::Output(out)).is_ok();
-            if done {
+            let tracked = p.tracked.clone();
+            if o.finish.is_some() {
                 p.unfinished = p.unfinished.saturating_sub(1);
+                if p.unfinished == 0 {
+                    Self::forget(&mut s, id);
+                }
             }
-            if !delivered || p.unfinished == 0 {
-                s.pending.remove(&id);
-            }
+            out.push((tracked, o));
         }
+        out
     }
 
-    fn on_closed(&self, why: String) {
+    /// The link closed: the rank is down, and the placements still on it are
+    /// handed back (to move, or to fail).
+    pub fn on_closed(&self, why: &str) -> Vec<(RequestId, Pending)> {
         let mut s = self.lock();
         if s.stopping {
             tracing::info!(rank = self.index, "engine rank stopped");
         } else {
             tracing::error!(rank = self.index, "engine rank lost: {why}");
         }
-        for (id, p) in s.pending.drain() {
-            let _ = p.events.send(SeqEvent::Failed { id, message: why.clone() });
-        }
-        s.down = Some(why);
+        s.down = Some(why.to_string());
         s.stats = EngineStats::default();
-    }
-}
-
-/// Reads one rank's outputs until its link closes; then every request still
-/// waiting on it fails. A second Hello breaks the protocol and ends the link.
-pub async fn read_outputs(link: &RankLink, mut rx: Box<dyn OutputRx>) {
-    loop {
-        match rx.recv().await {
-            Ok(FromEngine::Outputs(o)) => link.on_outputs(o.outputs, o.stats),
-            Ok(FromEngine::Hello(_)) => {
-                return link.on_closed(format!("engine rank {} said Hello twice; link closed", link.index));
-            }
-            Err(e) => return link.on_closed(format!("engine rank {} went away ({e})", link.index)),
-        }
+        s.prefix = PrefixIndex::new(0);
+        s.pending.drain().collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use crate::engines::coordinator::tests_support::hello;
-    use ferry_transport::{flume_link, EngineOutputs, FinishReason, SamplingParams};
+    use ferry_transport::{flume_link, FinishReason, KvEvent, SamplingParams};
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
         TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }
     }
 
-    #[tokio::test]
-    async fn dispatches_outputs_and_fails_requests_when_link_closes() {
-        let (gw, mut eng) = flume_link();
-        let link = Arc::new(RankLink::new(0, gw.tx, hello(0, 7)));
-        let task = {
-            let link = link.clone();
-            tokio::spawn(async move { read_outputs(&link, gw.rx).await })
-        };
-        assert!(link.is_healthy());
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let sampling = SamplingParams { n: 2, ..Default::default() };
-        link.add(EngineRequest::new(7, vec![1], sampling), tx).unwrap();
-        assert_eq!(link.load_score(), 4); // sent, not yet counted: one waiting
-        let stats = EngineStats { num_running: 1, num_added: 1, ..Default::default() };
-        eng.tx
-            .send(FromEngine::Outputs(EngineOutputs {
-                rank: 0,
-                outputs: vec![out(7, 0, &[5], Some(FinishReason::Length)), out(99, 0, &[1], None)],
-                stats: stats.clone(),
-            }))
-            .unwrap();
-        assert_eq!(rx.recv().await, Some(SeqEvent::Output(out(7, 0, &[5], Some(FinishReason::Length)))));
-        assert_eq!(link.load_score(), 1);
-        assert_eq!(link.stats(), stats);
-        assert_eq!(link.in_flight(), 1); // index 1 still running
-        drop(eng);
-        assert_eq!(rx.recv().await, Some(SeqEvent::Failed { id: 7, message: "engine rank 0 went away (transport closed)".into() }));
-        assert_eq!(rx.recv().await, None);
-        task.await.unwrap();
-        assert!(!link.is_healthy());
-        let (tx2, _rx2) = mpsc::unbounded_channel();
-        assert!(link.add(EngineRequest::new(8, vec![1], Default::default()), tx2).is_err());
+    fn tracked(id: u64, n: u32, hashes: Vec<u64>) -> (Arc<Tracked>, mpsc::UnboundedReceiver<SeqEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sampling = SamplingParams { n, ..Default::default() };
+        (Arc::new(Tracked::new(id, vec![1], sampling, hashes, false, tx)), rx)
     }
 
-    #[tokio::test]
-    async fn abort_is_sent_only_for_unfinished_requests_and_a_second_hello_ends_the_link() {
+    #[test]
+    fn outputs_go_to_their_request_and_a_closed_link_hands_its_placements_back() {
         let (gw, mut eng) = flume_link();
-        let link = Arc::new(RankLink::new(3, gw.tx, hello(3, 7)));
-        let (tx, _rx) = mpsc::unbounded_channel();
-        link.add(EngineRequest::new(1, vec![1], Default::default()), tx).unwrap();
+        let link = RankLink::new(0, gw.tx, hello(0, 7));
+        assert!(link.is_healthy() && link.takes_requests());
+        let (t, _rx) = tracked(1, 2, vec![11, 12]);
+        link.add(EngineRequest::new(7, vec![1], t.sampling.clone()), t.clone()).unwrap();
+        assert_eq!(link.load_score(), 4); // sent, not yet counted: one waiting
+        assert_eq!(link.load_and_overlap(&[11, 12, 13]), (4, 2), "an in-flight prompt counts as cached");
+        let stats = EngineStats { num_running: 1, num_added: 1, ..Default::default() };
+        let batch = EngineOutputs {
+            rank: 0,
+            outputs: vec![out(7, 0, &[5], Some(FinishReason::Length)), out(99, 0, &[1], None)],
+            stats: stats.clone(),
+            kv_events: vec![KvEvent::Stored(11)],
+        };
+        let got = link.on_outputs(batch);
+        assert_eq!(got.len(), 1, "an output of no placement is dropped");
+        assert_eq!(got[0].1.id, 7);
+        assert_eq!(link.load_score(), 1);
+        assert_eq!(link.stats(), stats);
+        assert_eq!((link.in_flight(), link.held_blocks()), (1, 1)); // index 1 still running
+        let back = link.on_closed("gone");
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0, 7);
+        assert!(!link.is_healthy() && link.in_flight() == 0);
+        assert!(link.add(EngineRequest::new(8, vec![1], Default::default()), t).is_err());
+        assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));
+        drop(eng);
+    }
+
+    #[test]
+    fn abort_is_sent_only_for_unfinished_placements_and_drain_takes_them_all() {
+        let (gw, mut eng) = flume_link();
+        let link = RankLink::new(3, gw.tx, hello(3, 7));
+        let (t, _rx) = tracked(1, 1, vec![4]);
+        link.add(EngineRequest::new(1, vec![1], Default::default()), t.clone()).unwrap();
+        link.add(EngineRequest::new(2, vec![1], Default::default()), t.clone()).unwrap();
         link.abort(1);
         link.abort(1); // second time: already forgotten, nothing sent
         assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));
+        assert!(matches!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Add(_))));
         assert_eq!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Abort(vec![1])));
-        eng.tx.send(FromEngine::Hello(hello(3, 7))).unwrap();
-        read_outputs(&link, gw.rx).await;
-        assert!(!link.is_healthy());
+        link.mark_drained();
+        assert!(link.is_healthy() && !link.takes_requests() && !link.serves());
+        let taken = link.take_all();
+        assert_eq!(taken.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Abort(vec![2])));
+        assert_eq!(link.load_and_overlap(&[4]).1, 0, "nothing routed there any more");
+    }
+
+    #[test]
+    fn a_rank_that_fails_five_in_a_row_leaves_rotation() {
+        let (gw, _eng) = flume_link();
+        let link = RankLink::new(0, gw.tx, hello(0, 7));
+        for k in 0..4 {
+            assert!(!link.record_outcome(false), "failure {k}");
+        }
+        assert!(link.takes_requests());
+        assert!(link.record_outcome(false));
+        assert!(!link.takes_requests() && link.serves(), "out of rotation, still up for pins");
+        assert_eq!(link.breaker_state(), BreakerState::Open);
     }
 }
