@@ -101,9 +101,10 @@ class Cluster:
         self.nodes["api"] = n
         return n
 
-    def headless(self, name: str, start: int, local: int, cert: list[str] | None = None) -> Node:
+    def headless(self, name: str, start: int, local: int, cert: list[str] | None = None,
+                 extra: list[str] | None = None) -> Node:
         tls = cert if cert is not None else ["--cluster-cert-dir", str(self.cert_dir(name))]
-        args = [str(self.model), "--headless", *self.dp_flags(start, local), *tls, *ENGINE_ARGS]
+        args = [str(self.model), "--headless", *self.dp_flags(start, local), *tls, *ENGINE_ARGS, *(extra or [])]
         n = Node(name, args, self.dir / f"{name}.log")
         self.nodes[name] = n
         return n

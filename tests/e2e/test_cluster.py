@@ -118,21 +118,21 @@ def test_a_busy_rank_gets_fewer_new_requests(cluster):
 
 
 @pytest.mark.timeout(300)
-def test_kill9_of_a_headless_node_fails_its_streams_fast_and_it_rejoins(cluster, server):
+def test_kill9_of_a_headless_node_moves_its_streams_and_it_rejoins(cluster, server):
     node = cluster.nodes["node-b"]
-    long_body = body("Write a very long essay about rivers.", 400, ignore_eos=True)
+    long_body = body("Write a very long essay about rivers.", 160, ignore_eos=True)
+    want = single_node_texts(server, ["Write a very long essay about rivers."], 160)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        doomed = [pool.submit(stream_h1, cluster.url, long_body, {"X-data-parallel-rank": "2"}) for _ in range(2)]
+        moved = [pool.submit(stream_h1, cluster.url, long_body, {"X-data-parallel-rank": "2"}) for _ in range(2)]
         others = [pool.submit(stream_h1, cluster.url, body("Once upon a time", 48), {"X-data-parallel-rank": str(r)})
                   for r in (0, 1)]
         assert wait_until(lambda: cluster.per_rank("vllm:num_requests_running")[2] >= 2, 60, what="rank 2 busy")
-        killed_at = time.monotonic()
         node.kill9()
-        for f in doomed:
-            text, events, ended = f.result(timeout=30)
-            assert ended - killed_at < 5.0, f"a stream on the dead node took {ended - killed_at:.1f}s to end"
-            errors = [e for e in events if "error" in e]
-            assert errors and errors[0]["error"]["code"] == 503, events[-3:]
+        for f in moved:
+            # The streams go on, on another rank, from where they were.
+            text, events, _ = f.result(timeout=120)
+            assert not any("error" in e for e in events), events[-3:]
+            assert text == want["Write a very long essay about rivers."]
         for f in others:
             text, events, _ = f.result(timeout=120)
             assert not any("error" in e for e in events), events[-3:]
