@@ -34,6 +34,9 @@ enum BenchCommand {
     /// The latency the gateway adds per token: TTFT and ITL over HTTP/1.1, HTTP/2
     /// and HTTP/3 against calling the engine in-process, same prompts and seed.
     Gateway(crate::cli::bench_gateway::BenchGatewayArgs),
+    /// Prefix-aware against least-loaded routing on a shared-prefix
+    /// workload, and the pause a stream sees when it moves to another rank.
+    Routing(crate::cli::bench_routing::BenchRoutingArgs),
 }
 
 /// The `ferry` command line: parses the arguments, runs the command, and exits
@@ -56,6 +59,7 @@ pub fn main() {
             .and_then(|rt| rt.block_on(crate::bench::run_bench_serve(a))),
         Command::Bench(BenchCommand::Compare(a)) => crate::bench::run_bench_compare(a),
         Command::Bench(BenchCommand::Gateway(a)) => crate::cli::bench_gateway::run(a),
+        Command::Bench(BenchCommand::Routing(a)) => crate::cli::bench_routing::run(a),
         Command::Bench(BenchCommand::Engine(a)) => crate::cli::bench_engine::run(a),
     };
     if let Err(e) = result {

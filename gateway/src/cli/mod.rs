@@ -4,6 +4,7 @@
 
 pub mod bench_engine;
 pub mod bench_gateway;
+pub mod bench_routing;
 pub mod certs;
 pub mod command;
 pub mod cluster_flags;
