@@ -383,7 +383,7 @@ impl Shell {
                 step_tokens: std::mem::take(&mut l.step_tokens),
                 ..self.core.stats_for(link)
             };
-            let batch = EngineOutputs { rank: self.rank, outputs: std::mem::take(&mut l.outputs), stats };
+            let batch = EngineOutputs { rank: self.rank, outputs: std::mem::take(&mut l.outputs), stats, kv_events: Vec::new() };
             if l.outbox.send(batch).is_err() {
                 gone.push(link);
             }

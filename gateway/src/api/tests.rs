@@ -122,7 +122,7 @@ fn fake_engine(end: EngineEnd, script: Vec<u32>, eos: u32, log: Log) {
             active.retain(|a| a.done.iter().any(|d| !d));
             if !outputs.is_empty() {
                 let stats = EngineStats { num_running: active.len() as u32, ..Default::default() };
-                if out_tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs, stats })).is_err() {
+                if out_tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs, stats, kv_events: Vec::new() })).is_err() {
                     return;
                 }
             }

@@ -554,7 +554,7 @@ mod tests {
                 };
                 for o in outs {
                     std::thread::sleep(Duration::from_millis(20));
-                    let batch = EngineOutputs { rank: 0, outputs: vec![o], stats: Default::default() };
+                    let batch = EngineOutputs { rank: 0, outputs: vec![o], stats: Default::default(), kv_events: Vec::new() };
                     if eng.tx.send(FromEngine::Outputs(batch)).is_err() {
                         return;
                     }

@@ -376,8 +376,8 @@ mod tests {
         let mut e0 = e0;
         // Rank 0 reports 1 waiting + 1 running (score 5); rank 1 reports 3 running (3).
         let st = |w, r| EngineStats { num_waiting: w, num_running: r, ..Default::default() };
-        e0.tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: st(1, 1) })).unwrap();
-        e1.tx.send(FromEngine::Outputs(EngineOutputs { rank: 1, outputs: vec![], stats: st(0, 3) })).unwrap();
+        e0.tx.send(FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: st(1, 1), kv_events: Vec::new() })).unwrap();
+        e1.tx.send(FromEngine::Outputs(EngineOutputs { rank: 1, outputs: vec![], stats: st(0, 3), kv_events: Vec::new() })).unwrap();
         until("stats", || {
             c.all_healthy() && c.rank(0).unwrap().load_score() == 5 && c.rank(1).unwrap().load_score() == 3
         })

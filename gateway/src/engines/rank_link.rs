@@ -237,6 +237,7 @@ mod tests {
                 rank: 0,
                 outputs: vec![out(7, 0, &[5], Some(FinishReason::Length)), out(99, 0, &[1], None)],
                 stats: stats.clone(),
+                kv_events: Vec::new(),
             }))
             .unwrap();
         assert_eq!(rx.recv().await, Some(SeqEvent::Output(out(7, 0, &[5], Some(FinishReason::Length)))));
