@@ -26,7 +26,7 @@
 //! eviction, `Cleared` and a snapshot on a reset), named by chained hash, so
 //! the engine can tell gateways which prompt prefixes this rank holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
 use ferry_transport::{KvEvent, MAX_KV_EVENTS};
@@ -84,7 +84,9 @@ pub fn kv_event_cap(num_blocks: usize) -> usize {
 /// ([`Self::reset_to`]) once it passes its cap.
 #[derive(Clone, Debug, Default)]
 pub struct KvEventQueue {
-    events: Vec<KvEvent>,
+    /// A deque: a snapshot of a large cache leaves in many batches, each
+    /// taken off the front.
+    events: VecDeque<KvEvent>,
 }
 
 impl KvEventQueue {
@@ -92,7 +94,7 @@ impl KvEventQueue {
         if event == KvEvent::Cleared {
             self.events.clear();
         }
-        self.events.push(event);
+        self.events.push_back(event);
     }
 
     pub fn extend(&mut self, events: impl IntoIterator<Item = KvEvent>) {
@@ -106,16 +108,14 @@ impl KvEventQueue {
     pub fn reset_to(&mut self, held: &[u64]) {
         self.events.clear();
         self.events.reserve(held.len() + 1);
-        self.events.push(KvEvent::Cleared);
+        self.events.push_back(KvEvent::Cleared);
         self.events.extend(held.iter().map(|&h| KvEvent::Stored(h)));
     }
 
     /// Takes the oldest `max` events (all of them if fewer).
     pub fn take(&mut self, max: usize) -> Vec<KvEvent> {
-        if self.events.len() <= max {
-            return std::mem::take(&mut self.events);
-        }
-        self.events.drain(..max).collect()
+        let n = max.min(self.events.len());
+        self.events.drain(..n).collect()
     }
 
     pub fn len(&self) -> usize {
