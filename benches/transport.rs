@@ -25,7 +25,7 @@ fn outputs(id: u64, n: usize) -> EngineOutputs {
     let outputs = (0..n as u32)
         .map(|index| TokenOutput { id, index, new_tokens: vec![1000 + index], logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None, timing: None })
         .collect();
-    EngineOutputs { rank: 0, outputs, stats: EngineStats { num_running: n as u32, kv_usage: 0.25, ..Default::default() } }
+    EngineOutputs { rank: 0, outputs, stats: EngineStats { num_running: n as u32, kv_usage: 0.25, ..Default::default() }, kv_events: Vec::new() }
 }
 
 /// The engine's side: answers every Add with a batch of `n` outputs, built

@@ -15,7 +15,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
-    EngineError, EngineRequest, EngineStats, FinishReason, RequestId, SamplingParams, SeqTiming, TokenLogprob, TokenOutput,
+    EngineError, EngineRequest, EngineStats, FinishReason, KvEvent, RequestId, SamplingParams, SeqTiming, TokenLogprob, TokenOutput,
     MAX_STEP_REPORTS,
 };
 use std::collections::HashMap;
@@ -332,6 +332,19 @@ impl EngineCore {
     /// of the next batch sent).
     pub fn take_step_tokens(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.step_tokens)
+    }
+
+    /// How the prefix cache changed since the last call, oldest first (see
+    /// [`crate::kv_cache::KvCacheManager::take_kv_events`]): for the gateways'
+    /// prefix-aware routing.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.sched.take_kv_events()
+    }
+
+    /// The chained hash of every block in the prefix cache, one per block:
+    /// the snapshot a newly attached link starts from.
+    pub fn held_block_hashes(&self) -> Vec<u64> {
+        self.sched.held_block_hashes()
     }
 
     /// The queue figures of `owner`'s requests (sequences waiting and

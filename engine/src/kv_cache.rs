@@ -20,9 +20,16 @@
 //! first), blocks holding nothing reusable go to the head (reused first, as
 //! newer vLLM does). A cached block whose ref count drops to 0 stays cached
 //! (and can be hit) until it is popped for reuse.
+//!
+//! KV events: with prefix caching on, the manager logs how the multiset of
+//! registered blocks changes (`Stored` on registration, `Removed` on
+//! eviction, `Cleared` and a snapshot on a reset), named by chained hash, so
+//! the engine can tell gateways which prompt prefixes this rank holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+
+use ferry_transport::{KvEvent, MAX_KV_EVENTS};
 
 /// vLLM's default number of token slots per block.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -60,6 +67,64 @@ pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Most events a [`KvEventQueue`] of a cache of `num_blocks` blocks holds
+/// before it is folded into `Cleared` and a snapshot. At least twice the
+/// largest snapshot, so a fold is followed by at least `num_blocks` pushes
+/// before the next one: folding stays amortized O(1) per event.
+pub fn kv_event_cap(num_blocks: usize) -> usize {
+    (4 * MAX_KV_EVENTS).max(num_blocks.saturating_mul(2))
+}
+
+/// Prefix-cache events not yet handed on, oldest first. Replaying them on top
+/// of what was handed on before gives the current multiset of blocks. A
+/// `Cleared` makes everything queued before it moot, so pushing one drops
+/// them; the owner keeps the queue bounded by folding it into a snapshot
+/// ([`Self::reset_to`]) once it passes its cap.
+#[derive(Clone, Debug, Default)]
+pub struct KvEventQueue {
+    /// A deque: a snapshot of a large cache leaves in many batches, each
+    /// taken off the front.
+    events: VecDeque<KvEvent>,
+}
+
+impl KvEventQueue {
+    pub fn push(&mut self, event: KvEvent) {
+        if event == KvEvent::Cleared {
+            self.events.clear();
+        }
+        self.events.push_back(event);
+    }
+
+    pub fn extend(&mut self, events: impl IntoIterator<Item = KvEvent>) {
+        for e in events {
+            self.push(e);
+        }
+    }
+
+    /// Replaces the queue with `Cleared` and one `Stored` per held block:
+    /// the same end state in at most `held.len() + 1` events.
+    pub fn reset_to(&mut self, held: &[u64]) {
+        self.events.clear();
+        self.events.reserve(held.len() + 1);
+        self.events.push_back(KvEvent::Cleared);
+        self.events.extend(held.iter().map(|&h| KvEvent::Stored(h)));
+    }
+
+    /// Takes the oldest `max` events (all of them if fewer).
+    pub fn take(&mut self, max: usize) -> Vec<KvEvent> {
+        let n = max.min(self.events.len());
+        self.events.drain(..n).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
 }
 
 /// Why `allocate_slots` did not allocate.
@@ -245,6 +310,11 @@ pub struct KvCacheManager {
     hits: u64,
     preempted_queries: u64,
     preempted_hits: u64,
+    /// Registrations and evictions not yet taken (`take_kv_events`); only
+    /// with prefix caching on.
+    kv_events: KvEventQueue,
+    /// Events `kv_events` may hold before it is folded into a snapshot.
+    kv_event_cap: usize,
 }
 
 impl KvCacheManager {
@@ -272,6 +342,8 @@ impl KvCacheManager {
             hits: 0,
             preempted_queries: 0,
             preempted_hits: 0,
+            kv_events: KvEventQueue::default(),
+            kv_event_cap: kv_event_cap(num_blocks),
         }
     }
 
@@ -318,6 +390,34 @@ impl KvCacheManager {
 
     pub fn preempted_prefix_cache_hits(&self) -> u64 {
         self.preempted_hits
+    }
+
+    /// The prefix-cache events since the last call, oldest first: replayed
+    /// onto what earlier calls returned, they give [`Self::held_block_hashes`].
+    /// Always empty with prefix caching off.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.kv_events.take(usize::MAX)
+    }
+
+    /// The chained hash of every registered block, one entry per block (two
+    /// blocks with the same content give two entries): what a `Cleared`
+    /// followed by these as `Stored` tells a gateway that joins now.
+    pub fn held_block_hashes(&self) -> Vec<u64> {
+        self.blocks.iter().filter_map(|b| b.tag.map(|t| t.hash)).collect()
+    }
+
+    /// Logs a change the manager already made. Folds the log into a snapshot
+    /// of the current state once it passes its cap, so an engine whose events
+    /// nobody takes holds a bounded log.
+    fn record(&mut self, event: KvEvent) {
+        if !self.enable_caching {
+            return;
+        }
+        self.kv_events.push(event);
+        if self.kv_events.len() > self.kv_event_cap {
+            let held = self.held_block_hashes();
+            self.kv_events.reset_to(&held);
+        }
     }
 
     /// The sequence's block table, if it holds blocks.
@@ -543,6 +643,7 @@ impl KvCacheManager {
                 }
             };
             self.blocks[b as usize].tag = Some(CacheTag { hash: h, entry: id });
+            self.record(KvEvent::Stored(h));
             parent_hash = h;
             parent_entry = id;
         }
@@ -556,6 +657,8 @@ impl KvCacheManager {
         let Some(tag) = self.blocks[b as usize].tag.take() else {
             return;
         };
+        // The block is unregistered from here on, whatever the map holds.
+        self.record(KvEvent::Removed(tag.hash));
         let Some(bucket) = self.cache.get_mut(&tag.hash) else {
             return;
         };
@@ -601,10 +704,16 @@ impl KvCacheManager {
 
     /// Evict every cached block nobody holds (vLLM's `reset_prefix_cache`,
     /// e.g. after weights change). Blocks in use keep their registration.
+    /// The event log becomes `Cleared` and the blocks still registered: one
+    /// short message instead of a `Removed` per evicted block.
     pub fn reset_prefix_cache(&mut self) {
         let free: Vec<u32> = self.free.iter().collect();
         for b in free {
             self.evict(b);
+        }
+        if self.enable_caching {
+            let held = self.held_block_hashes();
+            self.kv_events.reset_to(&held);
         }
     }
 
@@ -722,6 +831,12 @@ impl KvCacheManager {
     pub(crate) fn set_hash_fn(&mut self, f: fn(u64, &[u32]) -> u64) {
         self.hash_fn = f;
     }
+
+    /// Tests fold the event log early to prove a fold keeps it exact.
+    #[cfg(test)]
+    pub(crate) fn set_kv_event_cap(&mut self, cap: usize) {
+        self.kv_event_cap = cap;
+    }
 }
 
 #[cfg(test)]
@@ -734,6 +849,180 @@ mod tests {
         kv.allocate_slots(seq, tokens, 0, n, &p).unwrap();
         kv.check_invariants().unwrap();
         p
+    }
+
+    /// Applies `events` to a multiset of hashes, as a gateway would.
+    fn replay(set: &mut HashMap<u64, usize>, events: &[KvEvent]) {
+        for e in events {
+            match *e {
+                KvEvent::Cleared => set.clear(),
+                KvEvent::Stored(h) => *set.entry(h).or_default() += 1,
+                KvEvent::Removed(h) => {
+                    let n = set.get_mut(&h).expect("removed a block never stored");
+                    *n -= 1;
+                    if *n == 0 {
+                        set.remove(&h);
+                    }
+                }
+            }
+        }
+    }
+
+    fn multiset(hashes: &[u64]) -> HashMap<u64, usize> {
+        let mut set = HashMap::new();
+        for &h in hashes {
+            *set.entry(h).or_default() += 1;
+        }
+        set
+    }
+
+    #[test]
+    fn registrations_evictions_and_resets_are_logged() {
+        use KvEvent::*;
+        let mut kv = KvCacheManager::new(4, 2, true);
+        let h0 = chain_hash(ROOT_HASH, &[1, 2]);
+        let h1 = chain_hash(h0, &[3, 4]);
+        alloc(&mut kv, 1, &[1, 2, 3, 4, 5]);
+        assert_eq!(kv.take_kv_events(), vec![Stored(h0), Stored(h1)]);
+        assert!(kv.take_kv_events().is_empty(), "taken once");
+        // A hit takes references; it registers nothing new.
+        alloc(&mut kv, 2, &[1, 2, 3, 4, 6]);
+        assert!(kv.take_kv_events().is_empty());
+        kv.free(1);
+        kv.free(2);
+        assert!(kv.take_kv_events().is_empty(), "freed blocks stay cached");
+        // Four fresh blocks: the uncached ones go first, then block 1 (h1,
+        // the tail) and block 0 (h0) are evicted; [9, 9] is registered.
+        kv.allocate_slots(3, &[9; 8], 0, 2, &CachedPrefix::default()).unwrap();
+        kv.allocate_slots(3, &[9; 8], 2, 6, &CachedPrefix::default()).unwrap();
+        // The same tokens under different parents: four distinct hashes.
+        let mut nines = vec![chain_hash(ROOT_HASH, &[9, 9])];
+        for _ in 1..4 {
+            nines.push(chain_hash(nines[nines.len() - 1], &[9, 9]));
+        }
+        assert_eq!(
+            kv.take_kv_events(),
+            vec![Stored(nines[0]), Removed(h1), Removed(h0), Stored(nines[1]), Stored(nines[2]), Stored(nines[3])]
+        );
+        assert_eq!(multiset(&kv.held_block_hashes()), multiset(&nines));
+        // Sequence 4 evicts two of the nines; the reset evicts the other two,
+        // drops those untaken events, and says Cleared, then what is still
+        // registered: sequence 4's full block, in use.
+        kv.free(3);
+        alloc(&mut kv, 4, &[7, 7, 7]);
+        kv.reset_prefix_cache();
+        assert_eq!(kv.take_kv_events(), vec![Cleared, Stored(chain_hash(ROOT_HASH, &[7, 7]))]);
+    }
+
+    #[test]
+    fn disabled_caching_logs_nothing() {
+        let mut kv = KvCacheManager::new(4, 2, false);
+        alloc(&mut kv, 1, &[1, 2, 3, 4, 5]);
+        kv.free(1);
+        alloc(&mut kv, 2, &[5, 6, 7, 8]);
+        kv.reset_prefix_cache();
+        assert!(kv.take_kv_events().is_empty());
+        assert!(kv.held_block_hashes().is_empty());
+    }
+
+    /// Random admissions, chunked prefills, decodes, frees and resets on a
+    /// small cache (so evictions are frequent, and a small alphabet so
+    /// prefixes are shared and duplicated): the events, replayed, always give
+    /// exactly the registered blocks. With `cap` the log is folded often.
+    fn replay_matches_held(cap: Option<usize>, seed: u64) {
+        let mut rng = seed;
+        let mut next = |n: u64| {
+            // A 64-bit LCG (Knuth's MMIX constants); the high bits are good enough here.
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) % n
+        };
+        let mut kv = KvCacheManager::new(12, 2, true);
+        if let Some(cap) = cap {
+            kv.set_kv_event_cap(cap);
+        }
+        // seq -> (tokens, tokens scheduled so far)
+        let mut seqs: HashMap<u64, (Vec<u32>, usize)> = HashMap::new();
+        let mut seen = HashMap::new();
+        let mut next_seq = 0;
+        let (mut evictions, mut duplicates) = (0, false);
+        for step in 0..3000 {
+            match next(10) {
+                0..=2 => {
+                    let len = 1 + next(9) as usize;
+                    let tokens: Vec<u32> = (0..len).map(|_| next(3) as u32).collect();
+                    let p = kv.get_computed_blocks(&tokens, false);
+                    let n = 1 + next((len - p.num_tokens) as u64) as usize;
+                    if kv.allocate_slots(next_seq, &tokens, 0, n, &p).is_ok() {
+                        seqs.insert(next_seq, (tokens, p.num_tokens + n));
+                    }
+                    next_seq += 1;
+                }
+                3..=5 if !seqs.is_empty() => {
+                    // Schedule more of a sequence: the rest of its prompt, or one decode token.
+                    let &id = seqs.keys().nth(next(seqs.len() as u64) as usize).unwrap();
+                    let (tokens, done) = seqs.get_mut(&id).unwrap();
+                    if *done == tokens.len() {
+                        tokens.push(next(3) as u32);
+                    }
+                    let n = 1 + next((tokens.len() - *done) as u64) as usize;
+                    if kv.allocate_slots(id, tokens, *done, n, &CachedPrefix::default()).is_ok() {
+                        *done += n;
+                    }
+                }
+                6..=8 if !seqs.is_empty() => {
+                    let &id = seqs.keys().nth(next(seqs.len() as u64) as usize).unwrap();
+                    seqs.remove(&id);
+                    kv.free(id);
+                }
+                9 if next(8) == 0 => kv.reset_prefix_cache(),
+                _ => {}
+            }
+            kv.check_invariants().unwrap();
+            if next(3) == 0 {
+                let events = kv.take_kv_events();
+                evictions += events.iter().filter(|e| matches!(e, KvEvent::Removed(_))).count();
+                replay(&mut seen, &events);
+                assert_eq!(seen, multiset(&kv.held_block_hashes()), "step {step}");
+                duplicates |= seen.values().any(|&n| n > 1);
+            }
+            if let Some(cap) = cap {
+                assert!(kv.kv_events.len() <= cap.max(kv.num_blocks() + 1), "the log stays bounded");
+            }
+        }
+        replay(&mut seen, &kv.take_kv_events());
+        assert_eq!(seen, multiset(&kv.held_block_hashes()));
+        if cap.is_none() {
+            assert!(evictions > 0 && duplicates, "the run covers evictions ({evictions}) and duplicate blocks");
+        }
+    }
+
+    #[test]
+    fn replayed_events_always_give_the_held_blocks() {
+        for seed in 0..8 {
+            replay_matches_held(None, seed);
+        }
+    }
+
+    #[test]
+    fn a_folded_log_still_replays_to_the_held_blocks() {
+        for seed in 0..8 {
+            replay_matches_held(Some(5), seed);
+        }
+    }
+
+    #[test]
+    fn an_event_queue_takes_in_order_and_a_clear_drops_what_came_before() {
+        use KvEvent::*;
+        let mut q = KvEventQueue::default();
+        q.extend([Stored(1), Stored(2), Removed(1)]);
+        assert_eq!(q.take(2), vec![Stored(1), Stored(2)]);
+        q.extend([Stored(3), Cleared, Stored(4)]);
+        assert_eq!(q.take(10), vec![Cleared, Stored(4)], "Removed(1) and Stored(3) are moot after Cleared");
+        assert!(q.is_empty());
+        q.push(Stored(5));
+        q.reset_to(&[6, 6]);
+        assert_eq!(q.take(usize::MAX), vec![Cleared, Stored(6), Stored(6)]);
+        assert!(kv_event_cap(10) >= 4 * MAX_KV_EVENTS && kv_event_cap(1 << 20) >= 2 << 20);
     }
 
     #[test]

@@ -518,6 +518,16 @@ impl Scheduler {
         self.kv.prefix_cache_hits()
     }
 
+    /// Prefix-cache changes since the last call ([`KvCacheManager::take_kv_events`]).
+    pub fn take_kv_events(&mut self) -> Vec<ferry_transport::KvEvent> {
+        self.kv.take_kv_events()
+    }
+
+    /// Every registered block's chained hash ([`KvCacheManager::held_block_hashes`]).
+    pub fn held_block_hashes(&self) -> Vec<u64> {
+        self.kv.held_block_hashes()
+    }
+
     /// Consistency of queues, sequences and blocks (for tests and debugging).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.kv.check_invariants()?;

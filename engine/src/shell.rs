@@ -11,6 +11,11 @@
 //! figures (requests added, waiting, running) are its own. A link that closes
 //! takes its requests with it (their KV blocks are freed; what they computed
 //! stays in the prefix cache).
+//!
+//! Every link also hears how the prefix cache changes (`kv_events`), for its
+//! gateway's prefix-aware routing: from `Cleared` and a snapshot of the blocks
+//! held when it attached, then each turn's changes, at most `MAX_KV_EVENTS`
+//! per batch.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,10 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::engine_core::{compile_constraint, refusal, Compiled, EngineCore, Owner};
+use crate::kv_cache::{kv_event_cap, KvEventQueue};
 use crate::structured::GrammarEnv;
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FromEngine, Hello, RequestId, ToEngine, TokenOutput,
-    MAX_STEP_REPORTS,
+    MAX_KV_EVENTS, MAX_STEP_REPORTS,
 };
 
 /// What the node may ask of a running engine besides its links' commands.
@@ -228,6 +234,8 @@ struct Link {
     step_tokens: Vec<u32>,
     /// Outputs of this turn, not yet sent.
     outputs: Vec<TokenOutput>,
+    /// Prefix-cache changes not yet sent to this link.
+    kv_events: KvEventQueue,
 }
 
 /// The busy loop's state: the core, the links, and which link each of the
@@ -251,7 +259,9 @@ impl Shell {
         let mut pending = Vec::new();
         loop {
             // Block for commands only when idle; otherwise take what has arrived.
-            if !self.core.has_work() && pending.is_empty() {
+            // KV events left over from a full batch count as work: they go out
+            // next turn, not whenever the next command happens to come.
+            if !self.core.has_work() && pending.is_empty() && !self.has_unsent_kv_events() {
                 match inbox.recv() {
                     Ok(m) => pending.push(m),
                     Err(_) => return,
@@ -261,10 +271,7 @@ impl Shell {
             let mut woken = false;
             for m in pending.drain(..) {
                 match m {
-                    Inbox::Attach(link, outbox) => {
-                        let link_state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new() };
-                        self.links.insert(link, link_state);
-                    }
+                    Inbox::Attach(link, outbox) => self.attach(link, outbox),
                     Inbox::Add(link, add) => {
                         let (req, compiled) = *add;
                         let inject = fault.is_some_and(|t| req.prompt_tokens.contains(&t));
@@ -285,6 +292,40 @@ impl Shell {
             control.in_flight.store(self.core.num_requests(), Ordering::Relaxed);
             self.send(control.draining.load(Ordering::Relaxed), woken);
         }
+    }
+
+    /// A new link: its first batch tells it every block the prefix cache holds.
+    fn attach(&mut self, link: Owner, outbox: flume::Sender<EngineOutputs>) {
+        // Changes so far go to the links already here; the snapshot has them.
+        self.gather_kv_events();
+        let mut kv_events = KvEventQueue::default();
+        kv_events.reset_to(&self.core.held_block_hashes());
+        let state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new(), kv_events };
+        self.links.insert(link, state);
+    }
+
+    /// Hands the core's new prefix-cache events to every link. A link whose
+    /// queue passed its cap (more changes than its batches carried away)
+    /// gets `Cleared` and a snapshot instead: the same end state, in at most
+    /// one event per block.
+    fn gather_kv_events(&mut self) {
+        let events = self.core.take_kv_events();
+        if events.is_empty() {
+            return;
+        }
+        let cap = kv_event_cap(self.core.num_blocks());
+        let mut held = None;
+        for l in self.links.values_mut() {
+            l.kv_events.extend(events.iter().copied());
+            if l.kv_events.len() > cap {
+                let held = held.get_or_insert_with(|| self.core.held_block_hashes());
+                l.kv_events.reset_to(held);
+            }
+        }
+    }
+
+    fn has_unsent_kv_events(&self) -> bool {
+        self.links.values().any(|l| !l.kv_events.is_empty())
     }
 
     /// Takes in a link's request under an engine-wide id.
@@ -369,12 +410,14 @@ impl Shell {
         }
     }
 
-    /// Sends each link what this turn made for it, with its figures; to every
-    /// link when `all` (a drain began). A link whose queue is gone is detached.
+    /// Sends each link what this turn made for it (outputs, prefix-cache
+    /// changes), with its figures; to every link when `all` (a drain began).
+    /// A link whose queue is gone is detached.
     fn send(&mut self, draining: bool, all: bool) {
+        self.gather_kv_events();
         let mut gone = Vec::new();
         for (&link, l) in &mut self.links {
-            if l.outputs.is_empty() && !all {
+            if l.outputs.is_empty() && l.kv_events.is_empty() && !all {
                 continue;
             }
             let stats = EngineStats {
@@ -383,7 +426,8 @@ impl Shell {
                 step_tokens: std::mem::take(&mut l.step_tokens),
                 ..self.core.stats_for(link)
             };
-            let batch = EngineOutputs { rank: self.rank, outputs: std::mem::take(&mut l.outputs), stats, kv_events: Vec::new() };
+            let outputs = std::mem::take(&mut l.outputs);
+            let batch = EngineOutputs { rank: self.rank, outputs, stats, kv_events: l.kv_events.take(MAX_KV_EVENTS) };
             if l.outbox.send(batch).is_err() {
                 gone.push(link);
             }

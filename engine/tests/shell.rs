@@ -1,7 +1,7 @@
 //! The engine's shell: one engine, links attached over time, requests keyed
 //! by link and id, each link's figures its own, and a closed link's requests
 //! ended with their blocks freed while the prefix cache keeps what they
-//! computed.
+//! computed; every link hears which blocks the prefix cache holds.
 
 mod common;
 
@@ -35,11 +35,22 @@ fn welcome() -> ToEngine {
 
 /// A link attached to `engine`, hello read and welcome sent.
 fn link(engine: &Engine, rt: &tokio::runtime::Runtime) -> (GatewayEnd, ferry_engine::LinkThreads) {
+    let (gw, threads, _) = link_with_snapshot(engine, rt);
+    (gw, threads)
+}
+
+/// A link attached to `engine`, hello read, welcome sent, and its first batch
+/// read: the prefix cache's blocks as KV events, `Cleared` first, no outputs
+/// (the link has sent nothing yet). Small caches fit one batch.
+fn link_with_snapshot(engine: &Engine, rt: &tokio::runtime::Runtime) -> (GatewayEnd, ferry_engine::LinkThreads, Vec<KvEvent>) {
     let (mut gw, eng) = flume_link();
     let threads = engine.attach(eng, hello()).unwrap();
     assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello()));
     gw.tx.send(welcome()).unwrap();
-    (gw, threads)
+    let FromEngine::Outputs(first) = rt.block_on(gw.rx.recv()).unwrap() else { panic!("second hello") };
+    assert!(first.outputs.is_empty(), "{first:?}");
+    assert_eq!(first.kv_events.first(), Some(&KvEvent::Cleared), "a link's events start with Cleared");
+    (gw, threads, first.kv_events)
 }
 
 fn add(gw: &GatewayEnd, id: RequestId, prompt: Vec<u32>, p: SamplingParams) {
@@ -109,9 +120,15 @@ fn two_links_share_one_engine_with_their_own_ids_and_figures() {
         g.values().filter(|v| v.1.is_some()).count() == 2
     });
     assert_eq!(got_b[&(7, 0)].0, got_b[&(8, 0)].0, "same prompt, same greedy tokens");
+    // Link a also hears of the blocks link b's requests cached, possibly
+    // before its own Add was taken in.
     let got_a = collect(&mut a, &rt, |g, s| {
-        assert!(s.num_added == 1, "{s:?}");
-        g.get(&(7, 0)).is_some_and(|v| v.1.is_some())
+        assert!(s.num_added <= 1, "{s:?}");
+        let done = g.get(&(7, 0)).is_some_and(|v| v.1.is_some());
+        if done {
+            assert_eq!(s.num_added, 1);
+        }
+        done
     });
     assert_eq!(got_a[&(7, 0)].0[..5], got_b[&(7, 0)].0[..], "link a's request 7 is its own, 60 tokens long");
     assert_eq!(got_a[&(7, 0)].0.len(), 60);
@@ -177,4 +194,93 @@ fn wait(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// Applies `events` to a multiset of block hashes, as a gateway would.
+fn replay(held: &mut HashMap<u64, usize>, events: &[KvEvent]) {
+    for e in events {
+        match *e {
+            KvEvent::Cleared => held.clear(),
+            KvEvent::Stored(h) => *held.entry(h).or_default() += 1,
+            KvEvent::Removed(h) => {
+                let n = held.get_mut(&h).expect("removed a block never stored");
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&h);
+                }
+            }
+        }
+    }
+}
+
+/// The chained hashes of `tokens`' full blocks, as a gateway computes them.
+fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    use ferry_engine::kv_cache::{chain_hash, ROOT_HASH};
+    let mut parent = ROOT_HASH;
+    tokens
+        .chunks_exact(block_size)
+        .map(|chunk| {
+            parent = chain_hash(parent, chunk);
+            parent
+        })
+        .collect()
+}
+
+/// Sends one request and reads until it finishes, replaying every batch's KV
+/// events into `held`. Returns the tokens the engine computed KV for (the
+/// prompt and every output but the last, which is sampled, never fed back)
+/// and the prefix-cache hit.
+fn run_replaying(gw: &mut GatewayEnd, rt: &tokio::runtime::Runtime, held: &mut HashMap<u64, usize>, id: RequestId, prompt: &[u32]) -> (Vec<u32>, u32) {
+    add(gw, id, prompt.to_vec(), greedy(6));
+    let (mut out, mut cached) = (Vec::new(), None);
+    loop {
+        let next = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), gw.rx.recv()).await });
+        let FromEngine::Outputs(b) = next.expect("an answer in time").expect("link open") else { panic!("second hello") };
+        replay(held, &b.kv_events);
+        for o in b.outputs {
+            cached.get_or_insert(o.num_cached_tokens);
+            out.extend(o.new_tokens);
+            if o.finish.is_some() {
+                assert_eq!(o.finish, Some(FinishReason::Length));
+                let computed = [prompt, &out[..out.len() - 1]].concat();
+                return (computed, cached.unwrap_or(0));
+            }
+        }
+    }
+}
+
+#[test]
+fn links_hear_which_blocks_the_prefix_cache_holds() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let engine = Engine::start(core()).unwrap();
+    let bs = hello().block_size as usize;
+    let (mut a, ta, first) = link_with_snapshot(&engine, &rt);
+    assert_eq!(first, vec![KvEvent::Cleared], "an empty cache");
+    let mut held = HashMap::new();
+    // Two prompts sharing a 40-token (10-block) prefix, one after the other.
+    let prefix = tokens(21, 40, 300);
+    let p1 = [prefix.clone(), tokens(22, 7, 300)].concat();
+    let p2 = [prefix, tokens(23, 9, 300)].concat();
+    let (c1, hit1) = run_replaying(&mut a, &rt, &mut held, 1, &p1);
+    let (c2, hit2) = run_replaying(&mut a, &rt, &mut held, 2, &p2);
+    assert_eq!((hit1, hit2), (0, 40), "the second request is served the shared prefix from the cache");
+    // Every full block either request computed, the shared ones once (the
+    // second request reused them); 128 blocks are plenty, so none was evicted.
+    let mut want: HashMap<u64, usize> = HashMap::new();
+    for h in block_hashes(&c1, bs).into_iter().chain(block_hashes(&c2, bs)) {
+        want.insert(h, 1);
+    }
+    assert_eq!(want.len(), (c1.len() / bs) + (c2.len() / bs) - 10);
+    assert_eq!(held, want, "the events replay into the blocks the requests computed");
+    // A link attached later starts from Cleared and a snapshot of the same set.
+    let (b, tb, snapshot) = link_with_snapshot(&engine, &rt);
+    let mut seen_by_b = HashMap::new();
+    replay(&mut seen_by_b, &snapshot);
+    assert_eq!(snapshot.len(), 1 + want.len());
+    assert_eq!(seen_by_b, want);
+    for (gw, threads) in [(a, ta), (b, tb)] {
+        gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
+        assert_eq!(threads.join(), None);
+    }
+    engine.stop();
 }

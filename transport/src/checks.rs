@@ -101,6 +101,9 @@ impl GatewayChecks {
         if o.stats.step_tokens.len() > MAX_STEP_REPORTS {
             return violation(format!("{} step reports in one batch, more than {MAX_STEP_REPORTS}", o.stats.step_tokens.len()));
         }
+        if o.kv_events.len() > MAX_KV_EVENTS {
+            return violation(format!("{} KV events in one batch, more than {MAX_KV_EVENTS}", o.kv_events.len()));
+        }
         let token = |t: u32, what: &str| -> Result<(), LinkViolation> {
             if t >= said.vocab_size {
                 return violation(format!("{what} token id {t} is out of the vocabulary (size {})", said.vocab_size));
@@ -247,6 +250,7 @@ mod tests {
             rank,
             outputs: vec![TokenOutput { id, index, new_tokens: tokens, logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }],
             stats: EngineStats::default(),
+            kv_events: Vec::new(),
         })
     }
 
@@ -308,6 +312,18 @@ mod tests {
         }
         let mut c = GatewayChecks::new();
         assert!(c.on_recv(&out(3, 7, 0, vec![], None)).unwrap_err().0.contains("before Hello"));
+    }
+
+    #[test]
+    fn kv_events_are_bounded_per_batch() {
+        let with = |n: usize| {
+            let FromEngine::Outputs(mut o) = out(3, 7, 0, vec![1], None) else { unreachable!() };
+            o.kv_events = vec![KvEvent::Stored(1); n];
+            FromEngine::Outputs(o)
+        };
+        assert!(ready().on_recv(&with(MAX_KV_EVENTS)).is_ok());
+        let err = ready().on_recv(&with(MAX_KV_EVENTS + 1)).unwrap_err();
+        assert!(err.0.contains("KV events"), "{err}");
     }
 
     #[test]

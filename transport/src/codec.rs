@@ -72,6 +72,7 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
     // prefix may preallocate at 1 MiB), so memory stays proportional to the
     // bounded payload. Small elements do expand: an output batch of empty
     // TokenOutputs (6 bytes each on the wire, ~100 in memory) is the worst case.
+    // `kv_events`, tiny on the wire, is cut off at its bound while decoding.
     let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
@@ -220,6 +221,20 @@ mod tests {
         let big = ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, vec![u32::MAX; MAX_FRAME_BYTES / 4], SamplingParams::default())));
         let e = encode(&big).unwrap_err();
         assert!(matches!(e, CodecError::FrameTooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn kv_events_over_the_bound_are_refused_while_decoding() {
+        let batch = |n: usize| {
+            FromEngine::Outputs(EngineOutputs { rank: 0, outputs: vec![], stats: EngineStats::default(), kv_events: vec![KvEvent::Cleared; n] })
+        };
+        let mut dec = FrameDecoder::new();
+        dec.push(&encode(&batch(MAX_KV_EVENTS)).unwrap());
+        assert_eq!(dec.pop::<FromEngine>().unwrap(), Some(batch(MAX_KV_EVENTS)));
+        // One more than the bound fits a frame easily (a byte each) but is
+        // refused by the decoder itself, before the link's checks see it.
+        dec.push(&encode(&batch(MAX_KV_EVENTS + 1)).unwrap());
+        assert!(matches!(dec.pop::<FromEngine>(), Err(CodecError::Malformed(_))));
     }
 
     #[test]

@@ -55,7 +55,7 @@ mod tests {
         for id in 0..3 {
             assert_eq!(eng.rx.recv().unwrap(), ToEngine::Command(EngineCommand::Abort(vec![id])));
         }
-        let out = EngineOutputs { rank: 7, outputs: vec![], stats: EngineStats::default() };
+        let out = EngineOutputs { rank: 7, outputs: vec![], stats: EngineStats::default(), kv_events: vec![KvEvent::Cleared] };
         eng.tx.send(FromEngine::Outputs(out.clone())).unwrap();
         drop(eng);
         let got = futures_lite_block_on(gw.rx.recv()).unwrap();

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -288,7 +288,8 @@ pub struct SeqTiming {
     pub decode_secs: f32,
 }
 
-/// Engine -> gateway, once per step that produced anything.
+/// Engine -> gateway, once per turn that produced outputs or prefix-cache
+/// changes for this link.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutputs {
     pub rank: u32,
@@ -299,6 +300,7 @@ pub struct EngineOutputs {
     /// [`MAX_KV_EVENTS`]). A link's first batches after it attaches start
     /// with `Cleared` and then list every block held, so a gateway that
     /// (re)joins learns the whole set.
+    #[serde(deserialize_with = "bounded_kv_events")]
     pub kv_events: Vec<KvEvent>,
 }
 
@@ -317,6 +319,32 @@ pub enum KvEvent {
 
 /// Most `EngineOutputs::kv_events` one batch carries.
 pub const MAX_KV_EVENTS: usize = 1 << 16;
+
+/// Reads `kv_events` refusing more than [`MAX_KV_EVENTS`] of them, so a
+/// decoder never holds more than that: a `Cleared` is one byte on the wire
+/// and 16 in memory, so without the bound a frame of them would expand
+/// sixteenfold before the link's checks could refuse it.
+fn bounded_kv_events<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<KvEvent>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<KvEvent>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {MAX_KV_EVENTS} KV events")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            // The length prefix is the peer's word: reserve no more than the bound.
+            let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_KV_EVENTS));
+            while let Some(e) = seq.next_element()? {
+                if events.len() == MAX_KV_EVENTS {
+                    return Err(serde::de::Error::invalid_length(events.len() + 1, &self));
+                }
+                events.push(e);
+            }
+            Ok(events)
+        }
+    }
+    d.deserialize_seq(Bounded)
+}
 
 /// Engine -> gateway, first message on a transport.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -118,10 +118,11 @@ fn from_engine() -> impl Strategy<Value = FromEngine> {
             })
         },
     );
+    let kv_event = prop_oneof![Just(KvEvent::Cleared), any::<u64>().prop_map(KvEvent::Stored), any::<u64>().prop_map(KvEvent::Removed)];
     prop_oneof![
         hello,
-        (any::<u32>(), vec(token_output(), 0..6), stats)
-            .prop_map(|(rank, outputs, stats)| FromEngine::Outputs(EngineOutputs { rank, outputs, stats })),
+        (any::<u32>(), vec(token_output(), 0..6), stats, vec(kv_event, 0..8))
+            .prop_map(|(rank, outputs, stats, kv_events)| FromEngine::Outputs(EngineOutputs { rank, outputs, stats, kv_events })),
     ]
 }
 

@@ -126,13 +126,15 @@ async fn hello_welcome_add_outputs_round_trip(pair: (GatewayEnd, EngineEnd)) {
             timing: None,
         };
         let stats = EngineStats { num_running: 1, kv_usage: 0.5, ..EngineStats::default() };
-        eng.tx.send(FromEngine::Outputs(EngineOutputs { rank: RANK, outputs: vec![done], stats })).unwrap();
+        let kv_events = vec![KvEvent::Cleared, KvEvent::Stored(u64::MAX), KvEvent::Removed(7)];
+        eng.tx.send(FromEngine::Outputs(EngineOutputs { rank: RANK, outputs: vec![done], stats, kv_events })).unwrap();
         eng
     });
     gw.tx.send(add(9, vec![1, 2, 3])).unwrap();
     let FromEngine::Outputs(o) = gw.rx.recv().await.unwrap() else { panic!("expected outputs") };
     assert_eq!((o.rank, o.outputs[0].id, o.outputs[0].new_tokens.clone()), (RANK, 9, vec![5, 6]));
     assert_eq!(o.outputs[0].finish, Some(FinishReason::Stop));
+    assert_eq!(o.kv_events, vec![KvEvent::Cleared, KvEvent::Stored(u64::MAX), KvEvent::Removed(7)]);
     assert_eq!(o.stats.kv_usage, 0.5);
     let _eng = tokio::task::spawn_blocking(move || engine.join().unwrap()).await.unwrap();
 }

@@ -114,6 +114,7 @@ pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
         rank,
         outputs: vec![TokenOutput { id, index: 0, new_tokens, logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None, timing: None }],
         stats: EngineStats::default(),
+        kv_events: Vec::new(),
     })
 }
 
