@@ -75,6 +75,9 @@ pub struct BenchRoutingArgs {
     /// Context of a stream when it moves (prompt plus generated tokens).
     #[arg(long, default_value_t = 300)]
     pub migration_context: usize,
+    /// Streams running on the two ranks when one is drained (about half move).
+    #[arg(long, default_value_t = 2)]
+    pub migration_streams: usize,
     /// Write the figures to this JSON file.
     #[arg(long)]
     pub save_result: Option<PathBuf>,
@@ -253,7 +256,7 @@ async fn routing_run(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &Engin
 async fn migration_round(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &EngineArgs, round: usize) -> Result<Vec<f64>> {
     let config = CoordinatorConfig { drain_timeout: Duration::ZERO, ..Default::default() };
     let r = start_ranks(model, eargs, 2, config, "bench").await?;
-    let streams = 8;
+    let streams = args.migration_streams.max(1);
     let generated_before_move = 32.min(args.migration_context / 2);
     let prompt_len = args.migration_context - generated_before_move;
     let samples = random_dataset(&RandomSpec { num_requests: streams, input_len: prompt_len, output_len: 1, range_ratio: 0.0, prefix_len: 0, seed: args.seed + 1000 + round as u64 })?;
@@ -367,8 +370,8 @@ pub fn run(args: BenchRoutingArgs) -> Result<()> {
         });
         if let Some(m) = &migration {
             eprintln!(
-                "migration pause at a {}-token context: P50 {:.1} ms, P99 {:.1} ms, max {:.1} ms over {} moved streams",
-                args.migration_context, m.p50_ms, m.p99_ms, m.max_ms, m.moved_streams
+                "migration pause at a {}-token context, {} streams on 2 ranks: P50 {:.1} ms, P99 {:.1} ms, max {:.1} ms over {} moved streams",
+                args.migration_context, args.migration_streams, m.p50_ms, m.p99_ms, m.max_ms, m.moved_streams
             );
         }
         anyhow::Ok(Report { args: args.clone(), runs, migration })
