@@ -63,6 +63,11 @@ struct RankState {
 /// intervals, a few hundred KiB at most if nobody scrapes.
 const MAX_UNSCRAPED_STEPS: usize = 1 << 16;
 
+/// Most blocks the gateway indexes for one rank, whatever its Hello claims:
+/// 4 Mi blocks is 64 Mi tokens of cache (more than any one rank holds today)
+/// and bounds what a lying rank can make the index hold (about 100 MB).
+const MAX_INDEXED_BLOCKS: usize = 1 << 22;
+
 /// One engine rank as the gateway sees it.
 pub struct RankLink {
     index: usize,
@@ -79,7 +84,7 @@ impl RankLink {
     }
 
     pub fn with_breaker(index: usize, tx: Box<dyn CommandTx>, hello: Hello, breaker: BreakerConfig) -> Self {
-        let state = RankState { prefix: PrefixIndex::new(hello.num_kv_blocks as usize), breaker: Some(Breaker::new(breaker)), ..Default::default() };
+        let state = RankState { prefix: PrefixIndex::new((hello.num_kv_blocks as usize).min(MAX_INDEXED_BLOCKS)), breaker: Some(Breaker::new(breaker)), ..Default::default() };
         RankLink { index, hello, tx, state: Mutex::new(state) }
     }
 
