@@ -355,7 +355,7 @@ impl Coordinator {
     /// Ends `tracked` for good, and aborts whatever of it still runs.
     fn fail(&self, tracked: &Arc<Tracked>, why: String, failure: Option<TokenOutput>) {
         for p in tracked.fail(why, failure) {
-            p.link.abort(p.link_id);
+            p.link.abort_placement(p.link_id);
         }
     }
 
@@ -520,7 +520,7 @@ impl RequestGuard {
     /// Stop the request now (a no-op if it already ended).
     pub fn abort(&mut self) {
         for p in self.tracked.abort() {
-            p.link.abort(p.link_id);
+            p.link.abort_placement(p.link_id);
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod coordinator;
+pub mod events;
 pub mod local;
 pub mod rank_link;
 pub mod routing;

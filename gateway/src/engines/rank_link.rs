@@ -14,23 +14,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_transport::{CommandTx, EngineCommand, EngineOutputs, EngineRequest, EngineStats, Hello, RequestId, ToEngine, TokenOutput};
-use tokio::sync::mpsc;
 
 use crate::engines::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engines::routing::PrefixIndex;
-use crate::engines::tracked::Tracked;
+use crate::engines::tracked::{AbortOnLink, Tracked};
 
-/// What a request's channel carries.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SeqEvent {
-    Output(TokenOutput),
-    /// The request could not go on (its rank went away or failed it, and it
-    /// could not be moved).
-    Failed { id: RequestId, message: String },
+pub use crate::engines::events::{EventRx, EventTx, SeqEvent};
+
+impl AbortOnLink for RankLink {
+    fn abort_placement(&self, link_id: RequestId) {
+        self.abort(link_id);
+    }
 }
-
-pub type EventTx = mpsc::UnboundedSender<SeqEvent>;
-pub type EventRx = mpsc::UnboundedReceiver<SeqEvent>;
 
 /// One placement on this link: the request it belongs to.
 pub struct Pending {
@@ -295,6 +290,7 @@ mod tests {
     use super::*;
     use crate::engines::coordinator::tests_support::hello;
     use ferry_transport::{flume_link, FinishReason, KvEvent, SamplingParams};
+    use tokio::sync::mpsc;
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
         TokenOutput { id, index, new_tokens: toks.to_vec(), logprobs: None, finish, num_cached_tokens: 0, prompt_logprobs: None, timing: None }

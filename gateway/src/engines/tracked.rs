@@ -18,11 +18,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_transport::{EngineRequest, ErrorKind, FinishReason, RequestId, Resume, SamplingParams, TokenOutput};
 
-use crate::engines::rank_link::{EventTx, RankLink, SeqEvent};
+use crate::engines::events::{EventTx, SeqEvent};
+
+/// A link a placement can be aborted on (a rank link; kept as a trait so this
+/// module does not depend on the link's).
+pub trait AbortOnLink: Send + Sync {
+    /// Forget the placement and tell the rank to stop it.
+    fn abort_placement(&self, link_id: RequestId);
+}
 
 /// Where some of a request's completions run now.
 pub struct Placement {
-    pub link: Arc<RankLink>,
+    pub link: Arc<dyn AbortOnLink>,
     /// The engine request's id on that link (unique in the gateway).
     pub link_id: RequestId,
     /// Completions (indices) it runs that have not finished.

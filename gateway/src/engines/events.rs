@@ -1,0 +1,16 @@
+//! What a request's channel carries, from the coordinator to the API layer.
+
+use ferry_transport::{RequestId, TokenOutput};
+use tokio::sync::mpsc;
+
+/// One event of a request, under the request's own id wherever it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeqEvent {
+    Output(TokenOutput),
+    /// The request could not go on (its rank went away or failed it, and it
+    /// could not be moved).
+    Failed { id: RequestId, message: String },
+}
+
+pub type EventTx = mpsc::UnboundedSender<SeqEvent>;
+pub type EventRx = mpsc::UnboundedReceiver<SeqEvent>;
