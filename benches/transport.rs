@@ -44,6 +44,7 @@ fn spawn_answerer(end: EngineEnd, n: usize) -> std::io::Result<std::thread::Join
             max_model_len: 4096,
             num_kv_blocks: 1024,
             block_size: 16,
+            node: "n".into(),
         };
         if tx.send(FromEngine::Hello(hello)).is_err() {
             return;
@@ -80,7 +81,7 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
             Ok(FromEngine::Hello(_)) => {}
             other => return eprintln!("transport: expected a Hello on the {link_name} link, got {other:?}"),
         }
-        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 };
+        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0, retry: false };
         if tx.send(ToEngine::Welcome(welcome)).is_err() {
             return eprintln!("transport: the {link_name} link closed in its handshake");
         }

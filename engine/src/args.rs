@@ -159,6 +159,25 @@ fn build_backend(model: &LoadedModel, args: &EngineArgs) -> Result<Box<dyn Loade
     }
 }
 
+/// This process's node identity (see `Hello::node`): the host name, for
+/// logs, and a random 128-bit token drawn once per process, which no other
+/// node can guess, so only this process can replace its own stale links.
+pub fn node_identity() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let mut token = [0u8; 16];
+        // getrandom is the OS's generator: the token must not be guessable.
+        if getrandom::fill(&mut token).is_err() {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            token = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+        }
+        let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        let host: String = host.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        format!("{host}/{hex}")
+    })
+}
+
 impl EngineShape {
     pub fn hello(&self, rank: u32, model: &str) -> Hello {
         Hello {
@@ -170,6 +189,7 @@ impl EngineShape {
             max_model_len: self.max_model_len as u32,
             num_kv_blocks: self.num_blocks as u32,
             block_size: self.block_size as u32,
+            node: node_identity().to_string(),
         }
     }
 }

@@ -20,11 +20,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::engine_core::{compile_constraint, refusal, Compiled, EngineCore, Owner};
 use crate::kv_cache::{kv_event_cap, KvEventQueue};
 use crate::structured::GrammarEnv;
+use ferry_transport::handshake::Refusal;
 use ferry_transport::{
     EngineCommand, EngineEnd, EngineError, EngineOutputs, EngineRequest, EngineStats, FromEngine, Hello, RequestId, ToEngine, TokenOutput,
     MAX_KV_EVENTS, MAX_STEP_REPORTS,
@@ -78,12 +79,12 @@ pub struct Engine {
 /// gateway's end goes away or sends Shutdown; then `join`.
 pub struct LinkThreads {
     threads: Vec<std::thread::JoinHandle<()>>,
-    refused: Arc<Mutex<Option<String>>>,
+    refused: Arc<Mutex<Option<Refusal>>>,
 }
 
 impl LinkThreads {
     /// Waits for the link to end; returns the gateway's refusal, if that is why.
-    pub fn join(self) -> Option<String> {
+    pub fn join(self) -> Option<Refusal> {
         for t in self.threads {
             let _ = t.join();
         }
@@ -193,7 +194,7 @@ fn read_link(
     link: Owner,
     rank: u32,
     grammars: Option<&GrammarEnv>,
-    refused: &Mutex<Option<String>>,
+    refused: &Mutex<Option<Refusal>>,
 ) {
     loop {
         match cmd_rx.recv() {
@@ -215,13 +216,17 @@ fn read_link(
                 // link that will never carry a request.
                 if let Err(refusal) = ferry_transport::handshake::check_welcome(&w, rank) {
                     tracing::error!(rank, "engine rank {rank}: {refusal}");
-                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal.message);
+                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal);
                     return;
                 }
             }
         }
     }
 }
+
+/// How often a busy engine sends each link its figures when it has nothing
+/// else to send (a long prefill): well inside the gateway's stall timeout.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// One link as the busy loop sees it.
 struct Link {
@@ -236,6 +241,8 @@ struct Link {
     outputs: Vec<TokenOutput>,
     /// Prefix-cache changes not yet sent to this link.
     kv_events: KvEventQueue,
+    /// When this link was last sent a batch.
+    last_sent: Instant,
 }
 
 /// The busy loop's state: the core, the links, and which link each of the
@@ -257,6 +264,7 @@ impl Shell {
     /// Schedules, executes and samples until told to stop.
     fn run(&mut self, inbox: &flume::Receiver<Inbox>, control: &Control, fault: Option<u32>) {
         let mut pending = Vec::new();
+        let mut stall_after = fault_injection_stall();
         loop {
             // Block for commands only when idle; otherwise take what has arrived.
             // KV events left over from a full batch count as work: they go out
@@ -287,6 +295,12 @@ impl Shell {
                 }
             }
             if self.core.has_work() {
+                if let Some(n) = stall_after.as_mut() {
+                    if *n == 0 {
+                        return stall_forever(control);
+                    }
+                    *n -= 1;
+                }
                 self.step();
             }
             control.in_flight.store(self.core.num_requests(), Ordering::Relaxed);
@@ -300,7 +314,7 @@ impl Shell {
         self.gather_kv_events();
         let mut kv_events = KvEventQueue::default();
         kv_events.reset_to(&self.core.held_block_hashes());
-        let state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new(), kv_events };
+        let state = Link { outbox, ids: HashMap::new(), num_added: 0, step_tokens: Vec::new(), outputs: Vec::new(), kv_events, last_sent: Instant::now() };
         self.links.insert(link, state);
     }
 
@@ -415,11 +429,17 @@ impl Shell {
     /// A link whose queue is gone is detached.
     fn send(&mut self, draining: bool, all: bool) {
         self.gather_kv_events();
+        let busy = self.core.has_work();
         let mut gone = Vec::new();
         for (&link, l) in &mut self.links {
-            if l.outputs.is_empty() && l.kv_events.is_empty() && !all {
+            // A busy engine that has nothing to say (a long prefill) still
+            // reports its figures now and then: the gateway counts a rank
+            // that stays silent with requests running as stalled.
+            let heartbeat = busy && l.last_sent.elapsed() >= HEARTBEAT;
+            if l.outputs.is_empty() && l.kv_events.is_empty() && !all && !heartbeat {
                 continue;
             }
+            l.last_sent = Instant::now();
             let stats = EngineStats {
                 draining,
                 num_added: l.num_added,
@@ -448,6 +468,21 @@ impl Shell {
     }
 }
 
+/// A test-only fault: with `FERRY_FAULT_INJECT_STALL_AFTER_STEPS=N` set, the
+/// busy loop stops making progress after N steps while its links stay up (a
+/// stuck rank), so tests can prove the gateway's stall watchdog. Unset in
+/// normal use.
+fn fault_injection_stall() -> Option<u64> {
+    std::env::var("FERRY_FAULT_INJECT_STALL_AFTER_STEPS").ok().and_then(|v| v.parse().ok())
+}
+
+fn stall_forever(control: &Control) {
+    tracing::error!("injected fault (FERRY_FAULT_INJECT_STALL_AFTER_STEPS): the busy loop stalls");
+    while !control.draining.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A test-only fault: with `FERRY_FAULT_INJECT_PANIC=ID` set, the busy loop
 /// panics on a request whose prompt holds token `ID`, so tests can prove the
 /// panic boundary. Unset in normal use, and then it costs one check per Add.
@@ -469,7 +504,7 @@ impl EngineThreads {
     /// Waits for the link to end, then stops the engine; returns the
     /// gateway's refusal, if that is why it ended.
     pub fn join(self) -> Option<String> {
-        let refused = self.link.join();
+        let refused = self.link.join().map(|r| r.message);
         self.engine.stop();
         refused
     }

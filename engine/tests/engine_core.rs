@@ -184,7 +184,7 @@ fn stop_tokens_end_a_sequence_unless_min_tokens_holds_it() {
 fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
     let c = core(64, 64, true);
     let (mut gw, eng) = flume_link();
-    let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "tiny".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 256, num_kv_blocks: 64, block_size: 4 };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "tiny".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 256, num_kv_blocks: 64, block_size: 4, node: "n".into() };
     let threads = spawn_engine(c, eng, hello.clone()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello));

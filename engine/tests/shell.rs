@@ -26,11 +26,12 @@ fn hello() -> Hello {
         max_model_len: 256,
         num_kv_blocks: 128,
         block_size: 4,
+        node: "n".into(),
     }
 }
 
 fn welcome() -> ToEngine {
-    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 3 })
+    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 3, retry: false })
 }
 
 /// A link attached to `engine`, hello read and welcome sent.

@@ -457,6 +457,7 @@ mod tests {
             max_model_len: 100,
             num_kv_blocks: 64,
             block_size: 16,
+            node: "n".into(),
         };
         Some(RankScrape { up, stats, steps, hello, breaker: crate::engines::breaker::BreakerState::Open, cached_blocks: 5, draining: false })
     }

@@ -31,9 +31,10 @@ class Node:
     args: list[str]
     log: Path
     proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)
 
     def start(self) -> "Node":
-        env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1", FERRY_LOG=os.environ.get("FERRY_LOG", "info"))
+        env = dict(os.environ, NO_COLOR="1", RUST_BACKTRACE="1", FERRY_LOG=os.environ.get("FERRY_LOG", "info"), **self.env)
         out = open(self.log, "ab")
         self.proc = subprocess.Popen([str(ferry_binary()), "serve", *self.args], cwd=str(REPO), env=env,
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
@@ -88,10 +89,10 @@ class Cluster:
             run_certs("node", "--ca-dir", str(self.dir / ca), "--dir", str(d), "--name", name, "--san", "127.0.0.1")
         return d
 
-    def dp_flags(self, start: int, local: int) -> list[str]:
+    def dp_flags(self, start: int, local: int, rpc_port: int | None = None) -> list[str]:
         return ["--data-parallel-size", str(self.size), "--data-parallel-size-local", str(local),
                 "--data-parallel-start-rank", str(start), "--data-parallel-address", "127.0.0.1",
-                "--data-parallel-rpc-port", str(self.rpc_port)]
+                "--data-parallel-rpc-port", str(rpc_port or self.rpc_port)]
 
     def api_node(self, start: int, local: int, extra: list[str] | None = None, engine: list[str] | None = None) -> Node:
         args = [str(self.model), "--host", "127.0.0.1", "--port", str(self.port), "--tls-port", str(self.tls_port),
@@ -102,10 +103,11 @@ class Cluster:
         return n
 
     def headless(self, name: str, start: int, local: int, cert: list[str] | None = None,
-                 extra: list[str] | None = None) -> Node:
+                 extra: list[str] | None = None, rpc_port: int | None = None, env: dict | None = None) -> Node:
+        """A headless node; `rpc_port` dials another port than the API node's (a relay)."""
         tls = cert if cert is not None else ["--cluster-cert-dir", str(self.cert_dir(name))]
-        args = [str(self.model), "--headless", *self.dp_flags(start, local), *tls, *ENGINE_ARGS, *(extra or [])]
-        n = Node(name, args, self.dir / f"{name}.log")
+        args = [str(self.model), "--headless", *self.dp_flags(start, local, rpc_port), *tls, *ENGINE_ARGS, *(extra or [])]
+        n = Node(name, args, self.dir / f"{name}.log", env=env or {})
         self.nodes[name] = n
         return n
 

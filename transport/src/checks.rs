@@ -237,6 +237,7 @@ mod tests {
             max_model_len: 128,
             num_kv_blocks: 8,
             block_size: 16,
+            node: "n".into(),
         })
     }
 
@@ -343,7 +344,7 @@ mod tests {
 
     #[test]
     fn engine_side() {
-        let w = ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 });
+        let w = ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0, retry: false });
         let mut c = EngineChecks::new();
         assert!(c.on_recv(&ToEngine::Command(EngineCommand::Shutdown)).is_err());
         let mut c = EngineChecks::new();

@@ -38,10 +38,19 @@ impl Expectations {
 #[error("{message}")]
 pub struct Refusal {
     pub message: String,
+    /// Waiting may change the answer: the engine should dial again.
+    pub retry: bool,
+}
+
+impl Refusal {
+    /// A refusal that waiting may lift.
+    pub fn passing(message: String) -> Refusal {
+        Refusal { message, retry: true }
+    }
 }
 
 fn refuse(message: String) -> Result<(), Refusal> {
-    Err(Refusal { message })
+    Err(Refusal { message, retry: false })
 }
 
 /// The gateway's check of a rank's Hello. `joined(rank)` says whether that rank
@@ -59,8 +68,13 @@ pub fn check_hello(hello: &Hello, exp: &Expectations, joined: &impl Fn(u32) -> b
             hello.rank, exp.data_parallel_size
         ));
     }
+    if hello.node.len() > MAX_NODE_ID_BYTES {
+        return refuse(format!("the node identity is {} bytes, more than {MAX_NODE_ID_BYTES}", hello.node.len()));
+    }
     if joined(hello.rank) {
-        return refuse(format!("rank {} is already connected", hello.rank));
+        // Another node's live link holds it: that link may be the stale one
+        // of a node that died (its timeout frees the rank), so dial again.
+        return Err(Refusal::passing(format!("rank {} is already connected", hello.rank)));
     }
     if hello.fingerprint.config != exp.config_fingerprint {
         return refuse(format!(
@@ -95,6 +109,7 @@ pub fn welcome(hello: &Hello, result: &Result<(), Refusal>) -> Welcome {
         accepted: result.is_ok(),
         reason: result.as_ref().err().map(|r| r.message.clone()),
         rank: hello.rank,
+        retry: result.as_ref().err().is_some_and(|r| r.retry),
     }
 }
 
@@ -108,7 +123,7 @@ pub fn check_welcome(w: &Welcome, rank: u32) -> Result<(), Refusal> {
     }
     if !w.accepted {
         let why = w.reason.as_deref().unwrap_or("no reason given");
-        return refuse(format!("the gateway refused this rank: {why}"));
+        return Err(Refusal { message: format!("the gateway refused this rank: {why}"), retry: w.retry });
     }
     if w.rank != rank {
         return refuse(format!("the gateway welcomed rank {} on the link of rank {rank}", w.rank));
@@ -130,6 +145,7 @@ mod tests {
             max_model_len: 64,
             num_kv_blocks: 4,
             block_size: 16,
+            node: "node-a".into(),
         }
     }
 
@@ -186,10 +202,16 @@ mod tests {
     fn welcome_carries_the_reason_and_the_engine_reads_it() {
         let h = hello(1, 0xc0, 0);
         assert_eq!(check_welcome(&welcome(&h, &Ok(())), 1), Ok(()));
-        let r = Err(Refusal { message: "rank 1 is already connected".into() });
-        let got = check_welcome(&welcome(&h, &r), 1).unwrap_err().message;
-        assert_eq!(got, "the gateway refused this rank: rank 1 is already connected");
-        let w = Welcome { protocol_version: 1, accepted: true, reason: None, rank: 1 };
+        let r = check_hello(&h, &exp(None), &|r| r == 1);
+        let got = check_welcome(&welcome(&h, &r), 1).unwrap_err();
+        assert_eq!(got.message, "the gateway refused this rank: rank 1 is already connected");
+        assert!(got.retry, "a duplicate may be stale: dial again");
+        let r = check_hello(&hello(1, 0xc1, 0), &exp(None), &NONE);
+        assert!(!check_welcome(&welcome(&h, &r), 1).unwrap_err().retry, "another model: stop");
+        let mut long = hello(1, 0xc0, 0);
+        long.node = "x".repeat(MAX_NODE_ID_BYTES + 1);
+        assert!(refused(&long, &exp(None), &NONE).contains("node identity"));
+        let w = Welcome { protocol_version: 1, accepted: true, reason: None, rank: 1, retry: false };
         assert!(check_welcome(&w, 1).unwrap_err().message.contains("protocol version differs"));
         assert!(check_welcome(&welcome(&h, &Ok(())), 2).unwrap_err().message.contains("welcomed rank 1 on the link of rank 2"));
     }

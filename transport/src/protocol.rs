@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -360,7 +360,17 @@ pub struct Hello {
     pub max_model_len: u32,
     pub num_kv_blocks: u32,
     pub block_size: u32,
+    /// Who this rank's node is: drawn when the node starts (its host name and
+    /// a random 128-bit token, at most [`MAX_NODE_ID_BYTES`]), the same on
+    /// every link it dials. A rank whose old link the gateway still holds
+    /// (the node timed it out first, in a one-way partition) comes back on a
+    /// new link with the same identity and replaces the stale one, instead of
+    /// being refused as a duplicate.
+    pub node: String,
 }
+
+/// Most bytes of `Hello::node`.
+pub const MAX_NODE_ID_BYTES: usize = 256;
 
 /// What a model is, not its weights' bytes (hashing gigabytes at start-up would
 /// cost more than it proves): two nodes that loaded the same file agree, a node
@@ -383,6 +393,11 @@ pub struct Welcome {
     /// The rank the API node knows this link by: the one the Hello named
     /// (a node that lets the API node assign its ranks will learn it here).
     pub rank: u32,
+    /// The refusal may pass by waiting (another node's live link holds the
+    /// rank, the API node is draining): the engine dials again rather than
+    /// stop. False for refusals that waiting cannot change (another model,
+    /// another protocol version).
+    pub retry: bool,
 }
 
 /// Gateway -> engine.

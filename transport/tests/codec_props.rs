@@ -58,7 +58,7 @@ fn constraint() -> impl Strategy<Value = Constraint> {
 fn to_engine() -> impl Strategy<Value = ToEngine> {
     prop_oneof![
         (any::<u32>(), any::<bool>(), option::of(".{0,40}"), any::<u32>()).prop_map(|(protocol_version, accepted, reason, rank)| {
-            ToEngine::Welcome(Welcome { protocol_version, accepted, reason, rank })
+            ToEngine::Welcome(Welcome { protocol_version, accepted, reason, rank, retry: false })
         }),
         (any::<u64>(), vec(any::<u32>(), 0..300), sampling(), option::of((any::<u32>(), vec(any::<u32>(), 0..50)))).prop_map(
             |(id, prompt_tokens, sampling, resume)| {
@@ -115,6 +115,7 @@ fn from_engine() -> impl Strategy<Value = FromEngine> {
                 max_model_len,
                 num_kv_blocks,
                 block_size,
+                node: "n".into(),
             })
         },
     );

@@ -65,7 +65,7 @@ fn fake_engine(end: EngineEnd, script: Vec<u32>, eos: u32, log: Log) {
         }
     });
     std::thread::spawn(move || {
-        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "smol".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 64, block_size: 16 };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "smol".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 64, block_size: 16, node: "n".into() };
         if out_tx.send(FromEngine::Hello(hello)).is_err() {
             return;
         }

@@ -534,7 +534,7 @@ mod tests {
     async fn in_process_request_times_token_events_and_reports_failures() {
         let (gw, mut eng) = flume_link();
         let coordinator = start_engine_clients(vec![gw], crate::engines::coordinator::tests_support::expect_default_fingerprint(1));
-        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16 };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, rank: 0, model: "m".into(), fingerprint: Default::default(), vocab_size: 1 << 17, max_model_len: 64, num_kv_blocks: 4, block_size: 16, node: "n".into() };
         eng.tx.send(FromEngine::Hello(hello)).unwrap();
         while !coordinator.all_healthy() {
             tokio::time::sleep(Duration::from_millis(2)).await;

@@ -55,6 +55,11 @@ pub struct ClusterFlags {
     /// turns migration off.
     #[arg(long, default_value_t = crate::engines::coordinator::DEFAULT_MIGRATION_LIMIT)]
     pub migration_limit: u32,
+    /// Seconds a rank may hold requests without showing progress (no output,
+    /// no step reported) before the API node counts it failed, closes its
+    /// link and moves its requests; 0 never does.
+    #[arg(long, default_value_t = crate::engines::coordinator::DEFAULT_STALL_TIMEOUT.as_secs())]
+    pub rank_stall_timeout: u64,
 }
 
 /// The flags, checked.

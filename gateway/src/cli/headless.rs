@@ -122,10 +122,16 @@ fn serve_rank(
                     engine = start()?.0;
                 }
                 let link = engine.attach(end, hello.clone()).map_err(|e| format!("engine rank {rank}: {e}"))?;
-                if let Some(why) = link.join() {
-                    return Err(format!("the API node refused engine rank {rank}: {why}"));
+                match link.join() {
+                    // Waiting may change the answer (our own stale link is
+                    // still held, the API node is draining): dial again.
+                    Some(why) if why.retry => {
+                        tracing::warn!(rank, "the API node refused engine rank {rank} for now: {why}; dialing again");
+                        std::thread::sleep(MAX_BACKOFF);
+                    }
+                    Some(why) => return Err(format!("the API node refused engine rank {rank}: {why}")),
+                    None => tracing::warn!(rank, "the link to the API node closed; dialing again"),
                 }
-                tracing::warn!(rank, "the link to the API node closed; dialing again");
             }
             Err(e) => {
                 if !said_waiting {

@@ -152,6 +152,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             migration_limit: args.cluster.migration_limit,
             breaker: Default::default(),
             drain_timeout: Duration::from_secs(args.shutdown_timeout),
+            stall_timeout: (args.cluster.rank_stall_timeout > 0).then(|| Duration::from_secs(args.cluster.rank_stall_timeout)),
         };
         let coordinator = Coordinator::with_config(expect, config);
         for (rank, end) in ends {

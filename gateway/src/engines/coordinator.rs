@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_engine::rng::{RngCore, SplitMix64};
-use ferry_transport::handshake::{check_hello, welcome, Expectations};
+use ferry_transport::handshake::{check_hello, welcome, Expectations, Refusal};
 use ferry_transport::{EngineRequest, EngineStats, FinishReason, FromEngine, GatewayEnd, OutputRx, RequestId, SamplingParams, ToEngine, TokenOutput};
 
 use crate::engines::breaker::{BreakerConfig, BreakerState};
@@ -59,7 +59,16 @@ pub struct CoordinatorConfig {
     /// How long a rank drained by an operator may finish its requests before
     /// they move (`--shutdown-timeout`).
     pub drain_timeout: Duration,
+    /// `--rank-stall-timeout`: a rank that holds requests and shows no
+    /// progress (no output, no step reported) this long is treated as failed:
+    /// its link closes and its requests move. None: never.
+    pub stall_timeout: Option<Duration>,
 }
+
+/// The default `--rank-stall-timeout`: far above any step a healthy rank
+/// takes (a busy engine reports its steps every second even in a long
+/// prefill), short enough that a stuck rank does not hold streams for long.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -69,6 +78,7 @@ impl Default for CoordinatorConfig {
             migration_limit: DEFAULT_MIGRATION_LIMIT,
             breaker: BreakerConfig::default(),
             drain_timeout: Duration::from_secs(30),
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -114,6 +124,8 @@ struct Inner {
     stopping: AtomicBool,
     /// The rank chosen last (ties rotate after it).
     last_choice: AtomicUsize,
+    /// The stall watchdog runs (started with the first link).
+    watchdog: AtomicBool,
     counters: Counters,
 }
 
@@ -148,6 +160,7 @@ impl Coordinator {
                 started: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 last_choice: AtomicUsize::new(usize::MAX),
+                watchdog: AtomicBool::new(false),
                 counters: Counters::default(),
             }),
         }
@@ -246,6 +259,11 @@ impl Coordinator {
     /// in logs. Call inside a tokio runtime; the task ends with the link.
     pub fn attach(&self, end: GatewayEnd, peer: String) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        if let Some(limit) = self.inner.config.stall_timeout {
+            if !self.inner.watchdog.swap(true, Ordering::Relaxed) {
+                tokio::spawn(watch_for_stalls(Arc::downgrade(&self.inner), limit));
+            }
+        }
         tokio::spawn(async move {
             let GatewayEnd { tx, mut rx } = end;
             let hello = match tokio::time::timeout(HELLO_TIMEOUT, rx.recv()).await {
@@ -256,17 +274,28 @@ impl Coordinator {
             };
             let link = {
                 let mut expect = lock(&this.inner.expect);
-                let live = |r: u32| this.rank(r as usize).is_some_and(|l| l.is_healthy());
-                let result = check_hello(&hello, &expect, &live);
+                // A live link of the same node is stale (the node timed it out
+                // first, in a one-way partition): the new one replaces it.
+                let held = |r: u32| this.rank(r as usize).filter(|l| l.is_healthy());
+                let live = |r: u32| held(r).is_some_and(|l| l.hello().node != hello.node);
+                let result = if this.inner.stopping.load(Ordering::Relaxed) {
+                    Err(Refusal::passing("the API node is stopping".into()))
+                } else {
+                    check_hello(&hello, &expect, &live)
+                };
                 let sent = tx.send(ToEngine::Welcome(welcome(&hello, &result)));
                 if let Err(refusal) = result {
-                    return tracing::error!(%peer, rank = hello.rank, "refused an engine rank: {refusal}");
+                    return tracing::error!(%peer, rank = hello.rank, node = %hello.node, "refused an engine rank: {refusal}");
                 }
                 if sent.is_err() {
                     return tracing::warn!(%peer, rank = hello.rank, "a link closed during its handshake");
                 }
                 *expect = expect.accepted(&hello);
                 let rank = hello.rank;
+                if let Some(stale) = held(rank) {
+                    tracing::warn!(%peer, rank, "engine rank {rank} dialed again from the same node: replacing its stale link");
+                    stale.kill(format!("engine rank {rank} replaced its stale link with a new one from the same node"));
+                }
                 let link = Arc::new(RankLink::with_breaker(rank as usize, tx, hello, this.inner.config.breaker));
                 *lock(&this.inner.slots[rank as usize]) = Some(link.clone());
                 link
@@ -280,8 +309,16 @@ impl Coordinator {
     /// request and moving what the rank fails; then moves (or fails) every
     /// placement still on it. A second Hello breaks the protocol and ends the link.
     async fn read_link(&self, link: &Arc<RankLink>, mut rx: Box<dyn OutputRx>) {
+        let mut killed = false;
         let why = loop {
-            match rx.recv().await {
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                why = link.killed() => {
+                    killed = true;
+                    break why;
+                }
+            };
+            match received {
                 Ok(FromEngine::Outputs(batch)) => {
                     for (tracked, out) in link.on_outputs(batch) {
                         self.deliver(link, &tracked, out);
@@ -293,6 +330,15 @@ impl Coordinator {
         };
         for (link_id, p) in link.on_closed(&why) {
             self.relocate(&p.tracked, link_id, link.index(), why.clone(), None);
+        }
+        if killed {
+            // Our side lets go of the link so its transport closes and the
+            // node sees it (and dials again); a replaced link's slot already
+            // holds its successor.
+            let mut slot = lock(&self.inner.slots[link.index()]);
+            if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+                *slot = None;
+            }
         }
     }
 
@@ -470,6 +516,29 @@ impl Coordinator {
     }
 }
 
+/// Every second, closes the links of ranks that hold requests and have shown
+/// no progress for `limit` (their requests move). Ends with the coordinator.
+async fn watch_for_stalls(inner: std::sync::Weak<Inner>, limit: Duration) {
+    let period = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        for slot in &inner.slots {
+            let Some(link) = lock(slot).clone() else { continue };
+            if let Some(idle) = link.stalled_for().filter(|t| *t >= limit) {
+                let why = format!(
+                    "engine rank {} made no progress for {:.1} s with {} requests in flight (--rank-stall-timeout {})",
+                    link.index(),
+                    idle.as_secs_f64(),
+                    link.in_flight(),
+                    limit.as_secs()
+                );
+                link.kill(why);
+            }
+        }
+    }
+}
+
 /// One rank as a metrics scrape sees it.
 pub struct RankScrape {
     pub up: bool,
@@ -556,6 +625,7 @@ pub(crate) mod tests_support {
             max_model_len: 64,
             num_kv_blocks: 4,
             block_size: 16,
+            node: "n".into(),
         }
     }
 }
@@ -599,11 +669,20 @@ mod tests {
         assert!(!c.is_serving(), "not healthy before every rank joined");
         assert!(!c.all_healthy() && c.any_healthy());
         // A duplicate, an out-of-range rank and another tensor table are refused, saying why.
-        for (h, why) in [(hello(1, 7), "already connected"), (hello(2, 7), "out of range"), (hello(0, 8), "tensor table")] {
+        let other_node = Hello { node: "another node".into(), ..hello(1, 7) };
+        for (h, why, retry) in [(other_node, "already connected", true), (hello(2, 7), "out of range", false), (hello(0, 8), "tensor table", false)] {
             let (_e, w) = join(&c, h).await;
             let ToEngine::Welcome(w) = w else { panic!("no welcome") };
             assert!(!w.accepted && w.reason.as_deref().is_some_and(|r| r.contains(why)), "{w:?} should say {why}");
+            assert_eq!(w.retry, retry, "{why}");
         }
+        // The same node dialing again replaces its stale link at once.
+        let stale = c.rank(1).unwrap();
+        let (e1_again, w) = join(&c, hello(1, 7)).await;
+        assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted), "{w:?}");
+        until("the stale link closed", || !stale.is_healthy()).await;
+        assert!(c.rank(1).is_some_and(|l| !Arc::ptr_eq(&l, &stale) && l.is_healthy()));
+        let _e1 = e1_again;
         let (_e0, w) = join(&c, hello(0, 7)).await;
         assert!(matches!(w, ToEngine::Welcome(ref w) if w.accepted));
         until("all up", || c.all_healthy()).await;

@@ -52,6 +52,12 @@ struct RankState {
     unscraped_steps: Vec<u32>,
     prefix: PrefixIndex,
     breaker: Option<Breaker>,
+    /// When the rank last showed progress (an output, or a step it
+    /// reported), or when it last went from idle to busy.
+    last_progress: Option<Instant>,
+    /// Why we closed the link ourselves (stalled, or replaced by a new link
+    /// from the same node); the reader ends when this is set.
+    killed: Option<String>,
 }
 
 /// Steps remembered between two scrapes: hours of steps at the usual scrape
@@ -69,6 +75,8 @@ pub struct RankLink {
     hello: Hello,
     tx: Box<dyn CommandTx>,
     state: Mutex<RankState>,
+    /// Wakes the reader when the link is killed.
+    kill_signal: tokio::sync::Notify,
 }
 
 impl RankLink {
@@ -80,7 +88,7 @@ impl RankLink {
 
     pub fn with_breaker(index: usize, tx: Box<dyn CommandTx>, hello: Hello, breaker: BreakerConfig) -> Self {
         let state = RankState { prefix: PrefixIndex::new((hello.num_kv_blocks as usize).min(MAX_INDEXED_BLOCKS)), breaker: Some(Breaker::new(breaker)), ..Default::default() };
-        RankLink { index, hello, tx, state: Mutex::new(state) }
+        RankLink { index, hello, tx, state: Mutex::new(state), kill_signal: tokio::sync::Notify::new() }
     }
 
     /// The rank's number (its slot, and its `engine` metrics label).
@@ -161,6 +169,10 @@ impl RankLink {
             if let Some(why) = &s.down {
                 return Err(why.clone());
             }
+            if s.pending.is_empty() {
+                // Idle time is not a stall: the clock starts with the work.
+                s.last_progress = Some(Instant::now());
+            }
             s.prefix.add_routed(&tracked.block_hashes);
             let unfinished = if req.resume.is_some() { 1 } else { req.sampling.n.max(1) };
             s.pending.insert(id, Pending { tracked, unfinished });
@@ -238,12 +250,45 @@ impl RankLink {
         std::mem::take(&mut self.lock().unscraped_steps)
     }
 
+    /// Closes the link from our side: the reader ends, and the placements
+    /// on it move as for a dead link. A second kill keeps the first reason.
+    pub fn kill(&self, why: String) {
+        self.lock().killed.get_or_insert(why);
+        self.kill_signal.notify_one();
+    }
+
+    /// Resolves once the link was killed, with why.
+    pub async fn killed(&self) -> String {
+        loop {
+            let notified = self.kill_signal.notified();
+            if let Some(why) = self.lock().killed.clone() {
+                return why;
+            }
+            notified.await;
+        }
+    }
+
+    /// How long the rank has held requests without showing progress (None
+    /// when it holds none).
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        let s = self.lock();
+        if s.pending.is_empty() || s.down.is_some() {
+            return None;
+        }
+        s.last_progress.map(|t| t.elapsed())
+    }
+
     /// Takes in one batch: figures, cache events, and the outputs with the
     /// request each belongs to, in order, for the caller to deliver once
     /// this link's lock is released.
     pub fn on_outputs(&self, batch: EngineOutputs) -> Vec<(Arc<Tracked>, TokenOutput)> {
         let EngineOutputs { outputs, mut stats, kv_events, .. } = batch;
         let mut s = self.lock();
+        // Progress: an output, or a step the engine computed (a long
+        // prefill reports its steps in heartbeat batches).
+        if !outputs.is_empty() || !stats.step_tokens.is_empty() {
+            s.last_progress = Some(Instant::now());
+        }
         s.unscraped_steps.append(&mut stats.step_tokens);
         let over = s.unscraped_steps.len().saturating_sub(MAX_UNSCRAPED_STEPS);
         s.unscraped_steps.drain(..over);

@@ -102,6 +102,7 @@ pub fn hello(rank: u32, vocab_size: u32) -> Hello {
         max_model_len: 1 << 20,
         num_kv_blocks: 64,
         block_size: 16,
+        node: "n".into(),
     }
 }
 
@@ -119,7 +120,7 @@ pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
 }
 
 pub fn accepted() -> ToEngine {
-    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0 })
+    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0, retry: false })
 }
 
 /// Hello from the engine, Welcome from the gateway; both checked with the handshake.
