@@ -198,7 +198,15 @@ fn read_link(
 ) {
     loop {
         match cmd_rx.recv() {
-            Ok(ToEngine::Command(EngineCommand::Shutdown)) | Err(_) => return,
+            Ok(ToEngine::Command(EngineCommand::Shutdown)) => {
+                tracing::info!(rank, "engine rank {rank}: the gateway closed the link (shutdown)");
+                return;
+            }
+            Err(e) => {
+                // Say why on this side too, not only on the gateway's.
+                tracing::warn!(rank, "engine rank {rank}: the link to the gateway ended: {e}");
+                return;
+            }
             Ok(ToEngine::Command(EngineCommand::Add(req))) => {
                 let compiled = compile_constraint(grammars, &req);
                 if inbox.send(Inbox::Add(link, Box::new((req, compiled)))).is_err() {
