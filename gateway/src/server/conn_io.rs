@@ -23,7 +23,7 @@ pub(crate) enum ConnIo {
 
 impl ConnIo {
     /// The connection as served: `raw` itself, or after a TLS handshake that
-    /// must end within `timeout` (None: it failed or took too long, and why).
+    /// must end within `timeout` (an error says why it failed or timed out).
     pub(crate) async fn open(raw: Raw, tls: Option<&TlsAcceptor>, timeout: Duration) -> Result<ConnIo, String> {
         let Some(acc) = tls else { return Ok(ConnIo::Plain(raw)) };
         match tokio::time::timeout(timeout, acc.accept(raw)).await {
