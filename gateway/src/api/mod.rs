@@ -216,13 +216,16 @@ pub struct Admission {
 }
 
 /// Names the client of a request for its limits: its API key when it presents
-/// one the server checks, else its address.
+/// one the server checks, else its address: the one the server found behind
+/// trusted proxies (`ClientAddr`, from `X-Forwarded-For` or the PROXY
+/// protocol), else the connection's peer (a server other than ours).
 async fn identify_client(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let key = (!state.api_keys.is_empty())
         .then(|| req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
         .flatten()
         .map(|k| client_limits::ClientId::from_key(k.trim()));
     let id = key
+        .or_else(|| req.extensions().get::<crate::server::ClientAddr>().map(|c| client_limits::ClientId::Addr(c.0)))
         .or_else(|| {
             req.extensions()
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

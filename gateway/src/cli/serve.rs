@@ -14,7 +14,7 @@ use crate::cli::signals::stop_signal;
 use crate::engines::coordinator::{Coordinator, CoordinatorConfig};
 use crate::engines::routing::RoutingConfig;
 use crate::engines::local::{expectations, start_local_ranks, LocalRanks};
-use crate::server::{serve, ServeConfig};
+use crate::server::{serve, ServeConfig, TrustedProxies};
 use clap::Args;
 use ferry_engine::loader::load_config_and_tokenizer;
 use ferry_engine::load_model;
@@ -71,12 +71,23 @@ pub struct ServeArgs {
     /// Let browsers send credentials (cookies, Authorization) cross-origin.
     #[arg(long)]
     pub allow_credentials: bool,
-    /// Open connections at most (TCP and QUIC together); more are refused.
+    /// Open connections at most (TCP and QUIC together); more are answered
+    /// 503 with Retry-After and closed.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
-    /// Open connections from one address at most (TCP and QUIC each).
-    #[arg(long, default_value_t = 256)]
-    pub max_connections_per_addr: usize,
+    /// Open connections from one client address at most (TCP and QUIC
+    /// together); more are answered 503 with Retry-After and closed. Off by
+    /// default (0 too): behind a NAT or a load balancer one address is many
+    /// clients.
+    #[arg(long)]
+    pub max_connections_per_addr: Option<usize>,
+    /// Proxies trusted to name the client (uvicorn's flag): comma-separated
+    /// IP addresses and CIDR networks, or `*` for every peer. From them the
+    /// client's address is read from `X-Forwarded-For` (the right-most
+    /// untrusted hop) or a PROXY protocol v1/v2 header, for the per-client
+    /// and per-address limits. Default: trust nobody.
+    #[arg(long, env = "FORWARDED_ALLOW_IPS", default_value = "")]
+    pub forwarded_allow_ips: String,
     /// Seconds a request body may take to arrive whole.
     #[arg(long, default_value_t = 30)]
     pub request_body_timeout: u64,
@@ -122,6 +133,7 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
+    let trusted_proxies = TrustedProxies::parse(&args.forwarded_allow_ips).map_err(|e| anyhow::anyhow!("--forwarded-allow-ips: {e}"))?;
     let engine_args = args.engine.engine_args()?;
     let tools = crate::api::tools::ToolConfig::new(args.enable_auto_tool_choice, args.tool_call_parser.as_deref()).map_err(anyhow::Error::msg)?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
@@ -204,7 +216,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let timeout = Duration::from_secs(args.shutdown_timeout);
         cfg.limits.shutdown_grace = timeout + Duration::from_secs(2);
         cfg.limits.max_connections = args.max_connections.max(1);
-        cfg.limits.max_connections_per_addr = args.max_connections_per_addr.max(1);
+        cfg.limits.max_connections_per_addr = args.max_connections_per_addr.filter(|n| *n > 0);
+        cfg.limits.trusted_proxies = trusted_proxies;
         cfg.limits.body_timeout = Duration::from_secs(args.request_body_timeout.max(1));
         cfg.limits.idle_timeout = Duration::from_secs(args.idle_connection_timeout.max(1));
         let draining = state.clone();

@@ -43,6 +43,23 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ServeError> {
     Ok(addrs)
 }
 
+/// Connections the kernel may hold completed but not yet accepted (capped by
+/// `net.core.somaxconn`). The standard library's 128 overflows when a load
+/// balancer opens a thousand connections at once; the overflow is not
+/// refused but delayed by SYN retries of a second or more. nginx takes 511,
+/// uvicorn 2048.
+pub(crate) const LISTEN_BACKLOG: u32 = 1024;
+
+/// A TCP listener as `TcpListener::bind` makes one (SO_REUSEADDR on Unix),
+/// with a deeper backlog.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    #[cfg(unix)]
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 /// Bind TCP on every address `host` resolves to. The first must succeed;
 /// later ones (e.g. `::1` for `localhost` on a host without IPv6) only warn.
 /// With port 0 every address gets the port the first one drew.
@@ -57,7 +74,7 @@ pub(crate) async fn tcp(
         if let Some(first) = out.first().and_then(|l| l.local_addr().ok()) {
             addr.set_port(first.port());
         }
-        match TcpListener::bind(addr).await {
+        match listen(addr) {
             Ok(l) => out.push(l),
             Err(source) if out.is_empty() => return Err(ServeError::Bind { what, addr, source }),
             Err(e) => tracing::warn!("cannot listen for {what} on {addr}: {e}; skipping it"),

@@ -24,6 +24,8 @@ use tower::ServiceExt;
 use super::quic_io::{QuicConn, QuicRecv, QuicSend, StopSignal};
 use super::body_guard::{ConnBudget, GuardedBody};
 use super::conn_limits::ConnLimits;
+use super::forwarded::ClientAddr;
+use super::refusal::{Refusals, REFUSAL_DEADLINE};
 use super::{stopped, Limits};
 
 /// Accept QUIC connections until shutdown; then send GOAWAY on each, give
@@ -33,6 +35,7 @@ pub(crate) async fn run_endpoint(
     app: axum::Router,
     limits: Arc<Limits>,
     open: Arc<ConnLimits>,
+    refusals: Arc<Refusals>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -43,18 +46,35 @@ pub(crate) async fn run_endpoint(
         };
         while conns.try_join_next().is_some() {}
         let Some(incoming) = incoming else { break };
-        let slot = match open.try_open(incoming.remote_address().ip()) {
+        let peer = incoming.remote_address().ip();
+        // No PROXY header on QUIC: a trusted peer counts in all only.
+        let trusted = limits.trusted_proxies.trusts(peer);
+        let slot = match open.try_open((!trusted).then_some(peer)) {
             Ok(slot) => slot,
             Err(why) => {
-                tracing::debug!(peer = %incoming.remote_address(), "refused a QUIC connection: {why}");
-                incoming.refuse();
+                // Past a cap, the handshake is finished and each request is
+                // answered 503 with Retry-After (what an HTTP/3 client shows
+                // its user), then GOAWAY; with no room even for that, QUIC's
+                // own CONNECTION_REFUSED at the handshake.
+                let permit = refusals.try_permit();
+                refusals.note(peer, why, permit.is_some());
+                let Some(permit) = permit else {
+                    incoming.refuse();
+                    continue;
+                };
+                let (app, limits, stop) = (refusals.router(why), limits.clone(), stop.clone());
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let refused = serve_conn(incoming, app, limits, stop, true);
+                    let _ = tokio::time::timeout(REFUSAL_DEADLINE, refused).await;
+                });
                 continue;
             }
         };
         let (app, limits, stop) = (app.clone(), limits.clone(), stop.clone());
         conns.spawn(async move {
             let _slot = slot;
-            serve_conn(incoming, app, limits, stop).await
+            serve_conn(incoming, app, limits, stop, false).await
         });
     }
     // New handshakes are refused from here on.
@@ -75,11 +95,14 @@ pub(crate) async fn run_endpoint(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
+/// Serves one QUIC connection; a `refused` one answers the first request it
+/// brings (through the refusal Router) and then sends GOAWAY.
 async fn serve_conn(
     incoming: quinn::Incoming,
     app: axum::Router,
     limits: Arc<Limits>,
     mut stop: watch::Receiver<bool>,
+    refused: bool,
 ) {
     let peer = incoming.remote_address();
     let conn = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
@@ -136,6 +159,7 @@ async fn serve_conn(
                 let conn = conn.clone();
                 let header_timeout = limits.handshake_timeout;
                 let guard = (limits.body_timeout, budget.clone(), limits.max_conn_body_bytes);
+                let limits = limits.clone();
                 requests.spawn(async move {
                     let resolved =
                         tokio::time::timeout(header_timeout, resolver.resolve_request()).await;
@@ -150,12 +174,21 @@ async fn serve_conn(
                                     conn.closed().await;
                                 }),
                             };
-                            handle_request(req, stream, app, peer, stop_signal, guard).await
+                            let client = ClientAddr(limits.trusted_proxies.client_of(peer.ip(), req.headers()));
+                            handle_request(req, stream, app, peer, client, stop_signal, guard).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "bad HTTP/3 request: {e}"),
                         Err(_) => tracing::debug!(%peer, "HTTP/3 request headers timed out"),
                     }
                 });
+                if refused && !closing {
+                    // GOAWAY past the stream in hand: it is answered, no more are taken.
+                    closing = true;
+                    if let Err(e) = h3conn.shutdown(1).await {
+                        tracing::debug!(%peer, "HTTP/3 GOAWAY failed: {e}");
+                        break;
+                    }
+                }
             }
             Ok(None) => break,
             Err(e) => {
@@ -186,6 +219,7 @@ async fn handle_request(
     stream: H3Stream,
     app: axum::Router,
     peer: SocketAddr,
+    client: ClientAddr,
     mut stop_signal: StopSignal,
     (body_timeout, budget, cap): (Duration, Arc<ConnBudget>, usize),
 ) {
@@ -193,6 +227,7 @@ async fn handle_request(
     let head_only = req.method() == Method::HEAD;
     let (mut parts, ()) = req.into_parts();
     parts.extensions.insert(ConnectInfo(peer));
+    parts.extensions.insert(client);
     let body = GuardedBody::new(Body::new(RequestBody::new(recv)), body_timeout, budget, cap);
     let req = http::Request::from_parts(parts, Body::new(body));
 

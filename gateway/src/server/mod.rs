@@ -13,10 +13,15 @@
 mod alt_svc;
 mod bind;
 mod body_guard;
+mod conn_io;
 mod conn_limits;
+mod forwarded;
 mod h3;
 mod idle;
+mod proxy_header;
+mod proxy_io;
 mod quic_io;
+mod refusal;
 mod tcp;
 mod tls;
 
@@ -34,6 +39,7 @@ use tokio::task::JoinSet;
 
 pub use alt_svc::alt_svc_value;
 pub use body_guard::MAX_REQUEST_BODY_BYTES;
+pub use forwarded::{ClientAddr, TrustedProxies};
 
 /// Bounds that protect the server from slow, greedy or idle clients.
 #[derive(Debug, Clone)]
@@ -62,10 +68,20 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// Request-body bytes one connection may hold at once across its streams.
     pub max_conn_body_bytes: usize,
-    /// Open connections at most, TCP and QUIC together; more are refused.
+    /// Open connections at most, TCP and QUIC together; more are answered
+    /// 503 (see `refusal`) and closed.
     pub max_connections: usize,
-    /// Open connections from one IP address at most (TCP and QUIC each).
-    pub max_connections_per_addr: usize,
+    /// Open connections from one client address at most (TCP and QUIC
+    /// together); None (the default) or 0: no such cap. A trusted proxy's
+    /// connections count against the client its PROXY header names, never
+    /// against the proxy.
+    pub max_connections_per_addr: Option<usize>,
+    /// Peers believed about the client's address (`X-Forwarded-For`, the
+    /// PROXY protocol); default nobody.
+    pub trusted_proxies: TrustedProxies,
+    /// Paths a connection refused by a cap still gets answered by the app
+    /// (GET and HEAD): health probes. Default `/health`.
+    pub probe_paths: Vec<String>,
 }
 
 impl Default for Limits {
@@ -82,7 +98,9 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             max_conn_body_bytes: 16 << 20,
             max_connections: 4096,
-            max_connections_per_addr: 256,
+            max_connections_per_addr: None,
+            trusted_proxies: TrustedProxies::none(),
+            probe_paths: vec!["/health".to_string()],
         }
     }
 }
@@ -233,7 +251,8 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
 
     let conns = conn_limits::ConnLimits::new(limits.max_connections, limits.max_connections_per_addr);
-    let tcp_ctx = Arc::new(tcp::TcpCtx::new(app.clone(), limits.clone(), alt_svc, conns.clone()));
+    let refusals = refusal::Refusals::new(&app, &limits);
+    let tcp_ctx = Arc::new(tcp::TcpCtx::new(app.clone(), limits.clone(), alt_svc, conns.clone(), refusals.clone()));
     for l in http_listeners {
         tasks.spawn(tcp::run_listener(l, None, tcp_ctx.clone(), stop_rx.clone()));
     }
@@ -266,10 +285,26 @@ pub async fn serve(
                 app.clone(),
                 limits.clone(),
                 conns.clone(),
+                refusals.clone(),
                 stop_rx.clone(),
             ));
         }
     }
+
+    // Refusals past the first are told in one line per period; this tells
+    // the last of a burst even if no refusal follows it.
+    let (log_refusals, mut log_stop) = (refusals.clone(), stop_rx.clone());
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(refusal::LOG_EVERY) => {}
+                _ = stopped(&mut log_stop) => return,
+            }
+            if let Some(line) = log_refusals.log.flush(std::time::Instant::now()) {
+                tracing::warn!("{line}");
+            }
+        }
+    });
 
     // Turn the caller's future into the watch signal every loop listens to.
     tasks.spawn(async move {

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,16 +16,19 @@ use http::{HeaderValue, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
-use super::idle::{Activity, InFlight, Tracked};
 use super::body_guard::{ConnBudget, GuardedBody};
-use super::conn_limits::ConnLimits;
+use super::conn_io::{ConnIo, Raw};
+use super::conn_limits::{ConnLimits, ConnSlot, Refusal};
+use super::forwarded::ClientAddr;
+use super::idle::{Activity, InFlight, Tracked};
+use super::proxy_io::{read_proxy_header, Prefixed};
+use super::refusal::{Refusals, REFUSAL_DEADLINE, REFUSAL_GOAWAY_AFTER};
 use super::{alt_svc, stopped, Limits};
 
 /// What every TCP connection shares.
@@ -35,6 +38,7 @@ pub(crate) struct TcpCtx {
     alt_svc: Option<HeaderValue>,
     builder: auto::Builder<TokioExecutor>,
     conns: Arc<ConnLimits>,
+    refusals: Arc<Refusals>,
 }
 
 impl TcpCtx {
@@ -43,6 +47,7 @@ impl TcpCtx {
         limits: Arc<Limits>,
         alt_svc: Option<HeaderValue>,
         conns: Arc<ConnLimits>,
+        refusals: Arc<Refusals>,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -66,8 +71,17 @@ impl TcpCtx {
             alt_svc,
             builder,
             conns,
+            refusals,
         }
     }
+}
+
+/// How an accepted connection is served.
+enum Mode {
+    /// In full, holding its place under the caps.
+    Serve(ConnSlot),
+    /// Past a cap: answered 503 (probe paths excepted) and closed.
+    Refuse(Refusal, OwnedSemaphorePermit),
 }
 
 /// Accept until shutdown, then let open connections finish within the grace
@@ -95,33 +109,26 @@ pub(crate) async fn run_listener(
                 continue;
             }
         };
-        let slot = match ctx.conns.try_open(peer.ip()) {
-            Ok(slot) => slot,
+        // A trusted proxy's connections are many clients': they count in all
+        // at once, and against the client its PROXY header names once read.
+        let trusted = ctx.limits.trusted_proxies.trusts(peer.ip());
+        let mode = match ctx.conns.try_open((!trusted).then_some(peer.ip())) {
+            Ok(slot) => Mode::Serve(slot),
             Err(why) => {
-                tracing::debug!(%peer, "refused a connection: {why}");
-                drop(tcp);
-                continue;
+                // Wait for room to answer (each refusal ends within its
+                // deadline; meanwhile new connections wait in the backlog).
+                let permit = tokio::select! {
+                    p = ctx.refusals.permit() => p,
+                    _ = stopped(&mut stop) => break,
+                };
+                let Some(permit) = permit else { break };
+                ctx.refusals.note(peer.ip(), why, true);
+                Mode::Refuse(why, permit)
             }
         };
         // SSE sends many small writes: don't let Nagle hold them back.
         let _ = tcp.set_nodelay(true);
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        let tls = tls.clone();
-        conns.spawn(async move {
-            let _slot = slot;
-            match tls {
-                None => serve_conn(tcp, peer, ctx, stop).await,
-                Some(acc) => {
-                    let hs = tokio::time::timeout(ctx.limits.handshake_timeout, acc.accept(tcp));
-                    match hs.await {
-                        Ok(Ok(tls)) => serve_conn(tls, peer, ctx, stop).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
-        });
+        conns.spawn(conn_task(tcp, peer, trusted, mode, tls.clone(), ctx.clone(), stop.clone()));
     }
     drop(listener);
     let grace = ctx.limits.shutdown_grace;
@@ -138,15 +145,83 @@ pub(crate) async fn run_listener(
     }
 }
 
-async fn serve_conn<IO>(io: IO, peer: SocketAddr, ctx: Arc<TcpCtx>, mut stop: watch::Receiver<bool>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// One accepted connection: its PROXY header (trusted peers only), its
+/// client's place under the per-address cap, TLS, then HTTP.
+async fn conn_task(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    trusted: bool,
+    mut mode: Mode,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<TcpCtx>,
+    stop: watch::Receiver<bool>,
+) {
+    let (raw, client): (Raw, IpAddr) = if trusted {
+        match read_proxy_header(tcp, ctx.limits.handshake_timeout).await {
+            Ok((raw, source)) => (raw, source.map_or(peer.ip(), |s| s.ip())),
+            Err(e) => return tracing::debug!(%peer, "closing: PROXY header: {e}"),
+        }
+    } else {
+        (Prefixed::new(tcp, bytes::Bytes::new()), peer.ip())
+    };
+    if let Mode::Serve(slot) = &mut mode {
+        if client != peer.ip() && !ctx.limits.trusted_proxies.trusts(client) {
+            if let Err(why) = slot.attribute(client) {
+                let permit = tokio::time::timeout(REFUSAL_DEADLINE, ctx.refusals.permit()).await.ok().flatten();
+                ctx.refusals.note(client, why, permit.is_some());
+                let Some(permit) = permit else { return };
+                mode = Mode::Refuse(why, permit);
+            }
+        }
+    }
+    match mode {
+        Mode::Serve(_slot) => {
+            let io = match ConnIo::open(raw, tls.as_ref(), ctx.limits.handshake_timeout).await {
+                Ok(io) => io,
+                Err(e) => return tracing::debug!(%peer, "{e}"),
+            };
+            let app = ctx.app.clone();
+            serve_conn(io, peer, client, app, false, ctx, stop).await;
+        }
+        Mode::Refuse(why, _permit) => {
+            let refused = async {
+                let io = match ConnIo::open(raw, tls.as_ref(), REFUSAL_DEADLINE).await {
+                    Ok(io) => io,
+                    Err(e) => return tracing::debug!(%peer, "refused connection: {e}"),
+                };
+                let app = ctx.refusals.router(why);
+                serve_conn(io, peer, client, app, true, ctx.clone(), stop).await;
+            };
+            if tokio::time::timeout(REFUSAL_DEADLINE, refused).await.is_err() {
+                tracing::debug!(%peer, "refused connection closed at its deadline");
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends, shutdown, or
+/// idleness. On a `refused` connection the refusal Router answers: HTTP/1.1
+/// closes after the one answer (`Connection: close`); HTTP/2 answers every
+/// stream until `REFUSAL_GOAWAY_AFTER`, then sends GOAWAY (the caller's
+/// deadline ends it soon after). Not GOAWAY right after the first answer:
+/// hyper's graceful GOAWAY comes with a PING, which some clients (Python's
+/// `h2`, so httpx) take for a protocol error when it reaches them in the same
+/// read as the answer, and they lose the answer.
+async fn serve_conn(
+    io: ConnIo,
+    peer: SocketAddr,
+    client: IpAddr,
+    app: axum::Router,
+    refused: bool,
+    ctx: Arc<TcpCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
     let activity = Activity::new();
     let svc = ConnService {
-        app: ctx.app.clone(),
+        app,
         alt_svc: ctx.alt_svc.clone(),
         peer,
+        client,
         activity: activity.clone(),
         budget: ConnBudget::new(),
         limits: ctx.limits.clone(),
@@ -155,6 +230,8 @@ where
         .builder
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
+    let goaway = tokio::time::sleep(REFUSAL_GOAWAY_AFTER);
+    tokio::pin!(goaway);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -173,12 +250,17 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            _ = &mut goaway, if refused && !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
 
 /// The Router as one connection's service: marks requests in flight, tells the
-/// app who is calling (`ConnectInfo<SocketAddr>`), and adds alt-svc.
+/// app who is calling (`ConnectInfo<SocketAddr>`, the peer, and `ClientAddr`,
+/// the client behind trusted proxies), and adds alt-svc.
 #[derive(Clone)]
 struct ConnService {
     app: axum::Router,
@@ -188,6 +270,9 @@ struct ConnService {
     /// Request-body bytes this connection holds across its streams.
     budget: Arc<ConnBudget>,
     limits: Arc<Limits>,
+    /// The connection's client: the peer, or the client a trusted peer's
+    /// PROXY header named; each request's `X-Forwarded-For` may say more.
+    client: IpAddr,
 }
 
 impl<B> Service<Request<B>> for ConnService
@@ -206,7 +291,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mark = InFlight::new(&self.activity);
+        let client = self.limits.trusted_proxies.client_of(self.client, req.headers());
         req.extensions_mut().insert(ConnectInfo(self.peer));
+        req.extensions_mut().insert(ClientAddr(client));
         let (timeout, cap) = (self.limits.body_timeout, self.limits.max_conn_body_bytes);
         let budget = self.budget.clone();
         let req = req.map(|b| Body::new(GuardedBody::new(Body::new(b), timeout, budget, cap)));

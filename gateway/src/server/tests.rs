@@ -57,10 +57,12 @@ fn test_app(flags: Flags) -> Router {
                     axum::Json(serde_json::json!({
                         "version": format!("{:?}", req.version()),
                         "peer_ip": peer.ip().to_string(),
+                        "client_ip": req.extensions().get::<ClientAddr>().map(|c| c.0.to_string()),
                     }))
                 },
             ),
         )
+        .route("/health", get(|| async { "ok" }))
         .route(
             "/sse",
             get(|| async {
@@ -860,4 +862,152 @@ async fn startup_errors_are_clear() {
     );
     let _ = tx.send(());
     s.wait().await.unwrap();
+}
+
+// ---------- connection caps, PROXY protocol, X-Forwarded-For ----------
+
+/// Sends `head` (and `body`) on a fresh connection and reads until the server
+/// closes it (or 10 s pass): the whole answer.
+async fn raw_exchange(addr: std::net::SocketAddr, head: &[u8], body: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Holds a connection open with a stalled stream; dropping it closes it.
+async fn hold(addr: std::net::SocketAddr, prefix: &[u8]) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(prefix).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    s
+}
+
+fn json_body(answer: &str) -> serde_json::Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // A chunked body: the JSON is the line that starts with '{'.
+    let line = body.lines().find(|l| l.starts_with('{')).unwrap_or(body);
+    serde_json::from_str(line).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_every_http_version_reads_503_and_probes_answer() {
+    let limits = Limits { max_connections: 2, ..Limits::default() };
+    let h = Harness::start(test_app(Flags::default()), limits).await;
+    let addr = h.s().http_addr();
+    let held = vec![hold(addr, b"").await, hold(addr, b"").await];
+
+    // HTTP/1.1: 503, Retry-After, OpenAI's error shape, then the connection closes.
+    let a = raw_exchange(addr, b"GET /json HTTP/1.1\r\nhost: x\r\n\r\n", b"").await;
+    let head = a.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 503"), "{a}");
+    assert!(head.contains("retry-after: 1\r\n") && head.contains("connection: close"), "{a}");
+    let v = json_body(&a);
+    assert_eq!(v["error"]["type"], "ServiceUnavailableError", "{a}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--max-connections"), "{a}");
+    // A client still sending a body reads the answer too.
+    let body = vec![b'x'; 100_000];
+    let head = format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+    let a = raw_exchange(addr, head.as_bytes(), &body).await;
+    assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+    // The probe path still reaches the app.
+    let a = raw_exchange(addr, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n", b"").await;
+    assert!(a.starts_with("HTTP/1.1 200") && a.ends_with("ok"), "{a}");
+
+    // HTTP/2 (prior knowledge): the stream gets the 503, then GOAWAY ends the connection.
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get("http://127.0.0.1/json").body(Empty::<Bytes>::new()).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["error"]["code"], 503);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    assert!(ended.is_ok(), "the refused HTTP/2 connection stays open");
+
+    // HTTP/3: the request is answered 503 too.
+    if have_aioquic() {
+        let r = h3_run(&h, "get", "/json", None).await;
+        assert_eq!(r[0]["status"], 503, "{r:?}");
+        assert_eq!(r[0]["headers"]["retry-after"], "1", "{r:?}");
+        let r = h3_run(&h, "get", "/health", None).await;
+        assert_eq!(r[0]["status"], 200, "{r:?}");
+    }
+
+    // Places freed are served in full again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = raw_exchange(addr, b"GET /json HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", b"").await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    h.shutdown().await;
+}
+
+fn proxy_v2(src: [u8; 4], sport: u16) -> Vec<u8> {
+    let mut b = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    b.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    b.extend_from_slice(&src);
+    b.extend_from_slice(&[127, 0, 0, 1]);
+    b.extend_from_slice(&sport.to_be_bytes());
+    b.extend_from_slice(&80u16.to_be_bytes());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_name_the_client_and_others_do_not() {
+    let limits = Limits {
+        trusted_proxies: TrustedProxies::parse("127.0.0.1").unwrap(),
+        max_connections_per_addr: Some(1),
+        ..Limits::default()
+    };
+    let h = Harness::start(test_app(Flags::default()), limits).await;
+    let addr = h.s().http_addr();
+    let get = b"GET /json HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let client = |a: &str| json_body(a)["client_ip"].as_str().map(str::to_string);
+
+    let a = raw_exchange(addr, &[&b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n"[..], get].concat(), b"").await;
+    assert_eq!(client(&a).as_deref(), Some("198.51.100.7"), "{a}");
+    assert_eq!(json_body(&a)["peer_ip"], "127.0.0.1");
+    let a = raw_exchange(addr, &[&proxy_v2([198, 51, 100, 8], 4242)[..], get].concat(), b"").await;
+    assert_eq!(client(&a).as_deref(), Some("198.51.100.8"), "{a}");
+    // No header from a trusted peer: the peer itself, or whom X-Forwarded-For names.
+    let a = raw_exchange(addr, get, b"").await;
+    assert_eq!(client(&a).as_deref(), Some("127.0.0.1"), "{a}");
+    let xff = b"GET /json HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 6.6.6.6, 198.51.100.9\r\nconnection: close\r\n\r\n";
+    let a = raw_exchange(addr, xff, b"").await;
+    assert_eq!(client(&a).as_deref(), Some("198.51.100.9"), "{a}");
+    // A malformed header closes the connection unanswered.
+    let a = raw_exchange(addr, &[&b"PROXY TCP4 1.2.3.4 nope\r\n"[..], get].concat(), b"").await;
+    assert_eq!(a, "");
+
+    // The per-address cap counts the named client, not the proxy.
+    let held = hold(addr, b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n").await;
+    let _also_held = hold(addr, b"PROXY TCP4 198.51.100.6 127.0.0.1 5555 80\r\n").await;
+    let a = raw_exchange(addr, &[&b"PROXY TCP4 198.51.100.7 127.0.0.1 5556 80\r\n"[..], get].concat(), b"").await;
+    assert!(a.starts_with("HTTP/1.1 503") && a.contains("--max-connections-per-addr"), "{a}");
+    let a = raw_exchange(addr, &[&b"PROXY TCP4 198.51.100.5 127.0.0.1 5556 80\r\n"[..], get].concat(), b"").await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    drop(held);
+    h.shutdown().await;
+
+    // Trusting nobody: the header is not read (HTTP refuses it as a request)
+    // and X-Forwarded-For is ignored.
+    let h = Harness::start(test_app(Flags::default()), Limits::default()).await;
+    let addr = h.s().http_addr();
+    let a = raw_exchange(addr, &[&b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n"[..], get].concat(), b"").await;
+    assert!(!a.contains("198.51.100.7") && !a.starts_with("HTTP/1.1 200"), "{a}");
+    let a = raw_exchange(addr, xff, b"").await;
+    assert_eq!(client(&a).as_deref(), Some("127.0.0.1"), "{a}");
+    h.shutdown().await;
 }
