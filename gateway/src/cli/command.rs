@@ -41,12 +41,23 @@ enum BenchCommand {
 
 /// The `ferry` command line: parses the arguments, runs the command, and exits
 /// with status 1 and the error's chain on failure.
+/// A server holds a socket per client: the common soft limit of 1024 open
+/// files would refuse connections (EMFILE at accept) long before
+/// `--max-connections` (4096). Raise the soft limit to the hard one, as
+/// nginx's `worker_rlimit_nofile` and most servers do; failing that, go on.
+fn raise_open_file_limit() {
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("could not raise the open-file limit: {e}");
+    }
+}
+
 pub fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_open_file_limit();
     let result = match cli.command {
         Command::Serve(a) if a.cluster.headless => crate::cli::headless::run(a),
         Command::Serve(a) => crate::cli::serve::run(a),
