@@ -69,6 +69,23 @@ pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The chained hashes of `tokens`' full blocks, in order: the names this
+/// cache gives them (and reports in its KV events), which a gateway computes
+/// over a prompt to route it to the rank that holds most of it.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut parent = ROOT_HASH;
+    tokens
+        .chunks_exact(block_size)
+        .map(|chunk| {
+            parent = chain_hash(parent, chunk);
+            parent
+        })
+        .collect()
+}
+
 /// Most events a [`KvEventQueue`] of a cache of `num_blocks` blocks holds
 /// before it is folded into `Cleared` and a snapshot. At least twice the
 /// largest snapshot, so a fold is followed by at least `num_blocks` pushes

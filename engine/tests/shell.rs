@@ -215,17 +215,7 @@ fn replay(held: &mut HashMap<u64, usize>, events: &[KvEvent]) {
 }
 
 /// The chained hashes of `tokens`' full blocks, as a gateway computes them.
-fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    use ferry_engine::kv_cache::{chain_hash, ROOT_HASH};
-    let mut parent = ROOT_HASH;
-    tokens
-        .chunks_exact(block_size)
-        .map(|chunk| {
-            parent = chain_hash(parent, chunk);
-            parent
-        })
-        .collect()
-}
+use ferry_engine::kv_cache::block_hashes;
 
 /// Sends one request and reads until it finishes, replaying every batch's KV
 /// events into `held`. Returns the tokens the engine computed KV for (the

@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 
-use ferry_engine::kv_cache::{chain_hash, ROOT_HASH};
 use ferry_transport::KvEvent;
 
 /// `--routing`.
@@ -133,20 +132,8 @@ pub fn choose(cfg: &RoutingConfig, candidates: &[Candidate], last: usize) -> Opt
 }
 
 /// The chained hashes of the prompt's full blocks, as the engine's prefix
-/// cache names them (`kv_cache::chain_hash` from `ROOT_HASH`).
-pub fn prompt_block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    if block_size == 0 {
-        return Vec::new();
-    }
-    let mut parent = ROOT_HASH;
-    tokens
-        .chunks_exact(block_size)
-        .map(|chunk| {
-            parent = chain_hash(parent, chunk);
-            parent
-        })
-        .collect()
-}
+/// cache names them.
+pub use ferry_engine::kv_cache::block_hashes as prompt_block_hashes;
 
 /// What one rank's link has told us it caches, plus the prompts of requests
 /// sent to it and not yet ended (their blocks are being computed there now).
@@ -287,6 +274,7 @@ mod tests {
 
     #[test]
     fn block_hashes_chain_over_full_blocks_only() {
+        use ferry_engine::kv_cache::{chain_hash, ROOT_HASH};
         let t: Vec<u32> = (0..40).collect();
         let h = prompt_block_hashes(&t, 16);
         assert_eq!(h.len(), 2);
