@@ -323,7 +323,28 @@ impl FrameDecoder {
                 self.buf.shrink_to(self.buf.len().max(IDLE_BUFFER_BYTES / 4));
             }
         }
+        self.grow_for(bytes.len());
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Makes room for `more` bytes: doubling as bytes arrive (so a large frame
+    /// is not copied over and over), but never past the end of the frame being
+    /// read when its length is known and allowed, so the buffer stays within
+    /// twice what arrived and within the frame.
+    fn grow_for(&mut self, more: usize) {
+        let needed = self.buf.len() + more;
+        if needed <= self.buf.capacity() {
+            return;
+        }
+        let frame_end = match self.buf.get(self.start..self.start + LEN_BYTES) {
+            Some(prefix) => {
+                let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+                if len <= self.max_frame { self.start + LEN_BYTES + len } else { 0 }
+            }
+            None => 0,
+        };
+        let target = (self.buf.capacity() * 2).min(frame_end.max(needed)).max(needed);
+        self.buf.reserve_exact(target - self.buf.len());
     }
 
     /// Bytes of memory the buffer holds (for tests).
@@ -583,6 +604,20 @@ mod tests {
         }
         assert!(dec.capacity() <= 64 << 10, "{}", dec.capacity());
     }
+
+    #[test]
+    fn a_frame_arriving_in_pieces_takes_no_more_than_its_size() {
+        let big = encode(&add(1, 3 << 20)).unwrap();
+        let mut dec = FrameDecoder::new();
+        for piece in big.chunks(READ_CHUNK_FOR_TESTS) {
+            dec.push(piece);
+            assert!(dec.capacity() <= big.len().max(2 * dec.buffered()), "{} for {} of {}", dec.capacity(), dec.buffered(), big.len());
+        }
+        assert_eq!(dec.capacity(), big.len());
+        assert!(matches!(dec.pop::<ToEngine>(), Ok(Some(_))));
+    }
+
+    const READ_CHUNK_FOR_TESTS: usize = 64 << 10;
 
     #[test]
     fn a_large_frame_leaves_no_large_buffer_behind() {
