@@ -16,17 +16,18 @@
 //! payload must decode to exactly one message (no trailing bytes). Errors,
 //! never panics.
 //!
-//! What decoding a payload of `L` bytes may allocate: a vector reserves at most
-//! 64 KiB before its elements arrive (serde's own vectors, 1 MiB) and then
-//! grows with them, so it holds at most twice what its elements take. Per byte
-//! on the wire an element takes at most 6 bytes of memory (a `TokenLogprob`:
-//! 40 for at least 7; a token: 4 for at least 1), except kinds capped by
-//! count: outputs (136 for 8; [`MAX_OUTPUTS_PER_BATCH`], 8.5 MiB), KV events
-//! (16 for 1; [`MAX_KV_EVENTS`], 1 MiB), the ids of an `Abort` (8 for 1;
+//! What decoding a payload of `L` bytes may allocate. Per byte on the wire an
+//! element takes at most 6 bytes of memory (a `TokenLogprob`: 40 for at least
+//! 7; a token: 4 for at least 1), except kinds capped by count: outputs (136
+//! for 8; [`MAX_OUTPUTS_PER_BATCH`], 8.5 MiB), KV events (16 for 1;
+//! [`MAX_KV_EVENTS`], 1 MiB), the ids of an `Abort` (8 for 1;
 //! [`MAX_ABORT_IDS`], 0.5 MiB) and the strings of a choice constraint (24 for
-//! 1; `MAX_CONSTRAINT_BYTES`, 6 MiB). So about 2 × (6 L + 16 MiB) at most, and
-//! under 1 MiB for a frame read before the handshake (L ≤ 16 KiB: at most 2048
-//! outputs).
+//! 1; `MAX_CONSTRAINT_BYTES`, 6 MiB). Vectors reserve at the length they claim
+//! out of a budget of 8 L for the whole payload, then 64 KiB at most, growing
+//! with their elements beyond it; so honest vectors are allocated once, at
+//! their size, and lies cost at most the budget. All told about 8 L plus
+//! twice the capped kinds (32 MiB), and under 1 MiB for a frame read before
+//! the handshake (L ≤ 16 KiB: at most 2048 outputs).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -64,6 +65,11 @@ pub const MAX_SHUTDOWN_FRAME_BYTES: usize = 16;
 
 /// Bytes of the length prefix.
 const LEN_BYTES: usize = 4;
+
+/// What the vectors of one payload may reserve at their claimed lengths, per
+/// byte of the payload: more than any element expands outside the kinds
+/// capped by count (6), so honest vectors are reserved exactly.
+const RESERVE_FACTOR: usize = 8;
 
 /// Payload bytes that name a message's kind: the version byte and at most two
 /// one-byte variant tags (postcard writes a variant index as a varint).
@@ -205,7 +211,9 @@ fn check_head<T: Message>(head: &[u8], len: usize) -> Result<bool, CodecError> {
 /// module's note.
 fn decode_checked<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     let body = payload.get(1..).unwrap_or_default();
-    let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| {
+    let budget = RESERVE_FACTOR.saturating_mul(payload.len());
+    let decoded = crate::protocol::with_reserve_budget(budget, || postcard::take_from_bytes::<T>(body));
+    let (msg, rest) = decoded.map_err(|e| {
         let why = crate::protocol::take_over_bound().unwrap_or_else(|| e.to_string());
         CodecError::Malformed(why)
     })?;

@@ -45,6 +45,7 @@ pub struct SamplingParams {
     /// Tokens to generate before EOS or stop tokens may end the sequence.
     pub min_tokens: u32,
     /// Extra token ids that end a sequence (besides the model's EOS unless `ignore_eos`).
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     /// Number of top alternatives to return with each sampled token (None: no logprobs).
@@ -57,6 +58,7 @@ pub struct SamplingParams {
     /// Added to the logits before penalties and sampling, greedy included
     /// (OpenAI `logit_bias`, already clamped to [-100, 100]): (token id, bias),
     /// ids unique and inside the vocabulary.
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub logit_bias: Vec<(u32, f32)>,
     /// Structured outputs: every sampled token must keep the output inside
     /// this language (vLLM `structured_outputs` / `response_format`). The
@@ -125,6 +127,7 @@ impl Default for SamplingParams {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineRequest {
     pub id: RequestId,
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub prompt_tokens: Vec<u32>,
     pub sampling: SamplingParams,
     /// Set when the request continues one completion that another rank (or
@@ -153,6 +156,7 @@ pub struct Resume {
     /// and numbers the outputs).
     pub index: u32,
     /// The tokens already generated and delivered, oldest first.
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub output_tokens: Vec<u32>,
 }
 
@@ -249,6 +253,7 @@ pub struct TokenOutput {
     /// On the first output of completion 0 when the request asked for
     /// `prompt_logprobs`: one entry per prompt token after the first (the
     /// first has no context to be predicted from), in prompt order.
+    #[serde(deserialize_with = "bounded_opt_vec::<_, _, FRAME_BOUNDED>")]
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     /// On a sequence's last output: where its time went.
     pub timing: Option<SeqTiming>,
@@ -346,10 +351,59 @@ pub const MAX_OUTPUTS_PER_BATCH: usize = 1 << 16;
 /// speculative decoding, which proposes a handful per step.
 pub const MAX_TOKENS_PER_OUTPUT: usize = 64;
 
-/// Most bytes a vector read off the wire reserves before its elements arrive.
-/// The length prefix is the peer's word: a vector that really is longer grows
-/// as its elements are read, so memory follows the bytes that arrived.
+/// Most bytes a vector read off the wire reserves before its elements arrive,
+/// beyond the codec's budget (below). The length prefix is the peer's word: a
+/// vector that really is longer grows as its elements are read, so memory
+/// follows the bytes that arrived.
 const MAX_PREALLOC_BYTES: usize = 64 << 10;
+
+/// A vector whose length is bounded only by its frame (each element takes at
+/// least a byte on the wire, and a frame at most `codec::MAX_FRAME_BYTES`).
+const FRAME_BOUNDED: usize = usize::MAX;
+
+thread_local! {
+    /// Bytes the vectors of the payload being decoded on this thread may still
+    /// reserve in one go, at the length they claim. The codec sets it to a
+    /// multiple of the payload's size ([`with_reserve_budget`]); elsewhere it
+    /// is 0 and every vector reserves cautiously.
+    static RESERVE_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `decode` with a budget of `bytes` for vectors to reserve at their
+/// claimed length: an honest vector then takes exactly its size instead of
+/// growing by doubling (which at its last step holds three times its data),
+/// and a lying one costs no more than the budget.
+pub(crate) fn with_reserve_budget<T>(bytes: usize, decode: impl FnOnce() -> T) -> T {
+    /// Clears the budget however `decode` ends.
+    struct Spent;
+    impl Drop for Spent {
+        fn drop(&mut self) {
+            RESERVE_BUDGET.with(|b| b.set(0));
+        }
+    }
+    RESERVE_BUDGET.with(|b| b.set(bytes));
+    let _spent = Spent;
+    decode()
+}
+
+/// Elements to reserve for a vector of `T` claiming `claimed` (at most its
+/// bound): all of them if that fits the cautious amount or the budget (which
+/// it then spends), else the cautious amount.
+fn reserve_for<T>(claimed: usize) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    let cautious = MAX_PREALLOC_BYTES / size;
+    if claimed <= cautious {
+        return claimed;
+    }
+    let bytes = claimed.saturating_mul(size);
+    RESERVE_BUDGET.with(|b| match b.get().checked_sub(bytes) {
+        Some(left) => {
+            b.set(left);
+            claimed
+        }
+        None => cautious,
+    })
+}
 
 /// A vector of at most `N` elements, read element by element. A bound is
 /// refused as soon as element `N + 1` appears, before it is stored, so a
@@ -371,8 +425,7 @@ impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for BoundedVec<T
                 if claimed > N {
                     return Err(over_bound(claimed, N, &self));
                 }
-                let reserve = claimed.min(MAX_PREALLOC_BYTES / std::mem::size_of::<T>().max(1));
-                let mut items = Vec::with_capacity(reserve);
+                let mut items = Vec::with_capacity(reserve_for::<T>(claimed));
                 while let Some(item) = seq.next_element()? {
                     if items.len() == N {
                         return Err(over_bound(N + 1, N, &self));
