@@ -229,3 +229,10 @@ pub async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
     send.write_all(PREAMBLE).await.unwrap();
     RawEnd { conn, send, recv, _endpoint: endpoint.clone() }
 }
+
+/// A listener with other slot bounds.
+pub fn listener_with(ca: &Ca, limits: admission::Limits) -> (RpcListener, SocketAddr) {
+    let l = RpcListener::bind_with_limits("127.0.0.1:0".parse().unwrap(), server_tls(ca), limits).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
