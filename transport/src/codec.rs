@@ -667,7 +667,8 @@ mod tests {
             FromEngine::Outputs(o)
         };
         let lp = |top: usize| TokenLogprob { token: 1, logprob: -1.0, rank: 1, top: vec![(1, -1.0); top] };
-        let cases: Vec<(&str, Box<dyn Fn(usize) -> FromEngine>, usize)> = vec![
+        type Make = Box<dyn Fn(usize) -> FromEngine>;
+        let cases: Vec<(&str, Make, usize)> = vec![
             ("outputs", Box::new(|n| batch(vec![output(1, 0); n])), MAX_OUTPUTS_PER_BATCH),
             ("new tokens", Box::new(move |n| with(&|o| o.outputs[0].new_tokens = vec![1; n])), MAX_TOKENS_PER_OUTPUT),
             ("logprobs", Box::new(move |n| with(&|o| o.outputs[0].logprobs = Some(vec![lp(0); n]))), MAX_TOKENS_PER_OUTPUT),

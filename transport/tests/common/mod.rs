@@ -27,7 +27,11 @@ impl Ca {
     /// A leaf certificate for `name` signed by this CA, and its key.
     pub fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.issuer).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        // As a ferry node certificate: the node's name is its common name.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
@@ -164,7 +168,7 @@ pub struct RawEnd {
     pub conn: quinn::Connection,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
-    _endpoint: quinn::Endpoint,
+    pub endpoint: quinn::Endpoint,
 }
 
 impl RawEnd {
@@ -205,7 +209,7 @@ pub async fn raw_rank(addr: SocketAddr, ca: &Ca) -> RawEnd {
     send.write_all(PREAMBLE).await.unwrap();
     let mut answer = [0u8; PREAMBLE.len()];
     recv.read_exact(&mut answer).await.unwrap();
-    RawEnd { conn, send, recv, _endpoint: endpoint }
+    RawEnd { conn, send, recv, endpoint }
 }
 
 /// A hostile API node listening with a server certificate of `ca`.
@@ -227,7 +231,7 @@ pub async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
     let mut preamble = [0u8; PREAMBLE.len()];
     recv.read_exact(&mut preamble).await.unwrap();
     send.write_all(PREAMBLE).await.unwrap();
-    RawEnd { conn, send, recv, _endpoint: endpoint.clone() }
+    RawEnd { conn, send, recv, endpoint: endpoint.clone() }
 }
 
 /// A listener with other slot bounds.
