@@ -23,11 +23,12 @@
 //! [`MAX_KV_EVENTS`], 1 MiB), the ids of an `Abort` (8 for 1;
 //! [`MAX_ABORT_IDS`], 0.5 MiB) and the strings of a choice constraint (24 for
 //! 1; `MAX_CONSTRAINT_BYTES`, 6 MiB). Vectors reserve at the length they claim
-//! out of a budget of 8 L for the whole payload, then 64 KiB at most, growing
-//! with their elements beyond it; so honest vectors are allocated once, at
-//! their size, and lies cost at most the budget. All told about 8 L plus
-//! twice the capped kinds (32 MiB), and under 1 MiB for a frame read before
-//! the handshake (L ≤ 16 KiB: at most 2048 outputs).
+//! out of a budget of 8 L for the whole payload, else 64 KiB at most, and grow
+//! with their elements; so honest vectors are allocated once, at their size,
+//! and a lie costs at most the budget. All told: at most 6 L plus the capped
+//! kinds, twice that while vectors grow (`tests/alloc.rs` measures the worst
+//! cases), and under 1 MiB for a frame read before the handshake (L ≤ 16 KiB:
+//! at most 2048 outputs).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -359,8 +359,10 @@ fn drop_link(conn: &Connection, peer: &Peer, why: &str) -> TransportError {
 
 /// Dials the API node's RPC port as one rank. `tls` should carry this node's
 /// client certificate; its ALPN list is replaced with [`ALPN`]. The link is up
-/// (the API node accepted it) when this returns; the engine then says Hello. When the connection ends,
-/// the engine end's `CommandRx::recv` returns `Err`: dial again.
+/// (the API node accepted it) when this returns; the engine then says Hello.
+/// When the connection ends, the engine end's `CommandRx::recv` returns
+/// `Err`: dial again. Every wait is bounded: the QUIC handshake by the idle
+/// timeout, the API node's answer by [`STREAM_TIMEOUT`].
 pub async fn dial(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<EngineEnd, TransportError> {
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -387,17 +389,21 @@ pub async fn dial(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientCo
         }
         Ok((send, recv))
     };
+    let peer = Peer::of(&conn);
     let (send, recv) = match tokio::time::timeout(STREAM_TIMEOUT, opened).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             // Say why the API node closed, if it did (a refused certificate, say).
             if let Some(why) = conn.close_reason() {
+                tracing::warn!(%peer, "the API node refused the link: {why}");
                 return Err(other(&format!("{addr} refused the link"), why));
             }
+            tracing::warn!(%peer, "dropped the link to the API node: {e}");
             close(&conn, CODE_VIOLATION, &e.to_string());
             return Err(e);
         }
         Err(_) => {
+            tracing::warn!(%peer, "dropped the link to the API node: no answer within {STREAM_TIMEOUT:?}");
             close(&conn, CODE_VIOLATION, "no answer in time");
             return Err(other("link", format!("{addr} did not answer in time")));
         }
@@ -408,7 +414,6 @@ pub async fn dial(addr: SocketAddr, server_name: &str, tls: Arc<rustls::ClientCo
     // The writer task holds the endpoint: it is the last task of the link to end.
     tokio::spawn(write_frames(conn.clone(), send, queue, alive_rx, Some(endpoint)));
     let (commands, commands_rx) = flume::unbounded();
-    let peer = Peer::of(&conn);
     tokio::spawn(read_commands(conn, peer, recv, commands));
     let alive = Arc::new(alive);
     Ok(EngineEnd {

@@ -150,7 +150,7 @@ fn a_full_size_frame_of_the_most_expanding_kind_costs_a_small_multiple_of_itself
 
 /// The uncapped worst case: prompt logprobs (40 bytes each in memory, 7 on the
 /// wire), reserved once at their claimed length: the frame's buffer and 5.7
-/// times it, within the bound `codec.rs` states (8 L + 32 MiB).
+/// times it, within the 6 bytes per byte `codec.rs` states.
 #[test]
 fn a_full_size_frame_of_prompt_logprobs_stays_within_the_stated_bound() {
     let entries = (MAX_FRAME_BYTES - 64) / 7;
