@@ -134,9 +134,9 @@ impl Shared {
     fn turn_away(&self, addr: SocketAddr, why: impl Display) -> TransportError {
         if let Some(skipped) = lock(&self.turned_away).admit(Instant::now()) {
             if skipped > 0 {
-                tracing::warn!(peer = %addr, "turned away a connection: {why} ({skipped} more like it since the last such line)");
+                tracing::warn!(peer = %addr, "refused a cluster link: {why} ({skipped} more like it since the last such line)");
             } else {
-                tracing::warn!(peer = %addr, "turned away a connection: {why}");
+                tracing::warn!(peer = %addr, "refused a cluster link: {why}");
             }
         }
         TransportError::Other(format!("rank at {addr}: {why}"))
