@@ -197,7 +197,7 @@ const LOG_BURST: u32 = 10;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// Says why each connection attempt was refused without letting a flood flood
-/// the log: at most [`LOG_BURST`] lines per [`LOG_WINDOW`], and the first line
+/// the log: at most `LOG_BURST` (10) lines per `LOG_WINDOW` (10 s), and the first line
 /// of the next window says how many were left out.
 #[derive(Debug, Default)]
 pub struct LogThrottle {

@@ -163,7 +163,8 @@ pub enum CodecError {
 
 /// One message as a complete frame, ready to write. Refuses to produce a frame
 /// the other side would refuse (over [`MAX_FRAME_BYTES`] or its kind's bound;
-/// [`split`] first keeps a long `Abort` or a large batch within them).
+/// [`split_command`] and [`split_outputs`] first keep a long `Abort` or a
+/// large batch within them).
 pub fn encode<T: Message>(msg: &T) -> Result<Vec<u8>, CodecError> {
     // Serialize behind a placeholder prefix so the frame is built in one buffer.
     let mut frame = vec![0u8; LEN_BYTES];

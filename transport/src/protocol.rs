@@ -342,8 +342,8 @@ pub const MAX_ABORT_IDS: usize = 1 << 16;
 
 /// Most outputs one batch carries. A turn of the engine yields at most one
 /// output per running sequence (`--max-num-seqs`, 256 by default) plus one per
-/// request it refused or aborted in that turn; a larger turn goes out in
-/// several batches (the QUIC link's sender splits it).
+/// request it refused and per completion it aborted in that turn; a larger
+/// turn goes out in several batches (the QUIC link's sender splits it).
 pub const MAX_OUTPUTS_PER_BATCH: usize = 1 << 16;
 
 /// Most tokens (and logprob entries) one `TokenOutput` carries. The engine
