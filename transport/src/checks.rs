@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use crate::codec::{MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES};
 use crate::*;
 
 /// The most top alternatives per token a peer may send. vLLM's limit for
@@ -52,6 +53,9 @@ struct Live {
 #[derive(Debug, Default)]
 pub struct GatewayChecks {
     hello: Option<Said>,
+    /// The gateway accepted the rank's Hello (it sent an accepting Welcome):
+    /// from then on the rank may send frames of any size up to the limit.
+    welcomed: bool,
     /// Requests still running on this rank. An entry goes when its last
     /// completion finishes, so memory follows the rank's load, not its history.
     live: HashMap<RequestId, Live>,
@@ -62,8 +66,22 @@ impl GatewayChecks {
         Self::default()
     }
 
+    /// The largest frame the gateway reads from this rank now: a handshake's
+    /// until it accepted the rank's Hello, so a peer it has not accepted costs
+    /// it little memory whatever it sends.
+    pub fn max_frame(&self) -> usize {
+        if self.welcomed {
+            MAX_FRAME_BYTES
+        } else {
+            MAX_HANDSHAKE_FRAME_BYTES
+        }
+    }
+
     /// Records a command the gateway is about to send.
     pub fn on_send(&mut self, msg: &ToEngine) {
+        if let ToEngine::Welcome(w) = msg {
+            self.welcomed |= w.accepted;
+        }
         if let ToEngine::Command(EngineCommand::Add(req)) = msg {
             let (first, n) = match &req.resume {
                 Some(r) => (r.index, 1),
@@ -203,6 +221,7 @@ fn check_logprob(
 #[derive(Debug, Default)]
 pub struct EngineChecks {
     welcomed: bool,
+    accepted: bool,
 }
 
 impl EngineChecks {
@@ -210,11 +229,22 @@ impl EngineChecks {
         Self::default()
     }
 
+    /// The largest frame the engine reads now: a handshake's until the API
+    /// node accepted it.
+    pub fn max_frame(&self) -> usize {
+        if self.accepted {
+            MAX_FRAME_BYTES
+        } else {
+            MAX_HANDSHAKE_FRAME_BYTES
+        }
+    }
+
     pub fn on_recv(&mut self, msg: &ToEngine) -> Result<(), LinkViolation> {
         match msg {
             ToEngine::Welcome(_) if self.welcomed => violation("a second Welcome"),
-            ToEngine::Welcome(_) => {
+            ToEngine::Welcome(w) => {
                 self.welcomed = true;
+                self.accepted = w.accepted;
                 Ok(())
             }
             ToEngine::Command(_) if !self.welcomed => violation("a command before the Welcome"),
@@ -340,6 +370,27 @@ mod tests {
         assert!(ready().on_recv(&with(vec![lp(1, vec![(100, -2.0)])])).is_err());
         assert!(ready().on_recv(&with(vec![lp(1, vec![]), lp(1, vec![])])).is_err(), "more entries than tokens");
         assert!(ready().on_recv(&with(vec![lp(1, vec![(1, -1.0); MAX_TOP_LOGPROBS + 1])])).is_err());
+    }
+
+    #[test]
+    fn frames_stay_small_until_the_handshake_accepts() {
+        let welcome = |accepted| ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted, reason: None, rank: 3 });
+        let mut c = GatewayChecks::new();
+        assert_eq!(c.max_frame(), MAX_HANDSHAKE_FRAME_BYTES);
+        c.on_recv(&hello(3, 100)).unwrap();
+        assert_eq!(c.max_frame(), MAX_HANDSHAKE_FRAME_BYTES, "a Hello alone is not accepted");
+        c.on_send(&welcome(false));
+        assert_eq!(c.max_frame(), MAX_HANDSHAKE_FRAME_BYTES, "a refusal");
+        c.on_send(&welcome(true));
+        assert_eq!(c.max_frame(), MAX_FRAME_BYTES);
+
+        let mut e = EngineChecks::new();
+        assert_eq!(e.max_frame(), MAX_HANDSHAKE_FRAME_BYTES);
+        e.on_recv(&welcome(false)).unwrap();
+        assert_eq!(e.max_frame(), MAX_HANDSHAKE_FRAME_BYTES);
+        let mut e = EngineChecks::new();
+        e.on_recv(&welcome(true)).unwrap();
+        assert_eq!(e.max_frame(), MAX_FRAME_BYTES);
     }
 
     #[test]

@@ -18,10 +18,16 @@
 //!   wire. Sans-IO.
 //! - [`flume_link()`]: the in-process link, structs moved as they are, unchecked.
 //! - [`quic_link`]: the link between nodes, QUIC with mutual TLS (quinn).
+//! - [`admission`]: which connection attempts the API node gives a handshake
+//!   slot (per address, a reserve for cluster members, a pool for verified
+//!   peers awaiting their Hello). Sans-IO.
+//! - `peer`: a link's peer named for logs (address, certificate name).
 
+pub mod admission;
 pub mod checks;
 pub mod codec;
 pub mod handshake;
+mod peer;
 mod protocol;
 pub mod quic_link;
 
@@ -80,4 +86,4 @@ pub struct EngineEnd {
 
 mod flume_link;
 pub use flume_link::flume_link;
-pub use quic_link::{dial, RpcListener};
+pub use quic_link::{dial, Peer, RpcListener};

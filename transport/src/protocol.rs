@@ -45,6 +45,7 @@ pub struct SamplingParams {
     /// Tokens to generate before EOS or stop tokens may end the sequence.
     pub min_tokens: u32,
     /// Extra token ids that end a sequence (besides the model's EOS unless `ignore_eos`).
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     /// Number of top alternatives to return with each sampled token (None: no logprobs).
@@ -57,6 +58,7 @@ pub struct SamplingParams {
     /// Added to the logits before penalties and sampling, greedy included
     /// (OpenAI `logit_bias`, already clamped to [-100, 100]): (token id, bias),
     /// ids unique and inside the vocabulary.
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub logit_bias: Vec<(u32, f32)>,
     /// Structured outputs: every sampled token must keep the output inside
     /// this language (vLLM `structured_outputs` / `response_format`). The
@@ -79,8 +81,9 @@ pub enum Constraint {
     JsonObject,
     /// A regular expression (Rust `regex` syntax) the whole output matches.
     Regex(String),
-    /// The output is exactly one of these strings.
-    Choice(Vec<String>),
+    /// The output is exactly one of these strings. Each counts at least one
+    /// byte toward [`MAX_CONSTRAINT_BYTES`], so no more than that many.
+    Choice(#[serde(deserialize_with = "bounded_vec::<_, _, MAX_CONSTRAINT_BYTES>")] Vec<String>),
     /// A context-free grammar in llguidance's Lark syntax.
     Lark(String),
 }
@@ -124,6 +127,7 @@ impl Default for SamplingParams {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineRequest {
     pub id: RequestId,
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub prompt_tokens: Vec<u32>,
     pub sampling: SamplingParams,
     /// Set when the request continues one completion that another rank (or
@@ -152,6 +156,7 @@ pub struct Resume {
     /// and numbers the outputs).
     pub index: u32,
     /// The tokens already generated and delivered, oldest first.
+    #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub output_tokens: Vec<u32>,
 }
 
@@ -160,7 +165,8 @@ pub struct Resume {
 pub enum EngineCommand {
     Add(EngineRequest),
     /// Stop these requests now and free their KV blocks. Unknown ids are ignored.
-    Abort(Vec<RequestId>),
+    /// At most [`MAX_ABORT_IDS`] (the QUIC link's sender splits a longer list).
+    Abort(#[serde(deserialize_with = "bounded_vec::<_, _, MAX_ABORT_IDS>")] Vec<RequestId>),
     Shutdown,
 }
 
@@ -223,7 +229,8 @@ pub struct TokenLogprob {
     /// 1-based rank of `token` among all tokens by logprob (ties share the
     /// better rank), as vLLM reports it.
     pub rank: u32,
-    /// Best first, as many as asked for.
+    /// Best first, as many as asked for (at most [`MAX_LOGPROBS`]).
+    #[serde(deserialize_with = "bounded_vec::<_, _, { MAX_LOGPROBS as usize }>")]
     pub top: Vec<(u32, f32)>,
 }
 
@@ -233,8 +240,11 @@ pub struct TokenOutput {
     pub id: RequestId,
     /// Which of the request's `n` completions this is (0-based).
     pub index: u32,
+    /// At most [`MAX_TOKENS_PER_OUTPUT`].
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_TOKENS_PER_OUTPUT>")]
     pub new_tokens: Vec<u32>,
     /// One entry per new token, when the request asked for logprobs.
+    #[serde(deserialize_with = "bounded_opt_vec::<_, _, MAX_TOKENS_PER_OUTPUT>")]
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Set on the sequence's last output.
     pub finish: Option<FinishReason>,
@@ -243,6 +253,7 @@ pub struct TokenOutput {
     /// On the first output of completion 0 when the request asked for
     /// `prompt_logprobs`: one entry per prompt token after the first (the
     /// first has no context to be predicted from), in prompt order.
+    #[serde(deserialize_with = "bounded_opt_vec::<_, _, FRAME_BOUNDED>")]
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     /// On a sequence's last output: where its time went.
     pub timing: Option<SeqTiming>,
@@ -269,6 +280,7 @@ pub struct EngineStats {
     pub draining: bool,
     /// Tokens each engine step computed since the previous batch (vLLM's
     /// iteration tokens), at most [`MAX_STEP_REPORTS`], oldest first.
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_STEP_REPORTS>")]
     pub step_tokens: Vec<u32>,
 }
 
@@ -293,6 +305,9 @@ pub struct SeqTiming {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutputs {
     pub rank: u32,
+    /// At most [`MAX_OUTPUTS_PER_BATCH`] (the QUIC link's sender splits a
+    /// larger batch, keeping each request's outputs together).
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_OUTPUTS_PER_BATCH>")]
     pub outputs: Vec<TokenOutput>,
     pub stats: EngineStats,
     /// Changes to the set of full KV blocks this rank holds in its prefix
@@ -300,7 +315,7 @@ pub struct EngineOutputs {
     /// [`MAX_KV_EVENTS`]). A link's first batches after it attaches start
     /// with `Cleared` and then list every block held, so a gateway that
     /// (re)joins learns the whole set.
-    #[serde(deserialize_with = "bounded_kv_events")]
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_KV_EVENTS>")]
     pub kv_events: Vec<KvEvent>,
 }
 
@@ -320,30 +335,138 @@ pub enum KvEvent {
 /// Most `EngineOutputs::kv_events` one batch carries.
 pub const MAX_KV_EVENTS: usize = 1 << 16;
 
-/// Reads `kv_events` refusing more than [`MAX_KV_EVENTS`] of them, so a
-/// decoder never holds more than that: a `Cleared` is one byte on the wire
-/// and 16 in memory, so without the bound a frame of them would expand
-/// sixteenfold before the link's checks could refuse it.
-fn bounded_kv_events<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<KvEvent>, D::Error> {
-    struct Bounded;
-    impl<'de> serde::de::Visitor<'de> for Bounded {
-        type Value = Vec<KvEvent>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "at most {MAX_KV_EVENTS} KV events")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            // The length prefix is the peer's word: reserve no more than the bound.
-            let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_KV_EVENTS));
-            while let Some(e) = seq.next_element()? {
-                if events.len() == MAX_KV_EVENTS {
-                    return Err(serde::de::Error::invalid_length(events.len() + 1, &self));
-                }
-                events.push(e);
-            }
-            Ok(events)
+/// Most ids one `Abort` names. The gateway aborts one request at a time, or
+/// every placement of a drained rank at once: that is bounded by what it has
+/// in flight (`--max-concurrent-requests`, 1024 by default), far below this.
+pub const MAX_ABORT_IDS: usize = 1 << 16;
+
+/// Most outputs one batch carries. A turn of the engine yields at most one
+/// output per running sequence (`--max-num-seqs`, 256 by default) plus one per
+/// request it refused and per completion it aborted in that turn; a larger
+/// turn goes out in several batches (the QUIC link's sender splits it).
+pub const MAX_OUTPUTS_PER_BATCH: usize = 1 << 16;
+
+/// Most tokens (and logprob entries) one `TokenOutput` carries. The engine
+/// makes one token per sequence per step; the slack leaves room for
+/// speculative decoding, which proposes a handful per step.
+pub const MAX_TOKENS_PER_OUTPUT: usize = 64;
+
+/// Most bytes a vector read off the wire reserves before its elements arrive,
+/// beyond the codec's budget (below). The length prefix is the peer's word: a
+/// vector that really is longer grows as its elements are read, so memory
+/// follows the bytes that arrived.
+const MAX_PREALLOC_BYTES: usize = 64 << 10;
+
+/// A vector whose length is bounded only by its frame (each element takes at
+/// least a byte on the wire, and a frame at most `codec::MAX_FRAME_BYTES`).
+const FRAME_BOUNDED: usize = usize::MAX;
+
+thread_local! {
+    /// Bytes the vectors of the payload being decoded on this thread may still
+    /// reserve in one go, at the length they claim. The codec sets it to a
+    /// multiple of the payload's size ([`with_reserve_budget`]); elsewhere it
+    /// is 0 and every vector reserves cautiously.
+    static RESERVE_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `decode` with a budget of `bytes` for vectors to reserve at their
+/// claimed length: an honest vector then takes exactly its size instead of
+/// growing by doubling (which at its last step holds three times its data),
+/// and a lying one costs no more than the budget.
+pub(crate) fn with_reserve_budget<T>(bytes: usize, decode: impl FnOnce() -> T) -> T {
+    /// Clears the budget however `decode` ends.
+    struct Spent;
+    impl Drop for Spent {
+        fn drop(&mut self) {
+            RESERVE_BUDGET.with(|b| b.set(0));
         }
     }
-    d.deserialize_seq(Bounded)
+    RESERVE_BUDGET.with(|b| b.set(bytes));
+    let _spent = Spent;
+    decode()
+}
+
+/// Elements to reserve for a vector of `T` claiming `claimed` (at most its
+/// bound): all of them if that fits the cautious amount or the budget (which
+/// it then spends), else the cautious amount.
+fn reserve_for<T>(claimed: usize) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    let cautious = MAX_PREALLOC_BYTES / size;
+    if claimed <= cautious {
+        return claimed;
+    }
+    let bytes = claimed.saturating_mul(size);
+    RESERVE_BUDGET.with(|b| match b.get().checked_sub(bytes) {
+        Some(left) => {
+            b.set(left);
+            claimed
+        }
+        None => cautious,
+    })
+}
+
+/// A vector of at most `N` elements, read element by element. A bound is
+/// refused as soon as element `N + 1` appears, before it is stored, so a
+/// decoder never holds more than `N` (without it a frame of one-byte
+/// elements would expand many times over before the link's checks could
+/// refuse it: a `KvEvent::Cleared` is one byte on the wire, 16 in memory).
+struct BoundedVec<T, const N: usize>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for BoundedVec<T, N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T, const N: usize>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Visit<T, N> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a sequence of at most {N} elements")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let claimed = seq.size_hint().unwrap_or(0);
+                if claimed > N {
+                    return Err(over_bound(claimed, N, &self));
+                }
+                let mut items = Vec::with_capacity(reserve_for::<T>(claimed));
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == N {
+                        return Err(over_bound(N + 1, N, &self));
+                    }
+                    items.push(item);
+                }
+                Ok(items)
+            }
+        }
+        d.deserialize_seq(Visit::<T, N>(std::marker::PhantomData)).map(BoundedVec)
+    }
+}
+
+thread_local! {
+    /// The last bound a decode on this thread ran into: (elements, bound).
+    /// postcard reports a custom error without its text, so the codec reads
+    /// the reason here to say why it refused a frame.
+    static OVER_BOUND: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+fn over_bound<E: serde::de::Error>(len: usize, bound: usize, exp: &dyn serde::de::Expected) -> E {
+    OVER_BOUND.with(|c| c.set(Some((len, bound))));
+    E::invalid_length(len, exp)
+}
+
+/// Why the last decode on this thread failed, if a vector's bound was the
+/// reason; clears it.
+pub(crate) fn take_over_bound() -> Option<String> {
+    OVER_BOUND.with(|c| c.take()).map(|(len, bound)| format!("a list of {len} or more elements, over its bound of {bound}"))
+}
+
+/// `deserialize_with` for a `Vec<T>` field of at most `N` elements.
+fn bounded_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const N: usize>(d: D) -> Result<Vec<T>, D::Error> {
+    BoundedVec::<T, N>::deserialize(d).map(|v| v.0)
+}
+
+/// `deserialize_with` for an `Option<Vec<T>>` field of at most `N` elements.
+fn bounded_opt_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    Option::<BoundedVec<T, N>>::deserialize(d).map(|v| v.map(|v| v.0))
 }
 
 /// Engine -> gateway, first message on a transport.

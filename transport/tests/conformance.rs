@@ -52,13 +52,30 @@ async fn a_large_message_arrives_intact(pair: (GatewayEnd, EngineEnd)) {
         let mut eng = eng;
         let got = eng.rx.recv().unwrap();
         let ToEngine::Command(EngineCommand::Add(r)) = &got else { panic!("expected Add") };
-        eng.tx.send(outputs(RANK, 42, r.prompt_tokens.clone())).unwrap();
+        eng.tx.send(echo(42, &r.prompt_tokens)).unwrap();
         (eng, got)
     });
     let back = gw.rx.recv().await.unwrap();
     let (_eng, got) = tokio::task::spawn_blocking(move || engine.join().unwrap()).await.unwrap();
     assert_eq!(got, sent);
-    assert_eq!(back, outputs(RANK, 42, prompt));
+    assert_eq!(back, echo(42, &prompt));
+}
+
+/// `tokens` sent back as one large batch of outputs for request `id`, each
+/// as long as an output may be.
+fn echo(id: RequestId, tokens: &[u32]) -> FromEngine {
+    let output = |new_tokens: &[u32]| TokenOutput {
+        id,
+        index: 0,
+        new_tokens: new_tokens.to_vec(),
+        logprobs: None,
+        finish: None,
+        num_cached_tokens: 0,
+        prompt_logprobs: None,
+        timing: None,
+    };
+    let outputs = tokens.chunks(MAX_TOKENS_PER_OUTPUT).map(output).collect();
+    FromEngine::Outputs(EngineOutputs { rank: RANK, outputs, stats: EngineStats::default(), kv_events: Vec::new() })
 }
 
 async fn dropping_the_gateway_end_is_seen_by_the_engine(pair: (GatewayEnd, EngineEnd)) {

@@ -176,12 +176,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("ferry: waiting for engine ranks on udp {} (data-parallel size {})", listener.local_addr()?, plan.size);
             let c = coordinator.clone();
             Some(tokio::spawn(async move {
-                while let Some(accepted) = listener.accept().await {
+                while let Some(accepted) = listener.accept_peer().await {
                     match accepted {
+                        // Named by address and certificate in the coordinator's logs.
                         Ok((end, peer)) => {
                             c.attach(end, peer.to_string());
                         }
-                        Err(e) => tracing::warn!("refused a cluster link: {e}"),
+                        // The transport logged why, throttled under a flood.
+                        Err(e) => tracing::debug!("refused a cluster link: {e}"),
                     }
                 }
             }))

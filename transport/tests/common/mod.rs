@@ -27,7 +27,11 @@ impl Ca {
     /// A leaf certificate for `name` signed by this CA, and its key.
     pub fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &self.issuer).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        // As a ferry node certificate: the node's name is its common name.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
         (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
@@ -146,4 +150,94 @@ pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u3
     gw.tx.send(ToEngine::Welcome(handshake::welcome(&h, &checked))).unwrap();
     checked.unwrap();
     tokio::task::spawn_blocking(move || eng.join().unwrap()).await.unwrap()
+}
+
+/// The payload of `msg` as a hostile peer writes it: the codec version and the
+/// postcard bytes, with none of the sender's checks or splitting.
+pub fn raw_payload<T: serde::Serialize>(msg: &T) -> Vec<u8> {
+    let mut payload = vec![codec::CODEC_VERSION];
+    payload.extend(postcard::to_stdvec(msg).unwrap());
+    payload
+}
+
+/// The link's preamble (private to the transport; written here by hand).
+pub const PREAMBLE: &[u8; 8] = b"ferry\0l1";
+
+/// One end of a QUIC link driven byte by byte by a test: a hostile peer that
+/// got through TLS (it holds a certificate of the cluster CA).
+pub struct RawEnd {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub endpoint: quinn::Endpoint,
+}
+
+impl RawEnd {
+    /// Writes a frame of `payload` (its length prefix first).
+    pub async fn frame(&mut self, payload: &[u8]) -> Result<(), quinn::WriteError> {
+        self.send.write_all(&(payload.len() as u32).to_be_bytes()).await?;
+        self.send.write_all(payload).await
+    }
+
+    /// The reason the other end closed the connection with, once it has.
+    pub async fn close_reason(&self) -> String {
+        match self.conn.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
+            other => format!("not closed by the peer: {other}"),
+        }
+    }
+}
+
+/// A QUIC client config for `tls`, sending at most `send_window` bytes ahead
+/// (so a test that writes a large frame does not buffer it all itself).
+pub fn quic_client_config(tls: Arc<rustls::ClientConfig>, send_window: u64) -> quinn::ClientConfig {
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![quic_link::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quic_link::transport_config();
+    transport.send_window(send_window);
+    config.transport_config(Arc::new(transport));
+    config
+}
+
+/// A hostile rank: dials the API node at `addr` with a certificate of `ca`,
+/// opens the stream and exchanges the preamble, then does what the test says.
+pub async fn raw_rank(addr: SocketAddr, ca: &Ca) -> RawEnd {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint.connect_with(quic_client_config(client_tls(ca, ca), 256 << 10), addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(PREAMBLE).await.unwrap();
+    let mut answer = [0u8; PREAMBLE.len()];
+    recv.read_exact(&mut answer).await.unwrap();
+    RawEnd { conn, send, recv, endpoint }
+}
+
+/// A hostile API node listening with a server certificate of `ca`.
+pub fn raw_api_node(ca: &Ca) -> (quinn::Endpoint, SocketAddr) {
+    let mut tls = (*server_tls(ca)).clone();
+    tls.alpn_protocols = vec![quic_link::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(quic_link::transport_config()));
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+/// The hostile API node takes one dialing rank and exchanges the preamble.
+pub async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut preamble = [0u8; PREAMBLE.len()];
+    recv.read_exact(&mut preamble).await.unwrap();
+    send.write_all(PREAMBLE).await.unwrap();
+    RawEnd { conn, send, recv, endpoint: endpoint.clone() }
+}
+
+/// A listener with other slot bounds.
+pub fn listener_with(ca: &Ca, limits: admission::Limits) -> (RpcListener, SocketAddr) {
+    let l = RpcListener::bind_with_limits("127.0.0.1:0".parse().unwrap(), server_tls(ca), limits).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
 }
