@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn frames_stay_small_until_the_handshake_accepts() {
-        let welcome = |accepted| ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted, reason: None, rank: 3 });
+        let welcome = |accepted| ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted, reason: None, rank: 3, retry: false });
         let mut c = GatewayChecks::new();
         assert_eq!(c.max_frame(), MAX_HANDSHAKE_FRAME_BYTES);
         c.on_recv(&hello(3, 100)).unwrap();

@@ -516,6 +516,7 @@ mod tests {
             max_model_len: 64,
             num_kv_blocks: 4,
             block_size: 16,
+            node: "n".into(),
         })
     }
 
@@ -540,7 +541,7 @@ mod tests {
 
     #[test]
     fn the_kind_read_off_the_head_is_the_kind_of_the_message() {
-        let welcome = ToEngine::Welcome(Welcome { protocol_version: 1, accepted: true, reason: None, rank: 0 });
+        let welcome = ToEngine::Welcome(Welcome { protocol_version: 1, accepted: true, reason: None, rank: 0, retry: false });
         for msg in [welcome, add(1, 3), abort(3), ToEngine::Command(EngineCommand::Shutdown)] {
             let frame = encode(&msg).unwrap();
             assert_eq!(ToEngine::max_payload(&frame[LEN_BYTES..LEN_BYTES + KIND_BYTES]).unwrap(), Some(msg.bound()), "{msg:?}");

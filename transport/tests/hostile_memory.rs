@@ -89,7 +89,7 @@ async fn a_full_size_frame_costs_the_api_node_less_than_50_mb() {
     let (mut gw2, _) = accepted.unwrap().unwrap();
     hostile.frame(&raw_payload(&FromEngine::Hello(hello(RANK, VOCAB)))).await.unwrap();
     assert!(matches!(gw2.rx.recv().await, Ok(FromEngine::Hello(_))));
-    gw2.tx.send(ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: RANK })).unwrap();
+    gw2.tx.send(ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: RANK, retry: false })).unwrap();
     let writing = tokio::spawn(send_full_size_batch(hostile));
     let got = tokio::time::timeout(Duration::from_secs(20), gw2.rx.recv()).await.expect("refused in time");
     let Err(TransportError::Protocol(why)) = got else { panic!("expected a violation, got {got:?}") };

@@ -204,7 +204,7 @@ async fn refused_after_the_handshake(payload: Vec<u8>, why: &str) {
 }
 
 fn accepted_as(rank: u32) -> ToEngine {
-    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank })
+    ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank, retry: false })
 }
 
 fn batch(outputs: Vec<TokenOutput>) -> FromEngine {
