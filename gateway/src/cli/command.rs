@@ -12,7 +12,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over the OpenAI API (HTTP/1.1, HTTP/2, HTTP/3).
-    Serve(crate::cli::serve::ServeArgs),
+    Serve(Box<crate::cli::serve::ServeArgs>),
     /// Generate a completion for one prompt, offline (no server).
     Generate(crate::cli::generate::GenerateArgs),
     /// TLS material for a cluster: its CA and node certificates.
@@ -39,8 +39,6 @@ enum BenchCommand {
     Routing(crate::cli::bench_routing::BenchRoutingArgs),
 }
 
-/// The `ferry` command line: parses the arguments, runs the command, and exits
-/// with status 1 and the error's chain on failure.
 /// A server holds a socket per client: the common soft limit of 1024 open
 /// files would refuse connections (EMFILE at accept) long before
 /// `--max-connections` (4096). Raise the soft limit to the hard one, as
@@ -51,6 +49,8 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The `ferry` command line: parses the arguments, runs the command, and exits
+/// with status 1 and the error's chain on failure.
 pub fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
@@ -59,8 +59,8 @@ pub fn main() {
     let cli = Cli::parse();
     raise_open_file_limit();
     let result = match cli.command {
-        Command::Serve(a) if a.cluster.headless => crate::cli::headless::run(a),
-        Command::Serve(a) => crate::cli::serve::run(a),
+        Command::Serve(a) if a.cluster.headless => crate::cli::headless::run(*a),
+        Command::Serve(a) => crate::cli::serve::run(*a),
         Command::Generate(a) => crate::cli::generate::run(a),
         Command::Certs(c) => crate::cli::certs::run(c),
         Command::Bench(BenchCommand::Serve(a)) => tokio::runtime::Builder::new_multi_thread()
