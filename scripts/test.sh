@@ -20,6 +20,12 @@ scripts/check-import-cycles.py
 cargo build --release --locked --features cuda --bin ferry
 cargo test --release --locked -p ferry-engine --features cuda --lib
 cargo build --release --locked --bin ferry
+# Lints: a clippy warning fails the run.
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --release --locked --workspace --all-targets -- -D warnings
+else
+  echo "skipped: clippy (not installed)"
+fi
 cargo test --release --locked --workspace
 # What of the GPU check needs no GPU: its float64 references, and the
 # sampling kernel with the counter-based draw run emulated on the CPU.

@@ -195,7 +195,8 @@ fn hf_llama3_inv_freq(p: &Llama3Params, dim: usize, base: f64) -> Vec<f64> {
             let scaled = if wl > low_wl { inv / p.factor } else { inv };
             let smooth = (p.original_max_position_embeddings / wl - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor);
             let smoothed = (1.0 - smooth) * scaled / p.factor + smooth * scaled;
-            if !(wl < high_wl) && !(wl > low_wl) { smoothed } else { scaled }
+            // Between the two wavelengths (NaN-free here): blend.
+            if wl >= high_wl && wl <= low_wl { smoothed } else { scaled }
         })
         .collect()
 }

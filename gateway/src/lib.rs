@@ -24,10 +24,10 @@ pub(crate) mod engines;
 pub(crate) mod metrics;
 pub mod server;
 
-#[doc(hidden)]
-
 pub use api::errors::ApiError;
 pub use api::generation::{ChoiceDelta, Finish};
+/// The `ferry` binary's entry point (not part of the embedding surface).
+#[doc(hidden)]
 pub use cli::command::main as run_cli;
 pub use embed::{Completion, Llm, LlmBuilder, Prompt, Server, Stream, TextParams};
 pub use ferry_engine::EngineArgs;

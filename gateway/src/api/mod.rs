@@ -300,19 +300,17 @@ async fn method_not_allowed(req: Request) -> ApiError {
 const OPEN_PATHS: [&str; 3] = ["/health", "/metrics", "/version"];
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if !state.api_keys.is_empty() {
-        if !OPEN_PATHS.contains(&req.uri().path()) {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            // Every key is compared, so the time taken says nothing of which matched.
-            let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, k| ok | constant_time_eq(g.as_bytes(), k.as_bytes())));
-            if !ok {
-                return ApiError::unauthorized().into_response();
-            }
+    if !state.api_keys.is_empty() && !OPEN_PATHS.contains(&req.uri().path()) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        // Every key is compared, so the time taken says nothing of which matched.
+        let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, k| ok | constant_time_eq(g.as_bytes(), k.as_bytes())));
+        if !ok {
+            return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await

@@ -275,6 +275,16 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     parse_json(&serde_json::to_vec(&v).map_err(|e| ApiError::bad_request(e.to_string()))?)
 }
 
+/// vLLM's `X-data-parallel-rank` header: send the request to that engine rank.
+pub fn data_parallel_rank(headers: &axum::http::HeaderMap) -> Result<Option<u32>, ApiError> {
+    let Some(v) = headers.get("x-data-parallel-rank") else { return Ok(None) };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map(Some)
+        .ok_or_else(|| ApiError::bad_request("X-data-parallel-rank must be a non-negative integer"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,14 +423,4 @@ mod tests {
         assert_eq!(resolve_model(Some("b"), &served).unwrap(), "b");
         assert_eq!(resolve_model(Some("c"), &served).unwrap_err().status.as_u16(), 404);
     }
-}
-
-/// vLLM's `X-data-parallel-rank` header: send the request to that engine rank.
-pub fn data_parallel_rank(headers: &axum::http::HeaderMap) -> Result<Option<u32>, ApiError> {
-    let Some(v) = headers.get("x-data-parallel-rank") else { return Ok(None) };
-    v.to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::bad_request("X-data-parallel-rank must be a non-negative integer"))
 }

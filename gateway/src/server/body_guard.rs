@@ -115,7 +115,7 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"{\"a\":")))).await.unwrap();
         let budget = ConnBudget::new();
         let b = GuardedBody::new(stalled, Duration::from_millis(100), budget.clone(), 1 << 20);
-        let e = b.collect().await.err().expect("must time out");
+        let e = b.collect().await.expect_err("must time out");
         assert!(matches!(e, BodyError::TimedOut(_)), "{e}");
         assert_eq!(budget.held.load(Ordering::Acquire), 0, "dropping the body gives its bytes back");
         drop(tx);
@@ -125,7 +125,7 @@ mod tests {
         let mut keep = Box::pin(keep);
         let _ = keep.frame().await; // 600 held
         let other = GuardedBody::new(two(), Duration::from_secs(5), budget.clone(), 1000);
-        let e = other.collect().await.err().expect("over the connection's budget");
+        let e = other.collect().await.expect_err("over the connection's budget");
         assert!(matches!(e, BodyError::ConnectionBudget(1000)), "{e}");
         drop(keep);
         assert_eq!(budget.held.load(Ordering::Acquire), 0);
