@@ -1,8 +1,9 @@
 //! ferry's OpenAI-compatible API as one axum `Router`, served unchanged over
 //! HTTP/1.1, HTTP/2 and HTTP/3.
 //!
-//! Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize;
-//! GET /v1/models, /health, /metrics, /version.
+//! Routes: POST /v1/completions, /v1/chat/completions, /v1/responses,
+//! /tokenize, /detokenize, /v1/admin/ranks/{rank}/drain; GET /v1/models,
+//! /health, /metrics, /version, /v1/admin/ranks.
 //!
 //! - Bodies over [`MAX_BODY_BYTES`] (4 MiB: a full 128k-token prompt as JSON token
 //!   ids is about 1 MiB) get 413.
