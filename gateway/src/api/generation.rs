@@ -236,6 +236,7 @@ impl Generation {
                 }
             };
             match event {
+                SeqEvent::Moved { id, indices, rank } => self.on_moved(id, &indices, rank),
                 SeqEvent::Failed { message, .. } => {
                     self.failed = true;
                     return Some(Err(ApiError::unavailable(message, 1)));
@@ -252,6 +253,15 @@ impl Generation {
     fn charge(&self, tokens: u64) {
         if let Some(a) = &self.admission {
             a.client.charge(tokens);
+        }
+    }
+
+    /// Completions of one prompt moved to another rank: their later tokens
+    /// count as that rank's.
+    fn on_moved(&mut self, id: RequestId, indices: &[u32], rank: usize) {
+        let Some(&p) = self.by_id.get(&id) else { return };
+        for &k in indices.iter().filter(|&&k| k < self.n) {
+            self.choices[p * self.n as usize + k as usize].rank = rank;
         }
     }
 

@@ -212,6 +212,7 @@ pub async fn run_in_process_request(
             Ok(None) => return failed(FailureKind::StreamClosedEarly, "the engine link closed before the request finished".into()),
             Ok(Some(SeqEvent::Failed { message, .. })) => return failed(FailureKind::ServerError, message),
             Ok(Some(SeqEvent::Output(o))) => o,
+            Ok(Some(SeqEvent::Moved { .. })) => continue,
         };
         if !ev.new_tokens.is_empty() {
             let now = start.elapsed().as_secs_f64();

@@ -90,6 +90,8 @@ struct Trace {
     submitted: Option<Instant>,
     token_times: Vec<Instant>,
     failed: Option<String>,
+    /// The rank it moved to, if it moved.
+    moved_to: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +159,7 @@ async fn run_request(coordinator: Coordinator, prompt: Vec<u32>, sampling: Sampl
                 t.failed = Some(message);
                 return;
             }
+            SeqEvent::Moved { rank, .. } => t.moved_to = Some(rank),
             SeqEvent::Output(o) => {
                 let now = Instant::now();
                 t.token_times.extend(o.new_tokens.iter().map(|_| now));
@@ -287,7 +290,7 @@ async fn migration_round(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &E
     let mut pauses = Vec::new();
     for t in &traces {
         let t = t.lock().unwrap_or_else(|p| p.into_inner());
-        if t.rank != 0 || t.failed.is_some() {
+        if t.moved_to.is_none() || t.failed.is_some() {
             continue;
         }
         let before = t.token_times.iter().rev().find(|&&x| x <= drained_at);

@@ -387,7 +387,10 @@ impl Coordinator {
             for (req, indices) in plan.requests {
                 let req = EngineRequest { id: self.inner.next_id.fetch_add(1, Ordering::Relaxed), ..req };
                 let resumed = req.resume.as_ref().map_or(0, |r| r.output_tokens.len());
+                // Announced first: the new rank's outputs wait for this lock.
+                let announced = indices.clone();
                 let to = self.place(tracked, req, indices, placements, None, &[from])?;
+                tracked.announce_move(&announced, to);
                 tracing::info!(request = tracked.id, from, to, resumed, "moved a request: {why}");
             }
             Ok::<(), SubmitError>(())
@@ -820,6 +823,7 @@ mod tests {
         assert_eq!(moved.resume, Some(Resume { index: 0, output_tokens: vec![5, 6] }));
         assert_eq!((moved.prompt_tokens.clone(), moved.sampling.seed), (vec![1, 2, 3], first.sampling.seed));
         assert_ne!(moved.id, first.id);
+        assert_eq!(event(&mut rx).await, SeqEvent::Moved { id: g.id(), indices: vec![0], rank: 1 });
         send_outputs(&e1, 1, vec![out(moved.id, 0, &[7], Some(FinishReason::Length))]);
         let last = event(&mut rx).await;
         assert!(matches!(&last, SeqEvent::Output(o) if o.id == g.id() && o.new_tokens == vec![7] && o.finish.is_some()), "{last:?}");
@@ -877,6 +881,8 @@ mod tests {
         let err = FinishReason::Error(ferry_transport::EngineError::capacity("no room"));
         send_outputs(&e0, 0, vec![out(pinned.id, 0, &[], Some(err.clone()))]);
         assert!(matches!(event(&mut rx2).await, SeqEvent::Output(o) if o.finish == Some(err)));
+        let to = if g.rank_index() == 0 { 1 } else { 0 };
+        assert_eq!(rx.try_recv().ok(), Some(SeqEvent::Moved { id: g.id(), indices: vec![0, 1], rank: to }));
         assert!(rx.try_recv().is_err(), "the retried request saw nothing of its first rank's failure");
     }
 

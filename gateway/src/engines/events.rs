@@ -10,6 +10,10 @@ pub enum SeqEvent {
     /// The request could not go on (its rank went away or failed it, and it
     /// could not be moved).
     Failed { id: RequestId, message: String },
+    /// Completions `indices` now run on rank `rank` (they moved): their
+    /// later tokens are that rank's, in the per-rank metrics. Sent before any
+    /// output from the new rank.
+    Moved { id: RequestId, indices: Vec<u32>, rank: usize },
 }
 
 pub type EventTx = mpsc::UnboundedSender<SeqEvent>;

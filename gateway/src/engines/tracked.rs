@@ -124,6 +124,12 @@ impl Tracked {
         Some(place(&mut s.placements, moves))
     }
 
+    /// Tells the client's channel that `indices` now run on `rank` (call it
+    /// inside [`Self::with_placements`], before the new rank can deliver).
+    pub fn announce_move(&self, indices: &[u32], rank: usize) {
+        let _ = self.events.send(SeqEvent::Moved { id: self.id, indices: indices.to_vec(), rank });
+    }
+
     /// Hands one output of placement `link_id` to the client under the
     /// request's id, recording its tokens for a later move.
     pub fn deliver(&self, mut out: TokenOutput) -> Delivery {
