@@ -123,6 +123,11 @@ struct Report {
     migration: Option<MigrationPause>,
 }
 
+/// A trace, locked: plain data, usable after a panic elsewhere.
+fn locked(t: &Mutex<Trace>) -> std::sync::MutexGuard<'_, Trace> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -136,24 +141,24 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Runs one request through the coordinator, recording into `trace`.
 async fn run_request(coordinator: Coordinator, prompt: Vec<u32>, sampling: SamplingParams, trace: Arc<Mutex<Trace>>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    trace.lock().unwrap_or_else(|p| p.into_inner()).submitted = Some(Instant::now());
+    locked(&trace).submitted = Some(Instant::now());
     let guard = match coordinator.submit(prompt, sampling, tx, None) {
         Ok(g) => g,
         Err(e) => {
-            trace.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(e.to_string());
+            locked(&trace).failed = Some(e.to_string());
             return;
         }
     };
-    trace.lock().unwrap_or_else(|p| p.into_inner()).rank = guard.rank_index();
+    locked(&trace).rank = guard.rank_index();
     loop {
         let ev = match tokio::time::timeout(Duration::from_secs(600), rx.recv()).await {
             Ok(Some(ev)) => ev,
             Ok(None) | Err(_) => {
-                trace.lock().unwrap_or_else(|p| p.into_inner()).failed = Some("no finish".into());
+                locked(&trace).failed = Some("no finish".into());
                 return;
             }
         };
-        let mut t = trace.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = locked(&trace);
         match ev {
             SeqEvent::Failed { message, .. } => {
                 t.failed = Some(message);
@@ -231,7 +236,7 @@ async fn routing_run(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &Engin
         queries += s.stats.prefix_cache_queries;
     }
     stop_ranks(r);
-    let traces: Vec<Trace> = traces.iter().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+    let traces: Vec<Trace> = traces.iter().map(|t| locked(t).clone()).collect();
     let ok: Vec<&Trace> = traces.iter().filter(|t| t.failed.is_none() && !t.token_times.is_empty()).collect();
     let mut ttfts: Vec<f64> = ok.iter().filter_map(|t| Some((t.token_times[0] - t.submitted?).as_secs_f64() * 1e3)).collect();
     ttfts.sort_by(f64::total_cmp);
@@ -273,7 +278,7 @@ async fn migration_round(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &E
         traces.push(trace.clone());
         tasks.push(tokio::spawn(run_request(r.coordinator.clone(), prompt, sampling.clone(), trace)));
     }
-    let ready = || traces.iter().all(|t| t.lock().unwrap_or_else(|p| p.into_inner()).token_times.len() >= generated_before_move);
+    let ready = || traces.iter().all(|t| locked(t).token_times.len() >= generated_before_move);
     let deadline = Instant::now() + Duration::from_secs(300);
     while !ready() {
         if Instant::now() > deadline {
@@ -289,7 +294,7 @@ async fn migration_round(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &E
     stop_ranks(r);
     let mut pauses = Vec::new();
     for t in &traces {
-        let t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let t = locked(t);
         if t.moved_to.is_none() || t.failed.is_some() {
             continue;
         }

@@ -383,7 +383,7 @@ impl Coordinator {
         };
         let counter = if plan.before_first_token { &self.inner.counters.retries } else { &self.inner.counters.migrations };
         counter.fetch_add(1, Ordering::Relaxed);
-        let placed = tracked.with_placements(|placements, _| {
+        let placed = tracked.with_placements(|placements| {
             for (req, indices) in plan.requests {
                 let req = EngineRequest { id: self.inner.next_id.fetch_add(1, Ordering::Relaxed), ..req };
                 let resumed = req.resume.as_ref().map_or(0, |r| r.output_tokens.len());
@@ -513,7 +513,7 @@ impl Coordinator {
         let hashes = prompt_block_hashes(&prompt_tokens, block_size);
         let tracked = Arc::new(Tracked::new(id, prompt_tokens, sampling, hashes, pin.is_some(), events));
         let (req, indices) = tracked.first_request(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let placed = tracked.with_placements(|placements, _| self.place(&tracked, req, indices, placements, pin, &[]));
+        let placed = tracked.with_placements(|placements| self.place(&tracked, req, indices, placements, pin, &[]));
         let rank = placed.expect("a new request is not over")?;
         Ok(RequestGuard { tracked, rank })
     }

@@ -60,6 +60,20 @@ struct RankState {
     killed: Option<String>,
 }
 
+impl RankState {
+    /// Up and not draining.
+    fn serves(&self) -> bool {
+        self.down.is_none() && !self.stats.draining && !self.drained
+    }
+
+    /// vLLM's load score: waiting × 4 + running, counting `Add`s the engine
+    /// has not reported taking in yet as waiting.
+    fn load_score(&self) -> u64 {
+        let uncounted = self.sent.saturating_sub(self.stats.num_added);
+        (self.stats.num_waiting as u64 + uncounted) * 4 + self.stats.num_running as u64
+    }
+}
+
 /// Steps remembered between two scrapes: hours of steps at the usual scrape
 /// intervals, a few hundred KiB at most if nobody scrapes.
 const MAX_UNSCRAPED_STEPS: usize = 1 << 16;
@@ -110,13 +124,12 @@ impl RankLink {
     /// Up, not draining, and not held out by its breaker: new requests may go here.
     pub fn takes_requests(&self) -> bool {
         let s = self.lock();
-        s.down.is_none() && !s.stats.draining && !s.drained && s.breaker.as_ref().is_none_or(|b| b.admits(Instant::now()))
+        s.serves() && s.breaker.as_ref().is_none_or(|b| b.admits(Instant::now()))
     }
 
     /// Up and not draining, whatever its breaker says (a pin may still use it).
     pub fn serves(&self) -> bool {
-        let s = self.lock();
-        s.down.is_none() && !s.stats.draining && !s.drained
+        self.lock().serves()
     }
 
     pub fn hello(&self) -> &Hello {
@@ -136,18 +149,14 @@ impl RankLink {
     /// engine has not reported taking in yet as waiting.
     #[cfg(test)]
     pub fn load_score(&self) -> u64 {
-        let s = self.lock();
-        let uncounted = s.sent.saturating_sub(s.stats.num_added);
-        (s.stats.num_waiting as u64 + uncounted) * 4 + s.stats.num_running as u64
+        self.lock().load_score()
     }
 
     /// The load score and how many of `hashes` (a prompt's leading blocks)
     /// this rank holds or is computing, read under one lock.
     pub fn load_and_overlap(&self, hashes: &[u64]) -> (u64, usize) {
         let s = self.lock();
-        let uncounted = s.sent.saturating_sub(s.stats.num_added);
-        let load = (s.stats.num_waiting as u64 + uncounted) * 4 + s.stats.num_running as u64;
-        (load, s.prefix.overlap(hashes))
+        (s.load_score(), s.prefix.overlap(hashes))
     }
 
     /// Blocks the rank reports holding in its prefix cache.

@@ -115,13 +115,12 @@ impl Tracked {
     /// engine requests to links and returns the placements it made. Holding
     /// the lock across it is what makes an abort that races a move see the
     /// new placements (and abort them) or stop the move before it starts.
-    pub fn with_placements<R>(&self, place: impl FnOnce(&mut Vec<Placement>, u32) -> R) -> Option<R> {
+    pub fn with_placements<R>(&self, place: impl FnOnce(&mut Vec<Placement>) -> R) -> Option<R> {
         let mut s = self.lock();
         if s.over {
             return None;
         }
-        let moves = s.moves;
-        Some(place(&mut s.placements, moves))
+        Some(place(&mut s.placements))
     }
 
     /// Tells the client's channel that `indices` now run on `rank` (call it
