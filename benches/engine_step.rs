@@ -1,7 +1,7 @@
 //! One decode step of the EngineCore (schedule, forward pass, sample) at batch
 //! 1, 4 and 16, on random weights of SmolLM2-135M's shape (Q4_1), and on the
 //! real model file when it is there (FERRY_TEST_MODEL, or
-//! the model cache, where scripts/fetch-model.sh puts it).
+//! the model cache, where scripts/fetch/fetch-model.sh puts it).
 //!
 //! Only decode steps are timed: `batch` requests are added and prefilled
 //! untimed, then every timed step advances each of them by one token.

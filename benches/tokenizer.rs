@@ -4,7 +4,7 @@
 //! generated token).
 //!
 //! Runs on the real model's tokenizer when the file is there (FERRY_TEST_MODEL,
-//! or the model cache, where scripts/fetch-model.sh puts it); otherwise on a small byte-level
+//! or the model cache, where scripts/fetch/fetch-model.sh puts it); otherwise on a small byte-level
 //! BPE vocabulary written into a GGUF here, with merges learned from the text
 //! itself so it splits words roughly as a real vocabulary does.
 

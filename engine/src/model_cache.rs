@@ -1,10 +1,10 @@
 //! Where fetched models live: one per-user cache, the same from any working
-//! directory, so a model fetched once (by `ferry serve`, scripts/fetch-model.sh or
-//! scripts/test.sh) is found again by every later command and test.
+//! directory, so a model fetched once (by `ferry serve`, scripts/fetch/fetch-model.sh or
+//! scripts/test/all.sh) is found again by every later command and test.
 //!
 //! `$FERRY_MODEL_DIR`, else `$XDG_CACHE_HOME/ferry/models`, else
 //! `~/.cache/ferry/models` (the XDG base-directory rule; an empty or relative
-//! `XDG_CACHE_HOME` is ignored, as that spec says). scripts/fetch-model.sh and
+//! `XDG_CACHE_HOME` is ignored, as that spec says). scripts/fetch/fetch-model.sh and
 //! tests/e2e/e2e_server.py follow the same rule.
 
 use std::ffi::OsString;

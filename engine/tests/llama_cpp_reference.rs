@@ -6,7 +6,7 @@
 //!
 //! The model file comes from `FERRY_TEST_MODEL` or the model cache
 //! (`ferry_engine::model_cache`); `.ci/run` fetches
-//! it and scripts/test.sh sets the variable, so under the test command a
+//! it and scripts/test/all.sh sets the variable, so under the test command a
 //! missing model fails the test; a bare `cargo test` without it skips.
 
 use ferry_engine::tokenizer::ChatMessage;
@@ -21,7 +21,7 @@ use std::path::PathBuf;
 /// so the check runs wherever the repository is cloned.
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama_cpp/smollm2_greedy.json");
 
-/// The default model: `FERRY_TEST_MODEL` (scripts/test.sh sets it, and then a
+/// The default model: `FERRY_TEST_MODEL` (scripts/test/all.sh sets it, and then a
 /// missing file fails the test), else the model cache for a local run.
 fn model_and_reference() -> Option<(PathBuf, Value)> {
     let reference = std::env::var_os("FERRY_REFERENCE").map_or_else(|| PathBuf::from(REFERENCE), PathBuf::from);
@@ -35,7 +35,7 @@ fn model_and_reference() -> Option<(PathBuf, Value)> {
         None => {
             let p = ferry_engine::model_cache::default_model_path();
             if !p.exists() {
-                eprintln!("SKIPPED: default model not found (scripts/fetch-model.sh, or set FERRY_TEST_MODEL)");
+                eprintln!("SKIPPED: default model not found (scripts/fetch/fetch-model.sh, or set FERRY_TEST_MODEL)");
                 return None;
             }
             p

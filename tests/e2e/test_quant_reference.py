@@ -1,5 +1,5 @@
 """ferry against llama.cpp on each quant type: the default model requantized by
-llama.cpp's own quantizer (scripts/quant-reference.py), greedy on fixed prompts.
+llama.cpp's own quantizer (scripts/reference/quant-reference.py), greedy on fixed prompts.
 ferry's tokens must equal llama.cpp's up to the first step where llama.cpp's
 top-1 / top-2 logit margin is below NEAR_TIE (past a near-tie two correct
 implementations may part ways); the first generated position's top logprobs are
@@ -53,7 +53,7 @@ _TOKEN_LINE = re.compile(r"^token\s+(\d+)\s+(\S+)\s+(.*)\s+top \[(.*)\]$")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("quant_reference", REPO / "scripts" / "quant-reference.py")
+    spec = importlib.util.spec_from_file_location("quant_reference", REPO / "scripts" / "reference" / "quant-reference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -72,7 +72,7 @@ def _reference(qtype: str) -> tuple[Path, dict]:
         qr.build(qtype, default_model(), out_dir)
     elif not (gguf.is_file() and ref.is_file() and json.loads(ref.read_text())["sha256"] == qr.sha256(gguf)):
         how = ("no llama.cpp reference for " + qtype + ": pip install llama-cpp-python==0.3.36 (a source build, "
-               "~10 min on 2 cores), then run this again or scripts/quant-reference.py")
+               "~10 min on 2 cores), then run this again or scripts/reference/quant-reference.py")
         if os.environ.get("FERRY_REQUIRE_QUANT_REFERENCE") == "1":
             pytest.fail(how, pytrace=False)
         pytest.skip(how)

@@ -2,8 +2,8 @@
 //! first operation where ferry and another implementation part ways. With
 //! `FERRY_DUMP_DIR=dir`, each named activation is written as raw little-endian
 //! f32 to `dir/NAME-LAYER.f32` (overwritten step after step, so the last step's
-//! values remain). `scripts/llama_cpp_dump.py` takes llama.cpp's through its
-//! eval callback and `scripts/compare_dumps.py` lines the two up. Off unless
+//! values remain). `scripts/reference/llama_cpp_dump.py` takes llama.cpp's through its
+//! eval callback and `scripts/reference/compare_dumps.py` lines the two up. Off unless
 //! the variable is set (read once). Meant for tensor-parallel size 1: ranks
 //! would overwrite each other's shards.
 

@@ -3,7 +3,7 @@
 //! forward pass over them.
 //!
 //! STATUS: compiles (`--features cuda`) against cudarc 0.19's API; has never
-//! run. Written to be checked by `scripts/gpu-check.sh` (the transformers
+//! run. Written to be checked by `scripts/gpu/gpu-check.sh` (the transformers
 //! comparison and the benchmarks); nothing here is known to work until then.
 //!
 //! Layout: every matrix is bf16, row-major [out, in] (as the model files hold

@@ -1,7 +1,7 @@
-//! Checks that need a GPU, run by `scripts/gpu-check.sh` (ignored elsewhere):
+//! Checks that need a GPU, run by `scripts/gpu/gpu-check.sh` (ignored elsewhere):
 //! the CUDA backend driven directly, without the CLI, on a model folder the
 //! script made with transformers. It writes what it computed as JSON for
-//! `scripts/gpu-check/compare_transformers.py` to judge against transformers'
+//! `scripts/gpu/gpu-check/compare_transformers.py` to judge against transformers'
 //! own forward pass on the same weights.
 //!
 //!   FERRY_GPU_MODEL=dir FERRY_GPU_PROMPTS=prompts.json FERRY_GPU_OUT=out.json \
@@ -92,7 +92,7 @@ fn run(model: &crate::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usi
 }
 
 #[test]
-#[ignore = "needs a GPU and a model: run by scripts/gpu-check.sh"]
+#[ignore = "needs a GPU and a model: run by scripts/gpu/gpu-check.sh"]
 fn greedy_tokens_and_first_logits() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
     let model = load_model(std::path::Path::new(&var("FERRY_GPU_MODEL")), LoadFormat::Auto, GgmlType::BF16, &NoProgress)

@@ -1,6 +1,6 @@
 //! `ferry bench engine`: the engine's raw speed, without HTTP: prompt tokens/s,
 //! and decode tokens/s at several concurrency levels. It drives the sans-IO
-//! EngineCore directly; `scripts/bench_engine.sh` runs it beside llama.cpp's
+//! EngineCore directly; `scripts/bench/bench_engine.sh` runs it beside llama.cpp's
 //! batched API on the same file and threads and prints the two side by side.
 
 use crate::cli::engine_flags::EngineFlags;

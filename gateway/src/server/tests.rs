@@ -130,7 +130,8 @@ fn test_app(flags: Flags) -> Router {
 struct Harness {
     server: Option<RunningServer>,
     stop: Option<oneshot::Sender<()>>,
-    dir: tempfile::TempDir,
+    /// Holds the server's certificates for as long as the server runs.
+    _dir: tempfile::TempDir,
 }
 
 impl Harness {
@@ -153,7 +154,7 @@ impl Harness {
         Harness {
             server: Some(server),
             stop: Some(tx),
-            dir,
+            _dir: dir,
         }
     }
     fn s(&self) -> &RunningServer {
@@ -227,16 +228,15 @@ fn split_head(out: &str) -> (String, String) {
     (h.to_ascii_lowercase(), b.to_string())
 }
 
-fn h3_script(dir: &Path) -> PathBuf {
-    let p = dir.join("h3_test_client.py");
-    std::fs::write(&p, include_str!("h3_test_client.py")).unwrap();
-    p
+/// The aioquic client the server tests drive (it lives with the other test clients).
+fn h3_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/h3_test_client.py")
 }
 
 /// Run the aioquic client to completion; its JSON lines.
 async fn h3_run(h: &Harness, mode: &str, path: &str, arg: Option<&str>) -> Vec<serde_json::Value> {
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(h3_script(h.dir.path()))
+    cmd.arg(h3_script())
         .args(["127.0.0.1", &h.tls_port().to_string()])
         .arg(h.cert())
         .args([mode, path]);
@@ -639,7 +639,7 @@ async fn h3_cancel_drops_the_stream() {
         };
         let h = Harness::start(test_app(flags), Limits::default()).await;
         let mut child = tokio::process::Command::new("python3")
-            .arg(h3_script(h.dir.path()))
+            .arg(h3_script())
             .args(["127.0.0.1", &h.tls_port().to_string()])
             .arg(h.cert())
             .args(["cancel", path, kind])
@@ -702,7 +702,7 @@ async fn h3_graceful_shutdown_finishes_streams() {
     }
     let h = Harness::start(test_app(Flags::default()), Limits::default()).await;
     let mut child = tokio::process::Command::new("python3")
-        .arg(h3_script(h.dir.path()))
+        .arg(h3_script())
         .args(["127.0.0.1", &h.tls_port().to_string()])
         .arg(h.cert())
         .args(["sse", "/sse"])

@@ -2,7 +2,7 @@
 # Start llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) as a
 # reference to benchmark ferry against with `ferry bench serve`.
 #
-#   scripts/llama_cpp_server.sh MODEL.gguf [PORT] [HOST]
+#   scripts/bench/llama_cpp_server.sh MODEL.gguf [PORT] [HOST]
 #
 # Environment:
 #   LLAMA_VENV     virtual environment to use or create (default: .venv-llama-cpp)

@@ -5,11 +5,11 @@
 # (the API node loads no weights). Same prompts (ferry bench serve, random
 # dataset, fixed seed), streaming over HTTP/1.1, at --max-concurrency 1 and 16;
 # `ferry bench compare` prints the QUIC run beside the flume run with ratios.
-#   scripts/bench_transport.sh [MODEL.gguf] [OUT_DIR]
+#   scripts/bench/bench_transport.sh [MODEL.gguf] [OUT_DIR]
 # The per-message round trip of each link is `cargo bench --bench transport`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-model=${1:-$(scripts/fetch-model.sh)}
+cd "$(dirname "$0")/../.."
+model=${1:-$(scripts/fetch/fetch-model.sh)}
 out=${2:-bench-results/transport}
 rm -rf "$out"; mkdir -p "$out"
 ferry=target/release/ferry

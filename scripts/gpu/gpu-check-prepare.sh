@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares, on a machine without a GPU, what scripts/gpu-check.sh needs on the
+# Prepares, on a machine without a GPU, what scripts/gpu/gpu-check.sh needs on the
 # GPU machine, which has CUDA, nvcc, PyTorch and transformers but no Rust and
 # no network: stripped release builds of `ferry` (with `--features cuda`) and
 # of the kernels' and engine's unit tests, and the default model's tokenizer
@@ -10,7 +10,7 @@
 # references' self-test (g++), the kernel harness parsed and type-checked by
 # g++ against a stand-in for CUDA's names, and the script's syntax.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=gpu-bin
 target=${CARGO_TARGET_DIR:-target}
 rm -rf "$out"
@@ -34,11 +34,11 @@ strip "$out"/ferry "$out"/ferry-kernels-tests "$out"/ferry-engine-tests
 venv=$target/gpu-check-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check gguf tokenizers
-"$venv/bin/python" scripts/gpu-check/gguf_tokenizer.py "${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}" "$out/tokenizer"
+"$venv/bin/python" scripts/gpu/gpu-check/gguf_tokenizer.py "${FERRY_TEST_MODEL:-$(scripts/fetch/fetch-model.sh)}" "$out/tokenizer"
 
 # What can be checked without a GPU.
-scripts/gpu-check/host-checks.sh
-python3 -m py_compile scripts/gpu-check/*.py
+scripts/gpu/gpu-check/host-checks.sh
+python3 -m py_compile scripts/gpu/gpu-check/*.py
 du -sh "$out"
 ls -l "$out" "$out/tokenizer"
 size=$(du -sb "$out" | cut -f1)

@@ -3,7 +3,7 @@
 comparing allocators side by side: each binary given is started in turn, its
 RSS read idle, during a burst (16 /tokenize calls of 800k characters, 4 at a
 time, then 16 completions with 2,000 stop strings and n=8), and 3 s after.
-  scripts/bench_allocator.py BINARY [BINARY ...]"""
+  scripts/bench/bench_allocator.py BINARY [BINARY ...]"""
 import concurrent.futures
 import json
 import os
@@ -13,9 +13,9 @@ import tempfile
 import time
 import urllib.request
 
-# The default model: FERRY_TEST_MODEL, else wherever scripts/fetch-model.sh puts it (the model cache).
+# The default model: FERRY_TEST_MODEL, else wherever scripts/fetch/fetch-model.sh puts it (the model cache).
 MODEL = os.environ.get("FERRY_TEST_MODEL") or subprocess.run(
-    [os.path.join(os.path.dirname(os.path.abspath(__file__)), "fetch-model.sh")],
+    [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fetch", "fetch-model.sh")],
     check=True, capture_output=True, text=True).stdout.strip()
 
 

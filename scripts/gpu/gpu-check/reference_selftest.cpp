@@ -1,5 +1,5 @@
 // Checks reference.hpp on its own, with no GPU: the references must be right
-// before a kernel is judged by them. Run here by scripts/gpu-check-prepare.sh
+// before a kernel is judged by them. Run here by scripts/gpu/gpu-check-prepare.sh
 // (g++) and on the GPU machine by scripts/gpu-check.sh.
 //
 //   g++ -O2 -std=c++17 -o reference_selftest reference_selftest.cpp && ./reference_selftest
@@ -12,7 +12,7 @@
 #include "cuda_standin.h"
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wsign-compare"
-#include "../../kernels/common.cuh"
+#include "../../../kernels/common.cuh"
 #pragma GCC diagnostic pop
 
 static int failed = 0;

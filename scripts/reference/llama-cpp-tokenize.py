@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """llama.cpp's own tokenization of a fixed, varied set of texts on each of its
 vocab-only files (ggml-vocab-*.gguf from the llama-cpp-python sdist, see
-scripts/fetch-llama-cpp-vocabs.sh), written as JSON for
+scripts/fetch/fetch-llama-cpp-vocabs.sh), written as JSON for
 engine/tests/llama_cpp_vocabs.rs, which holds ferry's tokenizers to it.
 
-    python3 scripts/llama-cpp-tokenize.py VOCAB_DIR engine/tests/data/llama_cpp/vocab_texts.json
+    python3 scripts/reference/llama-cpp-tokenize.py VOCAB_DIR engine/tests/data/llama_cpp/vocab_texts.json
 
 Needs llama-cpp-python (vocab_only: no weights are loaded). Tokenized as
 llama.cpp's server tokenizes a prompt: no BOS added, special tokens parsed.

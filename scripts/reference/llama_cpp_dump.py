@@ -7,9 +7,9 @@ saves them to an .npz keyed by ggml's tensor names (a name seen again gets #2,
 #3...: "Qcur-0#3" is layer 0's Q after rope). Flash attention is off, as in
 ../shared/reference/.
 
-    python scripts/llama_cpp_dump.py MODEL.gguf '[504, 3575, 282]' out.npz
+    python scripts/reference/llama_cpp_dump.py MODEL.gguf '[504, 3575, 282]' out.npz
 
-Needs llama-cpp-python (see scripts/bench_llama_cpp_engine.py) and numpy.
+Needs llama-cpp-python (see scripts/bench/bench_llama_cpp_engine.py) and numpy.
 """
 import ctypes
 import json

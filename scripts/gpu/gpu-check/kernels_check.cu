@@ -1,6 +1,6 @@
 // Each of ferry's CUDA kernels (kernels/*.cu), launched alone on fresh random
 // inputs and compared with a float64 reference computed on the host
-// (reference.hpp). Built on the GPU machine by scripts/gpu-check.sh:
+// (reference.hpp). Built on the GPU machine by scripts/gpu/gpu-check.sh:
 //
 //   nvcc -O2 -std=c++17 -gencode=arch=compute_90,code=sm_90 kernels_check.cu
 //
@@ -29,13 +29,13 @@
 #define LAUNCH(kernel, grid, block, ...) kernel<<<(grid), (block)>>>(__VA_ARGS__)
 #endif
 
-#include "../../kernels/common.cuh"
-#include "../../kernels/embedding.cu"
-#include "../../kernels/rmsnorm.cu"
-#include "../../kernels/silu_mul.cu"
-#include "../../kernels/rope_kv.cu"
-#include "../../kernels/paged_attention.cu"
-#include "../../kernels/sampling.cu"
+#include "../../../kernels/common.cuh"
+#include "../../../kernels/embedding.cu"
+#include "../../../kernels/rmsnorm.cu"
+#include "../../../kernels/silu_mul.cu"
+#include "../../../kernels/rope_kv.cu"
+#include "../../../kernels/paged_attention.cu"
+#include "../../../kernels/sampling.cu"
 
 #include "reference.hpp"
 

@@ -3,10 +3,10 @@
 # and 16, the same random prompts unconstrained and under a JSON-schema
 # constraint (an array of objects it cannot finish in 64 tokens, so every
 # request runs its full length, as the unconstrained ones do with ignore_eos).
-#   scripts/bench_structured.sh [MODEL.gguf] [OUT_DIR]
+#   scripts/bench/bench_structured.sh [MODEL.gguf] [OUT_DIR]
 # Needs a release build (cargo build --release).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 model=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 out=${2:-bench-results/structured}
 ferry=${FERRY_BIN:-target/release/ferry}

@@ -3,9 +3,9 @@
 llama.cpp's own quantizer, runs llama.cpp greedy on fixed prompts, and writes
 what ferry is held to (tests/e2e/test_quant_reference.py):
 
-    python3 scripts/quant-reference.py [--types Q4_K_M,Q8_0,...] [--model M.gguf] [--out-dir DIR]
+    python3 scripts/reference/quant-reference.py [--types Q4_K_M,Q8_0,...] [--model M.gguf] [--out-dir DIR]
 
-For each type T it writes, into the model cache (the folder scripts/fetch-model.sh
+For each type T it writes, into the model cache (the folder scripts/fetch/fetch-model.sh
 uses, under quant-reference/):
   SmolLM2-135M-Instruct.T.gguf   the requantized model (llama_model_quantize with
                                  llama_model_quantize_default_params(),
@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # llama.cpp's llama_ftype numbers (llama.h) for the types the issue names.
 FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "Q6_K": 18, "Q8_0": 7, "IQ4_XS": 30}
@@ -65,7 +65,7 @@ def model_cache_dir() -> Path:
 def default_model() -> Path:
     if os.environ.get("FERRY_TEST_MODEL"):
         return Path(os.environ["FERRY_TEST_MODEL"])
-    out = subprocess.run([str(REPO / "scripts" / "fetch-model.sh")], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(REPO / "scripts" / "fetch" / "fetch-model.sh")], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip())
 
 

@@ -2,18 +2,18 @@
 # Serving benchmark, ferry beside llama.cpp's OpenAI server, in one run: the same
 # GGUF, the same two threads, the same prompts (ferry bench serve, random dataset,
 # fixed seed), at --max-concurrency 1, 4 and 16, streaming over HTTP/1.1.
-#   scripts/bench_serve_vs_llama_cpp.sh [MODEL.gguf] [OUT_DIR]
-# Needs a release build and llama-cpp-python (scripts/llama_cpp_server.sh installs it).
+#   scripts/bench/bench_serve_vs_llama_cpp.sh [MODEL.gguf] [OUT_DIR]
+# Needs a release build and llama-cpp-python (scripts/bench/llama_cpp_server.sh installs it).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-model=${1:-$(scripts/fetch-model.sh)}
+cd "$(dirname "$0")/../.."
+model=${1:-$(scripts/fetch/fetch-model.sh)}
 out=${2:-bench-results}
 mkdir -p "$out"
 ferry=target/release/ferry
 "$ferry" serve "$model" --host 127.0.0.1 --port 18000 --tls-port 18443 --threads 2 --served-model-name smollm2 \
   --cert-dir "$out/certs" >"$out/ferry.log" 2>&1 &
 ferry_pid=$!
-MODEL_ALIAS=smollm2 scripts/llama_cpp_server.sh "$model" 18001 127.0.0.1 >"$out/llama.log" 2>&1 &
+MODEL_ALIAS=smollm2 scripts/bench/llama_cpp_server.sh "$model" 18001 127.0.0.1 >"$out/llama.log" 2>&1 &
 llama_pid=$!
 trap 'kill $ferry_pid $llama_pid 2>/dev/null || true' EXIT
 for port in 18000 18001; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""llama.cpp's side of `scripts/bench_engine.sh`: the same figures ferry's
+"""llama.cpp's side of `scripts/bench/bench_engine.sh`: the same figures ferry's
 `ferry bench engine` reports, measured through llama.cpp's own batched API
 (llama-cpp-python's low-level bindings), on the same GGUF and thread count.
 

@@ -1,7 +1,7 @@
 // Not CUDA: just enough of its names for g++ to parse and type-check
 // kernels_check.cu (with the `<<<...>>>` launch brackets removed) on a machine
 // without nvcc, so a slip in the harness shows before device time is spent.
-// Used by scripts/gpu-check-prepare.sh, which also builds kernels_check.cu
+// Used by scripts/gpu/gpu-check-prepare.sh, which also builds kernels_check.cu
 // with -DFERRY_HOST_EMULATION: memory is host memory, and the sampling
 // kernel and the draw run on the CPU, each block as EMULATED_THREADS
 // std::threads (two warps) that meet at __syncthreads and exchange warp

@@ -3,7 +3,7 @@
 # .gguf.inp / .gguf.out expected tokenizations) into the model cache and prints
 # the folder. They ship in the llama-cpp-python sdist (vendor/llama.cpp/models),
 # which pip downloads but does not build. engine/tests/llama_cpp_vocabs.rs reads
-# them from $FERRY_LLAMA_CPP_VOCABS (scripts/test.sh sets it to this output).
+# them from $FERRY_LLAMA_CPP_VOCABS (scripts/test/all.sh sets it to this output).
 set -euo pipefail
 version=0.3.36
 sha=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e

@@ -5,7 +5,7 @@
 #
 #   reference  the float64 references judge correctly (g++, no GPU needed)
 #   kernels    each kernel in kernels/*.cu alone against those references on
-#              fresh random inputs (nvcc harness, scripts/gpu-check/), sizes that
+#              fresh random inputs (nvcc harness, scripts/gpu/gpu-check/), sizes that
 #              are no multiple of the block, contexts of 4096 tokens and more
 #   nvrtc      this machine's NVRTC compiles every kernel (ferry-kernels' tests)
 #   probe      the engine's device probe describes the GPU (ferry-engine's tests)
@@ -28,14 +28,14 @@
 # The serve and bench rows need `--device cuda` wired into the CLI (main's
 # backend factory); until then they fail with what the binary said.
 #
-# The Rust binaries come from here: scripts/gpu-check-prepare.sh builds them
+# The Rust binaries come from here: scripts/gpu/gpu-check-prepare.sh builds them
 # into gpu-bin/ (ignored by git). With the device tool:
-#   run(command="bash scripts/gpu-check.sh", carry=["gpu-bin"], timeout_s=540)
+#   run(command="bash scripts/gpu/gpu-check.sh", carry=["gpu-bin"], timeout_s=540)
 # Logs go to $OUT (the device tool brings back at most 8 files: the set-up
 # logs are folded into one at the end), else a temporary folder.
 # Exit status: 0 when every row passed.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 1
+cd "$(dirname "$0")/../.." || exit 1
 BIN=${FERRY_GPU_BIN:-gpu-bin}
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
@@ -102,12 +102,12 @@ done
 export LD_LIBRARY_PATH="${nvrtc_dir:+$nvrtc_dir:}${LD_LIBRARY_PATH:-}"
 
 # 1. The references, checked on their own.
-step reference 60 bash -c "g++ -O2 -std=c++17 -o '$WORK/reference_selftest' scripts/gpu-check/reference_selftest.cpp && '$WORK/reference_selftest'"
+step reference 60 bash -c "g++ -O2 -std=c++17 -o '$WORK/reference_selftest' scripts/gpu/gpu-check/reference_selftest.cpp && '$WORK/reference_selftest'"
 if ((rc == 0)); then row reference PASS "$(summary_of reference 'self-test')"; else row reference FAIL "rc $rc: $(tail -1 "$OUT/reference.log" | cut -c1-120)"; fi
 
 # 2. Every kernel against its reference (compile, then run).
 step kernels-build 200 nvcc -O2 -std=c++17 -gencode=arch=compute_90,code=sm_90 -lineinfo \
-    -o "$WORK/kernels_check" scripts/gpu-check/kernels_check.cu
+    -o "$WORK/kernels_check" scripts/gpu/gpu-check/kernels_check.cu
 if ((rc != 0)); then
     row kernels FAIL "nvcc failed (rc $rc): $(grep -m1 -i error "$OUT/kernels-build.log" | cut -c1-120)"
 else
@@ -127,7 +127,7 @@ if [ -x "$BIN/ferry-kernels-tests" ]; then
     if ((rc == 0)); then row nvrtc PASS "$(summary_of nvrtc '^test result' | cut -d';' -f1-2)"
     else row nvrtc FAIL "rc $rc: $(grep -m1 -E 'panicked|error' "$OUT/nvrtc.log" | cut -c1-120)"; fi
 else
-    row nvrtc FAIL "no $BIN/ferry-kernels-tests (run scripts/gpu-check-prepare.sh and carry $BIN)"
+    row nvrtc FAIL "no $BIN/ferry-kernels-tests (run scripts/gpu/gpu-check-prepare.sh and carry $BIN)"
 fi
 
 # 4. The engine's device probe.
@@ -141,7 +141,7 @@ fi
 
 # 5. A random model of the default model's shape, made with transformers here.
 SMOL=$WORK/smollm2
-step model 90 bash -c "python3 scripts/gpu-check/make_model.py '$SMOL' '$BIN/tokenizer' --shape smollm2 && python3 scripts/gpu-check/compare_transformers.py prompts '$SMOL' '$WORK/prompts.json'"
+step model 90 bash -c "python3 scripts/gpu/gpu-check/make_model.py '$SMOL' '$BIN/tokenizer' --shape smollm2 && python3 scripts/gpu/gpu-check/compare_transformers.py prompts '$SMOL' '$WORK/prompts.json'"
 if ((rc == 0)); then row model PASS "$(summary_of model '^random' | cut -c1-110)"; else row model FAIL "rc $rc: $(tail -1 "$OUT/model.log" | cut -c1-120)"; fi
 
 # 6. The CUDA backend itself (no CLI): greedy decode and first-step logits,
@@ -151,7 +151,7 @@ if ((rc == 0)) && [ -x "$BIN/ferry-engine-tests" ]; then
         "$BIN/ferry-engine-tests" --ignored --test-threads 1 --nocapture cuda::gpu_tests
     if ((rc == 0)); then
         row engine PASS "$(summary_of engine '^found:' | cut -c8-)"
-        step compare 90 python3 scripts/gpu-check/compare_transformers.py engine "$SMOL" "$WORK/prompts.json" "$WORK/ferry-engine.json"
+        step compare 90 python3 scripts/gpu/gpu-check/compare_transformers.py engine "$SMOL" "$WORK/prompts.json" "$WORK/ferry-engine.json"
         for r in logits greedy; do
             line=$(grep "^RESULT $r " "$OUT/compare.log" | tail -1)
             if [ -n "$line" ]; then row "$r" "$(awk '{print $3}' <<<"$line")" "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
@@ -180,7 +180,7 @@ if [ -x "$BIN/ferry" ] && [ -d "$SMOL" ] && (($(allow 150) > 0)); then
     "$BIN/ferry" serve "$SMOL" --device cuda --port "$PORT" --max-num-seqs 64 >"$OUT/serve.log" 2>&1 &
     server=$!
     if wait_up 90; then
-        step serve-cuda 60 python3 scripts/gpu-check/compare_transformers.py serve "$SMOL" "http://127.0.0.1:$PORT"
+        step serve-cuda 60 python3 scripts/gpu/gpu-check/compare_transformers.py serve "$SMOL" "http://127.0.0.1:$PORT"
         line=$(grep '^RESULT serve ' "$OUT/serve-cuda.log" | tail -1)
         if [ -n "$line" ]; then row serve-cuda "$(awk '{print $3}' <<<"$line")" "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
         else row serve-cuda FAIL "rc $rc: $(tail -1 "$OUT/serve-cuda.log" | cut -c1-120)"; fi
@@ -209,7 +209,7 @@ fi
 # 8. Throughput on a Llama-3-8B-shaped model (dummy bf16 weights), and the
 # yardsticks: the HBM floor and transformers' static-cache generate.
 L8=$WORK/llama3-8b
-python3 scripts/gpu-check/make_model.py "$L8" "$BIN/tokenizer" --shape llama3-8b --config-only >/dev/null 2>&1
+python3 scripts/gpu/gpu-check/make_model.py "$L8" "$BIN/tokenizer" --shape llama3-8b --config-only >/dev/null 2>&1
 if [ -x "$BIN/ferry" ]; then
     step bench-engine 150 "$BIN/ferry" bench engine "$L8" --device cuda --load-format dummy --dtype bfloat16 \
         --concurrency 1,16,64,256 --prompt-len 128 --decode-len 64 --repeats 1 --max-num-seqs 256
@@ -217,7 +217,7 @@ if [ -x "$BIN/ferry" ]; then
     if ((rc == 0)); then row bench-engine PASS "$(grep -iE 'tok/s|decode' "$OUT/bench-engine.log" | tail -4 | tr -s ' ' | tr '\n' ';' | cut -c1-150)"
     else row bench-engine FAIL "rc $rc: $(grep -m1 -iE 'error|panicked' "$OUT/bench-engine.log" | cut -c1-130)"; fi
 fi
-step bench-hf 120 python3 scripts/gpu-check/bench_transformers.py "$L8" --batches 1,16,64,256 --prompt-len 128 --decode-len 64
+step bench-hf 120 python3 scripts/gpu/gpu-check/bench_transformers.py "$L8" --batches 1,16,64,256 --prompt-len 128 --decode-len 64
 line=$(grep '^RESULT bench-hf ' "$OUT/bench-hf.log" | tail -1)
 if [ -n "$line" ]; then row bench-hf PASS "$(cut -d' ' -f4- <<<"$line" | cut -c1-150)"
 else row bench-hf FAIL "rc $rc: $(tail -1 "$OUT/bench-hf.log" 2>/dev/null | cut -c1-120)"; fi

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Line up ferry's intermediate tensors (FERRY_DUMP_DIR) with llama.cpp's
-(scripts/llama_cpp_dump.py), op by op, to find where two runs of the same
+(scripts/reference/llama_cpp_dump.py), op by op, to find where two runs of the same
 prompt part ways: each row gives the largest difference, how many values
 differ, and whether the tensors are bit-equal.
 
     FERRY_DUMP_DIR=ours ferry generate MODEL --prompt "..." --max-tokens 1
-    python scripts/llama_cpp_dump.py MODEL '[ids]' ref.npz
-    python scripts/compare_dumps.py ref.npz ours [layers, e.g. 0,1,29]
+    python scripts/reference/llama_cpp_dump.py MODEL '[ids]' ref.npz
+    python scripts/reference/compare_dumps.py ref.npz ours [layers, e.g. 0,1,29]
 
 The prompt must go through in one step (ferry's dumps keep the last step's).
 """

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CRATES = {"ferry": "gateway/src", "ferry-transport": "transport/src", "ferry-engine": "engine/src",
           "ferry-certs": "certs/src", "ferry-kernels": "kernels/src"}
 PATH_RE = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)")

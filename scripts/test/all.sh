@@ -5,15 +5,15 @@
 # binary is shared with the end-to-end tests), then the end-to-end suite that
 # drives `ferry serve` with real clients over HTTP/1.1, HTTP/2 and HTTP/3, and
 # the NVRTC compile check of the CUDA kernels. (The checks that need a GPU are
-# scripts/gpu-check.sh's, run on a GPU machine: see docs/cuda.md.)
+# scripts/gpu/gpu-check.sh's, run on a GPU machine: see docs/cuda.md.)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
-# The default model lives in the per-user cache (scripts/fetch-model.sh prints where).
-export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch-model.sh)}
+# The default model lives in the per-user cache (scripts/fetch/fetch-model.sh prints where).
+export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch/fetch-model.sh)}
 # llama.cpp's vocab-only files and expected tokenizations (from the llama-cpp-python sdist).
-export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch-llama-cpp-vocabs.sh)}
-scripts/check-import-cycles.py
+export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch/fetch-llama-cpp-vocabs.sh)}
+scripts/test/check-import-cycles.py
 # The CUDA feature builds and its own tests pass with no CUDA here (cudarc
 # loads the libraries at run time; the probe and --device tests say what they
 # found). Then the default build, which the end-to-end tests run.
@@ -30,7 +30,7 @@ cargo test --release --locked --workspace
 # What of the GPU check needs no GPU: its float64 references, and the
 # sampling kernel with the counter-based draw run emulated on the CPU.
 if command -v g++ >/dev/null; then
-  scripts/gpu-check/host-checks.sh
+  scripts/gpu/gpu-check/host-checks.sh
 else
   echo "skipped: the GPU check's host checks (no g++)"
 fi
