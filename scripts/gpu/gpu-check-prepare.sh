@@ -5,7 +5,7 @@
 # of the kernels' and engine's unit tests, and the default model's tokenizer
 # as a Hugging Face folder (gpu-bin/tokenizer, read from its GGUF: the GPU
 # machine makes random weights of that shape itself), all in gpu-bin/ (ignored
-# by git; the device tool's `carry` takes it; it must stay under 64 MiB). It also
+# by git; it is what travels to the GPU machine, so it stays under 64 MiB). It also
 # checks the parts of the GPU check that can be checked here: the float64
 # references' self-test (g++), the kernel harness parsed and type-checked by
 # g++ against a stand-in for CUDA's names, and the script's syntax.

@@ -29,10 +29,10 @@
 # backend factory); until then they fail with what the binary said.
 #
 # The Rust binaries come from here: scripts/gpu/gpu-check-prepare.sh builds them
-# into gpu-bin/ (ignored by git). With the device tool:
-#   run(command="bash scripts/gpu/gpu-check.sh", carry=["gpu-bin"], timeout_s=540)
-# Logs go to $OUT (the device tool brings back at most 8 files: the set-up
-# logs are folded into one at the end), else a temporary folder.
+# into gpu-bin/ (ignored by git); copy it to the GPU machine with the tree and
+# run `bash scripts/gpu/gpu-check.sh` from the repository root.
+# Logs go to $OUT (at most 8 files: the set-up logs are folded into one at the
+# end), else a temporary folder.
 # Exit status: 0 when every row passed.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -237,7 +237,7 @@ status=0
     printf 'took %ds of %ds; logs in %s\n' $((SECONDS - start)) "$BUDGET" "$OUT"
 } | tee "$OUT/table.txt"
 grep -q '| FAIL ' "$OUT/table.txt" && status=1
-# Fewer files to bring back (the device tool takes 8): the set-up steps and
+# Fewer files to bring back (a remote runner may take only 8): the set-up steps and
 # the server's own log in one.
 for f in machine reference kernels-build nvrtc probe model compare serve serve-cuda; do
     [ -f "$OUT/$f.log" ] && { echo "### $f"; cat "$OUT/$f.log"; rm -f "$OUT/$f.log"; }

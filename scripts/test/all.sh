@@ -34,7 +34,7 @@ if command -v g++ >/dev/null; then
 else
   echo "skipped: the GPU check's host checks (no g++)"
 fi
-# Every CUDA kernel must compile with NVRTC for sm_90 (the lent H200): the PyPI
+# Every CUDA kernel must compile with NVRTC for sm_90 (Hopper: H100 and H200): the PyPI
 # wheel ships libnvrtc (pinned to CUDA 13.0, the H200 driver's own version).
 nvrtc_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 FERRY_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
