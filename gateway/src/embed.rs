@@ -9,7 +9,7 @@
 //!   tokio runtime: listeners, HTTP/1.1, HTTP/2 and HTTP/3, and a shutdown future.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<(), ferry::Error> {
 //! let llm = ferry::Llm::builder().model("model.gguf").build().await?;
 //! let out = llm.generate(ferry::Prompt::text("The capital of France is"), ferry::SamplingParams {
 //!     temperature: 0.0, max_tokens: 8, ..Default::default()
@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use ferry_engine::quant::GgmlType;
 use ferry_engine::tokenizer::{ChatMessage, Tokenizer};
+use ferry_engine::weights::NoProgress;
 use ferry_engine::{load_model, EngineArgs, EngineThreads, LoadFormat};
 use ferry_transport::{SamplingParams, TokenLogprob};
 
@@ -35,7 +36,8 @@ use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::engines::coordinator::start_engine_clients;
 use crate::engines::local::{expectations, start_local_ranks};
-use crate::server::{serve, RunningServer, ServeConfig, ServeError};
+use crate::error::Error;
+use crate::server::{serve, RunningServer, ServeConfig};
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -90,6 +92,7 @@ pub struct LlmBuilder {
     engine: EngineArgs,
     dummy: Option<GgmlType>,
     data_parallel_size: usize,
+    progress: bool,
 }
 
 impl LlmBuilder {
@@ -125,15 +128,30 @@ impl LlmBuilder {
         self
     }
 
+    /// Draw a progress bar on the terminal while the weights load (off by
+    /// default: a library does not write to its application's terminal).
+    pub fn progress_bar(mut self, show: bool) -> Self {
+        self.progress = show;
+        self
+    }
+
     /// Loads the model and starts its engine ranks. Call inside a tokio runtime.
-    pub async fn build(self) -> anyhow::Result<Llm> {
+    pub async fn build(self) -> Result<Llm, Error> {
+        self.start().map_err(Error::model)
+    }
+
+    fn start(self) -> anyhow::Result<Llm> {
         let (path, default_name) = model_source::resolve(self.model.as_deref())?;
         let name = self.served_model_name.unwrap_or(default_name);
         let (format, ty) = match self.dummy {
             Some(t) => (LoadFormat::Dummy, t),
             None => (LoadFormat::Auto, GgmlType::F32),
         };
-        let model = load_model(&path, format, ty, &ProgressBar::new(&name))?;
+        let model = if self.progress {
+            load_model(&path, format, ty, &ProgressBar::new(&name))?
+        } else {
+            load_model(&path, format, ty, &NoProgress)?
+        };
         let dp = self.data_parallel_size.max(1);
         let local = start_local_ranks(&model, &self.engine, 0..dp as u32, &name)?;
         let max_model_len = local.max_model_len.unwrap_or(0) as u32;
@@ -183,7 +201,7 @@ impl Llm {
     }
 
     /// Starts one generation; its pieces come from [`Stream::next`].
-    pub async fn stream_with(&self, prompt: Prompt, sampling: SamplingParams, text: TextParams) -> Result<Stream, ApiError> {
+    pub async fn stream_with(&self, prompt: Prompt, sampling: SamplingParams, text: TextParams) -> Result<Stream, Error> {
         self.ready().await;
         let tokens = self.prompt_tokens(prompt)?;
         let opts = TextOptions {
@@ -199,19 +217,19 @@ impl Llm {
     }
 
     /// [`Llm::stream_with`] without stop strings.
-    pub async fn stream(&self, prompt: Prompt, sampling: SamplingParams) -> Result<Stream, ApiError> {
+    pub async fn stream(&self, prompt: Prompt, sampling: SamplingParams) -> Result<Stream, Error> {
         self.stream_with(prompt, sampling, TextParams::default()).await
     }
 
     /// The finished completions (`sampling.n` of them).
-    pub async fn generate_with(&self, prompt: Prompt, sampling: SamplingParams, text: TextParams) -> Result<Vec<Completion>, ApiError> {
+    pub async fn generate_with(&self, prompt: Prompt, sampling: SamplingParams, text: TextParams) -> Result<Vec<Completion>, Error> {
         let mut s = self.stream_with(prompt, sampling, text).await?;
         while s.next().await.transpose()?.is_some() {}
         Ok(s.completions())
     }
 
     /// [`Llm::generate_with`] without stop strings.
-    pub async fn generate(&self, prompt: Prompt, sampling: SamplingParams) -> Result<Vec<Completion>, ApiError> {
+    pub async fn generate(&self, prompt: Prompt, sampling: SamplingParams) -> Result<Vec<Completion>, Error> {
         self.generate_with(prompt, sampling, TextParams::default()).await
     }
 
@@ -247,8 +265,8 @@ pub struct Stream {
 
 impl Stream {
     /// The next piece of some completion; `None` once all have finished.
-    pub async fn next(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
-        let d = self.generation.next().await?;
+    pub async fn next(&mut self) -> Option<Result<ChoiceDelta, Error>> {
+        let d = self.generation.next().await?.map_err(Error::from);
         if let Ok(d) = &d {
             let c = self.done[d.index as usize].get_or_insert_with(|| Completion {
                 text: String::new(),
@@ -302,7 +320,7 @@ impl Server {
 
     /// Binds the listeners and serves until `shutdown` resolves; the returned
     /// server says where it listens and `wait`s for the end.
-    pub async fn start(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<RunningServer, ServeError> {
-        serve(router(self.state), self.cfg, shutdown).await
+    pub async fn start(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<RunningServer, Error> {
+        Ok(serve(router(self.state), self.cfg, shutdown).await?)
     }
 }

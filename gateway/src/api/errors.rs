@@ -128,6 +128,20 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// The library's face has no HTTP status: its kinds are what the statuses mean.
+impl From<ApiError> for crate::Error {
+    fn from(e: ApiError) -> crate::Error {
+        use crate::ErrorKind;
+        let kind = match e.status {
+            s if s == StatusCode::SERVICE_UNAVAILABLE || s == StatusCode::TOO_MANY_REQUESTS => ErrorKind::Unavailable,
+            s if s.is_client_error() => ErrorKind::InvalidRequest,
+            _ => ErrorKind::Internal,
+        };
+        let retry_after = e.retry_after;
+        crate::Error::caused_by(kind, e).with_retry_after(retry_after)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, self.to_json()).into_response();
@@ -177,5 +191,16 @@ mod tests {
         let r = ApiError::unauthorized().into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn the_library_error_kind_is_what_the_status_means() {
+        use crate::{Error, ErrorKind};
+        let bad = Error::from(ApiError::invalid_param("max_tokens", "too many"));
+        assert_eq!((bad.kind(), bad.message()), (ErrorKind::InvalidRequest, "too many"));
+        let busy = Error::from(ApiError::unavailable("full", 2));
+        assert_eq!((busy.kind(), busy.retry_after()), (ErrorKind::Unavailable, Some(2)));
+        assert_eq!(Error::from(ApiError::too_many_requests("slow down", 1)).kind(), ErrorKind::Unavailable);
+        assert_eq!(Error::from(ApiError::internal("rank failed")).kind(), ErrorKind::Internal);
     }
 }

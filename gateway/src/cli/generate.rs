@@ -76,7 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let engine_args = args.engine.engine_args()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
-        let mut builder = Llm::builder().engine_args(engine_args);
+        let mut builder = Llm::builder().engine_args(engine_args).progress_bar(true);
         if let Some(m) = &args.model {
             builder = builder.model(m.clone());
         }
@@ -87,10 +87,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let n = args.n.max(1) as usize;
         let started = Instant::now();
         let mut first_token_at = None;
-        let mut stream = llm.stream(prompt, sampling).await.map_err(|e| anyhow::anyhow!("the engine refused the request: {}", e.message))?;
+        let mut stream = llm.stream(prompt, sampling).await.map_err(|e| anyhow::anyhow!("the engine refused the request: {}", e.message()))?;
         let stdout = std::io::stdout();
         while let Some(delta) = stream.next().await {
-            let d = delta.map_err(|e| anyhow::anyhow!("the engine refused the request: {}", e.message))?;
+            let d = delta.map_err(|e| anyhow::anyhow!("the engine refused the request: {}", e.message()))?;
             if !d.token_ids.is_empty() {
                 first_token_at.get_or_insert_with(Instant::now);
             }

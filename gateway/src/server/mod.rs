@@ -194,14 +194,21 @@ impl RunningServer {
 
     /// Wait until every listener has stopped (after the shutdown future
     /// resolved and in-flight requests drained or hit the grace period).
-    pub async fn wait(mut self) -> Result<(), ServeError> {
+    pub async fn wait(mut self) -> Result<(), crate::Error> {
         let mut first_err = None;
         while let Some(r) = self.tasks.join_next().await {
             if let Err(e) = r {
                 first_err.get_or_insert(ServeError::Task(e.to_string()));
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(()), |e| Err(e.into()))
+    }
+}
+
+/// Listening failed: the library's kind for every [`ServeError`].
+impl From<ServeError> for crate::Error {
+    fn from(e: ServeError) -> crate::Error {
+        crate::Error::caused_by(crate::ErrorKind::Listen, e)
     }
 }
 
