@@ -37,9 +37,9 @@ pub struct Error {
 }
 
 impl Error {
-    /// An error of `kind` caused by `source`, with `source`'s message.
-    pub(crate) fn caused_by(kind: ErrorKind, source: impl std::error::Error + Send + Sync + 'static) -> Error {
-        Error { kind, message: source.to_string(), retry_after: None, source: Some(Box::new(source)) }
+    /// An error of `kind` caused by `source`, said as `message`.
+    pub(crate) fn caused_by(kind: ErrorKind, message: String, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error { kind, message, retry_after: None, source: Some(Box::new(source)) }
     }
 
     /// The same error with a hint of when to try again.

@@ -138,7 +138,7 @@ impl From<ApiError> for crate::Error {
             _ => ErrorKind::Internal,
         };
         let retry_after = e.retry_after;
-        crate::Error::caused_by(kind, e).with_retry_after(retry_after)
+        crate::Error::caused_by(kind, e.message.clone(), e).with_retry_after(retry_after)
     }
 }
 

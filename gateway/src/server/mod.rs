@@ -208,7 +208,7 @@ impl RunningServer {
 /// Listening failed: the library's kind for every [`ServeError`].
 impl From<ServeError> for crate::Error {
     fn from(e: ServeError) -> crate::Error {
-        crate::Error::caused_by(crate::ErrorKind::Listen, e)
+        crate::Error::caused_by(crate::ErrorKind::Listen, e.to_string(), e)
     }
 }
 
