@@ -3,48 +3,32 @@
 //! costs under a mebibyte whatever it holds, and a full-size frame a small
 //! multiple of itself.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard};
 
 use ferry_transport::codec::{self, CodecError, FrameDecoder, CODEC_VERSION, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES};
 use ferry_transport::*;
+use peak_alloc::PeakAlloc;
 
-/// Counts the bytes each thread has allocated and not freed, and their peak.
-/// Per thread, so tests running side by side do not count each other.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn count(delta: isize) {
-    let _ = LIVE.try_with(|live| {
-        live.set(live.get() + delta);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
-    });
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size() as isize);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(-(layout.size() as isize));
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
+/// Counts the bytes allocated and not freed, and their peak (a maintained
+/// counting allocator: the transport crate forbids unsafe code, tests too).
 #[global_allocator]
-static COUNTING: Counting = Counting;
+static COUNTING: PeakAlloc = PeakAlloc;
+
+/// The counts are for the whole process, so the tests take turns: a test
+/// running beside another would count the other's allocations. Each test
+/// holds its turn from its first line.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn my_turn() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The most bytes `f` had allocated at once, beyond what was live before it.
 fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(base));
+    COUNTING.reset_peak_usage();
+    let base = COUNTING.current_usage();
     let out = f();
-    (out, (PEAK.with(Cell::get) - base).max(0) as usize)
+    (out, COUNTING.peak_usage().saturating_sub(base))
 }
 
 /// Pushes `wire` into a decoder with frames of at most `max_frame`, in read-sized
@@ -93,6 +77,7 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn a_claimed_length_in_a_small_frame_allocates_nothing_of_its_size() {
+    let _turn = my_turn();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         // Abort claiming u32::MAX ids (32 GiB as u64s), none following.
         ("abort", vec![CODEC_VERSION, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f]),
@@ -117,6 +102,7 @@ fn a_claimed_length_in_a_small_frame_allocates_nothing_of_its_size() {
 
 #[test]
 fn a_frame_before_the_handshake_costs_under_a_mebibyte() {
+    let _turn = my_turn();
     // The most expanding message that fits: a batch of empty outputs.
     let n = (MAX_HANDSHAKE_FRAME_BYTES - 32) / EMPTY_OUTPUT.len();
     let mut payload = outputs_claiming(n as u32, &EMPTY_OUTPUT.repeat(n));
@@ -140,6 +126,7 @@ fn a_frame_before_the_handshake_costs_under_a_mebibyte() {
 /// and 65,536 outputs at most.
 #[test]
 fn a_full_size_frame_of_the_most_expanding_kind_costs_a_small_multiple_of_itself() {
+    let _turn = my_turn();
     let n = (MAX_FRAME_BYTES - 16) / EMPTY_OUTPUT.len();
     let wire = frame(&outputs_claiming(n as u32, &EMPTY_OUTPUT.repeat(n)));
     let (got, peak) = peak_of(|| read::<FromEngine>(&wire, MAX_FRAME_BYTES));
@@ -153,6 +140,7 @@ fn a_full_size_frame_of_the_most_expanding_kind_costs_a_small_multiple_of_itself
 /// times it, within the 6 bytes per byte `codec.rs` states.
 #[test]
 fn a_full_size_frame_of_prompt_logprobs_stays_within_the_stated_bound() {
+    let _turn = my_turn();
     let entries = (MAX_FRAME_BYTES - 64) / 7;
     // One output: id 0, index 0, no tokens, no logprobs, no finish, 0 cached,
     // Some(prompt logprobs) of `entries` × (token 0, logprob 0.0, rank 0, top []).
@@ -179,6 +167,7 @@ fn a_full_size_frame_of_prompt_logprobs_stays_within_the_stated_bound() {
 /// A large honest prompt is reserved once, at its size: no doubling.
 #[test]
 fn a_large_prompt_is_allocated_once() {
+    let _turn = my_turn();
     let prompt: Vec<u32> = (0..2_000_000u32).map(|i| i % 100).collect();
     let add = ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, prompt, SamplingParams::default())));
     let wire = codec::encode(&add).unwrap();
