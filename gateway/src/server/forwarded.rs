@@ -103,10 +103,12 @@ impl TrustedProxies {
         Ok(out)
     }
 
+    /// No proxy is trusted (the default): client addresses are the peers'.
     pub fn is_empty(&self) -> bool {
         !self.any && self.nets.is_empty()
     }
 
+    /// `ip` (IPv4-mapped IPv6 read as IPv4) is a proxy whose forwarded headers are believed.
     pub fn trusts(&self, ip: IpAddr) -> bool {
         if self.any {
             return true;

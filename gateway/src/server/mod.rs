@@ -116,12 +116,15 @@ pub struct ServeConfig {
     /// TLS (TCP) and HTTP/3 (UDP) port. None serves plain TCP only.
     /// 0 picks a port free on both TCP and UDP.
     pub tls_port: Option<u16>,
-    /// vLLM's --ssl-certfile / --ssl-keyfile. Without them a self-signed
-    /// certificate from `cert_dir` is used (made on first start).
+    /// vLLM's --ssl-certfile: the certificate chain (PEM). Without it and
+    /// `ssl_keyfile`, a self-signed certificate from `cert_dir` is used (made
+    /// on first start).
     pub ssl_certfile: Option<PathBuf>,
+    /// vLLM's --ssl-keyfile: the private key of `ssl_certfile` (PEM).
     pub ssl_keyfile: Option<PathBuf>,
     /// Directory of the self-signed certificate; None: ferry_certs::default_state_dir().
     pub cert_dir: Option<PathBuf>,
+    /// Bounds on connections, bodies, headers and shutdown (see docs/limits.md).
     pub limits: Limits,
 }
 
@@ -139,27 +142,40 @@ impl Default for ServeConfig {
     }
 }
 
+/// Why the server could not start listening, or a listener failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// `host` named no address.
     #[error("cannot resolve host {host:?}: {source}")]
     Resolve {
+        /// The host as configured.
         host: String,
+        /// What the resolver said.
         source: std::io::Error,
     },
+    /// A socket could not be bound (in use, not permitted, no such address).
     #[error("cannot listen for {what} on {addr}: {source}{}", bind::hint(source))]
     Bind {
+        /// Which listener, in words (such as "HTTP/3 (QUIC over UDP)").
         what: &'static str,
+        /// The address it tried.
         addr: SocketAddr,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// Only one of the certificate and key files was given.
     #[error("--ssl-certfile and --ssl-keyfile must be given together")]
     HalfTlsFiles,
+    /// No certificate files were given and there is nowhere to keep a self-signed one.
     #[error("no state directory for the self-signed certificate (set FERRY_STATE_DIR or HOME, or pass --ssl-certfile/--ssl-keyfile)")]
     NoCertDir,
+    /// The certificate or key could not be read, made or parsed.
     #[error("TLS certificate: {0}")]
     Cert(#[from] ferry_certs::CertError),
+    /// rustls or quinn refused the configuration built from the certificate.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// A listener's task panicked or was cancelled.
     #[error("server task failed: {0}")]
     Task(String),
 }
