@@ -39,10 +39,14 @@ use crate::CertError;
 /// verifies: the cluster's identity, whatever a node's host name or address.
 pub const CLUSTER_SERVER_NAME: &str = "ferry-cluster";
 
-/// File names of the cluster CA and of a node's certificate and key.
+/// File name of the cluster CA's certificate, which every node needs.
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the cluster CA's private key (mode 0600); it stays where
+/// certificates are issued.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// File name of a node's certificate chain: its own certificate, then the CA's.
 pub const NODE_CERT_FILE: &str = "node.pem";
+/// File name of a node's private key (mode 0600).
 pub const NODE_KEY_FILE: &str = "node-key.pem";
 
 /// Validity. A development cluster should not stop working one day because a
@@ -217,6 +221,8 @@ pub fn create_node_cert(
 pub struct ClusterIdentity {
     /// DER of the cluster CA's certificate, the only trust anchor.
     pub ca_der: Vec<u8>,
+    /// The node's certificate chain (its own, then the CA's) and private key,
+    /// checked to chain to `ca_der` when loaded.
     pub node: TlsMaterial,
 }
 

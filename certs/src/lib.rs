@@ -45,26 +45,64 @@ pub use spki::{spki_sha256, spki_sha256_base64, subject_public_key_info};
 /// front of an operator starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A file or directory could not be read, written or created.
     #[error("cannot {action} {path}: {source}")]
     Io {
+        /// What was being done, as the message's verb ("read cluster CA key",
+        /// "write", "create directory").
         action: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A PEM file that does not hold what it should: no certificate or key
+    /// section, bad PEM, a kind of key rustls does not take, a certificate
+    /// whose public key cannot be read.
     #[error("{path}: {reason}")]
-    Pem { path: PathBuf, reason: String },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, and what was expected.
+        reason: String,
+    },
+    /// rcgen could not make a self-signed certificate or its key (the
+    /// development certificate, or a throwaway one for insecure configurations).
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
+    /// A certificate's DER could not be parsed (to find its public key).
     #[error("malformed certificate: {0}")]
     Der(String),
+    /// A name asked for in a certificate is neither a usable IP address nor a
+    /// valid DNS name.
     #[error("invalid certificate name {name:?}: {reason}")]
-    Name { name: String, reason: String },
+    Name {
+        /// The name as given (a host flag, a node name).
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// A cluster CA file (`ca.pem`, `ca-key.pem`) is already there: a new CA
+    /// would cut every node the old one certified out of the cluster.
     #[error("{path} already exists; refusing to overwrite it (move it away to start afresh)")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The file found in the way.
+        path: PathBuf,
+    },
+    /// rcgen could not make or sign a cluster CA or node certificate.
     #[error("cannot issue a cluster certificate: {0}")]
     Issue(String),
+    /// Cluster files that do not belong together: a CA key not of the CA
+    /// certificate, a node certificate the CA did not sign or that is not
+    /// valid now.
     #[error("{path}: {reason}")]
-    Cluster { path: PathBuf, reason: String },
+    Cluster {
+        /// The file found at fault.
+        path: PathBuf,
+        /// Why, naming the other file involved.
+        reason: String,
+    },
+    /// rustls refused to build a configuration from the material.
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
 }

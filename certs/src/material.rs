@@ -16,24 +16,33 @@ use crate::CertError;
 /// Which encoding the private key's DER is in (rustls needs to know).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyFormat {
+    /// PKCS #8 (`BEGIN PRIVATE KEY`), any algorithm; what ferry itself writes.
     Pkcs8,
+    /// PKCS #1 (`BEGIN RSA PRIVATE KEY`), RSA only.
     Pkcs1,
+    /// SEC 1 (`BEGIN EC PRIVATE KEY`), elliptic-curve only.
     Sec1,
 }
 
 /// A certificate chain (leaf first) and its private key, in PEM and DER.
 #[derive(Clone)]
 pub struct TlsMaterial {
+    /// The chain's PEM text as it was read or made (leaf first).
     pub cert_chain_pem: String,
+    /// The private key's PEM text as it was read or made. Secret: the
+    /// `Debug` output leaves it out.
     pub key_pem: String,
     /// DER of each certificate, leaf first.
     pub cert_der: Vec<Vec<u8>>,
+    /// DER of the private key, in the encoding `key_format` names.
     pub key_der: Vec<u8>,
+    /// The encoding of `key_der`, as the PEM section's label gave it.
     pub key_format: KeyFormat,
     /// base64 (standard, padded) of SHA-256 over the leaf's SubjectPublicKeyInfo.
     pub spki_sha256_base64: String,
     /// Where the files live (None when built from memory).
     pub cert_path: Option<PathBuf>,
+    /// Where the key file lives (None when built from memory).
     pub key_path: Option<PathBuf>,
 }
 

@@ -8,8 +8,9 @@ use crate::files::{create_dir, write_atomic};
 use crate::material::{load_pem_files, TlsMaterial};
 use crate::CertError;
 
-/// File names inside the self-signed state directory.
+/// File name of the self-signed certificate inside its state directory.
 pub const CERT_FILE: &str = "cert.pem";
+/// File name of its private key (mode 0600), beside it.
 pub const KEY_FILE: &str = "key.pem";
 /// The names the stored certificate was made for, one a line: lets a later start
 /// see whether a new host name needs a fresh certificate.

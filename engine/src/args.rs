@@ -8,14 +8,22 @@ use crate::loader::LoadedModel;
 use crate::scheduler::SchedulerConfig;
 use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
 
+/// How to build one engine rank: vLLM's engine arguments ferry has, under
+/// their names (`--max-num-seqs` is `max_num_seqs`). The gateway's CLI fills
+/// it; [`build_engine_core`] checks it.
 #[derive(Clone, Debug)]
 pub struct EngineArgs {
     /// Positions a sequence may reach; default: the model's, capped by the cache.
     pub max_model_len: Option<usize>,
+    /// Sequences running at once, at least 1 (vLLM's `--max-num-seqs`, 256).
     pub max_num_seqs: usize,
     /// Tokens per step; default max(2048, max_num_seqs).
     pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV-cache block, 1..=1024 (vLLM's `--block-size`, 16). Every
+    /// rank of a cluster must use the same, since prefix hashes are per block.
     pub block_size: usize,
+    /// Reuse the KV blocks of a prompt prefix already computed (vLLM's
+    /// `--enable-prefix-caching`, on by default).
     pub enable_prefix_caching: bool,
     /// Memory for the KV cache (vLLM's `--kv-cache-memory-bytes`); None: the
     /// backend's default (the CPU's 1 GiB, a GPU's share of what is left).
@@ -27,7 +35,11 @@ pub struct EngineArgs {
     pub device: Device,
     /// No CUDA graphs on a GPU (vLLM's `--enforce-eager`).
     pub enforce_eager: bool,
+    /// Shards the model is split into within this rank (vLLM's
+    /// `--tensor-parallel-size`): CPU workers, or one GPU each. 0 counts as 1.
     pub tensor_parallel_size: usize,
+    /// Seeds the draws of requests that bring no seed of their own (vLLM's
+    /// `--seed`), so a run of the same requests repeats.
     pub seed: u64,
     /// Cap on the tokens one prompt chunk takes per step (0: no cap).
     pub long_prefill_token_threshold: usize,
@@ -59,13 +71,23 @@ impl Default for EngineArgs {
 /// What an engine was built with: the figures its `Hello` reports.
 #[derive(Clone, Debug)]
 pub struct EngineShape {
+    /// Which model was loaded (config and tensor table hashes).
     pub fingerprint: ModelFingerprint,
+    /// The model's vocabulary size: token ids are below it.
     pub vocab_size: usize,
+    /// The longest sequence served: `--max-model-len`, or the model's own
+    /// capped by what the KV cache holds.
     pub max_model_len: usize,
+    /// KV-cache blocks allocated (at least 2).
     pub num_blocks: usize,
+    /// Tokens per KV block, as given.
     pub block_size: usize,
 }
 
+/// Builds rank `rank`'s engine: checks `args`, loads `model`'s weights onto
+/// the device's backend, sizes the KV cache from the memory left, and starts
+/// the workers. Errors are sentences for the operator (naming the flag to
+/// change).
 pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> Result<(EngineCore, EngineShape), String> {
     if args.block_size == 0 || args.block_size > 1024 {
         return Err(format!("--block-size must be in 1..=1024, got {}", args.block_size));
@@ -179,6 +201,7 @@ pub fn node_identity() -> &'static str {
 }
 
 impl EngineShape {
+    /// The `Hello` rank `rank` says on a link, for a model served as `model`.
     pub fn hello(&self, rank: u32, model: &str) -> Hello {
         Hello {
             protocol_version: PROTOCOL_VERSION,

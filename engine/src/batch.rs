@@ -5,7 +5,10 @@
 /// One sequence's slice of a step: `len` tokens starting at position `start_pos`.
 #[derive(Clone, Debug)]
 pub struct SeqChunk {
+    /// Position (0-based, in the whole sequence) of the chunk's first token;
+    /// the positions before it are already in the KV cache.
     pub start_pos: usize,
+    /// Tokens in the chunk: its slice of [`ModelInput::tokens`], in order.
     pub len: usize,
     /// The sequence's prompt length: positions below it are prompt, the rest
     /// output (resumed output included). A backend may compute the two kinds
@@ -13,6 +16,9 @@ pub struct SeqChunk {
     /// a position's bits never depend on the chunk it comes in (the CPU's
     /// attention keeps llama.cpp's prompt and decode orders this way).
     pub prompt_len: usize,
+    /// The sequence's KV blocks, covering at least `start_pos + len`
+    /// positions: position `p` lives in block `block_table[p / block_size]`,
+    /// slot `p % block_size` (vLLM's block table).
     pub block_table: Vec<u32>,
     /// Which of the chunk's positions need logits.
     pub logits: LogitRows,
@@ -44,6 +50,8 @@ impl LogitRows {
 /// What the model computes in one step: the sequences' tokens back to back.
 #[derive(Clone, Debug, Default)]
 pub struct ModelInput {
+    /// Every chunk's token ids, concatenated in `seqs` order.
     pub tokens: Vec<u32>,
+    /// The chunks, one per scheduled sequence; their `len`s sum to `tokens.len()`.
     pub seqs: Vec<SeqChunk>,
 }

@@ -11,8 +11,13 @@
 
 use std::sync::{Barrier, Mutex};
 
+/// One tensor-parallel worker's view of its group (vLLM's
+/// `GroupCoordinator`): collectives over buffers of type `B`. Every worker of
+/// the group must make the same calls in the same order, or they deadlock.
 pub trait Communicator<B: ?Sized = [f32]>: Send + Sync {
+    /// This worker's rank in the group, `0..world_size()`.
     fn rank(&self) -> usize;
+    /// Workers in the group.
     fn world_size(&self) -> usize;
     /// Every rank's `buf` becomes the element-wise sum over ranks. Ranks sum in the
     /// same order, so all ranks hold bit-identical results.
@@ -47,6 +52,8 @@ pub struct CpuGroup {
 }
 
 impl CpuGroup {
+    /// A group of `world_size` workers; each takes its communicator with
+    /// [`Self::member`] and runs on its own thread.
     pub fn new(world_size: usize) -> std::sync::Arc<CpuGroup> {
         std::sync::Arc::new(CpuGroup {
             slots: (0..world_size).map(|_| Mutex::new(Vec::new())).collect(),
@@ -61,6 +68,8 @@ impl CpuGroup {
     }
 }
 
+/// One CPU worker's communicator: publishes its buffer in its group's slot,
+/// then reads everyone's between two barriers.
 pub struct CpuCommunicator {
     group: std::sync::Arc<CpuGroup>,
     rank: usize,

@@ -13,13 +13,16 @@ pub enum DeviceChoice {
     /// CUDA where a usable GPU and the CUDA backend are there, else the CPU.
     #[default]
     Auto,
+    /// The CPU, whatever GPUs there are.
     Cpu,
+    /// A GPU, or a start-up error saying why there is none usable.
     Cuda,
 }
 
 /// The device the engine will run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
+    /// The CPU backend (`crate::cpu`), always there.
     Cpu,
     /// NVIDIA GPUs through the CUDA backend (`crate::cuda`, feature `cuda`).
     Cuda,
@@ -38,7 +41,10 @@ impl fmt::Display for Device {
 /// is not simply what was asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
+    /// The device the engine runs on.
     pub device: Device,
+    /// The log line: the GPU found, or why `auto` fell back to the CPU. None
+    /// for `--device cpu`.
     pub note: Option<String>,
 }
 

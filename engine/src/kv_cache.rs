@@ -107,6 +107,7 @@ pub struct KvEventQueue {
 }
 
 impl KvEventQueue {
+    /// Queues one event; a `Cleared` first drops everything queued before it.
     pub fn push(&mut self, event: KvEvent) {
         if event == KvEvent::Cleared {
             self.events.clear();
@@ -114,6 +115,7 @@ impl KvEventQueue {
         self.events.push_back(event);
     }
 
+    /// [`Self::push`]es each event in order.
     pub fn extend(&mut self, events: impl IntoIterator<Item = KvEvent>) {
         for e in events {
             self.push(e);
@@ -135,10 +137,12 @@ impl KvEventQueue {
         self.events.drain(..n).collect()
     }
 
+    /// Events queued (what the owner compares with its cap).
     pub fn len(&self) -> usize {
         self.events.len()
     }
 
+    /// Nothing to hand on.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
@@ -148,7 +152,14 @@ impl KvEventQueue {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvError {
     /// Not enough free blocks right now; the scheduler may preempt and retry.
-    OutOfBlocks { needed: usize, free: usize },
+    OutOfBlocks {
+        /// New blocks the allocation needs, beyond those the sequence holds
+        /// and its prefix hits.
+        needed: usize,
+        /// Free blocks it could have had (cached ones nobody holds included,
+        /// its own prefix hits not).
+        free: usize,
+    },
     /// The call does not fit the manager's state (a caller bug); nothing changed.
     Invalid(String),
 }
@@ -171,7 +182,10 @@ impl std::error::Error for KvError {}
 /// it is passed to [`KvCacheManager::allocate_slots`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CachedPrefix {
+    /// The hit blocks, one per block of the prefix, in order.
     pub blocks: Vec<u32>,
+    /// Tokens they cover: `blocks.len() * block_size`. Never the whole
+    /// prompt: its last token is always computed, to give logits to sample from.
     pub num_tokens: usize,
 }
 
@@ -364,10 +378,12 @@ impl KvCacheManager {
         }
     }
 
+    /// Token slots per block (at least 1).
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    /// Blocks in the cache, free or not.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
@@ -385,6 +401,8 @@ impl KvCacheManager {
         (self.blocks.len() - self.free.len) as f32 / self.blocks.len() as f32
     }
 
+    /// Whether full blocks are registered and looked up (off: every prompt
+    /// is computed whole, and no KV events are logged).
     pub fn prefix_caching_enabled(&self) -> bool {
         self.enable_caching
     }
@@ -401,10 +419,14 @@ impl KvCacheManager {
         self.hits
     }
 
+    /// Prefix-cache queries in tokens of sequences readmitted after a
+    /// preemption (vLLM counts these apart too, so a preemption storm does not
+    /// pass for cache hits).
     pub fn preempted_prefix_cache_queries(&self) -> u64 {
         self.preempted_queries
     }
 
+    /// Prefix-cache hits in tokens of sequences readmitted after a preemption.
     pub fn preempted_prefix_cache_hits(&self) -> u64 {
         self.preempted_hits
     }
@@ -447,6 +469,8 @@ impl KvCacheManager {
         self.seqs.get(&seq).map_or(0, |s| s.num_cached)
     }
 
+    /// Sequences holding `block` now (0: free, though perhaps still cached);
+    /// None for an id outside the cache.
     pub fn ref_count(&self, block: u32) -> Option<u32> {
         self.blocks.get(block as usize).map(|b| b.ref_cnt)
     }

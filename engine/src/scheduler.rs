@@ -20,8 +20,12 @@ use std::fmt;
 
 use crate::kv_cache::{CachedPrefix, KvCacheManager, KvError, DEFAULT_BLOCK_SIZE};
 
+/// The engine's id for one sequence (one completion of a request; a request
+/// with `n` > 1 has several). The engine counts them up and never reuses one.
 pub type SeqId = u64;
 
+/// The scheduler's limits, vLLM's `SchedulerConfig` fields of the same names;
+/// [`crate::args::build_engine_core`] fills them from the engine's flags.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     /// Most sequences running at once.
@@ -34,6 +38,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// KV blocks in the cache.
     pub num_blocks: usize,
+    /// Look up a waiting sequence's full prompt blocks in the prefix cache
+    /// before computing them.
     pub enable_prefix_caching: bool,
     /// Split prompts that do not fit the remaining budget across steps.
     pub enable_chunked_prefill: bool,
@@ -57,8 +63,12 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// One step's plan (vLLM's `SchedulerOutput`): what the model computes now.
+/// Hand it back to [`Scheduler::update`] after the model ran.
 #[derive(Clone, Debug)]
 pub struct SchedulerOutput {
+    /// The sequences computed this step: running ones first, in admission
+    /// order, then the ones admitted now.
     pub seqs: Vec<ScheduledSeq>,
     /// Sequences preempted during this step (their KV is gone; they will be
     /// recomputed). None of them is in `seqs`.
@@ -67,11 +77,15 @@ pub struct SchedulerOutput {
     pub num_batched_tokens: usize,
 }
 
+/// One sequence's part of a step.
 #[derive(Clone, Debug)]
 pub struct ScheduledSeq {
+    /// Which sequence.
     pub id: SeqId,
     /// Positions start_pos .. start_pos + tokens.len() are computed this step (token ids to feed).
     pub start_pos: usize,
+    /// The token ids to feed at those positions: a prompt chunk (after a
+    /// preemption, outputs too), or a decode's one token, sampled last step.
     pub tokens: Vec<u32>,
     /// Covers at least start_pos + tokens.len() positions: position p lives in
     /// block block_table[p / block_size], slot p % block_size.
@@ -85,15 +99,22 @@ pub struct ScheduledSeq {
 /// Why `try_add_sequence` refused a sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AddError {
+    /// A live sequence already has this id (a caller bug).
     DuplicateId(SeqId),
+    /// A prompt of no tokens: nothing to compute logits from.
     EmptyPrompt,
+    /// The prompt leaves no room for an output token under `max_model_len`.
     TooLong {
+        /// Prompt tokens.
         len: usize,
+        /// The limit, which the prompt reaches or passes.
         max_model_len: usize,
     },
     /// The prompt plus one generated token needs more blocks than the whole cache.
     ExceedsCache {
+        /// Prompt tokens.
         len: usize,
+        /// Token slots in the whole cache (blocks x block size).
         capacity_tokens: usize,
     },
 }
@@ -135,6 +156,8 @@ struct Sequence {
     use_prefix_cache: bool,
 }
 
+/// The continuous-batching scheduler (see the module doc): a waiting queue, a
+/// running list and the KV block manager they share.
 pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvCacheManager,
@@ -166,6 +189,8 @@ impl Scheduler {
         }
     }
 
+    /// The configuration in force: as given, with zero limits raised to 1 and
+    /// `num_blocks` as many as the block manager holds.
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
@@ -278,6 +303,10 @@ impl Scheduler {
         n.min((self.cfg.max_model_len - 1).saturating_sub(num_computed))
     }
 
+    /// Plans the next step within `max_num_batched_tokens`: running sequences
+    /// first (preempting the most recently admitted when blocks run out), then
+    /// waiting ones in FCFS order while there is budget and room, unless this
+    /// step preempted. Allocates the KV slots the plan needs.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let max_budget = self.cfg.max_num_batched_tokens;
         let mut budget = max_budget;
@@ -468,52 +497,67 @@ impl Scheduler {
         self.seqs.get(&id).map(|s| s.tokens.as_slice())
     }
 
+    /// Prompt tokens of a live sequence (None: unknown id).
     pub fn num_prompt_tokens(&self, id: SeqId) -> Option<usize> {
         self.seqs.get(&id).map(|s| s.num_prompt_tokens)
     }
 
+    /// Tokens of a live sequence whose KV is computed (or scheduled and
+    /// updated); 0 again after a preemption.
     pub fn num_computed_tokens(&self, id: SeqId) -> Option<usize> {
         self.seqs.get(&id).map(|s| s.num_computed)
     }
 
+    /// Whether the sequence holds KV blocks and is stepped (false for waiting,
+    /// preempted and unknown ones).
     pub fn is_running(&self, id: SeqId) -> bool {
         self.seqs
             .get(&id)
             .is_some_and(|s| s.state == State::Running)
     }
 
+    /// Sequences waiting for admission, preempted ones included.
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
 
+    /// Sequences admitted and holding blocks (at most `max_num_seqs`).
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
 
+    /// Whether any sequence is waiting or running: the engine steps while so.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// Fraction of KV blocks held by some sequence, 0..=1 (vLLM's `kv_cache_usage`).
     pub fn kv_usage(&self) -> f32 {
         self.kv.usage()
     }
 
+    /// KV blocks that can be handed out now, cached ones nobody holds included.
     pub fn num_free_blocks(&self) -> usize {
         self.kv.num_free_blocks()
     }
 
+    /// KV blocks in the cache.
     pub fn num_blocks(&self) -> usize {
         self.kv.num_blocks()
     }
 
+    /// Preemptions since the scheduler was made (vLLM's `num_preemptions`).
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
     }
 
+    /// Prompt tokens looked up in the prefix cache at first admission
+    /// ([`KvCacheManager::prefix_cache_queries`]).
     pub fn prefix_cache_queries(&self) -> u64 {
         self.kv.prefix_cache_queries()
     }
 
+    /// Of those, tokens found cached ([`KvCacheManager::prefix_cache_hits`]).
     pub fn prefix_cache_hits(&self) -> u64 {
         self.kv.prefix_cache_hits()
     }

@@ -12,8 +12,13 @@ pub const COMMON: &str = include_str!("../common.cuh");
 
 /// One kernel source file and the entry points it defines.
 pub struct KernelSource {
+    /// The file's name in `kernels/` (`"rmsnorm.cu"`): names it in NVRTC's
+    /// `#line`, in errors, and in the engine's PTX cache.
     pub file: &'static str,
+    /// The file's text, without [`COMMON`] (see [`Self::full_source`]).
     pub source: &'static str,
+    /// The `extern "C" __global__` functions it defines, which the engine
+    /// looks up in the compiled module by these names.
     pub entry_points: &'static [&'static str],
 }
 

@@ -45,21 +45,40 @@ pub const MAX_KNOWN_ADDRS: usize = 256;
 /// Why a connection attempt got no slot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// The peer's address (its /64 for IPv6) holds all its stage-1 slots.
     #[error("{limit} handshakes from this address are already in progress")]
-    AddrBusy { limit: usize },
+    AddrBusy {
+        /// [`Limits::per_addr`].
+        limit: usize,
+    },
+    /// The general stage-1 pool is full, and the address is not a known
+    /// member or the reserve is full too.
     #[error("{limit} handshakes are already in progress")]
-    Full { limit: usize },
+    Full {
+        /// [`Limits::pending`] (the reserve is not counted).
+        limit: usize,
+    },
+    /// Every stage-2 slot is held by a verified peer that has not said Hello.
     #[error("{limit} links are already waiting for their Hello")]
-    HelloFull { limit: usize },
+    HelloFull {
+        /// [`Limits::awaiting_hello`].
+        limit: usize,
+    },
 }
 
 /// The slots' bounds (the constants above, smaller in tests).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Stage-1 slots open to any address ([`MAX_PENDING_HANDSHAKES`]).
     pub pending: usize,
+    /// Stage-1 slots beyond `pending` for known members only ([`KNOWN_ADDR_RESERVE`]).
     pub known_reserve: usize,
+    /// Stage-1 slots one address may hold at once ([`MAX_HANDSHAKES_PER_ADDR`]).
     pub per_addr: usize,
+    /// Stage-2 slots: verified links not yet heard from ([`MAX_AWAITING_HELLO`]).
     pub awaiting_hello: usize,
+    /// Member addresses remembered, the least recently seen forgotten first
+    /// ([`MAX_KNOWN_ADDRS`]).
     pub known_addrs: usize,
 }
 
@@ -110,6 +129,7 @@ pub fn addr_key(ip: IpAddr) -> IpAddr {
 }
 
 impl Admission {
+    /// No slot held and no address known yet, under `limits`.
     pub fn new(limits: Limits) -> Admission {
         Admission { limits, ..Admission::default() }
     }

@@ -62,6 +62,7 @@ pub struct GatewayChecks {
 }
 
 impl GatewayChecks {
+    /// The checks of a new link: no Hello yet, nothing sent.
     pub fn new() -> Self {
         Self::default()
     }
@@ -225,6 +226,7 @@ pub struct EngineChecks {
 }
 
 impl EngineChecks {
+    /// The checks of a new link: no Welcome yet.
     pub fn new() -> Self {
         Self::default()
     }
@@ -239,6 +241,8 @@ impl EngineChecks {
         }
     }
 
+    /// Checks a message received from the gateway: exactly one Welcome, and
+    /// commands only after it.
     pub fn on_recv(&mut self, msg: &ToEngine) -> Result<(), LinkViolation> {
         match msg {
             ToEngine::Welcome(_) if self.welcomed => violation("a second Welcome"),

@@ -143,20 +143,49 @@ impl Message for FromEngine {
     }
 }
 
+/// Why a message could not be framed, or a frame could not be read. After a
+/// decoding error the stream is out of sync, and the QUIC link closes.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum CodecError {
+    /// A payload over the frame limit: the decoder's current one (refused
+    /// from the length prefix alone), or [`MAX_FRAME_BYTES`] when encoding.
     #[error("frame of {len} bytes is over the limit of {max} bytes")]
-    FrameTooLarge { len: usize, max: usize },
+    FrameTooLarge {
+        /// The payload's length in bytes (declared by the prefix, when decoding).
+        len: usize,
+        /// The limit it is over, in bytes.
+        max: usize,
+    },
+    /// A payload within the frame limit but over its kind's own bound
+    /// ([`Message::bound`]).
     #[error("{kind} of {len} bytes is over its limit of {max} bytes")]
-    MessageTooLarge { kind: &'static str, len: usize, max: usize },
+    MessageTooLarge {
+        /// The message kind, as the bound names it (`"Abort"`, `"Hello"`, ...).
+        kind: &'static str,
+        /// The payload's length in bytes, version byte included.
+        len: usize,
+        /// That kind's bound in bytes.
+        max: usize,
+    },
+    /// A frame whose length prefix says 0.
     #[error("empty frame: no codec version byte")]
     EmptyFrame,
+    /// The payload's first byte is not [`CODEC_VERSION`].
     #[error("codec version {got} is not spoken here (this build speaks {expected})")]
-    UnknownVersion { got: u8, expected: u8 },
+    UnknownVersion {
+        /// The version byte the payload carried.
+        got: u8,
+        /// [`CODEC_VERSION`].
+        expected: u8,
+    },
+    /// postcard could not decode the payload, a vector was over its bound,
+    /// or the kind tag is unknown; the text says which.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The payload held one message and this many bytes more.
     #[error("{0} trailing bytes after the message in its frame")]
     TrailingBytes(usize),
+    /// postcard could not serialize the message (the sender's own bug).
     #[error("message could not be encoded: {0}")]
     Encode(String),
 }
@@ -314,6 +343,7 @@ impl FrameDecoder {
         self.max_frame = max.min(MAX_FRAME_BYTES);
     }
 
+    /// The largest frame accepted now, in payload bytes (see [`Self::set_max_frame`]).
     pub fn max_frame(&self) -> usize {
         self.max_frame
     }

@@ -9,8 +9,12 @@ use crate::*;
 /// What the gateway requires of a rank that says hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expectations {
+    /// The gateway's [`PROTOCOL_VERSION`]; a Hello must carry the same.
     pub protocol_version: u32,
+    /// `--data-parallel-size`: a Hello's rank must be below it.
     pub data_parallel_size: u32,
+    /// [`ModelFingerprint::config`] of the model the gateway serves: computed
+    /// from the model's config, so even an API node that loads no weights has it.
     pub config_fingerprint: u64,
     /// None: the gateway loaded no weights, so it cannot know the tensor table;
     /// the first rank it accepts sets it for all later ones ([`Self::accepted`]).
@@ -37,6 +41,8 @@ impl Expectations {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
 pub struct Refusal {
+    /// What differs, in one sentence for the logs (the gateway also sends its
+    /// refusals as the Welcome's `reason`).
     pub message: String,
     /// Waiting may change the answer: the engine should dial again.
     pub retry: bool,

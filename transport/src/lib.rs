@@ -36,6 +36,8 @@ use std::pin::Pin;
 
 pub use protocol::*;
 
+/// Why a link could not carry a message. Once a link has failed, every later
+/// call on it fails too.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum TransportError {
     /// The other end went away; no more messages will come.
@@ -46,41 +48,56 @@ pub enum TransportError {
     /// closed with this reason.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Anything else, in words: the QUIC link could not bind, dial, or finish
+    /// a TLS handshake, or the API node turned the peer away.
     #[error("transport error: {0}")]
     Other(String),
 }
 
+/// The future [`OutputRx::recv`] returns: boxed, so the trait stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The gateway's sending half. Sending never blocks: commands are queued.
 pub trait CommandTx: Send + Sync {
+    /// Queues `msg` for the rank. `Err(Closed)` once the link is gone; the
+    /// message is then lost.
     fn send(&self, msg: ToEngine) -> Result<(), TransportError>;
 }
 
 /// The gateway's receiving half.
 pub trait OutputRx: Send {
+    /// The rank's next message, in the order it sent them. `Err` once the
+    /// link closed or the rank broke the protocol; every later call fails too.
     fn recv(&mut self) -> BoxFuture<'_, Result<FromEngine, TransportError>>;
 }
 
 /// The engine's receiving half (blocking: the engine's input thread).
 pub trait CommandRx: Send {
+    /// Blocks until the gateway's next message. `Err` once the link is gone:
+    /// the engine stops reading (and dials again over QUIC).
     fn recv(&mut self) -> Result<ToEngine, TransportError>;
 }
 
 /// The engine's sending half (blocking: the engine's output thread).
 pub trait OutputTx: Send {
+    /// Queues `msg` for the gateway; never waits on the gateway reading it.
+    /// `Err(Closed)` once the link is gone.
     fn send(&mut self, msg: FromEngine) -> Result<(), TransportError>;
 }
 
 /// The gateway's end of a link to one engine rank.
 pub struct GatewayEnd {
+    /// Sends Welcome and commands to the rank.
     pub tx: Box<dyn CommandTx>,
+    /// Receives the rank's Hello, then its output batches.
     pub rx: Box<dyn OutputRx>,
 }
 
 /// An engine rank's end of its link to the gateway.
 pub struct EngineEnd {
+    /// Receives the gateway's Welcome, then its commands (the engine's input thread).
     pub rx: Box<dyn CommandRx>,
+    /// Sends Hello, then output batches (the engine's output thread).
     pub tx: Box<dyn OutputTx>,
 }
 

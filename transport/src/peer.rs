@@ -10,6 +10,7 @@ use rustls::pki_types::CertificateDer;
 /// The peer of a link: its address and certificate name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// The peer's UDP address, as QUIC saw it.
     pub addr: SocketAddr,
     /// The common name of the certificate the peer presented (a ferry node
     /// certificate carries the node's name there), when it presented one.

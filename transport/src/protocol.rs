@@ -47,6 +47,9 @@ pub struct SamplingParams {
     /// Extra token ids that end a sequence (besides the model's EOS unless `ignore_eos`).
     #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's EOS (vLLM `ignore_eos`, for
+    /// benchmarks); `stop_token_ids` still stop. EOS stays masked during
+    /// `min_tokens` either way.
     pub ignore_eos: bool,
     /// Number of top alternatives to return with each sampled token (None: no logprobs).
     pub logprobs: Option<u32>,
@@ -126,9 +129,13 @@ impl Default for SamplingParams {
 /// One request for the engine: a prompt already tokenized by the gateway.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineRequest {
+    /// The gateway's id; every output of the request carries it back.
     pub id: RequestId,
+    /// The prompt's token ids, at least one, each below the rank's
+    /// `vocab_size` (the engine refuses the request otherwise).
     #[serde(deserialize_with = "bounded_vec::<_, _, FRAME_BOUNDED>")]
     pub prompt_tokens: Vec<u32>,
+    /// How to sample and when to stop; validated by the engine on arrival.
     pub sampling: SamplingParams,
     /// Set when the request continues one completion that another rank (or
     /// this one, before a link dropped) already began: see [`Resume`].
@@ -163,10 +170,13 @@ pub struct Resume {
 /// Gateway -> engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EngineCommand {
+    /// Admit a request. The engine answers every one with outputs under its
+    /// id, ending in a `finish` (an `Error` one if it refuses the request).
     Add(EngineRequest),
     /// Stop these requests now and free their KV blocks. Unknown ids are ignored.
     /// At most [`MAX_ABORT_IDS`] (the QUIC link's sender splits a longer list).
     Abort(#[serde(deserialize_with = "bounded_vec::<_, _, MAX_ABORT_IDS>")] Vec<RequestId>),
+    /// The gateway is closing this link: the rank stops reading it.
     Shutdown,
 }
 
@@ -199,17 +209,22 @@ pub enum ErrorKind {
 /// An engine's refusal or failure of one request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineError {
+    /// Whose fault it is, which picks the HTTP status.
     pub kind: ErrorKind,
+    /// Why, in words fit for the client (the gateway passes it on as it is).
     pub message: String,
 }
 
 impl EngineError {
+    /// The request breaks a rule ([`ErrorKind::InvalidRequest`], HTTP 400).
     pub fn invalid(message: impl Into<String>) -> Self {
         EngineError { kind: ErrorKind::InvalidRequest, message: message.into() }
     }
+    /// No room for the request now ([`ErrorKind::Capacity`], HTTP 503).
     pub fn capacity(message: impl Into<String>) -> Self {
         EngineError { kind: ErrorKind::Capacity, message: message.into() }
     }
+    /// The engine itself failed ([`ErrorKind::Internal`], HTTP 500).
     pub fn internal(message: impl Into<String>) -> Self {
         EngineError { kind: ErrorKind::Internal, message: message.into() }
     }
@@ -224,7 +239,10 @@ impl std::fmt::Display for EngineError {
 /// The log-probability of one token and its top alternatives at one position.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {
+    /// The token at this position (sampled, or the prompt's own).
     pub token: u32,
+    /// Its natural-log probability under the raw logits (before penalties
+    /// and temperature, vLLM's `raw_logprobs`).
     pub logprob: f32,
     /// 1-based rank of `token` among all tokens by logprob (ties share the
     /// better rank), as vLLM reports it.
@@ -237,6 +255,7 @@ pub struct TokenLogprob {
 /// What one sequence produced in one engine step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenOutput {
+    /// The request this output belongs to.
     pub id: RequestId,
     /// Which of the request's `n` completions this is (0-based).
     pub index: u32,
@@ -263,13 +282,19 @@ pub struct TokenOutput {
 /// coordinator can balance load and the gateway can export metrics.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineStats {
+    /// Sequences admitted but not yet scheduled, or preempted (vLLM's
+    /// `num_requests_waiting`, counted in sequences).
     pub num_waiting: u32,
+    /// Sequences holding KV blocks and stepping (vLLM's `num_requests_running`).
     pub num_running: u32,
     /// Fraction of KV blocks in use, 0..=1.
     pub kv_usage: f32,
     /// Totals since the engine started.
     pub num_preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, first admissions only
+    /// (vLLM's `prefix_cache_queries`).
     pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached (vLLM's `prefix_cache_hits`).
     pub prefix_cache_hits: u64,
     /// `Add` commands the engine has taken in since it started (refused ones
     /// too): the gateway counts what it sent beyond this as waiting, so figures
@@ -304,11 +329,15 @@ pub struct SeqTiming {
 /// changes for this link.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutputs {
+    /// The rank that sent the batch (the QUIC link's checks hold it to the
+    /// rank its Hello named).
     pub rank: u32,
     /// At most [`MAX_OUTPUTS_PER_BATCH`] (the QUIC link's sender splits a
     /// larger batch, keeping each request's outputs together).
     #[serde(deserialize_with = "bounded_vec::<_, _, MAX_OUTPUTS_PER_BATCH>")]
     pub outputs: Vec<TokenOutput>,
+    /// The rank's queue and cache figures as this batch leaves (the queue
+    /// figures counting only this link's requests).
     pub stats: EngineStats,
     /// Changes to the set of full KV blocks this rank holds in its prefix
     /// cache since the previous batch to this link, oldest first (at most
@@ -472,7 +501,10 @@ fn bounded_opt_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>, const 
 /// Engine -> gateway, first message on a transport.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The engine's [`PROTOCOL_VERSION`]; must equal the gateway's.
     pub protocol_version: u32,
+    /// The data-parallel rank this engine serves, below the gateway's
+    /// `--data-parallel-size`.
     pub rank: u32,
     /// The served model name (for logs; the fingerprint is what must match).
     pub model: String,
@@ -480,8 +512,13 @@ pub struct Hello {
     pub fingerprint: ModelFingerprint,
     /// Token ids the engine may emit are below this.
     pub vocab_size: u32,
+    /// Most tokens (prompt and output) one sequence may hold on this rank.
     pub max_model_len: u32,
+    /// KV-cache blocks the rank allocated (vLLM's `num_gpu_blocks`): sizes
+    /// the gateway's index of what the rank caches.
     pub num_kv_blocks: u32,
+    /// Tokens per KV block; every rank of a cluster must agree, since prefix
+    /// hashes are taken per block.
     pub block_size: u32,
     /// Who this rank's node is: drawn when the node starts (its host name and
     /// a random 128-bit token, at most [`MAX_NODE_ID_BYTES`]), the same on
@@ -510,8 +547,12 @@ pub struct ModelFingerprint {
 /// Gateway -> engine, answer to `Hello`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
+    /// The gateway's [`PROTOCOL_VERSION`]; the engine refuses a gateway of another.
     pub protocol_version: u32,
+    /// The gateway took the rank: commands follow on this link.
     pub accepted: bool,
+    /// Why the rank was refused (the same sentence the gateway logs); None
+    /// when accepted.
     pub reason: Option<String>,
     /// The rank the API node knows this link by: the one the Hello named
     /// (a node that lets the API node assign its ranks will learn it here).
@@ -526,13 +567,17 @@ pub struct Welcome {
 /// Gateway -> engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToEngine {
+    /// The answer to the rank's Hello; the first message on a link.
     Welcome(Welcome),
+    /// Every message after an accepting Welcome.
     Command(EngineCommand),
 }
 
 /// Engine -> gateway.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromEngine {
+    /// The rank introduces itself; the first message on a link.
     Hello(Hello),
+    /// Every message after the Hello.
     Outputs(EngineOutputs),
 }

@@ -188,6 +188,8 @@ impl RpcListener {
         Ok(RpcListener { endpoint, ready, shared, _stop: stop })
     }
 
+    /// The address the listener is bound to: the port the OS picked when
+    /// [`Self::bind`] was given port 0.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.endpoint.local_addr().map_err(|e| other("local address", e))
     }

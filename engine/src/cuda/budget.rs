@@ -12,6 +12,8 @@
 /// peak the budget sets aside (the forward pass reuses these buffers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActivationShape {
+    /// The model's hidden size (whole on every rank: the residual stream is
+    /// not split).
     pub hidden: usize,
     /// Per rank (q heads × head_dim on this rank).
     pub q_size: usize,
@@ -19,8 +21,11 @@ pub struct ActivationShape {
     pub kv_size: usize,
     /// Per rank.
     pub intermediate: usize,
+    /// The whole vocabulary: every rank computes full logit rows.
     pub vocab: usize,
+    /// Per rank: query heads on this rank (attention's partial results).
     pub num_heads: usize,
+    /// Elements per attention head.
     pub head_dim: usize,
     /// Tokens one step may take (max_num_batched_tokens).
     pub max_tokens: usize,
@@ -67,6 +72,7 @@ impl ActivationShape {
 /// One device's memory, as the driver reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
+    /// The device's memory in bytes, whoever uses it.
     pub total: usize,
     /// Free when the engine started, before it loaded anything.
     pub free_at_start: usize,
@@ -74,27 +80,77 @@ pub struct DeviceMemory {
     pub free_now: usize,
 }
 
+/// Why a device has no usable KV cache; each message names the flag to change.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum BudgetError {
+    /// `--gpu-memory-utilization` outside (0, 1] (NaN included).
     #[error("--gpu-memory-utilization must be in (0, 1], not {0}")]
     BadUtilization(f32),
+    /// The share (`util` x `total`) is more than was free at start-up: other
+    /// processes hold the difference.
     #[error(
         "GPU {device}: --gpu-memory-utilization {util} asks for {want} of the {total} GPU, but only {free} was free at start-up \
          (other processes hold the rest); lower --gpu-memory-utilization or free the GPU"
     )]
-    ShareNotFree { device: usize, util: f32, want: Gib, total: Gib, free: Gib },
+    ShareNotFree {
+        /// The GPU ordinal.
+        device: usize,
+        /// `--gpu-memory-utilization`.
+        util: f32,
+        /// The share: `util` of `total`.
+        want: Gib,
+        /// The device's memory.
+        total: Gib,
+        /// What was free before the engine loaded anything.
+        free: Gib,
+    },
+    /// The share holds the weights and activations but leaves nothing for
+    /// the KV cache.
     #[error(
         "GPU {device}: the weights ({weights}) and activations ({activations}) need more than --gpu-memory-utilization {util} \
          of the GPU ({share}); raise it, use a smaller --max-num-batched-tokens / --max-num-seqs, or more GPUs (--tensor-parallel-size)"
     )]
-    NoRoomForKv { device: usize, util: f32, share: Gib, weights: Gib, activations: Gib },
+    NoRoomForKv {
+        /// The GPU ordinal.
+        device: usize,
+        /// `--gpu-memory-utilization`.
+        util: f32,
+        /// `util` of the device's memory.
+        share: Gib,
+        /// What loading took, measured (weights and the context's own memory).
+        weights: Gib,
+        /// The activations' peak plus [`RESERVE`].
+        activations: Gib,
+    },
+    /// `--kv-cache-memory-bytes` is more than the device has free once the
+    /// weights are loaded and the activations set aside.
     #[error("GPU {device}: --kv-cache-memory-bytes {want} does not fit in the {free} left after the weights and activations")]
-    ExplicitKvTooLarge { device: usize, want: Gib, free: Gib },
+    ExplicitKvTooLarge {
+        /// The GPU ordinal.
+        device: usize,
+        /// `--kv-cache-memory-bytes`.
+        want: Gib,
+        /// Free after the weights, less the activations' peak and [`RESERVE`].
+        free: Gib,
+    },
+    /// The KV memory holds fewer blocks than one sequence of `max_model_len`
+    /// tokens needs, so a long request could never be scheduled.
     #[error(
         "GPU {device}: room for {blocks} KV block(s) of {block_bytes} bytes, fewer than the {needed} one sequence of \
          --max-model-len {max_model_len} needs; lower --max-model-len or give the KV cache more memory"
     )]
-    TooFewBlocks { device: usize, blocks: usize, block_bytes: usize, needed: usize, max_model_len: usize },
+    TooFewBlocks {
+        /// The GPU ordinal.
+        device: usize,
+        /// Blocks the KV memory holds.
+        blocks: usize,
+        /// Bytes of one block on this rank ([`block_bytes`]).
+        block_bytes: usize,
+        /// Blocks one full-length sequence needs: `max_model_len / block_size`, rounded up.
+        needed: usize,
+        /// `--max-model-len` (or the model's).
+        max_model_len: usize,
+    },
 }
 
 /// Bytes shown in GiB (messages).
@@ -110,7 +166,10 @@ impl std::fmt::Display for Gib {
 /// What the budget decided, for the start-up log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvBudget {
+    /// Bytes given to the KV cache: `--kv-cache-memory-bytes`, or what is left
+    /// of the share.
     pub kv_bytes: usize,
+    /// Whole blocks those bytes hold (at least one sequence's worth).
     pub num_blocks: usize,
 }
 

@@ -9,8 +9,8 @@
 //! Layout: every matrix is bf16, row-major [out, in] (as the model files hold
 //! it), multiplied with cublasGemmEx (bf16 in, f32 compute; bf16 out, f32 for
 //! the logits). Activations are bf16 [tokens, width]. The KV cache is one
-//! buffer per layer for keys and one for values, [block][kv_head][offset]
-//! [head_dim] (kernels/rope_kv.cu's layout). All work runs on one stream per
+//! buffer per layer for keys and one for values,
+//! `[block][kv_head][offset][head_dim]` (kernels/rope_kv.cu's layout). All work runs on one stream per
 //! rank; cudarc's event tracking is off, so nothing but that stream orders it,
 //! and CUDA graphs capture it whole.
 
@@ -32,6 +32,7 @@ use std::sync::Arc;
 
 // SAFETY: plain old data (ints and floats); all-zero is a valid value.
 unsafe impl DeviceRepr for RowParams {}
+// SAFETY: every field is an integer or a float, for which all-zero bits are 0.
 unsafe impl ValidAsZeroBits for RowParams {}
 
 /// A device error as one line.
@@ -142,6 +143,8 @@ pub struct DevWeights {
     norm: CudaSlice<u16>,
     lm_head: DevMatrix,
     inv_freq: CudaSlice<f32>,
+    /// Bytes of bf16 weights uploaded (for the start-up log; the budget
+    /// measures the device's free memory instead).
     pub bytes: usize,
 }
 
@@ -238,10 +241,16 @@ impl DevWeights {
 /// Limits the buffers are sized for.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Tokens one step may take (max_num_batched_tokens).
     pub max_tokens: usize,
+    /// Sequences one step may take (max_num_seqs).
     pub max_seqs: usize,
+    /// Positions a sequence may reach: sizes the block tables and attention's
+    /// partitions.
     pub max_model_len: usize,
+    /// Tokens per KV block.
     pub block_size: usize,
+    /// KV blocks per layer in this rank's cache, as the budget decided.
     pub num_blocks: usize,
 }
 
@@ -309,7 +318,9 @@ struct SampleBufs {
 /// so bf16 needs no `half` types here).
 pub struct NcclComm {
     comm: nccl::sys::ncclComm_t,
+    /// This rank in the communicator (the tensor-parallel rank).
     pub rank: usize,
+    /// Ranks in the communicator.
     pub world: usize,
 }
 
@@ -317,6 +328,7 @@ pub struct NcclComm {
 // each rank's is owned and used by its worker alone (Sync only because the
 // `Communicator` trait asks for it; nothing shares one between threads).
 unsafe impl Send for NcclComm {}
+// SAFETY: as for Send: no two threads use one communicator at once.
 unsafe impl Sync for NcclComm {}
 
 impl NcclComm {
@@ -331,6 +343,7 @@ impl NcclComm {
 
     /// rank 0's unique id.
     pub fn unique_id() -> DevResult<[std::ffi::c_char; 128]> {
+        // SAFETY: only tries to dlopen the library by its known names.
         if !unsafe { nccl::sys::is_culib_present() } {
             return Err("--tensor-parallel-size > 1 needs NCCL (libnccl.so.2), which was not found".into());
         }
@@ -365,8 +378,11 @@ impl Drop for NcclComm {
 
 /// `Communicator` over bf16 device rows: what NCCL all-reduces.
 pub struct DeviceRows {
+    /// Device address of the first value, on this rank's GPU.
     pub ptr: u64,
+    /// bf16 values at `ptr`, summed in place.
     pub len: usize,
+    /// The stream the reduction is ordered on (the rank's one stream).
     pub stream: Arc<CudaStream>,
 }
 
@@ -446,6 +462,11 @@ struct Plan {
 }
 
 impl DeviceWorker {
+    /// Rank `share.rank`'s worker: allocates its KV cache (`lim.num_blocks`
+    /// blocks per layer), step, activation and sampling buffers, sets cuBLAS's
+    /// fixed workspace, and captures a decode graph for each of `graph_sizes`
+    /// (none under `--enforce-eager`). With NCCL, every rank must call this
+    /// at once: the graphs' warm-up runs all-reduce.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: Arc<CudaContext>,
@@ -553,6 +574,7 @@ impl DeviceWorker {
         Ok(me)
     }
 
+    /// The model's vocabulary: the width of every logit row.
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }
@@ -758,6 +780,8 @@ impl DeviceWorker {
         let eps = cfg.rms_norm_eps;
         let null = 0u64;
         let norm = |res: u64, add: u64, wt: u64, out: u64, rows: usize| -> DevResult<()> {
+            // SAFETY: fused_add_rmsnorm_bf16's signature (kernels/rmsnorm.cu);
+            // `rows` rows of `hidden` in each buffer, `add` null or such a buffer.
             unsafe {
                 st.launch_builder(&self.k.rmsnorm)
                     .arg(&res)
@@ -782,6 +806,8 @@ impl DeviceWorker {
             self.gemm(normed, &layer.wk, k, t, false)?;
             self.gemm(normed, &layer.wv, v, t, false)?;
             let (kc, vc) = (p(&self.k_cache[li]), p(&self.v_cache[li]));
+            // SAFETY: rope_write_kv_bf16's signature (kernels/rope_kv.cu); q, k,
+            // v hold `t` rows, and every slot is -1 or inside this layer's cache.
             unsafe {
                 st.launch_builder(&self.k.rope)
                     .arg(&q)
@@ -806,6 +832,10 @@ impl DeviceWorker {
                     let (po, pm, ps) = (addr(&a.part_out, st), addr(&a.part_max, st), addr(&a.part_sum, st));
                     let (cl, mbi, parts_i) = (addr(&self.step.context_lens, st), max_blocks as i32, parts as i32);
                     let grid = LaunchConfig { grid_dim: (heads as u32, t as u32, parts as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY: the signatures of paged_attention_decode_bf16 and
+                    // _reduce_bf16 (kernels/paged_attention.cu); the partition
+                    // buffers hold max_seqs x heads x max_parts, and `parts`
+                    // and `max_blocks` are at most the `Limits` they come from.
                     unsafe {
                         st.launch_builder(&self.k.decode)
                             .arg(&po)
@@ -840,6 +870,9 @@ impl DeviceWorker {
                 Attn::Prefill { max_blocks } => {
                     let (ts, tp, mbi) = (addr(&self.step.token_seq, st), addr(&self.step.token_pos, st), max_blocks as i32);
                     let grid = LaunchConfig { grid_dim: (t as u32, heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY: paged_attention_prefill_bf16's signature
+                    // (kernels/paged_attention.cu); `t` rows of q and out, and
+                    // the block tables `max_blocks` wide, as the plan uploaded them.
                     unsafe {
                         st.launch_builder(&self.k.prefill)
                             .arg(&attn_o)
@@ -866,6 +899,8 @@ impl DeviceWorker {
             self.gemm(normed, &layer.w_gate_up, gu, t, false)?;
             let inter_i = inter as i32;
             let grid = LaunchConfig { grid_dim: ((inter as u32).div_ceil(256), t as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: silu_and_mul_bf16's signature (kernels/silu_mul.cu);
+            // gate_up holds `t` rows of 2 x inter, act `t` rows of inter.
             unsafe {
                 st.launch_builder(&self.k.silu).arg(&gu).arg(&actv).arg(&inter_i).launch(grid).map_err(&l)?;
             }
@@ -1036,6 +1071,10 @@ impl DeviceWorker {
             addr(&sb.out_top_ids, st),
             addr(&sb.out_top_logprobs, st),
         ];
+        // SAFETY: sample_rows's signature (kernels/sampling.cu), in order; the
+        // input buffers were grown to the packed lengths just above, and the
+        // outputs hold max_seqs rows: a step samples at most one row per
+        // sequence, so at least `s`.
         unsafe {
             let mut b = st.launch_builder(&self.k.sample);
             b.arg(&logits_ptr).arg(&raw).arg(&vi);

@@ -24,6 +24,8 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> PathBuf {
     set("HOME").map(PathBuf::from).unwrap_or_default().join(".cache").join("ferry").join("kernels")
 }
 
+/// The kernel cache folder of this process: [`cache_dir_from`] over the real
+/// environment.
 pub fn cache_dir() -> PathBuf {
     cache_dir_from(|k| std::env::var_os(k))
 }
@@ -41,7 +43,9 @@ pub fn key(source: &str, arch: &str, nvrtc_version: (i32, i32), options: &[Strin
 /// Where one compile did or did not come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
+    /// Read from the cache folder: no compile.
     Cache,
+    /// Compiled by NVRTC now (and stored, unless the folder could not be written).
     Compiled,
 }
 

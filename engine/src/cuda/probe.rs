@@ -12,11 +12,16 @@ use std::fmt;
 /// One GPU as the driver describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
+    /// The driver's device number (0-based, as `CUDA_VISIBLE_DEVICES`
+    /// renumbers them): what a rank's `device` refers to.
     pub ordinal: usize,
+    /// The product name (`"NVIDIA H200"`).
     pub name: String,
     /// Compute capability (major, minor): (9, 0) on an H100 or H200.
     pub compute_capability: (i32, i32),
+    /// The device's memory in bytes, free or not.
     pub total_memory_bytes: usize,
+    /// Streaming multiprocessors (132 on an H100 SXM).
     pub multiprocessors: i32,
 }
 
@@ -33,6 +38,7 @@ impl fmt::Display for GpuInfo {
 pub struct CudaProbe {
     /// The newest CUDA version the driver supports, (major, minor).
     pub driver_cuda_version: (i32, i32),
+    /// Every GPU the driver sees, by ordinal; never empty.
     pub gpus: Vec<GpuInfo>,
     /// libnvrtc could be loaded (the backend compiles its kernels with it).
     pub nvrtc: bool,
@@ -52,12 +58,17 @@ impl fmt::Display for CudaProbe {
 /// Why no GPU can be used; each message says what to check.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProbeError {
+    /// libcuda could not be loaded: no driver here.
     #[error("the NVIDIA driver library (libcuda.so.1) was not found: no NVIDIA driver is installed, or it is not on the library path")]
     NoDriver,
+    /// `cuInit` failed (or the library lacks a symbol); the driver's error name.
     #[error("the NVIDIA driver did not start (cuInit: {0}); is a GPU attached and the driver loaded (nvidia-smi)?")]
     Init(String),
+    /// The driver started but counts no device.
     #[error("the NVIDIA driver sees no GPU")]
     NoDevice,
+    /// A query after `cuInit` failed (version, count, a GPU's attributes);
+    /// the driver's error name.
     #[error("the NVIDIA driver failed to describe a GPU: {0}")]
     Query(String),
 }

@@ -11,15 +11,20 @@ use std::sync::{Condvar, Mutex};
 /// One rank's share of a model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RankShare {
+    /// This rank, `0..world`: its NCCL rank and its slice of every split.
     pub rank: usize,
+    /// Ranks the model is split over (`--tensor-parallel-size`).
     pub world: usize,
     /// The GPU ordinal this rank runs on.
     pub device: usize,
     /// Query heads of this rank (a range of the model's).
     pub heads: Range<usize>,
+    /// KV heads of this rank (a range of the model's): the ones its query
+    /// heads read, so grouped-query attention stays within the rank.
     pub kv_heads: Range<usize>,
     /// Columns of the MLP's intermediate layer.
     pub intermediate: Range<usize>,
+    /// Elements per head (the model's; heads are never split).
     pub head_dim: usize,
 }
 
@@ -36,9 +41,11 @@ impl RankShare {
     pub fn o_cols(&self) -> Range<usize> {
         self.q_rows()
     }
+    /// Query heads on this rank.
     pub fn num_heads(&self) -> usize {
         self.heads.len()
     }
+    /// KV heads on this rank (what its KV cache holds).
     pub fn num_kv_heads(&self) -> usize {
         self.kv_heads.len()
     }
