@@ -4,7 +4,7 @@
 use crate::device::Device;
 use crate::engine_core::{EngineCore, EngineCoreConfig};
 use crate::executor::{KvMemory, LoadedBackend};
-use crate::loader::LoadedModel;
+use crate::model::loader::LoadedModel;
 use crate::scheduler::SchedulerConfig;
 use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
 
@@ -138,7 +138,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
         Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
     }
     let shape = EngineShape {
-        fingerprint: crate::fingerprint::fingerprint(&model.cfg, &model.weights),
+        fingerprint: crate::model::fingerprint::fingerprint(&model.cfg, &model.weights),
         vocab_size: model.cfg.vocab_size,
         max_model_len,
         num_blocks,

@@ -14,9 +14,9 @@ pub mod ops;
 pub mod worker;
 
 use crate::communicator::Communicator;
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::quant::{matmul, matmul_gated, matmul_group, QMatrix};
-use crate::weights::{LayerWeights, ModelWeights};
+use crate::model::weights::{LayerWeights, ModelWeights};
 use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
 use kv::KvStore;

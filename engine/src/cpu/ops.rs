@@ -1,6 +1,6 @@
 //! Element-wise pieces of the decoder: RMS norm, rotary embeddings, SwiGLU.
 
-use crate::config::RopeStyle;
+use crate::model::config::RopeStyle;
 
 /// out = x / sqrt(mean(x^2) + eps) * w, per row of `w.len()` elements.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {

@@ -20,8 +20,8 @@ use super::pack::{self, Answers, Packed, RowParams, MAX_TOP_LOGPROBS};
 use super::tp::RankShare;
 use crate::backend::{RowSampling, StepOutput};
 use crate::batch::{LogitRows, ModelInput};
-use crate::config::{ModelConfig, RopeStyle};
-use crate::weights::ModelWeights;
+use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::weights::ModelWeights;
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,

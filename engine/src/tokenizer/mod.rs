@@ -83,7 +83,7 @@ struct Parts {
 
 impl Tokenizer {
     /// The tokenizer described by a GGUF file's `tokenizer.*` metadata.
-    pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Tokenizer, TokenizerError> {
+    pub fn from_gguf(g: &crate::model::gguf::GgufFile) -> Result<Tokenizer, TokenizerError> {
         Self::assemble(gguf_vocab::build(g)?)
     }
 
