@@ -9,14 +9,16 @@
 pub mod attention;
 pub mod build;
 mod dump;
+pub mod kernels;
 pub mod kv;
 pub mod ops;
 pub mod worker;
 
 use crate::communicator::Communicator;
 use crate::model::config::ModelConfig;
-use crate::quant::{matmul, matmul_gated, matmul_group, QMatrix};
 use crate::model::weights::{LayerWeights, ModelWeights};
+use crate::quant::QMatrix;
+use kernels::{matmul, matmul_gated, matmul_group};
 use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
 use kv::KvStore;

@@ -34,9 +34,9 @@
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use super::blocks::*;
 use super::dot_x86::{iq4_table, ActPtrs};
-use super::GgmlType;
+use crate::quant::blocks::*;
+use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per kernel call (zmm lanes).
