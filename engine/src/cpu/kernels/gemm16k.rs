@@ -45,7 +45,8 @@ pub(crate) const ROWS: usize = 16;
 /// Fewest tokens for which this kernel is used (see the module docs).
 /// Keeping the per-row kernels' 8 float lanes costs it about half its former
 /// speed; measured against them on SmolLM2's 576x1536 (2-core machine under
-/// load, `speed_probe`): slower at 4 tokens, level or faster at 16, 1.1-2x
+/// load, the speed probe that is now `cargo bench --bench matmul`'s
+/// `matmul_shapes`): slower at 4 tokens, level or faster at 16, 1.1-2x
 /// faster at 64. Both give the same bits, so the threshold only moves time.
 pub(crate) const MIN_TOKENS: usize = 8;
 /// Tokens that share each load of a packed weight vector (each holds 8
