@@ -6,6 +6,7 @@ use crate::engine_core::{EngineCore, EngineCoreConfig};
 use crate::executor::{KvMemory, LoadedBackend};
 use crate::model::loader::LoadedModel;
 use crate::scheduler::SchedulerConfig;
+use crate::structured::GrammarEnv;
 use ferry_transport::{Hello, ModelFingerprint, PROTOCOL_VERSION};
 
 #[derive(Clone, Debug)]
@@ -133,7 +134,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     let mut core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
     // Structured outputs need the vocabulary's bytes; a model whose tokenizer
     // gives llguidance nothing to work with serves everything else.
-    match model.tokenizer.grammar_env() {
+    match GrammarEnv::cached(&model.tokenizer) {
         Ok(env) => core = core.with_grammars(env.clone()),
         Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
     }
