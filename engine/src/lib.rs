@@ -11,6 +11,7 @@
 //! GGUF files or Hugging Face folders ([`model`]) with their [`tokenizer`].
 
 pub mod args;
+pub mod assemble;
 pub mod backend;
 pub mod batch;
 pub mod communicator;
@@ -32,7 +33,8 @@ pub mod tokenizer;
 
 pub use engine_core::{EngineCore, EngineCoreConfig, MaskTiming, PlannedStep};
 pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};
-pub use args::{build_engine_core, EngineArgs, EngineShape};
+pub use args::EngineArgs;
+pub use assemble::{build_engine_core, EngineShape};
 pub use model::loader::{load_model, LoadFormat, LoadedModel};
 /// The GGUF reader's old path, `ferry_engine::gguf`: gateway/src/api/tests.rs
 /// still names it (it moves with the API's own change); use `model::gguf`.
