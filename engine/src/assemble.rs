@@ -71,6 +71,8 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     }
     // Phase two: the KV cache and the workers.
     let executor = loaded.into_executor(num_blocks, args.block_size).map_err(|e| e.to_string())?;
+    // Test-only faults, when FERRY_FAULT_INJECT_* ask for them.
+    let executor = crate::executor::fault::from_env(executor);
     let cfg = EngineCoreConfig {
         rank,
         seed: args.seed,
