@@ -6,11 +6,11 @@ mod common;
 use common::files::*;
 use common::*;
 use ferry_engine::communicator::SoloCommunicator;
-use ferry_engine::model::config::RopeStyle;
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
+use ferry_engine::model::config::RopeStyle;
 use ferry_engine::model::gguf::MetaValue;
-use ferry_engine::quant::GgmlType;
 use ferry_engine::model::weights::{dummy, NoProgress};
+use ferry_engine::quant::GgmlType;
 use ferry_engine::{load_model, LoadFormat};
 use std::path::Path;
 

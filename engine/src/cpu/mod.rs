@@ -18,9 +18,9 @@ use crate::communicator::Communicator;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{LayerWeights, ModelWeights};
 use crate::quant::QMatrix;
-use kernels::{matmul, matmul_gated, matmul_group};
 use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
+use kernels::{matmul, matmul_gated, matmul_group};
 use kv::KvStore;
 use std::ops::Range;
 

@@ -3,8 +3,8 @@
 //! weights' bytes. See `ferry_transport::ModelFingerprint`.
 
 use crate::model::config::ModelConfig;
-use crate::quant::QMatrix;
 use crate::model::weights::ModelWeights;
+use crate::quant::QMatrix;
 use ferry_transport::ModelFingerprint;
 use sha2::{Digest, Sha256};
 

@@ -3,9 +3,9 @@
 
 use crate::model::config::{ConfigError, ModelConfig};
 use crate::model::gguf::GgufFile;
+use crate::model::weights::{self, LoadProgress, ModelWeights};
 use crate::quant::GgmlType;
 use crate::tokenizer::Tokenizer;
-use crate::model::weights::{self, LoadProgress, ModelWeights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -4,8 +4,8 @@
 
 use ferry_engine::model::config::ModelConfig;
 use ferry_engine::model::gguf::{GgufWriter, MetaValue};
-use ferry_engine::quant::QMatrix;
 use ferry_engine::model::weights::ModelWeights;
+use ferry_engine::quant::QMatrix;
 use std::path::Path;
 
 pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
