@@ -20,12 +20,12 @@
 mod common;
 use common::model_path;
 use criterion::{criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use ferry_engine::config::{ModelConfig, RopeStyle};
 use ferry_engine::cpu::kv::KvStore;
+use ferry_engine::model::config::{ModelConfig, RopeStyle};
+use ferry_engine::model::weights::{dummy, NoProgress};
 use ferry_engine::quant::GgmlType;
 use ferry_engine::scheduler::SchedulerConfig;
 use ferry_engine::rng::{RngCore, SplitMix64};
-use ferry_engine::weights::{dummy, NoProgress};
 use ferry_engine::{build_engine_core, load_model, EngineArgs, EngineCore, EngineCoreConfig, LoadFormat};
 use ferry_transport::{EngineRequest, RequestId, SamplingParams};
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! The quantized matmul kernels: `quant::matmul` over the weight types ferry
+//! The quantized matmul kernels: `cpu::kernels::matmul` over the weight types ferry
 //! loads, on SmolLM2-135M's MLP shapes (gate/up 1536x576, down 576x1536), at
 //! one token (decode) and 16 tokens (a small prefill or a batch of 16 decodes),
 //! with the SIMD kernels this CPU offers and with the portable scalar ones.
@@ -18,7 +18,8 @@
 //! figures are in docs/performance.md.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
-use ferry_engine::quant::{matmul, set_force_scalar, simd_name, GgmlType, QMatrix};
+use ferry_engine::cpu::kernels::{matmul, set_force_scalar, simd_name};
+use ferry_engine::quant::{GgmlType, QMatrix};
 use ferry_engine::rng::{symmetric_f32, splitmix};
 use std::hint::black_box;
 use std::time::Duration;

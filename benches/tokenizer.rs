@@ -15,7 +15,7 @@
 mod common;
 use common::model_path;
 use criterion::{criterion_main, Criterion, Throughput};
-use ferry_engine::gguf::{GgufFile, GgufWriter, MetaValue};
+use ferry_engine::model::gguf::{GgufFile, GgufWriter, MetaValue};
 use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use std::collections::HashMap;
 use std::hint::black_box;

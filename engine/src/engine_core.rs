@@ -613,6 +613,12 @@ impl EngineCore {
         outs
     }
 
+    /// Hands the executor the flag that drains its engine (see
+    /// [`Executor::watch_drain`]).
+    pub fn watch_drain(&mut self, draining: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.executor.watch_drain(draining);
+    }
+
     /// Ends every request with `why` (the rank cannot go on) and frees their blocks.
     pub fn fail_all(&mut self, why: &EngineError) -> Vec<TokenOutput> {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();

@@ -8,37 +8,35 @@
 //! with the [`sampler`]'s one way of picking; the sans-IO [`engine_core`] ties
 //! them together behind the protocol types of `ferry-transport`, and
 //! [`shell`] runs it on its threads and serves its links. Models load from
-//! GGUF ([`gguf`]) or Hugging Face folders ([`weights`], [`loader`]) with
-//! their [`tokenizer`].
+//! GGUF files or Hugging Face folders ([`model`]) with their [`tokenizer`].
 
 pub mod args;
+pub mod assemble;
 pub mod backend;
 pub mod batch;
 pub mod communicator;
-pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod engine_core;
 pub mod executor;
-pub mod fingerprint;
-pub mod gguf;
-pub mod ggml_type_names;
 pub mod kv_cache;
-pub mod loader;
-pub mod model_cache;
+pub mod model;
 pub mod quant;
 pub mod rng;
-pub mod rope_scaling;
 pub mod sampler;
 pub mod scheduler;
 pub mod shell;
 pub mod structured;
 pub mod tokenizer;
-pub mod weights;
 
 pub use engine_core::{EngineCore, EngineCoreConfig, MaskTiming, PlannedStep};
 pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};
-pub use args::{build_engine_core, EngineArgs, EngineShape};
-pub use loader::{load_model, LoadFormat, LoadedModel};
+pub use args::EngineArgs;
+pub use assemble::{build_engine_core, EngineShape};
+pub use model::loader::{load_model, LoadFormat, LoadedModel};
+/// The GGUF reader's old path, `ferry_engine::gguf`: gateway/src/api/tests.rs
+/// still names it (it moves with the API's own change); use `model::gguf`.
+#[doc(hidden)]
+pub use model::gguf;

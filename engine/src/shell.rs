@@ -35,7 +35,8 @@ use ferry_transport::{
 #[derive(Default)]
 struct Control {
     /// Finish what is running, take nothing new, and say so in the stats.
-    draining: AtomicBool,
+    /// Shared with the executor (see `Executor::watch_drain`).
+    draining: Arc<AtomicBool>,
     /// Requests in flight, as of the busy loop's last turn.
     in_flight: AtomicUsize,
     /// The busy loop has ended (a Stop, or a panic).
@@ -110,12 +111,12 @@ enum Inbox {
 
 impl Engine {
     /// Starts the busy loop of `core`.
-    pub fn start(core: EngineCore) -> std::io::Result<Engine> {
+    pub fn start(mut core: EngineCore) -> std::io::Result<Engine> {
         let rank = core.rank();
         let (inbox, inbox_rx) = flume::unbounded::<Inbox>();
         let control = Arc::new(Control::default());
+        core.watch_drain(control.draining.clone());
         let control_busy = control.clone();
-        let fault = fault_injection_token();
         let grammars = core.grammars().cloned();
         let busy = std::thread::Builder::new().name(format!("ferry-busy{rank}")).spawn(move || {
             let mut shell = Shell::new(core, rank);
@@ -123,7 +124,7 @@ impl Engine {
             // hanging. Every request still here fails as an internal error, the
             // panic is logged, and the loop ends, which closes every link, so the
             // gateways mark the rank down and serve on with the others.
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shell.run(&inbox_rx, &control_busy, fault)));
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shell.run(&inbox_rx, &control_busy)));
             if let Err(panic) = run {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -270,9 +271,8 @@ impl Shell {
     }
 
     /// Schedules, executes and samples until told to stop.
-    fn run(&mut self, inbox: &flume::Receiver<Inbox>, control: &Control, fault: Option<u32>) {
+    fn run(&mut self, inbox: &flume::Receiver<Inbox>, control: &Control) {
         let mut pending = Vec::new();
-        let mut stall_after = fault_injection_stall();
         loop {
             // Block for commands only when idle; otherwise take what has arrived.
             // KV events left over from a full batch count as work: they go out
@@ -290,11 +290,7 @@ impl Shell {
                     Inbox::Attach(link, outbox) => self.attach(link, outbox),
                     Inbox::Add(link, add) => {
                         let (req, compiled) = *add;
-                        let inject = fault.is_some_and(|t| req.prompt_tokens.contains(&t));
                         self.add(link, req, compiled);
-                        if inject {
-                            panic!("injected fault (FERRY_FAULT_INJECT_PANIC)");
-                        }
                     }
                     Inbox::Abort(link, ids) => self.abort(link, &ids),
                     Inbox::Detach(link) => self.detach(link),
@@ -303,12 +299,6 @@ impl Shell {
                 }
             }
             if self.core.has_work() {
-                if let Some(n) = stall_after.as_mut() {
-                    if *n == 0 {
-                        return stall_forever(control);
-                    }
-                    *n -= 1;
-                }
                 self.step();
             }
             control.in_flight.store(self.core.num_requests(), Ordering::Relaxed);
@@ -474,28 +464,6 @@ impl Shell {
         self.links.clear();
         self.owners.clear();
     }
-}
-
-/// A test-only fault: with `FERRY_FAULT_INJECT_STALL_AFTER_STEPS=N` set, the
-/// busy loop stops making progress after N steps while its links stay up (a
-/// stuck rank), so tests can prove the gateway's stall watchdog. Unset in
-/// normal use.
-fn fault_injection_stall() -> Option<u64> {
-    std::env::var("FERRY_FAULT_INJECT_STALL_AFTER_STEPS").ok().and_then(|v| v.parse().ok())
-}
-
-fn stall_forever(control: &Control) {
-    tracing::error!("injected fault (FERRY_FAULT_INJECT_STALL_AFTER_STEPS): the busy loop stalls");
-    while !control.draining.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A test-only fault: with `FERRY_FAULT_INJECT_PANIC=ID` set, the busy loop
-/// panics on a request whose prompt holds token `ID`, so tests can prove the
-/// panic boundary. Unset in normal use, and then it costs one check per Add.
-fn fault_injection_token() -> Option<u32> {
-    std::env::var("FERRY_FAULT_INJECT_PANIC").ok().and_then(|v| v.parse().ok())
 }
 
 /// An engine serving one link: it stops when that link ends.

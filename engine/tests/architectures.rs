@@ -8,11 +8,11 @@ mod common;
 use common::files::*;
 use common::*;
 use ferry_engine::communicator::SoloCommunicator;
-use ferry_engine::config::{ModelConfig, RopeStyle};
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
+use ferry_engine::model::config::{ModelConfig, RopeStyle};
+use ferry_engine::model::rope_scaling::{llama3_factors, Llama3Params};
+use ferry_engine::model::weights::{dummy, ModelWeights, NoProgress};
 use ferry_engine::quant::GgmlType;
-use ferry_engine::rope_scaling::{llama3_factors, Llama3Params};
-use ferry_engine::weights::{dummy, ModelWeights, NoProgress};
 use ferry_engine::{load_model, LoadFormat, LoadedModel};
 use std::path::Path;
 

@@ -5,11 +5,11 @@
 mod common;
 
 use common::*;
-use ferry_engine::config::RopeStyle;
+use ferry_engine::model::config::RopeStyle;
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
 use ferry_engine::communicator::SoloCommunicator;
 use ferry_engine::quant::GgmlType;
-use ferry_engine::weights::dummy;
+use ferry_engine::model::weights::dummy;
 
 const BS: usize = 4;
 

@@ -5,14 +5,14 @@
 //! chosen token's logprob within 0.05 at every compared step.
 //!
 //! The model file comes from `FERRY_TEST_MODEL` or the model cache
-//! (`ferry_engine::model_cache`); `.ci/run` fetches
+//! (`ferry_engine::model::model_cache`); `.ci/run` fetches
 //! it and scripts/test/all.sh sets the variable, so under the test command a
 //! missing model fails the test; a bare `cargo test` without it skips.
 
 use ferry_engine::tokenizer::ChatMessage;
 use ferry_engine::{build_engine_core, load_model, EngineArgs, LoadFormat};
 use ferry_engine::quant::GgmlType;
-use ferry_engine::weights::NoProgress;
+use ferry_engine::model::weights::NoProgress;
 use ferry_transport::{EngineRequest, SamplingParams};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ fn model_and_reference() -> Option<(PathBuf, Value)> {
             p
         }
         None => {
-            let p = ferry_engine::model_cache::default_model_path();
+            let p = ferry_engine::model::model_cache::default_model_path();
             if !p.exists() {
                 eprintln!("SKIPPED: default model not found (scripts/fetch/fetch-model.sh, or set FERRY_TEST_MODEL)");
                 return None;

@@ -10,7 +10,7 @@
 //! folder, which scripts/test/all.sh passes as `FERRY_LLAMA_CPP_VOCABS` (then a
 //! missing folder fails the test); without the variable the test skips.
 
-use ferry_engine::gguf::GgufFile;
+use ferry_engine::model::gguf::GgufFile;
 use ferry_engine::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 

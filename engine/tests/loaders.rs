@@ -6,15 +6,15 @@ mod common;
 use common::files::*;
 use common::*;
 use ferry_engine::communicator::SoloCommunicator;
-use ferry_engine::config::RopeStyle;
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
-use ferry_engine::gguf::MetaValue;
+use ferry_engine::model::config::RopeStyle;
+use ferry_engine::model::gguf::MetaValue;
+use ferry_engine::model::weights::{dummy, NoProgress};
 use ferry_engine::quant::GgmlType;
-use ferry_engine::weights::{dummy, NoProgress};
 use ferry_engine::{load_model, LoadFormat};
 use std::path::Path;
 
-fn last_logits(cfg: &ferry_engine::config::ModelConfig, w: &ferry_engine::weights::ModelWeights, toks: &[u32]) -> Vec<f32> {
+fn last_logits(cfg: &ferry_engine::model::config::ModelConfig, w: &ferry_engine::model::weights::ModelWeights, toks: &[u32]) -> Vec<f32> {
     let shard = CpuShard::new(cfg, w, 0, 1).unwrap();
     let mut kv = shard.new_kv_store(8, 4);
     let input = ModelInput {
@@ -108,7 +108,7 @@ fn broken_model_files_give_one_clear_error_each() {
     assert!(e.contains("type.gguf") && e.contains("token_embd.weight") && e.contains("99"), "{e}");
 
     // Layer 1's tensors are missing: the file is written for one layer but claims two.
-    let one_layer = ferry_engine::config::ModelConfig { num_layers: 1, ..cfg.clone() };
+    let one_layer = ferry_engine::model::config::ModelConfig { num_layers: 1, ..cfg.clone() };
     let mut missing = tiny_gguf_writer(&one_layer, &dummy(&one_layer, GgmlType::Q8_0, 2).unwrap());
     missing.add_metadata("llama.block_count", MetaValue::U32(2));
     let p = dir.path().join("missing.gguf");

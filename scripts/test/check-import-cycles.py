@@ -3,11 +3,16 @@
 
 A reader following `use` lines should never come back to where they started.
 For each crate (a folder with Cargo.toml and src/lib.rs or a [lib] path), every
-file module is a node; `crate::a::b` and `super::x` paths in it are edges to the
-longest module they name. A module and its own submodules count as one place (a
-`mod.rs` that re-exports its children is not a cycle), so edges between an
-ancestor and its descendants are left out. Test-only files (`tests.rs`,
-`*_tests.rs`) are left out too. Prints each cycle and exits 1 if there is one.
+file module is a node; `crate::a::b`, `super::x` and `self::y` paths in it, and
+paths that start with the name of one of its own submodules (`env::X` in a
+`mod.rs` that declares `mod env;`), are edges to the longest module they name.
+A `mod.rs` (or lib.rs) that uses or re-exports its children has edges to them,
+so a path into a module's re-exports leads on into the children that provide
+them: `a -> b (b/mod.rs re-exports b::c) -> b::c -> a` is a cycle. Only edges
+from a module to its own ancestors are left out (a child using `super::X` from
+its parent's `mod.rs` is not a cycle), as are test-only files (`tests.rs`,
+`*_tests.rs`) and inline `#[cfg(test)] mod` blocks. Prints each cycle and exits
+1 if there is one.
 """
 import os
 import re
@@ -54,8 +59,21 @@ def resolve(mod, kind, segs, mods):
     return path
 
 
+def absolute(mod, text, mods):
+    """Rewrites `self::` and paths that start with one of `mod`'s own submodules
+    as `crate::` paths, so the patterns below see them."""
+    here = "".join("::" + s for s in mod)
+    text = re.sub(r"(?<![\w:])self::", "crate" + here + "::", text)
+    children = sorted(m[-1] for m in mods if len(m) == len(mod) + 1 and m[: len(mod)] == mod)
+    if children:
+        pat = r"(?<![\w:])(" + "|".join(map(re.escape, children)) + r")::"
+        text = re.sub(pat, lambda m: "crate" + here + "::" + m.group(1) + "::", text)
+    return text
+
+
 def edges_of(mod, text, mods):
     found = set()
+    text = absolute(mod, text, mods)
     for m in USE_GROUP_RE.finditer(text):
         kind, prefix, inner = m.group(1), m.group(2), m.group(3)
         pre = [s for s in prefix.split("::") if s]
@@ -67,8 +85,9 @@ def edges_of(mod, text, mods):
                 found.add(resolve(mod, kind, pre, mods))
     for m in PATH_RE.finditer(USE_GROUP_RE.sub("", text)):
         found.add(resolve(mod, m.group(1), [s for s in m.group(2).split("::") if s], mods))
-    related = lambda a, b: a[: len(b)] == b or b[: len(a)] == a
-    return {t for t in found if not related(t, mod)}
+    # A module's own ancestors (its parent's mod.rs, the crate root) are where
+    # it lives, not a place it goes: only those edges are left out.
+    return {t for t in found if mod[: len(t)] != t}
 
 
 def cycles(graph):

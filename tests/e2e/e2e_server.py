@@ -44,7 +44,7 @@ def ferry_binary() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """The per-user model cache, by the rule of engine/src/model_cache.rs:
+    """The per-user model cache, by the rule of engine/src/model/model_cache.rs:
     $FERRY_MODEL_DIR, else $XDG_CACHE_HOME/ferry/models, else ~/.cache/ferry/models."""
     if os.environ.get("FERRY_MODEL_DIR"):
         return Path(os.environ["FERRY_MODEL_DIR"])

@@ -156,7 +156,7 @@ def test_tokenizing_a_huge_input_does_not_stall_health(server, http):
 
 
 def test_an_engine_panic_fails_its_requests_and_the_server_serves_on(tmp_path):
-    # FERRY_FAULT_INJECT_PANIC (test-only) panics the busy loop on a prompt holding that token.
+    # FERRY_FAULT_INJECT_PANIC (test-only) panics the engine step that runs a prompt holding that token.
     c = serve(tmp_path, "--data-parallel-size", "2", env={"FERRY_FAULT_INJECT_PANIC": "31"})
     try:
         status, events, _ = stream(c.url, {"prompt": [31, 5], "max_tokens": 4}, {"X-data-parallel-rank": "0"})

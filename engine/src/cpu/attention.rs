@@ -160,11 +160,11 @@ impl DotOrder {
 fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::quant::has_avx512() {
+        if crate::cpu::kernels::has_avx512() {
             // SAFETY: the CPU supports AVX512 F/BW/VL, AVX2, FMA and F16C (checked just above).
             return unsafe { attend_avx512(c, qv, scratch, o) };
         }
-        if crate::quant::has_avx2_fma() {
+        if crate::cpu::kernels::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             return unsafe { attend_avx2(c, qv, scratch, o) };
         }
@@ -694,7 +694,7 @@ mod tests {
                         // The AVX2 body too, where the CPU has it (the
                         // dispatch above takes AVX512 where there is one).
                         #[cfg(target_arch = "x86_64")]
-                        if crate::quant::has_avx2_fma() {
+                        if crate::cpu::kernels::has_avx2_fma() {
                             let mut o2 = vec![0.0; 3 * hd];
                             // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
                             unsafe { attend_avx2(&c, &qv, &mut Scratch::default(), &mut o2) };

@@ -5,8 +5,8 @@ use super::{check_model, kv::KvStore, worker::CpuWorker, CpuShard};
 use crate::backend::{Backend, ExecError};
 use crate::communicator::{CpuGroup, SoloCommunicator};
 use crate::executor::{default_threads, Executor, KvMemory, LoadedBackend, MultiWorkerExecutor, UniProcExecutor};
-use crate::config::ModelConfig;
-use crate::weights::ModelWeights;
+use crate::model::config::ModelConfig;
+use crate::model::weights::ModelWeights;
 
 /// The CPU's KV cache when `--kv-cache-memory-bytes` is not given: 1 GiB.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;

@@ -9,16 +9,18 @@
 pub mod attention;
 pub mod build;
 mod dump;
+pub mod kernels;
 pub mod kv;
 pub mod ops;
 pub mod worker;
 
 use crate::communicator::Communicator;
-use crate::config::ModelConfig;
-use crate::quant::{matmul, matmul_gated, matmul_group, QMatrix};
-use crate::weights::{LayerWeights, ModelWeights};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{LayerWeights, ModelWeights};
+use crate::quant::QMatrix;
 use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
+use kernels::{matmul, matmul_gated, matmul_group};
 use kv::KvStore;
 use std::ops::Range;
 

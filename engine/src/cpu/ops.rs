@@ -1,6 +1,6 @@
 //! Element-wise pieces of the decoder: RMS norm, rotary embeddings, SwiGLU.
 
-use crate::config::RopeStyle;
+use crate::model::config::RopeStyle;
 
 /// out = x / sqrt(mean(x^2) + eps) * w, per row of `w.len()` elements.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -79,7 +79,7 @@ pub fn rope_cache(pos: usize, theta_scale: f32, freq_factors: Option<&[f32]>, ca
 /// angles of `cache` (from [`rope_cache`]).
 pub fn rope(x: &mut [f32], head_dim: usize, cache: &[f32], style: RopeStyle) {
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx2_fma() {
+    if crate::cpu::kernels::has_avx2_fma() {
         // SAFETY: the CPU has FMA (checked just above).
         return unsafe { rope_fma(x, head_dim, cache, style) };
     }
@@ -149,7 +149,7 @@ pub fn expf_ggml(x: f32) -> f32 {
 /// x / (1 + e^-x) with [`expf_ggml`].
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx2_fma() {
+    if crate::cpu::kernels::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { silu_mul_fma(gate, up) };
     }

@@ -12,9 +12,9 @@ use super::tp::{self, IdExchange, RankShare};
 use crate::args::EngineArgs;
 use crate::backend::{Backend, ExecError, StepOutput, StepSampling};
 use crate::batch::ModelInput;
-use crate::config::ModelConfig;
 use crate::executor::{Executor, KvMemory, LoadedBackend, MultiWorkerExecutor, UniProcExecutor};
-use crate::loader::LoadedModel;
+use crate::model::config::ModelConfig;
+use crate::model::loader::LoadedModel;
 use cudarc::driver::{CudaContext, CudaStream};
 use std::sync::Arc;
 

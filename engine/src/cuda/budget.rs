@@ -8,6 +8,8 @@
 //! what was free when the engine started, start-up stops and says so.
 //! `--kv-cache-memory-bytes` instead names the KV cache's size outright.
 
+use ferry_transport::MAX_LOGPROBS;
+
 /// The sizes one step's activations and workspaces need on one device, the
 /// peak the budget sets aside (the forward pass reuses these buffers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +44,6 @@ pub const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Set aside for the CUDA context's own allocations after start-up, NCCL's
 /// buffers, the graphs' memory and fragmentation.
 pub const RESERVE: usize = 512 << 20;
-/// Top logprobs per row (kernels/sampling.cu's MAX_TOP_LOGPROBS).
-pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl ActivationShape {
     /// Bytes of every activation and scratch buffer of one step at its largest.
@@ -62,7 +62,7 @@ impl ActivationShape {
                 + self.intermediate); // silu(gate)*up
         let attention_parts = self.max_seqs * self.num_heads * parts * (self.head_dim + 2) * 4;
         let logits = 2 * logit_rows * self.vocab * 4; // logits and the logprobs' raw copy
-        let sampling = self.max_seqs * (80 + 16 + 2 * MAX_TOP_LOGPROBS * 4);
+        let sampling = self.max_seqs * (80 + 16 + 2 * MAX_LOGPROBS as usize * 4); // top ids and logprobs
         // Positions, slots and per-token sequence ids; block tables at block size 16 or more.
         let metadata = t * 24 + self.max_seqs * (self.max_model_len.div_ceil(16) * 4 + 64);
         t * per_token + attention_parts + logits + sampling + metadata + CUBLAS_WORKSPACE

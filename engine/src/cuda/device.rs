@@ -16,18 +16,19 @@
 
 use super::budget::{self, ActivationShape, DeviceMemory};
 use super::convert;
-use super::pack::{self, Answers, Packed, RowParams, MAX_TOP_LOGPROBS};
+use super::pack::{self, Answers, Packed, RowParams};
 use super::tp::RankShare;
 use crate::backend::{RowSampling, StepOutput};
 use crate::batch::{LogitRows, ModelInput};
-use crate::config::{ModelConfig, RopeStyle};
-use crate::weights::ModelWeights;
+use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::weights::ModelWeights;
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
 use cudarc::nccl;
+use ferry_transport::MAX_LOGPROBS;
 use std::sync::Arc;
 
 // SAFETY: plain old data (ints and floats); all-zero is a valid value.
@@ -539,8 +540,8 @@ impl DeviceWorker {
             out_tokens: stream.alloc_zeros(s).map_err(z("sampling buffers"))?,
             out_logprob: stream.alloc_zeros(s).map_err(z("sampling buffers"))?,
             out_rank: stream.alloc_zeros(s).map_err(z("sampling buffers"))?,
-            out_top_ids: stream.alloc_zeros(s * MAX_TOP_LOGPROBS).map_err(z("sampling buffers"))?,
-            out_top_logprobs: stream.alloc_zeros(s * MAX_TOP_LOGPROBS).map_err(z("sampling buffers"))?,
+            out_top_ids: stream.alloc_zeros(s * MAX_LOGPROBS as usize).map_err(z("sampling buffers"))?,
+            out_top_logprobs: stream.alloc_zeros(s * MAX_LOGPROBS as usize).map_err(z("sampling buffers"))?,
         };
         let blas = CudaBlas::new(stream.clone()).map_err(blas("cublasCreate"))?;
         // A fixed workspace, so graph capture never allocates.
@@ -1087,16 +1088,16 @@ impl DeviceWorker {
             tokens: vec![0; s],
             logprob: vec![0.0; s],
             rank: vec![0; s],
-            top_ids: vec![0; s * MAX_TOP_LOGPROBS],
-            top_logprobs: vec![0.0; s * MAX_TOP_LOGPROBS],
+            top_ids: vec![0; s * MAX_LOGPROBS as usize],
+            top_logprobs: vec![0.0; s * MAX_LOGPROBS as usize],
         };
         let e = drv("copying sampled tokens back");
         st.memcpy_dtoh(&sb.out_tokens.slice(0..s), &mut ans.tokens).map_err(&e)?;
         if pk.any_logprobs {
             st.memcpy_dtoh(&sb.out_logprob.slice(0..s), &mut ans.logprob).map_err(&e)?;
             st.memcpy_dtoh(&sb.out_rank.slice(0..s), &mut ans.rank).map_err(&e)?;
-            st.memcpy_dtoh(&sb.out_top_ids.slice(0..s * MAX_TOP_LOGPROBS), &mut ans.top_ids).map_err(&e)?;
-            st.memcpy_dtoh(&sb.out_top_logprobs.slice(0..s * MAX_TOP_LOGPROBS), &mut ans.top_logprobs).map_err(&e)?;
+            st.memcpy_dtoh(&sb.out_top_ids.slice(0..s * MAX_LOGPROBS as usize), &mut ans.top_ids).map_err(&e)?;
+            st.memcpy_dtoh(&sb.out_top_logprobs.slice(0..s * MAX_LOGPROBS as usize), &mut ans.top_logprobs).map_err(&e)?;
         }
         st.synchronize().map_err(drv("step"))?;
         out.sampled = pack::unpack(&pk.params, &ans);

@@ -16,16 +16,16 @@ use crate::args::EngineArgs;
 use crate::backend::{RowSampling, StepSampling};
 use crate::executor::KvMemory;
 use crate::batch::{LogitRows, ModelInput, SeqChunk};
-use crate::loader::{load_model, LoadFormat};
+use crate::model::loader::{load_model, LoadFormat};
 use crate::quant::GgmlType;
-use crate::weights::NoProgress;
+use crate::model::weights::NoProgress;
 
 fn greedy_row(chunk: usize, position: u64) -> RowSampling {
     RowSampling { chunk, position, ..RowSampling::greedy() }
 }
 
 /// Prefill of every prompt in one step, then `new_tokens` greedy decode steps.
-fn run(model: &crate::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usize, eager: bool) -> serde_json::Value {
+fn run(model: &crate::model::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usize, eager: bool) -> serde_json::Value {
     let block_size = 16;
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + new_tokens + 1;
     let args = EngineArgs {

@@ -3,10 +3,58 @@
 //! tokens and logprobs. Pure host code: tested here without a GPU.
 
 use crate::backend::{RowSampling, SampledToken};
-use ferry_transport::TokenLogprob;
+use ferry_transport::{TokenLogprob, MAX_LOGPROBS};
 
-/// Top logprobs per row (sampling.cu's MAX_TOP_LOGPROBS).
-pub const MAX_TOP_LOGPROBS: usize = 20;
+/// kernels/sampling.cu's `#define MAX_TOP_LOGPROBS`, read from its source at
+/// compile time: the kernel writes that many top logprobs per row (the row
+/// stride of `Answers::top_ids` and `top_logprobs`). It must be the most a
+/// request may ask for, `ferry_transport::MAX_LOGPROBS`, the one name the
+/// engine uses for the limit.
+const SAMPLING_CU_MAX_TOP_LOGPROBS: usize = kernel_define(b"sampling.cu", b"#define MAX_TOP_LOGPROBS ");
+const _: () = assert!(
+    SAMPLING_CU_MAX_TOP_LOGPROBS == MAX_LOGPROBS as usize,
+    "kernels/sampling.cu's MAX_TOP_LOGPROBS differs from ferry_transport::MAX_LOGPROBS"
+);
+
+/// The number after `define` (a line's start, e.g. `#define NAME `) in the
+/// kernel source `file`; fails the build when there is none.
+const fn kernel_define(file: &[u8], define: &[u8]) -> usize {
+    const fn at(hay: &[u8], i: usize, needle: &[u8]) -> bool {
+        if i + needle.len() > hay.len() {
+            return false;
+        }
+        let mut j = 0;
+        while j < needle.len() {
+            if hay[i + j] != needle[j] {
+                return false;
+            }
+            j += 1;
+        }
+        true
+    }
+    let mut k = 0;
+    while k < ferry_kernels::KERNELS.len() {
+        let (name, src) = (ferry_kernels::KERNELS[k].file.as_bytes(), ferry_kernels::KERNELS[k].source.as_bytes());
+        if name.len() == file.len() && at(name, 0, file) {
+            let mut i = 0;
+            while i < src.len() {
+                if (i == 0 || src[i - 1] == b'\n') && at(src, i, define) {
+                    let (mut j, mut n) = (i + define.len(), 0);
+                    while j < src.len() && src[j].is_ascii_digit() {
+                        n = n * 10 + (src[j] - b'0') as usize;
+                        j += 1;
+                    }
+                    assert!(j > i + define.len(), "the kernel's define has no number");
+                    return n;
+                }
+                i += 1;
+            }
+            panic!("the kernel source has no such define");
+        }
+        k += 1;
+    }
+    panic!("no such kernel source")
+}
 
 /// sampling.cu's `RowParams`, field for field (80 bytes).
 #[repr(C)]
@@ -80,7 +128,7 @@ pub fn pack(rows: &[RowSampling], vocab: usize) -> Packed {
             }
             None => -1,
         };
-        let logprobs = r.logprobs.map_or(-1, |k| k.min(MAX_TOP_LOGPROBS as u32) as i32);
+        let logprobs = r.logprobs.map_or(-1, |k| k.min(MAX_LOGPROBS) as i32);
         p.any_logprobs |= logprobs >= 0;
         p.params.push(RowParams {
             temperature: r.temperature,
@@ -111,7 +159,7 @@ pub struct Answers {
     pub tokens: Vec<u32>,
     pub logprob: Vec<f32>,
     pub rank: Vec<i32>,
-    /// rows × MAX_TOP_LOGPROBS.
+    /// rows × MAX_LOGPROBS (sampling.cu's MAX_TOP_LOGPROBS).
     pub top_ids: Vec<u32>,
     pub top_logprobs: Vec<f32>,
 }
@@ -128,7 +176,7 @@ pub fn unpack(params: &[RowParams], a: &Answers) -> Vec<SampledToken> {
                 logprob: a.logprob[r],
                 rank: a.rank[r].max(1) as u32,
                 top: (0..p.logprobs as usize)
-                    .map(|j| (a.top_ids[r * MAX_TOP_LOGPROBS + j], a.top_logprobs[r * MAX_TOP_LOGPROBS + j]))
+                    .map(|j| (a.top_ids[r * MAX_LOGPROBS as usize + j], a.top_logprobs[r * MAX_LOGPROBS as usize + j]))
                     .collect(),
             }),
         })
@@ -183,8 +231,8 @@ mod tests {
             tokens: vec![7, 3],
             logprob: vec![-0.5, 0.0],
             rank: vec![1, 0],
-            top_ids: vec![0; 2 * MAX_TOP_LOGPROBS],
-            top_logprobs: vec![0.0; 2 * MAX_TOP_LOGPROBS],
+            top_ids: vec![0; 2 * MAX_LOGPROBS as usize],
+            top_logprobs: vec![0.0; 2 * MAX_LOGPROBS as usize],
         };
         ans.top_ids[..2].copy_from_slice(&[7, 8]);
         ans.top_logprobs[..2].copy_from_slice(&[-0.5, -1.25]);

@@ -4,7 +4,7 @@
 //! after each), which GPU each rank takes, how the ranks agree on NCCL's
 //! unique id, and the size of the buffers the collectives work on.
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
@@ -138,7 +138,7 @@ mod tests {
             vocab_size: 128256,
             rms_norm_eps: 1e-5,
             rope_theta: 500000.0,
-            rope_style: crate::config::RopeStyle::Neox,
+            rope_style: crate::model::config::RopeStyle::Neox,
             max_position_embeddings: 8192,
             tie_word_embeddings: false,
             qkv_bias: false,

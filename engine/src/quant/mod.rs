@@ -1,35 +1,23 @@
-//! ggml's quantized tensor formats (block layouts byte-for-byte as in GGUF files)
-//! and the CPU kernels that multiply them: dequantize, quantize, dot products and
-//! the batched matmul the model runs.
-//!
-//! Dot products follow llama.cpp: the f32 activations are quantized once per
-//! matmul to the weight type's "vec_dot_type" (Q8_0, Q8_1 or Q8_K), then each
-//! block is an integer dot scaled by both blocks' scales. Every kernel has a
-//! scalar version and an x86 SIMD version picked at run time; `set_force_scalar`
-//! (or FERRY_FORCE_SCALAR=1) keeps the scalar one reachable.
+//! ggml's quantized tensor formats, what loaders and every backend share:
+//! the element types and their block geometry, the block layouts byte-for-byte
+//! as in GGUF files, row dequantize and quantize, and the weight matrix
+//! (`QMatrix`) viewed in place over a file's bytes. The CPU kernels that
+//! multiply these formats live with the CPU backend (`cpu::kernels`).
 
 mod types;
 pub use types::*;
 
-mod act;
-mod blocks;
+pub(crate) mod blocks;
 mod dequant;
-mod dot_scalar;
-#[cfg(target_arch = "x86_64")]
-mod dot_x86;
-#[cfg(target_arch = "x86_64")]
-mod gemm16;
-#[cfg(target_arch = "x86_64")]
-mod gemm16k;
-mod matmul;
+mod qmatrix;
 mod quantize;
-mod simd;
 
 pub(crate) use blocks::round_f16;
+pub(crate) use dequant::check_row;
 pub use dequant::dequantize_row;
-pub use matmul::{matmul, matmul_gated, matmul_group, vec_dot, QMatrix, WeightBytes};
+pub use qmatrix::{QMatrix, WeightBytes};
+pub(crate) use quantize::q8_k_values;
 pub use quantize::quantize_row;
-pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_scalar, simd_name};
 
 /// What can go wrong reading, writing or slicing quantized data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

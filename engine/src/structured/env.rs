@@ -1,7 +1,8 @@
 //! The model's vocabulary as llguidance sees it: a token trie over each
 //! token's exact bytes, and the parser factory built on it.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::ParserFactory;
@@ -72,6 +73,21 @@ impl GrammarEnv {
         GrammarEnv::from_vocab(words, &special, eos, eog)
     }
 
+    /// The environment for `tok`, built on first use for that tokenizer and
+    /// then shared by everyone who holds it (the gateway's validation and the
+    /// in-process engines). Kept for the life of the process, which builds
+    /// its model's tokenizer once.
+    pub fn cached(tok: &Tokenizer) -> Result<&'static GrammarEnv, String> {
+        type Slot = OnceLock<Result<GrammarEnv, String>>;
+        static SLOTS: Mutex<BTreeMap<u64, &'static Slot>> = Mutex::new(BTreeMap::new());
+        let slot: &'static Slot = {
+            let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry(tok.id()).or_insert_with(|| Box::leak(Box::default()))
+        };
+        // Built outside the map's lock: one tokenizer's build holds up no other's.
+        slot.get_or_init(|| GrammarEnv::from_tokenizer(tok)).as_ref().map_err(Clone::clone)
+    }
+
     pub(super) fn factory(&self) -> &ParserFactory {
         &self.inner.factory
     }
@@ -87,5 +103,15 @@ impl GrammarEnv {
     /// Token ids the grammar knows: ids at or above this are never allowed.
     pub fn vocab_size(&self) -> usize {
         self.inner.vocab_size
+    }
+}
+
+/// [`GrammarEnv::cached`] under the name gateway/src/api/structured.rs still
+/// calls; it goes once that file calls `GrammarEnv::cached` (the tokenizer
+/// itself knows nothing of structured outputs).
+impl Tokenizer {
+    #[doc(hidden)]
+    pub fn grammar_env(&self) -> Result<&GrammarEnv, String> {
+        GrammarEnv::cached(self)
     }
 }

@@ -25,7 +25,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use super::eog::{eog_ids, KnownIds};
 use super::pieces::{PieceKind, PieceTable};
 use super::{Parts, TokenizerError};
-use crate::gguf::{GgufFile, MetaValue};
+use crate::model::gguf::{GgufFile, MetaValue};
 
 const TT_NORMAL: i64 = 1;
 const TT_UNKNOWN: i64 = 2;
@@ -343,7 +343,7 @@ fn spm_tokenizer(
 #[cfg(test)]
 mod tests {
     use super::super::Tokenizer;
-    use crate::gguf::{GgufFile, GgufWriter, MetaValue};
+    use crate::model::gguf::{GgufFile, GgufWriter, MetaValue};
 
     fn strings(v: &[&str]) -> MetaValue {
         MetaValue::Array(v.iter().map(|s| MetaValue::String((*s).into())).collect())

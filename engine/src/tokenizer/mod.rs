@@ -16,6 +16,7 @@ mod hf_dir;
 mod pieces;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use chat_template::{ChatMessage, RenderOptions};
 pub use detokenizer::IncrementalDetokenizer;
@@ -60,9 +61,8 @@ pub struct Tokenizer {
     /// The special tokens' texts, for templates sent with a request.
     bos_text: String,
     eos_text: String,
-    /// llguidance's view of this vocabulary, built on first use and shared
-    /// by the gateway's validation and the in-process engines.
-    grammar: std::sync::OnceLock<Result<crate::structured::GrammarEnv, String>>,
+    /// Unique among the tokenizers this process builds (see [`Tokenizer::id`]).
+    id: u64,
 }
 
 /// Everything a loader hands over to assemble a `Tokenizer`.
@@ -83,7 +83,7 @@ struct Parts {
 
 impl Tokenizer {
     /// The tokenizer described by a GGUF file's `tokenizer.*` metadata.
-    pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Tokenizer, TokenizerError> {
+    pub fn from_gguf(g: &crate::model::gguf::GgufFile) -> Result<Tokenizer, TokenizerError> {
         Self::assemble(gguf_vocab::build(g)?)
     }
 
@@ -111,7 +111,10 @@ impl Tokenizer {
             chat,
             bos_text: p.bos_text,
             eos_text: p.eos_text,
-            grammar: std::sync::OnceLock::new(),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         })
     }
 
@@ -224,9 +227,12 @@ impl Tokenizer {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
-    /// The structured-outputs environment for this vocabulary (built once).
-    pub fn grammar_env(&self) -> Result<&crate::structured::GrammarEnv, String> {
-        self.grammar.get_or_init(|| crate::structured::GrammarEnv::from_tokenizer(self)).as_ref().map_err(Clone::clone)
+    /// This tokenizer's identity, unique among the tokenizers this process
+    /// builds (a tokenizer is never cloned): what a cache of something derived
+    /// from its vocabulary keys on, so that everyone holding this tokenizer
+    /// shares one copy.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn chat_template(&self) -> Option<&str> {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::gguf::GgufFile;
+use crate::model::gguf::GgufFile;
 
 fn real_tokenizer() -> Option<Tokenizer> {
     let path = test_model_path()?;

@@ -2,10 +2,10 @@
 //! tokenizer in the metadata, or a Hugging Face folder (config.json, sharded
 //! safetensors, tokenizer.json, tokenizer_config.json).
 
-use ferry_engine::config::ModelConfig;
-use ferry_engine::gguf::{GgufWriter, MetaValue};
+use ferry_engine::model::config::ModelConfig;
+use ferry_engine::model::gguf::{GgufWriter, MetaValue};
+use ferry_engine::model::weights::ModelWeights;
 use ferry_engine::quant::QMatrix;
-use ferry_engine::weights::ModelWeights;
 use std::path::Path;
 
 pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";

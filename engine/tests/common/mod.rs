@@ -4,11 +4,11 @@
 
 pub mod files;
 
-use ferry_engine::config::{ModelConfig, RopeStyle};
 use ferry_engine::executor::Executor;
+use ferry_engine::model::config::{ModelConfig, RopeStyle};
+use ferry_engine::model::weights::{dummy, ModelWeights};
 use ferry_engine::quant::{GgmlType, QMatrix};
 use ferry_engine::scheduler::SchedulerConfig;
-use ferry_engine::weights::{dummy, ModelWeights};
 
 /// The CPU backend over `tiny_config` with random weights of `ty` drawn from
 /// `weights_seed`, a KV cache of `num_blocks` blocks of 4 tokens: what the

@@ -6,8 +6,8 @@
 use crate::cli::engine_flags::EngineFlags;
 use crate::cli::model_source;
 use clap::Args;
+use ferry_engine::model::weights::NoProgress;
 use ferry_engine::rng::{RngCore, SplitMix64};
-use ferry_engine::weights::NoProgress;
 use ferry_engine::{build_engine_core, load_model, EngineCore};
 use ferry_transport::{Constraint, EngineRequest, SamplingParams};
 use std::time::Instant;

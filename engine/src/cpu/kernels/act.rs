@@ -11,10 +11,9 @@
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use super::blocks::{round_f16, QK, QK_K};
-use super::quantize::q8_k_values;
 use super::simd::Isa;
-use super::GgmlType;
+use crate::quant::blocks::{round_f16, QK, QK_K};
+use crate::quant::{q8_k_values, GgmlType};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,7 +315,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::simd::available;
+    use crate::cpu::kernels::simd::available;
 
     #[test]
     fn q8_k_scalar_and_simd_are_bit_identical() {

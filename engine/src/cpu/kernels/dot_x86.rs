@@ -14,9 +14,9 @@
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use super::blocks::*;
 use super::simd::Isa;
-use super::GgmlType;
+use crate::quant::blocks::*;
+use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
 /// Raw view of a matmul's activations. Token t's data: qs at t*cols, d and s at

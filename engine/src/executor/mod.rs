@@ -3,8 +3,11 @@
 //! They drive any [`Backend`]; which one is the factory's choice
 //! ([`LoadedBackend`], made by a backend's `build`), not theirs.
 
+pub mod fault;
+
 use crate::backend::{Backend, StepOutput, StepSampling};
 use crate::batch::ModelInput;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use crate::backend::ExecError;
@@ -20,6 +23,12 @@ pub trait Executor: Send {
     fn logits(&mut self, input: &ModelInput) -> Result<Vec<f32>, ExecError> {
         Ok(self.execute(input, &StepSampling::default())?.logits)
     }
+
+    /// Hands the executor, once, when its engine starts, the flag the node
+    /// sets to drain the engine (take nothing new, finish what runs). Nothing
+    /// by default; an executor that may wait inside a step (the test-only
+    /// [`fault`] executor's stall) stops waiting when it is set.
+    fn watch_drain(&mut self, _draining: Arc<AtomicBool>) {}
 }
 
 /// What the KV cache may take, as the flags say it.

@@ -2,9 +2,9 @@
 //! computed from what describes it (its config, its tensor table), never from the
 //! weights' bytes. See `ferry_transport::ModelFingerprint`.
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
+use crate::model::weights::ModelWeights;
 use crate::quant::QMatrix;
-use crate::weights::ModelWeights;
 use ferry_transport::ModelFingerprint;
 use sha2::{Digest, Sha256};
 

@@ -34,9 +34,10 @@
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use super::blocks::*;
 use super::dot_x86::{iq4_table, ActPtrs};
-use super::GgmlType;
+use super::gemm16::transpose16x4;
+use crate::quant::blocks::*;
+use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per kernel call (zmm lanes).
@@ -44,7 +45,8 @@ pub(crate) const ROWS: usize = 16;
 /// Fewest tokens for which this kernel is used (see the module docs).
 /// Keeping the per-row kernels' 8 float lanes costs it about half its former
 /// speed; measured against them on SmolLM2's 576x1536 (2-core machine under
-/// load, `speed_probe`): slower at 4 tokens, level or faster at 16, 1.1-2x
+/// load, the speed probe that is now `cargo bench --bench matmul`'s
+/// `matmul_shapes`): slower at 4 tokens, level or faster at 16, 1.1-2x
 /// faster at 64. Both give the same bits, so the threshold only moves time.
 pub(crate) const MIN_TOKENS: usize = 8;
 /// Tokens that share each load of a packed weight vector (each holds 8
@@ -520,33 +522,6 @@ unsafe fn decode_row<const K: u8>(p: *const u8, s: &mut Scratch, r: usize) {
     }
     s.d[r] = d;
     s.dmin[r] = dmin;
-}
-
-/// As gemm16's: the 16 bytes at `p` of 16 rows `ws` bytes apart, as 4 vectors
-/// (dword r of vector k = row r's dword k).
-#[inline(always)]
-unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
-    let mut rq = [_mm512_setzero_si512(); 4];
-    for i in 0..4 {
-        let row = |j: usize| _mm_loadu_si128(p.add((4 * i + j) * ws) as *const __m128i);
-        let mut z = _mm512_castsi128_si512(row(0));
-        z = _mm512_inserti32x4::<1>(z, row(1));
-        z = _mm512_inserti32x4::<2>(z, row(2));
-        z = _mm512_inserti32x4::<3>(z, row(3));
-        rq[i] = z;
-    }
-    let ia = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
-    let ib = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
-    let t0 = _mm512_permutex2var_epi32(rq[0], ia, rq[1]);
-    let t1 = _mm512_permutex2var_epi32(rq[0], ib, rq[1]);
-    let t2 = _mm512_permutex2var_epi32(rq[2], ia, rq[3]);
-    let t3 = _mm512_permutex2var_epi32(rq[2], ib, rq[3]);
-    [
-        _mm512_shuffle_i64x2::<0x44>(t0, t2),
-        _mm512_shuffle_i64x2::<0xEE>(t0, t2),
-        _mm512_shuffle_i64x2::<0x44>(t1, t3),
-        _mm512_shuffle_i64x2::<0xEE>(t1, t3),
-    ]
 }
 
 /// 16 rows x T tokens from t0, over all super-blocks of the packed rows, in

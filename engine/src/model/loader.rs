@@ -1,11 +1,11 @@
 //! Finds what a model path holds (a GGUF file or a Hugging Face folder) and loads
 //! its config, tokenizer and weights.
 
-use crate::config::{ConfigError, ModelConfig};
-use crate::gguf::GgufFile;
+use crate::model::config::{ConfigError, ModelConfig};
+use crate::model::gguf::GgufFile;
+use crate::model::weights::{self, LoadProgress, ModelWeights};
 use crate::quant::GgmlType;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{self, LoadProgress, ModelWeights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

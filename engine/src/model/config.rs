@@ -1,7 +1,7 @@
 //! The shape of a Llama-family decoder, read from GGUF metadata or a Hugging Face
 //! config.json.
 
-use crate::gguf::GgufFile;
+use crate::model::gguf::GgufFile;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -35,7 +35,7 @@ pub struct ModelConfig {
     /// Qwen2 adds biases to q, k and v.
     pub qkv_bias: bool,
     /// Divisors of RoPE's head_dim/2 frequencies (Llama 3's long-context
-    /// scaling, or linear scaling; see [`crate::rope_scaling`]); `None` is plain
+    /// scaling, or linear scaling; see [`crate::model::rope_scaling`]); `None` is plain
     /// RoPE, computed exactly as before they existed.
     pub rope_freq_factors: Option<Vec<f32>>,
     /// Mistral's sliding attention window. ferry attends over the whole
@@ -95,7 +95,7 @@ impl ModelConfig {
         if let Some(d) = g.get_u64(&rope_dims_key).filter(|&d| d as usize != head_dim) {
             return Err(err(format!("metadata key {rope_dims_key} is {d}, but ferry rotates whole heads (head_dim {head_dim})")));
         }
-        let rope_freq_factors = crate::rope_scaling::from_gguf(g, &arch, head_dim).map_err(&err)?;
+        let rope_freq_factors = crate::model::rope_scaling::from_gguf(g, &arch, head_dim).map_err(&err)?;
         let sliding_window = g.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).filter(|&w| w > 0);
         let max_position_embeddings = g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096);
         let cfg = ModelConfig {
@@ -132,7 +132,7 @@ impl ModelConfig {
         let num_heads = hf.num_attention_heads;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size.checked_div(num_heads).unwrap_or(0));
         let rope_theta = hf.rope_theta.unwrap_or(10000.0);
-        let rope_freq_factors = crate::rope_scaling::from_hf(hf.rope_scaling.as_ref(), head_dim, rope_theta as f64)
+        let rope_freq_factors = crate::model::rope_scaling::from_hf(hf.rope_scaling.as_ref(), head_dim, rope_theta as f64)
             .map_err(|p| ConfigError::new(path, p))?;
         // Qwen2 configs carry a sliding_window they don't use (use_sliding_window
         // false); Mistral's applies whenever it is set.

@@ -21,9 +21,9 @@
 // Kernels index several same-length arrays by one counter; iterators would obscure them.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use super::blocks::*;
 use super::dot_x86::ActPtrs;
-use super::GgmlType;
+use crate::quant::blocks::*;
+use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per kernel call (zmm lanes).
@@ -338,8 +338,9 @@ unsafe fn decode16<const K: u8>(p: *const u8, ws: usize, head: &[__m512i; 4]) ->
 
 /// The 16 bytes at `p` of 16 rows `ws` bytes apart, as 4 vectors: dword r of
 /// vector k = row r's dword k. Loads 4 rows per register, then two shuffle stages.
+/// (gemm16k packs its super-blocks with it too.)
 #[inline(always)]
-unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
+pub(super) unsafe fn transpose16x4(p: *const u8, ws: usize) -> [__m512i; 4] {
     let mut rq = [_mm512_setzero_si512(); 4];
     for i in 0..4 {
         let row = |j: usize| _mm_loadu_si128(p.add((4 * i + j) * ws) as *const __m128i);

@@ -6,8 +6,8 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use super::act::ActRow;
-use super::blocks::*;
-use super::GgmlType;
+use crate::quant::blocks::*;
+use crate::quant::GgmlType;
 
 /// Dot of weight row `w` (ggml bytes of `n` elements) with activations `a`
 /// quantized to `ty`'s vec_dot_type (or f32 for float weights).
@@ -35,7 +35,7 @@ pub(crate) fn dot(ty: GgmlType, w: &[u8], a: &ActRow, n: usize) -> f32 {
         // Not weight types: dequantize and dot (only reachable through vec_dot on odd input).
         GgmlType::Q8_1 | GgmlType::Q8_K => {
             let mut tmp = vec![0f32; n];
-            match super::dequantize_row(ty, w, &mut tmp) {
+            match crate::quant::dequantize_row(ty, w, &mut tmp) {
                 Ok(()) => tmp.iter().zip(a.f).map(|(x, y)| x * y).sum(),
                 Err(_) => f32::NAN,
             }

@@ -552,8 +552,8 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed, GgufError> {
             .ok_or_else(|| {
                 c.invalid(format!(
                     "{what} has {}, which ferry does not load (it loads {})",
-                    crate::ggml_type_names::describe_type_id(ty_id),
-                    crate::ggml_type_names::supported_weight_types()
+                    crate::model::ggml_type_names::describe_type_id(ty_id),
+                    crate::model::ggml_type_names::supported_weight_types()
                 ))
             })?;
         let rel_offset = c.u64(&what)?;

@@ -1,4 +1,4 @@
-//! The weight view (`QMatrix`) and the batched matmul the model runs.
+//! The batched matmul the model runs, over the weight view (`quant::QMatrix`).
 //!
 //! matmul quantizes the activations of all tokens once, then splits the weight
 //! rows into chunks over rayon's global pool. Inside a chunk each group of rows
@@ -15,155 +15,13 @@
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use super::act::{act_kind, ActKind, ActRow, Acts};
-use super::dequant::check_row;
 use super::dot_scalar;
 use super::simd::{self, Isa};
-use super::{GgmlType, QuantError};
+use crate::quant::{check_row, GgmlType, QMatrix, QuantError};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// Bytes behind a weight: a memory map (never copied) or an owned buffer.
-pub type WeightBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
-
-/// A row-major matrix of `rows` x `cols` elements of type `ty`, viewed in place.
-#[derive(Clone)]
-pub struct QMatrix {
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    bytes: WeightBytes,
-    /// Byte offset of row 0 (and of column 0 of a column slice).
-    offset: usize,
-    /// Bytes from one row to the next (the full row of the parent tensor).
-    row_stride: usize,
-}
-
-impl std::fmt::Debug for QMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QMatrix")
-            .field("ty", &self.ty)
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
-            .field("offset", &self.offset)
-            .field("row_stride", &self.row_stride)
-            .finish()
-    }
-}
-
-fn is_weight_type(ty: GgmlType) -> bool {
-    !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
-}
-
-impl QMatrix {
-    /// `rows` rows of `cols` elements of type `ty`; row r starts at
-    /// offset + r * ty.row_bytes(cols). Err if out of bounds or cols not a whole
-    /// number of blocks.
-    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: WeightBytes, offset: usize) -> Result<QMatrix, QuantError> {
-        if !is_weight_type(ty) {
-            return Err(QuantError::Unsupported { ty: ty.name(), op: "a weight matrix" });
-        }
-        let row_stride = ty.row_bytes(cols).ok_or(QuantError::NotWholeBlocks { ty: ty.name(), n: cols, block: ty.block_size() })?;
-        let needed = rows
-            .checked_mul(row_stride)
-            .and_then(|n| n.checked_add(offset))
-            .ok_or(QuantError::Overflow("matrix byte size"))?;
-        let len = (*bytes).as_ref().len();
-        if needed > len {
-            return Err(QuantError::OutOfBounds { ty: ty.name(), rows, cols, offset, needed, len });
-        }
-        Ok(QMatrix { ty, rows, cols, bytes, offset, row_stride })
-    }
-
-    /// An F32 matrix owning `data` (rows * cols values, row-major).
-    ///
-    /// # Panics
-    /// If `data.len() != rows * cols` (a caller bug, not input).
-    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> QMatrix {
-        assert_eq!(data.len(), rows * cols, "QMatrix::from_f32: {} values for a {rows}x{cols} matrix", data.len());
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        QMatrix { ty: GgmlType::F32, rows, cols, bytes: Arc::new(bytes), offset: 0, row_stride: 4 * cols }
-    }
-
-    /// Quantizes `data` (rows * cols values, row-major) to `ty`.
-    pub fn quantize(ty: GgmlType, rows: usize, cols: usize, data: &[f32]) -> Result<QMatrix, QuantError> {
-        if data.len() != rows * cols {
-            return Err(QuantError::WrongLength { what: "matrix data", expected: rows * cols, got: data.len() });
-        }
-        if !is_weight_type(ty) {
-            return Err(QuantError::Unsupported { ty: ty.name(), op: "a weight matrix" });
-        }
-        let row_bytes = ty.row_bytes(cols).ok_or(QuantError::NotWholeBlocks { ty: ty.name(), n: cols, block: ty.block_size() })?;
-        let mut bytes = Vec::with_capacity(rows * row_bytes);
-        if cols > 0 {
-            for row in data.chunks_exact(cols) {
-                bytes.extend(super::quantize_row(ty, row)?);
-            }
-        }
-        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0)
-    }
-
-    pub fn ty(&self) -> GgmlType {
-        self.ty
-    }
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Rows r0..r1 (tensor-parallel split of a linear layer's outputs): shares the bytes.
-    pub fn slice_rows(&self, r: Range<usize>) -> Result<QMatrix, QuantError> {
-        if r.start > r.end || r.end > self.rows {
-            return Err(QuantError::BadRange { what: "row", start: r.start, end: r.end, limit: self.rows });
-        }
-        Ok(QMatrix { rows: r.end - r.start, offset: self.offset + r.start * self.row_stride, ..self.clone() })
-    }
-
-    /// Columns c0..c1 of every row (tensor-parallel split of a layer's inputs):
-    /// shares the bytes, keeps the row stride; Err unless c0 and c1 fall on
-    /// block boundaries.
-    pub fn slice_cols(&self, c: Range<usize>) -> Result<QMatrix, QuantError> {
-        if c.start > c.end || c.end > self.cols {
-            return Err(QuantError::BadRange { what: "column", start: c.start, end: c.end, limit: self.cols });
-        }
-        let bs = self.ty.block_size();
-        if !c.start.is_multiple_of(bs) || !c.end.is_multiple_of(bs) {
-            return Err(QuantError::UnalignedColumns { ty: self.ty.name(), start: c.start, end: c.end, block: bs });
-        }
-        let skip = c.start / bs * self.ty.type_size();
-        Ok(QMatrix { cols: c.end - c.start, offset: self.offset + skip, ..self.clone() })
-    }
-
-    /// The bytes of row `r` (exactly `ty.row_bytes(cols)` of them).
-    ///
-    /// # Panics
-    /// If `r >= rows()`.
-    pub fn row_bytes(&self, r: usize) -> &[u8] {
-        assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
-        let start = self.offset + r * self.row_stride;
-        let len = self.ty.row_bytes(self.cols).unwrap_or(0);
-        &(*self.bytes).as_ref()[start..start + len]
-    }
-
-    /// Decodes row `r` into `out` (cols values): the embedding lookup.
-    ///
-    /// # Panics
-    /// If `r >= rows()` or `out.len() != cols()`.
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert_eq!(out.len(), self.cols, "dequantize_row: output has {} values, the matrix {} columns", out.len(), self.cols);
-        // Lengths were checked at construction, so this cannot fail.
-        super::dequantize_row(self.ty, self.row_bytes(r), out).expect("row length checked at construction");
-    }
-
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn base_ptr(&self) -> *const u8 {
-        // In bounds by construction (offset + rows * row_stride <= len).
-        unsafe { (*self.bytes).as_ref().as_ptr().add(self.offset) }
-    }
-}
 
 /// Tokens per tile: a tile's quantized activations (16 x cols bytes) stay in
 /// L1 while each group of weight rows is dotted against all of them; the chunk's
@@ -242,7 +100,7 @@ pub type Combine = dyn Fn(&mut [f32], &[f32]) + Sync;
 /// # Panics
 /// As [`matmul`], for each pair, or if the matrices' row counts differ.
 pub fn matmul_gated(x: &[f32], n_tokens: usize, a: (&QMatrix, &mut [f32]), b: (&QMatrix, &mut [f32]), combine: &Combine) {
-    assert_eq!(a.0.rows, b.0.rows, "matmul_gated: the two matrices' rows differ");
+    assert_eq!(a.0.rows(), b.0.rows(), "matmul_gated: the two matrices' rows differ");
     matmul_parts(x, n_tokens, &mut [a, b], simd::current(), Some(combine))
 }
 
@@ -267,8 +125,8 @@ pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatri
 /// matrices of equal rows and each task also joins its rows (see [`matmul_gated`]).
 fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa, combine: Option<&Combine>) {
     for (w, out) in parts.iter() {
-        assert_eq!(x.len(), n_tokens * w.cols, "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols);
-        assert_eq!(out.len(), n_tokens * w.rows, "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows);
+        assert_eq!(x.len(), n_tokens * w.cols(), "matmul: x has {} values for {n_tokens} tokens of {} columns", x.len(), w.cols());
+        assert_eq!(out.len(), n_tokens * w.rows(), "matmul: out has {} values for {n_tokens} tokens of {} rows", out.len(), w.rows());
     }
     if n_tokens == 0 || parts.is_empty() {
         return;
@@ -278,18 +136,18 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     let mut which: Vec<Option<usize>> = Vec::with_capacity(parts.len());
     let mut wide: Vec<bool> = Vec::with_capacity(parts.len());
     for (w, out) in parts.iter_mut() {
-        if w.cols == 0 {
+        if w.cols() == 0 {
             out.fill(0.0);
         }
         let wd = use_gemm16(w, isa, n_tokens);
         wide.push(wd);
-        let kind = act_kind(w.ty);
+        let kind = act_kind(w.ty());
         if kind == ActKind::F32 {
             which.push(None);
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        let bias = if wd { super::gemm16::bias(w.ty).filter(|&b| b != 0) } else { None };
+        let bias = if wd { super::gemm16::bias(w.ty()).filter(|&b| b != 0) } else { None };
         #[cfg(not(target_arch = "x86_64"))]
         let bias = None;
         let need = ActNeed { kind, bias };
@@ -299,7 +157,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         });
         which.push(Some(i));
     }
-    let cols = parts[0].0.cols;
+    let cols = parts[0].0.cols();
     let mut acts = SCRATCH.with(|c| c.take());
     acts.resize_with(acts.len().max(needs.len()), Acts::default);
     if cols > 0 {
@@ -316,16 +174,16 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     // The row chunks of every matrix, one task each; with `combine`, one task
     // per chunk of both matrices' rows.
     let threads = rayon::current_num_threads();
-    let macs: usize = parts.iter().map(|(w, _)| w.rows * w.cols * n_tokens).sum();
+    let macs: usize = parts.iter().map(|(w, _)| w.rows() * w.cols() * n_tokens).sum();
     let serial = threads <= 1 || macs < PAR_MIN_MACS;
     let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
     let align = if wide.iter().any(|&w| w) { 16 } else { 4 };
     for (i, (w, _)) in parts.iter().enumerate() {
-        if w.rows == 0 || w.cols == 0 || (combine.is_some() && i > 0) {
+        if w.rows() == 0 || w.cols() == 0 || (combine.is_some() && i > 0) {
             continue;
         }
-        let chunk = if serial { w.rows } else { chunk_rows(w.rows, threads, if wide[i] { 16 } else { align }) };
-        tasks.extend((0..w.rows.div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows))));
+        let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] { 16 } else { align }) };
+        tasks.extend((0..w.rows().div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows()))));
     }
     let run = |(i, rows): &(usize, Range<usize>)| {
         let one = |i: usize| {
@@ -336,7 +194,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         one(*i);
         let Some(combine) = combine else { return };
         one(1);
-        let n_rows = parts[0].0.rows;
+        let n_rows = parts[0].0.rows();
         for t in 0..n_tokens {
             let at = t * n_rows + rows.start;
             // SAFETY: these rows of token t were written by this task alone
@@ -356,7 +214,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         tasks.par_iter().for_each(run);
     }
     if let (Some(combine), [(wa, a), (_, b)]) = (combine, &mut *parts) {
-        if wa.rows > 0 && wa.cols == 0 {
+        if wa.rows() > 0 && wa.cols() == 0 {
             // No tasks ran: the outputs are the zeros filled above, still to be joined.
             combine(a, b);
         }
@@ -381,10 +239,10 @@ fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
         if isa != Isa::Avx512Vnni {
             return false;
         }
-        if gemm16k::supports(w.ty) {
-            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride);
+        if gemm16k::supports(w.ty()) {
+            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride());
         }
-        n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty).is_some() && gemm16::stride_ok(w.row_stride)
+        n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty()).is_some() && gemm16::stride_ok(w.row_stride())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -408,11 +266,11 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
             let r = rows.start;
             // SAFETY: `wide` means AVX512-VNNI was detected and the type and
             // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows values.
-            let p = w.base_ptr().add(r * w.row_stride);
-            if super::gemm16k::supports(w.ty) {
-                super::gemm16k::rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+            let p = w.base_ptr().add(r * w.row_stride());
+            if super::gemm16k::supports(w.ty()) {
+                super::gemm16k::rows16(w.ty(), p, w.row_stride(), &a, n_tokens, out.0.add(r), w.rows());
             } else {
-                rows16(w.ty, p, w.row_stride, &a, n_tokens, out.0.add(r), w.rows);
+                rows16(w.ty(), p, w.row_stride(), &a, n_tokens, out.0.add(r), w.rows());
             }
             rows.start += ROWS;
         }
@@ -424,7 +282,7 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
         let t1 = (t0 + TOKEN_TILE).min(n_tokens);
         let mut r = rows.start;
         while r < rows.end {
-            let max_r = max_rows(w.ty, isa, (t1 - t0).min(4)).min(rows.end - r);
+            let max_r = max_rows(w.ty(), isa, (t1 - t0).min(4)).min(rows.end - r);
             let nr = if max_r >= 4 { 4 } else if max_r >= 2 { 2 } else { 1 };
             let mut t = t0;
             while t < t1 {
@@ -432,7 +290,7 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
                 compute_tile(w, src, isa, r, nr, t, nt, &mut tile);
                 for (i, row) in tile.iter().enumerate().take(nr) {
                     for (j, v) in row.iter().enumerate().take(nt) {
-                        *out.0.add((t + j) * w.rows + r + i) = *v;
+                        *out.0.add((t + j) * w.rows() + r + i) = *v;
                     }
                 }
                 t += nt;
@@ -465,8 +323,8 @@ fn compute_tile(w: &QMatrix, src: &ActSrc, isa: Isa, r: usize, nr: usize, t: usi
         // SAFETY: a non-scalar Isa was detected on this CPU; rows r..r+nr exist
         // (bounds checked at construction) and tokens t..t+nt were quantized.
         unsafe {
-            let p = w.base_ptr().add(r * w.row_stride);
-            super::dot_x86::tile(w.ty, isa, p, w.row_stride, nr, &a, t, nt, out);
+            let p = w.base_ptr().add(r * w.row_stride());
+            super::dot_x86::tile(w.ty(), isa, p, w.row_stride(), nr, &a, t, nt, out);
         }
         return;
     }
@@ -474,7 +332,7 @@ fn compute_tile(w: &QMatrix, src: &ActSrc, isa: Isa, r: usize, nr: usize, t: usi
     for i in 0..nr {
         let wr = w.row_bytes(r + i);
         for j in 0..nt {
-            out[i][j] = dot_scalar::dot(w.ty, wr, &src.row(t + j), w.cols);
+            out[i][j] = dot_scalar::dot(w.ty(), wr, &src.row(t + j), w.cols());
         }
     }
 }
@@ -493,7 +351,7 @@ pub fn vec_dot(ty: GgmlType, w_row: &[u8], x: &[f32]) -> Result<f32, QuantError>
 mod tests {
     use super::*;
     use crate::quant::dequantize_row;
-    use crate::quant::simd::available;
+    use crate::cpu::kernels::simd::available;
 
     fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -837,27 +695,6 @@ mod tests {
     }
 
     #[test]
-    fn construction_errors() {
-        let bytes: WeightBytes = Arc::new(vec![0u8; 100]);
-        assert!(matches!(
-            QMatrix::new(GgmlType::Q4_0, 6, 32, bytes.clone(), 0),
-            Err(QuantError::OutOfBounds { needed: 108, len: 100, .. })
-        ));
-        assert!(QMatrix::new(GgmlType::Q4_0, 5, 32, bytes.clone(), 10).is_ok());
-        assert!(QMatrix::new(GgmlType::Q4_0, 5, 32, bytes.clone(), 11).is_err());
-        assert!(matches!(QMatrix::new(GgmlType::Q4_0, 1, 33, bytes.clone(), 0), Err(QuantError::NotWholeBlocks { .. })));
-        assert!(QMatrix::new(GgmlType::Q8_K, 1, 256, Arc::new(vec![0u8; 292]), 0).is_err());
-        assert!(QMatrix::new(GgmlType::Q4_0, usize::MAX / 2, 32, bytes.clone(), 0).is_err());
-        let m = QMatrix::new(GgmlType::Q4_0, 2, 64, bytes, 0).unwrap();
-        assert!(matches!(m.slice_cols(16..64), Err(QuantError::UnalignedColumns { .. })));
-        assert!(matches!(m.slice_cols(0..96), Err(QuantError::BadRange { .. })));
-        assert!(matches!(m.slice_rows(1..3), Err(QuantError::BadRange { .. })));
-        assert!(QMatrix::quantize(GgmlType::Q4_0, 2, 32, &[0.0; 63]).is_err());
-        let e = QMatrix::new(GgmlType::Q4_0, 6, 32, Arc::new(vec![0u8; 100]), 0).unwrap_err();
-        assert!(e.to_string().contains("needs 108 bytes"), "{e}");
-    }
-
-    #[test]
     fn from_f32_and_vec_dot() {
         let m = QMatrix::from_f32(2, 3, vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0]);
         let mut out = [0f32; 4];
@@ -883,28 +720,6 @@ mod tests {
             assert!((got - want).abs() <= 1e-5 * mag, "{}: {got} vs {want}", ty.name());
         }
         assert!(vec_dot(GgmlType::Q4_0, &[0u8; 18], &[0.0; 64]).is_err());
-    }
-
-    /// A matrix of random quantized blocks with small valid scales (fast to make).
-    fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut s = seed | 1;
-        let mut bytes: Vec<u8> = (0..rows * rb)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 32) as u8
-            })
-            .collect();
-        let scale = half::f16::from_f32(0.01).to_le_bytes();
-        for blk in bytes.chunks_exact_mut(ty.type_size()) {
-            blk[..2].copy_from_slice(&scale);
-            if ty == GgmlType::Q4_1 {
-                blk[2..4].copy_from_slice(&scale);
-            }
-        }
-        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
     }
 
     /// Where each type keeps its f16 scales (byte offsets inside a block).
@@ -978,152 +793,6 @@ mod tests {
                             }
                         }
                     }
-                }
-            }
-        }
-    }
-
-    /// Decode-step probe on SmolLM2-135M's shapes (30 layers of Q4_1 + the Q8_0
-    /// output matrix, ~96 MB, so weights come from DRAM as in the real model):
-    /// `cargo test --release -- --ignored --nocapture model_step_probe`.
-    #[test]
-    #[ignore]
-    fn model_step_probe() {
-        use std::time::Instant;
-        let (h, f, kv, vocab) = (576, 1536, 192, 49152);
-        let layers: Vec<Vec<QMatrix>> = (0..30)
-            .map(|l| {
-                [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(r, c))| random_matrix(GgmlType::Q4_1, r, c, (l * 10 + i) as u64 + 1))
-                    .collect()
-            })
-            .collect();
-        let output = random_matrix(GgmlType::Q8_0, vocab, h, 999);
-        println!("threads: {}, simd: {:?}", rayon::current_num_threads(), simd::detected());
-        // Baseline: plain parallel read of the same number of bytes.
-        let all: Vec<&QMatrix> = layers.iter().flatten().chain(std::iter::once(&output)).collect();
-        let total: usize = all.iter().map(|m| m.rows() * m.ty().row_bytes(m.cols()).unwrap()).sum();
-        let start = Instant::now();
-        let mut reps = 0;
-        while start.elapsed().as_secs_f64() < 1.0 {
-            let s: u64 = all
-                .par_iter()
-                .map(|m| {
-                    let b = (*m.bytes).as_ref();
-                    b.par_chunks(1 << 16).map(|c| c.chunks_exact(8).fold(0u64, |a, w| a ^ u64::from_le_bytes(w.try_into().unwrap()))).reduce(|| 0, |a, b| a ^ b)
-                })
-                .reduce(|| 0, |a, b| a ^ b);
-            std::hint::black_box(s);
-            reps += 1;
-        }
-        let secs = start.elapsed().as_secs_f64() / reps as f64;
-        println!("read {} MB: {:.2} ms, {:.2} GB/s", total >> 20, secs * 1e3, total as f64 / secs / 1e9);
-        for isa in [simd::detected(), Isa::Scalar] {
-            for n in [1usize, 4, 16, 64] {
-                if isa == Isa::Scalar && n > 1 {
-                    continue;
-                }
-                let xh = data(n * h, 3, 1.0);
-                let xf = data(n * f, 4, 1.0);
-                let mut out = vec![0f32; n * vocab];
-                let step = |out: &mut Vec<f32>| {
-                    for l in &layers {
-                        for (i, m) in l.iter().enumerate() {
-                            let x = if i == 6 { &xf } else { &xh };
-                            matmul_isa(m, x, n, &mut out[..n * m.rows()], isa);
-                        }
-                    }
-                    matmul_isa(&output, &xh, n, out, isa);
-                };
-                // As the engine should call it: from inside the pool, so the
-                // calling thread works too and no job crosses threads per call.
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build().unwrap();
-                let secs = pool.install(|| {
-                    step(&mut out);
-                    let start = Instant::now();
-                    let mut steps = 0;
-                    while start.elapsed().as_secs_f64() < 2.0 {
-                        step(&mut out);
-                        steps += 1;
-                    }
-                    start.elapsed().as_secs_f64() / steps as f64
-                });
-                println!("{isa:?} n={n:<3} step {:>8.2} ms  {:>8.1} tokens/s", secs * 1e3, n as f64 / secs);
-            }
-        }
-    }
-
-    /// Fixed-work probe for `perf stat -e cycles:u` on a loaded machine (where
-    /// wall time mostly measures the other processes): FERRY_AB=TYPE,ROWS,COLS,TOKENS,ITERS.
-    #[test]
-    #[ignore]
-    fn fixed_work_probe() {
-        let Ok(spec) = std::env::var("FERRY_AB") else { return };
-        let f: Vec<&str> = spec.split(',').collect();
-        let ty = GgmlType::ALL.into_iter().find(|t| t.name() == f[0]).unwrap();
-        let (rows, cols, n, iters): (usize, usize, usize, usize) = (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap(), f[4].parse().unwrap());
-        let w = random_blocks(ty, rows, cols, 1);
-        let x = data(n * cols, 2, 1.0);
-        let mut out = vec![0f32; n * rows];
-        for _ in 0..iters {
-            matmul(&w, &x, n, &mut out);
-        }
-        std::hint::black_box(&out);
-    }
-
-    /// Speed probe: `cargo test --release -- --ignored --nocapture speed_probe`.
-    #[test]
-    #[ignore]
-    fn speed_probe() {
-        use std::time::Instant;
-        use GgmlType::*;
-        let shapes = [
-            (Q4_1, 1536, 576),
-            (Q8_0, 49152, 576),
-            (Q4_1, 576, 1536),
-            (Q4_1, 192, 576),
-            (Q5_0, 1536, 576),
-            (Q5_1, 1536, 576),
-            (IQ4_NL, 1536, 576),
-            (Q2_K, 576, 1536),
-            (Q3_K, 576, 1536),
-            (Q4_K, 576, 1536),
-            (Q5_K, 576, 1536),
-            (Q6_K, 576, 1536),
-            (IQ4_XS, 576, 1536),
-        ];
-        // FERRY_PROBE_TYPES=Q5_0,Q5_K keeps only those types.
-        let only = std::env::var("FERRY_PROBE_TYPES").ok();
-        let keep = |ty: GgmlType| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == ty.name()));
-        println!("threads: {}, simd: {:?}", rayon::current_num_threads(), simd::detected());
-        for (ty, rows, cols) in shapes.into_iter().filter(|s| keep(s.0)) {
-            let w = QMatrix::quantize(ty, rows, cols, &data(rows * cols, 1, 0.5)).unwrap();
-            for n in [1usize, 4, 16, 64] {
-                let x = data(n * cols, 2, 1.0);
-                let mut out = vec![0f32; n * rows];
-                let isas = if n == 1 { vec![Isa::Scalar, Isa::Avx2, simd::detected()] } else { vec![Isa::Avx2, simd::detected()] };
-                for isa in isas.into_iter().filter(|i| simd::available().contains(i)) {
-                    matmul_isa(&w, &x, n, &mut out, isa);
-                    let target = if isa == Isa::Scalar { 0.2 } else { 0.4 };
-                    let start = Instant::now();
-                    let mut iters = 0;
-                    while start.elapsed().as_secs_f64() < target {
-                        matmul_isa(&w, &x, n, &mut out, isa);
-                        iters += 1;
-                    }
-                    let secs = start.elapsed().as_secs_f64() / iters as f64;
-                    let gflops = 2.0 * (rows * cols * n) as f64 / secs / 1e9;
-                    let gbs = (rows * ty.row_bytes(cols).unwrap()) as f64 / secs / 1e9;
-                    println!(
-                        "{:>5} {rows:>6}x{cols:<5} n={n:<3} {:<10} {:>9.1} us  {:>7.2} GFLOP/s  weights {:>6.2} GB/s",
-                        ty.name(),
-                        format!("{isa:?}"),
-                        secs * 1e6,
-                        gflops,
-                        gbs
-                    );
                 }
             }
         }

@@ -2,8 +2,8 @@
 //! (`--load-format dummy`). Matrices stay in their file's encoding; the CPU backend
 //! computes on them as they are.
 
-use crate::config::{ConfigError, ModelConfig};
-use crate::gguf::GgufFile;
+use crate::model::config::{ConfigError, ModelConfig};
+use crate::model::gguf::GgufFile;
 use crate::quant::{GgmlType, QMatrix, WeightBytes};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,13 +64,13 @@ fn matrix(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> Resul
             format!("tensor '{name}' has shape {dims:?} (ggml order), but the config implies [{cols}, {rows}]"),
         ));
     }
-    if !crate::ggml_type_names::is_weight_type(ty) {
+    if !crate::model::ggml_type_names::is_weight_type(ty) {
         return Err(ConfigError::new(
             src.file(),
             format!(
                 "tensor '{name}' has type {}, which is not a weight type (ferry loads {})",
                 ty.name(),
-                crate::ggml_type_names::supported_weight_types()
+                crate::model::ggml_type_names::supported_weight_types()
             ),
         ));
     }

@@ -8,7 +8,7 @@
 //! One representation for every supported scheme: pair i's angle is
 //! `pos * base^(-2i/d) / factors[i]` (ggml_rope_cache_init's `theta / ff`).
 
-use crate::gguf::GgufFile;
+use crate::model::gguf::GgufFile;
 use crate::quant::GgmlType;
 
 /// The schemes ferry runs, for refusals.

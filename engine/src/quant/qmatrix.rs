@@ -1,0 +1,182 @@
+//! The weight matrix: a row-major matrix of one ggml type viewed in place over
+//! its bytes (a memory-mapped file or an owned buffer). Loaders make them,
+//! every backend reads them; the CPU kernels that multiply them are in
+//! `cpu::kernels`.
+
+use super::{GgmlType, QuantError};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Bytes behind a weight: a memory map (never copied) or an owned buffer.
+pub type WeightBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A row-major matrix of `rows` x `cols` elements of type `ty`, viewed in place.
+#[derive(Clone)]
+pub struct QMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: WeightBytes,
+    /// Byte offset of row 0 (and of column 0 of a column slice).
+    offset: usize,
+    /// Bytes from one row to the next (the full row of the parent tensor).
+    row_stride: usize,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("offset", &self.offset)
+            .field("row_stride", &self.row_stride)
+            .finish()
+    }
+}
+
+fn is_weight_type(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
+}
+
+impl QMatrix {
+    /// `rows` rows of `cols` elements of type `ty`; row r starts at
+    /// offset + r * ty.row_bytes(cols). Err if out of bounds or cols not a whole
+    /// number of blocks.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: WeightBytes, offset: usize) -> Result<QMatrix, QuantError> {
+        if !is_weight_type(ty) {
+            return Err(QuantError::Unsupported { ty: ty.name(), op: "a weight matrix" });
+        }
+        let row_stride = ty.row_bytes(cols).ok_or(QuantError::NotWholeBlocks { ty: ty.name(), n: cols, block: ty.block_size() })?;
+        let needed = rows
+            .checked_mul(row_stride)
+            .and_then(|n| n.checked_add(offset))
+            .ok_or(QuantError::Overflow("matrix byte size"))?;
+        let len = (*bytes).as_ref().len();
+        if needed > len {
+            return Err(QuantError::OutOfBounds { ty: ty.name(), rows, cols, offset, needed, len });
+        }
+        Ok(QMatrix { ty, rows, cols, bytes, offset, row_stride })
+    }
+
+    /// An F32 matrix owning `data` (rows * cols values, row-major).
+    ///
+    /// # Panics
+    /// If `data.len() != rows * cols` (a caller bug, not input).
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> QMatrix {
+        assert_eq!(data.len(), rows * cols, "QMatrix::from_f32: {} values for a {rows}x{cols} matrix", data.len());
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        QMatrix { ty: GgmlType::F32, rows, cols, bytes: Arc::new(bytes), offset: 0, row_stride: 4 * cols }
+    }
+
+    /// Quantizes `data` (rows * cols values, row-major) to `ty`.
+    pub fn quantize(ty: GgmlType, rows: usize, cols: usize, data: &[f32]) -> Result<QMatrix, QuantError> {
+        if data.len() != rows * cols {
+            return Err(QuantError::WrongLength { what: "matrix data", expected: rows * cols, got: data.len() });
+        }
+        if !is_weight_type(ty) {
+            return Err(QuantError::Unsupported { ty: ty.name(), op: "a weight matrix" });
+        }
+        let row_bytes = ty.row_bytes(cols).ok_or(QuantError::NotWholeBlocks { ty: ty.name(), n: cols, block: ty.block_size() })?;
+        let mut bytes = Vec::with_capacity(rows * row_bytes);
+        if cols > 0 {
+            for row in data.chunks_exact(cols) {
+                bytes.extend(super::quantize_row(ty, row)?);
+            }
+        }
+        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0)
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows r0..r1 (tensor-parallel split of a linear layer's outputs): shares the bytes.
+    pub fn slice_rows(&self, r: Range<usize>) -> Result<QMatrix, QuantError> {
+        if r.start > r.end || r.end > self.rows {
+            return Err(QuantError::BadRange { what: "row", start: r.start, end: r.end, limit: self.rows });
+        }
+        Ok(QMatrix { rows: r.end - r.start, offset: self.offset + r.start * self.row_stride, ..self.clone() })
+    }
+
+    /// Columns c0..c1 of every row (tensor-parallel split of a layer's inputs):
+    /// shares the bytes, keeps the row stride; Err unless c0 and c1 fall on
+    /// block boundaries.
+    pub fn slice_cols(&self, c: Range<usize>) -> Result<QMatrix, QuantError> {
+        if c.start > c.end || c.end > self.cols {
+            return Err(QuantError::BadRange { what: "column", start: c.start, end: c.end, limit: self.cols });
+        }
+        let bs = self.ty.block_size();
+        if !c.start.is_multiple_of(bs) || !c.end.is_multiple_of(bs) {
+            return Err(QuantError::UnalignedColumns { ty: self.ty.name(), start: c.start, end: c.end, block: bs });
+        }
+        let skip = c.start / bs * self.ty.type_size();
+        Ok(QMatrix { cols: c.end - c.start, offset: self.offset + skip, ..self.clone() })
+    }
+
+    /// The bytes of row `r` (exactly `ty.row_bytes(cols)` of them).
+    ///
+    /// # Panics
+    /// If `r >= rows()`.
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
+        let start = self.offset + r * self.row_stride;
+        let len = self.ty.row_bytes(self.cols).unwrap_or(0);
+        &(*self.bytes).as_ref()[start..start + len]
+    }
+
+    /// Decodes row `r` into `out` (cols values): the embedding lookup.
+    ///
+    /// # Panics
+    /// If `r >= rows()` or `out.len() != cols()`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols, "dequantize_row: output has {} values, the matrix {} columns", out.len(), self.cols);
+        // Lengths were checked at construction, so this cannot fail.
+        super::dequantize_row(self.ty, self.row_bytes(r), out).expect("row length checked at construction");
+    }
+
+    /// Bytes from one row to the next (the full row of the parent tensor):
+    /// what the CPU kernels step by.
+    pub(crate) fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// Where row 0 starts, for the CPU kernels' raw reads.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn base_ptr(&self) -> *const u8 {
+        // In bounds by construction (offset + rows * row_stride <= len).
+        unsafe { (*self.bytes).as_ref().as_ptr().add(self.offset) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn construction_errors() {
+        let bytes: WeightBytes = Arc::new(vec![0u8; 100]);
+        assert!(matches!(
+            QMatrix::new(GgmlType::Q4_0, 6, 32, bytes.clone(), 0),
+            Err(QuantError::OutOfBounds { needed: 108, len: 100, .. })
+        ));
+        assert!(QMatrix::new(GgmlType::Q4_0, 5, 32, bytes.clone(), 10).is_ok());
+        assert!(QMatrix::new(GgmlType::Q4_0, 5, 32, bytes.clone(), 11).is_err());
+        assert!(matches!(QMatrix::new(GgmlType::Q4_0, 1, 33, bytes.clone(), 0), Err(QuantError::NotWholeBlocks { .. })));
+        assert!(QMatrix::new(GgmlType::Q8_K, 1, 256, Arc::new(vec![0u8; 292]), 0).is_err());
+        assert!(QMatrix::new(GgmlType::Q4_0, usize::MAX / 2, 32, bytes.clone(), 0).is_err());
+        let m = QMatrix::new(GgmlType::Q4_0, 2, 64, bytes, 0).unwrap();
+        assert!(matches!(m.slice_cols(16..64), Err(QuantError::UnalignedColumns { .. })));
+        assert!(matches!(m.slice_cols(0..96), Err(QuantError::BadRange { .. })));
+        assert!(matches!(m.slice_rows(1..3), Err(QuantError::BadRange { .. })));
+        assert!(QMatrix::quantize(GgmlType::Q4_0, 2, 32, &[0.0; 63]).is_err());
+        let e = QMatrix::new(GgmlType::Q4_0, 6, 32, Arc::new(vec![0u8; 100]), 0).unwrap_err();
+        assert!(e.to_string().contains("needs 108 bytes"), "{e}");
+    }
+}
