@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use ferry_engine::quant::GgmlType;
 use ferry_engine::tokenizer::{ChatMessage, Tokenizer};
-use ferry_engine::weights::NoProgress;
+use ferry_engine::model::weights::NoProgress;
 use ferry_engine::{load_model, EngineArgs, EngineThreads, LoadFormat};
 use ferry_transport::{SamplingParams, TokenLogprob};
 
