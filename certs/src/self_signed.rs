@@ -24,7 +24,7 @@ pub const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// (empty, `0.0.0.0`, `::`, anything that is neither an IP address nor a valid
 /// DNS name: such a host flag still serves, the certificate just lacks it).
 pub fn self_signed_names(extra_names: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = LOCAL_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = LOCAL_NAMES.iter().map(std::string::ToString::to_string).collect();
     for n in extra_names {
         let n = n.trim().trim_start_matches('[').trim_end_matches(']');
         let unusable = match n.parse::<std::net::IpAddr>() {

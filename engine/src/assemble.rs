@@ -136,11 +136,11 @@ pub fn node_identity() -> &'static str {
         let mut token = [0u8; 16];
         // getrandom is the OS's generator: the token must not be guessable.
         if getrandom::fill(&mut token).is_err() {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
             token = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
         }
         let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
-        let host: String = host.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        let host: String = host.chars().filter(char::is_ascii_graphic).take(64).collect();
         format!("{host}/{hex}")
     })
 }

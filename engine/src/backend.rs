@@ -113,7 +113,7 @@ impl TokenMask {
 
     /// Sets the mask (once; later calls are ignored) and wakes the backend.
     pub fn fill(&self, words: Option<Arc<[u32]>>) {
-        let mut slot = self.0.words.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.0.words.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(words);
             self.0.ready.notify_all();
@@ -122,23 +122,23 @@ impl TokenMask {
 
     /// Whether `fill` has been called.
     pub fn is_filled(&self) -> bool {
-        self.0.words.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.0.words.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
     }
 
     /// The mask, once filled (blocks until then).
     pub fn wait(&self) -> Option<Arc<[u32]>> {
         let start = Instant::now();
-        let mut slot = self.0.words.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.0.words.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while slot.is_none() {
-            slot = self.0.ready.wait(slot).unwrap_or_else(|p| p.into_inner());
+            slot = self.0.ready.wait(slot).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *self.0.waited.lock().unwrap_or_else(|p| p.into_inner()) += start.elapsed();
+        *self.0.waited.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += start.elapsed();
         slot.clone().flatten()
     }
 
     /// Time backends spent in `wait`: what computing the mask added to the step.
     pub fn waited(&self) -> Duration {
-        *self.0.waited.lock().unwrap_or_else(|p| p.into_inner())
+        *self.0.waited.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -77,7 +77,7 @@ pub struct CpuCommunicator {
 
 impl CpuCommunicator {
     fn publish(&self, data: &[f32]) {
-        let mut slot = self.group.slots[self.rank].lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.group.slots[self.rank].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.clear();
         slot.extend_from_slice(data);
     }
@@ -96,7 +96,7 @@ impl Communicator for CpuCommunicator {
         self.group.barrier.wait();
         buf.fill(0.0);
         for slot in &self.group.slots {
-            let s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let s = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (b, x) in buf.iter_mut().zip(s.iter()) {
                 *b += *x;
             }
@@ -110,7 +110,7 @@ impl Communicator for CpuCommunicator {
         self.group.barrier.wait();
         let mut at = 0;
         for slot in &self.group.slots {
-            let s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let s = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let end = (at + s.len()).min(out.len());
             out[at..end].copy_from_slice(&s[..end - at]);
             at = end;

@@ -89,7 +89,7 @@ impl LinkThreads {
         for t in self.threads {
             let _ = t.join();
         }
-        self.refused.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 
@@ -128,7 +128,7 @@ impl Engine {
             if let Err(panic) = run {
                 let what = panic
                     .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
+                    .map(std::string::ToString::to_string)
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic with no message".into());
                 tracing::error!(rank, "engine rank {rank} panicked: {what}; failing its requests");
@@ -225,7 +225,7 @@ fn read_link(
                 // link that will never carry a request.
                 if let Err(refusal) = ferry_transport::handshake::check_welcome(&w, rank) {
                     tracing::error!(rank, "engine rank {rank}: {refusal}");
-                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal);
+                    *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(refusal);
                     return;
                 }
             }

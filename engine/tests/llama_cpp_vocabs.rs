@@ -44,7 +44,7 @@ fn cases(dir: &Path, stem: &str) -> Vec<(String, Vec<u32>)> {
     let ids: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     // The .inp ends with a separator: its last piece is empty and has no line.
     let texts = &texts[..ids.len()];
-    texts.iter().map(|t| t.to_string()).zip(ids).collect()
+    texts.iter().map(std::string::ToString::to_string).zip(ids).collect()
 }
 
 fn open(dir: &Path, stem: &str) -> Result<Tokenizer, String> {

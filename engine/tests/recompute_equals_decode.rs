@@ -192,7 +192,7 @@ fn assert_none(bad: Vec<String>) {
 
 #[test]
 fn gguf_every_weight_type() {
-    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = SIMD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_hd64();
     let mut bad = Vec::new();
@@ -207,7 +207,7 @@ fn gguf_every_weight_type() {
 
 #[test]
 fn hugging_face_safetensors() {
-    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = SIMD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut bad = Vec::new();
     // Head sizes of 64 (whole 64-element dot chunks) and 32 (none: all left over).
     for (name, cfg) in [("head dim 64", config_hd64()), ("head dim 32", tiny_config(RopeStyle::Interleaved))] {
@@ -225,7 +225,7 @@ fn default_model() {
         eprintln!("SKIPPED: FERRY_TEST_MODEL is not set");
         return;
     };
-    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = SIMD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (cfg, shard) = load_shard(Path::new(&path));
     // Ordinary text's ids are low; any ids will do.
     let toks = tokens(23, LEN, cfg.vocab_size.min(20000));

@@ -48,7 +48,7 @@ const MAX_NAME_CHARS: usize = 64;
 /// The subject common name of a certificate, printable and short. Only
 /// certificates the TLS configuration verified reach here, but the name is
 /// still the peer's text, so it is cleaned before it goes into a log line.
-pub fn cert_name(der: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn cert_name(der: &CertificateDer<'_>) -> Option<String> {
     let cert = webpki::EndEntityCert::try_from(der).ok()?;
     let raw = common_name(cert.subject())?;
     let name: String = String::from_utf8_lossy(raw).chars().filter(|c| !c.is_control()).take(MAX_NAME_CHARS).collect();

@@ -483,7 +483,7 @@ fn over_bound<E: serde::de::Error>(len: usize, bound: usize, exp: &dyn serde::de
 /// Why the last decode on this thread failed, if a vector's bound was the
 /// reason; clears it.
 pub(crate) fn take_over_bound() -> Option<String> {
-    OVER_BOUND.with(|c| c.take()).map(|(len, bound)| format!("a list of {len} or more elements, over its bound of {bound}"))
+    OVER_BOUND.with(std::cell::Cell::take).map(|(len, bound)| format!("a list of {len} or more elements, over its bound of {bound}"))
 }
 
 /// `deserialize_with` for a `Vec<T>` field of at most `N` elements.

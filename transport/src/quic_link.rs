@@ -98,7 +98,7 @@ fn server_transport_config() -> quinn::TransportConfig {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn other(what: &str, e: impl std::fmt::Display) -> TransportError {

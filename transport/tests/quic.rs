@@ -159,7 +159,7 @@ async fn a_peer_that_stalls_after_its_handshake_holds_up_no_other_rank() {
     assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
     // The staller is dropped after the stream timeout.
     let late = tokio::time::timeout(quic_link::STREAM_TIMEOUT + Duration::from_secs(2), l.accept()).await.unwrap();
-    assert!(matches!(late, Some(Err(TransportError::Other(_)))), "{:?}", late.map(|r| r.err()));
+    assert!(matches!(late, Some(Err(TransportError::Other(_)))), "{:?}", late.map(std::result::Result::err));
 }
 
 /// A rank with a cluster certificate that sends, before any Hello, a frame

@@ -169,7 +169,7 @@ fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
             return unsafe { attend_avx2(c, qv, scratch, o) };
         }
     }
-    attend_body::<SCALAR>(c, qv, scratch, o)
+    attend_body::<SCALAR>(c, qv, scratch, o);
 }
 
 /// Instruction sets [`attend_body`] is compiled for.
@@ -182,13 +182,13 @@ const AVX512: u8 = 2;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
-    attend_body::<AVX2>(c, qv, scratch, o)
+    attend_body::<AVX2>(c, qv, scratch, o);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn attend_avx512(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
-    attend_body::<AVX512>(c, qv, scratch, o)
+    attend_body::<AVX512>(c, qv, scratch, o);
 }
 
 /// `ISA`: [`AVX2`] only inside [`attend_avx2`] or [`attend_avx512`], [`AVX512`]
@@ -342,7 +342,7 @@ mod x86 {
     /// acc[a][1].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
+    pub(super) unsafe fn dot_f16(q: &[f32], k: &[f16], order: DotOrder) -> f32 {
         let n = q.len().min(k.len());
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
@@ -413,7 +413,7 @@ mod x86 {
     /// tinyBLAS: of 16).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn scores_avx512(
+    pub(super) unsafe fn scores_avx512(
         kl: &[f16],
         offs: &[usize],
         qv: &[f32],
@@ -503,13 +503,13 @@ mod x86 {
 
     /// [`super::weighted_v`] for outputs 0.. in whole 16s; returns where it stopped.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
+    pub(super) unsafe fn weighted_v16(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) -> usize {
         weighted_v_lanes::<__m512>(vl, offs, w, order, o, 0)
     }
 
     /// [`super::weighted_v`] for outputs d0.. in whole 8s; returns where it stopped.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
+    pub(super) unsafe fn weighted_v(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32], d0: usize) -> usize {
         weighted_v_lanes::<__m256>(vl, offs, w, order, o, d0)
     }
 
@@ -541,7 +541,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self)
+            _mm256_storeu_ps(p, self);
         }
     }
 
@@ -561,7 +561,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
-            _mm512_storeu_ps(p, self)
+            _mm512_storeu_ps(p, self);
         }
     }
 

@@ -83,13 +83,13 @@ pub fn rope(x: &mut [f32], head_dim: usize, cache: &[f32], style: RopeStyle) {
         // SAFETY: the CPU has FMA (checked just above).
         return unsafe { rope_fma(x, head_dim, cache, style) };
     }
-    rope_body(x, head_dim, cache, style)
+    rope_body(x, head_dim, cache, style);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rope_fma(x: &mut [f32], head_dim: usize, cache: &[f32], style: RopeStyle) {
-    rope_body(x, head_dim, cache, style)
+    rope_body(x, head_dim, cache, style);
 }
 
 #[inline(always)]
@@ -153,13 +153,13 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { silu_mul_fma(gate, up) };
     }
-    silu_mul_body(gate, up)
+    silu_mul_body(gate, up);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn silu_mul_fma(gate: &mut [f32], up: &[f32]) {
-    silu_mul_body(gate, up)
+    silu_mul_body(gate, up);
 }
 
 #[inline(always)]

@@ -41,7 +41,7 @@ pub type DevResult<T> = Result<T, String>;
 
 fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> String + '_ {
     move |e| {
-        let name = e.error_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+        let name = e.error_name().map_or_else(|_| format!("{:?}", e.0), |n| n.to_string_lossy().into_owned());
         format!("{what}: {name}")
     }
 }

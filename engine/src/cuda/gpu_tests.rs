@@ -27,10 +27,10 @@ fn greedy_row(chunk: usize, position: u64) -> RowSampling {
 /// Prefill of every prompt in one step, then `new_tokens` greedy decode steps.
 fn run(model: &crate::model::loader::LoadedModel, prompts: &[Vec<u32>], new_tokens: usize, eager: bool) -> serde_json::Value {
     let block_size = 16;
-    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + new_tokens + 1;
+    let max_len = prompts.iter().map(std::vec::Vec::len).max().unwrap_or(0) + new_tokens + 1;
     let args = EngineArgs {
         max_num_seqs: prompts.len().max(1),
-        max_num_batched_tokens: Some(prompts.iter().map(|p| p.len()).sum::<usize>().max(256)),
+        max_num_batched_tokens: Some(prompts.iter().map(std::vec::Vec::len).sum::<usize>().max(256)),
         max_model_len: Some(max_len.next_multiple_of(block_size)),
         ..EngineArgs::default()
     };
@@ -86,7 +86,7 @@ fn run(model: &crate::model::loader::LoadedModel, prompts: &[Vec<u32>], new_toke
     serde_json::json!({
         "eager": eager,
         "seconds": t0.elapsed().as_secs_f64(),
-        "first_logits": logits.chunks_exact(vocab).map(|r| r.to_vec()).collect::<Vec<_>>(),
+        "first_logits": logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect::<Vec<_>>(),
         "tokens": generated,
     })
 }

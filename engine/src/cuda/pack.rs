@@ -120,7 +120,7 @@ pub fn pack(rows: &[RowSampling], vocab: usize) -> Packed {
         }
         let ban_from = at(p.ban_tokens.len());
         p.ban_tokens.extend_from_slice(&r.banned);
-        let mask_word = match r.allowed.as_ref().and_then(|m| m.wait()) {
+        let mask_word = match r.allowed.as_ref().and_then(super::super::backend::TokenMask::wait) {
             Some(mask) => {
                 let start = p.mask_words.len() as i64;
                 p.mask_words.extend(mask.iter().copied().chain(std::iter::repeat(0)).take(words));

@@ -59,8 +59,7 @@ pub fn split(cfg: &ModelConfig, world: usize, first_device: usize, devices: usiz
     }
     if first_device + world > devices {
         return Err(format!(
-            "--tensor-parallel-size {world} needs {} GPU(s) from GPU {first_device}, and this machine has {devices}",
-            world
+            "--tensor-parallel-size {world} needs {world} GPU(s) from GPU {first_device}, and this machine has {devices}"
         ));
     }
     for (what, n) in [("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads), ("intermediate size", cfg.intermediate_size)] {
@@ -105,7 +104,7 @@ impl<T: Clone> Default for IdExchange<T> {
 impl<T: Clone> IdExchange<T> {
     /// Rank 0: publish the id (once; a second publish is a caller bug, ignored).
     pub fn publish(&self, id: T) {
-        let mut slot = self.id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.id.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(id);
         }
@@ -114,8 +113,8 @@ impl<T: Clone> IdExchange<T> {
 
     /// Any rank: the id, once published; None after `timeout`.
     pub fn wait(&self, timeout: std::time::Duration) -> Option<T> {
-        let slot = self.id.lock().unwrap_or_else(|e| e.into_inner());
-        let (slot, _) = self.ready.wait_timeout_while(slot, timeout, |s| s.is_none()).unwrap_or_else(|e| e.into_inner());
+        let slot = self.id.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (slot, _) = self.ready.wait_timeout_while(slot, timeout, |s| s.is_none()).unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.clone()
     }
 }
@@ -153,7 +152,7 @@ mod tests {
         for world in [1, 2, 4, 8] {
             let s = split(&cfg, world, 0, 8).unwrap();
             assert_eq!(s.len(), world);
-            assert_eq!(s.iter().map(|r| r.num_heads()).sum::<usize>(), 32);
+            assert_eq!(s.iter().map(super::RankShare::num_heads).sum::<usize>(), 32);
             assert_eq!(s.iter().map(|r| r.kv_heads.len()).sum::<usize>(), 8);
             assert_eq!(s.last().unwrap().q_rows().end, 4096);
             assert_eq!(s.last().unwrap().kv_rows().end, 1024);

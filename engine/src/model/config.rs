@@ -75,7 +75,7 @@ impl ModelConfig {
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
-        let num_kv_heads = g.get_u64(&format!("{arch}.attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads);
+        let num_kv_heads = g.get_u64(&format!("{arch}.attention.head_count_kv")).map_or(num_heads, |v| v as usize);
         let head_dim = match g.get_u64(&format!("{arch}.attention.key_length")) {
             Some(v) => v as usize,
             None if num_heads > 0 => hidden_size / num_heads,
@@ -86,7 +86,7 @@ impl ModelConfig {
             None => g
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
-                .map(|a| a.len())
+                .map(<[crate::model::gguf::MetaValue]>::len)
                 .ok_or_else(|| err(format!("missing metadata key {arch}.vocab_size")))?,
         };
         // Rotary embedding over part of a head (Phi, GPT-NeoX style) is not what
@@ -97,7 +97,7 @@ impl ModelConfig {
         }
         let rope_freq_factors = crate::model::rope_scaling::from_gguf(g, &arch, head_dim).map_err(&err)?;
         let sliding_window = g.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).filter(|&w| w > 0);
-        let max_position_embeddings = g.get_u64(&format!("{arch}.context_length")).map(|v| v as usize).unwrap_or(4096);
+        let max_position_embeddings = g.get_u64(&format!("{arch}.context_length")).map_or(4096, |v| v as usize);
         let cfg = ModelConfig {
             hidden_size,
             intermediate_size: req("feed_forward_length")?,

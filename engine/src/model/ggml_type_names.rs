@@ -56,7 +56,7 @@ pub fn supported_weight_types() -> String {
     (0..64u32)
         .filter_map(GgmlType::from_id)
         .filter(|&t| is_weight_type(t))
-        .map(|t| t.name())
+        .map(crate::quant::GgmlType::name)
         .collect::<Vec<_>>()
         .join(", ")
 }

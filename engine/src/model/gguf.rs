@@ -600,7 +600,7 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed, GgufError> {
                 size: r.size as usize,
             }),
             _ => {
-                let end = end.map(|e| e.to_string()).unwrap_or_else(|| "beyond u64".into());
+                let end = end.map_or_else(|| "beyond u64".into(), |e| e.to_string());
                 return Err(GgufError::new(
                     path,
                     GgufErrorKind::Truncated,
@@ -791,7 +791,7 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) -> Result<(), String> {
         MetaValue::String(s) => put_string(out, s),
         MetaValue::Array(items) => {
             // GGUF arrays are homogeneous; an empty one is written as u8.
-            let ty = items.first().map(|x| x.type_id()).unwrap_or(T_U8);
+            let ty = items.first().map_or(T_U8, MetaValue::type_id);
             if items.iter().any(|x| x.type_id() != ty) {
                 return Err("array elements have different types".into());
             }

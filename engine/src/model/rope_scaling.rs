@@ -56,7 +56,7 @@ pub fn from_hf(rope_scaling: Option<&serde_json::Value>, head_dim: usize, base: 
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     let num = |k: &str| -> Result<f64, String> {
         s.get(k)
-            .and_then(|v| v.as_f64())
+            .and_then(serde_json::Value::as_f64)
             .filter(|v| v.is_finite() && *v > 0.0)
             .ok_or_else(|| format!("rope_scaling.{k} must be a positive number for rope_type '{kind}'"))
     };

@@ -273,7 +273,7 @@ impl SequenceSampler {
 /// scratch and holds no particular values afterwards. Waits for the row's
 /// constraint mask if it has one. Empty logits (a caller bug) give token 0.
 pub fn sample_row(logits: &mut [f32], row: &RowSampling, scratch: &mut SamplerScratch) -> SampledToken {
-    if let Some(words) = row.allowed.as_ref().and_then(|m| m.wait()) {
+    if let Some(words) = row.allowed.as_ref().and_then(super::backend::TokenMask::wait) {
         apply_allowed(logits, &words);
     }
     // NaN -> -inf, +inf -> MAX, so every later comparison and softmax is sound.

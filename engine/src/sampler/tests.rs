@@ -53,7 +53,7 @@ fn validate_accepts_defaults_and_edges() {
         Box::new(|p| p.max_tokens = 1),
         Box::new(|p| {
             p.max_tokens = 7;
-            p.min_tokens = 7
+            p.min_tokens = 7;
         }),
         Box::new(|p| p.logprobs = Some(0)),
         Box::new(|p| p.logprobs = Some(20)),
@@ -77,7 +77,7 @@ fn validate_rejects_each_field() {
         (
             Box::new(|p| {
                 p.n = 2;
-                p.temperature = 0.0
+                p.temperature = 0.0;
             }),
             "n",
             "n must be 1 when using greedy sampling, got 2.",
@@ -124,7 +124,7 @@ fn validate_rejects_each_field() {
         (
             Box::new(|p| {
                 p.max_tokens = 5;
-                p.min_tokens = 6
+                p.min_tokens = 6;
             }),
             "min_tokens",
             "min_tokens must be less than or equal to max_tokens=5, got 6.",

@@ -81,7 +81,7 @@ impl GrammarEnv {
         type Slot = OnceLock<Result<GrammarEnv, String>>;
         static SLOTS: Mutex<BTreeMap<u64, &'static Slot>> = Mutex::new(BTreeMap::new());
         let slot: &'static Slot = {
-            let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             slots.entry(tok.id()).or_insert_with(|| Box::leak(Box::default()))
         };
         // Built outside the map's lock: one tokenizer's build holds up no other's.

@@ -85,7 +85,7 @@ fn choice_lark(choices: &[String]) -> Result<String, ConstraintError> {
     if choices.len() > MAX_CHOICES {
         return Err(ConstraintError(format!("at most {MAX_CHOICES} choices are allowed, got {}", choices.len())));
     }
-    if choices.iter().any(|c| c.is_empty()) {
+    if choices.iter().any(std::string::String::is_empty) {
         return Err(ConstraintError("a choice cannot be the empty string".into()));
     }
     let alts: Vec<String> = choices.iter().map(|c| serde_json::Value::from(c.as_str()).to_string()).collect();

@@ -123,7 +123,7 @@ fn eos_is_allowed_only_when_accepting_and_opens_every_eog_id() {
 #[test]
 fn bad_constraints_say_what_is_wrong() {
     let (env, _, _) = env();
-    let err = |c: Constraint| compile(&env, &c).err().map(|e| e.0).unwrap_or_else(|| panic!("{c:?} compiled"));
+    let err = |c: Constraint| compile(&env, &c).err().map_or_else(|| panic!("{c:?} compiled"), |e| e.0);
     assert!(err(Constraint::JsonSchema("{not json".into())).contains("not valid JSON"));
     assert!(err(Constraint::JsonSchema("[1]".into())).contains("must be an object"));
     let e = err(Constraint::JsonSchema(r#"{"type": "frobnicate"}"#.into()));

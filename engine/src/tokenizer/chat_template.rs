@@ -114,13 +114,13 @@ pub(super) struct ChatTemplate {
 impl ChatTemplate {
     /// A template sent with a request (vLLM's `chat_template` field): like
     /// the model's, but every render is bounded by fuel.
-    pub fn untrusted(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
+    pub(super) fn untrusted(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
         let mut t = Self::new(source, bos, eos)?;
         t.env.set_fuel(Some(REQUEST_TEMPLATE_FUEL));
         Ok(t)
     }
 
-    pub fn new(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
+    pub(super) fn new(source: String, bos: String, eos: String) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -137,11 +137,11 @@ impl ChatTemplate {
         Ok(ChatTemplate { source, env, bos, eos })
     }
 
-    pub fn source(&self) -> &str {
+    pub(super) fn source(&self) -> &str {
         &self.source
     }
 
-    pub fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TokenizerError> {
+    pub(super) fn render(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TokenizerError> {
         if opts.continue_final_message && opts.add_generation_prompt {
             // Hugging Face's own refusal, word for word.
             return Err(TokenizerError::Template(
@@ -176,7 +176,7 @@ impl ChatTemplate {
 /// the last message's content (its last occurrence; stripped when the
 /// template strips messages, as Llama 3.1's does).
 fn cut_after_final_message(rendered: String, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
-    let last = messages.last().map(|m| m.content.as_str()).unwrap_or("");
+    let last = messages.last().map_or("", |m| m.content.as_str());
     for needle in [last, last.trim()] {
         if let Some(i) = rendered.rfind(needle) {
             let mut rendered = rendered;
@@ -257,7 +257,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) -
             }
         }
         ValueKind::String | ValueKind::Bytes => {
-            let s = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+            let s = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
             out.push_str(&serde_json::to_string(&s).unwrap_or_default());
         }
         ValueKind::Seq | ValueKind::Iterable => {
@@ -289,7 +289,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) -
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                let key = k.as_str().map(str::to_owned).unwrap_or_else(|| k.to_string());
+                let key = k.as_str().map_or_else(|| k.to_string(), str::to_owned);
                 out.push_str(&serde_json::to_string(&key).unwrap_or_default());
                 out.push_str(": ");
                 write_json(out, &v.get_item(k)?, indent, depth + 1)?;
@@ -310,8 +310,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) -
 fn strftime_now(format: String) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_secs() as i64);
     strftime(secs, &format)
 }
 

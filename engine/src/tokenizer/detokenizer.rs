@@ -92,8 +92,7 @@ fn diff(prefix: &str, full: &str) -> String {
         .char_indices()
         .zip(full.chars())
         .find(|((_, a), b)| a != b)
-        .map(|((i, _), _)| i)
-        .unwrap_or(prefix.len().min(full.len()));
+        .map_or(prefix.len().min(full.len()), |((i, _), _)| i);
     full[common..].to_owned()
 }
 

@@ -140,7 +140,7 @@ pub(super) fn build(g: &GgufFile) -> Result<Parts, TokenizerError> {
     if n > u32::MAX as usize {
         return Err(load_err(g, "vocabulary too large"));
     }
-    let types = number_array(g, "tokenizer.ggml.token_type", n, |v| v.as_i64())?
+    let types = number_array(g, "tokenizer.ggml.token_type", n, super::super::model::gguf::MetaValue::as_i64)?
         .unwrap_or_else(|| vec![TT_NORMAL; n]);
     let spm = match model {
         "gpt2" => false,
@@ -212,7 +212,7 @@ pub(super) fn build(g: &GgufFile) -> Result<Parts, TokenizerError> {
     }
 
     let mut inner = if spm {
-        let scores = number_array(g, "tokenizer.ggml.scores", n, |v| v.as_f32())?
+        let scores = number_array(g, "tokenizer.ggml.scores", n, super::super::model::gguf::MetaValue::as_f32)?
             .unwrap_or_else(|| vec![0.0; n]);
         spm_tokenizer(&tokens, &types, &scores, unk, add_space_prefix).map_err(|e| load_err(g, e))?
     } else {
@@ -386,7 +386,7 @@ mod tests {
         }
         let mut w = GgufWriter::new();
         w.add_metadata("tokenizer.ggml.model", MetaValue::String("llama".into()))
-            .add_metadata("tokenizer.ggml.tokens", strings(&tokens.iter().map(|s| s.as_str()).collect::<Vec<_>>()))
+            .add_metadata("tokenizer.ggml.tokens", strings(&tokens.iter().map(std::string::String::as_str).collect::<Vec<_>>()))
             .add_metadata("tokenizer.ggml.scores", MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()))
             .add_metadata("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
             .add_metadata("tokenizer.ggml.bos_token_id", MetaValue::U32(1))

@@ -166,7 +166,7 @@ pub(super) fn build(dir: &Path) -> Result<Parts, TokenizerError> {
             // Decoders we do not model (WordPiece...): the token's own decode.
             (Some(_), None) => {
                 let s = inner.decode(&[id], false).unwrap_or_default();
-                pieces.push(&s, PieceKind::Raw)
+                pieces.push(&s, PieceKind::Raw);
             }
             (None, _) => pieces.push("", PieceKind::Raw),
         }

@@ -236,7 +236,7 @@ impl Tokenizer {
     }
 
     pub fn chat_template(&self) -> Option<&str> {
-        self.chat.as_ref().map(|c| c.source())
+        self.chat.as_ref().map(chat_template::ChatTemplate::source)
     }
 
     /// The prompt text for a conversation, rendered as Hugging Face

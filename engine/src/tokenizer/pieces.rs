@@ -21,7 +21,7 @@ pub(super) struct PieceTable {
 }
 
 impl PieceTable {
-    pub fn new(strip_leading_space: bool) -> Self {
+    pub(super) fn new(strip_leading_space: bool) -> Self {
         PieceTable {
             data: Vec::new(),
             offsets: vec![0],
@@ -30,7 +30,7 @@ impl PieceTable {
     }
 
     /// Appends the next id's piece.
-    pub fn push(&mut self, text: &str, kind: PieceKind) {
+    pub(super) fn push(&mut self, text: &str, kind: PieceKind) {
         match kind {
             PieceKind::Raw => self.data.extend_from_slice(text.as_bytes()),
             PieceKind::ByteLevel => match byte_level_decode(text) {
@@ -54,17 +54,17 @@ impl PieceTable {
         self.offsets.push(self.data.len());
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.offsets.len() - 1
     }
 
-    pub fn get(&self, id: u32) -> Option<&[u8]> {
+    pub(super) fn get(&self, id: u32) -> Option<&[u8]> {
         let i = id as usize;
         let (start, end) = (*self.offsets.get(i)?, *self.offsets.get(i + 1)?);
         Some(&self.data[start..end])
     }
 
-    pub fn strip_leading_space(&self) -> bool {
+    pub(super) fn strip_leading_space(&self) -> bool {
         self.strip_leading_space
     }
 }

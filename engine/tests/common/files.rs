@@ -8,11 +8,11 @@ use ferry_engine::model::weights::ModelWeights;
 use ferry_engine::quant::QMatrix;
 use std::path::Path;
 
-pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+pub(crate) const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest
 /// to code points from 256 up.
-pub fn byte_chars() -> Vec<char> {
+pub(crate) fn byte_chars() -> Vec<char> {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars = vec!['\0'; 256];
     for &b in &printable {
@@ -31,7 +31,7 @@ pub fn byte_chars() -> Vec<char> {
 
 /// A byte-level BPE vocabulary of exactly `size` tokens: 256 bytes, a few merges,
 /// three special tokens (<|endoftext|>=256... see the ids returned), then filler.
-pub struct TinyVocab {
+pub(crate) struct TinyVocab {
     pub tokens: Vec<String>,
     /// 1 normal, 3 control.
     pub types: Vec<i32>,
@@ -39,9 +39,9 @@ pub struct TinyVocab {
     pub eos: u32,
 }
 
-pub fn tiny_vocab(size: usize) -> TinyVocab {
+pub(crate) fn tiny_vocab(size: usize) -> TinyVocab {
     let bc = byte_chars();
-    let mut tokens: Vec<String> = bc.iter().map(|c| c.to_string()).collect();
+    let mut tokens: Vec<String> = bc.iter().map(std::string::ToString::to_string).collect();
     let mut types = vec![1; 256];
     let g = bc[b' ' as usize];
     let merges: Vec<(String, String)> = vec![
@@ -80,7 +80,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// weights have them, `rope_freqs.weight` when the config has rope frequency
 /// factors, as llama.cpp's converter writes Llama 3); tests edit the writer
 /// before writing.
-pub fn tiny_gguf_writer(cfg: &ModelConfig, w: &ModelWeights) -> GgufWriter {
+pub(crate) fn tiny_gguf_writer(cfg: &ModelConfig, w: &ModelWeights) -> GgufWriter {
     let mut g = GgufWriter::new();
     let u = |v: usize| MetaValue::U32(v as u32);
     let a = &cfg.arch;
@@ -144,13 +144,13 @@ pub fn tiny_gguf_writer(cfg: &ModelConfig, w: &ModelWeights) -> GgufWriter {
 }
 
 /// A Hugging Face folder: weights as F32 safetensors over two shards.
-pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
-    write_tiny_hf_with(dir, cfg, w, serde_json::json!({}))
+pub(crate) fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, w: &ModelWeights) {
+    write_tiny_hf_with(dir, cfg, w, serde_json::json!({}));
 }
 
 /// The same, with `extra` keys merged into config.json (rope_scaling,
 /// sliding_window, ...). q/k/v biases are written when the weights have them.
-pub fn write_tiny_hf_with(dir: &Path, cfg: &ModelConfig, w: &ModelWeights, extra: serde_json::Value) {
+pub(crate) fn write_tiny_hf_with(dir: &Path, cfg: &ModelConfig, w: &ModelWeights, extra: serde_json::Value) {
     use safetensors::tensor::{Dtype, TensorView};
     let mut config = serde_json::json!({
         "model_type": cfg.arch,

@@ -2,7 +2,7 @@
 //! reference forward pass to check the real one against.
 #![allow(dead_code)]
 
-pub mod files;
+pub(crate) mod files;
 
 use ferry_engine::executor::Executor;
 use ferry_engine::model::config::{ModelConfig, RopeStyle};
@@ -13,7 +13,7 @@ use ferry_engine::scheduler::SchedulerConfig;
 /// The CPU backend over `tiny_config` with random weights of `ty` drawn from
 /// `weights_seed`, a KV cache of `num_blocks` blocks of 4 tokens: what the
 /// engine-loop tests run on.
-pub fn tiny_executor(ty: GgmlType, weights_seed: u64, num_blocks: usize) -> Box<dyn Executor> {
+pub(crate) fn tiny_executor(ty: GgmlType, weights_seed: u64, num_blocks: usize) -> Box<dyn Executor> {
     let cfg = tiny_config(RopeStyle::Interleaved);
     let w = dummy(&cfg, ty, weights_seed).unwrap();
     ferry_engine::cpu::build(&cfg, &w, 1, 0).unwrap().into_executor(num_blocks, 4).unwrap()
@@ -21,7 +21,7 @@ pub fn tiny_executor(ty: GgmlType, weights_seed: u64, num_blocks: usize) -> Box<
 
 /// A scheduler for [`tiny_executor`]'s cache: blocks of 4 tokens, 256
 /// positions, chunked prefill and prefix caching.
-pub fn tiny_scheduler(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
+pub(crate) fn tiny_scheduler(num_blocks: usize, max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
     SchedulerConfig {
         max_num_seqs,
         max_num_batched_tokens,
@@ -34,7 +34,7 @@ pub fn tiny_scheduler(num_blocks: usize, max_num_seqs: usize, max_num_batched_to
     }
 }
 
-pub fn tiny_config(style: RopeStyle) -> ModelConfig {
+pub(crate) fn tiny_config(style: RopeStyle) -> ModelConfig {
     ModelConfig {
         arch: "llama".into(),
         hidden_size: 256,
@@ -94,7 +94,7 @@ fn rope(x: &mut [f64], hd: usize, pos: usize, theta: f64, factors: Option<&[f32]
 
 /// Logits at every position of `tokens`, computed the obvious way in f64 from the
 /// dequantized weights, attending over the whole sequence with no cache.
-pub fn reference_logits(cfg: &ModelConfig, w: &ModelWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
+pub(crate) fn reference_logits(cfg: &ModelConfig, w: &ModelWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
     let embed = deq(&w.embed);
     let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize].clone()).collect();
@@ -155,19 +155,19 @@ pub fn reference_logits(cfg: &ModelConfig, w: &ModelWeights, tokens: &[u32]) -> 
 }
 
 /// Largest |a - b| relative to the largest |b|.
-pub fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
+pub(crate) fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-9);
     a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
 }
 
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A deterministic stream of token ids below `vocab`.
-pub fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     use ferry_engine::rng::RngCore;
     let mut r = ferry_engine::rng::splitmix(seed);
     (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use ferry_transport::*;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-pub struct Ca {
+pub(crate) struct Ca {
     cert: CertificateDer<'static>,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl Ca {
-    pub fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -25,7 +25,7 @@ impl Ca {
     }
 
     /// A leaf certificate for `name` signed by this CA, and its key.
-    pub fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    pub(crate) fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
         // As a ferry node certificate: the node's name is its common name.
@@ -48,7 +48,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The API node's TLS: its certificate from `ca`, client certificates required
 /// and checked against `ca`.
-pub fn server_tls(ca: &Ca) -> Arc<rustls::ServerConfig> {
+pub(crate) fn server_tls(ca: &Ca) -> Arc<rustls::ServerConfig> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(ca.roots(), provider()).build().unwrap();
     let (chain, key) = ca.leaf("localhost");
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -61,7 +61,7 @@ pub fn server_tls(ca: &Ca) -> Arc<rustls::ServerConfig> {
 }
 
 /// A headless node's TLS: trusts `trust` for the server, presents a certificate from `issuer`.
-pub fn client_tls(trust: &Ca, issuer: &Ca) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_tls(trust: &Ca, issuer: &Ca) -> Arc<rustls::ClientConfig> {
     let (chain, key) = issuer.leaf("headless-node");
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -76,17 +76,17 @@ fn ca_roots(ca: &Ca) -> rustls::RootCertStore {
     (*ca.roots()).clone()
 }
 
-pub fn listener(ca: &Ca) -> (RpcListener, SocketAddr) {
+pub(crate) fn listener(ca: &Ca) -> (RpcListener, SocketAddr) {
     let l = RpcListener::bind("127.0.0.1:0".parse().unwrap(), server_tls(ca)).unwrap();
     let addr = l.local_addr().unwrap();
     (l, addr)
 }
 
-pub async fn flume_pair() -> (GatewayEnd, EngineEnd) {
+pub(crate) async fn flume_pair() -> (GatewayEnd, EngineEnd) {
     flume_link()
 }
 
-pub async fn quic_pair() -> (GatewayEnd, EngineEnd) {
+pub(crate) async fn quic_pair() -> (GatewayEnd, EngineEnd) {
     let ca = Ca::new("test cluster CA");
     let (l, addr) = listener(&ca);
     let tls = client_tls(&ca, &ca);
@@ -96,7 +96,7 @@ pub async fn quic_pair() -> (GatewayEnd, EngineEnd) {
     (gw, dialed.expect("dialed"))
 }
 
-pub fn hello(rank: u32, vocab_size: u32) -> Hello {
+pub(crate) fn hello(rank: u32, vocab_size: u32) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
         rank,
@@ -110,11 +110,11 @@ pub fn hello(rank: u32, vocab_size: u32) -> Hello {
     }
 }
 
-pub fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
+pub(crate) fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
     ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, prompt_tokens, SamplingParams::default())))
 }
 
-pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
+pub(crate) fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
     FromEngine::Outputs(EngineOutputs {
         rank,
         outputs: vec![TokenOutput { id, index: 0, new_tokens, logprobs: None, finish: None, num_cached_tokens: 0, prompt_logprobs: None, timing: None }],
@@ -123,12 +123,12 @@ pub fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
     })
 }
 
-pub fn accepted() -> ToEngine {
+pub(crate) fn accepted() -> ToEngine {
     ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 0, retry: false })
 }
 
 /// Hello from the engine, Welcome from the gateway; both checked with the handshake.
-pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u32) -> EngineEnd {
+pub(crate) async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u32) -> EngineEnd {
     let eng = std::thread::spawn(move || {
         let mut eng = eng;
         eng.tx.send(FromEngine::Hello(hello(rank, vocab))).unwrap();
@@ -154,18 +154,18 @@ pub async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vocab: u3
 
 /// The payload of `msg` as a hostile peer writes it: the codec version and the
 /// postcard bytes, with none of the sender's checks or splitting.
-pub fn raw_payload<T: serde::Serialize>(msg: &T) -> Vec<u8> {
+pub(crate) fn raw_payload<T: serde::Serialize>(msg: &T) -> Vec<u8> {
     let mut payload = vec![codec::CODEC_VERSION];
     payload.extend(postcard::to_stdvec(msg).unwrap());
     payload
 }
 
 /// The link's preamble (private to the transport; written here by hand).
-pub const PREAMBLE: &[u8; 8] = b"ferry\0l1";
+pub(crate) const PREAMBLE: &[u8; 8] = b"ferry\0l1";
 
 /// One end of a QUIC link driven byte by byte by a test: a hostile peer that
 /// got through TLS (it holds a certificate of the cluster CA).
-pub struct RawEnd {
+pub(crate) struct RawEnd {
     pub conn: quinn::Connection,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
@@ -174,13 +174,13 @@ pub struct RawEnd {
 
 impl RawEnd {
     /// Writes a frame of `payload` (its length prefix first).
-    pub async fn frame(&mut self, payload: &[u8]) -> Result<(), quinn::WriteError> {
+    pub(crate) async fn frame(&mut self, payload: &[u8]) -> Result<(), quinn::WriteError> {
         self.send.write_all(&(payload.len() as u32).to_be_bytes()).await?;
         self.send.write_all(payload).await
     }
 
     /// The reason the other end closed the connection with, once it has.
-    pub async fn close_reason(&self) -> String {
+    pub(crate) async fn close_reason(&self) -> String {
         match self.conn.closed().await {
             quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
             other => format!("not closed by the peer: {other}"),
@@ -190,7 +190,7 @@ impl RawEnd {
 
 /// A QUIC client config for `tls`, sending at most `send_window` bytes ahead
 /// (so a test that writes a large frame does not buffer it all itself).
-pub fn quic_client_config(tls: Arc<rustls::ClientConfig>, send_window: u64) -> quinn::ClientConfig {
+pub(crate) fn quic_client_config(tls: Arc<rustls::ClientConfig>, send_window: u64) -> quinn::ClientConfig {
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![quic_link::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
@@ -203,7 +203,7 @@ pub fn quic_client_config(tls: Arc<rustls::ClientConfig>, send_window: u64) -> q
 
 /// A hostile rank: dials the API node at `addr` with a certificate of `ca`,
 /// opens the stream and exchanges the preamble, then does what the test says.
-pub async fn raw_rank(addr: SocketAddr, ca: &Ca) -> RawEnd {
+pub(crate) async fn raw_rank(addr: SocketAddr, ca: &Ca) -> RawEnd {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint.connect_with(quic_client_config(client_tls(ca, ca), 256 << 10), addr, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -214,7 +214,7 @@ pub async fn raw_rank(addr: SocketAddr, ca: &Ca) -> RawEnd {
 }
 
 /// A hostile API node listening with a server certificate of `ca`.
-pub fn raw_api_node(ca: &Ca) -> (quinn::Endpoint, SocketAddr) {
+pub(crate) fn raw_api_node(ca: &Ca) -> (quinn::Endpoint, SocketAddr) {
     let mut tls = (*server_tls(ca)).clone();
     tls.alpn_protocols = vec![quic_link::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
@@ -226,7 +226,7 @@ pub fn raw_api_node(ca: &Ca) -> (quinn::Endpoint, SocketAddr) {
 }
 
 /// The hostile API node takes one dialing rank and exchanges the preamble.
-pub async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
+pub(crate) async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
     let conn = endpoint.accept().await.unwrap().await.unwrap();
     let (mut send, mut recv) = conn.accept_bi().await.unwrap();
     let mut preamble = [0u8; PREAMBLE.len()];
@@ -236,7 +236,7 @@ pub async fn raw_accept(endpoint: &quinn::Endpoint) -> RawEnd {
 }
 
 /// A listener with other slot bounds.
-pub fn listener_with(ca: &Ca, limits: admission::Limits) -> (RpcListener, SocketAddr) {
+pub(crate) fn listener_with(ca: &Ca, limits: admission::Limits) -> (RpcListener, SocketAddr) {
     let l = RpcListener::bind_with_limits("127.0.0.1:0".parse().unwrap(), server_tls(ca), limits).unwrap();
     let addr = l.local_addr().unwrap();
     (l, addr)

@@ -98,7 +98,7 @@ impl Acts {
         self.s.resize(nb * n_tokens, 0.0);
         self.bsums.resize(n16 * n_tokens, 0);
         let one = |(((x, qs), d), (s, bs)): TokenSlices| {
-            quantize_token(kind, isa, x, qs, d, s, bs)
+            quantize_token(kind, isa, x, qs, d, s, bs);
         };
         let qs = &mut self.qs[..cols * n_tokens];
         let d = &mut self.d[..nb * n_tokens];

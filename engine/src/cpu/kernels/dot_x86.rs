@@ -176,17 +176,17 @@ const V_AVX512: u8 = 2;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn b32_avx2<const K: u8>(w: *const u8, ws: usize, nr: usize, a: &ActPtrs, t0: usize, nt: usize, out: &mut Tile) {
-    b32_shapes::<K, V_AVX2>(w, ws, nr, a, t0, nt, out)
+    b32_shapes::<K, V_AVX2>(w, ws, nr, a, t0, nt, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn b32_avxvnni<const K: u8>(w: *const u8, ws: usize, nr: usize, a: &ActPtrs, t0: usize, nt: usize, out: &mut Tile) {
-    b32_shapes::<K, V_AVXVNNI>(w, ws, nr, a, t0, nt, out)
+    b32_shapes::<K, V_AVXVNNI>(w, ws, nr, a, t0, nt, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn b32_avx512vnni<const K: u8>(w: *const u8, ws: usize, nr: usize, a: &ActPtrs, t0: usize, nt: usize, out: &mut Tile) {
-    b32_shapes::<K, V_AVX512>(w, ws, nr, a, t0, nt, out)
+    b32_shapes::<K, V_AVX512>(w, ws, nr, a, t0, nt, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

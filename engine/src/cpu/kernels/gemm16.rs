@@ -77,7 +77,7 @@ thread_local! {
 /// must hold n_tokens tokens quantized to `ty`'s vec_dot_type, with `a.ysum`
 /// set for Q4_0 / Q8_0; `out` must have room for (n_tokens - 1) * os + 16 floats.
 pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, n_tokens: usize, out: *mut f32, os: usize) {
-    let mut pack = PACK.with(|c| c.take());
+    let mut pack = PACK.with(std::cell::Cell::take);
     let need = a.nb * units(ty);
     if pack.len() < need {
         pack.resize(need, _mm512_setzero_si512());

@@ -126,7 +126,7 @@ thread_local! {
 /// `a` must hold n_tokens tokens quantized to Q8_K (with bsums); `out` must have
 /// room for (n_tokens - 1) * os + 16 floats.
 pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, n_tokens: usize, out: *mut f32, os: usize) {
-    let mut pack = PACK.with(|c| c.take());
+    let mut pack = PACK.with(std::cell::Cell::take);
     let k = match ty {
         GgmlType::Q2_K => Q2K,
         GgmlType::Q3_K => Q3K,

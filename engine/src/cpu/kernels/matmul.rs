@@ -74,7 +74,7 @@ unsafe impl Sync for OutPtr {}
 /// If `x.len() != n_tokens * w.cols()` or `out.len() != n_tokens * w.rows()`
 /// (caller bugs: the shapes come from the model's own configuration).
 pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
-    matmul_group_isa(x, n_tokens, &mut [(w, out)], simd::current())
+    matmul_group_isa(x, n_tokens, &mut [(w, out)], simd::current());
 }
 
 /// [`matmul`] for several matrices that read the same input (q/k/v, gate/up):
@@ -85,11 +85,11 @@ pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
 /// # Panics
 /// As [`matmul`], for each (matrix, output) pair.
 pub fn matmul_group(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]) {
-    matmul_group_isa(x, n_tokens, parts, simd::current())
+    matmul_group_isa(x, n_tokens, parts, simd::current());
 }
 
 /// An element-wise step that joins two matmuls' outputs: `a = f(a, b)`.
-pub type Combine = dyn Fn(&mut [f32], &[f32]) + Sync;
+pub(super) type Combine = dyn Fn(&mut [f32], &[f32]) + Sync;
 
 /// Two matmuls of one input with the same number of rows (gate and up), their
 /// outputs then joined element-wise into the first (`combine`, e.g. SwiGLU):
@@ -101,12 +101,12 @@ pub type Combine = dyn Fn(&mut [f32], &[f32]) + Sync;
 /// As [`matmul`], for each pair, or if the matrices' row counts differ.
 pub fn matmul_gated(x: &[f32], n_tokens: usize, a: (&QMatrix, &mut [f32]), b: (&QMatrix, &mut [f32]), combine: &Combine) {
     assert_eq!(a.0.rows(), b.0.rows(), "matmul_gated: the two matrices' rows differ");
-    matmul_parts(x, n_tokens, &mut [a, b], simd::current(), Some(combine))
+    matmul_parts(x, n_tokens, &mut [a, b], simd::current(), Some(combine));
 }
 
 #[cfg(test)]
 pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32], isa: Isa) {
-    matmul_group_isa(x, n_tokens, &mut [(w, out)], isa)
+    matmul_group_isa(x, n_tokens, &mut [(w, out)], isa);
 }
 
 /// How one matrix of a group reads its input.
@@ -118,7 +118,7 @@ struct ActNeed {
 }
 
 pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa) {
-    matmul_parts(x, n_tokens, parts, isa, None)
+    matmul_parts(x, n_tokens, parts, isa, None);
 }
 
 /// The matmuls of `parts`, all of input `x`; with `combine`, `parts` is two
@@ -158,7 +158,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         which.push(Some(i));
     }
     let cols = parts[0].0.cols();
-    let mut acts = SCRATCH.with(|c| c.take());
+    let mut acts = SCRATCH.with(std::cell::Cell::take);
     acts.resize_with(acts.len().max(needs.len()), Acts::default);
     if cols > 0 {
         for (a, need) in acts.iter_mut().zip(&needs) {
