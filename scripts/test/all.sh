@@ -14,18 +14,21 @@ export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch/fetch-model.sh)}
 # llama.cpp's vocab-only files and expected tokenizations (from the llama-cpp-python sdist).
 export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch/fetch-llama-cpp-vocabs.sh)}
 scripts/test/check-import-cycles.py
+scripts/test/check-lint-tables.py
 # The CUDA feature builds and its own tests pass with no CUDA here (cudarc
 # loads the libraries at run time; the probe and --device tests say what they
 # found). Then the default build, which the end-to-end tests run.
 cargo build --release --locked --features cuda --bin ferry
 cargo test --release --locked -p ferry-engine --features cuda --lib
 cargo build --release --locked --bin ferry
-# Lints: a clippy warning fails the run.
+# Lints: a clippy warning (the workspace's lints, Cargo.toml) fails the run,
+# in the CUDA code too; so does a rustdoc warning.
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --release --locked --workspace --all-targets -- -D warnings
+  cargo clippy --release --locked --workspace --all-targets --features cuda -- -D warnings
 else
   echo "skipped: clippy (not installed)"
 fi
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps --features cuda
 cargo test --release --locked --workspace
 # What of the GPU check needs no GPU: its float64 references, and the
 # sampling kernel with the counter-based draw run emulated on the CPU.
