@@ -13,7 +13,7 @@ use ferry_transport::TokenLogprob;
 
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::errors::ApiError;
-use super::fe::tokenizer::{RenderOptions, Tokenizer};
+use ferry_engine::tokenizer::{RenderOptions, Tokenizer};
 use super::generation::{ChoiceDelta, Generation};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
@@ -39,7 +39,7 @@ pub async fn create(
 /// The chat rendered with the model's template (or the request's own), as token ids.
 pub fn render_chat(
     tok: &Tokenizer,
-    messages: &[super::fe::tokenizer::ChatMessage],
+    messages: &[ferry_engine::tokenizer::ChatMessage],
     opts: &RenderOptions,
     template: Option<&str>,
     add_special_tokens: bool,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ferry_transport::TokenLogprob;
 
 use super::errors::ApiError;
-use super::fe::tokenizer::Tokenizer;
+use ferry_engine::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};

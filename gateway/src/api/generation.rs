@@ -18,7 +18,7 @@ use ferry_transport::{FinishReason, RequestId, SamplingParams, TokenLogprob, Tok
 use tokio::sync::mpsc;
 
 use super::errors::ApiError;
-use super::fe::tokenizer::{IncrementalDetokenizer, Tokenizer};
+use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use super::params::TextOptions;
 use super::stop_strings::{StopCheck, StopChecker, StopSet};
 use super::types::StopReason;

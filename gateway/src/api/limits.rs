@@ -4,7 +4,7 @@
 //! request can make the gateway hold or compute. docs/limits.md lists them.
 
 use super::errors::ApiError;
-use super::fe::tokenizer::ChatMessage;
+use ferry_engine::tokenizer::ChatMessage;
 use super::types::StopSpec;
 
 /// Stop strings per request.

@@ -33,10 +33,6 @@ pub mod tools;
 pub mod tokenize;
 pub mod types;
 
-// The engine crate's tokenizer and sampler, through one alias (the scratch crate
-// maps it to a shim; in the repo it is `ferry_engine`).
-pub(crate) use ferry_engine as fe;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,7 +48,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::engines::coordinator::Coordinator;
 use crate::metrics::Metrics;
 use errors::ApiError;
-use fe::tokenizer::Tokenizer;
+use ferry_engine::tokenizer::Tokenizer;
 
 pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
 

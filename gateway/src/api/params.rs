@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::errors::ApiError;
-use super::fe::sampler;
+use ferry_engine::sampler;
 use super::types::SamplingFields;
 
 /// Most completions one request may ask for across its prompts (n × prompts);

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::errors::ApiError;
-use super::fe::structured::{compile, ConstraintError};
-use super::fe::tokenizer::Tokenizer;
+use ferry_engine::structured::{compile, ConstraintError};
+use ferry_engine::tokenizer::Tokenizer;
 use super::AppState;
 
 /// The request fields that ask for a structured output (both endpoints).

@@ -17,8 +17,8 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use super::fe::gguf::GgufFile;
-use super::fe::tokenizer::Tokenizer;
+use ferry_engine::gguf::GgufFile;
+use ferry_engine::tokenizer::Tokenizer;
 use super::{router, AppState};
 use crate::engines::coordinator::start_engine_clients;
 
@@ -521,7 +521,7 @@ async fn api_key_health_models_version_tokenize() {
     assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world"})));
     let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})))).await;
     assert_eq!(s, StatusCode::OK);
-    let rendered = tok.apply_chat_template(&[super::fe::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
+    let rendered = tok.apply_chat_template(&[ferry_engine::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
     assert_eq!(v["tokens"], json!(tok.encode(&rendered, false).unwrap()));
 
     // Not ready: draining flips /health to 503 and requests to 503.

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::fe::tokenizer::ChatMessage;
+use ferry_engine::tokenizer::ChatMessage;
 
 /// `prompt` of /v1/completions: text, texts, token ids, or lists of token ids.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::fe::tokenizer::ChatMessage;
+use ferry_engine::tokenizer::ChatMessage;
 
 /// Most tools one request may define.
 pub const MAX_TOOLS: usize = 128;
