@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use ferry_transport::TokenLogprob;
+use ferry_transport::{TokenLogprob, MAX_LOGPROBS};
 
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::errors::ApiError;
@@ -24,8 +24,6 @@ use super::types::{
     ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
 };
 use super::{new_response_id, unix_now, AppState};
-
-use ferry_transport::MAX_LOGPROBS as MAX_TOP_LOGPROBS;
 
 pub async fn create(
     State(state): State<AppState>,
@@ -92,8 +90,8 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         if !want_logprobs {
             return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
         }
-        if k > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}.")));
+        if k > MAX_LOGPROBS {
+            return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}.")));
         }
     }
     let top_k = req.top_logprobs.unwrap_or(0);
