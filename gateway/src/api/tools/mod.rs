@@ -12,12 +12,13 @@ pub mod hermes;
 pub mod json;
 pub mod stream;
 
+use ferry_engine::tokenizer::ChatMessage;
 use ferry_transport::Constraint;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use ferry_engine::tokenizer::ChatMessage;
+use super::types::OpenAiMessage;
 
 /// Most tools one request may define.
 pub const MAX_TOOLS: usize = 128;
@@ -246,8 +247,8 @@ pub fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Resu
 /// Messages as the template wants them: assistant `tool_calls` carry their
 /// arguments as JSON objects, not the JSON strings the API uses (vLLM does
 /// the same before rendering), so templates can `tojson` them.
-pub fn template_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
-    let mut out = messages.to_vec();
+pub fn template_messages(messages: &[OpenAiMessage]) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = messages.iter().map(OpenAiMessage::to_template).collect();
     for m in &mut out {
         let Some(Value::Array(calls)) = m.extra.get_mut("tool_calls") else { continue };
         for c in calls {
