@@ -154,34 +154,21 @@ struct Output {
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
-    let mut finishes = vec![None; k];
-    while let Some(d) = gen.next().await {
-        let d = d?;
-        let i = d.index as usize;
-        texts[i].push_str(&d.text);
-        lps[i].extend(d.logprobs);
-        if d.finish.is_some() {
-            finishes[i] = d.finish;
-        }
-    }
+    let outputs = gen.collect().await?;
     let tok = gen.tokenizer().clone();
-    let choices = texts
+    let choices = outputs
         .into_iter()
         .enumerate()
-        .map(|(i, text)| {
-            let finish = finishes[i].take();
-            let reason = finish.as_ref().map(|f| f.reason).unwrap_or("stop");
-            let (content, calls, reason) = super::tools::read_output(&out.tools, text, reason);
+        .map(|(i, o)| {
+            let reason = o.finish.as_ref().map(|f| f.reason).unwrap_or("stop");
+            let (content, calls, reason) = super::tools::read_output(&out.tools, o.text, reason);
             let tool_calls = calls.iter().map(|c| super::tools::call_value(c, None)).collect();
             ChatChoice {
                 index: i as u32,
                 message: ChatResponseMessage { role: "assistant", content, tool_calls },
-                logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &lps[i], top)),
-                finish_reason: finish.as_ref().map(|_| reason),
-                stop_reason: finish.and_then(|f| f.stop_reason),
+                logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &o.logprobs, top)),
+                finish_reason: o.finish.as_ref().map(|_| reason),
+                stop_reason: o.finish.and_then(|f| f.stop_reason),
             }
         })
         .collect();

@@ -151,31 +151,20 @@ impl Output {
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse, ApiError> {
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
-    let mut finishes = vec![None; k];
-    while let Some(d) = gen.next().await {
-        let d = d?;
-        let i = d.index as usize;
-        texts[i].push_str(&d.text);
-        lps[i].extend(d.logprobs);
-        if d.finish.is_some() {
-            finishes[i] = d.finish;
-        }
-    }
+    let outputs = gen.collect().await?;
     let tok = gen.tokenizer().clone();
-    let choices = (0..k)
-        .map(|i| {
+    let choices = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
             let (echo_text, echo_toks) = out.echo(i).unwrap_or(("", &[]));
-            let finish = finishes[i].take();
             let prompt_lps = gen.prompt_logprobs(i / out.n.max(1));
             CompletionChoice {
                 index: i as u32,
-                text: format!("{echo_text}{}", texts[i]),
-                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, prompt_lps, &lps[i], 0)),
-                finish_reason: finish.as_ref().map(|f| f.reason),
-                stop_reason: finish.and_then(|f| f.stop_reason),
+                text: format!("{echo_text}{}", o.text),
+                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, prompt_lps, &o.logprobs, 0)),
+                finish_reason: o.finish.as_ref().map(|f| f.reason),
+                stop_reason: o.finish.and_then(|f| f.stop_reason),
                 prompt_logprobs: out.prompt_logprobs.then(|| prompt_lps.map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
             }
         })
