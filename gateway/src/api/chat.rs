@@ -14,14 +14,16 @@ use ferry_transport::{TokenLogprob, MAX_LOGPROBS};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::errors::ApiError;
 use ferry_engine::tokenizer::{RenderOptions, Tokenizer};
-use super::generation::{ChoiceDelta, Generation};
+use super::generation::Generation;
+use super::output::{ChatGeneration, ChatStep};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
-use super::tools::stream::{Piece, ToolStream};
-use super::tools::ToolMode;
+use super::tools::stream::Piece;
+use super::tools::{ToolCall, ToolCallDelta, ToolMode};
 use super::types::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatFunctionCall,
+    ChatFunctionDelta, ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatToolCall, ChatToolCallDelta,
+    ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
 };
 use super::{new_response_id, unix_now, AppState};
 
@@ -130,11 +132,10 @@ pub(super) async fn run(state: AppState, client: super::client_limits::ClientId,
         model,
         logprobs: want_logprobs.then_some(top_k),
         prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
-        tools: tool_plan.mode,
     };
+    let gen = ChatGeneration::new(gen, tool_plan.mode);
     if plan.stream {
-        let tools = (0..gen.num_choices()).map(|_| ToolStream::new(out.tools.clone())).collect();
-        let shape = ChatStream { gen, out, plan, tools };
+        let shape = ChatStream { gen, out, plan };
         let first = shape.role_chunks();
         return Ok(sse::response(DeltaStream::new(shape, first)));
     }
@@ -149,39 +150,43 @@ struct Output {
     logprobs: Option<u32>,
     /// vLLM's `prompt_logprobs` was asked for.
     prompt_logprobs: bool,
-    /// How tool calls are read out of the text.
-    tools: ToolMode,
 }
 
-async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
+async fn collect(mut gen: ChatGeneration, out: Output) -> Result<ChatCompletionResponse, ApiError> {
     let outputs = gen.collect().await?;
-    let tok = gen.tokenizer().clone();
+    let tok = gen.generation().tokenizer().clone();
     let choices = outputs
         .into_iter()
         .enumerate()
-        .map(|(i, o)| {
-            let reason = o.finish.as_ref().map(|f| f.reason).unwrap_or("stop");
-            let (content, calls, reason) = super::tools::read_output(&out.tools, o.text, reason);
-            let tool_calls = calls.iter().map(|c| super::tools::call_value(c, None)).collect();
-            ChatChoice {
-                index: i as u32,
-                message: ChatResponseMessage { role: "assistant", content, tool_calls },
-                logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &o.logprobs, top)),
-                finish_reason: o.finish.as_ref().map(|_| reason),
-                stop_reason: o.finish.and_then(|f| f.stop_reason),
-            }
+        .map(|(i, o)| ChatChoice {
+            index: i as u32,
+            message: ChatResponseMessage { role: "assistant", content: o.content, tool_calls: o.tool_calls.into_iter().map(tool_call).collect() },
+            logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &o.logprobs, top)),
+            finish_reason: o.finish.as_ref().map(|f| f.reason),
+            stop_reason: o.finish.and_then(|f| f.stop_reason),
         })
         .collect();
-    let prompt_tokens = gen.prompt_lens().iter().sum();
+    let g = gen.generation();
     Ok(ChatCompletionResponse {
         id: out.id,
         object: "chat.completion",
         created: out.created,
         model: out.model,
         choices,
-        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()).with_cached(gen.cached_tokens()),
-        prompt_logprobs: out.prompt_logprobs.then(|| gen.prompt_logprobs(0).map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
+        usage: gen.usage(),
+        prompt_logprobs: out.prompt_logprobs.then(|| g.prompt_logprobs(0).map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
     })
+}
+
+/// A whole call as chat's response message has it.
+fn tool_call(c: ToolCall) -> ChatToolCall {
+    ChatToolCall { id: c.id, kind: "function", function: ChatFunctionCall { name: c.name, arguments: c.arguments } }
+}
+
+/// A piece of a call as a chunk's `delta.tool_calls` has it.
+fn tool_call_delta(d: ToolCallDelta) -> ChatToolCallDelta {
+    let (id, name) = d.head.map(|h| (h.id, h.name)).unzip();
+    ChatToolCallDelta { index: d.index, kind: id.as_ref().map(|_| "function"), id, function: ChatFunctionDelta { name, arguments: d.arguments } }
 }
 
 /// Chat's logprobs: each token with its bytes and its `top` best alternatives.
@@ -216,11 +221,9 @@ pub fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], top: u32) -> ChatLog
 }
 
 struct ChatStream {
-    gen: Generation,
+    gen: ChatGeneration,
     out: Output,
     plan: StreamPlan,
-    /// Per choice: what of its text may be tool calls.
-    tools: Vec<ToolStream>,
 }
 
 impl ChatStream {
@@ -235,14 +238,18 @@ impl ChatStream {
         })
     }
 
+    fn generation(&self) -> &Generation {
+        self.gen.generation()
+    }
+
     fn prompt_tokens(&self) -> u32 {
-        self.gen.prompt_lens().iter().sum()
+        self.generation().prompt_lens().iter().sum()
     }
 
     /// vLLM opens each choice with `{"role": "assistant", "content": ""}`.
     fn role_chunks(&self) -> Vec<Bytes> {
         let mut chunks = Vec::new();
-        for i in 0..self.gen.num_choices() {
+        for i in 0..self.generation().num_choices() {
             let choice = ChatStreamChoice {
                 index: i as u32,
                 delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
@@ -250,40 +257,46 @@ impl ChatStream {
                 finish_reason: None,
                 stop_reason: None,
             };
-            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0).with_cached(self.gen.cached_tokens()));
+            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0).with_cached(self.generation().cached_tokens()));
             chunks.push(self.chunk(vec![choice], usage));
         }
         chunks
     }
 
-    /// A delta's text (and logprobs) in a content chunk; a finish then gets a
+    /// A step's text (and logprobs) in a content chunk; a finish then gets a
     /// chunk of its own with an empty delta, in OpenAI's order (clients
     /// written against OpenAI drop text that comes with `finish_reason`).
-    fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
-        if self.out.tools != ToolMode::Off {
-            return self.on_tool_delta(d);
-        }
-        let i = d.index as usize;
+    fn on_text_step(&mut self, step: ChatStep) -> Bytes {
+        let i = step.index as usize;
+        let g = self.generation();
         let usage = || {
             self.plan
                 .continuous_usage
-                .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)).with_cached(self.gen.cached_tokens()))
+                .then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)).with_cached(g.cached_tokens()))
         };
+        let text: String = step
+            .pieces
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Content(c) => Some(c),
+                Piece::ToolCalls(_) => None,
+            })
+            .collect();
         let mut out = bytes::BytesMut::new();
-        if !d.text.is_empty() || !d.logprobs.is_empty() || d.finish.is_none() {
-            let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+        if !text.is_empty() || !step.logprobs.is_empty() || step.finish.is_none() {
+            let logprobs = self.out.logprobs.map(|top| chat_logprobs(g.tokenizer(), &step.logprobs, top));
             let choice = ChatStreamChoice {
-                index: d.index,
-                delta: ChatDelta { role: None, content: Some(d.text), tool_calls: None },
+                index: step.index,
+                delta: ChatDelta { role: None, content: Some(text), tool_calls: None },
                 logprobs,
                 finish_reason: None,
                 stop_reason: None,
             };
             out.extend_from_slice(&self.chunk(vec![choice], usage()));
         }
-        if let Some(f) = d.finish {
+        if let Some(f) = step.finish {
             let choice = ChatStreamChoice {
-                index: d.index,
+                index: step.index,
                 delta: ChatDelta::default(),
                 logprobs: None,
                 finish_reason: Some(f.reason),
@@ -293,41 +306,31 @@ impl ChatStream {
         }
         out.freeze()
     }
-}
 
-impl ChatStream {
-    /// A delta of a choice whose text may hold tool calls: a chunk per piece
-    /// its [`ToolStream`] lets out (content or `tool_calls`), then, when the
-    /// choice ends, a chunk with an empty delta carrying the finish reason.
-    fn on_tool_delta(&mut self, d: ChoiceDelta) -> Bytes {
-        let i = d.index as usize;
-        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
-        let usage = self
-            .plan
-            .continuous_usage
-            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
-        let mut pieces = self.tools[i].push(&d.text);
-        let finish = d.finish.map(|f| {
-            let (rest, reason) = self.tools[i].finish(f.reason);
-            pieces.extend(rest);
-            (reason, f.stop_reason)
-        });
+    /// A step of a choice whose text may hold tool calls: a chunk per piece
+    /// (content or `tool_calls`), then, when the choice ends, a chunk with an
+    /// empty delta carrying the finish reason.
+    fn on_tool_step(&mut self, step: ChatStep) -> Bytes {
+        let i = step.index as usize;
+        let g = self.generation();
+        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(g.tokenizer(), &step.logprobs, top));
+        let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)));
         let mut out = Vec::new();
-        for p in pieces {
+        for p in step.pieces {
             let delta = match p {
                 Piece::Content(c) => ChatDelta { content: Some(c), ..Default::default() },
-                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls), ..Default::default() },
+                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls.into_iter().map(tool_call_delta).collect()), ..Default::default() },
             };
-            let choice = ChatStreamChoice { index: d.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
+            let choice = ChatStreamChoice { index: step.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
             out.extend_from_slice(&self.chunk(vec![choice], usage.clone()));
         }
-        if let Some((reason, stop_reason)) = finish {
+        if let Some(f) = step.finish {
             let choice = ChatStreamChoice {
-                index: d.index,
+                index: step.index,
                 delta: ChatDelta::default(),
                 logprobs: logprobs.take(),
-                finish_reason: Some(reason),
-                stop_reason: Some(stop_reason),
+                finish_reason: Some(f.reason),
+                stop_reason: Some(f.stop_reason),
             };
             out.extend_from_slice(&self.chunk(vec![choice], usage));
         }
@@ -336,18 +339,17 @@ impl ChatStream {
 }
 
 impl ChunkShape for ChatStream {
-    fn generation(&mut self) -> &mut Generation {
-        &mut self.gen
+    type Delta = ChatStep;
+    async fn next_delta(&mut self) -> Option<Result<ChatStep, ApiError>> {
+        self.gen.next().await
     }
-    fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
-        self.on_delta(d)
+    fn delta_chunk(&mut self, step: ChatStep) -> Bytes {
+        match self.gen.tool_mode() {
+            ToolMode::Off => self.on_text_step(step),
+            _ => self.on_tool_step(step),
+        }
     }
     fn usage_chunk(&self) -> Option<Bytes> {
-        self.plan
-            .include_usage
-            .then(|| {
-                let usage = Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens()).with_cached(self.gen.cached_tokens());
-                self.chunk(vec![], Some(usage))
-            })
+        self.plan.include_usage.then(|| self.chunk(vec![], Some(self.gen.usage())))
     }
 }

@@ -278,8 +278,9 @@ impl CompletionStream {
 }
 
 impl ChunkShape for CompletionStream {
-    fn generation(&mut self) -> &mut Generation {
-        &mut self.gen
+    type Delta = ChoiceDelta;
+    async fn next_delta(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
+        self.gen.next().await
     }
     fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
         self.on_delta(d)

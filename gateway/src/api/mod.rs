@@ -24,6 +24,7 @@ pub mod generation;
 pub mod limits;
 pub mod logprobs;
 pub mod models;
+pub mod output;
 pub mod params;
 pub mod responses;
 pub mod sse;

@@ -321,7 +321,41 @@ pub struct ChatTopLogprob {
 pub struct ChatResponseMessage {
     pub role: &'static str,
     pub content: String,
-    pub tool_calls: Vec<serde_json::Value>,
+    pub tool_calls: Vec<ChatToolCall>,
+}
+
+/// A tool call in a chat response's message.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: ChatFunctionCall,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatFunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a chunk's `delta.tool_calls`: `id`, `type` and
+/// the function's name come with the call's first piece only.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: ChatFunctionDelta,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatFunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -352,7 +386,7 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<serde_json::Value>>,
+    pub tool_calls: Option<Vec<ChatToolCallDelta>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
