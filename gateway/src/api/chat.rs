@@ -6,15 +6,17 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use ferry_transport::{TokenLogprob, MAX_LOGPROBS};
-
-use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
-use super::errors::ApiError;
 use ferry_engine::tokenizer::{RenderOptions, Tokenizer};
+use ferry_transport::{SamplingParams, TokenLogprob, MAX_LOGPROBS};
+
+use super::client_limits::ClientId;
+use super::errors::ApiError;
 use super::generation::Generation;
+use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::output::{ChatGeneration, ChatStep};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
@@ -25,12 +27,12 @@ use super::types::{
     ChatFunctionDelta, ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatToolCall, ChatToolCallDelta,
     ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
 };
-use super::{new_response_id, unix_now, AppState};
+use super::{new_response_id, unix_now, Admission, AppState};
 
 pub async fn create(
     State(state): State<AppState>,
-    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
-    headers: axum::http::HeaderMap,
+    axum::Extension(client): axum::Extension<ClientId>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Response {
     run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
@@ -78,62 +80,107 @@ pub fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOpti
     })
 }
 
-pub(super) async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
-    let pin = super::params::data_parallel_rank(&headers)?;
-    let arrival = Instant::now();
-    let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
-    let plan = StreamPlan::from_fields(&req.sampling)?;
-    let messages = match &req.messages {
-        Some(m) if !m.is_empty() => m,
-        _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
-    };
-    let want_logprobs = req.logprobs.unwrap_or(false);
-    if let Some(k) = req.top_logprobs {
-        if !want_logprobs {
-            return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
+/// A chat request checked, admitted and rendered to its prompt: what the
+/// handler runs ([`PreparedChat::start`]).
+pub struct PreparedChat {
+    /// The served model the request names (the default one if none).
+    pub model: String,
+    pub plan: StreamPlan,
+    /// Some(k): logprobs with k alternatives per token.
+    pub logprobs: Option<u32>,
+    /// vLLM's `prompt_logprobs` was asked for.
+    pub prompt_logprobs: bool,
+    tools: ToolMode,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    text: TextOptions,
+    arrival: Instant,
+    admission: Admission,
+    pin: Option<u32>,
+}
+
+impl ChatCompletionRequest {
+    /// Every check of a chat request, in one place, with vLLM's rules and
+    /// words: cheap bounds first (the `X-data-parallel-rank` header, the
+    /// model, streaming options, messages, logprobs, stop strings, tools),
+    /// then a slot for the client, then the template and the tokenizer off
+    /// the async workers, the sampling fields against the prompt's length,
+    /// and the structured-outputs constraint compiled.
+    pub async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedChat, ApiError> {
+        let req = self;
+        let pin = super::params::data_parallel_rank(headers)?;
+        let arrival = Instant::now();
+        let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+        let plan = StreamPlan::from_fields(&req.sampling)?;
+        let messages = match &req.messages {
+            Some(m) if !m.is_empty() => m,
+            _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
+        };
+        let want_logprobs = req.logprobs.unwrap_or(false);
+        if let Some(k) = req.top_logprobs {
+            if !want_logprobs {
+                return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
+            }
+            if k > MAX_LOGPROBS {
+                return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}.")));
+            }
         }
-        if k > MAX_LOGPROBS {
-            return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}.")));
-        }
+        let top_k = req.top_logprobs.unwrap_or(0);
+        super::limits::check_stop(req.sampling.stop.as_ref())?;
+        super::limits::check_messages(messages)?;
+        let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
+        let admission = state.admit(client)?;
+        let tok = state.tokenizer.clone();
+        let opts = render_options(state, &req.template)?;
+        let prompt = {
+            let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.template.chat_template.clone());
+            let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
+            let add_special = req.sampling.add_special_tokens.unwrap_or(false);
+            state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
+        };
+        let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
+            (Some(m), _) => (Some(m), "max_completion_tokens"),
+            (None, m) => (m, "max_tokens"),
+        };
+        let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
+        let mut params = sampling_params(&req.sampling, max_tokens, want_logprobs.then_some(top_k), prompt.len(), &limits, tok.vocab_size())?;
+        let structured = super::structured::constraint(state, &req.sampling.structured).await?;
+        params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
+        Ok(PreparedChat {
+            model,
+            plan,
+            logprobs: want_logprobs.then_some(top_k),
+            prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+            tools: tool_plan.mode,
+            prompt,
+            params,
+            text: TextOptions::from_fields(&req.sampling),
+            arrival,
+            admission,
+            pin,
+        })
     }
-    let top_k = req.top_logprobs.unwrap_or(0);
-    // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
-    super::limits::check_stop(req.sampling.stop.as_ref())?;
-    super::limits::check_messages(messages)?;
-    let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
-    let permit = state.admit(client)?;
-    let tok = state.tokenizer.clone();
-    let opts = render_options(&state, &req.template)?;
-    let prompt = {
-        let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.template.chat_template.clone());
-        let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
-        let add_special = req.sampling.add_special_tokens.unwrap_or(false);
-        state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
-    };
-    let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(m), _) => (Some(m), "max_completion_tokens"),
-        (None, m) => (m, "max_tokens"),
-    };
-    let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
-    let mut params = sampling_params(
-        &req.sampling,
-        max_tokens,
-        want_logprobs.then_some(top_k),
-        prompt.len(),
-        &limits,
-        tok.vocab_size(),
-    )?;
-    let structured = super::structured::constraint(&state, &req.sampling.structured).await?;
-    params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
-    let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
+}
+
+impl PreparedChat {
+    /// Sends the prompt to the engines; its output comes as typed steps.
+    pub fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
+        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin)?;
+        Ok(ChatGeneration::new(gen, self.tools))
+    }
+}
+
+pub(super) async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let prepared = req.prepare(&state, client, &headers).await?;
     let out = Output {
         id: new_response_id("chatcmpl"),
         created: unix_now(),
-        model,
-        logprobs: want_logprobs.then_some(top_k),
-        prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+        model: prepared.model.clone(),
+        logprobs: prepared.logprobs,
+        prompt_logprobs: prepared.prompt_logprobs,
     };
-    let gen = ChatGeneration::new(gen, tool_plan.mode);
+    let plan = prepared.plan;
+    let gen = prepared.start(&state)?;
     if plan.stream {
         let shape = ChatStream { gen, out, plan };
         let first = shape.role_chunks();
