@@ -25,7 +25,7 @@ use super::tools::{ToolCall, ToolCallDelta, ToolMode};
 use super::types::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatFunctionCall,
     ChatFunctionDelta, ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatToolCall, ChatToolCallDelta,
-    ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
+    ChatTokenLogprob, ChatTopLogprob, OpenAiMessage, TemplateFields, Usage,
 };
 use super::{new_response_id, unix_now, Admission, AppState};
 
@@ -133,7 +133,8 @@ impl ChatCompletionRequest {
         let tok = state.tokenizer.clone();
         let opts = render_options(state, &req.template)?;
         let prompt = {
-            let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.template.chat_template.clone());
+            let messages = super::tools::template_messages(messages.iter().map(OpenAiMessage::to_template).collect());
+            let (tok, template) = (tok.clone(), req.template.chat_template.clone());
             let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
             let add_special = req.sampling.add_special_tokens.unwrap_or(false);
             state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?

@@ -18,7 +18,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::types::OpenAiMessage;
 
 /// Most tools one request may define.
 pub const MAX_TOOLS: usize = 128;
@@ -247,9 +246,8 @@ pub fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Resu
 /// Messages as the template wants them: assistant `tool_calls` carry their
 /// arguments as JSON objects, not the JSON strings the API uses (vLLM does
 /// the same before rendering), so templates can `tojson` them.
-pub fn template_messages(messages: &[OpenAiMessage]) -> Vec<ChatMessage> {
-    let mut out: Vec<ChatMessage> = messages.iter().map(OpenAiMessage::to_template).collect();
-    for m in &mut out {
+pub fn template_messages(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    for m in &mut messages {
         let Some(Value::Array(calls)) = m.extra.get_mut("tool_calls") else { continue };
         for c in calls {
             if let Some(args) = c.get_mut("function").and_then(|f| f.get_mut("arguments")) {
@@ -259,7 +257,7 @@ pub fn template_messages(messages: &[OpenAiMessage]) -> Vec<ChatMessage> {
             }
         }
     }
-    out
+    messages
 }
 
 /// A tool call the model made, whole: what every API renders its calls from.

@@ -105,8 +105,8 @@ fn streams_hold_what_may_be_calls() {
 
 #[test]
 fn template_messages_get_argument_objects() {
-    let m: OpenAiMessage = serde_json::from_value(json!({"role": "assistant", "content": null,
+    let m: ChatMessage = serde_json::from_value(json!({"role": "assistant", "content": "",
         "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]})).unwrap();
-    let out = template_messages(&[m]);
+    let out = template_messages(vec![m]);
     assert_eq!(out[0].extra["tool_calls"][0]["function"]["arguments"], json!({"a": 1}));
 }
