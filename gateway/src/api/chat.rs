@@ -171,7 +171,7 @@ impl PreparedChat {
     }
 }
 
-pub(super) async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let prepared = req.prepare(&state, client, &headers).await?;
     let out = Output {
         id: new_response_id("chatcmpl"),

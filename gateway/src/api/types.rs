@@ -26,6 +26,10 @@ pub struct OpenAiMessage {
 }
 
 impl OpenAiMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        OpenAiMessage { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
+    }
+
     /// The message as the engine's chat template takes it.
     pub fn to_template(&self) -> ChatMessage {
         ChatMessage { role: self.role.clone(), content: self.content.clone(), extra: self.extra.clone() }
