@@ -14,11 +14,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use ferry_transport::{FinishReason, RequestId, SamplingParams, TokenLogprob, TokenOutput};
 use tokio::sync::mpsc;
 
 use super::errors::ApiError;
-use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use super::params::TextOptions;
 use super::stop_strings::{StopCheck, StopChecker, StopSet};
 use super::types::StopReason;

@@ -44,12 +44,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ferry_engine::tokenizer::Tokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engines::coordinator::Coordinator;
 use crate::metrics::Metrics;
 use errors::ApiError;
-use ferry_engine::tokenizer::Tokenizer;
 
 pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
 

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use ferry_engine::gguf::GgufFile;
+use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::{
     flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineStats, FinishReason, FromEngine, Hello,
     TokenLogprob, TokenOutput, ToEngine, PROTOCOL_VERSION,
@@ -17,8 +19,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use ferry_engine::gguf::GgufFile;
-use ferry_engine::tokenizer::Tokenizer;
 use super::{router, AppState};
 use crate::engines::coordinator::start_engine_clients;
 

@@ -5,9 +5,8 @@
 //! the wrong type is found by [`super::params::parse_json`] probing one key at a time.
 //! Unknown fields are ignored, as vLLM ignores them.
 
-use serde::{Deserialize, Deserializer, Serialize};
-
 use ferry_engine::tokenizer::ChatMessage;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// One message of a chat request, in OpenAI's shape.
 ///
