@@ -28,7 +28,7 @@ use ferry_engine::model::weights::NoProgress;
 use ferry_engine::{load_model, EngineArgs, EngineThreads, LoadFormat};
 use ferry_transport::{SamplingParams, TokenLogprob};
 
-use crate::api::generation::{ChoiceDelta, Generation};
+use crate::api::generation::{ChoiceDelta, ChoiceOutput, Generation};
 use crate::api::params::TextOptions;
 use crate::api::errors::ApiError;
 use crate::api::{router, AppState};
@@ -213,7 +213,7 @@ impl Llm {
         };
         let n = sampling.n.max(1) as usize;
         let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None, None)?;
-        Ok(Stream { generation, done: vec![None; n] })
+        Ok(Stream { generation, so_far: vec![ChoiceOutput::default(); n] })
     }
 
     /// [`Llm::stream_with`] without stop strings.
@@ -224,8 +224,7 @@ impl Llm {
     /// The finished completions (`sampling.n` of them).
     pub async fn generate_with(&self, prompt: Prompt, sampling: SamplingParams, text: TextParams) -> Result<Vec<Completion>, Error> {
         let mut s = self.stream_with(prompt, sampling, text).await?;
-        while s.next().await.transpose()?.is_some() {}
-        Ok(s.completions())
+        Ok(s.generation.collect().await?.into_iter().map(completion).collect())
     }
 
     /// [`Llm::generate_with`] without stop strings.
@@ -260,7 +259,8 @@ impl Llm {
 /// aborts what is still running.
 pub struct Stream {
     generation: Generation,
-    done: Vec<Option<Completion>>,
+    /// Each completion's pieces so far, added up.
+    so_far: Vec<ChoiceOutput>,
 }
 
 impl Stream {
@@ -268,29 +268,20 @@ impl Stream {
     pub async fn next(&mut self) -> Option<Result<ChoiceDelta, Error>> {
         let d = self.generation.next().await?.map_err(Error::from);
         if let Ok(d) = &d {
-            let c = self.done[d.index as usize].get_or_insert_with(|| Completion {
-                text: String::new(),
-                token_ids: Vec::new(),
-                logprobs: Vec::new(),
-                finish_reason: "",
-            });
-            c.text.push_str(&d.text);
-            c.token_ids.extend_from_slice(&d.token_ids);
-            c.logprobs.extend(d.logprobs.iter().cloned());
-            if let Some(f) = &d.finish {
-                c.finish_reason = f.reason;
-            }
+            self.so_far[d.index as usize].push(d.clone());
         }
         Some(d)
     }
 
     /// What each completion has produced so far, in index order.
     pub fn completions(&self) -> Vec<Completion> {
-        self.done
-            .iter()
-            .map(|c| c.clone().unwrap_or(Completion { text: String::new(), token_ids: vec![], logprobs: vec![], finish_reason: "" }))
-            .collect()
+        self.so_far.iter().cloned().map(completion).collect()
     }
+}
+
+/// A choice's output as the library hands it out ("" while it runs on).
+fn completion(o: ChoiceOutput) -> Completion {
+    Completion { text: o.text, token_ids: o.token_ids, logprobs: o.logprobs, finish_reason: o.finish.map_or("", |f| f.reason) }
 }
 
 /// The OpenAI API over an [`Llm`], on the caller's tokio runtime.

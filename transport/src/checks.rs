@@ -13,10 +13,6 @@ use std::collections::HashMap;
 use crate::codec::{MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES};
 use crate::*;
 
-/// The most top alternatives per token a peer may send. vLLM's limit for
-/// `logprobs` is 20, and the sampler validates requests against the same.
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
 /// A peer broke the link's rules; the link closes with this message.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[error("link violation: {0}")]
@@ -209,8 +205,9 @@ fn check_logprob(
     token: &dyn Fn(u32, &str) -> Result<(), LinkViolation>,
 ) -> Result<(), LinkViolation> {
     token(lp.token, "logprob")?;
-    if lp.top.len() > MAX_TOP_LOGPROBS {
-        return violation(format!("request {id}: {} top logprobs, more than {MAX_TOP_LOGPROBS}", lp.top.len()));
+    // A peer sends at most the alternatives a request may ask for.
+    if lp.top.len() > MAX_LOGPROBS as usize {
+        return violation(format!("request {id}: {} top logprobs, more than {MAX_LOGPROBS}", lp.top.len()));
     }
     for &(t, _) in &lp.top {
         token(t, "top logprob")?;
@@ -373,7 +370,7 @@ mod tests {
         assert!(ready().on_recv(&with(vec![lp(100, vec![])])).is_err());
         assert!(ready().on_recv(&with(vec![lp(1, vec![(100, -2.0)])])).is_err());
         assert!(ready().on_recv(&with(vec![lp(1, vec![]), lp(1, vec![])])).is_err(), "more entries than tokens");
-        assert!(ready().on_recv(&with(vec![lp(1, vec![(1, -1.0); MAX_TOP_LOGPROBS + 1])])).is_err());
+        assert!(ready().on_recv(&with(vec![lp(1, vec![(1, -1.0); MAX_LOGPROBS as usize + 1])])).is_err());
     }
 
     #[test]

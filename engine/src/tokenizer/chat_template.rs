@@ -8,23 +8,21 @@ use std::fmt::Write as _;
 
 use minijinja::value::{Kwargs, Rest, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use super::TokenizerError;
 
-/// One message of a conversation.
+/// One message of a conversation, as the template sees it: a role, its text,
+/// and the message's other fields (`tool_calls` of an assistant message,
+/// `tool_call_id` and `name` of a tool's answer, ...) passed to the template
+/// as they came, as Hugging Face passes message dicts.
 ///
-/// Deserializes OpenAI's forms of `content`: a string, null (as ""), or a
-/// list of parts of which the `{"type": "text", "text": ..}` ones are
-/// joined with newlines (as vLLM does); other part types are refused.
-///
-/// Other fields (`tool_calls` of an assistant message, `tool_call_id` and
-/// `name` of a tool's answer, ...) are kept as they came and passed to the
-/// template with the message, as Hugging Face passes message dicts.
+/// Plain data: an API's own message shapes (OpenAI's `content` forms, say)
+/// are read by the server that speaks that API and converted to this.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default, deserialize_with = "content_text")]
+    #[serde(default)]
     pub content: String,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -55,51 +53,6 @@ pub struct RenderOptions {
 /// Most template instructions one render of a request's own template may
 /// run (minijinja fuel): a template sent by a client cannot spin forever.
 const REQUEST_TEMPLATE_FUEL: u64 = 5_000_000;
-
-fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Content {
-        Text(String),
-        Parts(Vec<Part>),
-        Null(()),
-    }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Part {
-        Text(String),
-        Typed {
-            #[serde(rename = "type")]
-            ty: String,
-            #[serde(default)]
-            text: Option<String>,
-        },
-    }
-    let content = Content::deserialize(d).map_err(|_| {
-        serde::de::Error::custom("message content must be a string, null or a list of content parts")
-    })?;
-    Ok(match content {
-        Content::Text(s) => s,
-        Content::Null(()) => String::new(),
-        Content::Parts(parts) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for p in parts {
-                match p {
-                    Part::Text(s) => texts.push(s),
-                    Part::Typed { ty, text } if ty == "text" => texts.push(text.ok_or_else(|| {
-                        serde::de::Error::custom("a content part of type 'text' has no 'text' field")
-                    })?),
-                    Part::Typed { ty, .. } => {
-                        return Err(serde::de::Error::custom(format!(
-                            "content parts of type '{ty}' are not supported (only 'text')"
-                        )))
-                    }
-                }
-            }
-            texts.join("\n")
-        }
-    })
-}
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -385,27 +338,6 @@ mod tests {
             .render(msgs, &RenderOptions { add_generation_prompt: gen, ..Default::default() })
     }
 
-    #[test]
-    fn content_forms() {
-        let m: ChatMessage = serde_json::from_str(r#"{"role":"user","content":"hi"}"#).unwrap();
-        assert_eq!(m, ChatMessage::new("user", "hi"));
-        let m: ChatMessage = serde_json::from_str(
-            r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
-        )
-        .unwrap();
-        assert_eq!(m.content, "a\nb");
-        let m: ChatMessage = serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
-        assert_eq!(m.content, "");
-        let m: ChatMessage = serde_json::from_str(r#"{"role":"assistant"}"#).unwrap();
-        assert_eq!(m.content, "");
-        let e = serde_json::from_str::<ChatMessage>(
-            r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("'image_url' are not supported"), "{e}");
-        assert!(serde_json::from_str::<ChatMessage>(r#"{"role":"user","content":5}"#).is_err());
-    }
-
     /// Expected strings worked out by hand from jinja2's documented
     /// trim_blocks / lstrip_blocks rules.
     #[test]
@@ -535,7 +467,7 @@ mod tests {
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
         let msgs: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([
             {"role": "user", "content": "x"},
-            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             {"role": "tool", "content": "42", "tool_call_id": "c1"}
         ]))
         .unwrap();

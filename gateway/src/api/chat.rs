@@ -6,31 +6,33 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use ferry_transport::TokenLogprob;
+use ferry_engine::tokenizer::{RenderOptions, Tokenizer};
+use ferry_transport::{SamplingParams, TokenLogprob, MAX_LOGPROBS};
 
-use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
+use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::fe::tokenizer::{RenderOptions, Tokenizer};
-use super::generation::{ChoiceDelta, Generation};
+use super::generation::Generation;
+use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
+use super::output::{ChatGeneration, ChatStep};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
 use super::sse::{self, ChunkShape, DeltaStream};
-use super::tools::stream::{Piece, ToolStream};
-use super::tools::ToolMode;
+use super::tools::stream::Piece;
+use super::tools::{ToolCall, ToolCallDelta, ToolMode};
 use super::types::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, TemplateFields, Usage,
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatFunctionCall,
+    ChatFunctionDelta, ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatToolCall, ChatToolCallDelta,
+    ChatTokenLogprob, ChatTopLogprob, OpenAiMessage, TemplateFields, Usage,
 };
-use super::{new_response_id, unix_now, AppState};
-
-use ferry_transport::MAX_LOGPROBS as MAX_TOP_LOGPROBS;
+use super::{new_response_id, unix_now, Admission, AppState};
 
 pub async fn create(
     State(state): State<AppState>,
-    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
-    headers: axum::http::HeaderMap,
+    axum::Extension(client): axum::Extension<ClientId>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Response {
     run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
@@ -39,7 +41,7 @@ pub async fn create(
 /// The chat rendered with the model's template (or the request's own), as token ids.
 pub fn render_chat(
     tok: &Tokenizer,
-    messages: &[super::fe::tokenizer::ChatMessage],
+    messages: &[ferry_engine::tokenizer::ChatMessage],
     opts: &RenderOptions,
     template: Option<&str>,
     add_special_tokens: bool,
@@ -78,65 +80,110 @@ pub fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOpti
     })
 }
 
-pub(super) async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
-    let pin = super::params::data_parallel_rank(&headers)?;
-    let arrival = Instant::now();
-    let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
-    let plan = StreamPlan::from_fields(&req.sampling)?;
-    let messages = match &req.messages {
-        Some(m) if !m.is_empty() => m,
-        _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
-    };
-    let want_logprobs = req.logprobs.unwrap_or(false);
-    if let Some(k) = req.top_logprobs {
-        if !want_logprobs {
-            return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
+/// A chat request checked, admitted and rendered to its prompt: what the
+/// handler runs ([`PreparedChat::start`]).
+pub struct PreparedChat {
+    /// The served model the request names (the default one if none).
+    pub model: String,
+    pub plan: StreamPlan,
+    /// Some(k): logprobs with k alternatives per token.
+    pub logprobs: Option<u32>,
+    /// vLLM's `prompt_logprobs` was asked for.
+    pub prompt_logprobs: bool,
+    tools: ToolMode,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    text: TextOptions,
+    arrival: Instant,
+    admission: Admission,
+    pin: Option<u32>,
+}
+
+impl ChatCompletionRequest {
+    /// Every check of a chat request, in one place, with vLLM's rules and
+    /// words: cheap bounds first (the `X-data-parallel-rank` header, the
+    /// model, streaming options, messages, logprobs, stop strings, tools),
+    /// then a slot for the client, then the template and the tokenizer off
+    /// the async workers, the sampling fields against the prompt's length,
+    /// and the structured-outputs constraint compiled.
+    pub async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedChat, ApiError> {
+        let req = self;
+        let pin = super::params::data_parallel_rank(headers)?;
+        let arrival = Instant::now();
+        let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+        let plan = StreamPlan::from_fields(&req.sampling)?;
+        let messages = match &req.messages {
+            Some(m) if !m.is_empty() => m,
+            _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
+        };
+        let want_logprobs = req.logprobs.unwrap_or(false);
+        if let Some(k) = req.top_logprobs {
+            if !want_logprobs {
+                return Err(ApiError::invalid_param("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true."));
+            }
+            if k > MAX_LOGPROBS {
+                return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}.")));
+            }
         }
-        if k > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}.")));
-        }
+        let top_k = req.top_logprobs.unwrap_or(0);
+        super::limits::check_stop(req.sampling.stop.as_ref())?;
+        super::limits::check_messages(messages)?;
+        let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
+        let admission = state.admit(client)?;
+        let tok = state.tokenizer.clone();
+        let opts = render_options(state, &req.template)?;
+        let prompt = {
+            let messages = super::tools::template_messages(messages.iter().map(OpenAiMessage::to_template).collect());
+            let (tok, template) = (tok.clone(), req.template.chat_template.clone());
+            let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
+            let add_special = req.sampling.add_special_tokens.unwrap_or(false);
+            state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
+        };
+        let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
+            (Some(m), _) => (Some(m), "max_completion_tokens"),
+            (None, m) => (m, "max_tokens"),
+        };
+        let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
+        let mut params = sampling_params(&req.sampling, max_tokens, want_logprobs.then_some(top_k), prompt.len(), &limits, tok.vocab_size())?;
+        let structured = super::structured::constraint(state, &req.sampling.structured).await?;
+        params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
+        Ok(PreparedChat {
+            model,
+            plan,
+            logprobs: want_logprobs.then_some(top_k),
+            prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+            tools: tool_plan.mode,
+            prompt,
+            params,
+            text: TextOptions::from_fields(&req.sampling),
+            arrival,
+            admission,
+            pin,
+        })
     }
-    let top_k = req.top_logprobs.unwrap_or(0);
-    // Cheap bounds first, then a slot, then the template and tokenizer off the async workers.
-    super::limits::check_stop(req.sampling.stop.as_ref())?;
-    super::limits::check_messages(messages)?;
-    let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
-    let permit = state.admit(client)?;
-    let tok = state.tokenizer.clone();
-    let opts = render_options(&state, &req.template)?;
-    let prompt = {
-        let (tok, messages, template) = (tok.clone(), super::tools::template_messages(messages), req.template.chat_template.clone());
-        let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
-        let add_special = req.sampling.add_special_tokens.unwrap_or(false);
-        state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
-    };
-    let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(m), _) => (Some(m), "max_completion_tokens"),
-        (None, m) => (m, "max_tokens"),
-    };
-    let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
-    let mut params = sampling_params(
-        &req.sampling,
-        max_tokens,
-        want_logprobs.then_some(top_k),
-        prompt.len(),
-        &limits,
-        tok.vocab_size(),
-    )?;
-    let structured = super::structured::constraint(&state, &req.sampling.structured).await?;
-    params.constraint = super::tools::merge_constraint(structured, &tool_plan)?;
-    let gen = Generation::start(&state, vec![prompt], vec![params], TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
+}
+
+impl PreparedChat {
+    /// Sends the prompt to the engines; its output comes as typed steps.
+    pub fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
+        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin)?;
+        Ok(ChatGeneration::new(gen, self.tools))
+    }
+}
+
+async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let prepared = req.prepare(&state, client, &headers).await?;
     let out = Output {
         id: new_response_id("chatcmpl"),
         created: unix_now(),
-        model,
-        logprobs: want_logprobs.then_some(top_k),
-        prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
-        tools: tool_plan.mode,
+        model: prepared.model.clone(),
+        logprobs: prepared.logprobs,
+        prompt_logprobs: prepared.prompt_logprobs,
     };
+    let plan = prepared.plan;
+    let gen = prepared.start(&state)?;
     if plan.stream {
-        let tools = (0..gen.num_choices()).map(|_| ToolStream::new(out.tools.clone())).collect();
-        let shape = ChatStream { gen, out, plan, tools };
+        let shape = ChatStream { gen, out, plan };
         let first = shape.role_chunks();
         return Ok(sse::response(DeltaStream::new(shape, first)));
     }
@@ -151,52 +198,43 @@ struct Output {
     logprobs: Option<u32>,
     /// vLLM's `prompt_logprobs` was asked for.
     prompt_logprobs: bool,
-    /// How tool calls are read out of the text.
-    tools: ToolMode,
 }
 
-async fn collect(mut gen: Generation, out: Output) -> Result<ChatCompletionResponse, ApiError> {
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
-    let mut finishes = vec![None; k];
-    while let Some(d) = gen.next().await {
-        let d = d?;
-        let i = d.index as usize;
-        texts[i].push_str(&d.text);
-        lps[i].extend(d.logprobs);
-        if d.finish.is_some() {
-            finishes[i] = d.finish;
-        }
-    }
-    let tok = gen.tokenizer().clone();
-    let choices = texts
+async fn collect(mut gen: ChatGeneration, out: Output) -> Result<ChatCompletionResponse, ApiError> {
+    let outputs = gen.collect().await?;
+    let tok = gen.generation().tokenizer().clone();
+    let choices = outputs
         .into_iter()
         .enumerate()
-        .map(|(i, text)| {
-            let finish = finishes[i].take();
-            let reason = finish.as_ref().map(|f| f.reason).unwrap_or("stop");
-            let (content, calls, reason) = super::tools::read_output(&out.tools, text, reason);
-            let tool_calls = calls.iter().map(|c| super::tools::call_value(c, None)).collect();
-            ChatChoice {
-                index: i as u32,
-                message: ChatResponseMessage { role: "assistant", content, tool_calls },
-                logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &lps[i], top)),
-                finish_reason: finish.as_ref().map(|_| reason),
-                stop_reason: finish.and_then(|f| f.stop_reason),
-            }
+        .map(|(i, o)| ChatChoice {
+            index: i as u32,
+            message: ChatResponseMessage { role: "assistant", content: o.content, tool_calls: o.tool_calls.into_iter().map(tool_call).collect() },
+            logprobs: out.logprobs.map(|top| chat_logprobs(&tok, &o.logprobs, top)),
+            finish_reason: o.finish.as_ref().map(|f| f.reason),
+            stop_reason: o.finish.and_then(|f| f.stop_reason),
         })
         .collect();
-    let prompt_tokens = gen.prompt_lens().iter().sum();
+    let g = gen.generation();
     Ok(ChatCompletionResponse {
         id: out.id,
         object: "chat.completion",
         created: out.created,
         model: out.model,
         choices,
-        usage: Usage::new(prompt_tokens, gen.total_completion_tokens()).with_cached(gen.cached_tokens()),
-        prompt_logprobs: out.prompt_logprobs.then(|| gen.prompt_logprobs(0).map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
+        usage: gen.usage(),
+        prompt_logprobs: out.prompt_logprobs.then(|| g.prompt_logprobs(0).map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
     })
+}
+
+/// A whole call as chat's response message has it.
+fn tool_call(c: ToolCall) -> ChatToolCall {
+    ChatToolCall { id: c.id, kind: "function", function: ChatFunctionCall { name: c.name, arguments: c.arguments } }
+}
+
+/// A piece of a call as a chunk's `delta.tool_calls` has it.
+fn tool_call_delta(d: ToolCallDelta) -> ChatToolCallDelta {
+    let (id, name) = d.head.map(|h| (h.id, h.name)).unzip();
+    ChatToolCallDelta { index: d.index, kind: id.as_ref().map(|_| "function"), id, function: ChatFunctionDelta { name, arguments: d.arguments } }
 }
 
 /// Chat's logprobs: each token with its bytes and its `top` best alternatives.
@@ -231,11 +269,9 @@ pub fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], top: u32) -> ChatLog
 }
 
 struct ChatStream {
-    gen: Generation,
+    gen: ChatGeneration,
     out: Output,
     plan: StreamPlan,
-    /// Per choice: what of its text may be tool calls.
-    tools: Vec<ToolStream>,
 }
 
 impl ChatStream {
@@ -250,14 +286,18 @@ impl ChatStream {
         })
     }
 
+    fn generation(&self) -> &Generation {
+        self.gen.generation()
+    }
+
     fn prompt_tokens(&self) -> u32 {
-        self.gen.prompt_lens().iter().sum()
+        self.generation().prompt_lens().iter().sum()
     }
 
     /// vLLM opens each choice with `{"role": "assistant", "content": ""}`.
     fn role_chunks(&self) -> Vec<Bytes> {
         let mut chunks = Vec::new();
-        for i in 0..self.gen.num_choices() {
+        for i in 0..self.generation().num_choices() {
             let choice = ChatStreamChoice {
                 index: i as u32,
                 delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None },
@@ -265,40 +305,46 @@ impl ChatStream {
                 finish_reason: None,
                 stop_reason: None,
             };
-            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0).with_cached(self.gen.cached_tokens()));
+            let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), 0).with_cached(self.generation().cached_tokens()));
             chunks.push(self.chunk(vec![choice], usage));
         }
         chunks
     }
 
-    /// A delta's text (and logprobs) in a content chunk; a finish then gets a
+    /// A step's text (and logprobs) in a content chunk; a finish then gets a
     /// chunk of its own with an empty delta, in OpenAI's order (clients
     /// written against OpenAI drop text that comes with `finish_reason`).
-    fn on_delta(&mut self, d: ChoiceDelta) -> Bytes {
-        if self.out.tools != ToolMode::Off {
-            return self.on_tool_delta(d);
-        }
-        let i = d.index as usize;
+    fn on_text_step(&mut self, step: ChatStep) -> Bytes {
+        let i = step.index as usize;
+        let g = self.generation();
         let usage = || {
             self.plan
                 .continuous_usage
-                .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)).with_cached(self.gen.cached_tokens()))
+                .then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)).with_cached(g.cached_tokens()))
         };
+        let text: String = step
+            .pieces
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Content(c) => Some(c),
+                Piece::ToolCalls(_) => None,
+            })
+            .collect();
         let mut out = bytes::BytesMut::new();
-        if !d.text.is_empty() || !d.logprobs.is_empty() || d.finish.is_none() {
-            let logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
+        if !text.is_empty() || !step.logprobs.is_empty() || step.finish.is_none() {
+            let logprobs = self.out.logprobs.map(|top| chat_logprobs(g.tokenizer(), &step.logprobs, top));
             let choice = ChatStreamChoice {
-                index: d.index,
-                delta: ChatDelta { role: None, content: Some(d.text), tool_calls: None },
+                index: step.index,
+                delta: ChatDelta { role: None, content: Some(text), tool_calls: None },
                 logprobs,
                 finish_reason: None,
                 stop_reason: None,
             };
             out.extend_from_slice(&self.chunk(vec![choice], usage()));
         }
-        if let Some(f) = d.finish {
+        if let Some(f) = step.finish {
             let choice = ChatStreamChoice {
-                index: d.index,
+                index: step.index,
                 delta: ChatDelta::default(),
                 logprobs: None,
                 finish_reason: Some(f.reason),
@@ -308,41 +354,31 @@ impl ChatStream {
         }
         out.freeze()
     }
-}
 
-impl ChatStream {
-    /// A delta of a choice whose text may hold tool calls: a chunk per piece
-    /// its [`ToolStream`] lets out (content or `tool_calls`), then, when the
-    /// choice ends, a chunk with an empty delta carrying the finish reason.
-    fn on_tool_delta(&mut self, d: ChoiceDelta) -> Bytes {
-        let i = d.index as usize;
-        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(self.gen.tokenizer(), &d.logprobs, top));
-        let usage = self
-            .plan
-            .continuous_usage
-            .then(|| Usage::new(self.prompt_tokens(), self.gen.completion_tokens(i)));
-        let mut pieces = self.tools[i].push(&d.text);
-        let finish = d.finish.map(|f| {
-            let (rest, reason) = self.tools[i].finish(f.reason);
-            pieces.extend(rest);
-            (reason, f.stop_reason)
-        });
+    /// A step of a choice whose text may hold tool calls: a chunk per piece
+    /// (content or `tool_calls`), then, when the choice ends, a chunk with an
+    /// empty delta carrying the finish reason.
+    fn on_tool_step(&mut self, step: ChatStep) -> Bytes {
+        let i = step.index as usize;
+        let g = self.generation();
+        let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(g.tokenizer(), &step.logprobs, top));
+        let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)));
         let mut out = Vec::new();
-        for p in pieces {
+        for p in step.pieces {
             let delta = match p {
                 Piece::Content(c) => ChatDelta { content: Some(c), ..Default::default() },
-                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls), ..Default::default() },
+                Piece::ToolCalls(calls) => ChatDelta { tool_calls: Some(calls.into_iter().map(tool_call_delta).collect()), ..Default::default() },
             };
-            let choice = ChatStreamChoice { index: d.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
+            let choice = ChatStreamChoice { index: step.index, delta, logprobs: logprobs.take(), finish_reason: None, stop_reason: None };
             out.extend_from_slice(&self.chunk(vec![choice], usage.clone()));
         }
-        if let Some((reason, stop_reason)) = finish {
+        if let Some(f) = step.finish {
             let choice = ChatStreamChoice {
-                index: d.index,
+                index: step.index,
                 delta: ChatDelta::default(),
                 logprobs: logprobs.take(),
-                finish_reason: Some(reason),
-                stop_reason: Some(stop_reason),
+                finish_reason: Some(f.reason),
+                stop_reason: Some(f.stop_reason),
             };
             out.extend_from_slice(&self.chunk(vec![choice], usage));
         }
@@ -351,18 +387,17 @@ impl ChatStream {
 }
 
 impl ChunkShape for ChatStream {
-    fn generation(&mut self) -> &mut Generation {
-        &mut self.gen
+    type Delta = ChatStep;
+    async fn next_delta(&mut self) -> Option<Result<ChatStep, ApiError>> {
+        self.gen.next().await
     }
-    fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
-        self.on_delta(d)
+    fn delta_chunk(&mut self, step: ChatStep) -> Bytes {
+        match self.gen.tool_mode() {
+            ToolMode::Off => self.on_text_step(step),
+            _ => self.on_tool_step(step),
+        }
     }
     fn usage_chunk(&self) -> Option<Bytes> {
-        self.plan
-            .include_usage
-            .then(|| {
-                let usage = Usage::new(self.prompt_tokens(), self.gen.total_completion_tokens()).with_cached(self.gen.cached_tokens());
-                self.chunk(vec![], Some(usage))
-            })
+        self.plan.include_usage.then(|| self.chunk(vec![], Some(self.gen.usage())))
     }
 }

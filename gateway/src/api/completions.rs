@@ -3,27 +3,29 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use ferry_transport::TokenLogprob;
+use ferry_engine::tokenizer::Tokenizer;
+use ferry_transport::{SamplingParams, TokenLogprob};
 
+use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::fe::tokenizer::Tokenizer;
 use super::generation::{ChoiceDelta, Generation};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
-use super::{new_response_id, unix_now, AppState};
+use super::{new_response_id, unix_now, Admission, AppState};
 
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
 pub async fn create(
     State(state): State<AppState>,
-    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
-    headers: axum::http::HeaderMap,
+    axum::Extension(client): axum::Extension<ClientId>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Response {
     run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
@@ -50,75 +52,110 @@ pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> R
     }
 }
 
-async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, req: CompletionRequest) -> Result<Response, ApiError> {
-    let pin = super::params::data_parallel_rank(&headers)?;
-    let arrival = Instant::now();
-    let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
-    let plan = StreamPlan::from_fields(&req.sampling)?;
-    let prompt = req.prompt.clone().ok_or_else(|| ApiError::invalid_param("prompt", "`prompt` is required."))?;
-    let echo_texts: Option<Vec<String>> = match (&prompt, req.echo.unwrap_or(false)) {
-        (_, false) => None,
-        (Prompt::Text(s), true) => Some(vec![s.clone()]),
-        (Prompt::Texts(v), true) => Some(v.clone()),
-        _ => None, // token prompts: decoded below
-    };
-    // Cheap bounds first, then a slot, then the costly tokenizing off the async workers.
-    super::limits::check_stop(req.sampling.stop.as_ref())?;
-    match &prompt {
-        Prompt::Text(s) => super::limits::check_prompt_chars("prompt", s.chars().count())?,
-        Prompt::Texts(v) => {
-            super::limits::check_prompt_count(v.len())?;
-            super::limits::check_prompt_chars("prompt", v.iter().map(|s| s.chars().count()).sum())?
+/// A completions request checked, admitted and tokenized: what the handler
+/// runs ([`PreparedCompletion::start`]).
+pub struct PreparedCompletion {
+    pub plan: StreamPlan,
+    out: Output,
+    prompts: Vec<Vec<u32>>,
+    params: Vec<SamplingParams>,
+    text: TextOptions,
+    arrival: Instant,
+    admission: Admission,
+    pin: Option<u32>,
+}
+
+impl CompletionRequest {
+    /// Every check of a completions request, in one place, with vLLM's rules
+    /// and words: cheap bounds first (the `X-data-parallel-rank` header, the
+    /// model, streaming options, the prompt's size, stop strings), then a
+    /// slot for the client, then the tokenizer off the async workers, the
+    /// choices' count, the structured-outputs constraint compiled, and the
+    /// sampling fields against each prompt's length.
+    pub async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedCompletion, ApiError> {
+        let req = self;
+        let pin = super::params::data_parallel_rank(headers)?;
+        let arrival = Instant::now();
+        let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+        let plan = StreamPlan::from_fields(&req.sampling)?;
+        let prompt = req.prompt.clone().ok_or_else(|| ApiError::invalid_param("prompt", "`prompt` is required."))?;
+        let echo_texts: Option<Vec<String>> = match (&prompt, req.echo.unwrap_or(false)) {
+            (_, false) => None,
+            (Prompt::Text(s), true) => Some(vec![s.clone()]),
+            (Prompt::Texts(v), true) => Some(v.clone()),
+            _ => None, // token prompts: decoded below
+        };
+        super::limits::check_stop(req.sampling.stop.as_ref())?;
+        match &prompt {
+            Prompt::Text(s) => super::limits::check_prompt_chars("prompt", s.chars().count())?,
+            Prompt::Texts(v) => {
+                super::limits::check_prompt_count(v.len())?;
+                super::limits::check_prompt_chars("prompt", v.iter().map(|s| s.chars().count()).sum())?
+            }
+            Prompt::Tokens(_) => {}
+            Prompt::TokenLists(v) => super::limits::check_prompt_count(v.len())?,
         }
-        Prompt::Tokens(_) => {}
-        Prompt::TokenLists(v) => super::limits::check_prompt_count(v.len())?,
-    }
-    let permit = state.admit(client)?;
-    let tok = state.tokenizer.clone();
-    let add_special = req.sampling.add_special_tokens.unwrap_or(true);
-    let prompts = {
-        let tok = tok.clone();
-        state.text_work(move || tokenize_prompts(&tok, prompt, add_special)).await?
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "Please provide at least one prompt."));
-    }
-    let n = req.sampling.n.unwrap_or(1) as usize;
-    if prompts.len().saturating_mul(n) > MAX_CHOICES {
-        return Err(ApiError::invalid_param("n", format!("At most {MAX_CHOICES} choices (prompts × n) per request.")));
-    }
-    let echo_texts = match (echo_texts, req.echo.unwrap_or(false)) {
-        (Some(t), _) => Some(t),
-        (None, true) => Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect()),
-        (None, false) => None,
-    };
-    let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "prompt", max_tokens_param: "max_tokens" };
-    let constraint = super::structured::constraint(&state, &req.sampling.structured).await?;
-    let mut params = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        // The default 16 shrinks to the room left; an explicit value must fit.
-        let room = state.max_model_len.saturating_sub(p.len() as u32);
-        let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
-        let mut sp = sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?;
-        // vLLM: echo with logprobs asks for the prompt's logprobs too.
-        if req.echo.unwrap_or(false) {
-            sp.prompt_logprobs = sp.prompt_logprobs.or(req.logprobs);
+        let admission = state.admit(client)?;
+        let tok = state.tokenizer.clone();
+        let add_special = req.sampling.add_special_tokens.unwrap_or(true);
+        let prompts = {
+            let tok = tok.clone();
+            state.text_work(move || tokenize_prompts(&tok, prompt, add_special)).await?
+        };
+        if prompts.is_empty() {
+            return Err(ApiError::invalid_param("prompt", "Please provide at least one prompt."));
         }
-        sp.constraint = constraint.clone();
-        params.push(sp);
+        let n = req.sampling.n.unwrap_or(1) as usize;
+        if prompts.len().saturating_mul(n) > MAX_CHOICES {
+            return Err(ApiError::invalid_param("n", format!("At most {MAX_CHOICES} choices (prompts × n) per request.")));
+        }
+        let echo_texts = match (echo_texts, req.echo.unwrap_or(false)) {
+            (Some(t), _) => Some(t),
+            (None, true) => Some(prompts.iter().map(|p| tok.decode(p, false).unwrap_or_default()).collect()),
+            (None, false) => None,
+        };
+        let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "prompt", max_tokens_param: "max_tokens" };
+        let constraint = super::structured::constraint(state, &req.sampling.structured).await?;
+        let mut params = Vec::with_capacity(prompts.len());
+        for p in &prompts {
+            // The default 16 shrinks to the room left; an explicit value must fit.
+            let room = state.max_model_len.saturating_sub(p.len() as u32);
+            let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(room.max(1)));
+            let mut sp = sampling_params(&req.sampling, Some(max_tokens), req.logprobs, p.len(), &limits, tok.vocab_size())?;
+            // vLLM: echo with logprobs asks for the prompt's logprobs too.
+            if req.echo.unwrap_or(false) {
+                sp.prompt_logprobs = sp.prompt_logprobs.or(req.logprobs);
+            }
+            sp.constraint = constraint.clone();
+            params.push(sp);
+        }
+        let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
+        let out = Output {
+            id: new_response_id("cmpl"),
+            created: unix_now(),
+            model,
+            n,
+            logprobs: req.logprobs,
+            prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+            echo_texts,
+            echo_tokens,
+        };
+        Ok(PreparedCompletion { plan, out, prompts, params, text: TextOptions::from_fields(&req.sampling), arrival, admission, pin })
     }
-    let echo_tokens = echo_texts.as_ref().map(|_| prompts.clone());
-    let gen = Generation::start(&state, prompts, params, TextOptions::from_fields(&req.sampling), arrival, Some(permit), pin)?;
-    let out = Output {
-        id: new_response_id("cmpl"),
-        created: unix_now(),
-        model,
-        n,
-        logprobs: req.logprobs,
-        prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
-        echo_texts,
-        echo_tokens,
-    };
+}
+
+impl PreparedCompletion {
+    /// Sends the prompts to the engines.
+    fn start(self, state: &AppState) -> Result<(Generation, Output), ApiError> {
+        let gen = Generation::start(state, self.prompts, self.params, self.text, self.arrival, Some(self.admission), self.pin)?;
+        Ok((gen, self.out))
+    }
+}
+
+async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: CompletionRequest) -> Result<Response, ApiError> {
+    let prepared = req.prepare(&state, client, &headers).await?;
+    let plan = prepared.plan;
+    let (gen, out) = prepared.start(&state)?;
     if plan.stream {
         let k = gen.num_choices();
         let shape = CompletionStream { gen, out, plan, echoed: vec![false; k], text_len: vec![0; k] };
@@ -151,31 +188,20 @@ impl Output {
 }
 
 async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse, ApiError> {
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); k];
-    let mut finishes = vec![None; k];
-    while let Some(d) = gen.next().await {
-        let d = d?;
-        let i = d.index as usize;
-        texts[i].push_str(&d.text);
-        lps[i].extend(d.logprobs);
-        if d.finish.is_some() {
-            finishes[i] = d.finish;
-        }
-    }
+    let outputs = gen.collect().await?;
     let tok = gen.tokenizer().clone();
-    let choices = (0..k)
-        .map(|i| {
+    let choices = outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
             let (echo_text, echo_toks) = out.echo(i).unwrap_or(("", &[]));
-            let finish = finishes[i].take();
             let prompt_lps = gen.prompt_logprobs(i / out.n.max(1));
             CompletionChoice {
                 index: i as u32,
-                text: format!("{echo_text}{}", texts[i]),
-                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, prompt_lps, &lps[i], 0)),
-                finish_reason: finish.as_ref().map(|f| f.reason),
-                stop_reason: finish.and_then(|f| f.stop_reason),
+                text: format!("{echo_text}{}", o.text),
+                logprobs: out.logprobs.map(|_| completion_logprobs(&tok, echo_toks, prompt_lps, &o.logprobs, 0)),
+                finish_reason: o.finish.as_ref().map(|f| f.reason),
+                stop_reason: o.finish.and_then(|f| f.stop_reason),
                 prompt_logprobs: out.prompt_logprobs.then(|| prompt_lps.map(|l| vllm_prompt_logprobs(&tok, l))).flatten(),
             }
         })
@@ -289,8 +315,9 @@ impl CompletionStream {
 }
 
 impl ChunkShape for CompletionStream {
-    fn generation(&mut self) -> &mut Generation {
-        &mut self.gen
+    type Delta = ChoiceDelta;
+    async fn next_delta(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
+        self.gen.next().await
     }
     fn delta_chunk(&mut self, d: ChoiceDelta) -> Bytes {
         self.on_delta(d)

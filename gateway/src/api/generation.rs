@@ -14,11 +14,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ferry_engine::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use ferry_transport::{FinishReason, RequestId, SamplingParams, TokenLogprob, TokenOutput};
 use tokio::sync::mpsc;
 
 use super::errors::ApiError;
-use super::fe::tokenizer::{IncrementalDetokenizer, Tokenizer};
 use super::params::TextOptions;
 use super::stop_strings::{StopCheck, StopChecker, StopSet};
 use super::types::StopReason;
@@ -45,6 +45,28 @@ pub struct ChoiceDelta {
     /// One per counted token, when logprobs were asked for.
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<Finish>,
+}
+
+/// One choice's whole output: its deltas added up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChoiceOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    /// None until the choice ends.
+    pub finish: Option<Finish>,
+}
+
+impl ChoiceOutput {
+    /// Adds the choice's next delta.
+    pub fn push(&mut self, d: ChoiceDelta) {
+        self.text.push_str(&d.text);
+        self.token_ids.extend_from_slice(&d.token_ids);
+        self.logprobs.extend(d.logprobs);
+        if d.finish.is_some() {
+            self.finish = d.finish;
+        }
+    }
 }
 
 /// Per-choice text state.
@@ -205,6 +227,19 @@ impl Generation {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.state.tokenizer
+    }
+
+    /// Reads the generation to its end: every choice's whole output, in index
+    /// order. The one way a non-streamed answer is gathered, whichever API
+    /// renders it (chat, completions, Responses, `ferry::Llm`).
+    pub async fn collect(&mut self) -> Result<Vec<ChoiceOutput>, ApiError> {
+        let mut out = vec![ChoiceOutput::default(); self.num_choices()];
+        while let Some(d) = self.next().await {
+            let d = d?;
+            let i = d.index as usize;
+            out[i].push(d);
+        }
+        Ok(out)
     }
 
     /// The next change to some choice; `None` once every choice has finished.

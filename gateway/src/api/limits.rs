@@ -4,8 +4,7 @@
 //! request can make the gateway hold or compute. docs/limits.md lists them.
 
 use super::errors::ApiError;
-use super::fe::tokenizer::ChatMessage;
-use super::types::StopSpec;
+use super::types::{OpenAiMessage, StopSpec};
 
 /// Stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 128;
@@ -58,7 +57,7 @@ pub fn check_prompt_count(count: usize) -> Result<(), ApiError> {
 }
 
 /// A chat's messages: how many, and their text's length in characters.
-pub fn check_messages(messages: &[ChatMessage]) -> Result<(), ApiError> {
+pub fn check_messages(messages: &[OpenAiMessage]) -> Result<(), ApiError> {
     check_message_count(messages.len())?;
     check_prompt_chars("messages", messages.iter().map(|m| m.content.chars().count()).sum())
 }

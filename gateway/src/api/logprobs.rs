@@ -1,7 +1,7 @@
 //! What both endpoints' logprobs share: a token's text as the client sees it
 //! and the number JSON can carry for -inf.
 
-use super::fe::tokenizer::Tokenizer;
+use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::TokenLogprob;
 
 /// One token's text, special tokens included.

@@ -24,6 +24,7 @@ pub mod generation;
 pub mod limits;
 pub mod logprobs;
 pub mod models;
+pub mod output;
 pub mod params;
 pub mod responses;
 pub mod sse;
@@ -32,10 +33,6 @@ pub mod structured;
 pub mod tools;
 pub mod tokenize;
 pub mod types;
-
-// The engine crate's tokenizer and sampler, through one alias (the scratch crate
-// maps it to a shim; in the repo it is `ferry_engine`).
-pub(crate) use ferry_engine as fe;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,12 +44,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ferry_engine::tokenizer::Tokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engines::coordinator::Coordinator;
 use crate::metrics::Metrics;
 use errors::ApiError;
-use fe::tokenizer::Tokenizer;
 
 pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
 

@@ -7,12 +7,12 @@
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 use bytes::Bytes;
+use ferry_engine::sampler;
 use ferry_transport::SamplingParams;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::errors::ApiError;
-use super::fe::sampler;
 use super::types::SamplingFields;
 
 /// Most completions one request may ask for across its prompts (n × prompts);

@@ -65,19 +65,34 @@ pub fn stream_response(stream: impl futures_util::Stream<Item = Result<Bytes, In
     resp
 }
 
-/// What differs between the completions and chat streams: the chunk a delta
-/// becomes, and the chunk that carries the final usage. The loop around them,
-/// errors and `[DONE]` included, is [`DeltaStream`]'s.
+/// One API's stream: where its deltas come from, and the bytes each becomes
+/// in that API's wire format. The loop around them is [`DeltaStream`]'s.
 pub trait ChunkShape: Send + 'static {
-    fn generation(&mut self) -> &mut super::generation::Generation;
-    /// The chunk for one decoded delta.
-    fn delta_chunk(&mut self, d: super::generation::ChoiceDelta) -> Bytes;
-    /// The usage-only chunk sent last, when the client asked for usage.
-    fn usage_chunk(&self) -> Option<Bytes>;
+    /// The typed delta the stream renders (a [`super::generation::ChoiceDelta`],
+    /// a [`super::output::ChatStep`]).
+    type Delta: Send;
+    /// The next delta; `None` once the output is whole.
+    fn next_delta(&mut self) -> impl Future<Output = Option<Result<Self::Delta, ApiError>>> + Send;
+    /// The bytes for one delta (empty: nothing to send for it yet).
+    fn delta_chunk(&mut self, d: Self::Delta) -> Bytes;
+    /// The usage-only chunk of OpenAI's chat and completions streams, sent
+    /// last when the client asked for usage.
+    fn usage_chunk(&self) -> Option<Bytes> {
+        None
+    }
+    /// What follows the last delta: by default the usage chunk, then `[DONE]`.
+    fn end_chunks(&mut self) -> Vec<Bytes> {
+        self.usage_chunk().into_iter().chain([done()]).collect()
+    }
+    /// What a failure midway sends before the stream ends: by default the
+    /// error object as an event, then `[DONE]`.
+    fn error_chunks(&mut self, e: &ApiError) -> Vec<Bytes> {
+        vec![error_event(e), done()]
+    }
 }
 
-/// A generation streamed as SSE: chunks as deltas arrive, an error event if the
-/// generation fails, the usage chunk if asked for, then `[DONE]`.
+/// An output streamed as SSE: chunks as deltas arrive, then the shape's end
+/// (or its error chunks if the generation fails).
 pub struct DeltaStream<S> {
     shape: S,
     pending: std::collections::VecDeque<Bytes>,
@@ -85,7 +100,8 @@ pub struct DeltaStream<S> {
 }
 
 impl<S: ChunkShape> DeltaStream<S> {
-    /// `first`: chunks that open the stream (chat's role chunks).
+    /// `first`: chunks that open the stream (chat's role chunks, the
+    /// Responses API's `response.created`).
     pub fn new(shape: S, first: Vec<Bytes>) -> Self {
         DeltaStream { shape, pending: first.into(), done: false }
     }
@@ -100,7 +116,7 @@ impl<S: ChunkShape> EventSource for DeltaStream<S> {
             if self.done {
                 return None;
             }
-            match self.shape.generation().next().await {
+            match self.shape.next_delta().await {
                 Some(Ok(d)) => {
                     let b = self.shape.delta_chunk(d);
                     // Empty: the delta's text is held back (tool-call parsing).
@@ -109,15 +125,11 @@ impl<S: ChunkShape> EventSource for DeltaStream<S> {
                     }
                 }
                 Some(Err(e)) => {
-                    self.pending.push_back(error_event(&e));
-                    self.pending.push_back(done());
+                    self.pending.extend(self.shape.error_chunks(&e));
                     self.done = true;
                 }
                 None => {
-                    if let Some(b) = self.shape.usage_chunk() {
-                        self.pending.push_back(b);
-                    }
-                    self.pending.push_back(done());
+                    self.pending.extend(self.shape.end_chunks());
                     self.done = true;
                 }
             }

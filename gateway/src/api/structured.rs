@@ -4,13 +4,13 @@
 //! model's vocabulary so that a bad schema, regex or grammar is a 400 that
 //! says what is wrong before anything reaches an engine.
 
+use ferry_engine::structured::{compile, ConstraintError};
+use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::Constraint;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::errors::ApiError;
-use super::fe::structured::{compile, ConstraintError};
-use super::fe::tokenizer::Tokenizer;
 use super::AppState;
 
 /// The request fields that ask for a structured output (both endpoints).

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use ferry_engine::gguf::GgufFile;
+use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::{
     flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineStats, FinishReason, FromEngine, Hello,
     TokenLogprob, TokenOutput, ToEngine, PROTOCOL_VERSION,
@@ -17,8 +19,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use super::fe::gguf::GgufFile;
-use super::fe::tokenizer::Tokenizer;
 use super::{router, AppState};
 use crate::engines::coordinator::start_engine_clients;
 
@@ -521,7 +521,7 @@ async fn api_key_health_models_version_tokenize() {
     assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world"})));
     let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})))).await;
     assert_eq!(s, StatusCode::OK);
-    let rendered = tok.apply_chat_template(&[super::fe::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
+    let rendered = tok.apply_chat_template(&[ferry_engine::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
     assert_eq!(v["tokens"], json!(tok.encode(&rendered, false).unwrap()));
 
     // Not ready: draining flips /health to 503 and requests to 503.
@@ -549,4 +549,71 @@ async fn rank_dying_mid_stream_ends_with_error_event_and_health_503() {
     assert_eq!(send(&h.app, Request::get("/health").body(Body::empty()).unwrap()).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (s, _) = json_of(&h.app, post("/v1/completions", json!({"prompt": "x"}))).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// The events of a Responses stream: (type, JSON), checking OpenAI's framing.
+fn responses_events(body: &[u8]) -> Vec<(String, Value)> {
+    let text = std::str::from_utf8(body).unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (ty, data) = e.split_once('\n').unwrap_or_else(|| panic!("bad event {e:?}"));
+            let ty = ty.strip_prefix("event: ").unwrap_or_else(|| panic!("bad event {e:?}"));
+            let v: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(v["type"], ty);
+            (ty.to_string(), v)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn responses_streamed_equals_unstreamed_and_chat() {
+    let Some(tok) = tokenizer() else { return };
+    let mut script = encode(&tok, "Hi! I'm fine.");
+    let text_len = script.len() as u32;
+    script.push(tok.eos_token_id().unwrap());
+    let Some(h) = harness(&script).await else { return };
+    let want = tok.decode(&script[..text_len as usize], true).unwrap();
+    let body = json!({"input": "How are you?", "instructions": "Be brief.", "temperature": 0, "metadata": {"k": "v"}});
+    let (s, r) = json_of(&h.app, post("/v1/responses", body.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!((r["object"].clone(), r["status"].clone(), r["temperature"].clone()), (json!("response"), json!("completed"), json!(0)));
+    assert_eq!(r["metadata"], json!({"k": "v"}));
+    assert_eq!(r["output"][0]["content"][0]["text"], want);
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you?"}]);
+    let (_, chat) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": messages}))).await;
+    assert_eq!(r["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(r["usage"]["output_tokens"], text_len + 1);
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (s, headers, bytes) = send(&h.app, post("/v1/responses", stream_body)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    let ev = responses_events(&bytes);
+    assert!(ev.iter().enumerate().all(|(i, e)| e.1["sequence_number"] == i as u64));
+    assert_eq!((ev[0].0.as_str(), ev[1].0.as_str()), ("response.created", "response.in_progress"));
+    let streamed: String = ev.iter().filter(|e| e.0 == "response.output_text.delta").map(|e| e.1["delta"].as_str().unwrap()).collect();
+    assert_eq!(streamed, want);
+    let (last, _) = ev.split_last().unwrap();
+    assert_eq!(last.0, "response.completed");
+    assert_eq!(last.1["response"]["output"][0]["content"][0]["text"], want);
+    assert_eq!(last.1["response"]["usage"], r["usage"]);
+}
+
+#[tokio::test]
+async fn responses_stream_ends_with_an_error_event_when_the_rank_dies() {
+    let Some(tok) = tokenizer() else { return };
+    let mut script = encode(&tok, "Partial answer");
+    script.push(DIE);
+    let Some(h) = harness(&script).await else { return };
+    let (s, _, bytes) = send(&h.app, post("/v1/responses", json!({"input": "x", "max_output_tokens": 30, "stream": true}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = responses_events(&bytes);
+    let (last, before) = ev.split_last().unwrap();
+    assert_eq!((last.0.as_str(), last.1["code"].clone()), ("error", json!(503)), "{ev:?}");
+    let text: String = before.iter().filter(|e| e.0 == "response.output_text.delta").map(|e| e.1["delta"].as_str().unwrap()).collect();
+    assert_eq!(text, tok.decode(&script[..script.len() - 1], true).unwrap());
+    assert!(before.iter().all(|e| e.0 != "response.completed"));
 }

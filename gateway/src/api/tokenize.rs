@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::chat::{render_chat, render_options};
 use super::errors::ApiError;
 use super::params::{resolve_model, JsonBody};
-use super::types::{DetokenizeRequest, TokenizeRequest};
+use super::types::{DetokenizeRequest, OpenAiMessage, TokenizeRequest};
 use super::AppState;
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -43,7 +43,8 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
                 .map_err(|e| ApiError::invalid_param("prompt", format!("Failed to tokenize: {e}")))?,
             (None, Some(m)) => {
                 let opts = render_options(&state, &req.template)?;
-                render_chat(tok, m, &opts, req.template.chat_template.as_deref(), req.add_special_tokens.unwrap_or(false))?
+                let messages: Vec<_> = m.iter().map(OpenAiMessage::to_template).collect();
+                render_chat(tok, &messages, &opts, req.template.chat_template.as_deref(), req.add_special_tokens.unwrap_or(false))?
             }
             _ => return Err(ApiError::bad_request("Provide exactly one of `prompt` or `messages`.")),
         };

@@ -5,9 +5,81 @@
 //! the wrong type is found by [`super::params::parse_json`] probing one key at a time.
 //! Unknown fields are ignored, as vLLM ignores them.
 
-use serde::{Deserialize, Serialize};
+use ferry_engine::tokenizer::ChatMessage;
+use serde::{Deserialize, Deserializer, Serialize};
 
-use super::fe::tokenizer::ChatMessage;
+/// One message of a chat request, in OpenAI's shape.
+///
+/// `content` is a string, null (read as ""), or a list of parts of which the
+/// `{"type": "text", "text": ..}` ones (and bare strings) are joined with
+/// newlines, as vLLM does; other part types are refused. The message's other
+/// fields (`tool_calls` of an assistant message, `tool_call_id` and `name` of a
+/// tool's answer, ...) are kept as they came, for the chat template.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct OpenAiMessage {
+    pub role: String,
+    #[serde(default, deserialize_with = "content_text")]
+    pub content: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl OpenAiMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        OpenAiMessage { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
+    }
+
+    /// The message as the engine's chat template takes it.
+    pub fn to_template(&self) -> ChatMessage {
+        ChatMessage { role: self.role.clone(), content: self.content.clone(), extra: self.extra.clone() }
+    }
+}
+
+/// OpenAI's forms of a message's `content`, as one text.
+fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Content {
+        Text(String),
+        Parts(Vec<Part>),
+        Null(()),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Part {
+        Text(String),
+        Typed {
+            #[serde(rename = "type")]
+            ty: String,
+            #[serde(default)]
+            text: Option<String>,
+        },
+    }
+    let content = Content::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("message content must be a string, null or a list of content parts")
+    })?;
+    Ok(match content {
+        Content::Text(s) => s,
+        Content::Null(()) => String::new(),
+        Content::Parts(parts) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for p in parts {
+                match p {
+                    Part::Text(s) => texts.push(s),
+                    Part::Typed { ty, text } if ty == "text" => texts.push(text.ok_or_else(|| {
+                        serde::de::Error::custom("a content part of type 'text' has no 'text' field")
+                    })?),
+                    Part::Typed { ty, .. } => {
+                        return Err(serde::de::Error::custom(format!(
+                            "content parts of type '{ty}' are not supported (only 'text')"
+                        )))
+                    }
+                }
+            }
+            texts.join("\n")
+        }
+    })
+}
 
 /// `prompt` of /v1/completions: text, texts, token ids, or lists of token ids.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -92,7 +164,7 @@ pub struct CompletionRequest {
 #[serde(default)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
-    pub messages: Option<Vec<ChatMessage>>,
+    pub messages: Option<Vec<OpenAiMessage>>,
     pub max_tokens: Option<u32>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given.
     pub max_completion_tokens: Option<u32>,
@@ -112,7 +184,7 @@ pub struct ChatCompletionRequest {
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
-    pub messages: Option<Vec<ChatMessage>>,
+    pub messages: Option<Vec<OpenAiMessage>>,
     #[serde(flatten)]
     pub template: TemplateFields,
     pub add_special_tokens: Option<bool>,
@@ -252,7 +324,41 @@ pub struct ChatTopLogprob {
 pub struct ChatResponseMessage {
     pub role: &'static str,
     pub content: String,
-    pub tool_calls: Vec<serde_json::Value>,
+    pub tool_calls: Vec<ChatToolCall>,
+}
+
+/// A tool call in a chat response's message.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: ChatFunctionCall,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatFunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a chunk's `delta.tool_calls`: `id`, `type` and
+/// the function's name come with the call's first piece only.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: ChatFunctionDelta,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatFunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -283,7 +389,7 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<serde_json::Value>>,
+    pub tool_calls: Option<Vec<ChatToolCallDelta>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -312,6 +418,37 @@ pub struct ChatCompletionChunk {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn message_content_forms() {
+        let m: OpenAiMessage = serde_json::from_str(r#"{"role":"user","content":"hi"}"#).unwrap();
+        assert_eq!((m.role.as_str(), m.content.as_str(), m.extra.len()), ("user", "hi", 0));
+        let m: OpenAiMessage = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"text","text":"a"},"b",{"type":"text","text":"c"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.content, "a\nb\nc");
+        let m: OpenAiMessage = serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
+        assert_eq!(m.content, "");
+        let m: OpenAiMessage = serde_json::from_str(r#"{"role":"assistant"}"#).unwrap();
+        assert_eq!(m.content, "");
+        let e = serde_json::from_str::<OpenAiMessage>(
+            r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("content parts of type 'image_url' are not supported (only 'text')"), "{e}");
+        let e = serde_json::from_str::<OpenAiMessage>(r#"{"role":"user","content":[{"type":"text"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("a content part of type 'text' has no 'text' field"), "{e}");
+        let e = serde_json::from_str::<OpenAiMessage>(r#"{"role":"user","content":5}"#).unwrap_err();
+        assert!(e.to_string().contains("message content must be a string, null or a list of content parts"), "{e}");
+    }
+
+    #[test]
+    fn a_message_reaches_the_template_with_its_other_fields() {
+        let m: OpenAiMessage = serde_json::from_value(json!({"role": "tool", "content": [{"type": "text", "text": "42"}], "tool_call_id": "c1"})).unwrap();
+        let t = m.to_template();
+        assert_eq!((t.role.as_str(), t.content.as_str(), &t.extra["tool_call_id"]), ("tool", "42", &json!("c1")));
+    }
 
     #[test]
     fn prompt_forms_parse() {

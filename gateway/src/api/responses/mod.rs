@@ -1,7 +1,10 @@
 //! POST /v1/responses: OpenAI's Responses API, served by the chat completions
-//! path (messages, tools, structured outputs and sampling are chat's), with
-//! the request translated in (`request`) and the output translated back
-//! (`output`): the response object, or its typed stream events.
+//! path (messages, tools, structured outputs and sampling are chat's): the
+//! request is read into a typed chat request (`request`) and checked by
+//! chat's [`ChatCompletionRequest::prepare`](crate::api::types::ChatCompletionRequest::prepare); the output is rendered from the
+//! chat generation's typed output (`output`): the response object from the
+//! whole choice, or the stream's events from its steps. Nothing goes through
+//! chat's JSON or event stream.
 //!
 //! Responses are not stored: `store` is answered `false`, and
 //! `previous_response_id` and `GET /v1/responses/{id}` are not served.
@@ -9,29 +12,25 @@
 mod output;
 mod request;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use serde_json::Value;
+use bytes::Bytes;
+use serde_json::{json, Value};
 
+use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::params::{parse_json, JsonBody};
-use super::types::ChatCompletionRequest;
+use super::output::{ChatGeneration, ChatStep};
+use super::params::JsonBody;
+use super::sse::{self, ChunkShape, DeltaStream};
 use super::{new_response_id, unix_now, AppState};
-use output::{Echo, Event, StreamTranslator};
-
-/// Most bytes of one chat chunk the translator buffers (a chunk is one
-/// token's delta; this only bounds a misbehaving inner stream).
-const MAX_CHUNK_BYTES: usize = 4 << 20;
+use output::{Echo, Event, StreamRenderer};
 
 pub async fn create(
     State(state): State<AppState>,
-    axum::Extension(client): axum::Extension<super::client_limits::ClientId>,
-    headers: axum::http::HeaderMap,
+    axum::Extension(client): axum::Extension<ClientId>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Response {
     run(state, client, headers, body).await.unwrap_or_else(|e| e.into_response())
@@ -42,104 +41,78 @@ fn item_id(prefix: &str) -> String {
     new_response_id(prefix).replacen('-', "_", 1)
 }
 
-async fn run(state: AppState, client: super::client_limits::ClientId, headers: axum::http::HeaderMap, body: Value) -> Result<Response, ApiError> {
-    let chat_body = request::chat_body(&body)?;
-    let stream = chat_body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let chat_req: ChatCompletionRequest = parse_json(&serde_json::to_vec(&chat_body).map_err(|e| ApiError::internal(e.to_string()))?)?;
-    let model = super::params::resolve_model(chat_req.model.as_deref(), &state.served_model_names)?;
-    let echo = Echo { id: item_id("resp"), created_at: unix_now(), model, request: body };
-    let resp = super::chat::run(state, client, headers, chat_req).await?;
-    if resp.status() != StatusCode::OK {
-        return Ok(resp); // an error, already in OpenAI's shape
-    }
+async fn run(state: AppState, client: ClientId, headers: HeaderMap, body: Value) -> Result<Response, ApiError> {
+    let prepared = request::chat_request(&body)?.prepare(&state, client, &headers).await?;
+    let echo = Echo { id: item_id("resp"), created_at: unix_now(), model: prepared.model.clone(), request: body };
+    let stream = prepared.plan.stream;
+    let mut gen = prepared.start(&state)?;
     if !stream {
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .map_err(|e| ApiError::internal(format!("reading the chat completion: {e}")))?;
-        let chat: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("parsing the chat completion: {e}")))?;
-        return Ok(Json(output::from_chat(&echo, &chat, &mut item_id)).into_response());
+        let choices = gen.collect().await?;
+        let choice = choices.first().ok_or_else(|| ApiError::internal("the generation has no choice"))?;
+        return Ok(Json(output::response(&echo, choice, &gen.usage(), &mut item_id)).into_response());
     }
-    Ok(super::sse::stream_response(translate(resp.into_body(), echo)))
+    let mut render = StreamRenderer::new(echo);
+    let first = frames(render.start());
+    Ok(sse::response(DeltaStream::new(ResponsesStream { gen, render }, vec![first])))
 }
 
-/// `event: TYPE` + `data: JSON`, as OpenAI frames Responses events.
-fn frame((ty, body): &Event) -> Bytes {
-    Bytes::from(format!("event: {ty}\ndata: {body}\n\n"))
-}
-
-/// The chat SSE body read event by event, each translated as it comes (no
-/// buffering beyond one event), so the stream stays live; dropping it drops
-/// the chat stream and with it the generation.
-fn translate(chat: Body, echo: Echo) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
-    struct St {
-        body: axum::body::BodyDataStream,
-        buf: BytesMut,
-        t: StreamTranslator,
-        started: bool,
-        ended: bool,
+/// Events as OpenAI frames them: `event: TYPE` + `data: JSON`.
+fn frames(events: Vec<Event>) -> Bytes {
+    let mut out = String::new();
+    for (ty, body) in events {
+        out.push_str(&format!("event: {ty}\ndata: {body}\n\n"));
     }
-    let st = St { body: chat.into_data_stream(), buf: BytesMut::new(), t: StreamTranslator::new(echo), started: false, ended: false };
-    futures_util::stream::unfold(st, |mut st| async move {
-        if st.ended {
-            return None;
-        }
-        let mut out = BytesMut::new();
-        if !st.started {
-            st.started = true;
-            for e in st.t.start() {
-                out.extend_from_slice(&frame(&e));
-            }
-            return Some((Ok(out.freeze()), st));
-        }
-        loop {
-            // A whole SSE event in the buffer?
-            if let Some(end) = st.buf.windows(2).position(|w| w == b"\n\n") {
-                let ev = st.buf.split_to(end + 2);
-                let text = String::from_utf8_lossy(&ev);
-                for line in text.lines() {
-                    let Some(data) = line.strip_prefix("data: ") else { continue };
-                    if data == "[DONE]" {
-                        for e in st.t.finish(&mut item_id) {
-                            out.extend_from_slice(&frame(&e));
-                        }
-                        st.ended = true;
-                        return Some((Ok(out.freeze()), st));
-                    }
-                    match serde_json::from_str::<Value>(data) {
-                        Ok(v) if v.get("error").is_some() => {
-                            out.extend_from_slice(&frame(&("error".to_string(), error_event(&v))));
-                            st.ended = true;
-                            return Some((Ok(out.freeze()), st));
-                        }
-                        Ok(v) => {
-                            for e in st.t.chunk(&v, &mut item_id) {
-                                out.extend_from_slice(&frame(&e));
-                            }
-                        }
-                        Err(_) => {}
-                    }
-                }
-                if !out.is_empty() {
-                    return Some((Ok(out.freeze()), st));
-                }
-                continue;
-            }
-            if st.buf.len() > MAX_CHUNK_BYTES {
-                return None;
-            }
-            match st.body.next().await {
-                Some(Ok(b)) => st.buf.extend_from_slice(&b),
-                // The chat stream ended without [DONE]: end ours the same way.
-                _ => return None,
-            }
-        }
-    })
+    Bytes::from(out)
 }
 
-/// A failed generation as the Responses API's `error` event.
-fn error_event(chat_error: &Value) -> Value {
-    let e = &chat_error["error"];
-    serde_json::json!({"type": "error", "code": e.get("code").cloned().unwrap_or(Value::Null),
-                       "message": e.get("message").cloned().unwrap_or(Value::Null), "param": e.get("param").cloned().unwrap_or(Value::Null),
-                       "sequence_number": 0})
+/// A chat generation streamed as Responses events, rendered from its typed
+/// steps as they come; dropping the stream drops the generation.
+struct ResponsesStream {
+    gen: ChatGeneration,
+    render: StreamRenderer,
+}
+
+impl ChunkShape for ResponsesStream {
+    type Delta = ChatStep;
+    async fn next_delta(&mut self) -> Option<Result<ChatStep, ApiError>> {
+        self.gen.next().await
+    }
+    fn delta_chunk(&mut self, step: ChatStep) -> Bytes {
+        frames(self.render.step(step, &mut item_id))
+    }
+    /// Every item closed, then `response.completed` with the usage (no `[DONE]`).
+    fn end_chunks(&mut self) -> Vec<Bytes> {
+        vec![frames(self.render.finish(&self.gen.usage(), &mut item_id))]
+    }
+    /// The Responses API's `error` event, and the stream ends.
+    fn error_chunks(&mut self, e: &ApiError) -> Vec<Bytes> {
+        let event = json!({"type": "error", "code": e.status.as_u16(), "message": e.message, "param": e.param, "sequence_number": 0});
+        vec![frames(vec![("error".to_string(), event)])]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The Responses API renders typed steps: nothing in it reads chat's
+    /// response body or parses an event stream.
+    #[test]
+    fn no_chat_json_or_sse_is_parsed() {
+        for (file, src) in [("mod.rs", include_str!("mod.rs")), ("output.rs", include_str!("output.rs")), ("request.rs", include_str!("request.rs"))] {
+            let code = src.split("#[cfg(test)]").next().unwrap();
+            // (The test code, this list included, is left out of the search.)
+            for needle in [
+                "data: [",             // the [DONE] of chat's stream
+                "strip_prefix(\"data", // reading SSE lines
+                "into_data_stream",    // reading a response body
+                "to_bytes(",
+                "from_slice",          // parsing JSON bytes
+                "from_str",
+                "to_vec(",             // serializing a request to parse it again
+                "parse_json",
+                "chat::run",           // calling chat's HTTP handler
+            ] {
+                assert!(!code.contains(needle), "responses/{file} contains {needle:?}");
+            }
+        }
+    }
 }

@@ -12,12 +12,12 @@ pub mod hermes;
 pub mod json;
 pub mod stream;
 
+use ferry_engine::tokenizer::ChatMessage;
 use ferry_transport::Constraint;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
-use super::fe::tokenizer::ChatMessage;
 
 /// Most tools one request may define.
 pub const MAX_TOOLS: usize = 128;
@@ -246,9 +246,8 @@ pub fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Resu
 /// Messages as the template wants them: assistant `tool_calls` carry their
 /// arguments as JSON objects, not the JSON strings the API uses (vLLM does
 /// the same before rendering), so templates can `tojson` them.
-pub fn template_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
-    let mut out = messages.to_vec();
-    for m in &mut out {
+pub fn template_messages(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    for m in &mut messages {
         let Some(Value::Array(calls)) = m.extra.get_mut("tool_calls") else { continue };
         for c in calls {
             if let Some(args) = c.get_mut("function").and_then(|f| f.get_mut("arguments")) {
@@ -258,10 +257,59 @@ pub fn template_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
             }
         }
     }
-    out
+    messages
 }
 
-/// One call read from the model's output.
+/// A tool call the model made, whole: what every API renders its calls from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    /// `chatcmpl-tool-...`, given when the call was read.
+    pub id: String,
+    pub name: String,
+    /// The arguments as a JSON string (the API's form).
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// A call read from the output, with a new id.
+    pub fn new(name: String, arguments: String) -> ToolCall {
+        ToolCall { id: super::new_response_id("chatcmpl-tool"), name, arguments }
+    }
+}
+
+impl From<ParsedCall> for ToolCall {
+    fn from(c: ParsedCall) -> ToolCall {
+        ToolCall::new(c.name, c.arguments)
+    }
+}
+
+/// A piece of a tool call as it streams: the call's first piece names it, the
+/// others add to its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCallDelta {
+    /// The call's place among its choice's calls.
+    pub index: usize,
+    /// On the call's first piece only.
+    pub head: Option<ToolCallHead>,
+    /// More of the arguments' JSON text.
+    pub arguments: String,
+}
+
+/// What a call's first piece says of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCallHead {
+    pub id: String,
+    pub name: String,
+}
+
+impl ToolCallDelta {
+    /// A whole call as one piece.
+    pub fn whole(index: usize, c: ToolCall) -> ToolCallDelta {
+        ToolCallDelta { index, head: Some(ToolCallHead { id: c.id, name: c.name }), arguments: c.arguments }
+    }
+}
+
+/// One call as a parser read it from the model's output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParsedCall {
     pub name: String,
@@ -286,19 +334,6 @@ fn call_from_json(text: &str) -> Option<ParsedCall> {
     call_from_value(serde_json::from_str(text).ok()?)
 }
 
-/// A call in the API's shape; `index` only in streamed deltas.
-pub fn call_value(c: &ParsedCall, index: Option<usize>) -> Value {
-    let mut v = json!({
-        "id": super::new_response_id("chatcmpl-tool"),
-        "type": "function",
-        "function": {"name": c.name, "arguments": c.arguments},
-    });
-    if let Some(i) = index {
-        v["index"] = json!(i);
-    }
-    v
-}
-
 /// The calls a `required` choice's output holds (a JSON array of
 /// `{name, parameters}`); None when it does not parse (cut by max_tokens).
 fn required_calls(text: &str) -> Option<Vec<ParsedCall>> {
@@ -310,7 +345,12 @@ fn required_calls(text: &str) -> Option<Vec<ParsedCall>> {
 
 /// What one finished choice says: its content, its calls and its finish
 /// reason, as vLLM reads them.
-pub fn read_output(mode: &ToolMode, text: String, finish: &'static str) -> (String, Vec<ParsedCall>, &'static str) {
+pub fn read_output(mode: &ToolMode, text: String, finish: &'static str) -> (String, Vec<ToolCall>, &'static str) {
+    let (content, calls, finish) = parse_output(mode, text, finish);
+    (content, calls.into_iter().map(ToolCall::from).collect(), finish)
+}
+
+fn parse_output(mode: &ToolMode, text: String, finish: &'static str) -> (String, Vec<ParsedCall>, &'static str) {
     // vLLM reports "tool_calls" for auto and required calls; a named choice
     // keeps its own reason, as OpenAI does.
     let tool_finish = |calls: &Vec<ParsedCall>| if calls.is_empty() || finish != "stop" { finish } else { "tool_calls" };

@@ -8,16 +8,13 @@
 //!   JSON at the very beginning) may have begun; from there the text is held
 //!   and, at the end, sent as calls, or as content if it held none.
 
-use serde_json::{json, Value};
-
-use super::{hermes, json as json_parser, read_output, ParserKind, ToolMode};
+use super::{hermes, json as json_parser, read_output, ParserKind, ToolCallDelta, ToolCallHead, ToolMode};
 
 /// What a choice's stream sends next.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Piece {
     Content(String),
-    /// `delta.tool_calls` entries (with their `index`).
-    ToolCalls(Vec<Value>),
+    ToolCalls(Vec<ToolCallDelta>),
 }
 
 pub struct ToolStream {
@@ -43,14 +40,9 @@ impl ToolStream {
         match &self.mode {
             ToolMode::Off => vec![Piece::Content(text.to_string())],
             ToolMode::Named(name) => {
-                let call = if self.opened {
-                    json!({"index": 0, "function": {"arguments": text}})
-                } else {
-                    self.opened = true;
-                    json!({"index": 0, "id": super::super::new_response_id("chatcmpl-tool"), "type": "function",
-                           "function": {"name": name, "arguments": text}})
-                };
-                vec![Piece::ToolCalls(vec![call])]
+                let head = (!self.opened).then(|| ToolCallHead { id: super::super::new_response_id("chatcmpl-tool"), name: name.clone() });
+                self.opened = true;
+                vec![Piece::ToolCalls(vec![ToolCallDelta { index: 0, head, arguments: text.to_string() }])]
             }
             ToolMode::Required => {
                 self.held.push_str(text);
@@ -98,8 +90,7 @@ impl ToolStream {
                 let (text, calls, reason) = read_output(mode, held, reason);
                 let mut pieces = content(text);
                 if !calls.is_empty() {
-                    let values = calls.iter().enumerate().map(|(i, c)| super::call_value(c, Some(i))).collect();
-                    pieces.push(Piece::ToolCalls(values));
+                    pieces.push(Piece::ToolCalls(calls.into_iter().enumerate().map(|(i, c)| ToolCallDelta::whole(i, c)).collect()));
                 }
                 (pieces, reason)
             }

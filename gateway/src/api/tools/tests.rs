@@ -63,16 +63,12 @@ fn outputs_are_read_into_calls() {
     assert_eq!((c.as_str(), calls.len(), f), ("Checking.", 1, "tool_calls"));
     let (c, calls, f) = read_output(&ToolMode::Auto(ParserKind::Hermes), "Just text".into(), "length");
     assert_eq!((c.as_str(), calls.len(), f), ("Just text", 0, "length"));
-    let v = call_value(&calls_of("f", "{}"), None);
-    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-tool-") && v["type"] == "function" && v["function"]["arguments"] == "{}");
-}
-
-fn calls_of(name: &str, args: &str) -> ParsedCall {
-    ParsedCall { name: name.into(), arguments: args.into() }
+    let c = ToolCall::from(ParsedCall { name: "f".into(), arguments: "{}".into() });
+    assert!(c.id.starts_with("chatcmpl-tool-") && c.name == "f" && c.arguments == "{}");
 }
 
 /// Feeds `parts` and the finish; returns (content sent, calls sent, finish).
-fn stream(mode: ToolMode, parts: &[&str], finish: &'static str) -> (String, Vec<Value>, &'static str) {
+fn stream(mode: ToolMode, parts: &[&str], finish: &'static str) -> (String, Vec<ToolCallDelta>, &'static str) {
     let mut s = ToolStream::new(mode);
     let mut pieces: Vec<Piece> = parts.iter().flat_map(|p| s.push(p)).collect();
     let (rest, f) = s.finish(finish);
@@ -92,7 +88,7 @@ fn stream(mode: ToolMode, parts: &[&str], finish: &'static str) -> (String, Vec<
 fn streams_hold_what_may_be_calls() {
     let (c, calls, f) = stream(ToolMode::Auto(ParserKind::Hermes), &["Sure. <to", "ol_call>{\"name\": \"now\",", " \"arguments\": {}}</tool_call>"], "stop");
     assert_eq!((c.as_str(), calls.len(), f), ("Sure. ", 1, "tool_calls"));
-    assert_eq!((calls[0]["index"].clone(), calls[0]["function"]["name"].clone()), (json!(0), json!("now")));
+    assert_eq!((calls[0].index, calls[0].head.as_ref().unwrap().name.as_str()), (0, "now"));
     let (c, calls, _) = stream(ToolMode::Auto(ParserKind::Hermes), &["a <", "b"], "stop");
     assert_eq!((c.as_str(), calls.len()), ("a <b", 0));
     let (c, calls, f) = stream(ToolMode::Auto(ParserKind::Json), &[" {\"name\": \"now\", ", "\"arguments\": {}}"], "stop");
@@ -101,15 +97,16 @@ fn streams_hold_what_may_be_calls() {
     assert_eq!(c, "Hello {x}");
     let (c, calls, f) = stream(ToolMode::Named("f".into()), &["{\"a\"", ": 1}"], "stop");
     assert_eq!((c.as_str(), calls.len(), f), ("", 2, "stop"));
-    assert!(calls[0]["id"].is_string() && calls[0]["function"]["name"] == "f" && calls[1].get("id").is_none());
+    assert!(calls[0].head.as_ref().is_some_and(|h| h.id.starts_with("chatcmpl-tool-") && h.name == "f") && calls[1].head.is_none());
+    assert_eq!((calls[0].arguments.as_str(), calls[1].arguments.as_str(), calls[1].index), ("{\"a\"", ": 1}", 0));
     let (_, calls, f) = stream(ToolMode::Required, &["[{\"name\": \"f\", ", "\"parameters\": {\"a\": 1}}]"], "stop");
-    assert_eq!((calls[0]["function"]["arguments"].clone(), f), (json!("{\"a\":1}"), "tool_calls"));
+    assert_eq!((calls[0].arguments.as_str(), f), ("{\"a\":1}", "tool_calls"));
 }
 
 #[test]
 fn template_messages_get_argument_objects() {
-    let m: ChatMessage = serde_json::from_value(json!({"role": "assistant", "content": null,
+    let m: ChatMessage = serde_json::from_value(json!({"role": "assistant", "content": "",
         "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]})).unwrap();
-    let out = template_messages(&[m]);
+    let out = template_messages(vec![m]);
     assert_eq!(out[0].extra["tool_calls"][0]["function"]["arguments"], json!({"a": 1}));
 }
