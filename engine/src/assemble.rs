@@ -101,7 +101,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     // Structured outputs need the vocabulary's bytes; a model whose tokenizer
     // gives llguidance nothing to work with serves everything else.
     match GrammarEnv::cached(&model.tokenizer) {
-        Ok(env) => core = core.with_grammars(env.clone()),
+        Ok(env) => core = core.with_grammars(env),
         Err(e) => tracing::warn!("structured outputs are off for this model: {e}"),
     }
     let shape = EngineShape {

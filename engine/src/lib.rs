@@ -36,7 +36,3 @@ pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};
 pub use args::EngineArgs;
 pub use assemble::{build_engine_core, EngineShape};
 pub use model::loader::{load_model, LoadFormat, LoadedModel};
-/// The GGUF reader's old path, `ferry_engine::gguf`: gateway/src/api/tests.rs
-/// still names it (it moves with the API's own change); use `model::gguf`.
-#[doc(hidden)]
-pub use model::gguf;

@@ -2,7 +2,7 @@
 //! token's exact bytes, and the parser factory built on it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Weak};
 
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::ParserFactory;
@@ -73,19 +73,22 @@ impl GrammarEnv {
         GrammarEnv::from_vocab(words, &special, eos, eog)
     }
 
-    /// The environment for `tok`, built on first use for that tokenizer and
-    /// then shared by everyone who holds it (the gateway's validation and the
-    /// in-process engines). Kept for the life of the process, which builds
-    /// its model's tokenizer once.
-    pub fn cached(tok: &Tokenizer) -> Result<&'static GrammarEnv, String> {
-        type Slot = OnceLock<Result<GrammarEnv, String>>;
-        static SLOTS: Mutex<BTreeMap<u64, &'static Slot>> = Mutex::new(BTreeMap::new());
-        let slot: &'static Slot = {
-            let mut slots = SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            slots.entry(tok.id()).or_insert_with(|| Box::leak(Box::default()))
-        };
-        // Built outside the map's lock: one tokenizer's build holds up no other's.
-        slot.get_or_init(|| GrammarEnv::from_tokenizer(tok)).as_ref().map_err(Clone::clone)
+    /// The environment for `tok`: the one already built for this tokenizer
+    /// while anyone still holds it (the gateway's validation and the
+    /// in-process engines share one), else built now. Holders keep it alive;
+    /// the cache remembers it only weakly, so it goes with its last holder.
+    pub fn cached(tok: &Tokenizer) -> Result<GrammarEnv, String> {
+        static LIVE: Mutex<BTreeMap<u64, Weak<Inner>>> = Mutex::new(BTreeMap::new());
+        let mut live = LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(inner) = live.get(&tok.id()).and_then(Weak::upgrade) {
+            return Ok(GrammarEnv { inner });
+        }
+        live.retain(|_, env| env.strong_count() > 0);
+        // Built under the lock, so two first users of one tokenizer build it
+        // once; a process builds few tokenizers, so none waits on another's.
+        let env = GrammarEnv::from_tokenizer(tok)?;
+        live.insert(tok.id(), Arc::downgrade(&env.inner));
+        Ok(env)
     }
 
     pub(super) fn factory(&self) -> &ParserFactory {
@@ -106,12 +109,3 @@ impl GrammarEnv {
     }
 }
 
-/// [`GrammarEnv::cached`] under the name gateway/src/api/structured.rs still
-/// calls; it goes once that file calls `GrammarEnv::cached` (the tokenizer
-/// itself knows nothing of structured outputs).
-impl Tokenizer {
-    #[doc(hidden)]
-    pub fn grammar_env(&self) -> Result<&GrammarEnv, String> {
-        GrammarEnv::cached(self)
-    }
-}

@@ -35,7 +35,7 @@ pub mod tokenize;
 pub mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -44,6 +44,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ferry_engine::structured::GrammarEnv;
 use ferry_engine::tokenizer::Tokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -64,6 +65,9 @@ pub struct AppState {
     /// What /v1/models reports as `root` (the model's path).
     pub model_root: Arc<str>,
     pub tokenizer: Arc<Tokenizer>,
+    /// The structured-outputs environment of `tokenizer`'s vocabulary, built
+    /// by the first request that asks for a constraint and kept from then on.
+    grammar: Arc<OnceLock<Result<GrammarEnv, String>>>,
     pub max_model_len: u32,
     pub coordinator: Coordinator,
     pub metrics: Arc<Metrics>,
@@ -108,6 +112,7 @@ impl AppState {
             served_model_names: served_model_names.into(),
             model_root: Arc::from(model_root.into()),
             tokenizer,
+            grammar: Arc::default(),
             max_model_len,
             coordinator,
             metrics,
@@ -124,6 +129,12 @@ impl AppState {
             tools: tools::ToolConfig::default(),
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
         }
+    }
+
+    /// The structured-outputs environment of the served vocabulary (shared
+    /// with the engines in this process, which build the same one).
+    pub fn grammar_env(&self) -> Result<GrammarEnv, String> {
+        self.grammar.get_or_init(|| GrammarEnv::cached(&self.tokenizer)).clone()
     }
 
     pub fn with_tool_config(mut self, tools: tools::ToolConfig) -> Self {

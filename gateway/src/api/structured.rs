@@ -4,8 +4,7 @@
 //! model's vocabulary so that a bad schema, regex or grammar is a 400 that
 //! says what is wrong before anything reaches an engine.
 
-use ferry_engine::structured::{compile, ConstraintError};
-use ferry_engine::tokenizer::Tokenizer;
+use ferry_engine::structured::{compile, ConstraintError, GrammarEnv};
 use ferry_transport::Constraint;
 use serde::Deserialize;
 use serde_json::Value;
@@ -180,12 +179,11 @@ pub fn requested(f: &StructuredFields) -> Result<Option<(&'static str, Constrain
     Ok(all.pop().map(|a| (a.param, a.constraint)))
 }
 
-/// Compiles `c` against the model's vocabulary: Err is the 400 naming `param`.
-pub fn check(tok: &Tokenizer, param: &str, c: &Constraint) -> Result<(), ApiError> {
-    let env = tok
-        .grammar_env()
-        .map_err(|e| ApiError::invalid_param(param, format!("Structured outputs are not available for this model: {e}")))?;
-    compile(env, c).map(drop).map_err(|ConstraintError(e)| ApiError::invalid_param(param, format!("Invalid structured outputs constraint: {e}")))
+/// Compiles `c` against the model's vocabulary (`env`, or why there is none):
+/// Err is the 400 naming `param`.
+pub fn check(env: Result<GrammarEnv, String>, param: &str, c: &Constraint) -> Result<(), ApiError> {
+    let env = env.map_err(|e| ApiError::invalid_param(param, format!("Structured outputs are not available for this model: {e}")))?;
+    compile(&env, c).map(drop).map_err(|ConstraintError(e)| ApiError::invalid_param(param, format!("Invalid structured outputs constraint: {e}")))
 }
 
 /// The checked constraint of a request, compiled off the async workers (a
@@ -193,8 +191,8 @@ pub fn check(tok: &Tokenizer, param: &str, c: &Constraint) -> Result<(), ApiErro
 /// vocabulary's trie).
 pub async fn constraint(state: &AppState, f: &StructuredFields) -> Result<Option<Constraint>, ApiError> {
     let Some((param, c)) = requested(f)? else { return Ok(None) };
-    let tok = state.tokenizer.clone();
-    state.text_work(move || check(&tok, param, &c).map(|()| Some(c))).await
+    let holder = state.clone();
+    state.text_work(move || check(holder.grammar_env(), param, &c).map(|()| Some(c))).await
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use ferry_engine::gguf::GgufFile;
+use ferry_engine::model::gguf::GgufFile;
 use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::{
     flume_link, EngineCommand, EngineEnd, EngineOutputs, EngineStats, FinishReason, FromEngine, Hello,
