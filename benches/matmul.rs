@@ -200,7 +200,7 @@ fn bench_model_step(c: &mut Criterion) {
                         .reduce(|| 0, |a, b| a ^ b)
                 })
                 .reduce(|| 0, |a, b| a ^ b)
-        })
+        });
     });
     // As the engine calls it: from inside the pool, so the calling thread
     // works too and no job crosses threads per call.
@@ -222,7 +222,7 @@ fn bench_model_step(c: &mut Criterion) {
                             }
                         }
                         matmul(&output.0, &xh, n, &mut out);
-                    })
+                    });
                 });
             });
         });

@@ -93,7 +93,7 @@ fn bench_matmul(c: &mut Criterion) {
 /// rayon's pool size without depending on rayon: RAYON_NUM_THREADS, else the CPU count.
 fn rayon_threads() -> String {
     std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
-        std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+        std::thread::available_parallelism().map_or_else(|_| "?".into(), |n| n.to_string())
     })
 }
 

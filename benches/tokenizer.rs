@@ -89,7 +89,7 @@ fn rough_words(text: &str) -> Vec<&str> {
 /// end-of-text token. Returns (tokens, merges as "a b").
 fn learn_bpe(text: &str, n_merges: usize) -> (Vec<String>, Vec<String>) {
     let bc = byte_chars();
-    let mut tokens: Vec<String> = bc.iter().map(|c| c.to_string()).collect();
+    let mut tokens: Vec<String> = bc.iter().map(std::string::ToString::to_string).collect();
     let mut merges = Vec::new();
     let mut words: Vec<Vec<String>> =
         rough_words(text).iter().map(|w| w.bytes().map(|b| bc[b as usize].to_string()).collect()).collect();
@@ -181,7 +181,7 @@ fn bench_tokenizer_on(c: &mut Criterion, name: &str, tok: Tokenizer) {
                 bytes += d.push(black_box(t)).len();
             }
             bytes + d.finish().len()
-        })
+        });
     });
     group.finish();
 }

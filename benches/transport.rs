@@ -105,7 +105,7 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
                     }
                     other => panic!("transport: unexpected answer {other:?}"),
                 }
-            })
+            });
         });
         // Dropping the gateway's end closes the link; the answerer then returns.
         drop((tx, rx));

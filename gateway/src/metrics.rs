@@ -19,27 +19,27 @@ use crate::engines::coordinator::{CoordinatorCounters, RankScrape};
 use crate::engines::routing::RouteReason;
 use ferry_transport::SeqTiming;
 
-pub const TTFT_BUCKETS: &[f64] = &[
+pub(crate) const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
-pub const ITL_BUCKETS: &[f64] = &[
+pub(crate) const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
     40.0, 80.0,
 ];
 /// vLLM's `request_latency_buckets`: e2e, queue, inference, prefill, decode.
-pub const E2E_BUCKETS: &[f64] = &[
+pub(crate) const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
     240.0, 480.0, 960.0, 1920.0, 7680.0,
 ];
-pub const ITERATION_TOKEN_BUCKETS: &[f64] = &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
-pub const PARAMS_N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
+pub(crate) const ITERATION_TOKEN_BUCKETS: &[f64] = &[1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
+pub(crate) const PARAMS_N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 
 /// The finish reasons vLLM labels `request_success` with, all exported from the start.
-pub const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
+pub(crate) const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
 
 /// vLLM's `build_1_2_5_buckets(max_model_len)`: 1, 2, 5, 10, 20, 50, ... up to the limit.
-pub fn buckets_1_2_5(max: u64) -> Vec<f64> {
+pub(crate) fn buckets_1_2_5(max: u64) -> Vec<f64> {
     let mut out = Vec::new();
     let mut scale = 1u64;
     loop {
@@ -149,7 +149,7 @@ struct EngineSeries {
 /// What the gateway knows of one finished sequence (vLLM counts each of a
 /// request's `n` completions as a finished request).
 #[derive(Clone, Debug, Default)]
-pub struct FinishedSeq {
+pub(crate) struct FinishedSeq {
     pub reason: &'static str,
     pub e2e_secs: f64,
     pub prompt_tokens: u32,
@@ -162,7 +162,7 @@ pub struct FinishedSeq {
 
 /// The gateway's metrics: one recorder, one set of series per engine rank.
 /// Updates for a rank index outside the range are ignored.
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     engines: Vec<EngineSeries>,
@@ -211,7 +211,7 @@ impl ClusterSeries {
 
 impl Metrics {
     /// `max_model_len` bounds the token-count histograms' buckets, as in vLLM.
-    pub fn new(model_name: impl Into<String>, num_engines: usize, max_model_len: u32) -> Self {
+    pub(crate) fn new(model_name: impl Into<String>, num_engines: usize, max_model_len: u32) -> Self {
         let tokens = buckets_1_2_5(max_model_len.max(1) as u64);
         let mut b = PrometheusBuilder::new();
         let set = |b: PrometheusBuilder, name: &str, bounds: &[f64]| {
@@ -249,25 +249,25 @@ impl Metrics {
         self.engines.get(k)
     }
 
-    pub fn add_prompt_tokens(&self, engine: usize, n: u64) {
+    pub(crate) fn add_prompt_tokens(&self, engine: usize, n: u64) {
         if let Some(e) = self.engine(engine) {
             e.prompt_tokens.increment(n);
         }
     }
 
-    pub fn add_generation_tokens(&self, engine: usize, n: u64) {
+    pub(crate) fn add_generation_tokens(&self, engine: usize, n: u64) {
         if let Some(e) = self.engine(engine) {
             e.generation_tokens.increment(n);
         }
     }
 
-    pub fn observe_ttft(&self, engine: usize, secs: f64) {
+    pub(crate) fn observe_ttft(&self, engine: usize, secs: f64) {
         if let (Some(e), true) = (self.engine(engine), sane(secs)) {
             e.ttft.record(secs);
         }
     }
 
-    pub fn observe_inter_token(&self, engine: usize, secs: f64) {
+    pub(crate) fn observe_inter_token(&self, engine: usize, secs: f64) {
         if let (Some(e), true) = (self.engine(engine), sane(secs)) {
             e.itl.record(secs);
             e.tpot.record(secs);
@@ -276,7 +276,7 @@ impl Metrics {
 
     /// A sequence ended: counted under its finish reason, with its lengths,
     /// parameters and (when the engine said) phase times.
-    pub fn sequence_finished(&self, engine: usize, f: &FinishedSeq) {
+    pub(crate) fn sequence_finished(&self, engine: usize, f: &FinishedSeq) {
         let Some(e) = self.engine(engine) else { return };
         if let Some(k) = FINISH_REASONS.iter().position(|r| *r == f.reason) {
             e.success[k].increment(1);
@@ -304,7 +304,7 @@ impl Metrics {
 
     /// The exposition text, after taking in what each rank reported since
     /// the last scrape (`ranks[k]`: rank k, or None when it never joined).
-    pub fn render(&self, ranks: &[Option<RankScrape>], counters: &CoordinatorCounters) -> String {
+    pub(crate) fn render(&self, ranks: &[Option<RankScrape>], counters: &CoordinatorCounters) -> String {
         self.cluster.set(counters);
         for (k, e) in self.engines.iter().enumerate() {
             let r = ranks.get(k).and_then(|r| r.as_ref());
@@ -407,7 +407,7 @@ impl EngineSeries {
 }
 
 /// Prometheus' text content type.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[cfg(test)]
 mod tests {

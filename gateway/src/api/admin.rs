@@ -16,7 +16,7 @@ use crate::engines::coordinator::SubmitError;
 /// Drains one rank: it takes nothing new from now on, finishes what it runs,
 /// and whatever is left after `--shutdown-timeout` moves to other ranks.
 /// Answers 202 with the rank's in-flight count.
-pub async fn drain_rank(State(state): State<AppState>, Path(rank): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn drain_rank(State(state): State<AppState>, Path(rank): Path<String>) -> Result<Response, ApiError> {
     let rank: u32 = rank.parse().map_err(|_| ApiError::bad_request(format!("rank must be a non-negative integer, got {rank:?}")))?;
     let timeout = state.coordinator.config().drain_timeout;
     match state.coordinator.drain_rank(rank) {
@@ -35,7 +35,7 @@ pub async fn drain_rank(State(state): State<AppState>, Path(rank): Path<String>)
 }
 
 /// Each rank as the coordinator sees it.
-pub async fn list_ranks(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(crate) async fn list_ranks(State(state): State<AppState>) -> Json<serde_json::Value> {
     let ranks: Vec<_> = state
         .coordinator
         .scrape()

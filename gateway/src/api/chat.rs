@@ -29,17 +29,17 @@ use super::types::{
 };
 use super::{new_response_id, unix_now, Admission, AppState};
 
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     axum::Extension(client): axum::Extension<ClientId>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Response {
-    run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
+    run(state, client, headers, req).await.unwrap_or_else(axum::response::IntoResponse::into_response)
 }
 
 /// The chat rendered with the model's template (or the request's own), as token ids.
-pub fn render_chat(
+pub(crate) fn render_chat(
     tok: &Tokenizer,
     messages: &[ferry_engine::tokenizer::ChatMessage],
     opts: &RenderOptions,
@@ -56,7 +56,7 @@ pub fn render_chat(
 /// The template options a chat request sets, checked as vLLM checks them:
 /// `continue_final_message` and `add_generation_prompt` both set true is a
 /// 400; a request's own `chat_template` needs `--trust-request-chat-template`.
-pub fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOptions, ApiError> {
+pub(crate) fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOptions, ApiError> {
     let cont = f.continue_final_message.unwrap_or(false);
     if cont && f.add_generation_prompt == Some(true) {
         return Err(ApiError::bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
@@ -82,7 +82,7 @@ pub fn render_options(state: &AppState, f: &TemplateFields) -> Result<RenderOpti
 
 /// A chat request checked, admitted and rendered to its prompt: what the
 /// handler runs ([`PreparedChat::start`]).
-pub struct PreparedChat {
+pub(crate) struct PreparedChat {
     /// The served model the request names (the default one if none).
     pub model: String,
     pub plan: StreamPlan,
@@ -106,7 +106,7 @@ impl ChatCompletionRequest {
     /// then a slot for the client, then the template and the tokenizer off
     /// the async workers, the sampling fields against the prompt's length,
     /// and the structured-outputs constraint compiled.
-    pub async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedChat, ApiError> {
+    pub(crate) async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedChat, ApiError> {
         let req = self;
         let pin = super::params::data_parallel_rank(headers)?;
         let arrival = Instant::now();
@@ -165,7 +165,7 @@ impl ChatCompletionRequest {
 
 impl PreparedChat {
     /// Sends the prompt to the engines; its output comes as typed steps.
-    pub fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
+    pub(crate) fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
         let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin)?;
         Ok(ChatGeneration::new(gen, self.tools))
     }
@@ -238,7 +238,7 @@ fn tool_call_delta(d: ToolCallDelta) -> ChatToolCallDelta {
 }
 
 /// Chat's logprobs: each token with its bytes and its `top` best alternatives.
-pub fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], top: u32) -> ChatLogprobs {
+pub(crate) fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], top: u32) -> ChatLogprobs {
     let entry = |t: u32| {
         let s = token_text(tok, t);
         let bytes = s.as_bytes().to_vec();

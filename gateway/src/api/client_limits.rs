@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Who a request is for the limits.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ClientId {
+pub(crate) enum ClientId {
     /// A SHA-256 prefix of the presented API key: keys are not kept in memory.
     Key([u8; 16]),
     Addr(IpAddr),
@@ -25,7 +25,7 @@ pub enum ClientId {
 }
 
 impl ClientId {
-    pub fn from_key(key: &str) -> ClientId {
+    pub(crate) fn from_key(key: &str) -> ClientId {
         use sha2::{Digest, Sha256};
         let d = Sha256::digest(key.as_bytes());
         ClientId::Key(d[..16].try_into().expect("a SHA-256 has 32 bytes"))
@@ -33,7 +33,7 @@ impl ClientId {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LimitConfig {
+pub(crate) struct LimitConfig {
     /// Requests one client may have in flight (None: no limit).
     pub max_in_flight: Option<usize>,
     /// Tokens (prompt and generated) one client may spend per minute.
@@ -50,7 +50,7 @@ struct Client {
 
 /// A refusal: how long to wait before trying again.
 #[derive(Debug, PartialEq)]
-pub struct OverLimit {
+pub(crate) struct OverLimit {
     pub message: String,
     pub retry_after: Duration,
 }
@@ -59,22 +59,22 @@ pub struct OverLimit {
 const MAX_TRACKED: usize = 65_536;
 
 #[derive(Debug, Default)]
-pub struct ClientLimits {
+pub(crate) struct ClientLimits {
     cfg: LimitConfig,
     clients: Mutex<HashMap<ClientId, Client>>,
 }
 
 impl ClientLimits {
-    pub fn new(cfg: LimitConfig) -> Arc<ClientLimits> {
+    pub(crate) fn new(cfg: LimitConfig) -> Arc<ClientLimits> {
         Arc::new(ClientLimits { cfg, clients: Mutex::new(HashMap::new()) })
     }
 
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.cfg.max_in_flight.is_some() || self.cfg.tokens_per_minute.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<ClientId, Client>> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn refill(&self, c: &mut Client, now: Instant) {
@@ -86,7 +86,7 @@ impl ClientLimits {
     }
 
     /// Admits one request of `id` at `now`, or says how long to wait.
-    pub fn admit(self: &Arc<Self>, id: ClientId, now: Instant) -> Result<ClientPermit, OverLimit> {
+    pub(crate) fn admit(self: &Arc<Self>, id: ClientId, now: Instant) -> Result<ClientPermit, OverLimit> {
         if !self.is_active() {
             return Ok(ClientPermit { limits: None, id });
         }
@@ -137,14 +137,14 @@ impl ClientLimits {
 
 /// One admitted request of one client; dropping it ends the request's share.
 #[derive(Debug)]
-pub struct ClientPermit {
+pub(crate) struct ClientPermit {
     limits: Option<Arc<ClientLimits>>,
     id: ClientId,
 }
 
 impl ClientPermit {
     /// Spend `tokens` of the client's budget.
-    pub fn charge(&self, tokens: u64) {
+    pub(crate) fn charge(&self, tokens: u64) {
         if let Some(l) = &self.limits {
             l.charge(&self.id, tokens);
         }

@@ -22,17 +22,17 @@ use super::{new_response_id, unix_now, Admission, AppState};
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     axum::Extension(client): axum::Extension<ClientId>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Response {
-    run(state, client, headers, req).await.unwrap_or_else(|e| e.into_response())
+    run(state, client, headers, req).await.unwrap_or_else(axum::response::IntoResponse::into_response)
 }
 
 /// Token ids of each prompt; ids must be inside the vocabulary.
-pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> Result<Vec<Vec<u32>>, ApiError> {
+pub(crate) fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |s: &str| {
         tok.encode(s, add_special)
             .map_err(|e| ApiError::invalid_param("prompt", format!("Failed to tokenize the prompt: {e}")))
@@ -54,7 +54,7 @@ pub fn tokenize_prompts(tok: &Tokenizer, prompt: Prompt, add_special: bool) -> R
 
 /// A completions request checked, admitted and tokenized: what the handler
 /// runs ([`PreparedCompletion::start`]).
-pub struct PreparedCompletion {
+pub(crate) struct PreparedCompletion {
     pub plan: StreamPlan,
     out: Output,
     prompts: Vec<Vec<u32>>,
@@ -72,7 +72,7 @@ impl CompletionRequest {
     /// slot for the client, then the tokenizer off the async workers, the
     /// choices' count, the structured-outputs constraint compiled, and the
     /// sampling fields against each prompt's length.
-    pub async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedCompletion, ApiError> {
+    pub(crate) async fn prepare(self, state: &AppState, client: ClientId, headers: &HeaderMap) -> Result<PreparedCompletion, ApiError> {
         let req = self;
         let pin = super::params::data_parallel_rank(headers)?;
         let arrival = Instant::now();
@@ -90,7 +90,7 @@ impl CompletionRequest {
             Prompt::Text(s) => super::limits::check_prompt_chars("prompt", s.chars().count())?,
             Prompt::Texts(v) => {
                 super::limits::check_prompt_count(v.len())?;
-                super::limits::check_prompt_chars("prompt", v.iter().map(|s| s.chars().count()).sum())?
+                super::limits::check_prompt_chars("prompt", v.iter().map(|s| s.chars().count()).sum())?;
             }
             Prompt::Tokens(_) => {}
             Prompt::TokenLists(v) => super::limits::check_prompt_count(v.len())?,
@@ -220,7 +220,7 @@ async fn collect(mut gen: Generation, out: Output) -> Result<CompletionResponse,
 /// The legacy logprobs object: echoed prompt tokens (null for the first, as
 /// OpenAI sends it; the prompt logprobs for the others when known), then
 /// generated tokens. Offsets count characters from `offset0`.
-pub fn completion_logprobs(
+pub(crate) fn completion_logprobs(
     tok: &Tokenizer,
     echoed: &[u32],
     echo_lps: Option<&[TokenLogprob]>,

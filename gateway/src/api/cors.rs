@@ -7,7 +7,7 @@ use axum::http::{HeaderName, HeaderValue, Method};
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CorsConfig {
+pub(crate) struct CorsConfig {
     pub allowed_origins: Vec<String>,
     pub allowed_methods: Vec<String>,
     pub allowed_headers: Vec<String>,
@@ -22,7 +22,7 @@ impl Default for CorsConfig {
 
 /// vLLM takes these flags as JSON lists (`'["https://a.example"]'`); a plain
 /// comma-separated list is read too.
-pub fn parse_list(raw: &str) -> Result<Vec<String>, String> {
+pub(crate) fn parse_list(raw: &str) -> Result<Vec<String>, String> {
     let t = raw.trim();
     if t.starts_with('[') {
         serde_json::from_str::<Vec<String>>(t).map_err(|e| format!("{raw:?} is not a JSON list of strings: {e}"))
@@ -32,7 +32,7 @@ pub fn parse_list(raw: &str) -> Result<Vec<String>, String> {
 }
 
 impl CorsConfig {
-    pub fn layer(&self) -> Result<CorsLayer, String> {
+    pub(crate) fn layer(&self) -> Result<CorsLayer, String> {
         let wild = |v: &[String]| v.iter().any(|s| s == "*");
         // Browsers refuse a wildcard with credentials; mirror the request then.
         let origin = if wild(&self.allowed_origins) {

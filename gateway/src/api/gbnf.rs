@@ -5,7 +5,7 @@
 //! classes and `.` as regexes. Grammars without `::=` are taken as Lark.
 
 /// Whether `text` is GBNF rather than Lark.
-pub fn is_gbnf(text: &str) -> bool {
+pub(crate) fn is_gbnf(text: &str) -> bool {
     text.contains("::=")
 }
 
@@ -18,7 +18,7 @@ fn rule_name(name: &str) -> String {
 }
 
 /// The Lark grammar for a GBNF one; Err says where the text is not GBNF.
-pub fn to_lark(text: &str) -> Result<String, String> {
+pub(crate) fn to_lark(text: &str) -> Result<String, String> {
     let chars: Vec<char> = text.chars().collect();
     let mut rules: Vec<String> = Vec::new();
     let mut i = 0;

@@ -49,7 +49,7 @@ pub struct ChoiceDelta {
 
 /// One choice's whole output: its deltas added up.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ChoiceOutput {
+pub(crate) struct ChoiceOutput {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
@@ -59,7 +59,7 @@ pub struct ChoiceOutput {
 
 impl ChoiceOutput {
     /// Adds the choice's next delta.
-    pub fn push(&mut self, d: ChoiceDelta) {
+    pub(crate) fn push(&mut self, d: ChoiceDelta) {
         self.text.push_str(&d.text);
         self.token_ids.extend_from_slice(&d.token_ids);
         self.logprobs.extend(d.logprobs);
@@ -98,7 +98,7 @@ struct PromptRun {
     held: Vec<TokenOutput>,
 }
 
-pub struct Generation {
+pub(crate) struct Generation {
     state: AppState,
     rx: EventRx,
     runs: Vec<PromptRun>,
@@ -119,7 +119,7 @@ impl Generation {
     /// Send every prompt to the engines. `prompts[i]` goes with `params[i]`; all
     /// share `n`. `admission` is held until this is dropped.
     /// `pin` sends them to one rank (vLLM's `X-data-parallel-rank`).
-    pub fn start(
+    pub(crate) fn start(
         state: &AppState,
         prompts: Vec<Vec<u32>>,
         params: Vec<SamplingParams>,
@@ -128,7 +128,7 @@ impl Generation {
         admission: Option<Admission>,
         pin: Option<u32>,
     ) -> Result<Self, ApiError> {
-        let n = params.first().map(|p| p.n).unwrap_or(1).max(1);
+        let n = params.first().map_or(1, |p| p.n).max(1);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut runs = Vec::with_capacity(prompts.len());
         let mut by_id = HashMap::new();
@@ -194,45 +194,45 @@ impl Generation {
     }
 
     /// Prompt `p`'s logprobs (one per token after the first), once they came.
-    pub fn prompt_logprobs(&self, p: usize) -> Option<&[TokenLogprob]> {
+    pub(crate) fn prompt_logprobs(&self, p: usize) -> Option<&[TokenLogprob]> {
         self.runs.get(p)?.prompt_lp.as_deref()
     }
 
     /// Prompt tokens the prefix cache served, over all prompts.
-    pub fn cached_tokens(&self) -> u32 {
+    pub(crate) fn cached_tokens(&self) -> u32 {
         self.runs.iter().map(|r| r.cached).sum()
     }
 
     /// Prompt tokens the prefix cache served for the prompt of choice `i`.
-    pub fn cached_tokens_of_choice(&self, i: usize) -> u32 {
+    pub(crate) fn cached_tokens_of_choice(&self, i: usize) -> u32 {
         self.runs.get(i / self.n as usize).map_or(0, |r| r.cached)
     }
 
-    pub fn num_choices(&self) -> usize {
+    pub(crate) fn num_choices(&self) -> usize {
         self.choices.len()
     }
 
-    pub fn prompt_lens(&self) -> Vec<u32> {
+    pub(crate) fn prompt_lens(&self) -> Vec<u32> {
         self.runs.iter().map(|r| r.len).collect()
     }
 
     /// Tokens counted so far for choice `i`.
-    pub fn completion_tokens(&self, i: usize) -> u32 {
-        self.choices.get(i).map(|c| c.num_tokens).unwrap_or(0)
+    pub(crate) fn completion_tokens(&self, i: usize) -> u32 {
+        self.choices.get(i).map_or(0, |c| c.num_tokens)
     }
 
-    pub fn total_completion_tokens(&self) -> u32 {
+    pub(crate) fn total_completion_tokens(&self) -> u32 {
         self.choices.iter().map(|c| c.num_tokens).sum()
     }
 
-    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+    pub(crate) fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.state.tokenizer
     }
 
     /// Reads the generation to its end: every choice's whole output, in index
     /// order. The one way a non-streamed answer is gathered, whichever API
     /// renders it (chat, completions, Responses, `ferry::Llm`).
-    pub async fn collect(&mut self) -> Result<Vec<ChoiceOutput>, ApiError> {
+    pub(crate) async fn collect(&mut self) -> Result<Vec<ChoiceOutput>, ApiError> {
         let mut out = vec![ChoiceOutput::default(); self.num_choices()];
         while let Some(d) = self.next().await {
             let d = d?;
@@ -244,7 +244,7 @@ impl Generation {
 
     /// The next change to some choice; `None` once every choice has finished.
     /// An error ends the generation (the engine failed or went away).
-    pub async fn next(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<ChoiceDelta, ApiError>> {
         loop {
             if self.remaining == 0 || self.failed {
                 return None;

@@ -7,20 +7,20 @@ use super::errors::ApiError;
 use super::types::{OpenAiMessage, StopSpec};
 
 /// Stop strings per request.
-pub const MAX_STOP_STRINGS: usize = 128;
+pub(crate) const MAX_STOP_STRINGS: usize = 128;
 /// Bytes of all stop strings of a request together.
-pub const MAX_STOP_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_STOP_BYTES: usize = 16 * 1024;
 /// Prompts in one completions request (each may also have `n` choices, within
 /// `params::MAX_CHOICES`).
-pub const MAX_PROMPTS: usize = 256;
+pub(crate) const MAX_PROMPTS: usize = 256;
 /// Messages in one chat request.
-pub const MAX_MESSAGES: usize = 4096;
+pub(crate) const MAX_MESSAGES: usize = 4096;
 /// Characters of prompt text in one request, before tokenizing (tokenizing is
 /// the costly part; a token is rarely less than one character, so this is far
 /// above any context a served model has).
-pub const MAX_PROMPT_CHARS: usize = 1 << 20;
+pub(crate) const MAX_PROMPT_CHARS: usize = 1 << 20;
 
-pub fn check_stop(stop: Option<&StopSpec>) -> Result<(), ApiError> {
+pub(crate) fn check_stop(stop: Option<&StopSpec>) -> Result<(), ApiError> {
     let Some(stop) = stop else { return Ok(()) };
     let (count, bytes) = match stop {
         StopSpec::One(s) => (1, s.len()),
@@ -39,7 +39,7 @@ pub fn check_stop(stop: Option<&StopSpec>) -> Result<(), ApiError> {
 }
 
 /// `chars` is the prompt text's length in characters, summed over a request.
-pub fn check_prompt_chars(param: &str, chars: usize) -> Result<(), ApiError> {
+pub(crate) fn check_prompt_chars(param: &str, chars: usize) -> Result<(), ApiError> {
     if chars > MAX_PROMPT_CHARS {
         return Err(ApiError::invalid_param(
             param,
@@ -49,7 +49,7 @@ pub fn check_prompt_chars(param: &str, chars: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn check_prompt_count(count: usize) -> Result<(), ApiError> {
+pub(crate) fn check_prompt_count(count: usize) -> Result<(), ApiError> {
     if count > MAX_PROMPTS {
         return Err(ApiError::invalid_param("prompt", format!("At most {MAX_PROMPTS} prompts per request are allowed, got {count}.")));
     }
@@ -57,12 +57,12 @@ pub fn check_prompt_count(count: usize) -> Result<(), ApiError> {
 }
 
 /// A chat's messages: how many, and their text's length in characters.
-pub fn check_messages(messages: &[OpenAiMessage]) -> Result<(), ApiError> {
+pub(crate) fn check_messages(messages: &[OpenAiMessage]) -> Result<(), ApiError> {
     check_message_count(messages.len())?;
     check_prompt_chars("messages", messages.iter().map(|m| m.content.chars().count()).sum())
 }
 
-pub fn check_message_count(count: usize) -> Result<(), ApiError> {
+pub(crate) fn check_message_count(count: usize) -> Result<(), ApiError> {
     if count > MAX_MESSAGES {
         return Err(ApiError::invalid_param("messages", format!("At most {MAX_MESSAGES} messages per request are allowed, got {count}.")));
     }

@@ -5,12 +5,12 @@ use ferry_engine::tokenizer::Tokenizer;
 use ferry_transport::TokenLogprob;
 
 /// One token's text, special tokens included.
-pub fn token_text(tok: &Tokenizer, t: u32) -> String {
+pub(crate) fn token_text(tok: &Tokenizer, t: u32) -> String {
     tok.decode(&[t], false).unwrap_or_default()
 }
 
 /// JSON has no -inf; OpenAI (and vLLM) send -9999.0.
-pub fn clamp_lp(lp: f32) -> f32 {
+pub(crate) fn clamp_lp(lp: f32) -> f32 {
     if lp.is_nan() {
         -9999.0
     } else {
@@ -22,7 +22,7 @@ pub fn clamp_lp(lp: f32) -> f32 {
 /// predicts it), then for each later one a map from token id to
 /// `{logprob, rank, decoded_token}` holding the prompt's own token and the
 /// best alternatives asked for.
-pub fn vllm_prompt_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Vec<Option<serde_json::Map<String, serde_json::Value>>> {
+pub(crate) fn vllm_prompt_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Vec<Option<serde_json::Map<String, serde_json::Value>>> {
     let entry = |t: u32, lp: f32, rank: u32| {
         serde_json::json!({"logprob": clamp_lp(lp), "rank": rank, "decoded_token": token_text(tok, t)})
     };

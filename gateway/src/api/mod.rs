@@ -13,26 +13,26 @@
 //!   Retry-After, as do requests while no engine rank is up.
 //! - All errors are `{"error": {"message", "type", "param", "code"}}`.
 
-pub mod admin;
-pub mod chat;
-pub mod client_limits;
-pub mod completions;
-pub mod cors;
-pub mod errors;
-pub mod gbnf;
-pub mod generation;
-pub mod limits;
-pub mod logprobs;
-pub mod models;
-pub mod output;
-pub mod params;
-pub mod responses;
-pub mod sse;
-pub mod stop_strings;
-pub mod structured;
-pub mod tools;
-pub mod tokenize;
-pub mod types;
+pub(crate) mod admin;
+pub(crate) mod chat;
+pub(crate) mod client_limits;
+pub(crate) mod completions;
+pub(crate) mod cors;
+pub(crate) mod errors;
+pub(crate) mod gbnf;
+pub(crate) mod generation;
+pub(crate) mod limits;
+pub(crate) mod logprobs;
+pub(crate) mod models;
+pub(crate) mod output;
+pub(crate) mod params;
+pub(crate) mod responses;
+pub(crate) mod sse;
+pub(crate) mod stop_strings;
+pub(crate) mod structured;
+pub(crate) mod tools;
+pub(crate) mod tokenize;
+pub(crate) mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -52,14 +52,14 @@ use crate::engines::coordinator::Coordinator;
 use crate::metrics::Metrics;
 use errors::ApiError;
 
-pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
+pub(crate) const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BODY_BYTES;
 
 /// Requests generating at once, by default, before new ones get 503.
-pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
 
 /// Everything the handlers share. Cheap to clone (all behind `Arc`s).
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// Names clients may use in `model`; the first is the default and the metrics label.
     pub served_model_names: Arc<[String]>,
     /// What /v1/models reports as `root` (the model's path).
@@ -98,7 +98,7 @@ pub struct AppState {
 impl AppState {
     /// State with no API key, this crate's version, and the default admission bound.
     /// Metrics get one `engine` label per rank of `coordinator`.
-    pub fn new(
+    pub(crate) fn new(
         served_model_names: Vec<String>,
         model_root: impl Into<String>,
         tokenizer: Arc<Tokenizer>,
@@ -127,41 +127,41 @@ impl AppState {
             cors: cors::CorsConfig::default(),
             trust_request_chat_template: false,
             tools: tools::ToolConfig::default(),
-            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))),
+            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2))),
         }
     }
 
     /// The structured-outputs environment of the served vocabulary (shared
     /// with the engines in this process, which build the same one).
-    pub fn grammar_env(&self) -> Result<GrammarEnv, String> {
+    pub(crate) fn grammar_env(&self) -> Result<GrammarEnv, String> {
         self.grammar.get_or_init(|| GrammarEnv::cached(&self.tokenizer)).clone()
     }
 
-    pub fn with_tool_config(mut self, tools: tools::ToolConfig) -> Self {
+    pub(crate) fn with_tool_config(mut self, tools: tools::ToolConfig) -> Self {
         self.tools = tools;
         self
     }
 
-    pub fn with_api_key(self, key: Option<String>) -> Self {
+    pub(crate) fn with_api_key(self, key: Option<String>) -> Self {
         self.with_api_keys(key.into_iter().collect())
     }
 
     /// Any of these keys is accepted (vLLM's `--api-key` takes several).
-    pub fn with_api_keys(mut self, keys: Vec<String>) -> Self {
+    pub(crate) fn with_api_keys(mut self, keys: Vec<String>) -> Self {
         self.api_keys = keys.into_iter().filter(|k| !k.is_empty()).collect::<Vec<_>>().into();
         self
     }
 
     /// Runs text work (tokenizing, rendering a template) off the async workers,
     /// on a bounded set of blocking threads.
-    pub async fn text_work<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    pub(crate) async fn text_work<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
         let _permit = self.text_work.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("The server is stopping.", 1))?;
         tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("text work failed: {e}")))?
     }
 
     /// Starts draining: /health reports not ready, new generations get 503, and
     /// after `timeout` those still running end with an error.
-    pub fn begin_drain(&self, timeout: std::time::Duration) {
+    pub(crate) fn begin_drain(&self, timeout: std::time::Duration) {
         self.accepting.store(false, Ordering::Relaxed);
         let fire = self.drain_fire.clone();
         tokio::spawn(async move {
@@ -170,29 +170,29 @@ impl AppState {
         });
     }
 
-    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+    pub(crate) fn with_version(mut self, version: impl Into<String>) -> Self {
         self.version = Arc::from(version.into());
         self
     }
 
-    pub fn with_max_concurrent_requests(mut self, n: usize) -> Self {
+    pub(crate) fn with_max_concurrent_requests(mut self, n: usize) -> Self {
         self.admission = Arc::new(Semaphore::new(n.max(1)));
         self
     }
 
     /// Every rank joined at start-up, one still serves, and we are not draining.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.accepting.load(Ordering::Relaxed) && self.coordinator.is_serving()
     }
 
     /// Which browser origins may call the API (checked when the router is built).
-    pub fn with_cors(mut self, cors: cors::CorsConfig) -> Result<Self, String> {
+    pub(crate) fn with_cors(mut self, cors: cors::CorsConfig) -> Result<Self, String> {
         let _checked = cors.layer()?;
         self.cors = cors;
         Ok(self)
     }
 
-    pub fn with_client_limits(mut self, cfg: client_limits::LimitConfig) -> Self {
+    pub(crate) fn with_client_limits(mut self, cfg: client_limits::LimitConfig) -> Self {
         self.client_limits = client_limits::ClientLimits::new(cfg);
         self
     }
@@ -200,7 +200,7 @@ impl AppState {
     /// A slot for one generation of `client`: 503 with Retry-After when the
     /// server is not ready or full, 429 with Retry-After when this client is
     /// over its own limits.
-    pub fn admit(&self, client: client_limits::ClientId) -> Result<Admission, ApiError> {
+    pub(crate) fn admit(&self, client: client_limits::ClientId) -> Result<Admission, ApiError> {
         if !self.accepting.load(Ordering::Relaxed) || !self.coordinator.any_healthy() {
             return Err(ApiError::unavailable("The engine is not ready.", 5));
         }
@@ -219,7 +219,7 @@ impl AppState {
 
 /// One admitted generation: its place under the server's bound and under its
 /// client's. Held until the generation ends.
-pub struct Admission {
+pub(crate) struct Admission {
     _global: OwnedSemaphorePermit,
     pub client: client_limits::ClientPermit,
 }
@@ -246,7 +246,7 @@ async fn identify_client(State(state): State<AppState>, mut req: Request, next: 
 }
 
 /// The whole API. Serve it with `axum::serve` or any hyper/h3 adapter.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     // with_cors checked the configuration; the default is always valid.
     let cors = state.cors.layer().unwrap_or_else(|_| tower_http::cors::CorsLayer::permissive());
     Router::new()
@@ -334,7 +334,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `prefix-<32 hex digits>`, unique per process and unpredictable enough for an id.
@@ -342,7 +342,7 @@ pub(crate) fn new_response_id(prefix: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(n);
     h.write_u128(nanos);

@@ -10,7 +10,7 @@ use super::errors::ApiError;
 use super::AppState;
 
 /// The served model names in OpenAI's list shape, with vLLM's `max_model_len`.
-pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(crate) async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
     let created = state.start_unix;
     let data: Vec<_> = state
         .served_model_names
@@ -45,7 +45,7 @@ pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 /// 200 with an empty body once every engine rank has said hello, else 503.
-pub async fn health(State(state): State<AppState>) -> Response {
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if state.is_ready() {
         StatusCode::OK.into_response()
     } else {
@@ -53,6 +53,6 @@ pub async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-pub async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(crate) async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({"version": state.version.as_ref()}))
 }

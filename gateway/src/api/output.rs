@@ -19,7 +19,7 @@ use super::types::Usage;
 
 /// What one engine output added to one chat choice.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ChatStep {
+pub(crate) struct ChatStep {
     pub index: u32,
     /// Content and tool-call pieces, in order (none while text is held back
     /// for the tool-call parser).
@@ -32,7 +32,7 @@ pub struct ChatStep {
 
 /// One chat choice, whole.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ChatChoiceOutput {
+pub(crate) struct ChatChoiceOutput {
     pub content: String,
     pub tool_calls: Vec<ToolCall>,
     pub logprobs: Vec<TokenLogprob>,
@@ -43,7 +43,7 @@ pub struct ChatChoiceOutput {
 
 /// A chat request's generation running: the engines' deltas read, choice by
 /// choice, through the request's tool-call parsing.
-pub struct ChatGeneration {
+pub(crate) struct ChatGeneration {
     gen: Generation,
     mode: ToolMode,
     /// Per choice: what of its text may be tool calls.
@@ -51,29 +51,29 @@ pub struct ChatGeneration {
 }
 
 impl ChatGeneration {
-    pub fn new(gen: Generation, mode: ToolMode) -> Self {
+    pub(crate) fn new(gen: Generation, mode: ToolMode) -> Self {
         let tools = (0..gen.num_choices()).map(|_| ToolStream::new(mode.clone())).collect();
         ChatGeneration { gen, mode, tools }
     }
 
     /// The generation underneath: its counts, prompt logprobs and tokenizer.
-    pub fn generation(&self) -> &Generation {
+    pub(crate) fn generation(&self) -> &Generation {
         &self.gen
     }
 
     /// How tool calls are read out of the text.
-    pub fn tool_mode(&self) -> &ToolMode {
+    pub(crate) fn tool_mode(&self) -> &ToolMode {
         &self.mode
     }
 
     /// Tokens so far over every prompt and choice.
-    pub fn usage(&self) -> Usage {
+    pub(crate) fn usage(&self) -> Usage {
         Usage::new(self.gen.prompt_lens().iter().sum(), self.gen.total_completion_tokens()).with_cached(self.gen.cached_tokens())
     }
 
     /// The next step of some choice; `None` once every choice has finished.
     /// An error ends the generation.
-    pub async fn next(&mut self) -> Option<Result<ChatStep, ApiError>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<ChatStep, ApiError>> {
         let d = match self.gen.next().await? {
             Ok(d) => d,
             Err(e) => return Some(Err(e)),
@@ -89,7 +89,7 @@ impl ChatGeneration {
     }
 
     /// Every choice whole, read to the end of the generation.
-    pub async fn collect(&mut self) -> Result<Vec<ChatChoiceOutput>, ApiError> {
+    pub(crate) async fn collect(&mut self) -> Result<Vec<ChatChoiceOutput>, ApiError> {
         let outputs = self.gen.collect().await?;
         Ok(outputs
             .into_iter()

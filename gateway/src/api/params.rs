@@ -18,11 +18,11 @@ use super::types::SamplingFields;
 /// Most completions one request may ask for across its prompts (n × prompts);
 /// bounds the memory a single request can claim in the gateway. `n` alone is
 /// bounded by the protocol's `MAX_N`.
-pub const MAX_CHOICES: usize = 256;
+pub(crate) const MAX_CHOICES: usize = 256;
 
 /// A JSON body parsed with errors in OpenAI's shape: invalid JSON and fields of the
 /// wrong type give 400 naming the field; a body over the size limit gives 413.
-pub struct JsonBody<T>(pub T);
+pub(crate) struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
@@ -63,7 +63,7 @@ async fn read_body(body: axum::body::Body, http1: bool) -> Result<Bytes, ApiErro
             drop(buf);
             while http1 && drained < LINGER_BYTES {
                 match body.frame().await {
-                    Some(Ok(f)) => drained += f.data_ref().map_or(0, |d| d.len()),
+                    Some(Ok(f)) => drained += f.data_ref().map_or(0, bytes::Bytes::len),
                     _ => break,
                 }
             }
@@ -79,7 +79,7 @@ async fn read_body(body: axum::body::Body, http1: bool) -> Result<Bytes, ApiErro
 
 /// Parse `bytes` as a JSON object into `T`. On a type error, find the field at fault
 /// by deserializing each key alone (all of `T`'s fields are optional).
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON in request body: {e}")))?;
     let Value::Object(map) = &value else {
@@ -102,7 +102,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// What happens to the text, in the gateway.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TextOptions {
+pub(crate) struct TextOptions {
     pub stop: Vec<String>,
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
@@ -111,9 +111,9 @@ pub struct TextOptions {
 }
 
 impl TextOptions {
-    pub fn from_fields(f: &SamplingFields) -> Self {
+    pub(crate) fn from_fields(f: &SamplingFields) -> Self {
         TextOptions {
-            stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+            stop: f.stop.clone().map(super::types::StopSpec::into_vec).unwrap_or_default(),
             include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
             min_tokens: f.min_tokens.unwrap_or(0),
@@ -123,7 +123,7 @@ impl TextOptions {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct StreamPlan {
+pub(crate) struct StreamPlan {
     pub stream: bool,
     pub include_usage: bool,
     pub continuous_usage: bool,
@@ -131,7 +131,7 @@ pub struct StreamPlan {
 
 impl StreamPlan {
     /// vLLM: `stream_options` only with `stream`; continuous stats only with usage.
-    pub fn from_fields(f: &SamplingFields) -> Result<Self, ApiError> {
+    pub(crate) fn from_fields(f: &SamplingFields) -> Result<Self, ApiError> {
         let stream = f.stream.unwrap_or(false);
         let (include_usage, continuous_usage) = match &f.stream_options {
             Some(_) if !stream => {
@@ -151,7 +151,7 @@ impl StreamPlan {
 }
 
 /// Where the limits are checked, and which names errors blame.
-pub struct LengthCheck<'a> {
+pub(crate) struct LengthCheck<'a> {
     pub max_model_len: u32,
     /// "prompt" or "messages".
     pub prompt_param: &'a str,
@@ -161,7 +161,7 @@ pub struct LengthCheck<'a> {
 
 /// The engine's parameters for one prompt of `prompt_len` tokens. `max_tokens`
 /// `None` means all the room the context has left (vLLM's default).
-pub fn sampling_params(
+pub(crate) fn sampling_params(
     f: &SamplingFields,
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
@@ -221,7 +221,7 @@ pub fn sampling_params(
         constraint: None,
     };
     sampler::validate(&p, vocab_size)
-        .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.to_string()))?;
+        .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.clone()))?;
     Ok(p)
 }
 
@@ -261,7 +261,7 @@ fn logit_bias(map: Option<&std::collections::BTreeMap<String, f64>>, vocab_size:
 }
 
 /// A `model` field must name a served model; absent means the first one.
-pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<String, ApiError> {
+pub(crate) fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<String, ApiError> {
     match requested {
         None => served.first().cloned().ok_or_else(|| ApiError::internal("no model is served")),
         Some(m) if served.iter().any(|s| s == m) => Ok(m.to_string()),
@@ -271,12 +271,12 @@ pub fn resolve_model(requested: Option<&str>, served: &[String]) -> Result<Strin
 
 /// Deserialize helper for tests that hold a `Value` already.
 #[cfg(test)]
-pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     parse_json(&serde_json::to_vec(&v).map_err(|e| ApiError::bad_request(e.to_string()))?)
 }
 
 /// vLLM's `X-data-parallel-rank` header: send the request to that engine rank.
-pub fn data_parallel_rank(headers: &axum::http::HeaderMap) -> Result<Option<u32>, ApiError> {
+pub(crate) fn data_parallel_rank(headers: &axum::http::HeaderMap) -> Result<Option<u32>, ApiError> {
     let Some(v) = headers.get("x-data-parallel-rank") else { return Ok(None) };
     v.to_str()
         .ok()

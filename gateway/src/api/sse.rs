@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::errors::ApiError;
 
 /// One `data:` event holding `value` as JSON.
-pub fn event<T: Serialize>(value: &T) -> Bytes {
+pub(crate) fn event<T: Serialize>(value: &T) -> Bytes {
     match serde_json::to_vec(value) {
         Ok(json) => {
             let mut buf = Vec::with_capacity(json.len() + 8);
@@ -32,21 +32,21 @@ pub fn event<T: Serialize>(value: &T) -> Bytes {
 }
 
 /// An error after streaming began: the OpenAI error object as an event.
-pub fn error_event(e: &ApiError) -> Bytes {
+pub(crate) fn error_event(e: &ApiError) -> Bytes {
     Bytes::from(format!("data: {}\n\n", e.to_json()))
 }
 
-pub fn done() -> Bytes {
+pub(crate) fn done() -> Bytes {
     Bytes::from_static(b"data: [DONE]\n\n")
 }
 
 /// Something that yields SSE bytes until it returns `None`.
-pub trait EventSource: Send + 'static {
+pub(crate) trait EventSource: Send + 'static {
     fn next_bytes(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
 }
 
 /// A 200 `text/event-stream` response pulling its body from `src`.
-pub fn response<S: EventSource>(src: S) -> Response {
+pub(crate) fn response<S: EventSource>(src: S) -> Response {
     let stream = futures_util::stream::unfold(src, |mut s| async move {
         s.next_bytes().await.map(|b| (Ok::<Bytes, Infallible>(b), s))
     });
@@ -54,7 +54,7 @@ pub fn response<S: EventSource>(src: S) -> Response {
 }
 
 /// A 200 `text/event-stream` response whose body is `stream`, already framed.
-pub fn stream_response(stream: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
+pub(crate) fn stream_response(stream: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
@@ -67,7 +67,7 @@ pub fn stream_response(stream: impl futures_util::Stream<Item = Result<Bytes, In
 
 /// One API's stream: where its deltas come from, and the bytes each becomes
 /// in that API's wire format. The loop around them is [`DeltaStream`]'s.
-pub trait ChunkShape: Send + 'static {
+pub(crate) trait ChunkShape: Send + 'static {
     /// The typed delta the stream renders (a [`super::generation::ChoiceDelta`],
     /// a [`super::output::ChatStep`]).
     type Delta: Send;
@@ -93,7 +93,7 @@ pub trait ChunkShape: Send + 'static {
 
 /// An output streamed as SSE: chunks as deltas arrive, then the shape's end
 /// (or its error chunks if the generation fails).
-pub struct DeltaStream<S> {
+pub(crate) struct DeltaStream<S> {
     shape: S,
     pending: std::collections::VecDeque<Bytes>,
     done: bool,
@@ -102,7 +102,7 @@ pub struct DeltaStream<S> {
 impl<S: ChunkShape> DeltaStream<S> {
     /// `first`: chunks that open the stream (chat's role chunks, the
     /// Responses API's `response.created`).
-    pub fn new(shape: S, first: Vec<Bytes>) -> Self {
+    pub(crate) fn new(shape: S, first: Vec<Bytes>) -> Self {
         DeltaStream { shape, pending: first.into(), done: false }
     }
 }

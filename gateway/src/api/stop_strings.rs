@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 /// What one piece of text led to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StopCheck {
+pub(crate) enum StopCheck {
     /// Text safe to send now (maybe empty: all of it is held back).
     Continue(String),
     /// A stop string matched: `text` is the last text to send (up to the match, or
@@ -23,7 +23,7 @@ pub enum StopCheck {
 /// whatever the number of strings, and a sorted copy answers "could this tail
 /// still grow into one?" by binary search.
 #[derive(Debug)]
-pub struct StopSet {
+pub(crate) struct StopSet {
     stops: Vec<String>,
     /// Leftmost-first: the earliest match wins, and at one position the stop
     /// string listed first (OpenAI's and vLLM's order).
@@ -35,7 +35,7 @@ pub struct StopSet {
 impl StopSet {
     /// Empty stop strings are dropped: they would match before any text. The
     /// gateway bounds their number and total length before this (`limits`).
-    pub fn new(stops: Vec<String>) -> Arc<StopSet> {
+    pub(crate) fn new(stops: Vec<String>) -> Arc<StopSet> {
         let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
         let automaton = (!stops.is_empty())
             .then(|| {
@@ -48,7 +48,7 @@ impl StopSet {
         let mut sorted = stops.clone();
         sorted.sort();
         sorted.dedup();
-        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let longest = stops.iter().map(std::string::String::len).max().unwrap_or(0);
         Arc::new(StopSet { stops, automaton, sorted, longest })
     }
 
@@ -67,25 +67,25 @@ impl StopSet {
 }
 
 #[derive(Clone, Debug)]
-pub struct StopChecker {
+pub(crate) struct StopChecker {
     set: Arc<StopSet>,
     include_stop_str: bool,
     held: String,
 }
 
 impl StopChecker {
-    pub fn new(set: Arc<StopSet>, include_stop_str_in_output: bool) -> Self {
+    pub(crate) fn new(set: Arc<StopSet>, include_stop_str_in_output: bool) -> Self {
         StopChecker { set, include_stop_str: include_stop_str_in_output, held: String::new() }
     }
 
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.set.is_empty()
     }
 
     /// Feed the next piece of text. With `check` false (fewer than `min_tokens`
     /// generated) matches are not looked for, but possible prefixes are still held.
-    pub fn push(&mut self, piece: &str, check: bool) -> StopCheck {
+    pub(crate) fn push(&mut self, piece: &str, check: bool) -> StopCheck {
         self.held.push_str(piece);
         let Some(ac) = &self.set.automaton else {
             return StopCheck::Continue(std::mem::take(&mut self.held));
@@ -107,7 +107,7 @@ impl StopChecker {
     }
 
     /// The sequence ended without a match: whatever was held back is plain text.
-    pub fn finish(&mut self) -> String {
+    pub(crate) fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
 
@@ -133,7 +133,7 @@ mod tests {
     /// Feed pieces; return (all text released, the match if any). The reference is
     /// the whole text cut at the first occurrence found by a plain search.
     fn run(stops: &[&str], include: bool, pieces: &[&str]) -> (String, Option<String>) {
-        let mut c = StopChecker::new(StopSet::new(stops.iter().map(|s| s.to_string()).collect()), include);
+        let mut c = StopChecker::new(StopSet::new(stops.iter().map(std::string::ToString::to_string).collect()), include);
         let mut out = String::new();
         for p in pieces {
             match c.push(p, true) {

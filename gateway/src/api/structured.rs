@@ -15,7 +15,7 @@ use super::AppState;
 /// The request fields that ask for a structured output (both endpoints).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct StructuredFields {
+pub(crate) struct StructuredFields {
     pub response_format: Option<ResponseFormat>,
     pub structured_outputs: Option<StructuredOutputs>,
     pub guided_json: Option<Value>,
@@ -28,7 +28,7 @@ pub struct StructuredFields {
 /// OpenAI's `response_format`: `text`, `json_object` or `json_schema`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct ResponseFormat {
+pub(crate) struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
     pub json_schema: Option<JsonSchemaFormat>,
@@ -36,7 +36,7 @@ pub struct ResponseFormat {
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct JsonSchemaFormat {
+pub(crate) struct JsonSchemaFormat {
     pub name: Option<String>,
     pub description: Option<String>,
     /// OpenAI's field is `schema`; vLLM also reads `json_schema`.
@@ -49,7 +49,7 @@ pub struct JsonSchemaFormat {
 /// vLLM's `structured_outputs`: exactly one of its constraint fields.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct StructuredOutputs {
+pub(crate) struct StructuredOutputs {
     pub json: Option<Value>,
     pub regex: Option<String>,
     pub choice: Option<Vec<String>>,
@@ -167,7 +167,7 @@ fn asked(f: &StructuredFields) -> Result<Vec<Asked>, ApiError> {
 
 /// The one constraint the fields ask for, if any. More than one is a 400,
 /// as in vLLM.
-pub fn requested(f: &StructuredFields) -> Result<Option<(&'static str, Constraint)>, ApiError> {
+pub(crate) fn requested(f: &StructuredFields) -> Result<Option<(&'static str, Constraint)>, ApiError> {
     let mut all = asked(f)?;
     if all.len() > 1 {
         let names: Vec<&str> = all.iter().map(|a| a.param).collect();
@@ -181,7 +181,7 @@ pub fn requested(f: &StructuredFields) -> Result<Option<(&'static str, Constrain
 
 /// Compiles `c` against the model's vocabulary (`env`, or why there is none):
 /// Err is the 400 naming `param`.
-pub fn check(env: Result<GrammarEnv, String>, param: &str, c: &Constraint) -> Result<(), ApiError> {
+pub(crate) fn check(env: Result<GrammarEnv, String>, param: &str, c: &Constraint) -> Result<(), ApiError> {
     let env = env.map_err(|e| ApiError::invalid_param(param, format!("Structured outputs are not available for this model: {e}")))?;
     compile(&env, c).map(drop).map_err(|ConstraintError(e)| ApiError::invalid_param(param, format!("Invalid structured outputs constraint: {e}")))
 }
@@ -189,7 +189,7 @@ pub fn check(env: Result<GrammarEnv, String>, param: &str, c: &Constraint) -> Re
 /// The checked constraint of a request, compiled off the async workers (a
 /// big schema takes milliseconds; the first request also builds the
 /// vocabulary's trie).
-pub async fn constraint(state: &AppState, f: &StructuredFields) -> Result<Option<Constraint>, ApiError> {
+pub(crate) async fn constraint(state: &AppState, f: &StructuredFields) -> Result<Option<Constraint>, ApiError> {
     let Some((param, c)) = requested(f)? else { return Ok(None) };
     let holder = state.clone();
     state.text_work(move || check(holder.grammar_env(), param, &c).map(|()| Some(c))).await

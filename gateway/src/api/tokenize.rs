@@ -12,7 +12,7 @@ use super::types::{DetokenizeRequest, OpenAiMessage, TokenizeRequest};
 use super::AppState;
 
 #[derive(Serialize, Debug, PartialEq)]
-pub struct TokenizeResponse {
+pub(crate) struct TokenizeResponse {
     pub count: usize,
     pub max_model_len: u32,
     pub tokens: Vec<u32>,
@@ -20,13 +20,13 @@ pub struct TokenizeResponse {
 }
 
 #[derive(Serialize, Debug, PartialEq)]
-pub struct DetokenizeResponse {
+pub(crate) struct DetokenizeResponse {
     pub prompt: String,
 }
 
 /// `prompt` is tokenized as completions would (special tokens added by default);
 /// `messages` go through the chat template as chat would (none added by default).
-pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
+pub(crate) async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
     if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| match &req.messages {
         Some(m) => super::limits::check_messages(m),
         None => super::limits::check_prompt_chars("prompt", req.prompt.as_ref().map_or(0, |p| p.chars().count())),
@@ -49,7 +49,7 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
             _ => return Err(ApiError::bad_request("Provide exactly one of `prompt` or `messages`.")),
         };
         let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
-            tokens.iter().map(|&t| tok.id_to_piece(t).map(|p| p.to_string()).unwrap_or_default()).collect()
+            tokens.iter().map(|&t| tok.id_to_piece(t).unwrap_or_default()).collect()
         });
         Ok(TokenizeResponse { count: tokens.len(), max_model_len: state.max_model_len, tokens, token_strs })
     };
@@ -59,7 +59,7 @@ pub async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<Tok
     }
 }
 
-pub async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
+pub(crate) async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
     let st = state.clone();
     let run = move || -> Result<DetokenizeResponse, ApiError> {
         let state = st;

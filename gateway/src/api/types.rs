@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// fields (`tool_calls` of an assistant message, `tool_call_id` and `name` of a
 /// tool's answer, ...) are kept as they came, for the chat template.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-pub struct OpenAiMessage {
+pub(crate) struct OpenAiMessage {
     pub role: String,
     #[serde(default, deserialize_with = "content_text")]
     pub content: String,
@@ -25,12 +25,12 @@ pub struct OpenAiMessage {
 }
 
 impl OpenAiMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub(crate) fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         OpenAiMessage { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
     }
 
     /// The message as the engine's chat template takes it.
-    pub fn to_template(&self) -> ChatMessage {
+    pub(crate) fn to_template(&self) -> ChatMessage {
         ChatMessage { role: self.role.clone(), content: self.content.clone(), extra: self.extra.clone() }
     }
 }
@@ -84,7 +84,7 @@ fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 /// `prompt` of /v1/completions: text, texts, token ids, or lists of token ids.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
-pub enum Prompt {
+pub(crate) enum Prompt {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
@@ -94,13 +94,13 @@ pub enum Prompt {
 /// `stop`: one string or several.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
-pub enum StopSpec {
+pub(crate) enum StopSpec {
     One(String),
     Many(Vec<String>),
 }
 
 impl StopSpec {
-    pub fn into_vec(self) -> Vec<String> {
+    pub(crate) fn into_vec(self) -> Vec<String> {
         match self {
             StopSpec::One(s) => vec![s],
             StopSpec::Many(v) => v,
@@ -110,7 +110,7 @@ impl StopSpec {
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct StreamOptions {
+pub(crate) struct StreamOptions {
     pub include_usage: Option<bool>,
     pub continuous_usage_stats: Option<bool>,
 }
@@ -118,7 +118,7 @@ pub struct StreamOptions {
 /// The sampling and stopping fields both endpoints share (vLLM's extras included).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct SamplingFields {
+pub(crate) struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub n: Option<u32>,
@@ -149,7 +149,7 @@ pub struct SamplingFields {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Option<Prompt>,
     pub max_tokens: Option<u32>,
@@ -162,7 +162,7 @@ pub struct CompletionRequest {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct ChatCompletionRequest {
+pub(crate) struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<OpenAiMessage>>,
     pub max_tokens: Option<u32>,
@@ -181,7 +181,7 @@ pub struct ChatCompletionRequest {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct TokenizeRequest {
+pub(crate) struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<OpenAiMessage>>,
@@ -195,7 +195,7 @@ pub struct TokenizeRequest {
 /// (checked by `chat::render_options`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct TemplateFields {
+pub(crate) struct TemplateFields {
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
     /// A template for this request instead of the model's (needs
@@ -206,7 +206,7 @@ pub struct TemplateFields {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
-pub struct DetokenizeRequest {
+pub(crate) struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Option<Vec<u32>>,
 }
@@ -214,7 +214,7 @@ pub struct DetokenizeRequest {
 // ---------------------------------------------------------------- responses
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub prompt_tokens: u32,
     pub total_tokens: u32,
     pub completion_tokens: u32,
@@ -223,13 +223,13 @@ pub struct Usage {
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct PromptTokensDetails {
+pub(crate) struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+    pub(crate) fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
         Usage {
             prompt_tokens,
             completion_tokens,
@@ -238,7 +238,7 @@ impl Usage {
         }
     }
 
-    pub fn with_cached(mut self, cached_tokens: u32) -> Self {
+    pub(crate) fn with_cached(mut self, cached_tokens: u32) -> Self {
         self.prompt_tokens_details.cached_tokens = cached_tokens;
         self
     }
@@ -255,7 +255,7 @@ pub enum StopReason {
 
 /// Completions' logprobs (the legacy OpenAI shape).
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct CompletionLogprobs {
+pub(crate) struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
     pub token_logprobs: Vec<Option<f32>>,
     pub tokens: Vec<String>,
@@ -263,7 +263,7 @@ pub struct CompletionLogprobs {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct CompletionChoice {
+pub(crate) struct CompletionChoice {
     pub index: u32,
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
@@ -275,10 +275,10 @@ pub struct CompletionChoice {
 }
 
 /// Per prompt token: null for the first, then token id -> {logprob, rank, decoded_token}.
-pub type PromptLogprobs = Vec<Option<serde_json::Map<String, serde_json::Value>>>;
+pub(crate) type PromptLogprobs = Vec<Option<serde_json::Map<String, serde_json::Value>>>;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct CompletionResponse {
+pub(crate) struct CompletionResponse {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
@@ -289,7 +289,7 @@ pub struct CompletionResponse {
 
 /// One SSE event of a streamed completion (`usage` only when asked for).
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct CompletionChunk {
+pub(crate) struct CompletionChunk {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
@@ -301,12 +301,12 @@ pub struct CompletionChunk {
 
 /// Chat's logprobs: `{"content": [ {token, logprob, bytes, top_logprobs} ]}`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct ChatLogprobs {
+pub(crate) struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatTokenLogprob {
+pub(crate) struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
@@ -314,14 +314,14 @@ pub struct ChatTokenLogprob {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatTopLogprob {
+pub(crate) struct ChatTopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatResponseMessage {
+pub(crate) struct ChatResponseMessage {
     pub role: &'static str,
     pub content: String,
     pub tool_calls: Vec<ChatToolCall>,
@@ -329,7 +329,7 @@ pub struct ChatResponseMessage {
 
 /// A tool call in a chat response's message.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatToolCall {
+pub(crate) struct ChatToolCall {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -337,7 +337,7 @@ pub struct ChatToolCall {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatFunctionCall {
+pub(crate) struct ChatFunctionCall {
     pub name: String,
     pub arguments: String,
 }
@@ -345,7 +345,7 @@ pub struct ChatFunctionCall {
 /// A piece of a tool call in a chunk's `delta.tool_calls`: `id`, `type` and
 /// the function's name come with the call's first piece only.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatToolCallDelta {
+pub(crate) struct ChatToolCallDelta {
     pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -355,14 +355,14 @@ pub struct ChatToolCallDelta {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatFunctionDelta {
+pub(crate) struct ChatFunctionDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub arguments: String,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatChoice {
+pub(crate) struct ChatChoice {
     pub index: u32,
     pub message: ChatResponseMessage,
     pub logprobs: Option<ChatLogprobs>,
@@ -371,7 +371,7 @@ pub struct ChatChoice {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatCompletionResponse {
+pub(crate) struct ChatCompletionResponse {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
@@ -383,7 +383,7 @@ pub struct ChatCompletionResponse {
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct ChatDelta {
+pub(crate) struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -393,7 +393,7 @@ pub struct ChatDelta {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatStreamChoice {
+pub(crate) struct ChatStreamChoice {
     pub index: u32,
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
@@ -404,7 +404,7 @@ pub struct ChatStreamChoice {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ChatCompletionChunk {
+pub(crate) struct ChatCompletionChunk {
     pub id: String,
     pub object: &'static str,
     pub created: u64,

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-pub use super::http_types::HttpVersion;
+pub(crate) use super::http_types::HttpVersion;
 
 /// Where the prompts come from.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DatasetName {
+pub(crate) enum DatasetName {
     /// Synthetic prompts of about --random-input-len tokens.
     Random,
     /// A JSON-lines file: one object per line with "prompt" and optional "output_len".
@@ -21,7 +21,7 @@ pub enum DatasetName {
 
 /// `ferry bench serve`: load an OpenAI-compatible server and measure it.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
-pub struct BenchServeArgs {
+pub(crate) struct BenchServeArgs {
     /// Server base URL, e.g. http://127.0.0.1:8000 or https://127.0.0.1:8443.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub base_url: String,
@@ -146,14 +146,14 @@ fn parse_extra_body(s: &str) -> Result<serde_json::Map<String, serde_json::Value
 
 /// `ferry bench compare`: print saved results side by side.
 #[derive(clap::Args, Debug, Clone)]
-pub struct BenchCompareArgs {
+pub(crate) struct BenchCompareArgs {
     /// Result files written by `ferry bench serve --save-result`; ratios are to the first.
     #[arg(required = true, num_args = 1..)]
     pub files: Vec<PathBuf>,
 }
 
 /// The metrics that can carry percentiles, in report order.
-pub const METRIC_NAMES: [&str; 4] = ["ttft", "tpot", "itl", "e2el"];
+pub(crate) const METRIC_NAMES: [&str; 4] = ["ttft", "tpot", "itl", "e2el"];
 
 fn parse_rate(s: &str) -> Result<f64, String> {
     let t = s.trim().to_ascii_lowercase();
@@ -170,7 +170,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 /// Parses "50,90,99" into percentiles, each in [0, 100].
-pub fn parse_percentiles(s: &str) -> Result<Vec<f64>> {
+pub(crate) fn parse_percentiles(s: &str) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let p: f64 = part
@@ -185,7 +185,7 @@ pub fn parse_percentiles(s: &str) -> Result<Vec<f64>> {
 }
 
 /// Parses "ttft,tpot,itl" into known metric names.
-pub fn parse_percentile_metrics(s: &str) -> Result<Vec<String>> {
+pub(crate) fn parse_percentile_metrics(s: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let m = part.to_ascii_lowercase();
@@ -201,7 +201,7 @@ pub fn parse_percentile_metrics(s: &str) -> Result<Vec<String>> {
 
 impl BenchServeArgs {
     /// Checks the combinations clap cannot express, with messages that say what to change.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.num_prompts == 0 {
             bail!("--num-prompts must be at least 1");
         }
@@ -275,7 +275,7 @@ impl BenchServeArgs {
 
 /// Which OpenAI API the endpoint path names; chat is matched first because its
 /// path also ends in "completions".
-pub fn endpoint_kind(endpoint: &str) -> Option<super::http_types::EndpointKind> {
+pub(crate) fn endpoint_kind(endpoint: &str) -> Option<super::http_types::EndpointKind> {
     use super::request::EndpointKind;
     let path = endpoint.split('?').next().unwrap_or(endpoint).trim_end_matches('/');
     if path.ends_with("/chat/completions") {

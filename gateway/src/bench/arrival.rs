@@ -9,7 +9,7 @@
 use super::rng::Rng;
 
 /// Offsets in seconds from the run's start, one per request, non-decreasing.
-pub fn arrival_offsets(n: usize, rate: f64, burstiness: f64, rng: &mut Rng) -> Vec<f64> {
+pub(crate) fn arrival_offsets(n: usize, rate: f64, burstiness: f64, rng: &mut Rng) -> Vec<f64> {
     if n == 0 {
         return Vec::new();
     }
@@ -39,7 +39,7 @@ pub fn arrival_offsets(n: usize, rate: f64, burstiness: f64, rng: &mut Rng) -> V
 
 /// The gaps between successive offsets (the first gap is from 0).
 #[cfg(test)]
-pub fn gaps(offsets: &[f64]) -> Vec<f64> {
+pub(crate) fn gaps(offsets: &[f64]) -> Vec<f64> {
     let mut prev = 0.0;
     offsets
         .iter()

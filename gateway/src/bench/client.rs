@@ -24,19 +24,19 @@ use super::record::{Failure, FailureKind};
 use super::tls::{client_config, Trust};
 
 /// A response whose body is still arriving.
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     pub body: Body,
 }
 
-pub enum Body {
+pub(crate) enum Body {
     Hyper(hyper::body::Incoming),
     H3(Box<H3Body>),
 }
 
 impl Body {
     /// The next piece of the body; Ok(None) at a clean end.
-    pub async fn chunk(&mut self) -> Result<Option<Bytes>, Failure> {
+    pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, Failure> {
         match self {
             Body::Hyper(b) => loop {
                 match b.frame().await {
@@ -54,7 +54,7 @@ impl Body {
     }
 
     /// Reads the rest of the body (for error responses), at most `limit` bytes.
-    pub async fn read_to_string(&mut self, limit: usize) -> String {
+    pub(crate) async fn read_to_string(&mut self, limit: usize) -> String {
         let mut out = Vec::new();
         while out.len() < limit {
             match self.chunk().await {
@@ -69,7 +69,7 @@ impl Body {
 
 type HyperClient = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
 
-pub enum Client {
+pub(crate) enum Client {
     Hyper { client: HyperClient, base: String },
     H3(H3Client),
 }
@@ -77,7 +77,7 @@ pub enum Client {
 impl Client {
     /// Builds the client; HTTP/3 connects at once (one connection for the run),
     /// hyper connects lazily and pools.
-    pub async fn new(base_url: &str, version: HttpVersion, trust: Option<&Trust>) -> Result<Client> {
+    pub(crate) async fn new(base_url: &str, version: HttpVersion, trust: Option<&Trust>) -> Result<Client> {
         let base = base_url.trim_end_matches('/').to_string();
         let uri: Uri = base.parse().with_context(|| format!("bad --base-url {base_url:?}"))?;
         let https = uri.scheme_str() == Some("https");
@@ -112,7 +112,7 @@ impl Client {
     }
 
     /// POSTs a JSON body to `path` and returns once the response head arrived.
-    pub async fn post_json(&self, path: &str, body: Bytes) -> Result<Response, Failure> {
+    pub(crate) async fn post_json(&self, path: &str, body: Bytes) -> Result<Response, Failure> {
         match self {
             Client::Hyper { client, base } => {
                 let req = base_request(http::Method::POST, &format!("{base}{path}"))
@@ -128,7 +128,7 @@ impl Client {
     }
 
     /// GETs `path`.
-    pub async fn get(&self, path: &str) -> Result<Response, Failure> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Response, Failure> {
         match self {
             Client::Hyper { client, base } => {
                 let req = base_request(http::Method::GET, &format!("{base}{path}"))
@@ -142,7 +142,7 @@ impl Client {
     }
 
     /// Closes the HTTP/3 connection politely; hyper's pool closes on drop.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         if let Client::H3(c) = self {
             c.close().await;
         }
@@ -199,7 +199,7 @@ fn classify_hyper_error(e: &hyper::Error) -> Failure {
 
 /// Dials TCP (and TLS for https://) for hyper's pool.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
@@ -240,7 +240,7 @@ impl tower_service::Service<Uri> for Connector {
 }
 
 /// A TCP stream, plain or wrapped in TLS.
-pub enum MaybeTls {
+pub(crate) enum MaybeTls {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

@@ -21,12 +21,12 @@ const FIXED_ROWS: &[(&str, &str)] = &[
     ("max_concurrent_requests", "Peak concurrent requests"),
 ];
 
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub label: String,
     pub value: Value,
 }
 
-pub fn load(path: &Path) -> Result<Loaded> {
+pub(crate) fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let value: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     if !value.is_object() || value.get("request_throughput").is_none() {
@@ -74,7 +74,7 @@ fn capitalize(s: &str) -> String {
 }
 
 /// The comparison table as text.
-pub fn render(files: &[Loaded]) -> String {
+pub(crate) fn render(files: &[Loaded]) -> String {
     let mut rows: Vec<(String, String)> = FIXED_ROWS.iter().map(|(k, l)| (k.to_string(), l.to_string())).collect();
     if let Some(first) = files.first() {
         rows.extend(latency_rows(&first.value));
@@ -88,13 +88,13 @@ pub fn render(files: &[Loaded]) -> String {
     s.push('\n');
     let _ = writeln!(s, "{}", "-".repeat(34 + files.len() * (col + 1)));
     for (key, label) in rows {
-        let base = files.first().and_then(|f| f.value.get(&key)).and_then(|v| v.as_f64());
+        let base = files.first().and_then(|f| f.value.get(&key)).and_then(serde_json::Value::as_f64);
         let _ = write!(s, "{label:<34}");
         for (i, f) in files.iter().enumerate() {
             let raw = f.value.get(&key);
             // Counts print as integers, measurements with two decimals.
             let shown = |v: f64| if raw.is_some_and(|r| r.is_u64() || r.is_i64()) { format!("{v:.0}") } else { format!("{v:.2}") };
-            let cell = match raw.and_then(|v| v.as_f64()) {
+            let cell = match raw.and_then(serde_json::Value::as_f64) {
                 None => "-".to_string(),
                 Some(v) if i == 0 => shown(v),
                 Some(v) => match base {

@@ -18,7 +18,7 @@ use super::rng::Rng;
 
 /// One request to send.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SampleRequest {
+pub(crate) struct SampleRequest {
     pub prompt: String,
     /// Prompt length as this client estimates it (words for random prompts,
     /// whitespace-separated words for JSONL); the server's count replaces it.
@@ -29,7 +29,7 @@ pub struct SampleRequest {
 
 /// Parameters of the random dataset, as vLLM's --random-* flags.
 #[derive(Debug, Clone, Copy)]
-pub struct RandomSpec {
+pub(crate) struct RandomSpec {
     pub num_requests: usize,
     pub input_len: usize,
     pub output_len: usize,
@@ -76,7 +76,7 @@ fn random_words(rng: &mut Rng, n: usize, out: &mut String) {
 }
 
 /// Integer bounds vLLM uses for a length with a range ratio: floor(len*(1-r)) ..= ceil(len*(1+r)).
-pub fn length_bounds(len: usize, ratio: f64) -> (usize, usize) {
+pub(crate) fn length_bounds(len: usize, ratio: f64) -> (usize, usize) {
     let lo = (len as f64 * (1.0 - ratio)).floor() as usize;
     let hi = (len as f64 * (1.0 + ratio)).ceil() as usize;
     (lo, hi.max(lo))
@@ -85,7 +85,7 @@ pub fn length_bounds(len: usize, ratio: f64) -> (usize, usize) {
 /// Synthetic prompts: a shared prefix of `prefix_len` words, then a per-request
 /// body whose length is drawn uniformly from the range-ratio bounds; output
 /// lengths are drawn the same way (at least 1), as in vLLM's RandomDataset.
-pub fn random_dataset(spec: &RandomSpec) -> Result<Vec<SampleRequest>> {
+pub(crate) fn random_dataset(spec: &RandomSpec) -> Result<Vec<SampleRequest>> {
     if !(0.0..1.0).contains(&spec.range_ratio) {
         bail!("random range ratio must be in [0, 1), got {}", spec.range_ratio);
     }
@@ -123,7 +123,7 @@ pub fn random_dataset(spec: &RandomSpec) -> Result<Vec<SampleRequest>> {
 /// Reads a JSONL file: each non-blank line an object with a string "prompt" and
 /// an optional positive integer "output_len" (else `default_output_len`). When
 /// the file has fewer rows than `num_requests`, rows are reused in order.
-pub fn jsonl_dataset(
+pub(crate) fn jsonl_dataset(
     path: &Path,
     num_requests: usize,
     default_output_len: usize,

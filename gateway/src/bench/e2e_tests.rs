@@ -103,7 +103,7 @@ fn plan_for(body: &[u8], seen: &Seen) -> Vec<Act> {
         .or_else(|| v.pointer("/messages/0/content").and_then(|p| p.as_str()))
         .unwrap_or("")
         .to_string();
-    let max_tokens = v.get("max_tokens").and_then(|m| m.as_u64()).unwrap_or(4);
+    let max_tokens = v.get("max_tokens").and_then(serde_json::Value::as_u64).unwrap_or(4);
     seen.bodies.lock().unwrap().push(v);
     script(&prompt, max_tokens)
 }
@@ -193,11 +193,11 @@ async fn h1_conn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut so
         for act in plan_for(&body, &seen) {
             match act {
                 Act::Head200 => {
-                    sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await?
+                    sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n").await?;
                 }
                 Act::Error500(b) => {
                     let r = format!("HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len());
-                    sock.write_all(r.as_bytes()).await?
+                    sock.write_all(r.as_bytes()).await?;
                 }
                 Act::Chunk(c) => sock.write_all(format!("{:x}\r\n{c}\r\n", c.len()).as_bytes()).await?,
                 Act::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -244,7 +244,7 @@ async fn h2_server_tls(seen: Arc<Seen>, tls: Option<tokio_rustls::TlsAcceptor>) 
                     async move {
                         let (tx, rx) = tokio::sync::mpsc::channel(64);
                         let is_models = req.uri().path() == "/v1/models";
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = req.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
                         let acts = if is_models {
                             vec![Act::Chunk(MODELS_JSON.into()), Act::Finish]
                         } else {

@@ -16,7 +16,7 @@ use super::tls::{client_config, Trust};
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 type RequestStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-pub struct H3Client {
+pub(crate) struct H3Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     send: SendRequest,
@@ -25,12 +25,12 @@ pub struct H3Client {
 }
 
 /// The body of an HTTP/3 response.
-pub struct H3Body {
+pub(crate) struct H3Body {
     stream: RequestStream,
 }
 
 impl H3Body {
-    pub async fn chunk(&mut self) -> Result<Option<Bytes>, Failure> {
+    pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, Failure> {
         match self.stream.recv_data().await {
             Ok(Some(mut buf)) => Ok(Some(buf.copy_to_bytes(buf.remaining()))),
             Ok(None) => Ok(None),
@@ -55,7 +55,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
 impl H3Client {
     /// Resolves the host, performs the QUIC + TLS 1.3 handshake (ALPN "h3") and
     /// the HTTP/3 SETTINGS exchange, and starts the connection's driver task.
-    pub async fn connect(uri: &Uri, trust: &Trust) -> Result<H3Client> {
+    pub(crate) async fn connect(uri: &Uri, trust: &Trust) -> Result<H3Client> {
         let host = uri.host().ok_or_else(|| anyhow!("URL has no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(443);
@@ -100,7 +100,7 @@ impl H3Client {
     }
 
     /// Sends a request; the status and the body still to be read.
-    pub async fn request(&self, method: http::Method, path: &str, body: Option<Bytes>) -> Result<(u16, H3Body), Failure> {
+    pub(crate) async fn request(&self, method: http::Method, path: &str, body: Option<Bytes>) -> Result<(u16, H3Body), Failure> {
         let mut b = base_request(method, &format!("{}{path}", self.origin));
         if body.is_some() {
             b = b
@@ -120,7 +120,7 @@ impl H3Client {
         Ok((resp.status().as_u16(), H3Body { stream }))
     }
 
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.conn.close(0u32.into(), b"done");
         // Give the CONNECTION_CLOSE a moment to leave, without waiting on a dead peer.
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;

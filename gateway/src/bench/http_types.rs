@@ -5,7 +5,7 @@
 
 /// Which HTTP version the benchmark client speaks.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum HttpVersion {
+pub(crate) enum HttpVersion {
     /// HTTP/1.1 (one request per connection at a time; a pool of connections).
     #[value(name = "1.1")]
     #[serde(rename = "1.1")]
@@ -21,7 +21,7 @@ pub enum HttpVersion {
 }
 
 impl HttpVersion {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             HttpVersion::Http11 => "HTTP/1.1",
             HttpVersion::Http2 => "HTTP/2",
@@ -33,13 +33,13 @@ impl HttpVersion {
 /// Which OpenAI endpoint a run drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EndpointKind {
+pub(crate) enum EndpointKind {
     Completions,
     Chat,
 }
 
 /// A request builder with the bearer token from OPENAI_API_KEY, as vLLM's client sends.
-pub fn base_request(method: http::Method, uri: &str) -> http::request::Builder {
+pub(crate) fn base_request(method: http::Method, uri: &str) -> http::request::Builder {
     let mut b = http::Request::builder().method(method).uri(uri);
     if let Ok(key) = std::env::var("OPENAI_API_KEY") {
         if !key.is_empty() {
@@ -50,7 +50,7 @@ pub fn base_request(method: http::Method, uri: &str) -> http::request::Builder {
 }
 
 /// The full error text: hyper's outer errors hide the useful cause in `source()`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

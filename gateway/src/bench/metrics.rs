@@ -11,7 +11,7 @@ use super::record::RequestRecord;
 
 /// Summary of one metric, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub mean: f64,
     pub median: f64,
     pub std: f64,
@@ -21,7 +21,7 @@ pub struct Stats {
 }
 
 /// numpy.percentile with the default "linear" method on sorted data.
-pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -33,12 +33,12 @@ pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Mean, median, population std and percentiles of `seconds`, reported in ms.
-pub fn summarize(seconds: &[f64], percentiles: &[f64]) -> Stats {
+pub(crate) fn summarize(seconds: &[f64], percentiles: &[f64]) -> Stats {
     if seconds.is_empty() {
         return Stats { percentiles: percentiles.iter().map(|&p| (p, 0.0)).collect(), ..Stats::default() };
     }
     let mut v: Vec<f64> = seconds.iter().map(|s| s * 1000.0).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
@@ -53,7 +53,7 @@ pub fn summarize(seconds: &[f64], percentiles: &[f64]) -> Stats {
 
 /// All figures of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BenchMetrics {
+pub(crate) struct BenchMetrics {
     pub completed: usize,
     pub failed: usize,
     pub duration_s: f64,
@@ -76,11 +76,11 @@ pub struct BenchMetrics {
 }
 
 /// TPOT of one request: (e2e − ttft) / (output_tokens − 1); None below 2 tokens.
-pub fn tpot(r: &RequestRecord) -> Option<f64> {
+pub(crate) fn tpot(r: &RequestRecord) -> Option<f64> {
     (r.output_tokens > 1).then(|| (r.latency - r.ttft) / (r.output_tokens - 1) as f64)
 }
 
-pub fn compute(records: &[RequestRecord], duration_s: f64, percentiles: &[f64]) -> BenchMetrics {
+pub(crate) fn compute(records: &[RequestRecord], duration_s: f64, percentiles: &[f64]) -> BenchMetrics {
     let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.success()).collect();
     let total_input: u64 = ok.iter().map(|r| r.prompt_tokens).sum();
     let total_output: u64 = ok.iter().map(|r| r.output_tokens).sum();
@@ -111,7 +111,7 @@ pub fn compute(records: &[RequestRecord], duration_s: f64, percentiles: &[f64]) 
 
 /// Content chunks bucketed per whole second from the first request's start.
 fn peak_chunks_per_second(ok: &[&RequestRecord]) -> f64 {
-    let Some(min_start) = ok.iter().map(|r| r.start_time).min_by(|a, b| a.total_cmp(b)) else {
+    let Some(min_start) = ok.iter().map(|r| r.start_time).min_by(f64::total_cmp) else {
         return 0.0;
     };
     let max_end = ok.iter().map(|r| r.start_time + r.latency).fold(min_start, f64::max);

@@ -3,21 +3,21 @@
 //! vLLM's flags, metrics and report; `ferry bench compare` sets saved results
 //! side by side.
 
-pub mod args;
-pub mod arrival;
-pub mod client;
-pub mod compare;
-pub mod dataset;
-pub mod h3_client;
-pub mod http_types;
-pub mod metrics;
-pub mod record;
-pub mod report;
-pub mod request;
-pub mod rng;
-pub mod runner;
-pub mod sse;
-pub mod tls;
+pub(crate) mod args;
+pub(crate) mod arrival;
+pub(crate) mod client;
+pub(crate) mod compare;
+pub(crate) mod dataset;
+pub(crate) mod h3_client;
+pub(crate) mod http_types;
+pub(crate) mod metrics;
+pub(crate) mod record;
+pub(crate) mod report;
+pub(crate) mod request;
+pub(crate) mod rng;
+pub(crate) mod runner;
+pub(crate) mod sse;
+pub(crate) mod tls;
 
 #[cfg(test)]
 mod e2e_tests;
@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-pub use args::{BenchCompareArgs, BenchServeArgs, DatasetName, HttpVersion};
+pub(crate) use args::{BenchCompareArgs, BenchServeArgs, DatasetName, HttpVersion};
 
 use client::Client;
 use dataset::{jsonl_dataset, random_dataset, RandomSpec};
@@ -36,14 +36,14 @@ use request::RequestSettings;
 /// Runs `ferry bench serve` and prints (and optionally saves) the report.
 /// Fails only on bad settings, an unreachable server before the run, or when
 /// every request failed (after the report is printed and saved).
-pub async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
+pub(crate) async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
     let outcome = bench_serve(&args).await?;
     print!("{}", outcome.text);
     if let Some(path) = &args.save_result {
         println!("Saved the result to {}", path.display());
     }
     if outcome.metrics.completed == 0 {
-        let first = outcome.records.iter().find_map(|r| r.failure.as_ref()).map(|f| f.to_string()).unwrap_or_default();
+        let first = outcome.records.iter().find_map(|r| r.failure.as_ref()).map(std::string::ToString::to_string).unwrap_or_default();
         bail!("all {} requests failed; first failure: {first}", outcome.records.len());
     }
     Ok(())
@@ -51,7 +51,7 @@ pub async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
 
 /// Everything a run produced; the CLI prints `text`, tests inspect the rest.
 #[cfg_attr(not(test), allow(dead_code))]
-pub struct BenchOutcome {
+pub(crate) struct BenchOutcome {
     pub text: String,
     pub metrics: metrics::BenchMetrics,
     pub records: Vec<record::RequestRecord>,
@@ -59,7 +59,7 @@ pub struct BenchOutcome {
 }
 
 /// The benchmark without printing the report (it does write --save-result).
-pub async fn bench_serve(args: &BenchServeArgs) -> Result<BenchOutcome> {
+pub(crate) async fn bench_serve(args: &BenchServeArgs) -> Result<BenchOutcome> {
     args.validate()?;
     let percentiles = args::parse_percentiles(&args.metric_percentiles)?;
     let percentile_metrics = args::parse_percentile_metrics(&args.percentile_metrics)?;
@@ -123,7 +123,7 @@ pub async fn bench_serve(args: &BenchServeArgs) -> Result<BenchOutcome> {
     eprintln!("Starting main benchmark run ({} to {}{} as {model:?})...", args.http.label(), args.base_url, args.endpoint);
     eprintln!("Traffic request rate: {}", if args.request_rate.is_finite() { args.request_rate.to_string() } else { "inf".into() });
     eprintln!("Burstiness factor: {:?} ({distribution})", args.burstiness);
-    eprintln!("Maximum request concurrency: {}", args.max_concurrency.map(|c| c.to_string()).unwrap_or_else(|| "None".into()));
+    eprintln!("Maximum request concurrency: {}", args.max_concurrency.map_or_else(|| "None".into(), |c| c.to_string()));
 
     let plan = runner::LoadPlan {
         samples,
@@ -184,7 +184,7 @@ async fn first_model(client: &Client) -> Result<String> {
 }
 
 /// Runs `ferry bench compare` and prints the table.
-pub fn run_bench_compare(args: BenchCompareArgs) -> Result<()> {
+pub(crate) fn run_bench_compare(args: BenchCompareArgs) -> Result<()> {
     if args.files.is_empty() {
         bail!("give at least one result file");
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Why a request failed; the report groups failures by this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// The server answered with a non-200 status.
     HttpStatus,
     /// The per-request --timeout passed.
@@ -29,7 +29,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             FailureKind::HttpStatus => "HTTP error status",
             FailureKind::Timeout => "timeout",
@@ -47,14 +47,14 @@ impl FailureKind {
 
 /// A failure: kind, HTTP status when there was one, and the message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub kind: FailureKind,
     pub status: Option<u16>,
     pub message: String,
 }
 
 impl Failure {
-    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure { kind, status: None, message: message.into() }
     }
 }
@@ -70,7 +70,7 @@ impl std::fmt::Display for Failure {
 
 /// Everything measured for one request; times in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RequestRecord {
+pub(crate) struct RequestRecord {
     pub index: usize,
     /// When the request was sent, from the start of the run.
     pub start_time: f64,
@@ -95,11 +95,11 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.failure.is_none()
     }
 
-    pub fn failed(index: usize, start_time: f64, queue_time: f64, prompt_estimate: u64, out_len: u64, failure: Failure) -> Self {
+    pub(crate) fn failed(index: usize, start_time: f64, queue_time: f64, prompt_estimate: u64, out_len: u64, failure: Failure) -> Self {
         RequestRecord {
             index,
             start_time,

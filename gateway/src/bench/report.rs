@@ -12,7 +12,7 @@ use super::metrics::{BenchMetrics, Stats};
 use super::record::{FailureKind, RequestRecord};
 
 /// What the report needs beyond the metrics.
-pub struct RunInfo<'a> {
+pub(crate) struct RunInfo<'a> {
     pub http_version: &'a str,
     pub base_url: &'a str,
     pub endpoint: &'a str,
@@ -25,7 +25,7 @@ pub struct RunInfo<'a> {
 }
 
 /// "99" for 99.0, "99.9" for 99.9, as vLLM names its keys.
-pub fn p_word(p: f64) -> String {
+pub(crate) fn p_word(p: f64) -> String {
     if p.fract() == 0.0 {
         format!("{}", p as i64)
     } else {
@@ -52,7 +52,7 @@ fn stats_of<'m>(m: &'m BenchMetrics, key: &str) -> &'m Stats {
 }
 
 /// Failures grouped by kind (with status for HTTP errors), counts in order.
-pub fn failure_counts(records: &[RequestRecord]) -> BTreeMap<String, usize> {
+pub(crate) fn failure_counts(records: &[RequestRecord]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for f in records.iter().filter_map(|r| r.failure.as_ref()) {
         let key = match (f.kind, f.status) {
@@ -65,7 +65,7 @@ pub fn failure_counts(records: &[RequestRecord]) -> BTreeMap<String, usize> {
 }
 
 /// The text block printed at the end of a run.
-pub fn render(info: &RunInfo<'_>, m: &BenchMetrics, records: &[RequestRecord]) -> String {
+pub(crate) fn render(info: &RunInfo<'_>, m: &BenchMetrics, records: &[RequestRecord]) -> String {
     let mut s = String::new();
     let line = |s: &mut String, label: &str, v: String| {
         let _ = writeln!(s, "{label:<40} {v:<10}");
@@ -129,10 +129,10 @@ pub fn render(info: &RunInfo<'_>, m: &BenchMetrics, records: &[RequestRecord]) -
 
 /// The saved JSON: vLLM's flat keys, the full metrics, failures, every
 /// request record and all settings.
-pub fn result_json(info: &RunInfo<'_>, settings: &Value, m: &BenchMetrics, records: &[RequestRecord]) -> Value {
+pub(crate) fn result_json(info: &RunInfo<'_>, settings: &Value, m: &BenchMetrics, records: &[RequestRecord]) -> Value {
     let mut o = Map::new();
     o.insert("ferry_bench_result_version".into(), json!(1));
-    o.insert("date_unix_s".into(), json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+    o.insert("date_unix_s".into(), json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())));
     o.insert("http_version".into(), json!(info.http_version));
     o.insert("base_url".into(), json!(info.base_url));
     o.insert("endpoint".into(), json!(info.endpoint));
@@ -176,7 +176,7 @@ pub fn result_json(info: &RunInfo<'_>, settings: &Value, m: &BenchMetrics, recor
     Value::Object(o)
 }
 
-pub fn save(path: &Path, v: &Value) -> Result<()> {
+pub(crate) fn save(path: &Path, v: &Value) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

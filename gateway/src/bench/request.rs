@@ -16,11 +16,11 @@ use super::dataset::SampleRequest;
 use super::record::{Failure, FailureKind, RequestRecord};
 use super::sse::{interpret, truncate, SseParser, StreamItem};
 
-pub use super::http_types::EndpointKind;
+pub(crate) use super::http_types::EndpointKind;
 
 /// What every request of a run shares.
 #[derive(Debug, Clone)]
-pub struct RequestSettings {
+pub(crate) struct RequestSettings {
     pub kind: EndpointKind,
     pub endpoint: String,
     pub model: String,
@@ -32,7 +32,7 @@ pub struct RequestSettings {
 }
 
 /// The JSON body for one request.
-pub fn build_body(s: &RequestSettings, prompt: &str, max_tokens: usize) -> serde_json::Value {
+pub(crate) fn build_body(s: &RequestSettings, prompt: &str, max_tokens: usize) -> serde_json::Value {
     let mut body = match s.kind {
         EndpointKind::Completions => json!({ "model": s.model, "prompt": prompt }),
         EndpointKind::Chat => json!({
@@ -69,7 +69,7 @@ struct Progress {
 
 /// Sends one request and measures it; never fails, a failure is in the record.
 /// `deadline` is the run's --max-duration end.
-pub async fn run_request(
+pub(crate) async fn run_request(
     client: &Client,
     settings: &RequestSettings,
     sample: &SampleRequest,
@@ -139,7 +139,7 @@ async fn stream_one(client: &Client, endpoint: &str, body: Bytes, sent: Instant,
             .ok()
             .and_then(|v| {
                 let e = v.get("error")?;
-                Some(e.get("message").and_then(|m| m.as_str()).map(str::to_string).unwrap_or_else(|| e.to_string()))
+                Some(e.get("message").and_then(|m| m.as_str()).map_or_else(|| e.to_string(), str::to_string))
             })
             .or_else(|| v_detail(&text))
             .unwrap_or_else(|| truncate(text.trim(), 300));
@@ -186,7 +186,7 @@ async fn stream_one(client: &Client, endpoint: &str, body: Bytes, sent: Instant,
 fn v_detail(text: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let d = v.get("detail")?;
-    Some(d.as_str().map(str::to_string).unwrap_or_else(|| truncate(&d.to_string(), 300)))
+    Some(d.as_str().map_or_else(|| truncate(&d.to_string(), 300), str::to_string))
 }
 
 /// Applies one event; Ok(true) at [DONE].

@@ -8,20 +8,20 @@
 use ferry_engine::rng::{seeded, Xoshiro256StarStar};
 use rand_distr::{Distribution, Gamma};
 
-pub struct Rng(Xoshiro256StarStar);
+pub(crate) struct Rng(Xoshiro256StarStar);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Rng(seeded(seed))
     }
 
     #[cfg(test)]
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         ferry_engine::rng::RngCore::next_u64(&mut self.0)
     }
 
     /// Uniform integer in [lo, hi] (inclusive), without modulo bias.
-    pub fn range_inclusive(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn range_inclusive(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {
             return lo;
         }
@@ -29,7 +29,7 @@ impl Rng {
     }
 
     /// Gamma deviate with shape k > 0 and scale theta (mean k * theta).
-    pub fn gamma(&mut self, shape: f64, scale: f64) -> f64 {
+    pub(crate) fn gamma(&mut self, shape: f64, scale: f64) -> f64 {
         Gamma::new(shape, scale).map_or(shape * scale, |d| d.sample(&mut self.0))
     }
 }

@@ -12,7 +12,7 @@ use super::dataset::SampleRequest;
 use super::record::{Failure, FailureKind, RequestRecord};
 use super::request::{run_request, RequestSettings};
 
-pub struct LoadPlan {
+pub(crate) struct LoadPlan {
     pub samples: Vec<SampleRequest>,
     /// Send offsets in seconds from the run's start, one per sample.
     pub arrivals: Vec<f64>,
@@ -21,7 +21,7 @@ pub struct LoadPlan {
     pub show_progress: bool,
 }
 
-pub struct LoadResult {
+pub(crate) struct LoadResult {
     /// One record per sample, in sample order.
     pub records: Vec<RequestRecord>,
     /// From the first send to the last response (or the --max-duration cut).
@@ -40,7 +40,7 @@ fn progress_bar(n: usize, show: bool) -> ProgressBar {
 }
 
 /// Runs the measured load. Never fails: every request ends as a record.
-pub async fn run_load(client: Arc<Client>, settings: Arc<RequestSettings>, plan: LoadPlan) -> LoadResult {
+pub(crate) async fn run_load(client: Arc<Client>, settings: Arc<RequestSettings>, plan: LoadPlan) -> LoadResult {
     let n = plan.samples.len();
     let samples = Arc::new(plan.samples);
     let sem = plan.max_concurrency.map(|c| Arc::new(Semaphore::new(c)));
@@ -122,7 +122,7 @@ pub async fn run_load(client: Arc<Client>, settings: Arc<RequestSettings>, plan:
 
 /// Sends `count` copies of the first prompt before the measured run (as vLLM's
 /// warmup), at most `max_concurrency` at once; returns the failures.
-pub async fn warmup(client: Arc<Client>, settings: Arc<RequestSettings>, first: &SampleRequest, count: usize, max_concurrency: Option<usize>, max_duration: Duration) -> Vec<RequestRecord> {
+pub(crate) async fn warmup(client: Arc<Client>, settings: Arc<RequestSettings>, first: &SampleRequest, count: usize, max_concurrency: Option<usize>, max_duration: Duration) -> Vec<RequestRecord> {
     if count == 0 {
         return Vec::new();
     }

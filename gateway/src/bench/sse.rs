@@ -9,14 +9,14 @@
 
 /// One complete SSE event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
+pub(crate) struct SseEvent {
     /// The `event:` name, when the server gave one ("error" matters).
     pub event: Option<String>,
     pub data: String,
 }
 
 #[derive(Default)]
-pub struct SseParser {
+pub(crate) struct SseParser {
     buf: Vec<u8>,
     event: Option<String>,
     data: Option<String>,
@@ -25,12 +25,12 @@ pub struct SseParser {
 }
 
 impl SseParser {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Feeds a body chunk; returns the events it completed.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         let mut out = Vec::new();
         let mut bytes = chunk;
         if self.pending_cr {
@@ -65,7 +65,7 @@ impl SseParser {
     }
 
     /// Ends the stream: a last event not followed by a blank line is still delivered.
-    pub fn finish(&mut self) -> Option<SseEvent> {
+    pub(crate) fn finish(&mut self) -> Option<SseEvent> {
         if !self.buf.is_empty() {
             let line = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
             let mut sink = Vec::new();
@@ -115,14 +115,14 @@ impl SseParser {
 
 /// Token counts a server reports in `usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
 }
 
 /// What one SSE event means for an OpenAI streaming response.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StreamItem {
+pub(crate) enum StreamItem {
     /// `data: [DONE]`.
     Done,
     /// A JSON chunk: `content` is the new text (None when the chunk carries none,
@@ -135,7 +135,7 @@ pub enum StreamItem {
 }
 
 /// Interprets one event of a completions or chat-completions stream.
-pub fn interpret(ev: &SseEvent) -> StreamItem {
+pub(crate) fn interpret(ev: &SseEvent) -> StreamItem {
     let data = ev.data.trim();
     if data == "[DONE]" {
         return StreamItem::Done;
@@ -149,17 +149,15 @@ pub fn interpret(ev: &SseEvent) -> StreamItem {
     if let Some(err) = v.get("error") {
         let msg = err
             .get("message")
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| err.to_string());
+            .and_then(|m| m.as_str()).map_or_else(|| err.to_string(), str::to_string);
         return StreamItem::ServerError(msg);
     }
     if ev.event.as_deref() == Some("error") {
         return StreamItem::ServerError(truncate(data, 300));
     }
     let usage = v.get("usage").filter(|u| u.is_object()).map(|u| Usage {
-        prompt_tokens: u.get("prompt_tokens").and_then(|x| x.as_u64()),
-        completion_tokens: u.get("completion_tokens").and_then(|x| x.as_u64()),
+        prompt_tokens: u.get("prompt_tokens").and_then(serde_json::Value::as_u64),
+        completion_tokens: u.get("completion_tokens").and_then(serde_json::Value::as_u64),
     });
     let choice = v.get("choices").and_then(|c| c.as_array()).and_then(|c| c.first());
     let content = choice.and_then(|c| {
@@ -178,7 +176,7 @@ pub fn interpret(ev: &SseEvent) -> StreamItem {
     StreamItem::Chunk { content, usage, has_choices: choice.is_some() }
 }
 
-pub fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

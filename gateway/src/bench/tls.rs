@@ -18,7 +18,7 @@ use rustls::pki_types::CertificateDer;
 
 /// How the client decides to trust the server certificate.
 #[derive(Debug, Clone)]
-pub enum Trust {
+pub(crate) enum Trust {
     CaFile(std::path::PathBuf),
     SpkiPin([u8; 32]),
     Insecure,
@@ -26,7 +26,7 @@ pub enum Trust {
 
 impl Trust {
     /// From the CLI flags; None when none was given (only valid for plain http).
-    pub fn from_flags(pin: Option<&str>, cacert: Option<&Path>, insecure: bool) -> Result<Option<Trust>> {
+    pub(crate) fn from_flags(pin: Option<&str>, cacert: Option<&Path>, insecure: bool) -> Result<Option<Trust>> {
         if let Some(pin) = pin {
             return Ok(Some(Trust::SpkiPin(decode_pin(pin)?)));
         }
@@ -38,7 +38,7 @@ impl Trust {
 }
 
 /// Decodes a base64 (standard or URL-safe, padded or not) SHA-256 pin.
-pub fn decode_pin(pin: &str) -> Result<[u8; 32]> {
+pub(crate) fn decode_pin(pin: &str) -> Result<[u8; 32]> {
     let p = pin.trim().trim_start_matches("sha256/");
     let engines = [
         base64::engine::general_purpose::STANDARD,
@@ -56,13 +56,13 @@ pub fn decode_pin(pin: &str) -> Result<[u8; 32]> {
     bail!("--tls-spki-pin {pin:?} is not base64")
 }
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A rustls client config for the given trust and ALPN protocols.
 /// `tls13_only` is for QUIC, which requires TLS 1.3.
-pub fn client_config(trust: &Trust, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ClientConfig> {
+pub(crate) fn client_config(trust: &Trust, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]

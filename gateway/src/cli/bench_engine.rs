@@ -13,7 +13,7 @@ use ferry_transport::{Constraint, EngineRequest, SamplingParams};
 use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
-pub struct EngineBenchArgs {
+pub(crate) struct EngineBenchArgs {
     pub model: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
@@ -89,7 +89,7 @@ fn decode_rate(
     tokens as f64 / t.elapsed().as_secs_f64()
 }
 
-pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     let mut eargs = args.engine.engine_args()?;
     let (path, name) = model_source::resolve(args.model.as_deref())?;
     let model = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &NoProgress)?;

@@ -48,7 +48,7 @@ use crate::server::{serve, ServeConfig};
 /// `ferry bench gateway`: per-token latency over HTTP/1.1, HTTP/2 and HTTP/3
 /// against calling the engine in-process.
 #[derive(clap::Args, Debug, Clone, Serialize)]
-pub struct BenchGatewayArgs {
+pub(crate) struct BenchGatewayArgs {
     /// A GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct).
     pub model: Option<String>,
     /// Prompts per path and round.
@@ -85,7 +85,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The figures of one path in one round (or their medians), in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
-pub struct PathFigures {
+pub(crate) struct PathFigures {
     pub mean_ttft_ms: f64,
     pub median_ttft_ms: f64,
     pub mean_itl_ms: f64,
@@ -95,7 +95,7 @@ pub struct PathFigures {
 }
 
 impl PathFigures {
-    pub fn from_metrics(m: &BenchMetrics) -> Self {
+    pub(crate) fn from_metrics(m: &BenchMetrics) -> Self {
         let p99 = m.itl_ms.percentiles.iter().find(|(p, _)| *p == 99.0).map_or(0.0, |(_, v)| *v);
         PathFigures {
             mean_ttft_ms: m.ttft_ms.mean,
@@ -117,11 +117,11 @@ impl PathFigures {
 
     /// Each figure's median over the rounds (numpy's median: the mean of the
     /// middle two for an even count).
-    pub fn median_of(rounds: &[PathFigures]) -> Self {
+    pub(crate) fn median_of(rounds: &[PathFigures]) -> Self {
         let mut out = [0.0; 6];
         for (k, o) in out.iter_mut().enumerate() {
             let mut v: Vec<f64> = rounds.iter().map(|r| r.fields()[k]).collect();
-            v.sort_by(|a, b| a.total_cmp(b));
+            v.sort_by(f64::total_cmp);
             *o = metrics::percentile_sorted(&v, 50.0);
         }
         PathFigures::from_fields(out)
@@ -130,7 +130,7 @@ impl PathFigures {
 
 /// What a path adds over the in-process path, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct AddedLatency {
+pub(crate) struct AddedLatency {
     pub mean_ttft_ms: f64,
     pub median_ttft_ms: f64,
     pub mean_itl_ms: f64,
@@ -138,7 +138,7 @@ pub struct AddedLatency {
     pub mean_tpot_ms: f64,
 }
 
-pub fn added_latency(path: &PathFigures, in_process: &PathFigures) -> AddedLatency {
+pub(crate) fn added_latency(path: &PathFigures, in_process: &PathFigures) -> AddedLatency {
     AddedLatency {
         mean_ttft_ms: path.mean_ttft_ms - in_process.mean_ttft_ms,
         median_ttft_ms: path.median_ttft_ms - in_process.median_ttft_ms,
@@ -156,7 +156,7 @@ fn path_label(p: Option<HttpVersion>) -> &'static str {
 }
 
 /// The table: one row per path, then the added latency of each HTTP version.
-pub fn render(medians: &[(&str, PathFigures)], rounds: usize) -> String {
+pub(crate) fn render(medians: &[(&str, PathFigures)], rounds: usize) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "{:=^98}", format!(" Gateway latency (ms, median of {rounds} round{}) ", if rounds == 1 { "" } else { "s" }));
@@ -185,7 +185,7 @@ pub fn render(medians: &[(&str, PathFigures)], rounds: usize) -> String {
 
 /// One request straight into the coordinator: TTFT from `submit` to the first
 /// token event, one gap per later event that carries tokens.
-pub async fn run_in_process_request(
+pub(crate) async fn run_in_process_request(
     coordinator: &Coordinator,
     prompt_tokens: Vec<u32>,
     sampling: SamplingParams,
@@ -274,7 +274,7 @@ async fn run_in_process(coordinator: &Coordinator, prompts: &[(Vec<u32>, Samplin
 }
 
 /// Runs `ferry bench gateway`: prints the table and saves the JSON.
-pub fn run(args: BenchGatewayArgs) -> Result<()> {
+pub(crate) fn run(args: BenchGatewayArgs) -> Result<()> {
     if args.num_prompts == 0 || args.max_concurrency == 0 || args.rounds == 0 {
         bail!("--num-prompts, --max-concurrency and --rounds must be at least 1");
     }

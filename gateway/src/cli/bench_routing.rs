@@ -37,7 +37,7 @@ use crate::engines::rank_link::SeqEvent;
 use crate::engines::routing::{RoutingConfig, RoutingPolicy};
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
-pub struct BenchRoutingArgs {
+pub(crate) struct BenchRoutingArgs {
     /// A GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct).
     pub model: Option<String>,
     /// Rank counts to run, comma-separated.
@@ -95,7 +95,7 @@ struct Trace {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RoutingRun {
+pub(crate) struct RoutingRun {
     pub ranks: u32,
     pub policy: String,
     pub requests: usize,
@@ -109,7 +109,7 @@ pub struct RoutingRun {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct MigrationPause {
+pub(crate) struct MigrationPause {
     pub moved_streams: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -125,7 +125,7 @@ struct Report {
 
 /// A trace, locked: plain data, usable after a panic elsewhere.
 fn locked(t: &Mutex<Trace>) -> std::sync::MutexGuard<'_, Trace> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -307,7 +307,7 @@ async fn migration_round(args: &BenchRoutingArgs, model: &LoadedModel, eargs: &E
     Ok(pauses)
 }
 
-pub fn run(args: BenchRoutingArgs) -> Result<()> {
+pub(crate) fn run(args: BenchRoutingArgs) -> Result<()> {
     if args.num_prefixes == 0 || args.requests_per_prefix == 0 || args.ranks.contains(&0) {
         bail!("--num-prefixes, --requests-per-prefix and every --ranks entry must be at least 1");
     }

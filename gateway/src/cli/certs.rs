@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum CertsCommand {
+pub(crate) enum CertsCommand {
     /// Make the cluster CA (ca.pem, ca-key.pem) in a new folder.
     Ca {
         #[arg(long)]
@@ -20,7 +20,7 @@ pub enum CertsCommand {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct NodeArgs {
+pub(crate) struct NodeArgs {
     /// The CA's folder (from `ferry certs ca`).
     #[arg(long)]
     pub ca_dir: PathBuf,
@@ -35,7 +35,7 @@ pub struct NodeArgs {
     pub san: Vec<String>,
 }
 
-pub fn run(cmd: CertsCommand) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: CertsCommand) -> anyhow::Result<()> {
     match cmd {
         CertsCommand::Ca { dir } => {
             let ca = ferry_certs::create_cluster_ca(&dir)?;

@@ -16,7 +16,7 @@ use clap::Args;
 use crate::engines::routing::RoutingPolicy;
 
 #[derive(Args, Debug, Clone)]
-pub struct ClusterFlags {
+pub(crate) struct ClusterFlags {
     /// Data-parallel engine ranks in the whole cluster.
     #[arg(long, default_value_t = 1)]
     pub data_parallel_size: usize,
@@ -63,7 +63,7 @@ pub struct ClusterFlags {
 }
 
 /// The flags, checked.
-pub struct ClusterPlan {
+pub(crate) struct ClusterPlan {
     pub size: u32,
     pub local: Range<u32>,
     /// Some ranks live on other nodes (or, on a headless node, the API node does).
@@ -71,7 +71,7 @@ pub struct ClusterPlan {
 }
 
 impl ClusterFlags {
-    pub fn plan(&self) -> anyhow::Result<ClusterPlan> {
+    pub(crate) fn plan(&self) -> anyhow::Result<ClusterPlan> {
         let size = self.data_parallel_size;
         if size == 0 || size > 1024 {
             bail!("--data-parallel-size must be in 1..=1024, got {size}");
@@ -95,7 +95,7 @@ impl ClusterFlags {
     }
 
     /// The API node's RPC address.
-    pub fn rpc_addr(&self) -> anyhow::Result<SocketAddr> {
+    pub(crate) fn rpc_addr(&self) -> anyhow::Result<SocketAddr> {
         (self.data_parallel_address.as_str(), self.data_parallel_rpc_port)
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve --data-parallel-address {}", self.data_parallel_address))?
@@ -109,7 +109,7 @@ impl ClusterFlags {
     }
 
     /// The API node's TLS for its RPC listener.
-    pub fn server_tls(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    pub(crate) fn server_tls(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let alpn = [ferry_transport::quic_link::ALPN];
         Ok(Arc::new(match &self.cluster_cert_dir {
             Some(dir) => ferry_certs::load_cluster_dir(dir)?.server_config(&alpn)?,
@@ -121,7 +121,7 @@ impl ClusterFlags {
     }
 
     /// A headless node's TLS for dialing the API node.
-    pub fn client_tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    pub(crate) fn client_tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let alpn = [ferry_transport::quic_link::ALPN];
         Ok(Arc::new(match &self.cluster_cert_dir {
             Some(dir) => ferry_certs::load_cluster_dir(dir)?.client_config(&alpn)?,

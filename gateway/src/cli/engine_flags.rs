@@ -6,13 +6,13 @@ use ferry_engine::quant::GgmlType;
 use ferry_engine::{EngineArgs, LoadFormat};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum LoadFormatFlag {
+pub(crate) enum LoadFormatFlag {
     Auto,
     Dummy,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum DtypeFlag {
+pub(crate) enum DtypeFlag {
     Auto,
     Float32,
     Float16,
@@ -24,7 +24,7 @@ pub enum DtypeFlag {
 
 /// Where the model's arithmetic runs.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum DeviceFlag {
+pub(crate) enum DeviceFlag {
     /// CUDA when a usable GPU (and the CUDA backend) is there, else the CPU.
     Auto,
     Cpu,
@@ -33,7 +33,7 @@ pub enum DeviceFlag {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct EngineFlags {
+pub(crate) struct EngineFlags {
     /// `cuda` needs a build with `--features cuda`, an NVIDIA driver and a GPU;
     /// the CUDA backend itself is not written yet, so today only `cpu` runs.
     #[arg(long, value_enum, default_value = "auto")]
@@ -80,7 +80,7 @@ pub struct EngineFlags {
 impl EngineFlags {
     /// The engine's settings. Decides `--device` first, so a device that cannot
     /// be had fails here, at start-up, before any model is loaded.
-    pub fn engine_args(&self) -> anyhow::Result<EngineArgs> {
+    pub(crate) fn engine_args(&self) -> anyhow::Result<EngineArgs> {
         let choice = match self.device {
             DeviceFlag::Auto => DeviceChoice::Auto,
             DeviceFlag::Cpu => DeviceChoice::Cpu,
@@ -107,14 +107,14 @@ impl EngineFlags {
         })
     }
 
-    pub fn load_format(&self) -> LoadFormat {
+    pub(crate) fn load_format(&self) -> LoadFormat {
         match self.load_format {
             LoadFormatFlag::Auto => LoadFormat::Auto,
             LoadFormatFlag::Dummy => LoadFormat::Dummy,
         }
     }
 
-    pub fn dummy_type(&self) -> GgmlType {
+    pub(crate) fn dummy_type(&self) -> GgmlType {
         match self.dtype {
             DtypeFlag::Auto | DtypeFlag::Float32 => GgmlType::F32,
             DtypeFlag::Float16 => GgmlType::F16,

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
-pub struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     /// A GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct).
     pub model: Option<String>,
     #[arg(long)]
@@ -54,7 +54,7 @@ pub struct GenerateArgs {
     pub engine: EngineFlags,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingParams {
         n: args.n,
         temperature: args.temperature,
@@ -100,7 +100,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 let _ = o.flush();
             }
             for lp in &d.logprobs {
-                let alts: Vec<String> = lp.top.iter().map(|(id, p)| format!("{}:{:.4}", id, p)).collect();
+                let alts: Vec<String> = lp.top.iter().map(|(id, p)| format!("{id}:{p:.4}")).collect();
                 eprintln!("token {:>6} {:>9.4}  {:?}  top [{}]", lp.token, lp.logprob, llm.tokenizer().id_to_piece(lp.token).unwrap_or_default(), alts.join(" "));
             }
         }

@@ -26,7 +26,7 @@ use crate::cli::signals::stop_signal;
 /// The longest wait between two dials.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan: ClusterPlan = args.cluster.plan()?;
     let engine_args = args.engine.engine_args()?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
@@ -73,7 +73,7 @@ type Running = Arc<Mutex<HashMap<u32, EngineHandle>>>;
 /// Tells every rank to take nothing new and waits, up to `timeout`, for what
 /// they run to finish.
 fn drain(running: &Running, timeout: Duration) {
-    let engines: Vec<EngineHandle> = running.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    let engines: Vec<EngineHandle> = running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect();
     eprintln!("ferry: headless node draining: finishing in-flight requests (up to {}s)", timeout.as_secs());
     for e in &engines {
         e.drain();
@@ -84,7 +84,7 @@ fn drain(running: &Running, timeout: Duration) {
     while engines.iter().any(|e| e.in_flight() > 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let left: usize = engines.iter().map(|e| e.in_flight()).sum();
+    let left: usize = engines.iter().map(ferry_engine::EngineHandle::in_flight).sum();
     eprintln!("ferry: headless node stopping ({left} requests unfinished)");
 }
 
@@ -106,7 +106,7 @@ fn serve_rank(
     let start = || -> Result<(Engine, ferry_transport::Hello), String> {
         let (core, shape) = build_engine_core(model, args, rank).map_err(|e| format!("engine rank {rank}: {e}"))?;
         let engine = Engine::start(core).map_err(|e| format!("engine rank {rank}: {e}"))?;
-        running.lock().unwrap_or_else(|p| p.into_inner()).insert(rank, engine.handle());
+        running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(rank, engine.handle());
         Ok((engine, shape.hello(rank, name)))
     };
     let (mut engine, hello) = start()?;

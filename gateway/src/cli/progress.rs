@@ -2,10 +2,10 @@
 //! progress through its `LoadProgress` trait and draws nothing itself).
 
 /// A progress bar on stderr while weights load (hidden when stderr is no terminal).
-pub struct ProgressBar(indicatif::ProgressBar);
+pub(crate) struct ProgressBar(indicatif::ProgressBar);
 
 impl ProgressBar {
-    pub fn new(what: &str) -> ProgressBar {
+    pub(crate) fn new(what: &str) -> ProgressBar {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")

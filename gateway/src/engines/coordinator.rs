@@ -30,13 +30,13 @@ use crate::engines::routing::{choose, prompt_block_hashes, Candidate, RouteReaso
 use crate::engines::tracked::{Delivery, Placement, Tracked};
 
 /// How long a new link may take to say hello before it is dropped.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Dynamo's default: a request may move three times.
-pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
+pub(crate) const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     #[error("no engine rank is ready to take requests")]
     NoHealthyRank,
     #[error("engine rank {0} is not serving")]
@@ -49,7 +49,7 @@ pub enum SubmitError {
 
 /// How the coordinator routes and moves requests.
 #[derive(Clone, Debug)]
-pub struct CoordinatorConfig {
+pub(crate) struct CoordinatorConfig {
     /// vLLM's `--seed`: starts the seeds of requests that bring none.
     pub seed: u64,
     pub routing: RoutingConfig,
@@ -68,7 +68,7 @@ pub struct CoordinatorConfig {
 /// The default `--rank-stall-timeout`: far above any step a healthy rank
 /// takes (a busy engine reports its steps every second even in a long
 /// prefill), short enough that a stuck rank does not hold streams for long.
-pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -85,7 +85,7 @@ impl Default for CoordinatorConfig {
 
 /// Totals since start, for `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct CoordinatorCounters {
+pub(crate) struct CoordinatorCounters {
     /// Moves of requests that had delivered tokens.
     pub migrations: u64,
     /// Moves of requests that had delivered nothing yet.
@@ -131,24 +131,24 @@ struct Inner {
 
 /// The gateway's view of all its engine ranks. Cheap to clone.
 #[derive(Clone)]
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     inner: Arc<Inner>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind these locks stays usable after a panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Coordinator {
     /// A coordinator for `expect.data_parallel_size` ranks, none joined yet,
     /// with the default routing and migration settings.
     #[cfg(test)]
-    pub fn new(expect: Expectations, seed: u64) -> Coordinator {
+    pub(crate) fn new(expect: Expectations, seed: u64) -> Coordinator {
         Self::with_config(expect, CoordinatorConfig { seed, ..Default::default() })
     }
 
-    pub fn with_config(expect: Expectations, config: CoordinatorConfig) -> Coordinator {
+    pub(crate) fn with_config(expect: Expectations, config: CoordinatorConfig) -> Coordinator {
         let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
         Coordinator {
             inner: Arc::new(Inner {
@@ -166,17 +166,17 @@ impl Coordinator {
         }
     }
 
-    pub fn config(&self) -> &CoordinatorConfig {
+    pub(crate) fn config(&self) -> &CoordinatorConfig {
         &self.inner.config
     }
 
     /// The data-parallel size: how many ranks this coordinator has slots for.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.inner.slots.len()
     }
 
     /// Rank `k`'s current link, if it ever joined.
-    pub fn rank(&self, k: usize) -> Option<Arc<RankLink>> {
+    pub(crate) fn rank(&self, k: usize) -> Option<Arc<RankLink>> {
         self.inner.slots.get(k).and_then(|s| lock(s).clone())
     }
 
@@ -185,13 +185,13 @@ impl Coordinator {
     }
 
     /// Which ranks serve now (what the `ferry:engine_up` gauge shows).
-    pub fn ranks_up(&self) -> Vec<bool> {
+    pub(crate) fn ranks_up(&self) -> Vec<bool> {
         self.links().iter().map(|l| l.as_ref().is_some_and(|l| l.is_healthy())).collect()
     }
 
     /// What a metrics scrape reads of each rank slot: None for a slot no rank
     /// has joined yet.
-    pub fn scrape(&self) -> Vec<Option<RankScrape>> {
+    pub(crate) fn scrape(&self) -> Vec<Option<RankScrape>> {
         self.links()
             .iter()
             .map(|l| {
@@ -212,7 +212,7 @@ impl Coordinator {
     }
 
     /// Routing and migration totals since start.
-    pub fn counters(&self) -> CoordinatorCounters {
+    pub(crate) fn counters(&self) -> CoordinatorCounters {
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CoordinatorCounters {
@@ -225,24 +225,24 @@ impl Coordinator {
     }
 
     /// Ranks that are not serving, for start-up messages.
-    pub fn missing_ranks(&self) -> Vec<u32> {
+    pub(crate) fn missing_ranks(&self) -> Vec<u32> {
         self.ranks_up().iter().enumerate().filter(|(_, up)| !**up).map(|(k, _)| k as u32).collect()
     }
 
     /// Every rank has joined and is up (what /health reports).
-    pub fn all_healthy(&self) -> bool {
+    pub(crate) fn all_healthy(&self) -> bool {
         let up = self.ranks_up();
         !up.is_empty() && up.iter().all(|u| *u)
     }
 
-    pub fn any_healthy(&self) -> bool {
+    pub(crate) fn any_healthy(&self) -> bool {
         self.ranks_up().iter().any(|u| *u)
     }
 
     /// What /health reports: at start-up, healthy once every rank has joined;
     /// after that, while any rank serves (a node that dies leaves the others
     /// serving, and its ranks are taken back when it returns).
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         if self.inner.started.load(Ordering::Relaxed) {
             return self.any_healthy();
         }
@@ -257,7 +257,7 @@ impl Coordinator {
     /// the handshake, answers Welcome, and, if accepted, puts the rank in its
     /// slot and reads its outputs until the link closes. `peer` names the link
     /// in logs. Call inside a tokio runtime; the task ends with the link.
-    pub fn attach(&self, end: GatewayEnd, peer: String) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn attach(&self, end: GatewayEnd, peer: String) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         if let Some(limit) = self.inner.config.stall_timeout {
             if !self.inner.watchdog.swap(true, Ordering::Relaxed) {
@@ -409,7 +409,7 @@ impl Coordinator {
     }
 
     /// Tells every rank to stop (requests still running there end).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::Relaxed);
         for l in self.links().into_iter().flatten() {
             l.shutdown();
@@ -419,7 +419,7 @@ impl Coordinator {
     /// Drains rank `rank` (an operator's request): it takes nothing new now;
     /// what it still runs after `drain_timeout` moves to other ranks.
     /// Returns how many placements it had in flight.
-    pub fn drain_rank(&self, rank: u32) -> Result<usize, SubmitError> {
+    pub(crate) fn drain_rank(&self, rank: u32) -> Result<usize, SubmitError> {
         let size = self.size() as u32;
         if rank >= size {
             return Err(SubmitError::NoSuchRank { rank, size });
@@ -505,7 +505,7 @@ impl Coordinator {
     /// Sends one request to the best rank, or to rank `pin` (vLLM's
     /// `X-data-parallel-rank`). Its outputs arrive on `events`, under the
     /// returned guard's id, wherever it runs; dropping the guard aborts it.
-    pub fn submit(&self, prompt_tokens: Vec<u32>, sampling: SamplingParams, events: EventTx, pin: Option<u32>) -> Result<RequestGuard, SubmitError> {
+    pub(crate) fn submit(&self, prompt_tokens: Vec<u32>, sampling: SamplingParams, events: EventTx, pin: Option<u32>) -> Result<RequestGuard, SubmitError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut sampling = sampling;
         sampling.seed = sampling.seed.or_else(|| Some(lock(&self.inner.seeds).next_u64()));
@@ -543,7 +543,7 @@ async fn watch_for_stalls(inner: std::sync::Weak<Inner>, limit: Duration) {
 }
 
 /// One rank as a metrics scrape sees it.
-pub struct RankScrape {
+pub(crate) struct RankScrape {
     pub up: bool,
     pub stats: EngineStats,
     /// Token counts of its steps since the last scrape.
@@ -558,11 +558,11 @@ pub struct RankScrape {
 
 /// A coordinator with these links attached (in-process ranks: tests, benches,
 /// embedding). Call inside a tokio runtime; ranks join as their Hellos arrive.
-pub fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
+pub(crate) fn start_engine_clients(ends: Vec<GatewayEnd>, expect: Expectations) -> Coordinator {
     start_engine_clients_with(ends, expect, CoordinatorConfig::default())
 }
 
-pub fn start_engine_clients_with(ends: Vec<GatewayEnd>, expect: Expectations, config: CoordinatorConfig) -> Coordinator {
+pub(crate) fn start_engine_clients_with(ends: Vec<GatewayEnd>, expect: Expectations, config: CoordinatorConfig) -> Coordinator {
     let c = Coordinator::with_config(expect, config);
     for (k, end) in ends.into_iter().enumerate() {
         c.attach(end, format!("in-process link {k}"));
@@ -573,24 +573,24 @@ pub fn start_engine_clients_with(ends: Vec<GatewayEnd>, expect: Expectations, co
 /// One request, wherever it runs. Dropping it while the engine is still
 /// working on the request sends `Abort` at once (a client went away, or a
 /// stop string matched).
-pub struct RequestGuard {
+pub(crate) struct RequestGuard {
     tracked: Arc<Tracked>,
     rank: usize,
 }
 
 impl RequestGuard {
     /// The id its outputs and events carry.
-    pub fn id(&self) -> RequestId {
+    pub(crate) fn id(&self) -> RequestId {
         self.tracked.id
     }
 
     /// The rank it was first placed on.
-    pub fn rank_index(&self) -> usize {
+    pub(crate) fn rank_index(&self) -> usize {
         self.rank
     }
 
     /// Stop the request now (a no-op if it already ended).
-    pub fn abort(&mut self) {
+    pub(crate) fn abort(&mut self) {
         for p in self.tracked.abort() {
             p.link.abort_placement(p.link_id);
         }
@@ -920,7 +920,7 @@ mod tests {
         // (4) outweighs them for the second, which goes to rank 0 and makes
         // the prompt in flight there too; the third is a tie of cost and
         // overlap and load, broken after the last winner.
-        assert_eq!(guards.iter().map(|g| g.rank_index()).collect::<Vec<_>>(), vec![1, 0, 1]);
+        assert_eq!(guards.iter().map(super::RequestGuard::rank_index).collect::<Vec<_>>(), vec![1, 0, 1]);
         let other: Vec<u32> = (100..140).collect();
         let g = c.submit(other, greedy(1), tx, None).unwrap();
         assert_eq!(g.rank_index(), 0, "no overlap anywhere: the less loaded rank");

@@ -5,7 +5,7 @@ use tokio::sync::mpsc;
 
 /// One event of a request, under the request's own id wherever it runs.
 #[derive(Clone, Debug, PartialEq)]
-pub enum SeqEvent {
+pub(crate) enum SeqEvent {
     Output(TokenOutput),
     /// The request could not go on (its rank went away or failed it, and it
     /// could not be moved).
@@ -16,5 +16,5 @@ pub enum SeqEvent {
     Moved { id: RequestId, indices: Vec<u32>, rank: usize },
 }
 
-pub type EventTx = mpsc::UnboundedSender<SeqEvent>;
-pub type EventRx = mpsc::UnboundedReceiver<SeqEvent>;
+pub(crate) type EventTx = mpsc::UnboundedSender<SeqEvent>;
+pub(crate) type EventRx = mpsc::UnboundedReceiver<SeqEvent>;

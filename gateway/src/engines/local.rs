@@ -5,27 +5,27 @@
 use ferry_engine::{build_engine_core, spawn_engine, EngineArgs, EngineShape, EngineThreads, LoadedModel};
 use ferry_transport::{flume_link, EngineEnd, GatewayEnd};
 
-pub struct LocalEngine {
+pub(crate) struct LocalEngine {
     pub threads: EngineThreads,
     pub shape: EngineShape,
 }
 
 /// Builds rank `rank`'s engine over `model` and starts its threads on `end`.
-pub fn start_engine_on(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str, end: EngineEnd) -> anyhow::Result<LocalEngine> {
+pub(crate) fn start_engine_on(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str, end: EngineEnd) -> anyhow::Result<LocalEngine> {
     let (core, shape) = build_engine_core(model, args, rank).map_err(anyhow::Error::msg)?;
     let threads = spawn_engine(core, end, shape.hello(rank, served_name))?;
     Ok(LocalEngine { threads, shape })
 }
 
 /// Rank `rank` in this process behind a flume link; the gateway's end to attach.
-pub fn start_local_engine(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str) -> anyhow::Result<(GatewayEnd, LocalEngine)> {
+pub(crate) fn start_local_engine(model: &LoadedModel, args: &EngineArgs, rank: u32, served_name: &str) -> anyhow::Result<(GatewayEnd, LocalEngine)> {
     let (gateway_end, engine_end) = flume_link();
     let engine = start_engine_on(model, args, rank, served_name, engine_end)?;
     Ok((gateway_end, engine))
 }
 
 /// Ranks `ranks` of this process, each behind its own flume link.
-pub struct LocalRanks {
+pub(crate) struct LocalRanks {
     /// Each rank's number and the gateway's end of its link, to attach.
     pub ends: Vec<(u32, GatewayEnd)>,
     pub threads: Vec<EngineThreads>,
@@ -34,7 +34,7 @@ pub struct LocalRanks {
 }
 
 /// Starts ranks `ranks` over `model`, logging each one's shape.
-pub fn start_local_ranks(model: &LoadedModel, args: &EngineArgs, ranks: std::ops::Range<u32>, served_name: &str) -> anyhow::Result<LocalRanks> {
+pub(crate) fn start_local_ranks(model: &LoadedModel, args: &EngineArgs, ranks: std::ops::Range<u32>, served_name: &str) -> anyhow::Result<LocalRanks> {
     let mut out = LocalRanks { ends: Vec::new(), threads: Vec::new(), max_model_len: None };
     for rank in ranks {
         let (end, e) = start_local_engine(model, args, rank, served_name)?;
@@ -54,7 +54,7 @@ pub fn start_local_ranks(model: &LoadedModel, args: &EngineArgs, ranks: std::ops
 
 /// What a rank must match to join a gateway that loaded `model` (its config and,
 /// when it loaded weights, its tensor table).
-pub fn expectations(cfg: &ferry_engine::model::config::ModelConfig, weights: Option<&ferry_engine::model::weights::ModelWeights>, data_parallel_size: u32) -> ferry_transport::handshake::Expectations {
+pub(crate) fn expectations(cfg: &ferry_engine::model::config::ModelConfig, weights: Option<&ferry_engine::model::weights::ModelWeights>, data_parallel_size: u32) -> ferry_transport::handshake::Expectations {
     ferry_transport::handshake::Expectations {
         protocol_version: ferry_transport::PROTOCOL_VERSION,
         data_parallel_size,

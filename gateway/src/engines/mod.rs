@@ -2,10 +2,10 @@
 //! request, each rank's link as the gateway sees it, and ranks started in this
 //! process.
 
-pub mod breaker;
-pub mod coordinator;
-pub mod events;
-pub mod local;
-pub mod rank_link;
-pub mod routing;
-pub mod tracked;
+pub(crate) mod breaker;
+pub(crate) mod coordinator;
+pub(crate) mod events;
+pub(crate) mod local;
+pub(crate) mod rank_link;
+pub(crate) mod routing;
+pub(crate) mod tracked;

@@ -19,7 +19,7 @@ use crate::engines::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engines::routing::PrefixIndex;
 use crate::engines::tracked::{AbortOnLink, Tracked};
 
-pub use crate::engines::events::{EventRx, EventTx, SeqEvent};
+pub(crate) use crate::engines::events::{EventRx, EventTx, SeqEvent};
 
 impl AbortOnLink for RankLink {
     fn abort_placement(&self, link_id: RequestId) {
@@ -28,7 +28,7 @@ impl AbortOnLink for RankLink {
 }
 
 /// One placement on this link: the request it belongs to.
-pub struct Pending {
+pub(crate) struct Pending {
     pub tracked: Arc<Tracked>,
     /// Completions the engine has not finished yet.
     unfinished: u32,
@@ -84,7 +84,7 @@ const MAX_UNSCRAPED_STEPS: usize = 1 << 16;
 const MAX_INDEXED_BLOCKS: usize = 1 << 22;
 
 /// One engine rank as the gateway sees it.
-pub struct RankLink {
+pub(crate) struct RankLink {
     index: usize,
     hello: Hello,
     tx: Box<dyn CommandTx>,
@@ -96,82 +96,82 @@ pub struct RankLink {
 impl RankLink {
     /// Rank `index`'s link, after its `hello` was checked and welcomed.
     #[cfg(test)]
-    pub fn new(index: usize, tx: Box<dyn CommandTx>, hello: Hello) -> Self {
+    pub(crate) fn new(index: usize, tx: Box<dyn CommandTx>, hello: Hello) -> Self {
         Self::with_breaker(index, tx, hello, BreakerConfig::default())
     }
 
-    pub fn with_breaker(index: usize, tx: Box<dyn CommandTx>, hello: Hello, breaker: BreakerConfig) -> Self {
+    pub(crate) fn with_breaker(index: usize, tx: Box<dyn CommandTx>, hello: Hello, breaker: BreakerConfig) -> Self {
         let state = RankState { prefix: PrefixIndex::new((hello.num_kv_blocks as usize).min(MAX_INDEXED_BLOCKS)), breaker: Some(Breaker::new(breaker)), ..Default::default() };
         RankLink { index, hello, tx, state: Mutex::new(state), kill_signal: tokio::sync::Notify::new() }
     }
 
     /// The rank's number (its slot, and its `engine` metrics label).
-    pub fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         self.index
     }
 
     /// A poisoned lock only means another task panicked mid-update; the state is
     /// plain data that stays usable, so carry on rather than spread the panic.
     fn lock(&self) -> MutexGuard<'_, RankState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The link is up.
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.lock().down.is_none()
     }
 
     /// Up, not draining, and not held out by its breaker: new requests may go here.
-    pub fn takes_requests(&self) -> bool {
+    pub(crate) fn takes_requests(&self) -> bool {
         let s = self.lock();
         s.serves() && s.breaker.as_ref().is_none_or(|b| b.admits(Instant::now()))
     }
 
     /// Up and not draining, whatever its breaker says (a pin may still use it).
-    pub fn serves(&self) -> bool {
+    pub(crate) fn serves(&self) -> bool {
         self.lock().serves()
     }
 
-    pub fn hello(&self) -> &Hello {
+    pub(crate) fn hello(&self) -> &Hello {
         &self.hello
     }
 
     /// The latest queue figures the engine reported.
-    pub fn stats(&self) -> EngineStats {
+    pub(crate) fn stats(&self) -> EngineStats {
         self.lock().stats.clone()
     }
 
-    pub fn breaker_state(&self) -> BreakerState {
+    pub(crate) fn breaker_state(&self) -> BreakerState {
         self.lock().breaker.as_ref().map_or(BreakerState::Closed, |b| b.state(Instant::now()))
     }
 
     /// vLLM's load score: waiting × 4 + running, counting requests sent that the
     /// engine has not reported taking in yet as waiting.
     #[cfg(test)]
-    pub fn load_score(&self) -> u64 {
+    pub(crate) fn load_score(&self) -> u64 {
         self.lock().load_score()
     }
 
     /// The load score and how many of `hashes` (a prompt's leading blocks)
     /// this rank holds or is computing, read under one lock.
-    pub fn load_and_overlap(&self, hashes: &[u64]) -> (u64, usize) {
+    pub(crate) fn load_and_overlap(&self, hashes: &[u64]) -> (u64, usize) {
         let s = self.lock();
         (s.load_score(), s.prefix.overlap(hashes))
     }
 
     /// Blocks the rank reports holding in its prefix cache.
-    pub fn held_blocks(&self) -> usize {
+    pub(crate) fn held_blocks(&self) -> usize {
         self.lock().prefix.held_blocks()
     }
 
     /// Placements this gateway has on the rank and not yet seen finish.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.lock().pending.len()
     }
 
     /// Register the placement, then send `Add`. Registered first so that no
     /// output can arrive before someone waits for it.
-    pub fn add(&self, req: EngineRequest, tracked: Arc<Tracked>) -> Result<(), String> {
+    pub(crate) fn add(&self, req: EngineRequest, tracked: Arc<Tracked>) -> Result<(), String> {
         let id = req.id;
         {
             let mut s = self.lock();
@@ -206,7 +206,7 @@ impl RankLink {
 
     /// Forget the placement and tell the engine to stop it, unless the engine
     /// already finished all its sequences (then there is nothing to stop).
-    pub fn abort(&self, id: RequestId) {
+    pub(crate) fn abort(&self, id: RequestId) {
         let was_pending = Self::forget(&mut self.lock(), id).is_some();
         if was_pending {
             // A closed link has nothing left to abort; the error is moot.
@@ -215,19 +215,19 @@ impl RankLink {
     }
 
     /// Tells the engine to stop; a closed link has nothing left to stop.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.lock().stopping = true;
         let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
     }
 
     /// Takes no new requests from now on (an operator's drain).
-    pub fn mark_drained(&self) {
+    pub(crate) fn mark_drained(&self) {
         self.lock().drained = true;
     }
 
     /// Stops every placement still on the rank and hands them back, to move
     /// (a drained rank whose time ran out).
-    pub fn take_all(&self) -> Vec<(RequestId, Pending)> {
+    pub(crate) fn take_all(&self) -> Vec<(RequestId, Pending)> {
         let taken: Vec<(RequestId, Pending)> = {
             let mut s = self.lock();
             let ids: Vec<RequestId> = s.pending.keys().copied().collect();
@@ -241,7 +241,7 @@ impl RankLink {
 
     /// Counts a placement's outcome on the rank's breaker; true when this
     /// failure took the rank out of rotation.
-    pub fn record_outcome(&self, ok: bool) -> bool {
+    pub(crate) fn record_outcome(&self, ok: bool) -> bool {
         let now = Instant::now();
         let mut s = self.lock();
         let Some(b) = s.breaker.as_mut() else { return false };
@@ -255,19 +255,19 @@ impl RankLink {
 
     /// The token counts of the rank's steps since the last call (vLLM's
     /// iteration tokens), for the metrics scrape.
-    pub fn take_step_tokens(&self) -> Vec<u32> {
+    pub(crate) fn take_step_tokens(&self) -> Vec<u32> {
         std::mem::take(&mut self.lock().unscraped_steps)
     }
 
     /// Closes the link from our side: the reader ends, and the placements
     /// on it move as for a dead link. A second kill keeps the first reason.
-    pub fn kill(&self, why: String) {
+    pub(crate) fn kill(&self, why: String) {
         self.lock().killed.get_or_insert(why);
         self.kill_signal.notify_one();
     }
 
     /// Resolves once the link was killed, with why.
-    pub async fn killed(&self) -> String {
+    pub(crate) async fn killed(&self) -> String {
         loop {
             let notified = self.kill_signal.notified();
             if let Some(why) = self.lock().killed.clone() {
@@ -279,7 +279,7 @@ impl RankLink {
 
     /// How long the rank has held requests without showing progress (None
     /// when it holds none).
-    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+    pub(crate) fn stalled_for(&self) -> Option<std::time::Duration> {
         let s = self.lock();
         if s.pending.is_empty() || s.down.is_some() {
             return None;
@@ -290,7 +290,7 @@ impl RankLink {
     /// Takes in one batch: figures, cache events, and the outputs with the
     /// request each belongs to, in order, for the caller to deliver once
     /// this link's lock is released.
-    pub fn on_outputs(&self, batch: EngineOutputs) -> Vec<(Arc<Tracked>, TokenOutput)> {
+    pub(crate) fn on_outputs(&self, batch: EngineOutputs) -> Vec<(Arc<Tracked>, TokenOutput)> {
         let EngineOutputs { outputs, mut stats, kv_events, .. } = batch;
         let mut s = self.lock();
         // Progress: an output, or a step the engine computed (a long
@@ -325,7 +325,7 @@ impl RankLink {
 
     /// The link closed: the rank is down, and the placements still on it are
     /// handed back (to move, or to fail).
-    pub fn on_closed(&self, why: &str) -> Vec<(RequestId, Pending)> {
+    pub(crate) fn on_closed(&self, why: &str) -> Vec<(RequestId, Pending)> {
         let mut s = self.lock();
         if s.stopping {
             tracing::info!(rank = self.index, "engine rank stopped");

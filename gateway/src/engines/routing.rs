@@ -23,7 +23,7 @@ use ferry_transport::KvEvent;
 
 /// `--routing`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum RoutingPolicy {
+pub(crate) enum RoutingPolicy {
     /// Least cost, where cached prompt blocks lower a rank's cost.
     #[default]
     PrefixAware,
@@ -34,7 +34,7 @@ pub enum RoutingPolicy {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RoutingConfig {
+pub(crate) struct RoutingConfig {
     pub policy: RoutingPolicy,
     /// Load units one cached block is worth (a waiting request is 4, a
     /// running one 1).
@@ -54,7 +54,7 @@ impl Default for RoutingConfig {
 
 /// Why a rank was chosen (the `reason` label of `ferry:routing_decisions_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RouteReason {
+pub(crate) enum RouteReason {
     /// The client pinned the rank (`X-data-parallel-rank`).
     Pinned,
     /// Prefix-aware, and the winner caches part of the prompt.
@@ -68,7 +68,7 @@ pub enum RouteReason {
 }
 
 impl RouteReason {
-    pub const ALL: [RouteReason; 6] = [
+    pub(crate) const ALL: [RouteReason; 6] = [
         RouteReason::Pinned,
         RouteReason::PrefixHit,
         RouteReason::NoPrefix,
@@ -77,7 +77,7 @@ impl RouteReason {
         RouteReason::RoundRobin,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RouteReason::Pinned => "pinned",
             RouteReason::PrefixHit => "prefix_hit",
@@ -88,14 +88,14 @@ impl RouteReason {
         }
     }
 
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         Self::ALL.iter().position(|r| *r == self).expect("listed")
     }
 }
 
 /// One rank that may take the request.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub rank: usize,
     pub load: u64,
     /// Leading prompt blocks the rank holds or is computing.
@@ -104,7 +104,7 @@ pub struct Candidate {
 
 /// Picks among `candidates` (non-empty for a choice). `last` is the previous
 /// winner, for rotating ties and round-robin.
-pub fn choose(cfg: &RoutingConfig, candidates: &[Candidate], last: usize) -> Option<(usize, RouteReason)> {
+pub(crate) fn choose(cfg: &RoutingConfig, candidates: &[Candidate], last: usize) -> Option<(usize, RouteReason)> {
     // Ranks after `last` first: the order ties are broken in.
     let after_last = |c: &Candidate| (c.rank <= last, c.rank);
     match cfg.policy {
@@ -133,14 +133,14 @@ pub fn choose(cfg: &RoutingConfig, candidates: &[Candidate], last: usize) -> Opt
 
 /// The chained hashes of the prompt's full blocks, as the engine's prefix
 /// cache names them.
-pub use ferry_engine::kv_cache::block_hashes as prompt_block_hashes;
+pub(crate) use ferry_engine::kv_cache::block_hashes as prompt_block_hashes;
 
 /// What one rank's link has told us it caches, plus the prompts of requests
 /// sent to it and not yet ended (their blocks are being computed there now).
 /// Both are multisets: the engine may hold two blocks under one hash, and two
 /// requests may share a prompt.
 #[derive(Debug, Default)]
-pub struct PrefixIndex {
+pub(crate) struct PrefixIndex {
     held: HashMap<u64, u32>,
     held_total: usize,
     routed: HashMap<u64, u32>,
@@ -150,7 +150,7 @@ pub struct PrefixIndex {
 }
 
 impl PrefixIndex {
-    pub fn new(capacity: usize) -> PrefixIndex {
+    pub(crate) fn new(capacity: usize) -> PrefixIndex {
         PrefixIndex { capacity, ..Default::default() }
     }
 
@@ -158,7 +158,7 @@ impl PrefixIndex {
     /// rank hold more blocks than it has, or drop one it never reported, is
     /// a lie or a bug: the index forgets everything the rank reported (and
     /// routing treats it as caching nothing) and says so.
-    pub fn apply(&mut self, events: &[KvEvent]) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, events: &[KvEvent]) -> Result<(), String> {
         for e in events {
             match *e {
                 KvEvent::Cleared => {
@@ -188,17 +188,17 @@ impl PrefixIndex {
     }
 
     /// Blocks the rank reports holding.
-    pub fn held_blocks(&self) -> usize {
+    pub(crate) fn held_blocks(&self) -> usize {
         self.held_total
     }
 
-    pub fn add_routed(&mut self, hashes: &[u64]) {
+    pub(crate) fn add_routed(&mut self, hashes: &[u64]) {
         for &h in hashes {
             *self.routed.entry(h).or_default() += 1;
         }
     }
 
-    pub fn remove_routed(&mut self, hashes: &[u64]) {
+    pub(crate) fn remove_routed(&mut self, hashes: &[u64]) {
         for &h in hashes {
             remove_one(&mut self.routed, h);
         }
@@ -207,7 +207,7 @@ impl PrefixIndex {
     /// How many of `hashes` (a prompt's, in order) the rank holds or is
     /// computing, from the first: a chained hash names its whole prefix, so
     /// the first miss ends the run.
-    pub fn overlap(&self, hashes: &[u64]) -> usize {
+    pub(crate) fn overlap(&self, hashes: &[u64]) -> usize {
         hashes.iter().take_while(|h| self.held.contains_key(h) || self.routed.contains_key(h)).count()
     }
 }

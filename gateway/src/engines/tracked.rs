@@ -22,13 +22,13 @@ use crate::engines::events::{EventTx, SeqEvent};
 
 /// A link a placement can be aborted on (a rank link; kept as a trait so this
 /// module does not depend on the link's).
-pub trait AbortOnLink: Send + Sync {
+pub(crate) trait AbortOnLink: Send + Sync {
     /// Forget the placement and tell the rank to stop it.
     fn abort_placement(&self, link_id: RequestId);
 }
 
 /// Where some of a request's completions run now.
-pub struct Placement {
+pub(crate) struct Placement {
     pub link: Arc<dyn AbortOnLink>,
     /// The engine request's id on that link (unique in the gateway).
     pub link_id: RequestId,
@@ -57,7 +57,7 @@ struct TrackState {
 
 /// What became of one output handed to [`Tracked::deliver`].
 #[derive(Debug, PartialEq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// Passed to the client (or dropped as stale: the request is over, or the
     /// output belongs to no current placement).
     Done,
@@ -70,14 +70,14 @@ pub enum Delivery {
 }
 
 /// A request's moves so far, for the caller's decision and metrics.
-pub struct MovePlan {
+pub(crate) struct MovePlan {
     /// The engine requests to place, each covering some completions.
     pub requests: Vec<(EngineRequest, Vec<u32>)>,
     /// No completion had delivered anything yet (a retry, not a migration).
     pub before_first_token: bool,
 }
 
-pub struct Tracked {
+pub(crate) struct Tracked {
     /// The request's id as its client's channel knows it.
     pub id: RequestId,
     pub prompt: Vec<u32>,
@@ -94,7 +94,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(id: RequestId, prompt: Vec<u32>, sampling: SamplingParams, block_hashes: Vec<u64>, pinned: bool, events: EventTx) -> Tracked {
+    pub(crate) fn new(id: RequestId, prompt: Vec<u32>, sampling: SamplingParams, block_hashes: Vec<u64>, pinned: bool, events: EventTx) -> Tracked {
         let n = sampling.n.max(1) as usize;
         let state = TrackState { over: false, moves: 0, internal_failures: 0, progress: vec![Progress::default(); n], placements: Vec::new() };
         Tracked { id, prompt, sampling, block_hashes, pinned, events, state: Mutex::new(state) }
@@ -102,11 +102,11 @@ impl Tracked {
 
     fn lock(&self) -> MutexGuard<'_, TrackState> {
         // Plain data: usable after a panic elsewhere.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The first placement: the whole request, as the client sent it.
-    pub fn first_request(&self, link_id: RequestId) -> (EngineRequest, Vec<u32>) {
+    pub(crate) fn first_request(&self, link_id: RequestId) -> (EngineRequest, Vec<u32>) {
         let n = self.sampling.n.max(1);
         (EngineRequest::new(link_id, self.prompt.clone(), self.sampling.clone()), (0..n).collect())
     }
@@ -115,7 +115,7 @@ impl Tracked {
     /// engine requests to links and returns the placements it made. Holding
     /// the lock across it is what makes an abort that races a move see the
     /// new placements (and abort them) or stop the move before it starts.
-    pub fn with_placements<R>(&self, place: impl FnOnce(&mut Vec<Placement>) -> R) -> Option<R> {
+    pub(crate) fn with_placements<R>(&self, place: impl FnOnce(&mut Vec<Placement>) -> R) -> Option<R> {
         let mut s = self.lock();
         if s.over {
             return None;
@@ -125,13 +125,13 @@ impl Tracked {
 
     /// Tells the client's channel that `indices` now run on `rank` (call it
     /// inside [`Self::with_placements`], before the new rank can deliver).
-    pub fn announce_move(&self, indices: &[u32], rank: usize) {
+    pub(crate) fn announce_move(&self, indices: &[u32], rank: usize) {
         let _ = self.events.send(SeqEvent::Moved { id: self.id, indices: indices.to_vec(), rank });
     }
 
     /// Hands one output of placement `link_id` to the client under the
     /// request's id, recording its tokens for a later move.
-    pub fn deliver(&self, mut out: TokenOutput) -> Delivery {
+    pub(crate) fn deliver(&self, mut out: TokenOutput) -> Delivery {
         let mut s = self.lock();
         if s.over {
             return Delivery::Done;
@@ -190,7 +190,7 @@ impl Tracked {
     /// tokens. None when there is nothing to move (the request is over, or
     /// the placement is already gone). `limit` is `--migration-limit`: a
     /// request out of moves gets None and is failed by the caller.
-    pub fn plan_move(&self, link_id: RequestId, limit: u32) -> Result<Option<MovePlan>, ()> {
+    pub(crate) fn plan_move(&self, link_id: RequestId, limit: u32) -> Result<Option<MovePlan>, ()> {
         let mut s = self.lock();
         if s.over {
             return Ok(None);
@@ -228,7 +228,7 @@ impl Tracked {
     /// rank's own error output when there is one (its status says whose fault
     /// it was), else with a `Failed` event saying `message`. Returns the
     /// placements still running, to abort.
-    pub fn fail(&self, message: String, failure: Option<TokenOutput>) -> Vec<Placement> {
+    pub(crate) fn fail(&self, message: String, failure: Option<TokenOutput>) -> Vec<Placement> {
         let mut s = self.lock();
         if s.over {
             return Vec::new();
@@ -247,7 +247,7 @@ impl Tracked {
 
     /// The client is gone (or a stop string ended it): no more outputs, no
     /// more moves. Returns the placements still running, to abort.
-    pub fn abort(&self) -> Vec<Placement> {
+    pub(crate) fn abort(&self) -> Vec<Placement> {
         let mut s = self.lock();
         s.over = true;
         std::mem::take(&mut s.placements)

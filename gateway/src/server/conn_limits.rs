@@ -77,7 +77,7 @@ impl ConnLimits {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A place for a connection from `addr` (None: not yet known, e.g. a

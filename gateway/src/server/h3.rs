@@ -74,7 +74,7 @@ pub(crate) async fn run_endpoint(
         let (app, limits, stop) = (app.clone(), limits.clone(), stop.clone());
         conns.spawn(async move {
             let _slot = slot;
-            serve_conn(incoming, app, limits, stop, false).await
+            serve_conn(incoming, app, limits, stop, false).await;
         });
     }
     // New handshakes are refused from here on.
@@ -175,7 +175,7 @@ async fn serve_conn(
                                 }),
                             };
                             let client = ClientAddr(limits.trusted_proxies.client_of(peer.ip(), req.headers()));
-                            handle_request(req, stream, app, peer, client, stop_signal, guard).await
+                            handle_request(req, stream, app, peer, client, stop_signal, guard).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "bad HTTP/3 request: {e}"),
                         Err(_) => tracing::debug!(%peer, "HTTP/3 request headers timed out"),

@@ -32,9 +32,7 @@ impl Activity {
 
     fn idle_since(&self) -> Instant {
         self.idle_since
-            .lock()
-            .map(|g| *g)
-            .unwrap_or_else(|p| *p.into_inner())
+            .lock().map_or_else(|p| *p.into_inner(), |g| *g)
     }
 
     /// Resolves once no request has been in flight for `timeout`.

@@ -205,7 +205,7 @@ impl RunningServer {
 
     /// The TLS/QUIC port, if TLS is on.
     pub fn tls_port(&self) -> Option<u16> {
-        self.https_addrs.first().map(|a| a.port())
+        self.https_addrs.first().map(std::net::SocketAddr::port)
     }
 
     /// Wait until every listener has stopped (after the shutdown future

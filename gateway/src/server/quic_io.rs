@@ -402,7 +402,7 @@ impl<B: Buf> quic::RecvStream for QuicBidi<B> {
     }
 
     fn stop_sending(&mut self, error_code: u64) {
-        self.recv.stop_sending(error_code)
+        self.recv.stop_sending(error_code);
     }
 
     fn recv_id(&self) -> StreamId {
@@ -424,7 +424,7 @@ impl<B: Buf> quic::SendStream<B> for QuicBidi<B> {
     }
 
     fn reset(&mut self, reset_code: u64) {
-        self.send.reset(reset_code)
+        self.send.reset(reset_code);
     }
 
     fn send_id(&self) -> StreamId {

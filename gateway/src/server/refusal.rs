@@ -140,7 +140,7 @@ async fn refuse(State(message): State<Arc<str>>, req: Request) -> Response {
         let mut seen = 0usize;
         while seen < DRAIN_BYTES {
             match body.frame().await {
-                Some(Ok(f)) => seen += f.data_ref().map_or(0, |d| d.len()),
+                Some(Ok(f)) => seen += f.data_ref().map_or(0, bytes::Bytes::len),
                 _ => break,
             }
         }
@@ -180,7 +180,7 @@ impl RefusalLog {
 
     /// Counts one refusal; returns a line to log when one is due.
     pub(crate) fn record(&self, now: Instant, peer: IpAddr, why: Refusal, answered: bool) -> Option<String> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match why {
             Refusal::Total { .. } => s.total += 1,
             Refusal::PerAddr { .. } => s.per_addr += 1,
@@ -192,7 +192,7 @@ impl RefusalLog {
 
     /// The summary of refusals not yet told, if it is due (call it now and then).
     pub(crate) fn flush(&self, now: Instant) -> Option<String> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if s.total + s.per_addr == 0 {
             return None;
         }

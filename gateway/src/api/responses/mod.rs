@@ -27,13 +27,13 @@ use super::sse::{self, ChunkShape, DeltaStream};
 use super::{new_response_id, unix_now, AppState};
 use output::{Echo, Event, StreamRenderer};
 
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     axum::Extension(client): axum::Extension<ClientId>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<Value>,
 ) -> Response {
-    run(state, client, headers, body).await.unwrap_or_else(|e| e.into_response())
+    run(state, client, headers, body).await.unwrap_or_else(axum::response::IntoResponse::into_response)
 }
 
 fn item_id(prefix: &str) -> String {

@@ -9,7 +9,7 @@ use crate::api::tools::stream::Piece;
 use crate::api::types::Usage;
 
 /// What every response object of one request repeats from the request.
-pub struct Echo {
+pub(super) struct Echo {
     pub id: String,
     pub created_at: u64,
     pub model: String,
@@ -19,7 +19,7 @@ pub struct Echo {
 impl Echo {
     /// The response object around `output`; `status` "in_progress",
     /// "completed" or "incomplete".
-    pub fn response(&self, status: &str, output: Vec<Value>, usage: Option<Value>, incomplete: bool) -> Value {
+    pub(super) fn response(&self, status: &str, output: Vec<Value>, usage: Option<Value>, incomplete: bool) -> Value {
         let r = &self.request;
         let get = |k: &str, default: Value| r.get(k).filter(|v| !v.is_null()).cloned().unwrap_or(default);
         json!({
@@ -51,7 +51,7 @@ impl Echo {
 }
 
 /// Token counts as the Responses API's usage object.
-pub fn usage(u: &Usage) -> Value {
+pub(super) fn usage(u: &Usage) -> Value {
     json!({
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": {"cached_tokens": u.prompt_tokens_details.cached_tokens, "cache_write_tokens": 0},
@@ -75,7 +75,7 @@ fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str)
 }
 
 /// A whole chat choice (choice 0) as the response object.
-pub fn response(echo: &Echo, choice: &ChatChoiceOutput, u: &Usage, new_id: &mut dyn FnMut(&str) -> String) -> Value {
+pub(super) fn response(echo: &Echo, choice: &ChatChoiceOutput, u: &Usage, new_id: &mut dyn FnMut(&str) -> String) -> Value {
     let mut output = Vec::new();
     if !choice.content.is_empty() || choice.tool_calls.is_empty() {
         output.push(message_item(&new_id("msg"), &choice.content, "completed"));
@@ -96,7 +96,7 @@ enum Item {
 /// Renders the steps of choice 0 as Responses stream events, in the order
 /// OpenAI sends them: created, in_progress; per item added, its deltas, its
 /// done events; completed.
-pub struct StreamRenderer {
+pub(super) struct StreamRenderer {
     echo: Echo,
     seq: u64,
     items: Vec<Item>,
@@ -107,10 +107,10 @@ pub struct StreamRenderer {
 }
 
 /// (event type, event JSON).
-pub type Event = (String, Value);
+pub(super) type Event = (String, Value);
 
 impl StreamRenderer {
-    pub fn new(echo: Echo) -> Self {
+    pub(super) fn new(echo: Echo) -> Self {
         StreamRenderer { echo, seq: 0, items: Vec::new(), calls: Vec::new(), text_at: None, finish: None }
     }
 
@@ -122,13 +122,13 @@ impl StreamRenderer {
     }
 
     /// The events that open the stream.
-    pub fn start(&mut self) -> Vec<Event> {
+    pub(super) fn start(&mut self) -> Vec<Event> {
         let r = self.echo.response("in_progress", vec![], None, false);
         vec![self.event("response.created", json!({"response": r.clone()})), self.event("response.in_progress", json!({"response": r}))]
     }
 
     /// The events for one step (of choice 0; a Responses request has one).
-    pub fn step(&mut self, step: ChatStep, new_id: &mut dyn FnMut(&str) -> String) -> Vec<Event> {
+    pub(super) fn step(&mut self, step: ChatStep, new_id: &mut dyn FnMut(&str) -> String) -> Vec<Event> {
         let mut out = Vec::new();
         if step.index != 0 {
             return out;
@@ -199,7 +199,7 @@ impl StreamRenderer {
     }
 
     /// The events that close every item and the response, with its usage.
-    pub fn finish(&mut self, u: &Usage, new_id: &mut dyn FnMut(&str) -> String) -> Vec<Event> {
+    pub(super) fn finish(&mut self, u: &Usage, new_id: &mut dyn FnMut(&str) -> String) -> Vec<Event> {
         let mut out = Vec::new();
         if self.items.is_empty() {
             // Nothing was said: still one (empty) message, as the non-streamed form has.

@@ -23,7 +23,7 @@ use crate::api::tools::{FunctionDef, Tool};
 use crate::api::types::{ChatCompletionRequest, OpenAiMessage, StreamOptions};
 
 /// The chat completions request for a Responses request `body` (a JSON object).
-pub fn chat_request(body: &Value) -> Result<ChatCompletionRequest, ApiError> {
+pub(super) fn chat_request(body: &Value) -> Result<ChatCompletionRequest, ApiError> {
     let Value::Object(req) = body else {
         return Err(ApiError::bad_request("The request body must be a JSON object."));
     };

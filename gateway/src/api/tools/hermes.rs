@@ -6,12 +6,12 @@
 
 use super::ParsedCall;
 
-pub const START: &str = "<tool_call>";
+pub(crate) const START: &str = "<tool_call>";
 const END: &str = "</tool_call>";
 
 /// (content before the calls, the calls); no calls when the text has none or
 /// one of them does not parse.
-pub fn parse(text: &str) -> (String, Vec<ParsedCall>) {
+pub(crate) fn parse(text: &str) -> (String, Vec<ParsedCall>) {
     let Some(first) = text.find(START) else { return (text.to_string(), Vec::new()) };
     let mut calls = Vec::new();
     let mut rest = &text[first..];
@@ -34,7 +34,7 @@ pub fn parse(text: &str) -> (String, Vec<ParsedCall>) {
 
 /// How much of `text`'s end could be the start of a `<tool_call>` tag: the
 /// streamer holds that much back until it knows.
-pub fn partial_start(text: &str) -> usize {
+pub(crate) fn partial_start(text: &str) -> usize {
     (1..START.len().min(text.len() + 1))
         .rev()
         .find(|&k| text.is_char_boundary(text.len() - k) && START.starts_with(&text[text.len() - k..]))

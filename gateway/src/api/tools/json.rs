@@ -9,13 +9,13 @@ const PYTHON_TAG: &str = "<|python_tag|>";
 
 /// Whether `text` (what the model wrote so far) may be the start of JSON
 /// tool calls: the streamer then holds it back instead of sending content.
-pub fn may_start(text: &str) -> bool {
+pub(crate) fn may_start(text: &str) -> bool {
     let t = text.trim_start();
     t.is_empty() || t.starts_with('{') || t.starts_with('[') || PYTHON_TAG.starts_with(t) || t.starts_with(PYTHON_TAG)
 }
 
 /// The calls, or none when the output is not entirely tool-call JSON.
-pub fn parse(text: &str) -> Vec<ParsedCall> {
+pub(crate) fn parse(text: &str) -> Vec<ParsedCall> {
     let t = text.trim();
     let mut rest = t.strip_prefix(PYTHON_TAG).unwrap_or(t).trim_start();
     if !(rest.starts_with('{') || rest.starts_with('[')) {

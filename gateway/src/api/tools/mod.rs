@@ -8,9 +8,9 @@
 //! - `required` / a named function: a structured-output constraint makes the
 //!   model write the calls' JSON, so their arguments always parse.
 
-pub mod hermes;
-pub mod json;
-pub mod stream;
+pub(crate) mod hermes;
+pub(crate) mod json;
+pub(crate) mod stream;
 
 use ferry_engine::tokenizer::ChatMessage;
 use ferry_transport::Constraint;
@@ -20,19 +20,19 @@ use serde_json::{json, Value};
 use super::errors::ApiError;
 
 /// Most tools one request may define.
-pub const MAX_TOOLS: usize = 128;
+pub(crate) const MAX_TOOLS: usize = 128;
 
 /// The request fields of tool calling.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct ToolFields {
+pub(crate) struct ToolFields {
     pub tools: Option<Vec<Tool>>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, serde::Serialize)]
-pub struct Tool {
+pub(crate) struct Tool {
     #[serde(rename = "type", default = "function_type")]
     pub kind: String,
     pub function: FunctionDef,
@@ -43,7 +43,7 @@ fn function_type() -> String {
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, serde::Serialize)]
-pub struct FunctionDef {
+pub(crate) struct FunctionDef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -55,7 +55,7 @@ pub struct FunctionDef {
 
 /// Which parser reads tool calls out of the model's text (`--tool-call-parser`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParserKind {
+pub(crate) enum ParserKind {
     /// `<tool_call>{...}</tool_call>` blocks (Hermes, Qwen2, SmolLM).
     Hermes,
     /// Bare JSON calls (Llama 3's format; vLLM's `llama3_json`).
@@ -63,9 +63,9 @@ pub enum ParserKind {
 }
 
 impl ParserKind {
-    pub const NAMES: &'static [&'static str] = &["hermes", "json", "llama3_json"];
+    pub(crate) const NAMES: &'static [&'static str] = &["hermes", "json", "llama3_json"];
 
-    pub fn from_name(name: &str) -> Option<ParserKind> {
+    pub(crate) fn from_name(name: &str) -> Option<ParserKind> {
         match name {
             "hermes" => Some(ParserKind::Hermes),
             "json" | "llama3_json" => Some(ParserKind::Json),
@@ -76,7 +76,7 @@ impl ParserKind {
 
 /// The server's tool-calling settings (`ferry serve` flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ToolConfig {
+pub(crate) struct ToolConfig {
     /// `--enable-auto-tool-choice`.
     pub auto: bool,
     /// `--tool-call-parser`.
@@ -85,7 +85,7 @@ pub struct ToolConfig {
 
 impl ToolConfig {
     /// vLLM's rule: auto tool choice needs a parser to read the calls.
-    pub fn new(auto: bool, parser: Option<&str>) -> Result<ToolConfig, String> {
+    pub(crate) fn new(auto: bool, parser: Option<&str>) -> Result<ToolConfig, String> {
         let parser = match parser {
             None => None,
             Some(n) => Some(ParserKind::from_name(n).ok_or_else(|| {
@@ -101,7 +101,7 @@ impl ToolConfig {
 
 /// How one request's output is to be read.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ToolMode {
+pub(crate) enum ToolMode {
     /// Plain content.
     Off,
     /// Parse calls out of the text, if the model made any.
@@ -114,7 +114,7 @@ pub enum ToolMode {
 
 /// A request's tool calling, resolved and checked.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ToolPlan {
+pub(crate) struct ToolPlan {
     pub mode: ToolMode,
     /// The tools as the chat template gets them (None: no `tools` variable).
     pub template_tools: Option<Value>,
@@ -123,7 +123,7 @@ pub struct ToolPlan {
 }
 
 impl ToolPlan {
-    pub fn off() -> ToolPlan {
+    pub(crate) fn off() -> ToolPlan {
         ToolPlan { mode: ToolMode::Off, template_tools: None, constraint: None }
     }
 }
@@ -163,7 +163,7 @@ fn parameters(t: &Tool) -> Value {
 
 /// Resolves `tools` and `tool_choice` against the server's settings, with
 /// vLLM's rules and messages.
-pub fn plan(f: &ToolFields, cfg: &ToolConfig) -> Result<ToolPlan, ApiError> {
+pub(crate) fn plan(f: &ToolFields, cfg: &ToolConfig) -> Result<ToolPlan, ApiError> {
     let tools = f.tools.as_deref().unwrap_or_default();
     if tools.len() > MAX_TOOLS {
         return Err(ApiError::invalid_param("tools", format!("At most {MAX_TOOLS} tools are allowed, got {}.", tools.len())));
@@ -233,7 +233,7 @@ pub fn plan(f: &ToolFields, cfg: &ToolConfig) -> Result<ToolPlan, ApiError> {
 
 /// The request's constraint: a structured-outputs one, or the one a tool
 /// choice needs; both at once is a 400.
-pub fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Result<Option<Constraint>, ApiError> {
+pub(crate) fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Result<Option<Constraint>, ApiError> {
     match (structured, &plan.constraint) {
         (Some(_), Some(_)) => Err(ApiError::invalid_param(
             "tool_choice",
@@ -246,7 +246,7 @@ pub fn merge_constraint(structured: Option<Constraint>, plan: &ToolPlan) -> Resu
 /// Messages as the template wants them: assistant `tool_calls` carry their
 /// arguments as JSON objects, not the JSON strings the API uses (vLLM does
 /// the same before rendering), so templates can `tojson` them.
-pub fn template_messages(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+pub(crate) fn template_messages(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
     for m in &mut messages {
         let Some(Value::Array(calls)) = m.extra.get_mut("tool_calls") else { continue };
         for c in calls {
@@ -262,7 +262,7 @@ pub fn template_messages(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
 
 /// A tool call the model made, whole: what every API renders its calls from.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ToolCall {
+pub(crate) struct ToolCall {
     /// `chatcmpl-tool-...`, given when the call was read.
     pub id: String,
     pub name: String,
@@ -272,7 +272,7 @@ pub struct ToolCall {
 
 impl ToolCall {
     /// A call read from the output, with a new id.
-    pub fn new(name: String, arguments: String) -> ToolCall {
+    pub(crate) fn new(name: String, arguments: String) -> ToolCall {
         ToolCall { id: super::new_response_id("chatcmpl-tool"), name, arguments }
     }
 }
@@ -286,7 +286,7 @@ impl From<ParsedCall> for ToolCall {
 /// A piece of a tool call as it streams: the call's first piece names it, the
 /// others add to its arguments.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ToolCallDelta {
+pub(crate) struct ToolCallDelta {
     /// The call's place among its choice's calls.
     pub index: usize,
     /// On the call's first piece only.
@@ -297,21 +297,21 @@ pub struct ToolCallDelta {
 
 /// What a call's first piece says of it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ToolCallHead {
+pub(crate) struct ToolCallHead {
     pub id: String,
     pub name: String,
 }
 
 impl ToolCallDelta {
     /// A whole call as one piece.
-    pub fn whole(index: usize, c: ToolCall) -> ToolCallDelta {
+    pub(crate) fn whole(index: usize, c: ToolCall) -> ToolCallDelta {
         ToolCallDelta { index, head: Some(ToolCallHead { id: c.id, name: c.name }), arguments: c.arguments }
     }
 }
 
 /// One call as a parser read it from the model's output.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ParsedCall {
+pub(crate) struct ParsedCall {
     pub name: String,
     /// The arguments as a JSON string (the API's form).
     pub arguments: String,
@@ -345,7 +345,7 @@ fn required_calls(text: &str) -> Option<Vec<ParsedCall>> {
 
 /// What one finished choice says: its content, its calls and its finish
 /// reason, as vLLM reads them.
-pub fn read_output(mode: &ToolMode, text: String, finish: &'static str) -> (String, Vec<ToolCall>, &'static str) {
+pub(crate) fn read_output(mode: &ToolMode, text: String, finish: &'static str) -> (String, Vec<ToolCall>, &'static str) {
     let (content, calls, finish) = parse_output(mode, text, finish);
     (content, calls.into_iter().map(ToolCall::from).collect(), finish)
 }

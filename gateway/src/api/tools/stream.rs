@@ -12,12 +12,12 @@ use super::{hermes, json as json_parser, read_output, ParserKind, ToolCallDelta,
 
 /// What a choice's stream sends next.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Piece {
+pub(crate) enum Piece {
     Content(String),
     ToolCalls(Vec<ToolCallDelta>),
 }
 
-pub struct ToolStream {
+pub(crate) struct ToolStream {
     mode: ToolMode,
     /// Text held back, not sent yet.
     held: String,
@@ -28,12 +28,12 @@ pub struct ToolStream {
 }
 
 impl ToolStream {
-    pub fn new(mode: ToolMode) -> ToolStream {
+    pub(crate) fn new(mode: ToolMode) -> ToolStream {
         ToolStream { mode, held: String::new(), holding: false, opened: false }
     }
 
     /// The pieces to send for new text.
-    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+    pub(crate) fn push(&mut self, text: &str) -> Vec<Piece> {
         if text.is_empty() {
             return Vec::new();
         }
@@ -82,7 +82,7 @@ impl ToolStream {
     }
 
     /// The pieces still held when the choice ends, and its finish reason.
-    pub fn finish(&mut self, reason: &'static str) -> (Vec<Piece>, &'static str) {
+    pub(crate) fn finish(&mut self, reason: &'static str) -> (Vec<Piece>, &'static str) {
         let held = std::mem::take(&mut self.held);
         match &self.mode {
             ToolMode::Off | ToolMode::Named(_) => (content(held), reason),
