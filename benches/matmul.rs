@@ -17,7 +17,7 @@
 //!   `FERRY_AB=TYPE,ROWS,COLS,TOKENS,ITERS cargo bench --bench matmul` runs
 //!   ITERS matmuls of that shape and nothing else.
 
-use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::cpu::kernels::{matmul, set_force_avx2, set_force_scalar, simd_name};
 use ferry_engine::quant::{GgmlType, QMatrix};
 use rayon::prelude::*;
@@ -247,13 +247,17 @@ fn fixed_work(spec: &str) {
     black_box(&out);
 }
 
-criterion_group!(benches, bench_shapes, bench_model_step);
+// In a private module: the function criterion_group! makes is public and
+// undocumented.
+mod group {
+    criterion::criterion_group!(benches, super::bench_shapes, super::bench_model_step);
+}
 
 fn main() {
     if let Ok(spec) = std::env::var("FERRY_AB") {
         fixed_work(&spec);
         return;
     }
-    benches();
+    group::benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -128,8 +128,8 @@ fn quic_link(rt: &tokio::runtime::Runtime) -> Result<(GatewayEnd, EngineEnd), St
         let dial = tokio::spawn(ferry_transport::dial(addr, ferry_certs::CLUSTER_SERVER_NAME, client));
         let (gw, _) = listener.accept().await.ok_or("the listener closed")?.map_err(|e| e.to_string())?;
         let eng = dial.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        // The listener may go: the accepted connection lives on without it.
-        std::mem::forget(listener);
+        // The listener may go: its accept loop ends, the accepted link lives on.
+        drop(listener);
         Ok((gw, eng))
     })
 }

@@ -53,6 +53,7 @@ pub enum Prompt {
 }
 
 impl Prompt {
+    /// Plain text (see [`Prompt::Text`]).
     pub fn text(t: impl Into<String>) -> Prompt {
         Prompt::Text(t.into())
     }
@@ -66,7 +67,10 @@ impl Prompt {
 /// Text-side options: stop strings and how special tokens are shown.
 #[derive(Clone, Debug, Default)]
 pub struct TextParams {
+    /// Strings that end a completion where they appear (vLLM's `stop`); the
+    /// text is cut before them.
     pub stop: Vec<String>,
+    /// Keep the matched stop string at the end of the text (vLLM's flag of this name).
     pub include_stop_str_in_output: bool,
     /// Show special tokens (such as EOS) in the text; off by default, as in vLLM.
     pub keep_special_tokens: bool,
@@ -75,7 +79,9 @@ pub struct TextParams {
 /// One finished completion.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
+    /// The generated text, detokenized (stop strings cut as asked).
     pub text: String,
+    /// The generated token ids (none after a matched stop string).
     pub token_ids: Vec<u32>,
     /// One per token, when `SamplingParams::logprobs` asked for them.
     pub logprobs: Vec<TokenLogprob>,
@@ -109,6 +115,8 @@ impl LlmBuilder {
         self
     }
 
+    /// The engine's settings (KV cache, batch sizes, threads, device), as
+    /// `ferry serve`'s engine flags give them.
     pub fn engine_args(mut self, args: EngineArgs) -> Self {
         self.engine = args;
         self
@@ -170,10 +178,13 @@ pub struct Llm {
 }
 
 impl Llm {
+    /// Starts describing an [`Llm`]; [`LlmBuilder::build`] makes it.
     pub fn builder() -> LlmBuilder {
         LlmBuilder::default()
     }
 
+    /// The model's tokenizer and chat template, to count or render prompts
+    /// as the engines will see them.
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.state.tokenizer
     }

@@ -447,6 +447,7 @@ mod tests {
         samples
     }
 
+    #[allow(clippy::unnecessary_wraps, reason = "a slot of the coordinator's scrape, which is an Option")]
     fn scrape(up: bool, stats: EngineStats, steps: Vec<u32>) -> Option<RankScrape> {
         let hello = ferry_transport::Hello {
             protocol_version: ferry_transport::PROTOCOL_VERSION,

@@ -32,18 +32,23 @@ use crate::metrics::FinishedSeq;
 pub struct Finish {
     /// "stop", "length" or "abort", as vLLM reports them.
     pub reason: &'static str,
+    /// What stopped it, when a stop string or stop token did (vLLM's `stop_reason`).
     pub stop_reason: Option<StopReason>,
 }
 
 /// What one engine output added to one choice.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChoiceDelta {
+    /// Which choice (0..n) it belongs to.
     pub index: u32,
+    /// Text to show for it: detokenized incrementally, stop strings held back
+    /// until they cannot match and cut where they do.
     pub text: String,
     /// Tokens this output counted (those after a matched stop string are dropped).
     pub token_ids: Vec<u32>,
     /// One per counted token, when logprobs were asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// Set on the choice's last delta.
     pub finish: Option<Finish>,
 }
 

@@ -50,7 +50,7 @@ pub(crate) async fn run_bench_serve(args: BenchServeArgs) -> Result<()> {
 }
 
 /// Everything a run produced; the CLI prints `text`, tests inspect the rest.
-#[cfg_attr(not(test), allow(dead_code))]
+#[cfg_attr(not(test), allow(dead_code, reason = "the CLI reads only `text`; the tests read the rest"))]
 pub(crate) struct BenchOutcome {
     pub text: String,
     pub metrics: metrics::BenchMetrics,

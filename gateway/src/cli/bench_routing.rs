@@ -151,12 +151,9 @@ async fn run_request(coordinator: Coordinator, prompt: Vec<u32>, sampling: Sampl
     };
     locked(&trace).rank = guard.rank_index();
     loop {
-        let ev = match tokio::time::timeout(Duration::from_secs(600), rx.recv()).await {
-            Ok(Some(ev)) => ev,
-            Ok(None) | Err(_) => {
-                locked(&trace).failed = Some("no finish".into());
-                return;
-            }
+        let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(600), rx.recv()).await else {
+            locked(&trace).failed = Some("no finish".into());
+            return;
         };
         let mut t = locked(&trace);
         match ev {

@@ -103,7 +103,7 @@ impl ClusterFlags {
             .with_context(|| format!("--data-parallel-address {} resolves to nothing", self.data_parallel_address))
     }
 
-    fn warn_insecure(&self) {
+    fn warn_insecure() {
         tracing::warn!("--cluster-insecure: links between nodes are NOT authenticated; anyone who reaches the RPC port can join. Use it on one trusted host only.");
         eprintln!("ferry: WARNING: --cluster-insecure: cluster links are not authenticated (one trusted host only)");
     }
@@ -114,7 +114,7 @@ impl ClusterFlags {
         Ok(Arc::new(match &self.cluster_cert_dir {
             Some(dir) => ferry_certs::load_cluster_dir(dir)?.server_config(&alpn)?,
             None => {
-                self.warn_insecure();
+                Self::warn_insecure();
                 ferry_certs::insecure_server_config(&alpn)?
             }
         }))
@@ -126,7 +126,7 @@ impl ClusterFlags {
         Ok(Arc::new(match &self.cluster_cert_dir {
             Some(dir) => ferry_certs::load_cluster_dir(dir)?.client_config(&alpn)?,
             None => {
-                self.warn_insecure();
+                Self::warn_insecure();
                 ferry_certs::insecure_client_config(&alpn)?
             }
         }))

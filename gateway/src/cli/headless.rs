@@ -90,7 +90,7 @@ fn drain(running: &Running, timeout: Duration) {
 
 /// Dials, serves one link until it closes, and dials again. Returns only when
 /// the API node refuses this rank.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "one rank's whole setting, passed once from the loop that owns it")]
 fn serve_rank(
     rt: &tokio::runtime::Handle,
     model: &LoadedModel,

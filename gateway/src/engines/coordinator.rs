@@ -378,7 +378,7 @@ impl Coordinator {
                     self.inner.counters.moves_failed.fetch_add(1, Ordering::Relaxed);
                 }
                 let why = if limit > 0 { format!("{why}; the request moved {limit} times already (--migration-limit)") } else { why };
-                return self.fail(tracked, why, failure);
+                return Self::fail(tracked, why, failure);
             }
         };
         let counter = if plan.before_first_token { &self.inner.counters.retries } else { &self.inner.counters.migrations };
@@ -397,12 +397,12 @@ impl Coordinator {
         });
         if let Some(Err(e)) = placed {
             self.inner.counters.moves_failed.fetch_add(1, Ordering::Relaxed);
-            self.fail(tracked, format!("{why}; no other rank could take the request: {e}"), failure);
+            Self::fail(tracked, format!("{why}; no other rank could take the request: {e}"), failure);
         }
     }
 
     /// Ends `tracked` for good, and aborts whatever of it still runs.
-    fn fail(&self, tracked: &Arc<Tracked>, why: String, failure: Option<TokenOutput>) {
+    fn fail(tracked: &Arc<Tracked>, why: String, failure: Option<TokenOutput>) {
         for p in tracked.fail(why, failure) {
             p.link.abort_placement(p.link_id);
         }

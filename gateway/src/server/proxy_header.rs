@@ -142,6 +142,7 @@ fn parse_v2(buf: &[u8]) -> Parsed {
 mod tests {
     use super::*;
 
+    #[allow(clippy::unnecessary_wraps, reason = "the expected `source` of a parsed header, which is an Option")]
     fn sa(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
     }
