@@ -21,14 +21,18 @@ use super::TokenizerError;
 /// are read by the server that speaks that API and converted to this.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// "system", "user", "assistant", "tool", or whatever the template knows.
     pub role: String,
+    /// The message's text ("" for none, such as an assistant turn that only calls tools).
     #[serde(default)]
     pub content: String,
+    /// Every other field of the message, given to the template under its own name.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatMessage {
+    /// A message of `role` saying `content`, with no other fields.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         ChatMessage { role: role.into(), content: content.into(), extra: serde_json::Map::new() }
     }
