@@ -2,7 +2,7 @@
 
 /// The element types ferry can load. Discriminants are ggml's type ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(non_camel_case_types)]
+#[allow(non_camel_case_types, reason = "variants are spelled as ggml's GGML_TYPE_* names (Q4_0, Q2_K, IQ4_XS)")]
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
