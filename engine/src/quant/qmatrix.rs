@@ -87,12 +87,15 @@ impl QMatrix {
         QMatrix::new(ty, rows, cols, Arc::new(bytes), 0)
     }
 
+    /// The element type of every row.
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
+    /// Rows (a linear layer's outputs).
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Elements per row (a linear layer's inputs); a whole number of blocks.
     pub fn cols(&self) -> usize {
         self.cols
     }
