@@ -9,11 +9,18 @@ use rayon::prelude::*;
 /// One sequence's part of a batch: its tokens are rows `row0 .. row0 + len` of the
 /// batch, at positions `start_pos ..`, and its K/V live in `block_table`'s blocks.
 pub struct AttnSeq<'a> {
+    /// Batch row of the sequence's first token in this step.
     pub row0: usize,
+    /// Tokens of the sequence in this step (its rows `row0..row0 + len`).
     pub len: usize,
+    /// Position of its first token in this step: the tokens already in its KV cache.
     pub start_pos: usize,
-    /// Positions below this are the sequence's prompt (see [`DotOrder`]).
+    /// Positions below this are the sequence's prompt: their dots are summed
+    /// in llama.cpp's prompt order (tinyBLAS), later ones in its decode order
+    /// (vec_dot), so a position's bits do not depend on how it is batched.
     pub prompt_len: usize,
+    /// The KV blocks holding its positions, in order: position p is slot
+    /// p % block_size of block `block_table[p / block_size]`.
     pub block_table: &'a [u32],
 }
 
