@@ -5,7 +5,7 @@ use crate::device::Device;
 
 /// How to build one engine rank: vLLM's engine arguments ferry has, under
 /// their names (`--max-num-seqs` is `max_num_seqs`). The gateway's CLI fills
-/// it; [`build_engine_core`] checks it.
+/// it; [`build_engine_core`](crate::assemble::build_engine_core) checks it.
 /// How to build one engine rank: vLLM's engine arguments ferry has, under
 /// their names (`--max-num-seqs` is `max_num_seqs`). The gateway's CLI fills
 /// it; [`crate::build_engine_core`] checks it.

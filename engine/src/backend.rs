@@ -24,13 +24,19 @@ use ferry_transport::TokenLogprob;
 /// tensor-parallel worker's error reaches the engine with its kind.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The backend's own error (a CPU shard's, a CUDA driver or NCCL call's),
+    /// shown as it is.
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// The model's shape or types are beyond this backend, or the executor was
+    /// given no workers; the text says what.
     #[error("the model cannot run on this backend: {0}")]
     Unsupported(String),
     /// The device has too little memory for what was asked (weights, KV cache).
     #[error("not enough memory: {0}")]
     OutOfMemory(String),
+    /// A tensor-parallel worker's thread panicked or exited, or its channel
+    /// closed; the text says which rank or what was lost.
     #[error("a tensor-parallel worker died: {0}")]
     WorkerDied(String),
 }
@@ -48,13 +54,21 @@ pub enum ExecError {
 pub struct RowSampling {
     /// Which chunk of the step's batch this row samples from (its last row).
     pub chunk: usize,
+    /// The logits are divided by it; 0 or less (or NaN) is greedy, and a
+    /// value in (0, 0.01) is raised to 0.01, as vLLM does.
     pub temperature: f32,
+    /// Keep the most likely tokens up to this much probability mass, (0, 1]; 1: off.
     pub top_p: f32,
     /// 0: off.
     pub top_k: u32,
+    /// Drop tokens less likely than min_p times the most likely one, [0, 1]; 0: off.
     pub min_p: f32,
+    /// Over prompt and output tokens: positive logits divided by it, the
+    /// others multiplied (vLLM's); 1: off.
     pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token generated so far; 0: off.
     pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was generated; 0: off.
     pub frequency_penalty: f32,
     /// The sequence's seed: with `position`, names the row's random draw.
     pub seed: u64,
@@ -100,6 +114,8 @@ struct MaskSlot {
 }
 
 impl TokenMask {
+    /// An empty mask, to be filled later with [`Self::fill`]; [`Self::wait`]
+    /// blocks until then.
     pub fn new() -> TokenMask {
         TokenMask::default()
     }
@@ -159,13 +175,17 @@ impl Drop for MaskGuard {
 /// comes back).
 #[derive(Clone, Debug, Default)]
 pub struct StepSampling {
+    /// One per sampling chunk, in batch order; `RowSampling::chunk` says which.
     pub rows: Vec<RowSampling>,
 }
 
 /// A token a backend sampled.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampledToken {
+    /// The token id picked.
     pub token: u32,
+    /// Its logprob, rank and the top alternatives, when the row asked for
+    /// logprobs (`RowSampling::logprobs`); None otherwise.
     pub logprob: Option<TokenLogprob>,
 }
 
@@ -188,5 +208,6 @@ pub trait Backend: Send {
     /// tensor-parallel group every worker runs every step; only the leader's
     /// answer counts, and the others may leave `sampled` empty.
     fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError>;
+    /// Logits per row: the model's vocabulary size (whole, on every rank).
     fn vocab_size(&self) -> usize;
 }

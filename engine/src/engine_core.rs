@@ -21,9 +21,15 @@ use ferry_transport::{
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// What an [`EngineCore`] is built with (`crate::assemble` fills it from the
+/// engine's arguments).
 #[derive(Clone, Debug)]
 pub struct EngineCoreConfig {
+    /// This engine's rank among the engines a gateway serves from (vLLM's
+    /// data-parallel rank): said in its `Hello`, so a gateway can refuse a
+    /// duplicate, and in its thread names and logs.
     pub rank: u32,
+    /// Batch limits and the KV cache's shape, for the scheduler.
     pub scheduler: SchedulerConfig,
     /// Seeds requests that bring no seed of their own.
     pub seed: u64,
@@ -107,6 +113,8 @@ impl PromptLogprobs {
     }
 }
 
+/// The engine's state machine: requests, their sequences and samplers, the
+/// scheduler and its KV blocks, and the executor that runs the model.
 pub struct EngineCore {
     cfg: EngineCoreConfig,
     sched: Scheduler,
@@ -153,6 +161,10 @@ pub fn compile_constraint(env: Option<&GrammarEnv>, req: &EngineRequest) -> Comp
 }
 
 impl EngineCore {
+    /// An idle engine over `executor`. `eog_ids` are the model's
+    /// end-of-generation tokens (EOS and its kin), which end a sequence unless
+    /// its request ignores EOS. Structured outputs are refused until
+    /// [`Self::with_grammars`] gives a vocabulary.
     pub fn new(cfg: EngineCoreConfig, executor: Box<dyn Executor>, eog_ids: Vec<u32>) -> EngineCore {
         let seeds = crate::rng::splitmix(cfg.seed);
         EngineCore {
@@ -176,6 +188,7 @@ impl EngineCore {
         self.cfg.rank
     }
 
+    /// What structured outputs' masks have cost so far.
     pub fn mask_timing(&self) -> MaskTiming {
         self.mask_timing
     }
@@ -186,10 +199,13 @@ impl EngineCore {
         self
     }
 
+    /// The vocabulary structured outputs are compiled against; None when
+    /// this engine refuses them.
     pub fn grammars(&self) -> Option<&GrammarEnv> {
         self.grammars.as_ref()
     }
 
+    /// The model's vocabulary size (logits per row), as the executor reports it.
     pub fn vocab_size(&self) -> usize {
         self.executor.vocab_size()
     }
@@ -324,6 +340,7 @@ impl EngineCore {
         outs
     }
 
+    /// Whether any sequence is waiting or running: the shell steps while so.
     pub fn has_work(&self) -> bool {
         self.sched.has_work()
     }
@@ -369,6 +386,9 @@ impl EngineCore {
         self.requests.contains_key(&id)
     }
 
+    /// The whole engine's queue and cache figures, every owner's requests
+    /// counted; `draining` is false and `step_tokens` empty (the shell knows
+    /// those, and [`Self::stats_for`] builds on this).
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             num_waiting: self.sched.num_waiting() as u32,
@@ -634,10 +654,12 @@ impl EngineCore {
         self.requests.len()
     }
 
+    /// KV blocks that can be handed out now, cached ones nobody holds included.
     pub fn num_free_blocks(&self) -> usize {
         self.sched.num_free_blocks()
     }
 
+    /// KV blocks in the cache.
     pub fn num_blocks(&self) -> usize {
         self.sched.num_blocks()
     }

@@ -25,7 +25,7 @@ use crate::kv_cache::{CachedPrefix, KvCacheManager, KvError, DEFAULT_BLOCK_SIZE}
 pub type SeqId = u64;
 
 /// The scheduler's limits, vLLM's `SchedulerConfig` fields of the same names;
-/// [`crate::args::build_engine_core`] fills them from the engine's flags.
+/// [`crate::assemble::build_engine_core`] fills them from the engine's flags.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     /// Most sequences running at once.

@@ -144,6 +144,7 @@ impl Engine {
         !self.control.stopped.load(Ordering::Relaxed)
     }
 
+    /// Controls for this engine (drain, stop) that outlive a borrow of it.
     pub fn handle(&self) -> EngineHandle {
         EngineHandle { control: self.control.clone(), inbox: self.inbox.clone() }
     }
@@ -473,6 +474,7 @@ pub struct EngineThreads {
 }
 
 impl EngineThreads {
+    /// The served engine's controls (see [`Engine::handle`]).
     pub fn handle(&self) -> EngineHandle {
         self.engine.handle()
     }

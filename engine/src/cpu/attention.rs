@@ -9,11 +9,18 @@ use rayon::prelude::*;
 /// One sequence's part of a batch: its tokens are rows `row0 .. row0 + len` of the
 /// batch, at positions `start_pos ..`, and its K/V live in `block_table`'s blocks.
 pub struct AttnSeq<'a> {
+    /// Batch row of the sequence's first token in this step.
     pub row0: usize,
+    /// Tokens of the sequence in this step (its rows `row0..row0 + len`).
     pub len: usize,
+    /// Position of its first token in this step: the tokens already in its KV cache.
     pub start_pos: usize,
-    /// Positions below this are the sequence's prompt (see [`DotOrder`]).
+    /// Positions below this are the sequence's prompt: their dots are summed
+    /// in llama.cpp's prompt order (tinyBLAS), later ones in its decode order
+    /// (vec_dot), so a position's bits do not depend on how it is batched.
     pub prompt_len: usize,
+    /// The KV blocks holding its positions, in order: position p is slot
+    /// p % block_size of block `block_table[p / block_size]`.
     pub block_table: &'a [u32],
 }
 
@@ -174,9 +181,9 @@ fn attend(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o: &mut [f32]) {
 
 /// Instruction sets [`attend_body`] is compiled for.
 const SCALAR: u8 = 0;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, reason = "only the x86_64 paths compile attend_body for this level"))]
 const AVX2: u8 = 1;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, reason = "only the x86_64 paths compile attend_body for this level"))]
 const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
@@ -259,7 +266,7 @@ fn attend_body<const ISA: u8>(c: &AttnCtx, qv: &[f32], scratch: &mut Scratch, o:
 /// llama.cpp's dot does (an inf or NaN in V then shows, as it does there).
 #[inline(always)]
 fn weighted_v<const ISA: u8>(vl: &[f16], offs: &[usize], w: &[f32], order: DotOrder, o: &mut [f32]) {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut, reason = "only the x86_64 SIMD paths advance d0"))]
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
     {
@@ -411,7 +418,7 @@ mod x86 {
     /// was most of a dot's cost. Returns false, doing nothing, for head sizes
     /// whose dots would leave elements over (vec_dot: not a multiple of 64;
     /// tinyBLAS: of 16).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "the slices and sizes the portable scores loop beside it uses, passed through as they are")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn scores_avx512(
         kl: &[f16],

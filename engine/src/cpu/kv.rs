@@ -8,17 +8,27 @@
 
 use half::f16;
 
+/// One worker's keys and values for every layer, in blocks of `block_size`
+/// positions (vLLM's paged KV cache, on the host).
 pub struct KvStore {
+    /// Positions (token slots) per block.
     pub block_size: usize,
+    /// Blocks per layer; block ids in block tables are below this.
     pub num_blocks: usize,
     /// KV heads held by this worker (all of them, or its tensor-parallel share).
     pub num_kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
+    /// Keys, one array per layer of num_blocks * num_kv_heads * block_size *
+    /// head_dim values, laid out as the module says; element offsets come from
+    /// [`Self::head_offset`].
     pub k: Vec<Vec<f16>>,
+    /// Values, laid out as `k`.
     pub v: Vec<Vec<f16>>,
 }
 
 impl KvStore {
+    /// A zeroed store of `num_blocks` blocks for each of `num_layers` layers.
     pub fn new(num_layers: usize, num_blocks: usize, block_size: usize, num_kv_heads: usize, head_dim: usize) -> KvStore {
         let len = num_blocks * block_size * num_kv_heads * head_dim;
         KvStore {

@@ -27,16 +27,24 @@ use std::ops::Range;
 pub use crate::batch::{LogitRows, ModelInput, SeqChunk};
 pub use build::build;
 
+/// Why [`CpuShard::forward`] refused a step (nothing was computed or written).
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
+    /// The batch does not fit the model or the KV store: a token id outside
+    /// the vocabulary, an empty chunk, a block table too short for its
+    /// positions, chunks that do not cover the tokens, or sampling rows that
+    /// do not match the chunks.
     #[error("batch is malformed: {0}")]
     BadBatch(String),
 }
 
+/// Why the model cannot be split into tensor-parallel shards.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot split the model over {world} workers: {why}")]
 pub struct ShardError {
+    /// Workers the model was to be split over.
     pub world: usize,
+    /// What does not divide (KV heads, intermediate size) or is out of range.
     pub why: String,
 }
 
@@ -57,6 +65,7 @@ struct ShardLayer {
 
 /// One worker's share of the model.
 pub struct CpuShard {
+    /// The whole model's config (not the shard's: head counts here are all heads).
     pub cfg: ModelConfig,
     rank: usize,
     world: usize,
@@ -159,6 +168,7 @@ impl CpuShard {
         KvStore::new(self.cfg.num_layers, num_blocks, block_size, self.n_kv_heads, self.cfg.head_dim)
     }
 
+    /// This shard's tensor-parallel rank, 0..world.
     pub fn rank(&self) -> usize {
         self.rank
     }

@@ -169,6 +169,7 @@ fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// x += y element-wise (the residual connections); stops at the shorter slice.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;

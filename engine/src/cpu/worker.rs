@@ -32,6 +32,9 @@ fn worker_pool(threads: usize, name: String) -> Result<rayon::ThreadPool, ExecEr
         .map_err(|e| ExecError::WorkerDied(format!("cannot start a thread pool: {e}")))
 }
 
+/// One tensor-parallel rank of the CPU backend: its shard of the weights, its
+/// KV cache, and the thread pool its matmuls run on. The [`Backend`] the CPU
+/// executors drive.
 pub struct CpuWorker {
     shard: CpuShard,
     kv: KvStore,

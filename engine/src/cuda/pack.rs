@@ -56,26 +56,46 @@ const fn kernel_define(file: &[u8], define: &[u8]) -> usize {
     panic!("no such kernel source")
 }
 
-/// sampling.cu's `RowParams`, field for field (80 bytes).
+/// sampling.cu's `RowParams`, field for field (80 bytes). A row's settings
+/// are its [`RowSampling`]'s; its lists are `[from, to)` index ranges into
+/// [`Packed`]'s flat arrays.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RowParams {
+    /// `RowSampling::temperature`: 0 or less (or NaN) is greedy.
     pub temperature: f32,
+    /// `RowSampling::top_p`; 1: off.
     pub top_p: f32,
+    /// `RowSampling::min_p`; 0: off.
     pub min_p: f32,
+    /// `RowSampling::repetition_penalty`; 1: off.
     pub repetition: f32,
+    /// `RowSampling::presence_penalty`; 0: off.
     pub presence: f32,
+    /// `RowSampling::frequency_penalty`; 0: off.
     pub frequency: f32,
+    /// `RowSampling::top_k`, saturated to i32::MAX; 0: off.
     pub top_k: i32,
+    /// Top logprobs to write, 0..=MAX_LOGPROBS; -1: no logprobs for this row.
     pub logprobs: i32,
+    /// The sequence's seed; with `position`, names the row's draw.
     pub seed: u64,
+    /// Tokens the sequence generated before this one.
     pub position: u64,
+    /// Start of the row's penalties in `pen_tokens`, `pen_counts` and `pen_in_prompt`.
     pub pen_from: i32,
+    /// End (exclusive) of the row's penalties.
     pub pen_to: i32,
+    /// Start of the row's logit biases in `bias_tokens` and `bias_values`.
     pub bias_from: i32,
+    /// End (exclusive) of the row's logit biases.
     pub bias_to: i32,
+    /// Start of the row's banned ids in `ban_tokens`.
     pub ban_from: i32,
+    /// End (exclusive) of the row's banned ids.
     pub ban_to: i32,
+    /// The row's first word in `mask_words` (vocab.div_ceil(32) words
+    /// follow); -1: no grammar mask.
     pub mask_word: i64,
 }
 
@@ -84,13 +104,22 @@ const _: () = assert!(std::mem::size_of::<RowParams>() == 80);
 /// Everything `sample_rows` reads besides the logits.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Packed {
+    /// One per row, in the order of the rows given.
     pub params: Vec<RowParams>,
+    /// Every row's penalized token ids, row after row (`RowSampling::penalties`).
     pub pen_tokens: Vec<u32>,
+    /// Times each of `pen_tokens` was generated.
     pub pen_counts: Vec<u32>,
+    /// 1 where that token is in the prompt, else 0.
     pub pen_in_prompt: Vec<u8>,
+    /// Every row's logit-bias token ids, row after row.
     pub bias_tokens: Vec<u32>,
+    /// The bias added to each of `bias_tokens`.
     pub bias_values: Vec<f32>,
+    /// Every row's banned ids, row after row.
     pub ban_tokens: Vec<u32>,
+    /// Every masked row's grammar mask in vLLM's bitmask layout (bit b of
+    /// word w allows token 32w + b), vocab.div_ceil(32) words per row.
     pub mask_words: Vec<u32>,
     /// Some row asked for logprobs (the raw copy is then written).
     pub any_logprobs: bool,
@@ -156,11 +185,15 @@ pub fn pack(rows: &[RowSampling], vocab: usize) -> Packed {
 /// The kernel's outputs for `rows` rows, as copied back.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Answers {
+    /// The token picked for each row.
     pub tokens: Vec<u32>,
+    /// Each picked token's logprob in its raw row (meaningful where the row asked for logprobs).
     pub logprob: Vec<f32>,
+    /// Each picked token's rank: 1 + the tokens strictly more likely.
     pub rank: Vec<i32>,
     /// rows × MAX_LOGPROBS (sampling.cu's MAX_TOP_LOGPROBS).
     pub top_ids: Vec<u32>,
+    /// The logprobs of `top_ids`, same layout: best first, the lowest id first on ties.
     pub top_logprobs: Vec<f32>,
 }
 

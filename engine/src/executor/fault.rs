@@ -39,6 +39,7 @@ impl Faults {
         Faults { panic_on_prompt_token: panic.and_then(|v| v.parse().ok()), stall_after_steps: stall.and_then(|v| v.parse().ok()) }
     }
 
+    /// Whether any fault is asked for (else the executor is not wrapped).
     pub fn any(&self) -> bool {
         self.panic_on_prompt_token.is_some() || self.stall_after_steps.is_some()
     }
@@ -66,6 +67,7 @@ pub struct FaultyExecutor {
 }
 
 impl FaultyExecutor {
+    /// `inner` with `faults`; the stall's countdown starts now.
     pub fn new(inner: Box<dyn Executor>, faults: Faults) -> FaultyExecutor {
         FaultyExecutor { inner, faults, until_stall: faults.stall_after_steps, draining: Arc::default() }
     }

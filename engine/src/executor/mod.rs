@@ -15,7 +15,11 @@ pub use crate::backend::ExecError;
 /// Runs the model for the engine: the answer to each step comes from the
 /// backend(s) behind it (see [`StepOutput`]).
 pub trait Executor: Send {
+    /// Runs one step on every worker (writing the batch's keys and values
+    /// into their KV caches) and returns the leader's answer: the tokens
+    /// `sampling` asks for and the logit rows the chunks ask for.
     fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError>;
+    /// Logits per row: the model's whole vocabulary.
     fn vocab_size(&self) -> usize;
 
     /// Every logit row the batch's chunks ask for, sampling nothing (for

@@ -8,29 +8,47 @@ use std::path::Path;
 /// How rotary embeddings pair up a head's dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeStyle {
-    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by GGUF llama
+    /// Adjacent pairs (`x[2i]`, `x[2i+1]`): llama.cpp's "normal" mode, used by GGUF llama
     /// files, whose q/k weights the converter permuted for it.
     Interleaved,
-    /// Halves (x[i], x[i + d/2]): Hugging Face's rotate_half, and GGUF qwen2.
+    /// Halves (`x[i]`, `x[i + d/2]`): Hugging Face's rotate_half, and GGUF qwen2.
     Neox,
 }
 
+/// A model's shape and the constants of its forward pass, named as in Hugging
+/// Face's config.json; the GGUF keys named below are under `{arch}.`, as
+/// llama.cpp writes them. Both readers check it: every size is positive and
+/// at most 2^24, num_heads is a multiple of num_kv_heads, head_dim is even.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    /// "llama", "qwen2", "mistral", ...
+    /// "llama", "qwen2" or "mistral": the architectures ferry runs.
     pub arch: String,
+    /// Width of the residual stream (GGUF `embedding_length`).
     pub hidden_size: usize,
+    /// Width of the SwiGLU MLP's gate and up outputs (GGUF `feed_forward_length`).
     pub intermediate_size: usize,
+    /// Decoder layers (GGUF `block_count`).
     pub num_layers: usize,
+    /// Query heads (GGUF `attention.head_count`).
     pub num_heads: usize,
+    /// Key/value heads: fewer than num_heads under grouped-query attention
+    /// (GGUF `attention.head_count_kv`; num_heads when absent).
     pub num_kv_heads: usize,
+    /// Elements per head (GGUF `attention.key_length`; hidden_size / num_heads when absent).
     pub head_dim: usize,
+    /// Rows of the embedding and LM head (token ids are 0..vocab_size).
     pub vocab_size: usize,
+    /// RMSNorm's epsilon (default 1e-5 for GGUF, 1e-6 for Hugging Face configs).
     pub rms_norm_eps: f32,
+    /// RoPE's base frequency (GGUF `rope.freq_base`; default 10000).
     pub rope_theta: f32,
+    /// Which dimensions RoPE rotates together.
     pub rope_style: RopeStyle,
-    /// Positions the model was trained for.
+    /// Positions the model was trained for (GGUF `context_length`, default
+    /// 4096), capped by `sliding_window` when there is one.
     pub max_position_embeddings: usize,
+    /// The LM head is the embedding matrix (a GGUF file without
+    /// `output.weight`, or config.json's `tie_word_embeddings`).
     pub tie_word_embeddings: bool,
     /// Qwen2 adds biases to q, k and v.
     pub qkv_bias: bool,
@@ -45,14 +63,18 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
 }
 
+/// A model that cannot be read or run: one line naming the file and the problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {problem}")]
 pub struct ConfigError {
+    /// The file or folder at fault, as displayed (`<dummy>` for made-up weights).
     pub file: String,
+    /// What is wrong with it, without the file name.
     pub problem: String,
 }
 
 impl ConfigError {
+    /// The error `problem` in `file`.
     pub fn new(file: impl AsRef<Path>, problem: impl Into<String>) -> Self {
         ConfigError { file: file.as_ref().display().to_string(), problem: problem.into() }
     }
@@ -206,10 +228,13 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Width of all query heads together (num_heads * head_dim): wq's rows.
     pub fn q_size(&self) -> usize {
         self.num_heads * self.head_dim
     }
 
+    /// Width of all key (or value) heads together (num_kv_heads * head_dim):
+    /// wk's and wv's rows.
     pub fn kv_size(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }

@@ -41,6 +41,7 @@ pub fn tensors_hash(w: &ModelWeights) -> u64 {
     hash64(table.as_bytes())
 }
 
+/// The model's fingerprint for the handshake: [`config_hash`] and [`tensors_hash`].
 pub fn fingerprint(cfg: &ModelConfig, w: &ModelWeights) -> ModelFingerprint {
     ModelFingerprint { config: config_hash(cfg), tensors: tensors_hash(w) }
 }

@@ -74,10 +74,12 @@ impl GgufError {
         }
     }
 
+    /// What kind of problem it is.
     pub fn kind(&self) -> GgufErrorKind {
         self.kind
     }
 
+    /// The file the problem is in (`<gguf writer>` for the writer's own errors).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -99,18 +101,33 @@ impl std::error::Error for GgufError {}
 /// A metadata value, one variant per GGUF value type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetaValue {
+    /// GGUF_TYPE_UINT8 (type id 0).
     U8(u8),
+    /// GGUF_TYPE_INT8 (1).
     I8(i8),
+    /// GGUF_TYPE_UINT16 (2).
     U16(u16),
+    /// GGUF_TYPE_INT16 (3).
     I16(i16),
+    /// GGUF_TYPE_UINT32 (4).
     U32(u32),
+    /// GGUF_TYPE_INT32 (5).
     I32(i32),
+    /// GGUF_TYPE_UINT64 (10).
     U64(u64),
+    /// GGUF_TYPE_INT64 (11).
     I64(i64),
+    /// GGUF_TYPE_FLOAT32 (6).
     F32(f32),
+    /// GGUF_TYPE_FLOAT64 (12).
     F64(f64),
+    /// GGUF_TYPE_BOOL (7): one byte, 0 or 1 (any other byte is refused).
     Bool(bool),
+    /// GGUF_TYPE_STRING (8): u64 length, then bytes; read lossily, so an
+    /// invalid UTF-8 byte becomes U+FFFD.
     String(String),
+    /// GGUF_TYPE_ARRAY (9): element type, u64 count, elements. All elements
+    /// have one type; arrays nest at most 8 deep.
     Array(Vec<MetaValue>),
 }
 
@@ -150,6 +167,7 @@ impl MetaValue {
         }
     }
 
+    /// The text of a `String`; None for any other type.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetaValue::String(s) => Some(s),
@@ -157,6 +175,7 @@ impl MetaValue {
         }
     }
 
+    /// A `Bool`'s value; None for any other type (integers are not truthy).
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             MetaValue::Bool(b) => Some(b),
@@ -164,6 +183,7 @@ impl MetaValue {
         }
     }
 
+    /// An `Array`'s elements; None for any other type.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
@@ -194,9 +214,11 @@ impl MetaValue {
 /// One tensor's entry in the tensor table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name (`blk.0.attn_q.weight`), unique in the file.
     pub name: String,
-    /// ggml order: dims[0] is the innermost dimension (the row length).
+    /// ggml order: `dims[0]` is the innermost dimension (the row length).
     pub dims: Vec<u64>,
+    /// The element type; `dims[0]` is a whole number of its blocks.
     pub ty: GgmlType,
     /// Absolute byte offset of the data in the file.
     pub offset: usize,
@@ -274,14 +296,18 @@ impl GgufFile {
         })
     }
 
+    /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The file's GGUF version: 2 or 3.
     pub fn version(&self) -> u32 {
         self.version
     }
 
+    /// Alignment of the data section and of every tensor's offset in it:
+    /// `general.alignment`, or [`DEFAULT_ALIGNMENT`] when the key is absent.
     pub fn alignment(&self) -> usize {
         self.alignment
     }
@@ -291,38 +317,48 @@ impl GgufFile {
         self.data_offset
     }
 
+    /// Every metadata key/value, sorted by key (keys are unique in the file).
     pub fn metadata(&self) -> &BTreeMap<String, MetaValue> {
         &self.metadata
     }
 
+    /// The value of metadata key `key` (e.g. `llama.block_count`), if present.
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
     }
 
+    /// `key` as a u32: any integer type whose value fits; None if absent,
+    /// negative, too large or not an integer.
     pub fn get_u32(&self, key: &str) -> Option<u32> {
         self.get(key)?.as_u64().and_then(|v| u32::try_from(v).ok())
     }
 
+    /// `key` as a u64, as [`MetaValue::as_u64`] reads it.
     pub fn get_u64(&self, key: &str) -> Option<u64> {
         self.get(key)?.as_u64()
     }
 
+    /// `key` as an f32, as [`MetaValue::as_f32`] reads it (integers too).
     pub fn get_f32(&self, key: &str) -> Option<f32> {
         self.get(key)?.as_f32()
     }
 
+    /// `key` as text; None if absent or not a string.
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.get(key)?.as_str()
     }
 
+    /// `key` as a bool; None if absent or not a bool.
     pub fn get_bool(&self, key: &str) -> Option<bool> {
         self.get(key)?.as_bool()
     }
 
+    /// The tensor table, in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 
+    /// The tensor named `name`, if the file has one.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
@@ -648,6 +684,7 @@ impl Default for GgufWriter {
 const WRITER_PATH: &str = "<gguf writer>";
 
 impl GgufWriter {
+    /// An empty file: no metadata, no tensors, [`DEFAULT_ALIGNMENT`].
     pub fn new() -> Self {
         GgufWriter {
             metadata: Vec::new(),
@@ -762,6 +799,7 @@ impl GgufWriter {
         Ok(out)
     }
 
+    /// Writes [`Self::to_bytes`] to `path`, replacing any file there.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
         let bytes = self.to_bytes()?;

@@ -9,6 +9,7 @@ use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Where the weights come from (vLLM's `--load-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LoadFormat {
     /// Whatever the path holds.
@@ -18,10 +19,15 @@ pub enum LoadFormat {
     Dummy,
 }
 
+/// A model read from disk: everything an engine is built from.
 pub struct LoadedModel {
+    /// The GGUF file or Hugging Face folder it was loaded from.
     pub path: PathBuf,
+    /// Its shape, from the GGUF metadata or config.json.
     pub cfg: ModelConfig,
+    /// Its weights (memory-mapped, or random under [`LoadFormat::Dummy`]).
     pub weights: ModelWeights,
+    /// Its tokenizer, checked to have no more tokens than the config's vocabulary.
     pub tokenizer: Arc<Tokenizer>,
 }
 

@@ -17,9 +17,15 @@ pub const SUPPORTED: &str = "none, linear, llama3";
 /// Llama 3's parameters (HF `rope_scaling` with rope_type "llama3").
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Llama3Params {
+    /// What the lowest frequencies are divided by (8 in Llama 3.1).
     pub factor: f64,
+    /// Wavelengths above original_max_position_embeddings / low_freq_factor
+    /// are divided by the whole `factor`.
     pub low_freq_factor: f64,
+    /// Wavelengths below original_max_position_embeddings / high_freq_factor
+    /// are left alone; above low_freq_factor.
     pub high_freq_factor: f64,
+    /// The context length the model was pre-trained at (8192 in Llama 3.1).
     pub original_max_position_embeddings: f64,
 }
 

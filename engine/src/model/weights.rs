@@ -9,38 +9,65 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// One decoder layer's weights. Matrices are row-major with one row per
+/// output (a linear layer's `out_features` x `in_features`, as PyTorch stores
+/// them and GGUF's ggml order `[in, out]` means); norms and biases are decoded
+/// to f32 at load.
 pub struct LayerWeights {
+    /// RMSNorm weight before attention (`attn_norm` / `input_layernorm`), hidden_size values.
     pub attn_norm: Vec<f32>,
+    /// Query projection: q_size x hidden_size.
     pub wq: QMatrix,
+    /// Key projection: kv_size x hidden_size.
     pub wk: QMatrix,
+    /// Value projection: kv_size x hidden_size.
     pub wv: QMatrix,
+    /// Query bias (q_size values); Some only when the config has `qkv_bias` (Qwen2).
     pub bq: Option<Vec<f32>>,
+    /// Key bias (kv_size values); Some only with `qkv_bias`.
     pub bk: Option<Vec<f32>>,
+    /// Value bias (kv_size values); Some only with `qkv_bias`.
     pub bv: Option<Vec<f32>>,
+    /// Attention output projection: hidden_size x q_size.
     pub wo: QMatrix,
+    /// RMSNorm weight before the MLP (`ffn_norm` / `post_attention_layernorm`), hidden_size values.
     pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate projection: intermediate_size x hidden_size.
     pub w_gate: QMatrix,
+    /// SwiGLU up projection: intermediate_size x hidden_size.
     pub w_up: QMatrix,
+    /// MLP down projection: hidden_size x intermediate_size.
     pub w_down: QMatrix,
 }
 
+/// A whole model's weights, shaped by its [`ModelConfig`]; the matrices keep
+/// their file's encoding and share its memory map.
 pub struct ModelWeights {
+    /// Token embeddings: vocab_size x hidden_size, one row per token id.
     pub embed: QMatrix,
+    /// The decoder layers, first to last (num_layers of them).
     pub layers: Vec<LayerWeights>,
+    /// The final RMSNorm weight, before the LM head: hidden_size values.
     pub norm: Vec<f32>,
     /// The output projection; the embedding matrix itself when tied.
     pub lm_head: QMatrix,
 }
 
+/// Loading fails like reading a config does: one line naming the file.
 pub type LoadError = ConfigError;
 
 /// Reports loading progress (a progress bar in the CLI, nothing in tests).
 pub trait LoadProgress {
+    /// Loading begins; `total` units follow (the layers, plus one for the
+    /// embeddings and one for the final norm and LM head).
     fn start(&self, total: u64);
+    /// `n` more units are loaded.
     fn advance(&self, n: u64);
+    /// Loading is done (not called when it fails).
     fn finish(&self);
 }
 
+/// A [`LoadProgress`] that shows nothing (tests, and callers without a terminal).
 pub struct NoProgress;
 impl LoadProgress for NoProgress {
     fn start(&self, _: u64) {}
@@ -205,6 +232,9 @@ impl TensorSource for GgufSource<'_> {
     }
 }
 
+/// The weights of a GGUF file, viewed in place over its memory map. Tensor
+/// names are llama.cpp's (`token_embd.weight`, `blk.{i}.attn_q.weight`, ...);
+/// without `output.weight` the LM head is the embedding matrix.
 pub fn load_gguf(file: &GgufFile, cfg: &ModelConfig, progress: &dyn LoadProgress) -> Result<ModelWeights, LoadError> {
     let mmap: WeightBytes = file.mmap();
     load_from(&GgufSource { file, mmap }, &GGUF_NAMES, cfg, progress)
@@ -266,6 +296,10 @@ impl SafetensorsSource {
     }
 }
 
+/// The weights of a Hugging Face folder's *.safetensors files (F32, F16 or
+/// BF16), each file memory-mapped. Tensor names are Hugging Face's
+/// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
+/// ...); without `lm_head.weight` the LM head is the embedding matrix.
 pub fn load_safetensors(dir: &Path, cfg: &ModelConfig, progress: &dyn LoadProgress) -> Result<ModelWeights, LoadError> {
     let src = SafetensorsSource::open(dir)?;
     load_from(&src, &HF_NAMES, cfg, progress)

@@ -24,9 +24,6 @@
 //! In every 2- and 3-bit K-quant, element e of half h = e / 128 and quarter
 //! j = (e % 128) / 32 sits at bits 2j of qs[32h + e % 32].
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
-
 use half::f16;
 
 pub(crate) const QK: usize = 32;
@@ -38,7 +35,7 @@ pub(crate) const Q5_0_BYTES: usize = 22;
 pub(crate) const Q5_1_BYTES: usize = 24;
 pub(crate) const Q8_0_BYTES: usize = 34;
 pub(crate) const IQ4_NL_BYTES: usize = 18;
-#[allow(dead_code)] // layout documentation, checked in tests
+#[allow(dead_code, reason = "layout documentation beside the other block sizes, checked against `type_size` in tests, which are its only readers")]
 pub(crate) const Q8_1_BYTES: usize = 36;
 pub(crate) const Q2_K_BYTES: usize = 84;
 pub(crate) const Q3_K_BYTES: usize = 110;
@@ -46,7 +43,7 @@ pub(crate) const Q4_K_BYTES: usize = 144;
 pub(crate) const Q5_K_BYTES: usize = 176;
 pub(crate) const IQ4_XS_BYTES: usize = 136;
 pub(crate) const Q6_K_BYTES: usize = 210;
-#[allow(dead_code)] // layout documentation, checked in tests
+#[allow(dead_code, reason = "layout documentation beside the other block sizes, checked against `type_size` in tests, which are its only readers")]
 pub(crate) const Q8_K_BYTES: usize = 292;
 
 /// Q4_K: offset of `scales` and of `qs`.

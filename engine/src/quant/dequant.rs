@@ -1,8 +1,5 @@
 //! Block decoding: ggml's dequantize_row_* for every supported type.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
-
 use super::blocks::*;
 use super::{GgmlType, QuantError};
 
@@ -234,8 +231,8 @@ mod tests {
         b.extend((0..32).map(|j| (j as i8 - 16) as u8));
         let mut y = [0f32; 32];
         dequantize_row(GgmlType::Q8_0, &b, &mut y).unwrap();
-        for j in 0..32 {
-            assert_eq!(y[j], (j as f32 - 16.0) * 2.0);
+        for (j, &v) in y.iter().enumerate() {
+            assert_eq!(v, (j as f32 - 16.0) * 2.0);
         }
         let mut b1 = h(2.0).to_vec();
         b1.extend(h(123.0)); // s is ignored when decoding
@@ -301,8 +298,8 @@ mod tests {
         b.extend([0u8; 32]);
         let mut y = vec![0f32; 256];
         dequantize_row(GgmlType::Q8_K, &b, &mut y).unwrap();
-        for j in 0..256 {
-            assert_eq!(y[j], ((j % 200) as f32 - 100.0) * 0.5);
+        for (j, &v) in y.iter().enumerate() {
+            assert_eq!(v, ((j % 200) as f32 - 100.0) * 0.5);
         }
     }
 

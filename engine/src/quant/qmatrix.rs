@@ -87,12 +87,15 @@ impl QMatrix {
         QMatrix::new(ty, rows, cols, Arc::new(bytes), 0)
     }
 
+    /// The element type of every row.
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
+    /// Rows (a linear layer's outputs).
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Elements per row (a linear layer's inputs); a whole number of blocks.
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -148,10 +151,14 @@ impl QMatrix {
     }
 
     /// Where row 0 starts, for the CPU kernels' raw reads.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, reason = "only the x86_64 kernels read rows through raw pointers"))]
     pub(crate) fn base_ptr(&self) -> *const u8 {
-        // In bounds by construction (offset + rows * row_stride <= len).
-        unsafe { (*self.bytes).as_ref().as_ptr().add(self.offset) }
+        // wrapping_add, not add: with rows >= 1 the offset is inside the buffer
+        // (`new` checked offset + rows * row_stride <= len, and slicing only
+        // moves it within that range), but a column slice of a matrix with no
+        // rows may point past its end. Such a pointer is never read, and
+        // computing it must not be undefined behaviour.
+        (*self.bytes).as_ref().as_ptr().wrapping_add(self.offset)
     }
 }
 

@@ -2,8 +2,7 @@
 //! write weights). The K-quant quantizers are simpler than ggml's iterative
 //! search (plain min/max ranges) but produce valid blocks with bounded error.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(clippy::needless_range_loop, reason = "kernels index several same-length arrays by one counter; iterators would obscure them")]
 
 use super::blocks::*;
 use super::{GgmlType, QuantError};

@@ -12,6 +12,10 @@ use super::Tokenizer;
 /// so a SentencePiece "▁word" continuing a prompt decodes with its space.
 const CONTEXT_TOKENS: usize = 5;
 
+/// One sequence's output text, token by token: each [`Self::push`] returns the
+/// text that token completes; the pieces and [`Self::finish`]'s remainder,
+/// joined, are what decoding all the tokens at once gives (vLLM's
+/// incremental detokenizer).
 pub struct IncrementalDetokenizer {
     tokenizer: Arc<Tokenizer>,
     skip_special_tokens: bool,
@@ -22,6 +26,8 @@ pub struct IncrementalDetokenizer {
 }
 
 impl IncrementalDetokenizer {
+    /// A detokenizer with no context: the first token decodes as at the start
+    /// of a text. `skip_special_tokens` leaves special tokens out of the text.
     pub fn new(tokenizer: Arc<Tokenizer>, skip_special_tokens: bool) -> Self {
         IncrementalDetokenizer { tokenizer, skip_special_tokens, window: Vec::new(), read: 0 }
     }

@@ -30,10 +30,13 @@ pub enum TokenizerError {
     /// The model's tokenizer description is missing, malformed or unsupported.
     #[error("{0}")]
     Load(String),
+    /// The wrapped Hugging Face tokenizer could not encode the text; its message.
     #[error("tokenization failed: {0}")]
     Encode(String),
+    /// Ids that cannot be turned back into text (an id outside the vocabulary).
     #[error("detokenization failed: {0}")]
     Decode(String),
+    /// A chat request for a model that ships no chat template, with none given.
     #[error("the model has no chat template")]
     NoChatTemplate,
     /// The chat template failed to compile or to render (including
@@ -204,10 +207,14 @@ impl Tokenizer {
         self.pieces.get(id)
     }
 
+    /// The beginning-of-sequence token (GGUF `tokenizer.ggml.bos_token_id`, or
+    /// the folder's `bos_token`), if the model has one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence token, if the model names one; the tokens that end
+    /// generation are [`Self::eog_token_ids`], which include it.
     pub fn eos_token_id(&self) -> Option<u32> {
         self.eos
     }
@@ -218,6 +225,7 @@ impl Tokenizer {
         &self.eog
     }
 
+    /// Whether `id` is one of [`Self::eog_token_ids`].
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.binary_search(&id).is_ok()
     }
@@ -235,6 +243,7 @@ impl Tokenizer {
         self.id
     }
 
+    /// The model's own chat template (Jinja source), if it ships one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat.as_ref().map(chat_template::ChatTemplate::source)
     }

@@ -1,6 +1,6 @@
 //! Shared pieces of the engine's tests: tiny model configs, and a plain f64
 //! reference forward pass to check the real one against.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "every test binary compiles this module and uses only part of it")]
 
 pub(crate) mod files;
 

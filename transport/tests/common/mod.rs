@@ -1,6 +1,6 @@
 //! Shared by the integration tests: a throwaway cluster CA, TLS configs, and a
 //! connected pair of ends for each link (the real quinn on 127.0.0.1).
-#![allow(dead_code)]
+#![allow(dead_code, reason = "every test binary compiles this module and uses only part of it")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,8 +8,7 @@
 //! stored as f16. Q8_K follows quantize_row_q8_K_ref. The scalar and AVX2
 //! versions give bit-identical results.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(clippy::needless_range_loop, reason = "kernels index several same-length arrays by one counter; iterators would obscure them")]
 
 use super::simd::Isa;
 use crate::quant::blocks::{round_f16, QK, QK_K};

@@ -2,8 +2,7 @@
 //! way ggml's generic (scalar) vec_dot functions compute them: an exact integer
 //! sum per block, scaled by the product of the two blocks' scales.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(clippy::needless_range_loop, reason = "kernels index several same-length arrays by one counter; iterators would obscure them")]
 
 use super::act::ActRow;
 use crate::quant::blocks::*;

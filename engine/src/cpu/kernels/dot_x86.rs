@@ -11,8 +11,11 @@
 //! each is instantiated inside a `#[target_feature]` wrapper, which is what lets
 //! the intrinsics inline.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(
+    clippy::needless_range_loop,
+    clippy::too_many_arguments,
+    reason = "kernels index several same-length arrays by one counter (iterators would obscure them), and the inner kernels take pointers, strides, token ranges and accumulators as separate arguments, which stay in registers once inlined"
+)]
 
 use super::simd::Isa;
 use crate::quant::blocks::*;

@@ -18,8 +18,11 @@
 //! as ggml does. The 5-bit and IQ4_NL blocks are decoded to whole bytes once,
 //! while packing, so the token loop is Q8_0's.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(
+    clippy::needless_range_loop,
+    clippy::too_many_arguments,
+    reason = "kernels index several same-length arrays by one counter (iterators would obscure them), and the inner kernels take pointers, strides, token ranges and accumulators as separate arguments, which stay in registers once inlined"
+)]
 
 use super::dot_x86::ActPtrs;
 use crate::quant::blocks::*;

@@ -31,8 +31,7 @@
 //! of the per-row kernels do, so this kernel takes matmuls of `MIN_TOKENS`
 //! tokens or more.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(clippy::needless_range_loop, reason = "kernels index several same-length arrays by one counter; iterators would obscure them")]
 
 use super::dot_x86::{iq4_table, ActPtrs};
 use super::gemm16::transpose16x4;

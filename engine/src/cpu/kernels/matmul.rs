@@ -11,8 +11,7 @@
 //! call, which measured ~1.3x faster single-stream decode than calling from an
 //! outside thread.
 
-// Kernels index several same-length arrays by one counter; iterators would obscure them.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#![allow(clippy::needless_range_loop, reason = "kernels index several same-length arrays by one counter; iterators would obscure them")]
 
 use super::act::{act_kind, ActKind, ActRow, Acts};
 use super::dot_scalar;
@@ -65,7 +64,13 @@ impl ActSrc<'_> {
 /// Output pointer shared by the chunk tasks; each writes only its own rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+// SAFETY: an OutPtr points into an output slice that `matmul_parts` borrows
+// mutably for the whole parallel region, so the memory outlives every task
+// that gets the pointer; the tasks write disjoint row ranges of it, so
+// handing the pointer to another thread creates no data race.
 unsafe impl Send for OutPtr {}
+// SAFETY: shared references to an OutPtr only copy the pointer out; all writes
+// through it go to the task's own disjoint rows (see `Send` above).
 unsafe impl Sync for OutPtr {}
 
 /// out[t * w.rows() + r] = sum_k w[r, k] * x[t * w.cols() + k] for t in 0..n_tokens.
@@ -315,7 +320,7 @@ fn max_rows(ty: GgmlType, isa: Isa, nt: usize) -> usize {
 }
 
 /// One tile of nr rows from `r` x nt tokens from `t`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "a tile is its matrix, activations, ISA, row range, token range and output; a struct for one call site would only rename them")]
 fn compute_tile(w: &QMatrix, src: &ActSrc, isa: Isa, r: usize, nr: usize, t: usize, nt: usize, out: &mut [[f32; 4]; 4]) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {

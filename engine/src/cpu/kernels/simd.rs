@@ -95,7 +95,7 @@ pub(crate) fn current() -> Isa {
 }
 
 /// Every level this CPU can run, scalar first (for tests that compare them).
-#[allow(dead_code)]
+#[cfg(test)]
 pub(crate) fn available() -> Vec<Isa> {
     let mut v = vec![Isa::Scalar];
     #[cfg(target_arch = "x86_64")]
