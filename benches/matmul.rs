@@ -101,39 +101,6 @@ fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (QMatrix,
     (QMatrix::new(ty, rows, cols, bytes.clone(), 0).expect("in bounds"), bytes)
 }
 
-/// Where each type keeps its f16 scales (byte offsets inside a block).
-fn scale_offsets(ty: GgmlType) -> &'static [usize] {
-    match ty {
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
-        GgmlType::Q2_K => &[80, 82],
-        GgmlType::Q3_K => &[108],
-        GgmlType::Q6_K => &[208],
-        _ => &[0],
-    }
-}
-
-/// Random bytes for every block (every bit pattern of quants, packed scales
-/// and high bits), with the f16 scales set to random sane values.
-fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-    let rb = ty.row_bytes(cols).expect("whole blocks");
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let mut bytes: Vec<u8> = (0..rows * rb).map(|_| (next() >> 32) as u8).collect();
-    for blk in bytes.chunks_exact_mut(ty.type_size()) {
-        for &o in scale_offsets(ty) {
-            let v = 1e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.02;
-            let v = if next() & 1 == 0 { v } else { -v };
-            blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-        }
-    }
-    QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).expect("in bounds")
-}
-
 fn bench_shapes(c: &mut Criterion) {
     use GgmlType::*;
     let shapes = [
@@ -238,7 +205,7 @@ fn fixed_work(spec: &str) {
     let ty = GgmlType::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("FERRY_AB: no type {name}"));
     let num = |s: &str| -> usize { s.parse().unwrap_or_else(|_| panic!("FERRY_AB: {s} is not a count")) };
     let (rows, cols, n, iters) = (num(rows), num(cols), num(n), num(iters));
-    let w = random_blocks(ty, rows, cols, 1);
+    let w = QMatrix::random(ty, rows, cols, 1).expect("whole blocks");
     let x = data(n * cols, 2, 1.0);
     let mut out = vec![0f32; n * rows];
     for _ in 0..iters {

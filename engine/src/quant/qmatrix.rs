@@ -162,6 +162,46 @@ impl QMatrix {
     }
 }
 
+/// Where each type keeps its f16 scales (byte offsets inside a block).
+fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q2_K => &[80, 82],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q6_K => &[208],
+        _ => &[0],
+    }
+}
+
+impl QMatrix {
+    /// A `rows` × `cols` matrix of `ty` with random bytes in every block
+    /// (every bit pattern of quants, packed scales and high bits) and its f16
+    /// scales set to random sane values (±0.001 to ±0.021), the same for the
+    /// same `seed`: what the kernels' tests and the benches multiply. `cols`
+    /// must be whole blocks.
+    pub fn random(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Result<QMatrix, QuantError> {
+        let rb = ty.row_bytes(cols).ok_or(QuantError::NotWholeBlocks { ty: ty.name(), n: cols, block: ty.block_size() })?;
+        let len = rows.checked_mul(rb).ok_or(QuantError::Overflow("matrix byte size"))?;
+        // xorshift64: fast, and the same bytes on every machine.
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut bytes: Vec<u8> = (0..len).map(|_| (next() >> 32) as u8).collect();
+        for blk in bytes.chunks_exact_mut(ty.type_size()) {
+            for &o in f16_scale_offsets(ty) {
+                let v = 1e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.02;
+                let v = if next() & 1 == 0 { v } else { -v };
+                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -536,7 +536,7 @@ mod tests {
                 let seed = rows as u64 + ty.id() as u64;
                 let w = match ty.block_size() {
                     1 => QMatrix::quantize(ty, rows, cols, &data(rows * cols, seed, 0.1)).unwrap(),
-                    _ => random_blocks(ty, rows, cols, seed),
+                    _ => QMatrix::random(ty, rows, cols, seed).unwrap(),
                 };
                 let x = data(max_n * cols, seed + 1, 1.0);
                 for isa in available() {
@@ -727,39 +727,6 @@ mod tests {
         assert!(vec_dot(GgmlType::Q4_0, &[0u8; 18], &[0.0; 64]).is_err());
     }
 
-    /// Where each type keeps its f16 scales (byte offsets inside a block).
-    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
-        match ty {
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
-            GgmlType::Q2_K => &[80, 82],
-            GgmlType::Q3_K => &[108],
-            GgmlType::Q6_K => &[208],
-            _ => &[0],
-        }
-    }
-
-    /// Random bytes for every block (every bit pattern of quants, packed scales
-    /// and high bits), with the f16 scales set to random sane values.
-    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        let mut bytes: Vec<u8> = (0..rows * rb).map(|_| (next() >> 32) as u8).collect();
-        for blk in bytes.chunks_exact_mut(ty.type_size()) {
-            for &o in scale_offsets(ty) {
-                let v = 1e-3 + (next() >> 40) as f32 / (1u64 << 24) as f32 * 0.02;
-                let v = if next() & 1 == 0 { v } else { -v };
-                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-            }
-        }
-        QMatrix::new(ty, rows, cols, Arc::new(bytes), 0).unwrap()
-    }
-
     #[test]
     fn random_blocks_against_f64_dequantized_dot() {
         // Each dot product (scalar and every SIMD body this CPU has, per-row tiles
@@ -767,7 +734,7 @@ mod tests {
         for ty in WEIGHT_TYPES.into_iter().filter(|t| t.block_size() > 1) {
             let cols = if ty.block_size() == 256 { 512 } else { 128 };
             for (rows, n) in [(1, 1), (5, 3), (19, 2), (33, 9), (32, 16)] {
-                let w = random_blocks(ty, rows, cols, rows as u64 * 1000 + n as u64 + ty.id() as u64);
+                let w = QMatrix::random(ty, rows, cols, rows as u64 * 1000 + n as u64 + ty.id() as u64).unwrap();
                 let x = data(n * cols, 77 + n as u64, 1.5);
                 let wd = dense(&w);
                 let xq = acts_as_seen(ty, &x, cols, n);
