@@ -419,10 +419,6 @@ impl EngineCore {
         if plan.seqs.is_empty() {
             return None;
         }
-        if self.step_tokens.len() == MAX_STEP_REPORTS {
-            self.step_tokens.remove(0);
-        }
-        self.step_tokens.push(plan.num_batched_tokens as u32);
         for s in &plan.seqs {
             if let Some(st) = self.seqs.get_mut(&s.id) {
                 st.clock.scheduled.get_or_insert(now);
@@ -530,6 +526,10 @@ impl EngineCore {
         let mut sampled = Vec::new();
         let mut outs = Vec::new();
         let mut ended = Vec::new();
+        // vLLM's IterationStats: the tokens this step made, plus the whole
+        // prompt (cached part included) of each sequence whose first token
+        // it made; a step of prefill chunks alone counts 0.
+        let mut iteration_tokens: u64 = 0;
         // Rows come back for All chunks (all of theirs) and for Last chunks
         // not sampled (their one), in batch order.
         let mut next_row = 0usize;
@@ -576,6 +576,7 @@ impl EngineCore {
             }
             let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
             st.reported_cached = true;
+            iteration_tokens += 1 + if st.clock.first_token.is_none() { st.prompt_len as u64 } else { 0 };
             st.clock.first_token.get_or_insert(now);
             outs.push(TokenOutput {
                 id: st.request,
@@ -595,6 +596,10 @@ impl EngineCore {
         for sid in ended {
             self.end_sequence(sid);
         }
+        if self.step_tokens.len() == MAX_STEP_REPORTS {
+            self.step_tokens.remove(0);
+        }
+        self.step_tokens.push(u32::try_from(iteration_tokens).unwrap_or(u32::MAX));
         outs
     }
 

@@ -289,3 +289,22 @@ fn logit_bias_bans_and_forces_tokens_and_bad_maps_are_refused() {
         }
     }
 }
+
+/// vLLM's `vllm:iteration_tokens_total` counts, per step, the tokens made
+/// plus each whole prompt at the step of its first token: a 20-token prompt
+/// prefilled in chunks of 8 counts 0, 0, then 20 + 1, then 1 per step.
+#[test]
+fn step_tokens_count_as_vllms_iteration_stats() {
+    let mut c = core(64, 8, false);
+    add(&mut c, 1, tokens(7, 20, 300), greedy(3));
+    let mut outs = Outs::new();
+    run_to_end(&mut c, &mut outs);
+    assert_eq!(c.take_step_tokens(), vec![0, 0, 21, 1, 1]);
+    assert!(c.take_step_tokens().is_empty());
+    // n = 2: each sequence counts its prompt at its first token, as vLLM's
+    // child requests do.
+    let mut c = core(64, 64, false);
+    add(&mut c, 2, tokens(9, 10, 300), SamplingParams { n: 2, temperature: 1.0, ..greedy(2) });
+    run_to_end(&mut c, &mut outs);
+    assert_eq!(c.take_step_tokens(), vec![22, 2]);
+}

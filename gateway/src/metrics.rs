@@ -7,7 +7,8 @@
 //! atomic update. The gateway counts tokens and times requests itself; queue
 //! figures, KV usage, preemptions and prefix-cache totals come from each
 //! rank's latest `EngineStats` at scrape time, as do the token counts of its
-//! steps (`vllm:iteration_tokens_total`), and the engine reports each
+//! steps (`vllm:iteration_tokens_total`, counted as vLLM's `IterationStats`:
+//! tokens made plus each whole prompt at its first token), and the engine reports each
 //! finished sequence's queue / prefill / decode times. Every series carries
 //! `model_name` and `engine` (the rank index) labels, as vLLM's do; counter
 //! names end in `_total`, as Python's prometheus_client writes them.
@@ -81,6 +82,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("ferry:routing_decisions_total", Kind::Counter, "Placements of requests on ranks, by why that rank was chosen."),
     ("vllm:num_requests_running", Kind::Gauge, "Number of requests in model execution batches."),
     ("vllm:num_requests_waiting", Kind::Gauge, "Number of requests waiting to be processed."),
+    ("vllm:num_requests_waiting_by_reason", Kind::Gauge, "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting."),
     ("vllm:kv_cache_usage_perc", Kind::Gauge, "KV-cache usage. 1 means 100 percent usage."),
     ("vllm:cache_config_info", Kind::Gauge, "Information of the LLMEngine CacheConfig"),
     ("vllm:num_preemptions_total", Kind::Counter, "Cumulative number of preemption from the engine."),
@@ -122,6 +124,16 @@ struct EngineSeries {
     cached_blocks: Gauge,
     running: Gauge,
     waiting: Gauge,
+    /// vLLM's `vllm:num_requests_waiting_by_reason`, `reason="capacity"`:
+    /// every sequence the engine reports waiting. Ferry's scheduler holds a
+    /// sequence back only for room (KV blocks, sequence slots, the step's
+    /// token budget; preempted ones included): it has no LoRA budget, no KV
+    /// transfer and no blocked states, which are what vLLM calls deferred.
+    waiting_capacity: Gauge,
+    /// `reason="deferred"`: always 0, for the reasons above, served so that
+    /// the family has vLLM's two series and still sums to
+    /// `vllm:num_requests_waiting`.
+    waiting_deferred: Gauge,
     kv_usage: Gauge,
     preemptions: Counter,
     prefix_queries: Counter,
@@ -319,6 +331,8 @@ impl Metrics {
             }
             e.running.set(st.num_running as f64);
             e.waiting.set(st.num_waiting as f64);
+            e.waiting_capacity.set(st.num_waiting as f64);
+            e.waiting_deferred.set(0.0);
             e.kv_usage.set(st.kv_usage as f64);
             if r.up {
                 // Totals since the rank started: a rank that came back starts over.
@@ -372,7 +386,16 @@ impl EngineSeries {
             c.increment(0);
             c
         });
+        let by_reason = |reason: &'static str| {
+            let mut l = labels.clone();
+            l.push(Label::new("reason", reason));
+            let g = rec.register_gauge(&Key::from_parts("vllm:num_requests_waiting_by_reason", l), &md);
+            g.set(0.0);
+            g
+        };
         EngineSeries {
+            waiting_capacity: by_reason("capacity"),
+            waiting_deferred: by_reason("deferred"),
             up: gauge("ferry:engine_up"),
             breaker: gauge("ferry:rank_breaker_state"),
             hit_rate: gauge("ferry:prefix_cache_hit_rate"),
@@ -487,6 +510,11 @@ mod tests {
         assert_eq!(s[&format!("ferry:engine_up{{{l0}}}")], 0.0);
         assert_eq!(g("vllm:num_requests_running"), 3.0);
         assert_eq!(g("vllm:num_requests_waiting"), 2.0);
+        // vLLM's reasons: all of ferry's waiting is for capacity.
+        assert_eq!(s[&format!("vllm:num_requests_waiting_by_reason{{{l1},reason=\"capacity\"}}")], 2.0);
+        assert_eq!(s[&format!("vllm:num_requests_waiting_by_reason{{{l1},reason=\"deferred\"}}")], 0.0);
+        assert_eq!(s[&format!("vllm:num_requests_waiting_by_reason{{{l0},reason=\"capacity\"}}")], 0.0);
+        assert!(text.contains("# TYPE vllm:num_requests_waiting_by_reason gauge\n"));
         assert_eq!(g("vllm:kv_cache_usage_perc"), 0.5);
         assert_eq!(g("vllm:prefix_cache_queries_total"), 100.0);
         assert_eq!(g("vllm:prefix_cache_hits_total"), 40.0);

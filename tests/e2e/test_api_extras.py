@@ -241,6 +241,7 @@ def test_a_trusted_request_template_is_used(trusting_server):
 VLLM_FAMILIES = {
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
+    "vllm:num_requests_waiting_by_reason": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
     "vllm:cache_config_info": "gauge",
     "vllm:num_preemptions": "counter",

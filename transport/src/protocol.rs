@@ -303,8 +303,11 @@ pub struct EngineStats {
     /// The engine is finishing what it has and takes nothing new (its node is
     /// stopping).
     pub draining: bool,
-    /// Tokens each engine step computed since the previous batch (vLLM's
-    /// iteration tokens), at most [`MAX_STEP_REPORTS`], oldest first.
+    /// Per engine step since the previous batch, vLLM's iteration tokens
+    /// (`IterationStats`: the tokens the step sampled, plus the whole prompt,
+    /// cached part included, of each sequence whose first token it sampled;
+    /// 0 for a step of prefill chunks alone), at most [`MAX_STEP_REPORTS`],
+    /// oldest first.
     #[serde(deserialize_with = "bounded_vec::<_, _, MAX_STEP_REPORTS>")]
     pub step_tokens: Vec<u32>,
 }

@@ -362,7 +362,7 @@ impl ChatStream {
         let i = step.index as usize;
         let g = self.generation();
         let mut logprobs = self.out.logprobs.map(|top| chat_logprobs(g.tokenizer(), &step.logprobs, top));
-        let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)));
+        let usage = self.plan.continuous_usage.then(|| Usage::new(self.prompt_tokens(), g.completion_tokens(i)).with_cached(g.cached_tokens()));
         let mut out = Vec::new();
         for p in step.pieces {
             let delta = match p {

@@ -16,7 +16,7 @@ use super::generation::{ChoiceDelta, Generation};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
-use super::types::{CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
+use super::types::{CompletionChoice, CompletionChunk, CompletionStreamChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
 use super::{new_response_id, unix_now, Admission, AppState};
 
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
@@ -267,7 +267,7 @@ struct CompletionStream {
 }
 
 impl CompletionStream {
-    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Bytes {
+    fn chunk(&self, choices: Vec<CompletionStreamChoice>, usage: Option<Usage>) -> Bytes {
         sse::event(&CompletionChunk {
             id: self.out.id.clone(),
             object: "text_completion",
@@ -302,13 +302,12 @@ impl CompletionStream {
             Usage::new(p, self.gen.completion_tokens(i)).with_cached(self.gen.cached_tokens_of_choice(i))
         });
         let finish = d.finish;
-        let choice = CompletionChoice {
+        let choice = CompletionStreamChoice {
             index: d.index,
             text,
             logprobs,
             finish_reason: finish.as_ref().map(|f| f.reason),
             stop_reason: finish.and_then(|f| f.stop_reason),
-            prompt_logprobs: None,
         };
         self.chunk(vec![choice], usage)
     }

@@ -195,6 +195,12 @@ pub(crate) fn sampling_params(
             ));
         }
     }
+    if let Some(stop) = &f.stop {
+        if stop.clone().into_vec().iter().any(String::is_empty) {
+            // vLLM's SamplingParams._verify_args.
+            return Err(ApiError::invalid_param("stop", "stop cannot contain an empty string."));
+        }
+    }
     let n = f.n.unwrap_or(1);
     if n > ferry_transport::MAX_N {
         return Err(ApiError::invalid_param("n", format!("n must be at most {}, got {n}.", ferry_transport::MAX_N)));
@@ -228,24 +234,42 @@ pub(crate) fn sampling_params(
 /// OpenAI's `logit_bias` map as the engine takes it: keys are token ids
 /// written as integers, biases are clamped to [-100, 100] (vLLM's
 /// `to_sampling_params`), and ids outside the vocabulary are refused with
-/// vLLM's message.
+/// vLLM's message, which names every one of them (`token_id(s) [..] in
+/// logit_bias contain out-of-vocab token ids`). Keys that are no integers at
+/// all are likewise named together. The keys come in the map's (sorted)
+/// order, not the body's.
 fn logit_bias(map: Option<&std::collections::BTreeMap<String, f64>>, vocab_size: usize) -> Result<Vec<(u32, f32)>, ApiError> {
     let Some(map) = map else { return Ok(Vec::new()) };
     let mut out = Vec::with_capacity(map.len());
-    let mut outside = Vec::new();
+    let mut outside: Vec<String> = Vec::new();
+    let mut not_ids: Vec<&str> = Vec::new();
     for (k, &b) in map {
-        let id: i64 = k.trim().parse().map_err(|_| {
-            ApiError::invalid_param("logit_bias", format!("logit_bias keys must be token ids (integers), got {k:?}."))
-        })?;
-        match u32::try_from(id) {
-            Ok(t) if (t as usize) < vocab_size => out.push((t, b.clamp(-100.0, 100.0) as f32)),
-            _ => outside.push(id),
+        let key = k.trim();
+        let digits = key.strip_prefix(['-', '+']).unwrap_or(key);
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            not_ids.push(k);
+            continue;
         }
+        // Any integer is an id to check (Python's int() has no bound), so one
+        // past u32 is out of the vocabulary, not malformed.
+        match key.parse::<u32>() {
+            Ok(t) if (t as usize) < vocab_size => out.push((t, b.clamp(-100.0, 100.0) as f32)),
+            _ => outside.push(key.strip_prefix('+').unwrap_or(key).to_string()),
+        }
+    }
+    if !not_ids.is_empty() {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!("logit_bias keys must be token ids (integers), got {}.", not_ids.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")),
+        ));
     }
     if !outside.is_empty() {
         return Err(ApiError::invalid_param(
             "logit_bias",
-            format!("token_id(s) {outside:?} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}"),
+            format!(
+                "token_id(s) [{}] in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}",
+                outside.join(", ")
+            ),
         ));
     }
     // Keys like "5" and " 5" name one token: the last one wins, as in a Python dict.
@@ -314,6 +338,33 @@ mod tests {
         let p = build(json!({"logit_bias": {"7": 250, "3": -1e9, " 5": 0.5}})).unwrap();
         assert_eq!(p.logit_bias, vec![(3, -100.0), (5, 0.5), (7, 100.0)]);
         assert!(build(json!({"logit_bias": null})).unwrap().logit_bias.is_empty());
+    }
+
+    #[test]
+    fn vllms_messages_for_seed_logit_bias_and_stop() {
+        let msg = |body: Value| build(body.clone()).err().unwrap_or_else(|| panic!("{body} must fail")).1;
+        assert!(build(json!({"seed": i64::MAX})).is_ok() && build(json!({"seed": i64::MIN})).is_ok());
+        for (body, want) in [
+            (json!({"seed": 9_223_372_036_854_775_808_u64}), "Input should be less than or equal to 9223372036854775807"),
+            (json!({"seed": 1e30}), "Input should be less than or equal to 9223372036854775807"),
+            (json!({"seed": -1e30}), "Input should be greater than or equal to -9223372036854775808"),
+            (json!({"seed": 1.5}), "Input should be a valid integer, got a number with a fractional part"),
+        ] {
+            let m = msg(body.clone());
+            assert!(m.contains(want), "{body}: {m}");
+            assert_eq!(bad_param(body), "seed");
+        }
+        assert_eq!(
+            msg(json!({"logit_bias": {"5": 1, "1000": 1, "-1": 2, "99999999999999999999": 3}})),
+            "token_id(s) [-1, 1000, 99999999999999999999] in logit_bias contain out-of-vocab token ids. Vocabulary size: 1000"
+        );
+        let m = msg(json!({"logit_bias": {"abc": 1, "1.5": 1, "7": 1}}));
+        assert!(m.contains("\"1.5\"") && m.contains("\"abc\""), "{m}");
+        for stop in [json!(""), json!(["a", ""])] {
+            assert_eq!(msg(json!({"stop": stop})), "stop cannot contain an empty string.");
+            assert_eq!(bad_param(json!({"stop": stop})), "stop");
+        }
+        assert!(build(json!({"stop": ["a", " "]})).is_ok());
     }
 
     #[test]

@@ -518,7 +518,31 @@ async fn api_key_health_models_version_tokenize() {
     assert_eq!(v["max_model_len"], MAX_MODEL_LEN);
     assert_eq!(v["token_strs"].as_array().unwrap().len(), ids.len());
     let (s, v) = json_of(&h.app, authed(post("/detokenize", json!({"tokens": ids})))).await;
-    assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world"})));
+    // vLLM's `prompt`, and llama.cpp's `content` for the same request.
+    assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world", "content": "Hello world"})));
+    // llama.cpp's form: `content`, `add_special` (default false), `with_pieces`.
+    let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"content": "Hello world"})))).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"tokens": tok.encode("Hello world", false).unwrap()})));
+    let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"content": "Hello world", "add_special": true})))).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"tokens": ids})));
+    let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"content": "Hello 🚀", "with_pieces": true})))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let want: Vec<Value> = tok
+        .encode("Hello 🚀", false)
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            let b = tok.id_to_bytes(id).unwrap();
+            let piece = std::str::from_utf8(b).map_or_else(|_| json!(b), |t| json!(t));
+            json!({"id": id, "piece": piece})
+        })
+        .collect();
+    assert_eq!(v, json!({"tokens": want}));
+    // The rocket is split over byte tokens, which come back as byte lists.
+    assert!(want.iter().any(|t| t["piece"].is_array()), "{v}");
+    assert_eq!(want.iter().find(|t| t["piece"].is_string()).unwrap()["piece"], "Hello");
+    let (s, _) = json_of(&h.app, authed(post("/tokenize", json!({"content": "a", "prompt": "b"})))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})))).await;
     assert_eq!(s, StatusCode::OK);
     let rendered = tok.apply_chat_template(&[ferry_engine::tokenizer::ChatMessage::new("user", "Hi")], true).unwrap();
@@ -616,4 +640,69 @@ async fn responses_stream_ends_with_an_error_event_when_the_rank_dies() {
     let text: String = before.iter().filter(|e| e.0 == "response.output_text.delta").map(|e| e.1["delta"].as_str().unwrap()).collect();
     assert_eq!(text, tok.decode(&script[..script.len() - 1], true).unwrap());
     assert!(before.iter().all(|e| e.0 != "response.completed"));
+}
+
+/// vLLM's response shapes: `prompt_logprobs` on every completion choice (null
+/// unless asked), at the chat response's level; continuous usage on every
+/// chunk, the finishing one included, then a usage chunk with no choices.
+#[tokio::test]
+async fn prompt_logprobs_null_and_usage_in_every_chunk() {
+    let Some(tok) = tokenizer() else { return };
+    let script = encode(&tok, "One two three four");
+    let n = script.len() as u32;
+    let Some(h) = harness(&script).await else { return };
+
+    let (s, v) = json_of(&h.app, post("/v1/completions", json!({"prompt": ["a", "b"], "max_tokens": n}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for c in v["choices"].as_array().unwrap() {
+        assert_eq!(c.get("prompt_logprobs"), Some(&Value::Null), "{c}");
+    }
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": n}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v.get("prompt_logprobs"), Some(&Value::Null), "{v}");
+    assert!(v["choices"][0].get("prompt_logprobs").is_none());
+
+    let opts = json!({"include_usage": true, "continuous_usage_stats": true});
+    let (_, _, b) = send(&h.app, post("/v1/completions", json!({"prompt": "a", "max_tokens": n, "stream": true, "stream_options": opts}))).await;
+    let ev = sse_events(&b);
+    let prompt_len = tok.encode("a", true).unwrap().len() as u64;
+    let (usage, chunks) = ev[..ev.len() - 1].split_last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], n);
+    for c in chunks {
+        assert!(c["choices"][0].get("prompt_logprobs").is_none(), "{c}");
+        let u = &c["usage"];
+        assert_eq!(u["prompt_tokens"], prompt_len, "{c}");
+        assert_eq!(u["total_tokens"].as_u64().unwrap(), prompt_len + u["completion_tokens"].as_u64().unwrap());
+    }
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], n);
+
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": n, "stream": true, "stream_options": opts});
+    let (_, _, b) = send(&h.app, post("/v1/chat/completions", body)).await;
+    let ev = sse_events(&b);
+    let (usage, chunks) = ev[..ev.len() - 1].split_last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], n);
+    let p = usage["usage"]["prompt_tokens"].clone();
+    for c in chunks {
+        let u = &c["usage"];
+        assert_eq!(u["prompt_tokens"], p, "{c}");
+        assert_eq!(u["total_tokens"].as_u64().unwrap(), p.as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
+    }
+    let last = chunks.last().unwrap();
+    assert_eq!((last["choices"][0]["finish_reason"].clone(), last["usage"]["completion_tokens"].clone()), (json!("length"), json!(n)));
+    assert_eq!(chunks[0]["usage"]["completion_tokens"], 0);
+
+    // include_usage alone: no usage on the chunks, one usage chunk at the end.
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": n, "stream": true, "stream_options": {"include_usage": true}});
+    let (_, _, b) = send(&h.app, post("/v1/chat/completions", body)).await;
+    let ev = sse_events(&b);
+    let (usage, chunks) = ev[..ev.len() - 1].split_last().unwrap();
+    assert_eq!((usage["choices"].clone(), usage["usage"]["completion_tokens"].clone()), (json!([]), json!(n)));
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+
+    // An empty stop string is refused as vLLM refuses it.
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "stop": ["x", ""]}))).await;
+    assert_eq!((s, v["error"]["message"].clone(), v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("stop cannot contain an empty string."), json!("stop")));
 }

@@ -19,19 +19,82 @@ pub(crate) struct TokenizeResponse {
     pub token_strs: Option<Vec<String>>,
 }
 
+/// llama.cpp's /tokenize answer: `{"tokens": [..]}` and nothing else.
+#[derive(Serialize, Debug, PartialEq)]
+pub(crate) struct LlamaTokenizeResponse {
+    pub tokens: Vec<LlamaToken>,
+}
+
+/// A token of llama.cpp's answer: the id alone, or with `with_pieces` the id
+/// and its piece (a string, or the piece's bytes when they are no valid UTF-8
+/// by themselves, as llama.cpp's `handle_tokenize` does).
+#[derive(Serialize, Debug, PartialEq)]
+#[serde(untagged)]
+pub(crate) enum LlamaToken {
+    Id(u32),
+    WithPiece { id: u32, piece: LlamaPiece },
+}
+
+#[derive(Serialize, Debug, PartialEq)]
+#[serde(untagged)]
+pub(crate) enum LlamaPiece {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// The text of `tokens`: vLLM's `prompt` and, for llama.cpp's clients (whose
+/// request is the same `{"tokens": [..]}`), the same text as `content`.
 #[derive(Serialize, Debug, PartialEq)]
 pub(crate) struct DetokenizeResponse {
     pub prompt: String,
+    pub content: String,
+}
+
+/// llama.cpp's /tokenize: `content` with `add_special` (default false; special
+/// tokens written in the text are always parsed, as llama.cpp's default
+/// `parse_special`) and `with_pieces`.
+fn llama_tokenize(state: &AppState, req: &TokenizeRequest, content: &str) -> Result<LlamaTokenizeResponse, ApiError> {
+    let tok = &state.tokenizer;
+    let ids = tok
+        .encode(content, req.add_special.unwrap_or(false))
+        .map_err(|e| ApiError::invalid_param("content", format!("Failed to tokenize: {e}")))?;
+    let tokens = if req.with_pieces.unwrap_or(false) {
+        ids.into_iter()
+            .map(|id| {
+                let bytes = tok.id_to_bytes(id).unwrap_or_default();
+                let piece = match std::str::from_utf8(bytes) {
+                    Ok(s) => LlamaPiece::Text(s.to_string()),
+                    Err(_) => LlamaPiece::Bytes(bytes.to_vec()),
+                };
+                LlamaToken::WithPiece { id, piece }
+            })
+            .collect()
+    } else {
+        ids.into_iter().map(LlamaToken::Id).collect()
+    };
+    Ok(LlamaTokenizeResponse { tokens })
 }
 
 /// `prompt` is tokenized as completions would (special tokens added by default);
 /// `messages` go through the chat template as chat would (none added by default).
+/// llama.cpp's `content` gets llama.cpp's answer (see [`llama_tokenize`]).
 pub(crate) async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Response {
-    if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| match &req.messages {
-        Some(m) => super::limits::check_messages(m),
-        None => super::limits::check_prompt_chars("prompt", req.prompt.as_ref().map_or(0, |p| p.chars().count())),
+    if let Err(e) = resolve_model(req.model.as_deref(), &state.served_model_names).and_then(|_| match (&req.messages, &req.content) {
+        (Some(m), _) => super::limits::check_messages(m),
+        (None, Some(c)) => super::limits::check_prompt_chars("content", c.chars().count()),
+        (None, None) => super::limits::check_prompt_chars("prompt", req.prompt.as_ref().map_or(0, |p| p.chars().count())),
     }) {
         return e.into_response();
+    }
+    if let Some(content) = req.content.clone() {
+        if req.prompt.is_some() || req.messages.is_some() {
+            return ApiError::bad_request("Provide exactly one of `prompt`, `messages` or `content`.").into_response();
+        }
+        let st = state.clone();
+        return match state.text_work(move || llama_tokenize(&st, &req, &content)).await {
+            Ok(r) => Json(r).into_response(),
+            Err(e) => e.into_response(),
+        };
     }
     let st = state.clone();
     let run = move || -> Result<TokenizeResponse, ApiError> {
@@ -73,7 +136,7 @@ pub(crate) async fn detokenize(State(state): State<AppState>, JsonBody(req): Jso
             .tokenizer
             .decode(tokens, false)
             .map_err(|e| ApiError::invalid_param("tokens", format!("Failed to detokenize: {e}")))?;
-        Ok(DetokenizeResponse { prompt })
+        Ok(DetokenizeResponse { content: prompt.clone(), prompt })
     };
     match state.text_work(run).await {
         Ok(r) => Json(r).into_response(),

@@ -115,6 +115,30 @@ pub(crate) struct StreamOptions {
     pub continuous_usage_stats: Option<bool>,
 }
 
+/// `seed` within a 64-bit signed integer, refused outside it with pydantic's
+/// wording for vLLM's bounds (`Input should be less than or equal to
+/// 9223372036854775807`); integers past `u64` arrive from serde_json as floats.
+fn seed_in_range<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    let too_big = || Error::custom(format!("Input should be less than or equal to {}", i64::MAX));
+    let too_small = || Error::custom(format!("Input should be greater than or equal to {}", i64::MIN));
+    if n.as_u64().is_some() {
+        return Err(too_big());
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() != 0.0 || !f.is_finite() => {
+            Err(Error::custom("Input should be a valid integer, got a number with a fractional part"))
+        }
+        Some(f) if f > 0.0 => Err(too_big()),
+        Some(_) => Err(too_small()),
+        None => Err(Error::custom("Input should be a valid integer")),
+    }
+}
+
 /// The sampling and stopping fields both endpoints share (vLLM's extras included).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default)]
@@ -125,6 +149,8 @@ pub(crate) struct SamplingFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<StopSpec>,
+    /// Any 64-bit signed integer, as vLLM's `Field(ge=_LONG_INFO.min, le=_LONG_INFO.max)`.
+    #[serde(deserialize_with = "seed_in_range")]
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -189,6 +215,12 @@ pub(crate) struct TokenizeRequest {
     pub template: TemplateFields,
     pub add_special_tokens: Option<bool>,
     pub return_token_strs: Option<bool>,
+    /// llama.cpp's form: the text to tokenize (instead of vLLM's `prompt`).
+    pub content: Option<String>,
+    /// llama.cpp's `add_special` (default false) for `content`.
+    pub add_special: Option<bool>,
+    /// llama.cpp's `with_pieces`: each token as `{id, piece}`.
+    pub with_pieces: Option<bool>,
 }
 
 /// How a chat is rendered: the fields chat completions and /tokenize share
@@ -269,9 +301,21 @@ pub(crate) struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReason>,
-    /// vLLM's `prompt_logprobs` (see `logprobs::vllm_prompt_logprobs`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// vLLM's `prompt_logprobs` (see `logprobs::vllm_prompt_logprobs`): on
+    /// every choice of a response, null when not asked for, as vLLM's
+    /// `CompletionResponseChoice` carries it.
     pub prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// A choice in a streamed completion's chunk: vLLM's
+/// `CompletionResponseStreamChoice`, which has no `prompt_logprobs`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub(crate) struct CompletionStreamChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<StopReason>,
 }
 
 /// Per prompt token: null for the first, then token id -> {logprob, rank, decoded_token}.
@@ -294,7 +338,7 @@ pub(crate) struct CompletionChunk {
     pub object: &'static str,
     pub created: u64,
     pub model: String,
-    pub choices: Vec<CompletionChoice>,
+    pub choices: Vec<CompletionStreamChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
@@ -378,7 +422,8 @@ pub(crate) struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// vLLM's `ChatCompletionResponse.prompt_logprobs`: at the response's
+    /// level (one prompt for all choices), null when not asked for.
     pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
