@@ -115,6 +115,9 @@ def test_llamacpp_tokenize_content_and_pieces(http, server, tokenize):
     r = http.post("/detokenize", json={"tokens": [t["id"] for t in tokens]})
     assert r.status_code == 200 and r.json()["content"] == r.json()["prompt"]
     assert r.json()["content"].strip() == text
+    # A request that names its model is a vLLM client's: vLLM's answer exactly.
+    r = http.post("/detokenize", json={"model": r_model(http), "tokens": [t["id"] for t in tokens]})
+    assert r.status_code == 200 and set(r.json()) == {"prompt"}
 
 
 # ------------------------------------------------------------------ metrics
@@ -141,3 +144,8 @@ def test_waiting_by_reason_and_iteration_tokens(http, server, tokenize):
     assert set(by_reason) == {"capacity", "deferred"} and by_reason["deferred"] == 0
     waiting = sum(s.value for s in f["vllm:num_requests_waiting"].samples)
     assert sum(by_reason.values()) == waiting
+
+
+def r_model(http) -> str:
+    """The served model's name, as /v1/models lists it."""
+    return http.get("/v1/models").json()["data"][0]["id"]

@@ -518,8 +518,11 @@ async fn api_key_health_models_version_tokenize() {
     assert_eq!(v["max_model_len"], MAX_MODEL_LEN);
     assert_eq!(v["token_strs"].as_array().unwrap().len(), ids.len());
     let (s, v) = json_of(&h.app, authed(post("/detokenize", json!({"tokens": ids})))).await;
-    // vLLM's `prompt`, and llama.cpp's `content` for the same request.
+    // vLLM's `prompt`, and llama.cpp's `content` for a request that names no model.
     assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world", "content": "Hello world"})));
+    // One that names its model is a vLLM client's: vLLM's answer exactly.
+    let (s, v) = json_of(&h.app, authed(post("/detokenize", json!({"model": "smol", "tokens": ids})))).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"prompt": "Hello world"})));
     // llama.cpp's form: `content`, `add_special` (default false), `with_pieces`.
     let (s, v) = json_of(&h.app, authed(post("/tokenize", json!({"content": "Hello world"})))).await;
     assert_eq!((s, v), (StatusCode::OK, json!({"tokens": tok.encode("Hello world", false).unwrap()})));

@@ -42,12 +42,15 @@ pub(crate) enum LlamaPiece {
     Bytes(Vec<u8>),
 }
 
-/// The text of `tokens`: vLLM's `prompt` and, for llama.cpp's clients (whose
-/// request is the same `{"tokens": [..]}`), the same text as `content`.
+/// The text of `tokens`: vLLM's `prompt`, and, when the request names no
+/// `model` (as llama.cpp's clients send it: only `{"tokens": [..]}`), the
+/// same text as llama.cpp's `content` too. A request that names its model is
+/// a vLLM client's, and gets vLLM's answer exactly.
 #[derive(Serialize, Debug, PartialEq)]
 pub(crate) struct DetokenizeResponse {
     pub prompt: String,
-    pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// llama.cpp's /tokenize: `content` with `add_special` (default false; special
@@ -136,7 +139,8 @@ pub(crate) async fn detokenize(State(state): State<AppState>, JsonBody(req): Jso
             .tokenizer
             .decode(tokens, false)
             .map_err(|e| ApiError::invalid_param("tokens", format!("Failed to detokenize: {e}")))?;
-        Ok(DetokenizeResponse { content: prompt.clone(), prompt })
+        let content = req.model.is_none().then(|| prompt.clone());
+        Ok(DetokenizeResponse { prompt, content })
     };
     match state.text_work(run).await {
         Ok(r) => Json(r).into_response(),
