@@ -20,6 +20,7 @@
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use ferry_engine::cpu::kernels::{matmul, set_force_avx2, set_force_scalar, simd_name};
 use ferry_engine::quant::{GgmlType, QMatrix};
+use ferry_engine::rng::{splitmix, symmetric_f32};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -65,17 +66,10 @@ fn each_level(levels: &[Level], mut run: impl FnMut(&'static str)) {
     }
 }
 
-/// Values in [-scale, scale) from a xorshift seeded by `seed`.
+/// Deterministic values in [-scale, scale), from the engine's own draw.
 fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
+    let mut rng = splitmix(seed);
+    (0..n).map(|_| symmetric_f32(&mut rng) * scale).collect()
 }
 
 /// Random quantized blocks with small valid scales (fast to make), and their bytes.
