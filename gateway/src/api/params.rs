@@ -196,7 +196,7 @@ pub(crate) fn sampling_params(
         }
     }
     if let Some(stop) = &f.stop {
-        if stop.clone().into_vec().iter().any(String::is_empty) {
+        if stop.as_slice().iter().any(String::is_empty) {
             // vLLM's SamplingParams._verify_args.
             return Err(ApiError::invalid_param("stop", "stop cannot contain an empty string."));
         }

@@ -94,10 +94,7 @@ pub(crate) async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonB
             return ApiError::bad_request("Provide exactly one of `prompt`, `messages` or `content`.").into_response();
         }
         let st = state.clone();
-        return match state.text_work(move || llama_tokenize(&st, &req, &content)).await {
-            Ok(r) => Json(r).into_response(),
-            Err(e) => e.into_response(),
-        };
+        return answer(&state, move || llama_tokenize(&st, &req, &content)).await;
     }
     let st = state.clone();
     let run = move || -> Result<TokenizeResponse, ApiError> {
@@ -119,10 +116,7 @@ pub(crate) async fn tokenize(State(state): State<AppState>, JsonBody(req): JsonB
         });
         Ok(TokenizeResponse { count: tokens.len(), max_model_len: state.max_model_len, tokens, token_strs })
     };
-    match state.text_work(run).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => e.into_response(),
-    }
+    answer(&state, run).await
 }
 
 pub(crate) async fn detokenize(State(state): State<AppState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Response {
@@ -142,7 +136,12 @@ pub(crate) async fn detokenize(State(state): State<AppState>, JsonBody(req): Jso
         let content = req.model.is_none().then(|| prompt.clone());
         Ok(DetokenizeResponse { prompt, content })
     };
-    match state.text_work(run).await {
+    answer(&state, run).await
+}
+
+/// Runs `work` on the text workers: its answer as JSON, or its error.
+async fn answer<T: Serialize + Send + 'static>(state: &AppState, work: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Response {
+    match state.text_work(work).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
     }

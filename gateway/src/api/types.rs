@@ -100,6 +100,14 @@ pub(crate) enum StopSpec {
 }
 
 impl StopSpec {
+    /// The stop strings, one or many, without copying them.
+    pub(crate) fn as_slice(&self) -> &[String] {
+        match self {
+            StopSpec::One(s) => std::slice::from_ref(s),
+            StopSpec::Many(v) => v,
+        }
+    }
+
     pub(crate) fn into_vec(self) -> Vec<String> {
         match self {
             StopSpec::One(s) => vec![s],
