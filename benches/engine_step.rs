@@ -84,7 +84,7 @@ fn dummy_core() -> Result<EngineCore, String> {
     let blocks = num_blocks();
     let exec = ferry_engine::cpu::build(&cfg, &w, 1, 0).and_then(|b| b.into_executor(blocks, BLOCK_SIZE)).map_err(|e| e.to_string())?;
     // No EOG ids: the requests ignore EOS anyway.
-    Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 }, exec, vec![]))
+    Ok(EngineCore::new(EngineCoreConfig { rank: 0, scheduler: scheduler_config(blocks), seed: 0 , spec: None }, exec, vec![]))
 }
 
 fn real_core(path: &std::path::Path) -> Result<EngineCore, String> {
@@ -184,7 +184,43 @@ fn bench_core(c: &mut Criterion, name: &str, core: EngineCore) {
     dec.core.abort(&dec.live);
 }
 
+/// One sequence's verify pass of `1 + k` tokens against a plain decode step
+/// (k = 0): what speculative decoding's cost model (`spec::backoff`) rests
+/// on. The executor is driven directly, at output positions after a 64-token
+/// prompt, every row sampled greedily; the same positions are rewritten on
+/// each call.
+fn bench_verify_pass(c: &mut Criterion) {
+    use ferry_engine::backend::{RowSampling, StepSampling};
+    use ferry_engine::batch::{LogitRows, ModelInput, SeqChunk};
+    const PROMPT: usize = 64;
+    let cfg = smollm2_135m_shape();
+    let Ok(w) = dummy(&cfg, GgmlType::Q4_1, 0) else { return eprintln!("engine_step: cannot build the dummy model") };
+    let blocks = (PROMPT + 32).div_ceil(BLOCK_SIZE);
+    let Ok(mut exec) = ferry_engine::cpu::build(&cfg, &w, 1, 0).and_then(|b| b.into_executor(blocks, BLOCK_SIZE)) else {
+        return eprintln!("engine_step: cannot build the executor");
+    };
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let chunk = |start_pos: usize, len: usize, logits| SeqChunk { start_pos, len, prompt_len: PROMPT, block_table: table.clone(), logits };
+    let prompt = ModelInput { tokens: (0..PROMPT as u32).map(|t| 100 + t).collect(), seqs: vec![chunk(0, PROMPT, LogitRows::None)] };
+    if let Err(e) = exec.execute(&prompt, &StepSampling::default()) {
+        return eprintln!("engine_step: prefill failed: {e}");
+    }
+    let mut group = c.benchmark_group("engine_step/verify-pass-dummy-smollm2-135m-q4_1");
+    group.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for k in [0usize, 1, 3, 5, 8] {
+        let logits = if k == 0 { LogitRows::Last } else { LogitRows::Verify(1 + k) };
+        let input = ModelInput { tokens: (0..=k as u32).map(|t| 300 + t).collect(), seqs: vec![chunk(PROMPT, 1 + k, logits)] };
+        let rows = (0..=k).map(|i| RowSampling { back: (k - i) as u32, ..RowSampling::greedy() }).collect();
+        let sampling = StepSampling { rows };
+        group.bench_function(BenchmarkId::new("proposed", k), |b| {
+            b.iter(|| std::hint::black_box(exec.execute(&input, &sampling).map(|o| o.sampled.len())));
+        });
+    }
+    group.finish();
+}
+
 fn bench_engine_step(c: &mut Criterion) {
+    bench_verify_pass(c);
     match dummy_core() {
         Ok(core) => bench_core(c, "dummy-smollm2-135m-q4_1", core),
         Err(e) => eprintln!("engine_step: cannot build the dummy model: {e}"),

@@ -44,6 +44,8 @@ pub struct EngineArgs {
     /// CPU threads for the model's arithmetic, shared by the tensor-parallel
     /// workers (0: every core).
     pub threads: usize,
+    /// Speculative decoding (vLLM's `--speculative-config`); None: off.
+    pub speculative_config: Option<crate::spec::SpeculativeConfig>,
 }
 
 impl Default for EngineArgs {
@@ -62,6 +64,7 @@ impl Default for EngineArgs {
             seed: 0,
             long_prefill_token_threshold: 0,
             threads: 0,
+            speculative_config: None,
         }
     }
 }

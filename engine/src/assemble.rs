@@ -41,6 +41,9 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
         return Err(format!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization));
     }
+    if args.speculative_config.is_some() && args.device != Device::Cpu {
+        return Err(format!("--speculative-config: the {} backend has no speculative verify pass yet (the CPU's has)", args.device));
+    }
     // Phase one: the backend checks the model and loads its weights; only
     // then is it known how much memory the KV cache can have.
     let loaded = build_backend(model, args).map_err(|e| e.to_string())?;
@@ -86,6 +89,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
     let cfg = EngineCoreConfig {
         rank,
         seed: args.seed,
+        spec: args.speculative_config.clone(),
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens,

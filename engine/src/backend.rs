@@ -52,8 +52,12 @@ pub enum ExecError {
 /// top-p and an inverse-CDF draw at `draw_unit(seed, position, 0)`.
 #[derive(Clone, Debug, Default)]
 pub struct RowSampling {
-    /// Which chunk of the step's batch this row samples from (its last row).
+    /// Which chunk of the step's batch this row samples from.
     pub chunk: usize,
+    /// Which of that chunk's logit rows, counted back from its last (0): a
+    /// verify chunk ([`crate::batch::LogitRows::Verify`]) is sampled at
+    /// each of its positions, every other chunk at its last.
+    pub back: u32,
     /// The logits are divided by it; 0 or less (or NaN) is greedy, and a
     /// value in (0, 0.01) is raised to 0.01, as vLLM does.
     pub temperature: f32,
@@ -170,8 +174,8 @@ impl Drop for MaskGuard {
     }
 }
 
-/// How the step's tokens are to be picked: one row per chunk that samples,
-/// in batch order. Empty: nothing is sampled (every requested logit row
+/// How the step's tokens are to be picked: one row per chunk that samples
+/// (one per position of a verify chunk, first to last), in batch order. Empty: nothing is sampled (every requested logit row
 /// comes back).
 #[derive(Clone, Debug, Default)]
 pub struct StepSampling {

@@ -34,6 +34,10 @@ pub enum LogitRows {
     /// Every token's, in order (prompt logprobs); the last row is also the
     /// sampling row when the chunk ends the prompt.
     All,
+    /// The last `n` tokens', each sampled by a row of its own and none
+    /// returned: a speculative verify chunk (the sequence's last token and
+    /// `n - 1` proposed ones, `crate::spec`).
+    Verify(usize),
 }
 
 impl LogitRows {
@@ -43,6 +47,7 @@ impl LogitRows {
             LogitRows::None => 0,
             LogitRows::Last => 1,
             LogitRows::All => len,
+            LogitRows::Verify(n) => n.min(len),
         }
     }
 }

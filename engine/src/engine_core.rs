@@ -12,6 +12,7 @@ use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
+use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use ferry_transport::{
@@ -33,6 +34,8 @@ pub struct EngineCoreConfig {
     pub scheduler: SchedulerConfig,
     /// Seeds requests that bring no seed of their own.
     pub seed: u64,
+    /// Speculative decoding (`--speculative-config`); None: off.
+    pub spec: Option<SpeculativeConfig>,
 }
 
 /// Who sent a request: the shell's number for the link it came on. Each
@@ -59,6 +62,8 @@ struct SeqState {
     /// The structured-output constraint's state, when the request has one.
     grammar: Option<SeqGrammar>,
     clock: SeqClock,
+    /// How much of its proposals this sequence verifies (speculation on).
+    backoff: SpecBackoff,
 }
 
 /// When a sequence arrived, was first scheduled and made its first token:
@@ -131,6 +136,8 @@ pub struct EngineCore {
     /// The vocabulary for structured outputs; None: constrained requests are refused.
     grammars: Option<GrammarEnv>,
     mask_timing: MaskTiming,
+    /// Speculative decoding's totals since the engine started.
+    spec_stats: SpecStats,
 }
 
 /// What structured outputs' masks cost, since the engine started.
@@ -180,6 +187,7 @@ impl EngineCore {
             step_tokens: Vec::new(),
             grammars: None,
             mask_timing: MaskTiming::default(),
+            spec_stats: SpecStats::default(),
         }
     }
 
@@ -314,6 +322,7 @@ impl EngineCore {
                     prompt_lp,
                     clock: SeqClock { arrived: now, scheduled: None, first_token: None },
                     grammar,
+                    backoff: SpecBackoff::default(),
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
@@ -400,6 +409,7 @@ impl EngineCore {
             num_added: self.num_added,
             draining: false,
             step_tokens: Vec::new(),
+            spec: self.spec_stats.clone(),
         }
     }
 
@@ -415,6 +425,10 @@ impl EngineCore {
     /// Schedules the next step: what the model runs and how each sampled
     /// token is picked. None: nothing to run.
     pub fn begin_step(&mut self, now: Instant) -> Option<PlannedStep> {
+        if let Some(spec) = &self.cfg.spec {
+            let spec = spec.clone();
+            self.propose(&spec);
+        }
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
             return None;
@@ -441,20 +455,35 @@ impl EngineCore {
                 })
                 .collect(),
         };
-        // One sampling row per chunk due to sample. A constrained sequence's
-        // row carries an empty mask, filled beside the forward pass.
+        // One sampling row per chunk due to sample, and one per position of
+        // a verify chunk: each as the sequence's sampler would set it had
+        // the proposed tokens before it been picked. A constrained
+        // sequence's rows carry empty masks, filled beside the forward pass.
         let mut sampling = StepSampling::default();
         let mut masked = Vec::new();
         for (chunk, s) in plan.seqs.iter().enumerate().filter(|(_, s)| s.sample) {
             let Some(st) = self.seqs.get_mut(&s.id) else { continue };
             let Some(req) = self.requests.get(&st.request) else { continue };
-            let mut row = st.sampler.row(&req.params, &self.eog_ids, chunk);
-            if let Some(g) = st.grammar.take() {
-                let mask = TokenMask::new();
-                row.allowed = Some(mask.clone());
-                masked.push(MaskedSeq { sid: s.id, grammar: g, mask, error: None });
+            let draft = &s.tokens[s.tokens.len() - s.num_draft..];
+            let mut masks = Vec::new();
+            let mut ahead = (!draft.is_empty()).then(|| st.sampler.clone());
+            for i in 0..=draft.len() {
+                let sampler = ahead.as_ref().unwrap_or(&st.sampler);
+                let mut row = sampler.row(&req.params, &self.eog_ids, chunk);
+                row.back = (draft.len() - i) as u32;
+                if let (Some(a), Some(&t)) = (ahead.as_mut(), draft.get(i)) {
+                    a.record(t);
+                }
+                if st.grammar.is_some() {
+                    let mask = TokenMask::new();
+                    row.allowed = Some(mask.clone());
+                    masks.push(mask);
+                }
+                sampling.rows.push(row);
             }
-            sampling.rows.push(row);
+            if let Some(g) = st.grammar.take() {
+                masked.push(MaskedSeq { sid: s.id, grammar: g, masks, draft: draft.to_vec(), error: None });
+            }
         }
         Some(PlannedStep { plan, input, sampling, masked })
     }
@@ -471,17 +500,22 @@ impl EngineCore {
         let (input, sampling, masked) = (&step.input, &step.sampling, &mut step.masked);
         // Should the helper fail, the guard fills its masks with "nothing to
         // apply" so the backend never waits forever.
-        let guard = MaskGuard(masked.iter().map(|m| m.mask.clone()).collect());
+        let guard = MaskGuard(masked.iter().flat_map(|m| m.masks.iter().cloned()).collect());
         let (result, compute) = std::thread::scope(|scope| {
             let masks = scope.spawn(move || {
                 let t = Instant::now();
                 for m in masked.iter_mut() {
-                    match m.grammar.mask_words() {
-                        Ok(words) => m.mask.fill(Some(words)),
-                        Err(e) => {
-                            m.mask.fill(None);
-                            m.error = Some(e);
+                    // A verify chunk's masks follow its proposed tokens.
+                    match m.grammar.masks_along(&m.draft) {
+                        Ok(words) => {
+                            for (mask, w) in m.masks.iter().zip(words) {
+                                mask.fill(Some(w));
+                            }
                         }
+                        Err(e) => m.error = Some(e),
+                    }
+                    for mask in &m.masks {
+                        mask.fill(None);
                     }
                 }
                 drop(guard);
@@ -492,8 +526,8 @@ impl EngineCore {
         });
         self.mask_timing.compute += compute;
         self.mask_timing.steps += 1;
-        self.mask_timing.masks += step.masked.len() as u64;
-        self.mask_timing.stall += step.masked.iter().map(|m| m.mask.waited()).sum::<Duration>();
+        self.mask_timing.masks += step.masked.iter().map(|m| m.masks.len() as u64).sum::<u64>();
+        self.mask_timing.stall += step.masked.iter().flat_map(|m| &m.masks).map(TokenMask::waited).sum::<Duration>();
         result
     }
 
@@ -534,11 +568,14 @@ impl EngineCore {
         // not sampled (their one), in batch order.
         let mut next_row = 0usize;
         for (chunk_index, (s, chunk)) in plan.seqs.iter().zip(&input.seqs).enumerate() {
-            let pick = picks.next_if(|(c, _)| *c == chunk_index).map(|(_, p)| p);
+            let mut picks_here = Vec::new();
+            while let Some((_, p)) = picks.next_if(|(c, _)| *c == chunk_index) {
+                picks_here.push(p);
+            }
             let returned = match chunk.logits {
                 LogitRows::All => chunk.len,
-                LogitRows::Last if pick.is_none() => 1,
-                LogitRows::Last | LogitRows::None => 0,
+                LogitRows::Last if picks_here.is_empty() => 1,
+                LogitRows::Last | LogitRows::None | LogitRows::Verify(_) => 0,
             };
             let rows = next_row..next_row + returned;
             next_row = rows.end;
@@ -552,37 +589,59 @@ impl EngineCore {
                     }
                 }
             }
-            let Some(pick) = pick else { continue };
+            if picks_here.is_empty() {
+                continue;
+            }
             let Some(req) = self.requests.get(&st.request) else { continue };
-            st.sampler.record(pick.token);
-            sampled.push((s.id, pick.token));
-            let generated = st.sampler.num_generated();
-            let mut finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
             // A mask that cannot be computed is the constraint's fault (too
             // complex for llguidance's limits); a rejected token is ours.
-            let mut grammar_error = mask_errors.remove(&s.id).map(EngineError::invalid);
-            if grammar_error.is_none() {
-                match st.grammar.as_mut().map(|g| g.commit(pick.token)) {
-                    Some(Commit::Finished) => finish = finish.or(Some(FinishReason::Stop)),
-                    Some(Commit::Rejected(e)) => grammar_error = Some(EngineError::internal(e)),
-                    Some(Commit::Continue) | None => {}
+            let mask_error = mask_errors.remove(&s.id).map(EngineError::invalid);
+            // The picks in order; past the first, each is kept only while the
+            // one before it was the proposal there (its position then holds
+            // the right keys and values), and none after a finish.
+            let draft = &s.tokens[s.tokens.len() - s.num_draft..];
+            let mut new_tokens = Vec::with_capacity(picks_here.len());
+            let mut logprobs = Vec::new();
+            let mut finish = None;
+            for (i, pick) in picks_here.into_iter().enumerate() {
+                st.sampler.record(pick.token);
+                sampled.push((s.id, pick.token));
+                new_tokens.push(pick.token);
+                logprobs.extend(pick.logprob);
+                let generated = st.sampler.num_generated();
+                finish = check_stop(&req.params, pick.token, generated, &self.eog_ids);
+                let mut grammar_error = mask_error.clone();
+                if grammar_error.is_none() {
+                    match st.grammar.as_mut().map(|g| g.commit(pick.token)) {
+                        Some(Commit::Finished) => finish = finish.or(Some(FinishReason::Stop)),
+                        Some(Commit::Rejected(e)) => grammar_error = Some(EngineError::internal(e)),
+                        Some(Commit::Continue) | None => {}
+                    }
+                }
+                if let Some(e) = grammar_error {
+                    finish = Some(FinishReason::Error(e));
+                }
+                if finish.is_none() && st.prompt_len + generated >= self.sched.max_seq_len() {
+                    finish = Some(FinishReason::Length);
+                }
+                if finish.is_some() || draft.get(i) != Some(&pick.token) {
+                    break;
                 }
             }
-            if let Some(e) = grammar_error {
-                finish = Some(FinishReason::Error(e));
-            }
-            if finish.is_none() && st.prompt_len + generated >= self.sched.max_seq_len() {
-                finish = Some(FinishReason::Length);
+            if !draft.is_empty() {
+                let accepted = new_tokens.iter().zip(draft).take_while(|(a, b)| a == b).count();
+                st.backoff.record(draft.len(), accepted);
+                self.spec_stats.record(draft.len(), accepted);
             }
             let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
             st.reported_cached = true;
-            iteration_tokens += 1 + if st.clock.first_token.is_none() { st.prompt_len as u64 } else { 0 };
+            iteration_tokens += new_tokens.len() as u64 + if st.clock.first_token.is_none() { st.prompt_len as u64 } else { 0 };
             st.clock.first_token.get_or_insert(now);
             outs.push(TokenOutput {
                 id: st.request,
                 index: st.index,
-                new_tokens: vec![pick.token],
-                logprobs: pick.logprob.map(|l| vec![l]),
+                new_tokens,
+                logprobs: (!logprobs.is_empty()).then_some(logprobs),
                 finish: finish.clone(),
                 num_cached_tokens: cached as u32,
                 prompt_logprobs: st.prompt_lp.take().map(PromptLogprobs::finish),
@@ -608,9 +667,40 @@ impl EngineCore {
     fn logit_rows(&self, s: &crate::scheduler::ScheduledSeq) -> LogitRows {
         let gathering = self.seqs.get(&s.id).is_some_and(|st| st.prompt_lp.is_some() && s.start_pos < st.prompt_len);
         match (gathering, s.sample) {
+            _ if s.num_draft > 0 => LogitRows::Verify(1 + s.num_draft),
             (true, _) => LogitRows::All,
             (false, true) => LogitRows::Last,
             (false, false) => LogitRows::None,
+        }
+    }
+
+    /// Speculative decoding: proposes tokens for each decoding sequence and
+    /// hands the scheduler as many as its [`SpecBackoff`] says pay, within
+    /// what `max_tokens` leaves and what its constraint allows.
+    fn propose(&mut self, spec: &SpeculativeConfig) {
+        let running = self.sched.num_running();
+        if spec.disable_by_batch_size.is_some_and(|n| running >= n) {
+            return;
+        }
+        let cost = extra_token_cost(running);
+        let SpecMethod::Ngram { min, max } = spec.method;
+        for (&sid, st) in &mut self.seqs {
+            if !self.sched.is_decoding(sid) {
+                continue;
+            }
+            let Some(req) = self.requests.get(&st.request) else { continue };
+            // A verify pass makes up to 1 + k tokens.
+            let left = (req.params.max_tokens as usize).saturating_sub(st.sampler.num_generated() + 1);
+            let k = spec.num_speculative_tokens.min(left);
+            let mut draft = match self.sched.tokens(sid) {
+                Some(tokens) if k > 0 => ngram::propose(tokens, min, max, k),
+                _ => Vec::new(),
+            };
+            if let Some(g) = st.grammar.as_mut() {
+                draft.truncate(g.valid_draft_len(&draft));
+            }
+            draft.truncate(st.backoff.budget(draft.len(), cost));
+            self.sched.set_draft(sid, draft);
         }
     }
 
@@ -685,7 +775,10 @@ pub struct PlannedStep {
 struct MaskedSeq {
     sid: SeqId,
     grammar: SeqGrammar,
-    mask: TokenMask,
+    /// One per sampling row: the chunk's last, or each of a verify chunk's.
+    masks: Vec<TokenMask>,
+    /// A verify chunk's proposed tokens, which its masks follow.
+    draft: Vec<u32>,
     error: Option<String>,
 }
 

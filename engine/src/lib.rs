@@ -28,6 +28,7 @@ pub mod rng;
 pub mod sampler;
 pub mod scheduler;
 pub mod shell;
+pub mod spec;
 pub mod structured;
 pub mod tokenizer;
 

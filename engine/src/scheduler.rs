@@ -15,7 +15,7 @@
 //! Sans-IO: the engine calls `schedule`, runs the model on the result, then
 //! calls `update` with the sampled tokens, then `schedule` again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
 use crate::kv_cache::{CachedPrefix, KvCacheManager, KvError, DEFAULT_BLOCK_SIZE};
@@ -94,6 +94,10 @@ pub struct ScheduledSeq {
     pub sample: bool,
     /// Tokens served from the prefix cache when the sequence was (re)admitted this step, else 0.
     pub num_cached_tokens: usize,
+    /// Proposed tokens at the end of `tokens` (a speculative verify chunk,
+    /// `crate::spec`): not the sequence's yet, each kept only if the model
+    /// picks it at the position before. 0 for every other chunk.
+    pub num_draft: usize,
 }
 
 /// Why `try_add_sequence` refused a sequence.
@@ -166,6 +170,8 @@ pub struct Scheduler {
     /// In admission order: the last one is the first preemption victim.
     running: Vec<SeqId>,
     num_preemptions: u64,
+    /// Proposed tokens for decoding sequences, for the next `schedule` only.
+    drafts: HashMap<SeqId, Vec<u32>>,
 }
 
 impl Scheduler {
@@ -186,6 +192,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             num_preemptions: 0,
+            drafts: HashMap::new(),
         }
     }
 
@@ -322,14 +329,27 @@ impl Scheduler {
                 self.running.remove(idx);
                 continue;
             };
-            let n = self
+            let base = self
                 .wanted_tokens(seq.tokens.len(), seq.num_computed)
                 .min(budget);
-            if n == 0 {
+            if base == 0 {
                 idx += 1;
                 continue;
             }
             let num_computed = seq.num_computed;
+            // A decoding sequence may feed proposed tokens after its last
+            // one, within max_model_len and leaving a token of the budget
+            // for each running sequence after it.
+            let mut draft = match self.drafts.remove(&id) {
+                Some(d) if num_computed + 1 == seq.tokens.len() => d,
+                _ => Vec::new(),
+            };
+            let behind = self.running.len() - idx - 1;
+            let room = (self.cfg.max_model_len - 1)
+                .saturating_sub(num_computed + 1)
+                .min(budget.saturating_sub(behind + 1));
+            draft.truncate(room);
+            let mut n = base + draft.len();
             let mut can_schedule = true;
             loop {
                 let seq = &self.seqs[&id];
@@ -341,6 +361,11 @@ impl Scheduler {
                     &CachedPrefix::default(),
                 ) {
                     Ok(()) => break,
+                    Err(KvError::OutOfBlocks { .. }) if n > base => {
+                        // Proposals never cost another sequence its blocks.
+                        n = base;
+                        draft.clear();
+                    }
                     Err(KvError::OutOfBlocks { .. }) => {
                         // The victim is the most recently admitted: it sits
                         // after `idx`, so it was not scheduled this step, or
@@ -366,7 +391,7 @@ impl Scheduler {
             if !can_schedule {
                 break;
             }
-            scheduled.push(self.scheduled_seq(id, num_computed, n, 0));
+            scheduled.push(self.scheduled_seq(id, num_computed, base, 0, draft));
             budget -= n;
             idx += 1;
         }
@@ -417,11 +442,12 @@ impl Scheduler {
                     seq.state = State::Running;
                     seq.num_computed = computed;
                 }
-                scheduled.push(self.scheduled_seq(id, computed, n, computed));
+                scheduled.push(self.scheduled_seq(id, computed, n, computed, Vec::new()));
                 budget -= n;
             }
         }
 
+        self.drafts.clear();
         let num_batched_tokens = scheduled
             .iter()
             .map(|s: &ScheduledSeq| s.tokens.len())
@@ -433,15 +459,19 @@ impl Scheduler {
         }
     }
 
-    fn scheduled_seq(&self, id: SeqId, start: usize, n: usize, cached: usize) -> ScheduledSeq {
+    fn scheduled_seq(&self, id: SeqId, start: usize, n: usize, cached: usize, draft: Vec<u32>) -> ScheduledSeq {
         let seq = &self.seqs[&id];
+        let mut tokens = seq.tokens[start..start + n].to_vec();
+        let num_draft = draft.len();
+        tokens.extend(draft);
         ScheduledSeq {
             id,
             start_pos: start,
-            tokens: seq.tokens[start..start + n].to_vec(),
+            tokens,
             block_table: self.kv.block_table(id).unwrap_or_default().to_vec(),
             sample: start + n == seq.tokens.len(),
             num_cached_tokens: cached,
+            num_draft,
         }
     }
 
@@ -457,19 +487,42 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
+    /// Proposes `draft` to follow decoding sequence `id`'s tokens in the next
+    /// [`Self::schedule`] (which may shorten or drop it: budget, room,
+    /// blocks); forgotten after that step.
+    pub fn set_draft(&mut self, id: SeqId, draft: Vec<u32>) {
+        if !draft.is_empty() && self.is_decoding(id) {
+            self.drafts.insert(id, draft);
+        }
+    }
+
+    /// Whether `id` is running with every token but its last computed: its
+    /// next step is a decode (or a verify pass).
+    pub fn is_decoding(&self, id: SeqId) -> bool {
+        self.seqs.get(&id).is_some_and(|s| s.state == State::Running && s.num_computed + 1 == s.tokens.len())
+    }
+
     /// After the model ran `out`: advance each scheduled sequence's
     /// computed-token count; for the sequences in `sampled` (those with
-    /// sample == true) append the new token (fed on the next step).
+    /// sample == true) append the new tokens (the last is fed on the next
+    /// step). A verify chunk's sequence takes up to `1 + num_draft` tokens,
+    /// in order: each after the first says the proposed token before it was
+    /// the model's pick (it must equal it), so its position is computed too.
     /// Entries for sequences aborted or finished since `schedule`, repeated
-    /// updates and tokens for sequences that were not due to sample are
-    /// ignored.
+    /// updates, tokens past what a chunk allows and tokens for sequences
+    /// that were not due to sample are ignored.
     pub fn update(&mut self, out: &SchedulerOutput, sampled: &[(SeqId, u32)]) {
-        let mut may_sample = HashSet::new();
+        // Per sequence due to sample: its chunk's proposed tokens, and how
+        // many tokens it has taken so far.
+        let mut may_sample: HashMap<SeqId, (&[u32], usize)> = HashMap::new();
         for s in &out.seqs {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
                 continue;
             };
-            let end = s.start_pos + s.tokens.len();
+            let Some(fed) = s.tokens.len().checked_sub(s.num_draft) else {
+                continue;
+            };
+            let end = s.start_pos + fed;
             if seq.state != State::Running
                 || seq.num_computed != s.start_pos
                 || end > seq.tokens.len()
@@ -478,17 +531,27 @@ impl Scheduler {
             }
             seq.num_computed = end;
             if s.sample && end == seq.tokens.len() {
-                may_sample.insert(s.id);
+                may_sample.insert(s.id, (&s.tokens[fed..], 0));
             }
         }
         for &(id, tok) in sampled {
-            // `remove` makes a second token for the same sequence a no-op.
-            if !may_sample.remove(&id) {
+            let Some((draft, taken)) = may_sample.get_mut(&id).filter(|(_, t)| *t != usize::MAX) else {
                 continue;
+            };
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if *taken > 0 {
+                // The token before this one must have been the proposal
+                // there, whose position the verify pass computed.
+                if *taken > draft.len() || seq.tokens.last() != Some(&draft[*taken - 1]) {
+                    *taken = usize::MAX;
+                    continue;
+                }
+                seq.num_computed += 1;
             }
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.tokens.push(tok);
-            }
+            seq.tokens.push(tok);
+            *taken += 1;
         }
     }
 
@@ -611,6 +674,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn cfg(num_blocks: usize, block_size: usize, budget: usize) -> SchedulerConfig {
         SchedulerConfig {

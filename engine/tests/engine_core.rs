@@ -16,7 +16,7 @@ const EOG: u32 = 2;
 fn core(num_blocks: usize, max_num_batched_tokens: usize, prefix_caching: bool) -> EngineCore {
     let exec = tiny_executor(GgmlType::Q8_0, 11, num_blocks);
     let sched = SchedulerConfig { enable_prefix_caching: prefix_caching, ..tiny_scheduler(num_blocks, 8, max_num_batched_tokens) };
-    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 }, exec, vec![EOG])
+    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: 1 , spec: None }, exec, vec![EOG])
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {

@@ -21,7 +21,7 @@ fn core(ty: GgmlType, num_blocks: usize, max_num_batched_tokens: usize) -> Engin
     let sched = tiny_scheduler(num_blocks, 16, max_num_batched_tokens);
     // The engine's own seed differs from run to run of this test's cores:
     // requests without a seed must not be what the comparisons rest on.
-    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: num_blocks as u64 }, tiny_executor(ty, 23, num_blocks), vec![EOG])
+    EngineCore::new(EngineCoreConfig { rank: 0, scheduler: sched, seed: num_blocks as u64 , spec: None }, tiny_executor(ty, 23, num_blocks), vec![EOG])
 }
 
 /// Request `i`'s settings: even ones greedy, odd ones sampled with every

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 fn core() -> EngineCore {
-    EngineCore::new(EngineCoreConfig { rank: 3, scheduler: tiny_scheduler(128, 16, 64), seed: 1 }, tiny_executor(GgmlType::Q8_0, 5, 128), vec![2])
+    EngineCore::new(EngineCoreConfig { rank: 3, scheduler: tiny_scheduler(128, 16, 64), seed: 1 , spec: None }, tiny_executor(GgmlType::Q8_0, 5, 128), vec![2])
 }
 
 fn hello() -> Hello {

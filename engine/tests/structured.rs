@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use ferry_engine::quant::GgmlType;
+use ferry_engine::spec::SpeculativeConfig;
 use ferry_engine::structured::GrammarEnv;
 use ferry_engine::{EngineCore, EngineCoreConfig};
 use ferry_transport::*;
@@ -33,8 +34,12 @@ fn text(ids: &[u32]) -> String {
 }
 
 fn core(num_blocks: usize, grammars: bool) -> EngineCore {
+    core_with(num_blocks, grammars, None)
+}
+
+fn core_with(num_blocks: usize, grammars: bool, spec: Option<SpeculativeConfig>) -> EngineCore {
     let exec = tiny_executor(GgmlType::Q8_0, 11, num_blocks);
-    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: tiny_scheduler(num_blocks, 8, 64), seed: 1 }, exec, vec![EOG]);
+    let core = EngineCore::new(EngineCoreConfig { rank: 0, scheduler: tiny_scheduler(num_blocks, 8, 64), seed: 1, spec }, exec, vec![EOG]);
     if !grammars {
         return core;
     }
@@ -140,4 +145,35 @@ fn bad_constraints_and_engines_without_a_vocabulary_refuse_the_request() {
     let refusal = bare.add_request(EngineRequest::new(1, vec![5, 6], p), std::time::Instant::now()).unwrap_err();
     assert!(matches!(refusal.finish, Some(FinishReason::Error(e)) if e.message.contains("structured outputs")));
     assert_eq!(c.num_requests() + bare.num_requests(), 0);
+}
+
+#[test]
+fn speculation_proposes_within_the_grammar_and_changes_no_output() {
+    // Prompts that already hold answers of the schema's shape, so the n-gram
+    // proposer finds runs to propose; the grammar trims them and the masks
+    // follow them, and the outputs stay what they were without speculation.
+    let spec = SpeculativeConfig::parse(r#"{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#).unwrap();
+    let bytes = |t: &str| t.bytes().map(u32::from).collect::<Vec<u32>>();
+    let mut outs = Vec::new();
+    let mut drafts = 0;
+    for spec in [None, Some(spec)] {
+        let mut c = core_with(256, true, spec);
+        for r in 0..4u64 {
+            let mut prompt = tokens(r, 5, VOCAB);
+            for answer in [r#"{"a":true,"b":"yy"}"#, r#"{"a":false,"b":"x"}"#] {
+                prompt.extend(bytes(answer));
+            }
+            let p = constrained(Constraint::JsonSchema(schema().to_string()), if r % 2 == 0 { 0.0 } else { 0.9 }, 1 + (r % 2) as u32, 3 + r);
+            c.add_request(EngineRequest::new(r, prompt, p), std::time::Instant::now()).unwrap();
+        }
+        outs.push(run_to_end(&mut c));
+        drafts = c.stats().spec.num_drafts;
+    }
+    assert!(drafts > 0, "nothing was proposed");
+    assert_eq!(outs[0], outs[1]);
+    for (toks, finish) in outs[1].values() {
+        let v: serde_json::Value = serde_json::from_str(&text(toks)).unwrap();
+        assert!(v["a"].is_boolean(), "{v}");
+        assert_eq!(finish, &Some(FinishReason::Stop));
+    }
 }

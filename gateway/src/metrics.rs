@@ -88,6 +88,10 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("vllm:num_preemptions_total", Kind::Counter, "Cumulative number of preemption from the engine."),
     ("vllm:prefix_cache_queries_total", Kind::Counter, "Prefix cache queries, in terms of number of queried tokens."),
     ("vllm:prefix_cache_hits_total", Kind::Counter, "Prefix cache hits, in terms of number of cached tokens."),
+    ("vllm:spec_decode_num_drafts_total", Kind::Counter, "Number of spec decoding drafts."),
+    ("vllm:spec_decode_num_draft_tokens_total", Kind::Counter, "Number of draft tokens."),
+    ("vllm:spec_decode_num_accepted_tokens_total", Kind::Counter, "Number of accepted tokens."),
+    ("vllm:spec_decode_num_accepted_tokens_per_pos_total", Kind::Counter, "Accepted draft tokens per draft position."),
     ("vllm:prompt_tokens_total", Kind::Counter, "Number of prefill tokens processed."),
     ("vllm:generation_tokens_total", Kind::Counter, "Number of generation tokens processed."),
     ("vllm:request_success_total", Kind::Counter, "Count of successfully processed requests."),
@@ -138,6 +142,9 @@ struct EngineSeries {
     preemptions: Counter,
     prefix_queries: Counter,
     prefix_hits: Counter,
+    spec_drafts: Counter,
+    spec_draft_tokens: Counter,
+    spec_accepted: Counter,
     prompt_tokens: Counter,
     generation_tokens: Counter,
     success: [Counter; FINISH_REASONS.len()],
@@ -339,6 +346,17 @@ impl Metrics {
                 e.preemptions.absolute(st.num_preemptions);
                 e.prefix_queries.absolute(st.prefix_cache_queries);
                 e.prefix_hits.absolute(st.prefix_cache_hits);
+                e.spec_drafts.absolute(st.spec.num_drafts);
+                e.spec_draft_tokens.absolute(st.spec.num_draft_tokens);
+                e.spec_accepted.absolute(st.spec.num_accepted_tokens);
+                // One series per draft position, as vLLM labels them; a
+                // position appears once a draft has reached it.
+                for (pos, &n) in st.spec.accepted_per_pos.iter().enumerate() {
+                    let mut labels = e.labels.clone();
+                    labels.push(Label::new("position", pos.to_string()));
+                    let key = Key::from_parts("vllm:spec_decode_num_accepted_tokens_per_pos_total", labels);
+                    self.recorder.register_counter(&key, &metadata()).absolute(n);
+                }
             }
             for &t in &r.steps {
                 e.iteration_tokens.record(t as f64);
@@ -406,6 +424,9 @@ impl EngineSeries {
             preemptions: counter("vllm:num_preemptions_total"),
             prefix_queries: counter("vllm:prefix_cache_queries_total"),
             prefix_hits: counter("vllm:prefix_cache_hits_total"),
+            spec_drafts: counter("vllm:spec_decode_num_drafts_total"),
+            spec_draft_tokens: counter("vllm:spec_decode_num_draft_tokens_total"),
+            spec_accepted: counter("vllm:spec_decode_num_accepted_tokens_total"),
             prompt_tokens: counter("vllm:prompt_tokens_total"),
             generation_tokens: counter("vllm:generation_tokens_total"),
             success,
@@ -499,7 +520,8 @@ mod tests {
         let fin = FinishedSeq { reason: "length", e2e_secs: 1.2, prompt_tokens: 12, generation_tokens: 5, n: 2, max_tokens: 5, timing: Some(timing) };
         m.sequence_finished(1, &fin);
         m.sequence_finished(7, &FinishedSeq { reason: "stop", ..fin.clone() }); // no such rank: ignored
-        let stats = EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, ..Default::default() };
+        let spec = ferry_transport::SpecDecodeStats { num_drafts: 6, num_draft_tokens: 20, num_accepted_tokens: 9, accepted_per_pos: vec![5, 3, 1] };
+        let stats = EngineStats { num_waiting: 2, num_running: 3, kv_usage: 0.5, num_preemptions: 4, prefix_cache_queries: 100, prefix_cache_hits: 40, spec, ..Default::default() };
         let counters = CoordinatorCounters { migrations: 3, retries: 1, routed: [0, 9, 2, 0, 0, 0], ..Default::default() };
         let text = m.render(&[None, scrape(true, stats, vec![1, 7, 300])], &counters);
         let s = parse(&text);
@@ -517,6 +539,13 @@ mod tests {
         assert!(text.contains("# TYPE vllm:num_requests_waiting_by_reason gauge\n"));
         assert_eq!(g("vllm:kv_cache_usage_perc"), 0.5);
         assert_eq!(g("vllm:prefix_cache_queries_total"), 100.0);
+        assert_eq!(g("vllm:spec_decode_num_drafts_total"), 6.0);
+        assert_eq!(g("vllm:spec_decode_num_draft_tokens_total"), 20.0);
+        assert_eq!(g("vllm:spec_decode_num_accepted_tokens_total"), 9.0);
+        for (pos, n) in [5.0, 3.0, 1.0].into_iter().enumerate() {
+            assert_eq!(s[&format!("vllm:spec_decode_num_accepted_tokens_per_pos_total{{{l1},position=\"{pos}\"}}")], n);
+        }
+        assert_eq!(s[&format!("vllm:spec_decode_num_drafts_total{{{l0}}}")], 0.0);
         assert_eq!(g("vllm:prefix_cache_hits_total"), 40.0);
         assert_eq!(g("vllm:num_preemptions_total"), 4.0);
         assert_eq!(g("vllm:prompt_tokens_total"), 12.0);

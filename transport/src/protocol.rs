@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -310,7 +310,47 @@ pub struct EngineStats {
     /// oldest first.
     #[serde(deserialize_with = "bounded_vec::<_, _, MAX_STEP_REPORTS>")]
     pub step_tokens: Vec<u32>,
+    /// Speculative decoding's totals since the engine started (all zero
+    /// when it does not speculate).
+    pub spec: SpecDecodeStats,
 }
+
+/// Speculative decoding's totals since an engine started, as vLLM's
+/// `SpecDecodingStats` counts them: a draft is one sequence's proposed
+/// tokens verified in one step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpecDecodeStats {
+    /// Drafts verified.
+    pub num_drafts: u64,
+    /// Tokens proposed in them.
+    pub num_draft_tokens: u64,
+    /// Proposed tokens accepted (each equal to the token the model picked there).
+    pub num_accepted_tokens: u64,
+    /// Entry `i`: drafts whose token at position `i` (0-based) was accepted;
+    /// at most [`MAX_SPEC_POSITIONS`] entries.
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SPEC_POSITIONS>")]
+    pub accepted_per_pos: Vec<u64>,
+}
+
+impl SpecDecodeStats {
+    /// Counts one draft of `proposed` tokens whose first `accepted` were taken.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        self.num_drafts += 1;
+        self.num_draft_tokens += proposed as u64;
+        self.num_accepted_tokens += accepted as u64;
+        let positions = accepted.min(MAX_SPEC_POSITIONS);
+        if self.accepted_per_pos.len() < positions {
+            self.accepted_per_pos.resize(positions, 0);
+        }
+        for n in &mut self.accepted_per_pos[..positions] {
+            *n += 1;
+        }
+    }
+}
+
+/// Most draft positions [`SpecDecodeStats::accepted_per_pos`] reports (an
+/// engine proposes at most this many tokens per sequence and step).
+pub const MAX_SPEC_POSITIONS: usize = 16;
 
 /// Most `EngineStats::step_tokens` entries one batch carries; an engine with
 /// more unreported steps keeps the newest.

@@ -101,7 +101,7 @@ fn from_engine() -> impl Strategy<Value = FromEngine> {
     let stats = (any::<u32>(), any::<u32>(), f32s(), any::<u64>(), any::<u64>(), any::<u64>(), any::<(u64, bool)>()).prop_map(
         |(num_waiting, num_running, kv_usage, num_preemptions, prefix_cache_queries, prefix_cache_hits, (num_added, draining))| {
             let step_tokens = vec![num_running; (num_waiting % 5) as usize];
-            EngineStats { num_waiting, num_running, kv_usage, num_preemptions, prefix_cache_queries, prefix_cache_hits, num_added, draining, step_tokens }
+            EngineStats { num_waiting, num_running, kv_usage, num_preemptions, prefix_cache_queries, prefix_cache_hits, num_added, draining, step_tokens, spec: Default::default() }
         },
     );
     let hello = (any::<u32>(), any::<u32>(), ".{0,20}", any::<(u64, u64)>(), any::<[u32; 4]>()).prop_map(

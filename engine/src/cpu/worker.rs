@@ -103,24 +103,35 @@ fn pick_tokens(
     if rows.len() != next * vocab {
         return Err(ForwardError::BadBatch(format!("{} logits for {next} rows of {vocab}", rows.len())));
     }
+    // A chunk's rows are each sampled at most once; a Verify chunk's all,
+    // any other's only its last.
     let mut sampled_chunk = vec![false; input.seqs.len()];
+    let mut taken = std::collections::HashSet::with_capacity(sampling.rows.len());
     let mut sample_rows = Vec::with_capacity(sampling.rows.len());
     for r in &sampling.rows {
         let chunk = input.seqs.get(r.chunk).filter(|c| c.logits != LogitRows::None);
         let Some(c) = chunk else {
             return Err(ForwardError::BadBatch(format!("sampling row for chunk {}, which has no logit rows", r.chunk)));
         };
-        if std::mem::replace(&mut sampled_chunk[r.chunk], true) {
-            return Err(ForwardError::BadBatch(format!("chunk {} sampled twice", r.chunk)));
+        let count = c.logits.count(c.len);
+        let back = r.back as usize;
+        let reachable = if matches!(c.logits, LogitRows::Verify(_)) { count } else { 1 };
+        if back >= reachable {
+            return Err(ForwardError::BadBatch(format!("sampling row {back} back from the end of chunk {}, which samples {reachable}", r.chunk)));
         }
-        sample_rows.push(first_row[r.chunk] + c.logits.count(c.len) - 1);
+        let row = first_row[r.chunk] + count - 1 - back;
+        if !taken.insert(row) {
+            return Err(ForwardError::BadBatch(format!("chunk {} row {back} from the end sampled twice", r.chunk)));
+        }
+        sampled_chunk[r.chunk] = true;
+        sample_rows.push(row);
     }
     let mut logits = Vec::new();
     for (i, c) in input.seqs.iter().enumerate() {
         let returned = match c.logits {
             LogitRows::All => c.len,
             LogitRows::Last if !sampled_chunk[i] => 1,
-            LogitRows::Last | LogitRows::None => 0,
+            LogitRows::Last | LogitRows::None | LogitRows::Verify(_) => 0,
         };
         let end = first_row[i] + c.logits.count(c.len);
         logits.extend_from_slice(&rows[(end - returned) * vocab..end * vocab]);

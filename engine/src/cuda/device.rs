@@ -648,6 +648,9 @@ impl DeviceWorker {
                     }
                     p.any_all = true;
                 }
+                LogitRows::Verify(_) => {
+                    return Err("the CUDA backend has no speculative verify passes yet".into());
+                }
             }
         }
         let graph = super::graphs::graph_bucket(input, &self.graph_sizes).filter(|b| self.graphs.iter().any(|(g, _)| g == b));
@@ -999,6 +1002,9 @@ impl DeviceWorker {
         self.ctx.bind_to_thread().map_err(drv("binding the CUDA context"))?;
         let mut samples = vec![false; input.seqs.len()];
         for r in rows.unwrap_or_default() {
+            if r.back != 0 {
+                return Err("the CUDA backend samples only a chunk's last row (no speculative verify passes yet)".into());
+            }
             match samples.get_mut(r.chunk) {
                 Some(s) if !*s => *s = true,
                 _ => return Err(format!("a sampling row names chunk {}, which the batch does not have once", r.chunk)),

@@ -220,6 +220,7 @@ impl SequenceSampler {
         };
         RowSampling {
             chunk,
+            back: 0,
             temperature: params.temperature,
             top_p: params.top_p,
             top_k: params.top_k.max(0) as u32,

@@ -101,6 +101,54 @@ impl SeqGrammar {
         }
     }
 
+    /// How many of `draft`'s tokens, from the first, the grammar allows in
+    /// turn (speculative decoding verifies only those); an end-of-generation
+    /// id ends the count, as the state it leads to is the sequence's end.
+    pub fn valid_draft_len(&mut self, draft: &[u32]) -> usize {
+        let upto = draft.iter().position(|t| self.env.eog().contains(t)).unwrap_or(draft.len());
+        if upto == 0 {
+            return 0;
+        }
+        self.matcher.validate_tokens(&draft[..upto]).unwrap_or(0)
+    }
+
+    /// The masks of a verify pass: the next token's ([`Self::mask_words`]),
+    /// then the one after each of `draft`'s tokens in turn, `draft.len() + 1`
+    /// in all. The state is as before when it returns (the draft tokens are
+    /// rolled back); `draft` must be allowed ([`Self::valid_draft_len`]).
+    pub fn masks_along(&mut self, draft: &[u32]) -> Result<Vec<Arc<[u32]>>, String> {
+        let mut masks = Vec::with_capacity(draft.len() + 1);
+        masks.push(self.mask_words()?);
+        if draft.is_empty() {
+            return Ok(masks);
+        }
+        let mut consumed = 0;
+        let mut failed = None;
+        for &t in draft {
+            self.mask = None;
+            if let Err(e) = self.matcher.consume_token(t) {
+                failed = Some(format!("structured output: proposed token {t} breaks the constraint: {e}"));
+                break;
+            }
+            consumed += 1;
+            match self.mask_words() {
+                Ok(m) => masks.push(m),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.mask = None;
+        if consumed > 0 {
+            self.matcher.rollback(consumed).map_err(|e| format!("structured output: cannot roll back proposed tokens: {e}"))?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(masks),
+        }
+    }
+
     /// Whether the output so far is a complete member of the language.
     pub fn is_accepting(&mut self) -> bool {
         self.matcher.is_accepting().unwrap_or(false)

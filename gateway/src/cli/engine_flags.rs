@@ -3,6 +3,7 @@
 use clap::{Args, ValueEnum};
 use ferry_engine::device::{self, DeviceChoice};
 use ferry_engine::quant::GgmlType;
+use ferry_engine::spec::SpeculativeConfig;
 use ferry_engine::{EngineArgs, LoadFormat};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -75,6 +76,11 @@ pub(crate) struct EngineFlags {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub long_prefill_token_threshold: usize,
+    /// Speculative decoding, as vLLM's JSON: `{"method": "ngram",
+    /// "num_speculative_tokens": K, "prompt_lookup_max": N,
+    /// "prompt_lookup_min": M}` (optionally "disable_by_batch_size").
+    #[arg(long, value_name = "JSON")]
+    pub speculative_config: Option<String>,
 }
 
 impl EngineFlags {
@@ -90,6 +96,7 @@ impl EngineFlags {
         if let Some(note) = &resolved.note {
             tracing::info!("{note}");
         }
+        let speculative_config = self.speculative_config.as_deref().map(SpeculativeConfig::parse).transpose().map_err(anyhow::Error::msg)?;
         Ok(EngineArgs {
             max_model_len: self.max_model_len,
             max_num_seqs: self.max_num_seqs,
@@ -104,6 +111,7 @@ impl EngineFlags {
             seed: self.seed,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             threads: self.threads.unwrap_or(0),
+            speculative_config,
         })
     }
 

@@ -1,0 +1,159 @@
+//! How many proposed tokens a sequence verifies: as many as pay for
+//! themselves, judged from how often its proposals have been taken.
+//!
+//! A verify pass is not free: every proposed token is one more row through
+//! the matmuls (compute, where decode is bound by memory) and attention. So
+//! each sequence keeps a moving average `a` of the share of the proposed
+//! tokens it tried that were taken (a rejected token ends a pass, so the
+//! tokens after it were not tried): the chance that the next proposed token
+//! is taken, each given the ones before it. It verifies the `k` that maximises the
+//! expected tokens per unit of step time, `(1 + a + a^2 + .. + a^k) / (1 +
+//! c k)`, where `c` is what one more token costs against the whole step
+//! ([`extra_token_cost`]). Where no `k` pays (`a` too low), it stops
+//! proposing for a cool-down that doubles each time (up to
+//! [`MAX_COOLDOWN`] steps), and then probes again with a few tokens: so text
+//! that does not repeat costs about nothing, and text that starts repeating
+//! is found again within a few dozen tokens.
+
+/// Weight of the newest verify pass in the moving average: the last three or
+/// four passes dominate, so a sequence that stops repeating backs off within
+/// a handful of steps.
+const WEIGHT: f32 = 0.3;
+/// The average's start: optimistic, so that a sequence's first proposals
+/// get verified and it can learn.
+const PRIOR: f32 = 0.7;
+/// First and longest cool-downs, in steps.
+const MIN_COOLDOWN: u32 = 4;
+/// See [`MIN_COOLDOWN`].
+pub const MAX_COOLDOWN: u32 = 64;
+/// Tokens verified by the probe at the end of a cool-down.
+const PROBE: usize = 2;
+
+/// One sequence's record of its proposals, and its cool-down.
+#[derive(Clone, Debug)]
+pub struct SpecBackoff {
+    acceptance: f32,
+    cooldown: u32,
+    next_cooldown: u32,
+    probe: bool,
+}
+
+impl Default for SpecBackoff {
+    fn default() -> Self {
+        SpecBackoff { acceptance: PRIOR, cooldown: 0, next_cooldown: MIN_COOLDOWN, probe: false }
+    }
+}
+
+/// What one more token in a verify pass costs, as a fraction of a decode step
+/// of `batch` sequences. One sequence's step is bound by reading the weights,
+/// and a few more rows through the same matmuls cost little (measured on the
+/// CPU backend: see `docs/performance.md`, "Speculative decoding"); a big
+/// batch is bound by arithmetic, where a token costs about what a
+/// sequence's decode does.
+pub fn extra_token_cost(batch: usize) -> f32 {
+    const SINGLE: f32 = 0.15;
+    const HALF: f32 = 8.0;
+    let b = batch.max(1) as f32 - 1.0;
+    SINGLE + (1.0 - SINGLE) * b / (b + HALF)
+}
+
+impl SpecBackoff {
+    /// The estimated chance that the next proposed token is accepted.
+    pub fn acceptance(&self) -> f32 {
+        self.acceptance
+    }
+
+    /// How many of the `available` proposed tokens to verify this step, one
+    /// more token costing `cost` of the step. 0: decode as usual (this may
+    /// start or count down a cool-down; call it once per step the sequence
+    /// decodes, whether or not anything was proposed).
+    pub fn budget(&mut self, available: usize, cost: f32) -> usize {
+        if self.cooldown > 0 {
+            self.cooldown -= 1;
+            self.probe = self.cooldown == 0;
+            return 0;
+        }
+        if available == 0 {
+            return 0;
+        }
+        if std::mem::take(&mut self.probe) {
+            return available.min(PROBE);
+        }
+        let a = self.acceptance().clamp(0.0, 1.0);
+        let (mut best, mut best_rate) = (0, 1.0f32);
+        let (mut expected, mut p) = (1.0f32, 1.0f32);
+        for k in 1..=available {
+            p *= a;
+            expected += p;
+            let rate = expected / (1.0 + cost * k as f32);
+            if rate > best_rate {
+                (best, best_rate) = (k, rate);
+            }
+        }
+        if best == 0 {
+            self.cooldown = self.next_cooldown;
+            self.next_cooldown = (self.next_cooldown * 2).min(MAX_COOLDOWN);
+        }
+        best
+    }
+
+    /// Records a verify pass: `proposed` tokens, of which the first
+    /// `accepted` were taken.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        let accepted = accepted.min(proposed);
+        let tried = (accepted + 1).min(proposed);
+        self.acceptance += WEIGHT * (accepted as f32 / tried as f32 - self.acceptance);
+        if accepted > 0 {
+            self.next_cooldown = MIN_COOLDOWN;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_more_while_accepted_and_backs_off_when_not() {
+        let mut b = SpecBackoff::default();
+        let first = b.budget(5, extra_token_cost(1));
+        assert!(first >= 1, "the prior lets the first proposals through");
+        for _ in 0..20 {
+            let k = b.budget(5, extra_token_cost(1));
+            b.record(k, k);
+        }
+        assert_eq!(b.budget(5, extra_token_cost(1)), 5, "always accepted: verify all");
+        // Now nothing is accepted: the budget shrinks to 0 and a cool-down starts.
+        let mut steps_to_zero = 0;
+        while b.budget(5, extra_token_cost(1)) > 0 {
+            b.record(5, 0);
+            steps_to_zero += 1;
+            assert!(steps_to_zero < 30, "never backed off");
+        }
+        // During the cool-down nothing is verified, then a short probe.
+        let idle = (0..MIN_COOLDOWN).filter(|_| b.budget(5, extra_token_cost(1)) == 0).count();
+        assert_eq!(idle as u32, MIN_COOLDOWN);
+        assert_eq!(b.budget(5, extra_token_cost(1)), PROBE);
+        // A failed probe backs off for twice as long.
+        b.record(PROBE, 0);
+        assert_eq!(b.budget(5, extra_token_cost(1)), 0);
+        let idle = 1 + (0..100).take_while(|_| b.budget(5, extra_token_cost(1)) == 0).count();
+        assert_eq!(idle as u32, 2 * MIN_COOLDOWN + 1);
+    }
+
+    #[test]
+    fn big_batches_need_better_odds() {
+        assert!(extra_token_cost(1) < extra_token_cost(16));
+        assert!(extra_token_cost(256) < 1.0);
+        let mut b = SpecBackoff::default();
+        for _ in 0..10 {
+            b.record(4, 2);
+        }
+        let alone = b.clone().budget(8, extra_token_cost(1));
+        let crowded = b.clone().budget(8, extra_token_cost(64));
+        assert!(alone > crowded, "{alone} vs {crowded}");
+    }
+}
