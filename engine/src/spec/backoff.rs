@@ -22,9 +22,9 @@ const WEIGHT: f32 = 0.3;
 /// The average's start: optimistic, so that a sequence's first proposals
 /// get verified and it can learn.
 const PRIOR: f32 = 0.7;
-/// First and longest cool-downs, in steps.
+/// The first cool-down, in steps.
 const MIN_COOLDOWN: u32 = 4;
-/// See [`MIN_COOLDOWN`].
+/// The longest cool-down, in steps (it doubles from 4 after each failed probe).
 pub const MAX_COOLDOWN: u32 = 64;
 /// Tokens verified by the probe at the end of a cool-down.
 const PROBE: usize = 2;
