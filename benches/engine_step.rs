@@ -75,6 +75,7 @@ fn scheduler_config(num_blocks: usize) -> SchedulerConfig {
         enable_prefix_caching: false,
         enable_chunked_prefill: true,
         long_prefill_token_threshold: 0,
+        policy: Default::default(),
     }
 }
 

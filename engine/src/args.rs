@@ -46,6 +46,8 @@ pub struct EngineArgs {
     pub threads: usize,
     /// Speculative decoding (vLLM's `--speculative-config`); None: off.
     pub speculative_config: Option<crate::spec::SpeculativeConfig>,
+    /// The order requests are served in (vLLM's `--scheduling-policy`).
+    pub scheduling_policy: crate::scheduler::SchedulingPolicy,
 }
 
 impl Default for EngineArgs {
@@ -65,6 +67,7 @@ impl Default for EngineArgs {
             long_prefill_token_threshold: 0,
             threads: 0,
             speculative_config: None,
+            scheduling_policy: crate::scheduler::SchedulingPolicy::Fcfs,
         }
     }
 }

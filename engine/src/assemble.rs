@@ -99,6 +99,7 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
             enable_prefix_caching: args.enable_prefix_caching,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: args.long_prefill_token_threshold,
+            policy: args.scheduling_policy,
         },
     };
     let mut core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());

@@ -11,7 +11,7 @@ use crate::backend::{ExecError, MaskGuard, StepOutput, StepSampling, TokenMask};
 use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SchedulingPolicy, SeqId};
 use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
@@ -242,6 +242,10 @@ impl EngineCore {
         if self.requests.contains_key(&req.id) {
             return Err(EngineError::invalid(format!("request id {} is already running", req.id)));
         }
+        if req.sampling.priority != 0 && self.sched.config().policy != SchedulingPolicy::Priority {
+            // vLLM's words for it.
+            return Err(EngineError::invalid(format!("Got priority {} but Priority scheduling is not enabled.", req.sampling.priority)));
+        }
         validate(&req.sampling, self.vocab_size()).map_err(|e| EngineError::invalid(e.to_string()))
     }
 
@@ -326,7 +330,7 @@ impl EngineCore {
                 },
             );
             // check_request applied the scheduler's rules, so this cannot fail.
-            let _ = self.sched.try_add_sequence_with(id, tokens.clone(), use_cache);
+            let _ = self.sched.try_add_sequence_prioritized(id, tokens.clone(), use_cache, req.sampling.priority);
         }
         self.requests.insert(req.id, RequestState { params: req.sampling, live: indices.len(), owner });
         Ok(())

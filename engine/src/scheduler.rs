@@ -46,6 +46,22 @@ pub struct SchedulerConfig {
     /// Cap on the tokens one sequence gets per step (0 = off), so a long
     /// prompt cannot hog a step.
     pub long_prefill_token_threshold: usize,
+    /// Which sequence goes first (vLLM's `--scheduling-policy`).
+    pub policy: SchedulingPolicy,
+}
+
+/// The order sequences are admitted and kept in (vLLM's scheduling policies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// First come, first served: admission in arrival order, and the most
+    /// recently admitted sequence is preempted first.
+    #[default]
+    Fcfs,
+    /// By (priority, arrival), lower first: waiting sequences are admitted
+    /// in that order, running ones get the step's budget in that order, and
+    /// the last in it (the lowest priority, latest arrival) is preempted
+    /// first, as vLLM's priority scheduler does.
+    Priority,
 }
 
 impl Default for SchedulerConfig {
@@ -59,6 +75,7 @@ impl Default for SchedulerConfig {
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
+            policy: SchedulingPolicy::Fcfs,
         }
     }
 }
@@ -158,6 +175,8 @@ struct Sequence {
     /// False when every prompt position must be computed (its logits are
     /// wanted for prompt logprobs): the prefix cache is not looked up.
     use_prefix_cache: bool,
+    /// (priority, arrival number): the order under the priority policy.
+    order: (i64, u64),
 }
 
 /// The continuous-batching scheduler (see the module doc): a waiting queue, a
@@ -172,6 +191,8 @@ pub struct Scheduler {
     num_preemptions: u64,
     /// Proposed tokens for decoding sequences, for the next `schedule` only.
     drafts: HashMap<SeqId, Vec<u32>>,
+    /// Sequences added so far: the next one's arrival number.
+    arrivals: u64,
 }
 
 impl Scheduler {
@@ -193,6 +214,7 @@ impl Scheduler {
             running: Vec::new(),
             num_preemptions: 0,
             drafts: HashMap::new(),
+            arrivals: 0,
         }
     }
 
@@ -255,6 +277,12 @@ impl Scheduler {
     /// `try_add_sequence`, choosing whether the prefix cache may serve the
     /// prompt (what it computes is still cached for others).
     pub fn try_add_sequence_with(&mut self, id: SeqId, prompt_tokens: Vec<u32>, use_prefix_cache: bool) -> Result<(), AddError> {
+        self.try_add_sequence_prioritized(id, prompt_tokens, use_prefix_cache, 0)
+    }
+
+    /// [`Self::try_add_sequence_with`] at `priority` (lower goes first under
+    /// [`SchedulingPolicy::Priority`]; ignored under FCFS).
+    pub fn try_add_sequence_prioritized(&mut self, id: SeqId, prompt_tokens: Vec<u32>, use_prefix_cache: bool, priority: i64) -> Result<(), AddError> {
         if self.seqs.contains_key(&id) {
             return Err(AddError::DuplicateId(id));
         }
@@ -269,8 +297,10 @@ impl Scheduler {
                 num_preemptions: 0,
                 state: State::Waiting,
                 use_prefix_cache,
+                order: (priority, self.arrivals),
             },
         );
+        self.arrivals += 1;
         self.waiting.push_back(id);
         Ok(())
     }
@@ -315,6 +345,14 @@ impl Scheduler {
     /// waiting ones in FCFS order while there is budget and room, unless this
     /// step preempted. Allocates the KV slots the plan needs.
     pub fn schedule(&mut self) -> SchedulerOutput {
+        if self.cfg.policy == SchedulingPolicy::Priority {
+            // Both queues in (priority, arrival) order: the FCFS logic below
+            // then serves the first first and preempts the last first.
+            let seqs = &self.seqs;
+            let key = |id: &SeqId| seqs.get(id).map_or((i64::MAX, u64::MAX), |s| s.order);
+            self.running.sort_by_key(key);
+            self.waiting.make_contiguous().sort_by_key(key);
+        }
         let max_budget = self.cfg.max_num_batched_tokens;
         let mut budget = max_budget;
         let mut scheduled = Vec::new();
@@ -686,6 +724,7 @@ mod tests {
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
+            policy: SchedulingPolicy::Fcfs,
         }
     }
 
@@ -888,6 +927,43 @@ mod tests {
         let out = step(&mut s, 0);
         assert_eq!(find(&out, 2).unwrap().num_cached_tokens, 8);
         assert_eq!(out.num_batched_tokens, 12);
+    }
+
+    #[test]
+    fn priority_policy_admits_and_keeps_the_urgent_first() {
+        // Room for two running sequences (max_num_seqs 2); 6 blocks of 2 slots.
+        let mut c = cfg(6, 2, 64);
+        c.enable_prefix_caching = false;
+        c.max_num_seqs = 2;
+        c.policy = SchedulingPolicy::Priority;
+        let mut s = Scheduler::new(c);
+        // Arrival order 1, 2, 3; priorities 5, 0, 0: 2 and 3 go first.
+        for (id, priority) in [(1, 5), (2, 0), (3, 0)] {
+            s.try_add_sequence_prioritized(id, vec![id as u32 * 10; 3], false, priority).unwrap();
+        }
+        let out = step(&mut s, 1);
+        assert_eq!(out.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![2, 3]);
+        // A later, more urgent arrival is next in line, before 1.
+        s.try_add_sequence_prioritized(4, vec![40; 3], false, -1).unwrap();
+        s.finish(3);
+        let out = step(&mut s, 2);
+        assert_eq!(out.seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![2, 4]);
+        // Blocks run out as they grow: the less urgent of the two running
+        // (2, priority 0, against 4's -1) is the one preempted, though 4
+        // was admitted after it.
+        let mut preempted = Vec::new();
+        for t in 3..8 {
+            preempted.extend(step(&mut s, t).preempted);
+        }
+        assert_eq!(preempted.first(), Some(&2), "{preempted:?}");
+        // Under FCFS the same arrivals run in arrival order.
+        let mut c = cfg(6, 2, 64);
+        c.max_num_seqs = 2;
+        let mut f = Scheduler::new(c);
+        for (id, priority) in [(1, 5), (2, 0), (3, 0)] {
+            f.try_add_sequence_prioritized(id, vec![id as u32 * 10; 3], false, priority).unwrap();
+        }
+        assert_eq!(step(&mut f, 1).seqs.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[test]
@@ -1235,6 +1311,7 @@ mod tests {
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
+            policy: SchedulingPolicy::Fcfs,
         };
         let mut total_preempt = 0;
         let mut total_hits = 0;

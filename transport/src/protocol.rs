@@ -68,6 +68,11 @@ pub struct SamplingParams {
     /// engine compiles it against its own tokenizer; read off the wire it is
     /// untrusted, so its size is bounded (`MAX_CONSTRAINT_BYTES`).
     pub constraint: Option<Constraint>,
+    /// Scheduling priority (vLLM's request `priority`): under the engine's
+    /// `--scheduling-policy priority`, lower values are admitted first and
+    /// preempted last; otherwise it must be 0. Travels with the sampling
+    /// settings so a moved request keeps it.
+    pub priority: i64,
 }
 
 /// Most bytes a constraint's text may hold (a schema, regex, grammar, or all
@@ -122,6 +127,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             logit_bias: Vec::new(),
             constraint: None,
+            priority: 0,
         }
     }
 }

@@ -31,6 +31,7 @@ pub(crate) fn tiny_scheduler(num_blocks: usize, max_num_seqs: usize, max_num_bat
         enable_prefix_caching: true,
         enable_chunked_prefill: true,
         long_prefill_token_threshold: 0,
+        policy: Default::default(),
     }
 }
 

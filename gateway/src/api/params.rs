@@ -225,6 +225,7 @@ pub(crate) fn sampling_params(
         prompt_logprobs: f.prompt_logprobs,
         logit_bias: logit_bias(f.logit_bias.as_ref(), vocab_size)?,
         constraint: None,
+        priority: f.priority.unwrap_or(0),
     };
     sampler::validate(&p, vocab_size)
         .map_err(|e| ApiError::invalid_param(e.param.to_string(), e.message.clone()))?;

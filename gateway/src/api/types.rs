@@ -176,6 +176,9 @@ pub(crate) struct SamplingFields {
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// vLLM's `prompt_logprobs`: alternatives for each prompt token.
     pub prompt_logprobs: Option<u32>,
+    /// vLLM's `priority`: lower is scheduled sooner (engines with
+    /// `--scheduling-policy priority`; others take only 0).
+    pub priority: Option<i64>,
     /// response_format, structured_outputs, guided_*.
     #[serde(flatten)]
     pub structured: super::structured::StructuredFields,

@@ -3,6 +3,7 @@
 use clap::{Args, ValueEnum};
 use ferry_engine::device::{self, DeviceChoice};
 use ferry_engine::quant::GgmlType;
+use ferry_engine::scheduler::SchedulingPolicy;
 use ferry_engine::spec::SpeculativeConfig;
 use ferry_engine::{EngineArgs, LoadFormat};
 
@@ -81,6 +82,18 @@ pub(crate) struct EngineFlags {
     /// "prompt_lookup_min": M}` (optionally "disable_by_batch_size").
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
+    /// `fcfs`: first come, first served. `priority`: by each request's
+    /// `priority` (lower first), then arrival; the lowest priority is
+    /// preempted first.
+    #[arg(long, value_enum, default_value = "fcfs")]
+    pub scheduling_policy: SchedulingPolicyFlag,
+}
+
+/// vLLM's `--scheduling-policy` values.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum SchedulingPolicyFlag {
+    Fcfs,
+    Priority,
 }
 
 impl EngineFlags {
@@ -112,6 +125,10 @@ impl EngineFlags {
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             threads: self.threads.unwrap_or(0),
             speculative_config,
+            scheduling_policy: match self.scheduling_policy {
+                SchedulingPolicyFlag::Fcfs => SchedulingPolicy::Fcfs,
+                SchedulingPolicyFlag::Priority => SchedulingPolicy::Priority,
+            },
         })
     }
 
