@@ -32,7 +32,17 @@ build() {
     mkdir -p "$BUILD"
     python3 -m venv "$BUILD/venv"
     "$BUILD/venv/bin/pip" install --quiet cmake ninja
-    "$BUILD/venv/bin/pip" download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$BUILD/sdist"
+    # The sdist itself, found on PyPI's simple index: `pip download` of an
+    # sdist would first build its build dependencies from source.
+    mkdir -p "$BUILD/sdist"
+    "$BUILD/venv/bin/python" - "$VERSION" "$BUILD/sdist" <<'PY'
+import re, sys, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+page = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+url = next(m for m in re.findall(r'href="([^"]+)"', page) if m.split("#")[0].endswith("/" + name))
+urllib.request.urlretrieve(url.split("#")[0], f"{dest}/{name}")
+PY
     tar -xzf "$BUILD"/sdist/llama_cpp_python-*.tar.gz -C "$BUILD"
     local src
     src=$(echo "$BUILD"/llama_cpp_python-*/vendor/llama.cpp)
