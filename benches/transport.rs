@@ -97,7 +97,7 @@ fn round_trips(c: &mut Criterion, link_name: &str, make_link: &dyn Fn() -> Resul
         group.bench_function(BenchmarkId::new("add_then_outputs", format!("outputs={n}")), |b| {
             b.iter(|| {
                 req.id += 1;
-                tx.send(ToEngine::Command(EngineCommand::Add(req.clone()))).expect("the engine-side thread is alive");
+                tx.send(ToEngine::Command(EngineCommand::Add(Box::new(req.clone())))).expect("the engine-side thread is alive");
                 match rt.block_on(rx.recv()) {
                     Ok(FromEngine::Outputs(o)) => {
                         debug_assert_eq!(o.outputs.len(), n);

@@ -48,6 +48,8 @@ pub struct EngineArgs {
     pub speculative_config: Option<crate::spec::SpeculativeConfig>,
     /// The order requests are served in (vLLM's `--scheduling-policy`).
     pub scheduling_policy: crate::scheduler::SchedulingPolicy,
+    /// Where traced sequences' records go (the node exports traces); None: nowhere.
+    pub trace_sink: Option<crate::trace::SharedSink>,
 }
 
 impl Default for EngineArgs {
@@ -68,6 +70,7 @@ impl Default for EngineArgs {
             threads: 0,
             speculative_config: None,
             scheduling_policy: crate::scheduler::SchedulingPolicy::Fcfs,
+            trace_sink: None,
         }
     }
 }

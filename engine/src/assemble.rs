@@ -103,6 +103,9 @@ pub fn build_engine_core(model: &LoadedModel, args: &EngineArgs, rank: u32) -> R
         },
     };
     let mut core = EngineCore::new(cfg, executor, model.tokenizer.eog_token_ids().to_vec());
+    if let Some(sink) = &args.trace_sink {
+        core = core.with_trace_sink(sink.0.clone());
+    }
     // Structured outputs need the vocabulary's bytes; a model whose tokenizer
     // gives llguidance nothing to work with serves everything else.
     match GrammarEnv::cached(&model.tokenizer) {

@@ -15,10 +15,12 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SchedulingPo
 use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
+use crate::trace::{SeqTrace, TraceSink};
 use ferry_transport::{
     EngineError, EngineRequest, EngineStats, FinishReason, KvEvent, RequestId, SamplingParams, SeqTiming, TokenLogprob, TokenOutput,
-    MAX_STEP_REPORTS,
+    TraceContext, MAX_STEP_REPORTS,
 };
+use std::sync::Arc;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,8 @@ pub type Owner = u32;
 
 struct RequestState {
     params: SamplingParams,
+    /// The trace its sequences' records join (None: not traced, or no sink).
+    trace: Option<TraceContext>,
     /// Sequences of this request still running.
     live: usize,
     owner: Owner,
@@ -138,6 +142,8 @@ pub struct EngineCore {
     mask_timing: MaskTiming,
     /// Speculative decoding's totals since the engine started.
     spec_stats: SpecStats,
+    /// Where traced sequences' records go when they end; None: no tracing.
+    trace_sink: Option<Arc<dyn TraceSink>>,
 }
 
 /// What structured outputs' masks cost, since the engine started.
@@ -188,6 +194,7 @@ impl EngineCore {
             grammars: None,
             mask_timing: MaskTiming::default(),
             spec_stats: SpecStats::default(),
+            trace_sink: None,
         }
     }
 
@@ -199,6 +206,12 @@ impl EngineCore {
     /// What structured outputs' masks have cost so far.
     pub fn mask_timing(&self) -> MaskTiming {
         self.mask_timing
+    }
+
+    /// Sends a record of each traced sequence to `sink` when it ends.
+    pub fn with_trace_sink(mut self, sink: Arc<dyn TraceSink>) -> EngineCore {
+        self.trace_sink = Some(sink);
+        self
     }
 
     /// Serves structured outputs over this vocabulary (the model's tokenizer).
@@ -332,7 +345,8 @@ impl EngineCore {
             // check_request applied the scheduler's rules, so this cannot fail.
             let _ = self.sched.try_add_sequence_prioritized(id, tokens.clone(), use_cache, req.sampling.priority);
         }
-        self.requests.insert(req.id, RequestState { params: req.sampling, live: indices.len(), owner });
+        let trace = req.trace.filter(|_| self.trace_sink.is_some());
+        self.requests.insert(req.id, RequestState { params: req.sampling, trace, live: indices.len(), owner });
         Ok(())
     }
 
@@ -340,13 +354,12 @@ impl EngineCore {
     pub fn abort(&mut self, ids: &[RequestId]) -> Vec<TokenOutput> {
         let mut outs = Vec::new();
         for &rid in ids {
-            if self.requests.remove(&rid).is_none() {
-                continue;
-            }
+            let Some(req) = self.requests.remove(&rid) else { continue };
             let mine: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.request == rid).map(|(&id, _)| id).collect();
             for sid in mine {
                 let s = self.seqs.remove(&sid).expect("listed above");
                 self.sched.abort(sid);
+                self.trace_end(req.trace, rid, &s, "abort", Instant::now());
                 outs.push(finished(rid, s.index, vec![], None, FinishReason::Abort, 0));
             }
         }
@@ -651,12 +664,16 @@ impl EngineCore {
                 prompt_logprobs: st.prompt_lp.take().map(PromptLogprobs::finish),
                 timing: finish.is_some().then(|| st.clock.timing(now)),
             });
-            if finish.is_some() {
-                ended.push(s.id);
+            if let Some(f) = &finish {
+                ended.push((s.id, finish_name(f)));
             }
         }
         self.sched.update(&plan, &sampled);
-        for sid in ended {
+        for (sid, how) in ended {
+            if let Some(s) = self.seqs.get(&sid) {
+                let context = self.requests.get(&s.request).and_then(|r| r.trace);
+                self.trace_end(context, s.request, s, how, now);
+            }
             self.end_sequence(sid);
         }
         if self.step_tokens.len() == MAX_STEP_REPORTS {
@@ -706,6 +723,25 @@ impl EngineCore {
             draft.truncate(st.backoff.budget(draft.len(), cost));
             self.sched.set_draft(sid, draft);
         }
+    }
+
+    /// Hands a traced sequence's record to the sink as it ends.
+    fn trace_end(&self, context: Option<TraceContext>, rid: RequestId, s: &SeqState, how: &'static str, now: Instant) {
+        let (Some(sink), Some(context)) = (&self.trace_sink, context) else { return };
+        sink.record(SeqTrace {
+            context,
+            request: rid,
+            index: s.index,
+            rank: self.cfg.rank,
+            arrived: s.clock.arrived,
+            scheduled: s.clock.scheduled,
+            first_token: s.clock.first_token,
+            finished: now,
+            prompt_tokens: s.prompt_len as u32,
+            cached_tokens: s.num_cached_tokens as u32,
+            output_tokens: s.sampler.num_generated() as u32,
+            finish: how,
+        });
     }
 
     fn end_sequence(&mut self, sid: SeqId) {
@@ -795,6 +831,16 @@ impl PlannedStep {
     /// How each sampled token is picked.
     pub fn sampling(&self) -> &StepSampling {
         &self.sampling
+    }
+}
+
+/// A finish's name in a trace (vLLM's finish reasons, plus "error").
+fn finish_name(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+        FinishReason::Error(_) => "error",
     }
 }
 

@@ -31,6 +31,7 @@ pub mod shell;
 pub mod spec;
 pub mod structured;
 pub mod tokenizer;
+pub mod trace;
 
 pub use engine_core::{EngineCore, EngineCoreConfig, MaskTiming, PlannedStep};
 pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};

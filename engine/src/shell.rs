@@ -211,7 +211,7 @@ fn read_link(
             }
             Ok(ToEngine::Command(EngineCommand::Add(req))) => {
                 let compiled = compile_constraint(grammars, &req);
-                if inbox.send(Inbox::Add(link, Box::new((req, compiled)))).is_err() {
+                if inbox.send(Inbox::Add(link, Box::new((*req, compiled)))).is_err() {
                     return;
                 }
             }

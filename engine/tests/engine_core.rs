@@ -189,7 +189,7 @@ fn threads_answer_over_the_flume_link_and_abort_frees_blocks() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(hello));
     let long = SamplingParams { max_tokens: 200, ignore_eos: true, ..Default::default() };
-    gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest::new(5, tokens(1, 20, 300), long)))).unwrap();
+    gw.tx.send(ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(5, tokens(1, 20, 300), long))))).unwrap();
     // Wait for a token, then abort: the request must end as aborted with usage back to 0.
     let mut saw_token = false;
     let mut aborted = false;

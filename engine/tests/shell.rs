@@ -55,7 +55,7 @@ fn link_with_snapshot(engine: &Engine, rt: &tokio::runtime::Runtime) -> (Gateway
 }
 
 fn add(gw: &GatewayEnd, id: RequestId, prompt: Vec<u32>, p: SamplingParams) {
-    gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, prompt, p)))).unwrap();
+    gw.tx.send(ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(id, prompt, p))))).unwrap();
 }
 
 /// Reads batches until `done` says so; every output by (id, index).

@@ -223,7 +223,7 @@ impl Llm {
             stop_token_ids: sampling.stop_token_ids.clone(),
         };
         let n = sampling.n.max(1) as usize;
-        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None, None)?;
+        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None, None, None)?;
         Ok(Stream { generation, so_far: vec![ChoiceOutput::default(); n] })
     }
 

@@ -25,6 +25,7 @@ pub(crate) mod embed;
 pub(crate) mod engines;
 mod error;
 pub(crate) mod metrics;
+pub(crate) mod otel;
 pub mod server;
 
 pub use api::generation::{ChoiceDelta, Finish};

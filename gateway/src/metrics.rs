@@ -78,6 +78,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("ferry:migrations_total", Kind::Counter, "Moves of in-flight requests that had delivered tokens to another rank (resumed token for token)."),
     ("ferry:request_retries_total", Kind::Counter, "Moves of requests that had delivered nothing yet to another rank."),
     ("ferry:migration_failures_total", Kind::Counter, "Requests that needed a move and ended with an error (out of --migration-limit, or no rank to take them)."),
+    ("ferry:trace_spans_dropped_total", Kind::Counter, "Trace spans dropped because the export queue was full (--otlp-traces-endpoint)."),
     ("ferry:breaker_trips_total", Kind::Counter, "Times a rank's circuit breaker took it out of rotation."),
     ("ferry:routing_decisions_total", Kind::Counter, "Placements of requests on ranks, by why that rank was chosen."),
     ("vllm:num_requests_running", Kind::Gauge, "Number of requests in model execution batches."),
@@ -195,6 +196,7 @@ struct ClusterSeries {
     migration_failures: Counter,
     breaker_trips: Counter,
     routed: [Counter; RouteReason::ALL.len()],
+    spans_dropped: Counter,
 }
 
 impl ClusterSeries {
@@ -213,6 +215,7 @@ impl ClusterSeries {
             retries: counter("ferry:request_retries_total", None),
             migration_failures: counter("ferry:migration_failures_total", None),
             breaker_trips: counter("ferry:breaker_trips_total", None),
+            spans_dropped: counter("ferry:trace_spans_dropped_total", None),
             routed: RouteReason::ALL.map(|r| counter("ferry:routing_decisions_total", Some(("reason", r.label())))),
         }
     }
@@ -222,6 +225,7 @@ impl ClusterSeries {
         self.retries.absolute(c.retries);
         self.migration_failures.absolute(c.moves_failed);
         self.breaker_trips.absolute(c.breaker_trips);
+        self.spans_dropped.absolute(c.trace_spans_dropped);
         for (counter, &v) in self.routed.iter().zip(&c.routed) {
             counter.absolute(v);
         }

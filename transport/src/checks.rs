@@ -274,7 +274,7 @@ mod tests {
 
     fn add(id: u64, n: u32) -> ToEngine {
         let sampling = SamplingParams { n, ..SamplingParams::default() };
-        ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, vec![1], sampling)))
+        ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(id, vec![1], sampling))))
     }
 
     fn out(rank: u32, id: u64, index: u32, tokens: Vec<u32>, finish: Option<FinishReason>) -> FromEngine {
@@ -308,12 +308,12 @@ mod tests {
         let mut c = ready();
         let mut req = EngineRequest::new(9, vec![1, 2], SamplingParams { n: 4, prompt_logprobs: Some(1), ..Default::default() });
         req.resume = Some(Resume { index: 2, output_tokens: vec![5, 6] });
-        c.on_send(&ToEngine::Command(EngineCommand::Add(req)));
+        c.on_send(&ToEngine::Command(EngineCommand::Add(Box::new(req))));
         assert!(c.on_recv(&out(3, 9, 0, vec![1], None)).unwrap_err().0.contains("completions 2..3"));
         let mut c = ready();
         let mut req = EngineRequest::new(9, vec![1, 2], SamplingParams { n: 4, prompt_logprobs: Some(1), ..Default::default() });
         req.resume = Some(Resume { index: 2, output_tokens: vec![5, 6] });
-        c.on_send(&ToEngine::Command(EngineCommand::Add(req)));
+        c.on_send(&ToEngine::Command(EngineCommand::Add(Box::new(req))));
         let FromEngine::Outputs(mut o) = out(3, 9, 2, vec![1], Some(FinishReason::Stop)) else { unreachable!() };
         o.outputs[0].prompt_logprobs = Some(vec![TokenLogprob { token: 2, logprob: -1.0, rank: 1, top: vec![] }]);
         assert!(c.on_recv(&FromEngine::Outputs(o.clone())).unwrap_err().0.contains("prompt logprob"), "a resumed request gets none");

@@ -464,7 +464,7 @@ mod tests {
     use crate::*;
 
     fn add(id: u64, prompt_len: usize) -> ToEngine {
-        ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, (0..prompt_len as u32).collect(), SamplingParams::default())))
+        ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(id, (0..prompt_len as u32).collect(), SamplingParams::default()))))
     }
 
     #[test]
@@ -511,7 +511,7 @@ mod tests {
     #[test]
     fn encode_refuses_an_over_limit_message() {
         // u32::MAX is a 5-byte varint: 4 * 5 bytes per 4 bytes of limit.
-        let big = ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, vec![u32::MAX; MAX_FRAME_BYTES / 4], SamplingParams::default())));
+        let big = ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(1, vec![u32::MAX; MAX_FRAME_BYTES / 4], SamplingParams::default()))));
         let e = encode(&big).unwrap_err();
         assert!(matches!(e, CodecError::FrameTooLarge { .. }), "{e}");
     }
@@ -684,7 +684,7 @@ mod tests {
         assert!(matches!(&over, CodecError::Malformed(m) if m.contains("over its bound of 65536")), "{over}");
         let choices = |n: usize| {
             let c = Constraint::Choice(vec![String::new(); n]);
-            ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, vec![1], SamplingParams { constraint: Some(c), ..Default::default() })))
+            ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(1, vec![1], SamplingParams { constraint: Some(c), ..Default::default() }))))
         };
         assert!(refused_cmd(&choices(MAX_CONSTRAINT_BYTES)).is_ok());
         assert!(matches!(refused_cmd(&choices(MAX_CONSTRAINT_BYTES + 1)), Err(CodecError::Malformed(_))));

@@ -146,13 +146,27 @@ pub struct EngineRequest {
     /// Set when the request continues one completion that another rank (or
     /// this one, before a link dropped) already began: see [`Resume`].
     pub resume: Option<Resume>,
+    /// The trace the request belongs to, when the gateway traces it: the
+    /// engine's spans for it join that trace under `span_id`.
+    pub trace: Option<TraceContext>,
 }
 
 impl EngineRequest {
-    /// A new request, not a resumed one.
+    /// A new request, not a resumed one, traced by nobody.
     pub fn new(id: RequestId, prompt_tokens: Vec<u32>, sampling: SamplingParams) -> EngineRequest {
-        EngineRequest { id, prompt_tokens, sampling, resume: None }
+        EngineRequest { id, prompt_tokens, sampling, resume: None, trace: None }
     }
+}
+
+/// A W3C trace context, as it crosses from the gateway to an engine: the
+/// engine's spans of a request become children of `span_id` in trace
+/// `trace_id`. Only sampled traces are sent, so it has no flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The trace's 16-byte id (never 0).
+    pub trace_id: u128,
+    /// The parent span's 8-byte id (never 0).
+    pub span_id: u64,
 }
 
 /// One completion of a request carried on from where it stopped. The engine
@@ -178,7 +192,8 @@ pub struct Resume {
 pub enum EngineCommand {
     /// Admit a request. The engine answers every one with outputs under its
     /// id, ending in a `finish` (an `Error` one if it refuses the request).
-    Add(EngineRequest),
+    /// (Boxed: a request is several times the size of the other commands.)
+    Add(Box<EngineRequest>),
     /// Stop these requests now and free their KV blocks. Unknown ids are ignored.
     /// At most [`MAX_ABORT_IDS`] (the QUIC link's sender splits a longer list).
     Abort(#[serde(deserialize_with = "bounded_vec::<_, _, MAX_ABORT_IDS>")] Vec<RequestId>),

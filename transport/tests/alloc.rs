@@ -169,7 +169,7 @@ fn a_full_size_frame_of_prompt_logprobs_stays_within_the_stated_bound() {
 fn a_large_prompt_is_allocated_once() {
     let _turn = my_turn();
     let prompt: Vec<u32> = (0..2_000_000u32).map(|i| i % 100).collect();
-    let add = ToEngine::Command(EngineCommand::Add(EngineRequest::new(1, prompt, SamplingParams::default())));
+    let add = ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(1, prompt, SamplingParams::default()))));
     let wire = codec::encode(&add).unwrap();
     let (got, peak) = peak_of(|| read::<ToEngine>(&wire, MAX_FRAME_BYTES));
     assert_eq!(got.unwrap().unwrap(), add);

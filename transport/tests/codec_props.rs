@@ -17,11 +17,11 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
     (
         (any::<u32>(), f32s(), f32s(), any::<i32>(), f32s(), f32s(), f32s()),
         (f32s(), option::of(any::<u64>()), any::<u32>(), any::<u32>(), vec(any::<u32>(), 0..8)),
-        (any::<bool>(), option::of(any::<u32>()), option::of(constraint())),
+        (any::<bool>(), option::of(any::<u32>()), option::of(constraint()), any::<i64>()),
     )
         .prop_map(|((n, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty), b, c)| {
             let (frequency_penalty, seed, max_tokens, min_tokens, stop_token_ids) = b;
-            let (ignore_eos, logprobs, constraint) = c;
+            let (ignore_eos, logprobs, constraint, priority) = c;
             let logit_bias = stop_token_ids.iter().map(|&t| (t, -1.5)).collect();
             SamplingParams {
                 n,
@@ -41,6 +41,7 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
                 prompt_logprobs: logprobs,
                 logit_bias,
                 constraint,
+                priority,
             }
         })
 }
@@ -60,10 +61,11 @@ fn to_engine() -> impl Strategy<Value = ToEngine> {
         (any::<u32>(), any::<bool>(), option::of(".{0,40}"), any::<u32>()).prop_map(|(protocol_version, accepted, reason, rank)| {
             ToEngine::Welcome(Welcome { protocol_version, accepted, reason, rank, retry: false })
         }),
-        (any::<u64>(), vec(any::<u32>(), 0..300), sampling(), option::of((any::<u32>(), vec(any::<u32>(), 0..50)))).prop_map(
-            |(id, prompt_tokens, sampling, resume)| {
+        (any::<u64>(), vec(any::<u32>(), 0..300), sampling(), option::of((any::<u32>(), vec(any::<u32>(), 0..50))), option::of(any::<(u128, u64)>())).prop_map(
+            |(id, prompt_tokens, sampling, resume, trace)| {
                 let resume = resume.map(|(index, output_tokens)| Resume { index, output_tokens });
-                ToEngine::Command(EngineCommand::Add(EngineRequest { id, prompt_tokens, sampling, resume }))
+                let trace = trace.map(|(trace_id, span_id)| TraceContext { trace_id, span_id });
+                ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest { id, prompt_tokens, sampling, resume, trace })))
             }
         ),
         vec(any::<u64>(), 0..20).prop_map(|ids| ToEngine::Command(EngineCommand::Abort(ids))),

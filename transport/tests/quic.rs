@@ -314,7 +314,7 @@ async fn a_long_abort_and_a_large_batch_cross_the_link_split() {
     let n = 128u32;
     let sampling = SamplingParams { n, ..SamplingParams::default() };
     for id in 0..600u64 {
-        gw.tx.send(ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, vec![1], sampling.clone())))).unwrap();
+        gw.tx.send(ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(id, vec![1], sampling.clone()))))).unwrap();
     }
     let engine = std::thread::spawn(move || {
         let mut eng = eng;

@@ -28,6 +28,7 @@ use super::types::{
     ChatTokenLogprob, ChatTopLogprob, OpenAiMessage, TemplateFields, Usage,
 };
 use super::{new_response_id, unix_now, Admission, AppState};
+use crate::otel::spans::RequestTrace;
 
 pub(crate) async fn create(
     State(state): State<AppState>,
@@ -97,6 +98,8 @@ pub(crate) struct PreparedChat {
     arrival: Instant,
     admission: Admission,
     pin: Option<u32>,
+    /// The request's trace, when the node exports traces.
+    pub(crate) trace: Option<RequestTrace>,
 }
 
 impl ChatCompletionRequest {
@@ -111,6 +114,7 @@ impl ChatCompletionRequest {
         let pin = super::params::data_parallel_rank(headers)?;
         let arrival = Instant::now();
         let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+        let mut trace = RequestTrace::begin(state.tracer.as_ref(), headers, "POST /v1/chat/completions", &model, arrival);
         let plan = StreamPlan::from_fields(&req.sampling)?;
         let messages = match &req.messages {
             Some(m) if !m.is_empty() => m,
@@ -139,6 +143,9 @@ impl ChatCompletionRequest {
             let add_special = req.sampling.add_special_tokens.unwrap_or(false);
             state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
         };
+        if let Some(t) = trace.as_mut() {
+            t.tokenized(Instant::now());
+        }
         let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
             (Some(m), _) => (Some(m), "max_completion_tokens"),
             (None, m) => (m, "max_tokens"),
@@ -159,6 +166,7 @@ impl ChatCompletionRequest {
             arrival,
             admission,
             pin,
+            trace,
         })
     }
 }
@@ -166,13 +174,13 @@ impl ChatCompletionRequest {
 impl PreparedChat {
     /// Sends the prompt to the engines; its output comes as typed steps.
     pub(crate) fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
-        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin)?;
+        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin, self.trace)?;
         Ok(ChatGeneration::new(gen, self.tools))
     }
 }
 
 async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCompletionRequest) -> Result<Response, ApiError> {
-    let prepared = req.prepare(&state, client, &headers).await?;
+    let mut prepared = req.prepare(&state, client, &headers).await?;
     let out = Output {
         id: new_response_id("chatcmpl"),
         created: unix_now(),
@@ -181,6 +189,9 @@ async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: ChatCom
         prompt_logprobs: prepared.prompt_logprobs,
     };
     let plan = prepared.plan;
+    if let Some(t) = prepared.trace.as_mut() {
+        t.request_id.clone_from(&out.id);
+    }
     let gen = prepared.start(&state)?;
     if plan.stream {
         let shape = ChatStream { gen, out, plan };

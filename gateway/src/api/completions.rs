@@ -17,6 +17,7 @@ use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
 use super::types::{CompletionChoice, CompletionChunk, CompletionStreamChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
+use crate::otel::spans::RequestTrace;
 use super::{new_response_id, unix_now, Admission, AppState};
 
 /// vLLM's (and OpenAI's) default for completions when `max_tokens` is absent.
@@ -63,6 +64,7 @@ pub(crate) struct PreparedCompletion {
     arrival: Instant,
     admission: Admission,
     pin: Option<u32>,
+    trace: Option<RequestTrace>,
 }
 
 impl CompletionRequest {
@@ -77,6 +79,7 @@ impl CompletionRequest {
         let pin = super::params::data_parallel_rank(headers)?;
         let arrival = Instant::now();
         let model = resolve_model(req.model.as_deref(), &state.served_model_names)?;
+        let mut trace = RequestTrace::begin(state.tracer.as_ref(), headers, "POST /v1/completions", &model, arrival);
         let plan = StreamPlan::from_fields(&req.sampling)?;
         let prompt = req.prompt.clone().ok_or_else(|| ApiError::invalid_param("prompt", "`prompt` is required."))?;
         let echo_texts: Option<Vec<String>> = match (&prompt, req.echo.unwrap_or(false)) {
@@ -140,14 +143,18 @@ impl CompletionRequest {
             echo_texts,
             echo_tokens,
         };
-        Ok(PreparedCompletion { plan, out, prompts, params, text: TextOptions::from_fields(&req.sampling), arrival, admission, pin })
+        if let Some(t) = trace.as_mut() {
+            t.tokenized(Instant::now());
+            t.request_id.clone_from(&out.id);
+        }
+        Ok(PreparedCompletion { plan, out, prompts, params, text: TextOptions::from_fields(&req.sampling), arrival, admission, pin, trace })
     }
 }
 
 impl PreparedCompletion {
     /// Sends the prompts to the engines.
     fn start(self, state: &AppState) -> Result<(Generation, Output), ApiError> {
-        let gen = Generation::start(state, self.prompts, self.params, self.text, self.arrival, Some(self.admission), self.pin)?;
+        let gen = Generation::start(state, self.prompts, self.params, self.text, self.arrival, Some(self.admission), self.pin, self.trace)?;
         Ok((gen, self.out))
     }
 }

@@ -26,6 +26,7 @@ use super::{Admission, AppState};
 use crate::engines::coordinator::{RequestGuard, SubmitError};
 use crate::engines::rank_link::{EventRx, SeqEvent};
 use crate::metrics::FinishedSeq;
+use crate::otel::spans::{RequestSummary, RequestTrace};
 
 /// How a choice ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +82,8 @@ struct Choice {
     rank: usize,
     num_tokens: u32,
     finished: bool,
+    /// How it ended ("abort" until it does).
+    reason: &'static str,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
 }
@@ -118,6 +121,9 @@ pub(crate) struct Generation {
     admission: Option<Admission>,
     /// Held outputs released once their prompt logprobs came, in arrival order.
     replay: VecDeque<TokenOutput>,
+    /// The request's trace, emitted when this ends; and its first prompt's
+    /// settings, for the trace's attributes.
+    trace: Option<(RequestTrace, SamplingParams)>,
 }
 
 impl Generation {
@@ -132,7 +138,10 @@ impl Generation {
         arrival: Instant,
         admission: Option<Admission>,
         pin: Option<u32>,
+        trace: Option<RequestTrace>,
     ) -> Result<Self, ApiError> {
+        let context = trace.as_ref().map(RequestTrace::context);
+        let trace = trace.map(|t| (t, params.first().cloned().unwrap_or_default()));
         let n = params.first().map_or(1, |p| p.n).max(1);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut runs = Vec::with_capacity(prompts.len());
@@ -147,7 +156,7 @@ impl Generation {
             // The prompt's last tokens give the first new token its context (a
             // SentencePiece word-start space decodes as it would in the whole text).
             let context_tail = tokens[tokens.len().saturating_sub(8)..].to_vec();
-            let guard = state.coordinator.submit(tokens, sampling, tx.clone(), pin).map_err(|e| match e {
+            let guard = state.coordinator.submit(tokens, sampling, tx.clone(), pin, context).map_err(|e| match e {
                 SubmitError::NoHealthyRank => ApiError::unavailable(e.to_string(), 5),
                 SubmitError::RankDown(_) => ApiError::unavailable(e.to_string(), 1),
                 SubmitError::NoSuchRank { .. } => ApiError::bad_request(e.to_string()),
@@ -165,6 +174,7 @@ impl Generation {
                     rank: guard.rank_index(),
                     num_tokens: 0,
                     finished: false,
+                    reason: "abort",
                     first_token_at: None,
                     last_token_at: None,
                 });
@@ -195,6 +205,7 @@ impl Generation {
             failed: false,
             admission,
             replay: VecDeque::new(),
+            trace,
         })
     }
 
@@ -362,6 +373,7 @@ impl Generation {
         metrics.add_generation_tokens(rank, delta.token_ids.len() as u64);
         if let Some(f) = &delta.finish {
             self.choices[i].finished = true;
+            self.choices[i].reason = f.reason;
             self.remaining -= 1;
             let run = &self.runs[p];
             metrics.sequence_finished(
@@ -477,6 +489,18 @@ impl Drop for Generation {
                 };
                 self.state.metrics.sequence_finished(c.rank, &f);
             }
+        }
+        if let Some((trace, params)) = self.trace.take() {
+            let mut reasons: Vec<&str> = self.choices.iter().map(|c| c.reason).collect();
+            reasons.dedup();
+            trace.finish(&RequestSummary {
+                params: &params,
+                prompt_tokens: self.runs.iter().map(|r| r.len).sum(),
+                completion_tokens: self.total_completion_tokens(),
+                first_token: self.choices.iter().filter_map(|c| c.first_token_at).min(),
+                end: Instant::now(),
+                finish: reasons.join(","),
+            });
         }
         // The guards in `runs` send Abort for requests the engine still runs.
     }

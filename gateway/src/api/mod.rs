@@ -93,6 +93,8 @@ pub(crate) struct AppState {
     pub trust_request_chat_template: bool,
     /// `--enable-auto-tool-choice` and `--tool-call-parser`.
     pub tools: tools::ToolConfig,
+    /// Where request spans go (`--otlp-traces-endpoint`); None: no tracing.
+    pub tracer: Option<Arc<crate::otel::Tracer>>,
 }
 
 impl AppState {
@@ -127,6 +129,7 @@ impl AppState {
             cors: cors::CorsConfig::default(),
             trust_request_chat_template: false,
             tools: tools::ToolConfig::default(),
+            tracer: None,
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2))),
         }
     }
@@ -144,6 +147,12 @@ impl AppState {
 
     pub(crate) fn with_api_key(self, key: Option<String>) -> Self {
         self.with_api_keys(key.into_iter().collect())
+    }
+
+    /// Traces requests into `tracer` (None: no tracing).
+    pub(crate) fn with_tracer(mut self, tracer: Option<Arc<crate::otel::Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Any of these keys is accepted (vLLM's `--api-key` takes several).
@@ -293,7 +302,9 @@ async fn close_after_early_error(req: Request, next: Next) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(&state.coordinator.scrape(), &state.coordinator.counters());
+    let mut counters = state.coordinator.counters();
+    counters.trace_spans_dropped = state.tracer.as_ref().map_or(0, |t| t.dropped());
+    let body = state.metrics.render(&state.coordinator.scrape(), &counters);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

@@ -200,7 +200,7 @@ pub(crate) async fn run_in_process_request(
     let start_time = start.duration_since(run_start).as_secs_f64();
     let failed = |kind, msg: String| RequestRecord::failed(index, start_time, queue_time, prompt_len, requested, Failure::new(kind, msg));
     // Dropping the guard at the end aborts the request if it is still running.
-    let _guard = match coordinator.submit(prompt_tokens, sampling, tx, None) {
+    let _guard = match coordinator.submit(prompt_tokens, sampling, tx, None, None) {
         Ok(g) => g,
         Err(e) => return failed(FailureKind::Connect, e.to_string()),
     };

@@ -142,7 +142,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn run_request(coordinator: Coordinator, prompt: Vec<u32>, sampling: SamplingParams, trace: Arc<Mutex<Trace>>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     locked(&trace).submitted = Some(Instant::now());
-    let guard = match coordinator.submit(prompt, sampling, tx, None) {
+    let guard = match coordinator.submit(prompt, sampling, tx, None, None) {
         Ok(g) => g,
         Err(e) => {
             locked(&trace).failed = Some(e.to_string());

@@ -129,6 +129,7 @@ impl EngineFlags {
                 SchedulingPolicyFlag::Fcfs => SchedulingPolicy::Fcfs,
                 SchedulingPolicyFlag::Priority => SchedulingPolicy::Priority,
             },
+            trace_sink: None,
         })
     }
 

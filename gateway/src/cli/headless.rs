@@ -28,7 +28,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan: ClusterPlan = args.cluster.plan()?;
-    let engine_args = args.engine.engine_args()?;
+    let (_tracer, engine_args) = args.tracing(args.engine.engine_args()?, "headless")?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let name = args.served_model_name.first().cloned().unwrap_or(default_name.clone());
     let model = Arc::new(load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?);

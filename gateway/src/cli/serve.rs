@@ -111,6 +111,13 @@ pub(crate) struct ServeArgs {
     /// (bare JSON calls, alias `llama3_json`).
     #[arg(long)]
     pub tool_call_parser: Option<String>,
+    /// Export OpenTelemetry traces to this OTLP collector (vLLM's flag):
+    /// `http://host:4317` over gRPC, or with
+    /// OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf the full URL
+    /// (`http://host:4318/v1/traces`). On a headless node too: its engine
+    /// spans join the API node's traces.
+    #[arg(long, value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -118,6 +125,18 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The tracer `--otlp-traces-endpoint` asks for, and the engine
+    /// arguments with its sink (this node's engines' spans); `role` names
+    /// the node in its spans.
+    pub(crate) fn tracing(&self, mut engine_args: ferry_engine::EngineArgs, role: &str) -> anyhow::Result<(Option<std::sync::Arc<crate::otel::Tracer>>, ferry_engine::EngineArgs)> {
+        let Some(endpoint) = &self.otlp_traces_endpoint else { return Ok((None, engine_args)) };
+        let node = format!("{role} {}", ferry_engine::assemble::node_identity());
+        let tracer = crate::otel::Tracer::start(endpoint, &node).map_err(|e| anyhow::anyhow!("--otlp-traces-endpoint: {e:#}"))?;
+        let sink = crate::otel::spans::EngineSpans { tracer: tracer.clone() };
+        engine_args.trace_sink = Some(ferry_engine::trace::SharedSink(std::sync::Arc::new(sink)));
+        Ok((Some(tracer), engine_args))
+    }
+
     fn cors(&self) -> anyhow::Result<CorsConfig> {
         let list = |flag: &str, v: &str| parse_list(v).map_err(|e| anyhow::anyhow!("--{flag}: {e}"));
         Ok(CorsConfig {
@@ -134,7 +153,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.cluster.plan()?;
     let cors = args.cors()?;
     let trusted_proxies = TrustedProxies::parse(&args.forwarded_allow_ips).map_err(|e| anyhow::anyhow!("--forwarded-allow-ips: {e}"))?;
-    let engine_args = args.engine.engine_args()?;
+    let (tracer, engine_args) = args.tracing(args.engine.engine_args()?, "api")?;
     let tools = crate::api::tools::ToolConfig::new(args.enable_auto_tool_choice, args.tool_call_parser.as_deref()).map_err(anyhow::Error::msg)?;
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let names = if args.served_model_name.is_empty() { vec![default_name.clone()] } else { args.served_model_name.clone() };
@@ -193,6 +212,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(report_missing_ranks(coordinator.clone(), Duration::from_secs(args.cluster.data_parallel_startup_timeout)));
         let state = AppState::new(names, path.display().to_string(), tokenizer, max_model_len as u32, coordinator.clone())
             .with_api_keys(args.api_key.clone())
+            .with_tracer(tracer)
             .with_version(env!("CARGO_PKG_VERSION"))
             .with_max_concurrent_requests(args.max_concurrent_requests)
             .with_client_limits(LimitConfig {

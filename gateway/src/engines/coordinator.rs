@@ -96,6 +96,9 @@ pub(crate) struct CoordinatorCounters {
     pub breaker_trips: u64,
     /// Placements by [`RouteReason`] (indexed by `RouteReason::index`).
     pub routed: [u64; RouteReason::ALL.len()],
+    /// Trace spans this node dropped (its export queue was full); filled
+    /// in by the metrics handler from the node's tracer, not by the coordinator.
+    pub trace_spans_dropped: u64,
 }
 
 #[derive(Default)]
@@ -221,6 +224,7 @@ impl Coordinator {
             moves_failed: get(&c.moves_failed),
             breaker_trips: get(&c.breaker_trips),
             routed: std::array::from_fn(|k| get(&c.routed[k])),
+            trace_spans_dropped: 0,
         }
     }
 
@@ -505,13 +509,22 @@ impl Coordinator {
     /// Sends one request to the best rank, or to rank `pin` (vLLM's
     /// `X-data-parallel-rank`). Its outputs arrive on `events`, under the
     /// returned guard's id, wherever it runs; dropping the guard aborts it.
-    pub(crate) fn submit(&self, prompt_tokens: Vec<u32>, sampling: SamplingParams, events: EventTx, pin: Option<u32>) -> Result<RequestGuard, SubmitError> {
+    pub(crate) fn submit(
+        &self,
+        prompt_tokens: Vec<u32>,
+        sampling: SamplingParams,
+        events: EventTx,
+        pin: Option<u32>,
+        trace: Option<ferry_transport::TraceContext>,
+    ) -> Result<RequestGuard, SubmitError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut sampling = sampling;
         sampling.seed = sampling.seed.or_else(|| Some(lock(&self.inner.seeds).next_u64()));
         let block_size = lock(&self.inner.expect).block_size.unwrap_or(0) as usize;
         let hashes = prompt_block_hashes(&prompt_tokens, block_size);
-        let tracked = Arc::new(Tracked::new(id, prompt_tokens, sampling, hashes, pin.is_some(), events));
+        let mut tracked = Tracked::new(id, prompt_tokens, sampling, hashes, pin.is_some(), events);
+        tracked.trace = trace;
+        let tracked = Arc::new(tracked);
         let (req, indices) = tracked.first_request(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let placed = tracked.with_placements(|placements| self.place(&tracked, req, indices, placements, pin, &[]));
         let rank = placed.expect("a new request is not over")?;
@@ -703,7 +716,7 @@ mod tests {
     async fn submit_balances_by_reported_and_uncounted_load_and_honours_a_pin() {
         let c = Coordinator::new(expect(2), 0);
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), None).err(), Some(SubmitError::NoHealthyRank));
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), None, None).err(), Some(SubmitError::NoHealthyRank));
         let (e0, _) = join(&c, hello(0, 7)).await;
         let (mut e1, _) = join(&c, hello(1, 7)).await;
         let mut e0 = e0;
@@ -716,15 +729,15 @@ mod tests {
         })
         .await;
         // First goes to rank 1 (3 < 5); it now counts as waiting there: 3 + 4 = 7 > 5.
-        let a = c.submit(vec![1], Default::default(), tx.clone(), None).unwrap();
+        let a = c.submit(vec![1], Default::default(), tx.clone(), None, None).unwrap();
         assert_eq!(a.rank_index(), 1);
-        let b = c.submit(vec![1], Default::default(), tx.clone(), None).unwrap();
+        let b = c.submit(vec![1], Default::default(), tx.clone(), None, None).unwrap();
         assert_eq!(b.rank_index(), 0);
         assert_ne!(a.id(), b.id());
         // A pin overrides the load; a pin past the size or on a down rank is refused.
-        let p = c.submit(vec![2], Default::default(), tx.clone(), Some(1)).unwrap();
+        let p = c.submit(vec![2], Default::default(), tx.clone(), Some(1), None).unwrap();
         assert_eq!(p.rank_index(), 1);
-        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(5)).err(), Some(SubmitError::NoSuchRank { rank: 5, size: 2 }));
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(5), None).err(), Some(SubmitError::NoSuchRank { rank: 5, size: 2 }));
         drop(a); // unfinished: the engine hears Abort
         let msgs: Vec<ToEngine> = std::iter::from_fn(|| e1.rx.recv().ok()).take(3).collect();
         assert!(matches!(&msgs[0], ToEngine::Command(EngineCommand::Add(r)) if r.prompt_tokens == vec![1]));
@@ -732,7 +745,7 @@ mod tests {
         assert!(matches!(&msgs[2], ToEngine::Command(EngineCommand::Abort(ids)) if ids.len() == 1));
         drop(e0);
         until("rank 0 down", || c.ranks_up() == vec![false, true]).await;
-        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(0)).err(), Some(SubmitError::RankDown(0)));
+        assert_eq!(c.submit(vec![1], Default::default(), tx.clone(), Some(0), None).err(), Some(SubmitError::RankDown(0)));
     }
 
     fn out(id: u64, index: u32, toks: &[u32], finish: Option<FinishReason>) -> TokenOutput {
@@ -790,7 +803,7 @@ mod tests {
 
     fn add_of(c: EngineCommand) -> EngineRequest {
         match c {
-            EngineCommand::Add(r) => r,
+            EngineCommand::Add(r) => *r,
             other => panic!("expected Add, got {other:?}"),
         }
     }
@@ -811,7 +824,7 @@ mod tests {
     async fn a_stream_whose_rank_dies_resumes_on_another_under_its_own_id() {
         let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let g = c.submit(vec![1, 2, 3], greedy(1), tx, Some(0)).unwrap();
+        let g = c.submit(vec![1, 2, 3], greedy(1), tx, Some(0), None).unwrap();
         let first = add_of(command(&e0).await);
         assert!(first.sampling.seed.is_some(), "a seed is fixed at admission");
         send_outputs(&e0, 0, vec![out(first.id, 0, &[5], None), out(first.id, 0, &[6], None)]);
@@ -836,7 +849,7 @@ mod tests {
     async fn with_migration_off_a_dead_rank_fails_its_streams() {
         let (c, e0, _e1) = two_ranks(CoordinatorConfig { migration_limit: 0, ..Default::default() }).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let _g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        let _g = c.submit(vec![1], greedy(1), tx, Some(0), None).unwrap();
         add_of(command(&e0).await);
         drop(e0);
         let ev = event(&mut rx).await;
@@ -847,7 +860,7 @@ mod tests {
     async fn each_unfinished_completion_moves_on_its_own() {
         let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let _g = c.submit(vec![1], greedy(3), tx, Some(0)).unwrap();
+        let _g = c.submit(vec![1], greedy(3), tx, Some(0), None).unwrap();
         let first = add_of(command(&e0).await);
         send_outputs(&e0, 0, vec![out(first.id, 0, &[4], Some(FinishReason::Stop)), out(first.id, 1, &[8], None)]);
         event(&mut rx).await;
@@ -865,7 +878,7 @@ mod tests {
     async fn a_request_that_failed_before_its_first_token_is_sent_again_whole() {
         let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let g = c.submit(vec![1], greedy(2), tx, None).unwrap();
+        let g = c.submit(vec![1], greedy(2), tx, None, None).unwrap();
         let (here, there) = if g.rank_index() == 0 { (&e0, &e1) } else { (&e1, &e0) };
         let first = add_of(command(here).await);
         let err = FinishReason::Error(ferry_transport::EngineError::capacity("no room"));
@@ -876,7 +889,7 @@ mod tests {
         assert_eq!(c.counters().retries, 1);
         // A pinned request's error goes to the client as the rank said it.
         let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();
-        let _p = c.submit(vec![1], greedy(1), tx2, Some(0)).unwrap();
+        let _p = c.submit(vec![1], greedy(1), tx2, Some(0), None).unwrap();
         let pinned = add_of(command(&e0).await);
         let err = FinishReason::Error(ferry_transport::EngineError::capacity("no room"));
         send_outputs(&e0, 0, vec![out(pinned.id, 0, &[], Some(err.clone()))]);
@@ -891,13 +904,13 @@ mod tests {
         let (c, e0, e1) = two_ranks(CoordinatorConfig::default()).await;
         // Aborted before the move: nothing reaches the other rank.
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        let g = c.submit(vec![1], greedy(1), tx, Some(0), None).unwrap();
         add_of(command(&e0).await);
         drop(g);
         assert!(matches!(command(&e0).await, EngineCommand::Abort(_)));
         // Aborted after the move: the new rank hears the abort of the new id.
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let g = c.submit(vec![1], greedy(1), tx, Some(0)).unwrap();
+        let g = c.submit(vec![1], greedy(1), tx, Some(0), None).unwrap();
         add_of(command(&e0).await);
         drop(e0);
         let moved = add_of(command(&e1).await);
@@ -915,14 +928,14 @@ mod tests {
         send_batch(&e1, EngineOutputs { rank: 1, outputs: vec![], stats: EngineStats::default(), kv_events: stored });
         until("rank 1's blocks", || c.rank(1).unwrap().held_blocks() == 2).await;
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let guards: Vec<RequestGuard> = (0..3).map(|_| c.submit(prompt.clone(), greedy(1), tx.clone(), None).unwrap()).collect();
+        let guards: Vec<RequestGuard> = (0..3).map(|_| c.submit(prompt.clone(), greedy(1), tx.clone(), None, None).unwrap()).collect();
         // Rank 1's two cached blocks win the first; one request waiting there
         // (4) outweighs them for the second, which goes to rank 0 and makes
         // the prompt in flight there too; the third is a tie of cost and
         // overlap and load, broken after the last winner.
         assert_eq!(guards.iter().map(super::RequestGuard::rank_index).collect::<Vec<_>>(), vec![1, 0, 1]);
         let other: Vec<u32> = (100..140).collect();
-        let g = c.submit(other, greedy(1), tx, None).unwrap();
+        let g = c.submit(other, greedy(1), tx, None, None).unwrap();
         assert_eq!(g.rank_index(), 0, "no overlap anywhere: the less loaded rank");
         let counters = c.counters();
         assert_eq!(counters.routed[RouteReason::PrefixHit.index()], 2, "{counters:?}");

@@ -187,7 +187,7 @@ impl RankLink {
             s.pending.insert(id, Pending { tracked, unfinished });
             s.sent += 1;
         }
-        if let Err(e) = self.tx.send(ToEngine::Command(EngineCommand::Add(req))) {
+        if let Err(e) = self.tx.send(ToEngine::Command(EngineCommand::Add(Box::new(req)))) {
             let mut s = self.lock();
             if let Some(p) = s.pending.remove(&id) {
                 s.prefix.remove_routed(&p.tracked.block_hashes);

@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ferry_transport::{EngineRequest, ErrorKind, FinishReason, RequestId, Resume, SamplingParams, TokenOutput};
+use ferry_transport::{EngineRequest, ErrorKind, FinishReason, RequestId, Resume, SamplingParams, TokenOutput, TraceContext};
 
 use crate::engines::events::{EventTx, SeqEvent};
 
@@ -89,6 +89,8 @@ pub(crate) struct Tracked {
     /// reports go to the client as they are. A pinned request still moves
     /// when its rank's link is lost, so its stream goes on.
     pub pinned: bool,
+    /// The trace the request's engine spans join (the gateway traces it).
+    pub trace: Option<TraceContext>,
     events: EventTx,
     state: Mutex<TrackState>,
 }
@@ -97,7 +99,7 @@ impl Tracked {
     pub(crate) fn new(id: RequestId, prompt: Vec<u32>, sampling: SamplingParams, block_hashes: Vec<u64>, pinned: bool, events: EventTx) -> Tracked {
         let n = sampling.n.max(1) as usize;
         let state = TrackState { over: false, moves: 0, internal_failures: 0, progress: vec![Progress::default(); n], placements: Vec::new() };
-        Tracked { id, prompt, sampling, block_hashes, pinned, events, state: Mutex::new(state) }
+        Tracked { id, prompt, sampling, block_hashes, pinned, trace: None, events, state: Mutex::new(state) }
     }
 
     fn lock(&self) -> MutexGuard<'_, TrackState> {
@@ -108,7 +110,8 @@ impl Tracked {
     /// The first placement: the whole request, as the client sent it.
     pub(crate) fn first_request(&self, link_id: RequestId) -> (EngineRequest, Vec<u32>) {
         let n = self.sampling.n.max(1);
-        (EngineRequest::new(link_id, self.prompt.clone(), self.sampling.clone()), (0..n).collect())
+        let req = EngineRequest { trace: self.trace, ..EngineRequest::new(link_id, self.prompt.clone(), self.sampling.clone()) };
+        (req, (0..n).collect())
     }
 
     /// Runs `place` with the request locked, unless it is over: `place` adds
@@ -217,7 +220,7 @@ impl Tracked {
                 .into_iter()
                 .map(|k| {
                     let resume = Resume { index: k, output_tokens: s.progress[k as usize].tokens.clone() };
-                    (EngineRequest { id: 0, prompt_tokens: self.prompt.clone(), sampling: self.sampling.clone(), resume: Some(resume) }, vec![k])
+                    (EngineRequest { id: 0, prompt_tokens: self.prompt.clone(), sampling: self.sampling.clone(), resume: Some(resume), trace: self.trace }, vec![k])
                 })
                 .collect()
         };

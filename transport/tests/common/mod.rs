@@ -111,7 +111,7 @@ pub(crate) fn hello(rank: u32, vocab_size: u32) -> Hello {
 }
 
 pub(crate) fn add(id: RequestId, prompt_tokens: Vec<u32>) -> ToEngine {
-    ToEngine::Command(EngineCommand::Add(EngineRequest::new(id, prompt_tokens, SamplingParams::default())))
+    ToEngine::Command(EngineCommand::Add(Box::new(EngineRequest::new(id, prompt_tokens, SamplingParams::default()))))
 }
 
 pub(crate) fn outputs(rank: u32, id: RequestId, new_tokens: Vec<u32>) -> FromEngine {
