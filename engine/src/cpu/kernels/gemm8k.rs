@@ -38,8 +38,11 @@ use crate::quant::blocks::*;
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
-/// Tokens per kernel pass (ymm lanes).
+/// Tokens per group (ymm lanes).
 pub(crate) const TOKENS: usize = 8;
+/// Most token groups per pass over a row: each broadcast weight dword
+/// serves them all (loads, not arithmetic, bound the kernel).
+const GROUPS: usize = 4;
 /// Fewest tokens for which this kernel is used: below it the per-row
 /// kernels' cheaper start wins (both give the same bits, so the threshold
 /// only moves time).
@@ -86,7 +89,8 @@ const fn block_bytes(k: u8) -> usize {
     }
 }
 
-// A group of 8 tokens' super-block (vectors, lane j = token j): 64 of quant
+// A group of 8 tokens' super-block (vectors, lane j = token j; super-block b
+// of group g at (b * groups + g) * Y_UNITS): 64 of quant
 // dwords (vector 16p + 8h + i: lane i's dword A (h = 0) or B (h = 1) of
 // chunks 2p, 2p + 1), 8 of bsums pairs (bsums 2k, 2k + 1 as two i16), dy.
 const Y_BS: usize = 64;
@@ -104,10 +108,14 @@ const W_DMIN: usize = 81;
 const W_DWORDS: usize = 88;
 const W_VECS: usize = W_DWORDS / 8;
 
-/// Decoded rows kept at once: their copies (352 bytes per super-block)
-/// stay in L1 while every token group runs over them.
-const TILE_BYTES: usize = 12 << 10;
-const MAX_TILE_ROWS: usize = 8;
+/// Rows per tile: each super-block of the tile's rows is decoded once, then
+/// dotted against every token group while that block of the groups' (2.3 KB
+/// each) is in L1; the partial sums of each row and group (9 vectors) wait
+/// in `State` between blocks.
+const TILE_ROWS: usize = 4;
+
+/// A row and token group's partial sums: the 8 float lanes, then the min term.
+const STATE: usize = 9;
 
 /// A matmul's Q8_K activations regrouped for [`rows`] (see the module docs).
 #[derive(Default)]
@@ -138,9 +146,10 @@ impl Tokens8 {
 unsafe fn fill_avx2(dst: *mut __m256i, a: &ActPtrs, n: usize) {
     let n16 = a.cols / 16;
     let zero = _mm256_setzero_si256();
-    for g in 0..n.div_ceil(TOKENS) {
+    let groups = n.div_ceil(TOKENS);
+    for g in 0..groups {
         for b in 0..a.nb {
-            let out = dst.add((g * a.nb + b) * Y_UNITS);
+            let out = dst.add((b * groups + g) * Y_UNITS);
             // units[2p + h][j]: token j's 8 dwords A or B of pair p.
             let mut units = [[zero; TOKENS]; 8];
             let mut bs = [zero; TOKENS];
@@ -218,8 +227,8 @@ unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
 }
 
 thread_local! {
-    /// The decoded rows of a tile (reused; taken out while in use).
-    static ROWBUF: std::cell::Cell<Vec<__m256i>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A tile's decoded super-blocks and partial sums (reused; taken out while in use).
+    static BUF: std::cell::Cell<Vec<__m256i>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// out[t * os + r] = row r (of the `nrows` at `w`, `ws` bytes apart) . token
@@ -228,18 +237,17 @@ thread_local! {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `w` must point at `nrows` rows of
 /// `y.nb` super-blocks of `ty` (`supports(ty)`); `y` must have been filled
-/// with at least `n_tokens` tokens; `out` must have room for
-/// (n_tokens - 1) * os + nrows floats.
+/// with `n_tokens` tokens (or more, in as many groups); `out` must have room
+/// for (n_tokens - 1) * os + nrows floats.
 #[allow(clippy::too_many_arguments, reason = "the weight rows, their stride and count, the activations, the token count and the output with its stride, as the other kernels take them")]
 pub(crate) unsafe fn rows(ty: GgmlType, w: *const u8, ws: usize, nrows: usize, y: &Tokens8, n_tokens: usize, out: *mut f32, os: usize) {
-    debug_assert!(n_tokens <= y.groups * TOKENS);
-    let mut buf = ROWBUF.with(std::cell::Cell::take);
-    let tile = (TILE_BYTES / (y.nb * W_DWORDS * 4).max(1)).clamp(1, MAX_TILE_ROWS);
-    let need = tile * y.nb * W_VECS;
+    debug_assert!(n_tokens.div_ceil(TOKENS) == y.groups);
+    let mut buf = BUF.with(std::cell::Cell::take);
+    let need = TILE_ROWS * (W_VECS + y.groups * STATE);
     if buf.len() < need {
         buf.resize(need, _mm256_setzero_si256());
     }
-    let args = (w, ws, nrows, y, n_tokens, out, os, tile);
+    let args = (w, ws, nrows, y, n_tokens, out, os);
     match ty {
         GgmlType::Q2_K => run::<Q2K>(args, &mut buf),
         GgmlType::Q3_K => run::<Q3K>(args, &mut buf),
@@ -247,33 +255,52 @@ pub(crate) unsafe fn rows(ty: GgmlType, w: *const u8, ws: usize, nrows: usize, y
         GgmlType::Q5_K => run::<Q5K>(args, &mut buf),
         _ => run::<Q6K>(args, &mut buf),
     }
-    ROWBUF.with(|c| c.set(buf));
+    BUF.with(|c| c.set(buf));
 }
 
-type Args<'a> = (*const u8, usize, usize, &'a Tokens8, usize, *mut f32, usize, usize);
+type Args<'a> = (*const u8, usize, usize, &'a Tokens8, usize, *mut f32, usize);
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run<const K: u8>((w, ws, nrows, y, n, out, os, tile): Args<'_>, buf: &mut [__m256i]) {
-    let nb = y.nb;
-    let per_row = nb * W_VECS;
+unsafe fn run<const K: u8>((w, ws, nrows, y, n, out, os): Args<'_>, buf: &mut [__m256i]) {
+    let (nb, groups) = (y.nb, y.groups);
+    // The tile's decoded super-blocks (one per row), then the partial sums.
+    let wp = buf.as_mut_ptr() as *mut u32;
+    let st = buf.as_mut_ptr().add(TILE_ROWS * W_VECS) as *mut __m256;
     let mut r0 = 0;
     while r0 < nrows {
-        let nr = tile.min(nrows - r0);
-        for r in 0..nr {
-            for b in 0..nb {
-                let dst = buf.as_mut_ptr().add(r * per_row + b * W_VECS) as *mut u32;
-                decode::<K>(w.add((r0 + r) * ws + b * block_bytes(K)), dst);
+        let nr = TILE_ROWS.min(nrows - r0);
+        std::ptr::write_bytes(st, 0, nr * groups * STATE);
+        for b in 0..nb {
+            for r in 0..nr {
+                decode::<K>(w.add((r0 + r) * ws + b * block_bytes(K)), wp.add(r * W_DWORDS));
+            }
+            let yb = y.v.as_ptr().add(b * groups * Y_UNITS);
+            let mut g = 0;
+            while g < groups {
+                // Groups in this pass: 4, 2 or 1.
+                let ng = match (groups - g).min(GROUPS) {
+                    4 => 4,
+                    3 | 2 => 2,
+                    _ => 1,
+                };
+                let yg = yb.add(g * Y_UNITS);
+                for r in 0..nr {
+                    let s = st.add((r * groups + g) * STATE);
+                    match ng {
+                        4 => step::<K, 4>(wp.add(r * W_DWORDS), yg, s),
+                        2 => step::<K, 2>(wp.add(r * W_DWORDS), yg, s),
+                        _ => step::<K, 1>(wp.add(r * W_DWORDS), yg, s),
+                    }
+                }
+                g += ng;
             }
         }
-        for g in 0..n.div_ceil(TOKENS) {
-            let yg = y.v.as_ptr().add(g * nb * Y_UNITS);
-            let cnt = TOKENS.min(n - TOKENS * g);
-            for r in 0..nr {
-                let v = row_group::<K>(buf.as_ptr().add(r * per_row) as *const u32, yg, nb);
+        for r in 0..nr {
+            for g in 0..groups {
                 let mut tmp = [0f32; TOKENS];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
-                for j in 0..cnt {
-                    *out.add((TOKENS * g + j) * os + r0 + r) = tmp[j];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), finish::<K>(st.add((r * groups + g) * STATE)));
+                for t in TOKENS * g..(TOKENS * (g + 1)).min(n) {
+                    *out.add(t * os + r0 + r) = tmp[t % TOKENS];
                 }
             }
         }
@@ -315,8 +342,8 @@ unsafe fn decode<const K: u8>(p: *const u8, dst: *mut u32) {
     let (d, dmin);
     match K {
         Q4K | Q5K => {
-            d = f16_at(blk, 0);
-            dmin = f16_at(blk, 2);
+            d = f16(p, 0);
+            dmin = f16(p, 2);
             let (s8, m8) = scales_mins_k4(&blk[Q4_K_SCALES..Q4_K_SCALES + 12]);
             for j in 0..16 {
                 sc[j] = s8[j / 2] as i32;
@@ -336,7 +363,7 @@ unsafe fn decode<const K: u8>(p: *const u8, dst: *mut u32) {
             }
         }
         Q6K => {
-            d = f16_at(blk, Q6_K_D);
+            d = f16(p, Q6_K_D);
             dmin = d;
             for j in 0..16 {
                 sc[j] = blk[Q6_K_SCALES + j] as i8 as i32;
@@ -371,14 +398,14 @@ unsafe fn decode<const K: u8>(p: *const u8, dst: *mut u32) {
                 put(dst, 2 * h + 1, u[2], u[3]);
             }
             if K == Q2K {
-                d = f16_at(blk, Q2_K_D);
-                dmin = f16_at(blk, Q2_K_D + 2);
+                d = f16(p, Q2_K_D);
+                dmin = f16(p, Q2_K_D + 2);
                 for j in 0..16 {
                     sc[j] = (blk[j] & 0x0f) as i32;
                     mn[j] = (blk[j] >> 4) as i32;
                 }
             } else {
-                d = f16_at(blk, Q3_K_D);
+                d = f16(p, Q3_K_D);
                 dmin = d;
                 let s3 = scales_q3_k(&blk[Q3_K_SCALES..Q3_K_SCALES + 12]);
                 for j in 0..16 {
@@ -401,55 +428,77 @@ unsafe fn decode<const K: u8>(p: *const u8, dst: *mut u32) {
     *dst.add(W_DMIN) = dmin.to_bits();
 }
 
+/// The f16 at `p + o` as f32 (exact).
+#[inline(always)]
+unsafe fn f16(p: *const u8, o: usize) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p.add(o) as *const u16).read_unaligned() as i32)))
+}
+
 /// Dword `o` of a decoded row in every lane.
 #[inline(always)]
 unsafe fn bc(w: *const u32, o: usize) -> __m256i {
     _mm256_set1_epi32(*w.add(o) as i32)
 }
 
-/// One decoded row (`nb` super-blocks at `w`) against a group of 8 tokens
-/// (at `y`), in the per-row kernels' float order (see the module docs).
+/// One decoded super-block of a row (at `w`) against the same super-block
+/// of G token groups (at `y`, consecutive), into their partial sums at `st`
+/// (consecutive), in the per-row kernels' float order (see the module docs).
+/// Each broadcast weight dword serves all G groups.
 #[inline(always)]
-unsafe fn row_group<const K: u8>(w: *const u32, y: *const __m256i, nb: usize) -> __m256 {
+unsafe fn step<const K: u8, const G: usize>(w: *const u32, y: *const __m256i, st: *mut __m256) {
     let zero = _mm256_setzero_si256();
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut macc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let wb = w.add(b * W_DWORDS);
-        let yb = y.add(b * Y_UNITS);
-        let dy = _mm256_castsi256_ps(_mm256_load_si256(yb.add(Y_D)));
+    let yg: [*const __m256i; G] = std::array::from_fn(|g| y.add(g * Y_UNITS));
+    let mut dd = [_mm256_setzero_ps(); G];
+    let mut off = [zero; G];
+    for g in 0..G {
+        let dy = _mm256_castsi256_ps(_mm256_load_si256(yg[g].add(Y_D)));
         // sum_g m_g * bsums_g: pairs of per-16 mins against pairs of bsums.
-        // (The min term's own sum is updated first, independent of the lanes.)
         let mut msum = zero;
         if has_min(K) || offset_in_lane0(K) {
             for k in 0..8 {
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(_mm256_load_si256(yb.add(Y_BS + k)), bc(wb, W_MN + k)));
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(_mm256_load_si256(yg[g].add(Y_BS + k)), bc(w, W_MN + k)));
             }
         }
         if has_min(K) {
             // macc += dmin * dy * smin, unfused, as the per-row kernels.
-            let dm = _mm256_mul_ps(_mm256_set1_ps(f32::from_bits(*wb.add(W_DMIN))), dy);
-            macc = _mm256_add_ps(macc, _mm256_mul_ps(dm, _mm256_cvtepi32_ps(msum)));
+            let dm = _mm256_mul_ps(_mm256_set1_ps(f32::from_bits(*w.add(W_DMIN))), dy);
+            let m = st.add(g * STATE + 8);
+            *m = _mm256_add_ps(*m, _mm256_mul_ps(dm, _mm256_cvtepi32_ps(msum)));
         }
-        let dd = _mm256_mul_ps(_mm256_set1_ps(f32::from_bits(*wb.add(W_D))), dy);
-        for i in 0..8 {
-            let mut isum = if offset_in_lane0(K) && i == 0 { _mm256_sub_epi32(zero, msum) } else { zero };
-            for p in 0..4 {
-                let a = _mm256_maddubs_epi16(bc(wb, 16 * p + i), _mm256_load_si256(yb.add(16 * p + i)));
-                let b = _mm256_maddubs_epi16(bc(wb, 16 * p + 8 + i), _mm256_load_si256(yb.add(16 * p + 8 + i)));
-                let s = _mm256_madd_epi16(_mm256_add_epi16(a, b), bc(wb, W_SC + 2 * p + i / 4));
-                isum = _mm256_add_epi32(isum, s);
+        if offset_in_lane0(K) {
+            off[g] = _mm256_sub_epi32(zero, msum);
+        }
+        dd[g] = _mm256_mul_ps(_mm256_set1_ps(f32::from_bits(*w.add(W_D))), dy);
+    }
+    for i in 0..8 {
+        let mut isum = if i == 0 { off } else { [zero; G] };
+        for p in 0..4 {
+            let (wa, wb, sc) = (bc(w, 16 * p + i), bc(w, 16 * p + 8 + i), bc(w, W_SC + 2 * p + i / 4));
+            for g in 0..G {
+                let a = _mm256_maddubs_epi16(wa, _mm256_load_si256(yg[g].add(16 * p + i)));
+                let b = _mm256_maddubs_epi16(wb, _mm256_load_si256(yg[g].add(16 * p + 8 + i)));
+                isum[g] = _mm256_add_epi32(isum[g], _mm256_madd_epi16(_mm256_add_epi16(a, b), sc));
             }
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[i]);
+        }
+        for g in 0..G {
+            let acc = st.add(g * STATE + i);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g]), dd[g], *acc);
         }
     }
-    // dot_x86::hsum's tree: ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)).
+}
+
+/// A row and group's result from its partial sums: the lanes summed in
+/// dot_x86::hsum's tree, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), then the
+/// min term subtracted.
+#[inline(always)]
+unsafe fn finish<const K: u8>(st: *const __m256) -> __m256 {
+    let a: [__m256; STATE] = std::array::from_fn(|i| *st.add(i));
     let sum = _mm256_add_ps(
-        _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
-        _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])),
+        _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+        _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])),
     );
     if has_min(K) {
-        _mm256_sub_ps(sum, macc)
+        _mm256_sub_ps(sum, a[8])
     } else {
         sum
     }
