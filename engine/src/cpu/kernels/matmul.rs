@@ -126,6 +126,7 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
 /// Which batched kernel takes a matrix's whole groups, before the per-row
 /// tiles take what is left.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, reason = "the batched kernels are x86-64 only"))]
 enum Batched {
     /// Only the per-row tiles.
     No,
@@ -210,15 +211,15 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
             }
         }
     }
-    let srcs: Vec<ActSrc> = which
-        .iter()
-        .zip(&wide)
-        .map(|(w, &wd)| ActSrc {
-            q: w.map(|i| &acts[i]),
+    #[cfg(target_arch = "x86_64")]
+    let t8_of = |k: usize| which[k].filter(|_| wide[k] == Batched::Tokens8 && cols > 0).map(|i| &t8s[i]);
+    let srcs: Vec<ActSrc> = (0..which.len())
+        .map(|k| ActSrc {
+            q: which[k].map(|i| &acts[i]),
             x,
             cols,
             #[cfg(target_arch = "x86_64")]
-            t8: w.filter(|_| wd == Batched::Tokens8 && cols > 0).map(|i| &t8s[i]),
+            t8: t8_of(k),
         })
         .collect();
     let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
