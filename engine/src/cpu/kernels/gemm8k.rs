@@ -38,7 +38,7 @@
 //! rows decodes one block each, dotted against every group while that
 //! block of the groups' activations (2.3 KB a group) is in L1, the float
 //! lanes waiting in memory between blocks. Measured on 576x1536 (one thread
-//! of a Zen 4): 1.5-1.8x the per-row kernels at 16 tokens, 1.7-2.1x at 64.
+//! of a Zen 4): 1.6-1.8x the per-row kernels at 16 tokens, 1.8-2.1x at 64.
 //!
 //! IQ4_XS (signed levels to 127, whose 4-element dots overflow i16) stays on
 //! the per-row kernel.
@@ -105,9 +105,9 @@ const fn block_bytes(k: u8) -> usize {
 }
 
 // A group of 8 tokens' super-block (vectors, lane j = token j; super-block b
-// of group g at (b * groups + g) * Y_UNITS): 64 of quant
-// dwords (vector 16p + 8h + i: lane i's dword A (h = 0) or B (h = 1) of
-// chunks 2p, 2p + 1), 8 of bsums pairs (bsums 2k, 2k + 1 as two i16), dy.
+// of group g at (b * groups + g) * Y_UNITS): 64 of quant dwords (vector
+// 16p + 8h + i: lane i's dword A (h = 0) or B (h = 1) of chunks 2p, 2p + 1),
+// 8 of bsums pairs (bsums 2k, 2k + 1 as two i16), dy.
 const Y_BS: usize = 64;
 const Y_D: usize = 72;
 const Y_UNITS: usize = 73;
@@ -125,8 +125,8 @@ const W_VECS: usize = W_DWORDS / 8;
 
 /// Rows per tile: each super-block of the tile's rows is decoded once, then
 /// dotted against every token group while that block of the groups' (2.3 KB
-/// each) is in L1; the partial sums of each row and group (9 vectors) wait
-/// in `State` between blocks.
+/// each) is in L1; the partial sums of each row and group (`STATE` vectors)
+/// wait in memory between blocks.
 const TILE_ROWS: usize = 8;
 
 /// A row and token group's partial sums: the 8 float lanes, then the min term.
