@@ -4,8 +4,10 @@
 //! - `matmul_shapes/TYPE/ROWSxCOLS`: SmolLM2-135M's matrices (q/k/v/o, the
 //!   MLP, the Q8_0 vocabulary projection) and the other weight types at 1, 4,
 //!   16 and 64 tokens, on the AVX2 kernels and the best this CPU has (and the
-//!   scalar ones at 1 token). `FERRY_PROBE_TYPES=Q5_0,Q5_K` keeps only those
-//!   types. Throughput is weight elements x tokens (multiply-adds).
+//!   scalar ones at 1 token); from 4 tokens also on the AVX2 per-row kernels
+//!   alone (`avx2-rows`: no batched kernel, as `set_force_per_row`), the
+//!   baseline of the batched ones. `FERRY_PROBE_TYPES=Q5_0,Q5_K` keeps only
+//!   those types. Throughput is weight elements x tokens (multiply-adds).
 //! - `model_step`: a decode step's matmuls on SmolLM2-135M's shapes (30
 //!   layers of Q4_1 and the Q8_0 output matrix, ~96 MB, so the weights come
 //!   from DRAM as in the real model), run from inside a rayon pool as the
@@ -15,10 +17,11 @@
 //! - Fixed work for `perf stat -e cycles:u` (or `task-clock`) on a loaded
 //!   machine, where wall time mostly measures the other processes:
 //!   `FERRY_AB=TYPE,ROWS,COLS,TOKENS,ITERS cargo bench --bench matmul` runs
-//!   ITERS matmuls of that shape and nothing else.
+//!   ITERS matmuls of that shape and nothing else; a sixth field `scalar`,
+//!   `avx2` or `avx2-rows` picks those kernels instead of the best.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use ferry_engine::cpu::kernels::{matmul, set_force_avx2, set_force_scalar, simd_name};
+use ferry_engine::cpu::kernels::{matmul, set_force_avx2, set_force_per_row, set_force_scalar, simd_name};
 use ferry_engine::quant::{GgmlType, QMatrix};
 use ferry_engine::rng::{splitmix, symmetric_f32};
 use rayon::prelude::*;
@@ -31,6 +34,8 @@ use std::time::Duration;
 enum Level {
     Scalar,
     Avx2,
+    /// The AVX2 per-row kernels, no batched kernel.
+    Avx2Rows,
     Best,
 }
 
@@ -38,17 +43,23 @@ enum Level {
 /// for AVX2 on a CPU without it.
 fn select(level: Level) -> Option<&'static str> {
     set_force_scalar(false);
+    set_force_per_row(false);
     match level {
         Level::Scalar => set_force_scalar(true),
         Level::Avx2 => set_force_avx2(true),
+        Level::Avx2Rows => {
+            set_force_avx2(true);
+            set_force_per_row(true);
+        }
         Level::Best => {}
     }
     let name = simd_name();
-    if level == Level::Avx2 && name != "avx2" {
+    if matches!(level, Level::Avx2 | Level::Avx2Rows) && name != "avx2" {
         set_force_scalar(false);
+        set_force_per_row(false);
         return None;
     }
-    Some(name)
+    Some(if level == Level::Avx2Rows { "avx2-rows" } else { name })
 }
 
 /// Benches `run` on each of `levels` whose kernels differ from those already run.
@@ -63,6 +74,7 @@ fn each_level(levels: &[Level], mut run: impl FnMut(&'static str)) {
             _ => {}
         }
         set_force_scalar(false);
+        set_force_per_row(false);
     }
 }
 
@@ -123,7 +135,7 @@ fn bench_shapes(c: &mut Criterion) {
             let x = data(n * cols, 2, 1.0);
             let mut out = vec![0f32; n * rows];
             group.throughput(Throughput::Elements((rows * cols * n) as u64));
-            let levels: &[Level] = if n == 1 { &[Level::Scalar, Level::Avx2, Level::Best] } else { &[Level::Avx2, Level::Best] };
+            let levels: &[Level] = if n == 1 { &[Level::Scalar, Level::Avx2, Level::Best] } else { &[Level::Avx2Rows, Level::Avx2, Level::Best] };
             each_level(levels, |name| {
                 group.bench_function(BenchmarkId::new(name, format!("tokens={n}")), |b| {
                     b.iter(|| matmul(&w, black_box(&x), n, black_box(&mut out)));
@@ -195,7 +207,16 @@ fn bench_model_step(c: &mut Criterion) {
 /// and nothing else, for a cycle count.
 fn fixed_work(spec: &str) {
     let f: Vec<&str> = spec.split(',').collect();
-    let [name, rows, cols, n, iters] = f[..] else { panic!("FERRY_AB={spec}: want TYPE,ROWS,COLS,TOKENS,ITERS") };
+    let (&[name, rows, cols, n, iters], level) = (&f[..f.len().min(5)], f.get(5)) else { panic!("FERRY_AB={spec}: want TYPE,ROWS,COLS,TOKENS,ITERS[,LEVEL]") };
+    let level = match level.copied() {
+        None => Level::Best,
+        Some("scalar") => Level::Scalar,
+        Some("avx2") => Level::Avx2,
+        Some("avx2-rows") => Level::Avx2Rows,
+        Some(l) => panic!("FERRY_AB: no level {l} (scalar, avx2, avx2-rows)"),
+    };
+    let kernels = select(level).unwrap_or_else(|| panic!("FERRY_AB: this CPU has no AVX2"));
+    eprintln!("FERRY_AB: {kernels} kernels");
     let ty = GgmlType::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("FERRY_AB: no type {name}"));
     let num = |s: &str| -> usize { s.parse().unwrap_or_else(|_| panic!("FERRY_AB: {s} is not a count")) };
     let (rows, cols, n, iters) = (num(rows), num(cols), num(n), num(iters));

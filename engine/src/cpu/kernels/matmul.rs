@@ -36,11 +36,20 @@ thread_local! {
     static SCRATCH: Cell<Vec<Acts>> = const { Cell::new(Vec::new()) };
 }
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Reused token-group buffers of gemm8k, one per activation form (as SCRATCH).
+    static SCRATCH8: Cell<Vec<super::gemm8k::Tokens8>> = const { Cell::new(Vec::new()) };
+}
+
 /// Where a tile's activations come from.
 struct ActSrc<'a> {
     q: Option<&'a Acts>,
     x: &'a [f32],
     cols: usize,
+    /// The activations regrouped for gemm8k, when it takes the matrix.
+    #[cfg(target_arch = "x86_64")]
+    t8: Option<&'a super::gemm8k::Tokens8>,
 }
 
 impl ActSrc<'_> {
@@ -114,6 +123,19 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
     matmul_group_isa(x, n_tokens, &mut [(w, out)], isa);
 }
 
+/// Which batched kernel takes a matrix's whole groups, before the per-row
+/// tiles take what is left.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, reason = "the batched kernels are x86-64 only"))]
+enum Batched {
+    /// Only the per-row tiles.
+    No,
+    /// gemm16 or gemm16k (AVX512-VNNI): whole groups of 16 rows, every token.
+    Rows16,
+    /// gemm8k (AVX2): every row, the tokens of `gemm8k::taken`.
+    Tokens8,
+}
+
 /// How one matrix of a group reads its input.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct ActNeed {
@@ -139,12 +161,12 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     // Each matrix's activation form; each distinct form is quantized once.
     let mut needs: Vec<ActNeed> = Vec::with_capacity(parts.len());
     let mut which: Vec<Option<usize>> = Vec::with_capacity(parts.len());
-    let mut wide: Vec<bool> = Vec::with_capacity(parts.len());
+    let mut wide: Vec<Batched> = Vec::with_capacity(parts.len());
     for (w, out) in parts.iter_mut() {
         if w.cols() == 0 {
             out.fill(0.0);
         }
-        let wd = use_gemm16(w, isa, n_tokens);
+        let wd = batched(w, isa, n_tokens);
         wide.push(wd);
         let kind = act_kind(w.ty());
         if kind == ActKind::F32 {
@@ -152,7 +174,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
             continue;
         }
         #[cfg(target_arch = "x86_64")]
-        let bias = if wd { super::gemm16::bias(w.ty()).filter(|&b| b != 0) } else { None };
+        let bias = if wd == Batched::Rows16 { super::gemm16::bias(w.ty()).filter(|&b| b != 0) } else { None };
         #[cfg(not(target_arch = "x86_64"))]
         let bias = None;
         let need = ActNeed { kind, bias };
@@ -173,7 +195,33 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
             }
         }
     }
-    let srcs: Vec<ActSrc> = which.iter().map(|w| ActSrc { q: w.map(|i| &acts[i]), x, cols }).collect();
+    // gemm8k's token groups, for each activation form a matrix it takes reads.
+    #[cfg(target_arch = "x86_64")]
+    let mut t8s = SCRATCH8.with(std::cell::Cell::take);
+    #[cfg(target_arch = "x86_64")]
+    {
+        t8s.resize_with(t8s.len().max(needs.len()), Default::default);
+        for (i, (a, t8)) in acts.iter().zip(t8s.iter_mut()).enumerate().take(needs.len()) {
+            let used = which.iter().zip(&wide).any(|(w, &wd)| *w == Some(i) && wd == Batched::Tokens8);
+            if used && cols > 0 {
+                let src = ActSrc { q: Some(a), x, cols, t8: None };
+                // SAFETY: Tokens8 is only chosen where AVX2 was detected (a
+                // non-scalar Isa), for Q8_K activations of n_tokens tokens.
+                unsafe { t8.fill(&src.ptrs(), super::gemm8k::taken(n_tokens)) };
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    let t8_of = |k: usize| which[k].filter(|_| wide[k] == Batched::Tokens8 && cols > 0).map(|i| &t8s[i]);
+    let srcs: Vec<ActSrc> = (0..which.len())
+        .map(|k| ActSrc {
+            q: which[k].map(|i| &acts[i]),
+            x,
+            cols,
+            #[cfg(target_arch = "x86_64")]
+            t8: t8_of(k),
+        })
+        .collect();
     let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
 
     // The row chunks of every matrix, one task each; with `combine`, one task
@@ -182,12 +230,12 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     let macs: usize = parts.iter().map(|(w, _)| w.rows() * w.cols() * n_tokens).sum();
     let serial = threads <= 1 || macs < PAR_MIN_MACS;
     let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
-    let align = if wide.iter().any(|&w| w) { 16 } else { 4 };
+    let align = if wide.contains(&Batched::Rows16) { 16 } else { 4 };
     for (i, (w, _)) in parts.iter().enumerate() {
         if w.rows() == 0 || w.cols() == 0 || (combine.is_some() && i > 0) {
             continue;
         }
-        let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] { 16 } else { align }) };
+        let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] == Batched::Rows16 { 16 } else { align }) };
         tasks.extend((0..w.rows().div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows()))));
     }
     let run = |(i, rows): &(usize, Range<usize>)| {
@@ -225,6 +273,8 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         }
     }
     drop(srcs);
+    #[cfg(target_arch = "x86_64")]
+    SCRATCH8.with(|c| c.set(t8s));
     SCRATCH.with(|c| c.set(acts));
 }
 
@@ -235,24 +285,36 @@ fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
     per.clamp(16, 256).next_multiple_of(align)
 }
 
-/// Whether a 16-row AVX512 kernel (gemm16, or gemm16k for the super-block
-/// types) takes this matmul's whole tiles.
-fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
+/// Which batched kernel, if any, takes part of this matmul: a 16-row AVX512
+/// kernel (gemm16, or gemm16k for the super-block types), or on AVX2 without
+/// AVX512-VNNI the 8-token gemm8k for the super-block types.
+fn batched(w: &QMatrix, isa: Isa, n_tokens: usize) -> Batched {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::{gemm16, gemm16k};
-        if isa != Isa::Avx512Vnni {
-            return false;
+        use super::{gemm16, gemm16k, gemm8k};
+        let rows16 = |yes: bool| if yes { Batched::Rows16 } else { Batched::No };
+        if simd::per_row_forced() {
+            return Batched::No;
         }
-        if gemm16k::supports(w.ty()) {
-            return n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride());
+        match isa {
+            Isa::Scalar => Batched::No,
+            Isa::Avx2 | Isa::AvxVnni => {
+                if gemm8k::supports(w.ty()) && gemm8k::taken(n_tokens) > 0 {
+                    Batched::Tokens8
+                } else {
+                    Batched::No
+                }
+            }
+            Isa::Avx512Vnni if gemm16k::supports(w.ty()) => {
+                rows16(n_tokens >= gemm16k::MIN_TOKENS && gemm16k::stride_ok(w.row_stride()))
+            }
+            Isa::Avx512Vnni => rows16(n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty()).is_some() && gemm16::stride_ok(w.row_stride())),
         }
-        n_tokens >= gemm16::MIN_TOKENS && gemm16::bias(w.ty()).is_some() && gemm16::stride_ok(w.row_stride())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (w, isa, n_tokens);
-        false
+        Batched::No
     }
 }
 
@@ -261,10 +323,25 @@ fn use_gemm16(w: &QMatrix, isa: Isa, n_tokens: usize) -> bool {
 /// # Safety
 /// `out` must point at n_tokens * w.rows floats, and no other thread may write
 /// these rows meanwhile.
-unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_tokens: usize, out: OutPtr, wide: bool) {
+unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_tokens: usize, out: OutPtr, wide: Batched) {
     let mut rows = rows;
+    // The first token the per-row tiles take: gemm8k takes those before it.
     #[cfg(target_arch = "x86_64")]
-    if wide {
+    let t_first = match (wide, src.t8) {
+        (Batched::Tokens8, Some(t8)) => {
+            let n8 = super::gemm8k::taken(n_tokens);
+            // SAFETY: Tokens8 means AVX2 was detected and gemm8k supports the
+            // type; t8 holds the first n8 tokens; the rows exist and out has
+            // n_tokens * w.rows() values, these rows written by this task alone.
+            super::gemm8k::rows(w.ty(), w.base_ptr().add(rows.start * w.row_stride()), w.row_stride(), rows.len(), t8, n8, out.0.add(rows.start), w.rows());
+            n8
+        }
+        _ => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let t_first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if wide == Batched::Rows16 {
         use super::gemm16::{rows16, ROWS};
         let a = src.ptrs();
         while rows.end - rows.start >= ROWS {
@@ -282,7 +359,7 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
     }
     let _ = wide;
     let mut tile = [[0f32; 4]; 4];
-    let mut t0 = 0;
+    let mut t0 = t_first;
     while t0 < n_tokens {
         let t1 = (t0 + TOKEN_TILE).min(n_tokens);
         let mut r = rows.start;

@@ -16,8 +16,10 @@ mod dot_x86;
 mod gemm16;
 #[cfg(target_arch = "x86_64")]
 mod gemm16k;
+#[cfg(target_arch = "x86_64")]
+mod gemm8k;
 mod matmul;
 mod simd;
 
 pub use matmul::{matmul, matmul_gated, matmul_group, vec_dot};
-pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_scalar, simd_name};
+pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_per_row, set_force_scalar, simd_name};

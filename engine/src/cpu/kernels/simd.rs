@@ -1,7 +1,7 @@
 //! Which kernels run: the SIMD level this CPU offers, and the process-wide
 //! switches that force the scalar or the AVX2 paths (tests, debugging, odd CPUs).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// Instruction-set level of the kernels, lowest first. The VNNI levels only
@@ -48,6 +48,21 @@ pub fn set_force_scalar(on: bool) {
 /// with more (AVX-VNNI, AVX512): the paths an AVX2-only CPU takes.
 pub fn set_force_avx2(on: bool) {
     set_cap(if on { Isa::Avx2 } else { Isa::Avx512Vnni });
+}
+
+/// Set while the batched matmul kernels are switched off (`set_force_per_row`).
+static PER_ROW: AtomicBool = AtomicBool::new(false);
+
+/// Forces (or stops forcing) the per-row kernels for every matmul, whatever
+/// its token count: the batched ones (gemm16, gemm16k, gemm8k) give the same
+/// bits, so this only moves time; benches compare the two paths with it.
+pub fn set_force_per_row(on: bool) {
+    PER_ROW.store(on, Ordering::Relaxed);
+}
+
+/// Whether the per-row kernels are forced (`set_force_per_row`).
+pub(crate) fn per_row_forced() -> bool {
+    PER_ROW.load(Ordering::Relaxed)
 }
 
 /// Whether the scalar kernels are forced.
