@@ -784,6 +784,16 @@ async fn messages_stop_reasons_for_max_tokens_the_context_and_stop_sequences() {
     let (_, _, bytes) = send(&h.app, ask(json!({"max_tokens": 20, "stop_sequences": ["Stop"], "stream": true}))).await;
     let ev = responses_events(&bytes);
     assert_eq!(ev[ev.len() - 2].1["delta"], json!({"stop_reason": "stop_sequence", "stop_sequence": "Stop"}));
+    // max_tokens 0 (Anthropic's cache warm-up): counted, nothing generated.
+    let commands = h.log.lock().unwrap().len();
+    let (s, m) = json_of(&h.app, ask(json!({"max_tokens": 0}))).await;
+    assert_eq!((s, m["stop_reason"].clone(), m["content"].clone()), (StatusCode::OK, json!("max_tokens"), json!([{"type": "text", "text": ""}])), "{m}");
+    let (_, count) = json_of(&h.app, post("/v1/messages/count_tokens", json!({"messages": [{"role": "user", "content": "Count."}]}))).await;
+    assert_eq!(m["usage"], json!({"input_tokens": count["input_tokens"], "output_tokens": 0}));
+    let (_, _, bytes) = send(&h.app, ask(json!({"max_tokens": 0, "stream": true}))).await;
+    let names: Vec<String> = responses_events(&bytes).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, ["message_start", "content_block_start", "ping", "content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(h.log.lock().unwrap().len(), commands, "the engine was not asked");
 }
 
 /// Every answer on the Messages routes is in Anthropic's error shape, and

@@ -10,7 +10,8 @@
 //!
 //! The key may come as `x-api-key` (Anthropic's header) or as
 //! `Authorization: Bearer`; `anthropic-version` and `anthropic-beta` are
-//! accepted and not read.
+//! accepted and not read. `max_tokens: 0` (Anthropic's cache warm-up)
+//! checks and counts the prompt and generates nothing.
 
 mod errors;
 mod output;
@@ -27,9 +28,11 @@ use bytes::Bytes;
 
 use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::output::{ChatGeneration, ChatStep};
-use super::params::JsonBody;
+use super::generation::Finish;
+use super::output::{ChatChoiceOutput, ChatGeneration, ChatStep};
+use super::params::{resolve_model, JsonBody};
 use super::sse::{self, ChunkShape, DeltaStream};
+use super::types::{ChatCompletionRequest, Usage};
 use super::{new_response_id, AppState};
 use output::{Head, StreamRenderer};
 use request::Endpoint;
@@ -77,7 +80,11 @@ fn tool_id() -> String {
 }
 
 async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: MessagesRequest) -> Result<Response, ApiError> {
-    let prepared = request::chat_request(req, Endpoint::Create)?.prepare(&state, client, &headers).await?;
+    let chat = request::chat_request(req, Endpoint::Create)?;
+    if chat.max_tokens == Some(0) {
+        return nothing_generated(&state, chat).await;
+    }
+    let prepared = chat.prepare(&state, client, &headers).await?;
     let head = Head { id: anthropic_id("msg"), model: prepared.model.clone(), capped: prepared.max_tokens_capped };
     let stream = prepared.plan.stream;
     let mut gen = prepared.start(&state)?;
@@ -89,6 +96,27 @@ async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: Message
     let render = StreamRenderer::new(head);
     let first = frames(&[render.start(gen.usage().prompt_tokens)]);
     Ok(sse::response(DeltaStream::new(MessagesStream { gen, render }, vec![first])))
+}
+
+/// `max_tokens: 0`: the prompt checked and counted, and an empty message
+/// that ends at once with `max_tokens` (streamed, if asked, as one burst).
+async fn nothing_generated(state: &AppState, chat: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let model = resolve_model(chat.model.as_deref(), &state.served_model_names)?;
+    let stream = chat.sampling.stream.unwrap_or(false);
+    let input_tokens = u32::try_from(chat.count_prompt_tokens(state).await?).unwrap_or(u32::MAX);
+    let head = Head { id: anthropic_id("msg"), model, capped: false };
+    let usage = Usage::new(input_tokens, 0);
+    let finish = Some(Finish { reason: "length", stop_reason: None });
+    if !stream {
+        let empty = ChatChoiceOutput { content: String::new(), tool_calls: Vec::new(), logprobs: Vec::new(), finish };
+        return Ok(Json(output::message(&head, &empty, &usage, &mut tool_id)).into_response());
+    }
+    let mut render = StreamRenderer::new(head);
+    let mut events = vec![render.start(input_tokens)];
+    events.extend(render.step(ChatStep { index: 0, pieces: Vec::new(), logprobs: Vec::new(), finish }, &mut tool_id));
+    events.extend(render.finish(&usage));
+    let body = frames(&events);
+    Ok(sse::stream_response(futures_util::stream::iter([Ok(body)])))
 }
 
 /// Events as Anthropic frames them: `event: TYPE` + `data: JSON`.
