@@ -188,8 +188,8 @@ mod tests {
         }
     }
 
-    fn finish(reason: &'static str, stop: Option<StopReason>) -> Option<Finish> {
-        Some(Finish { reason, stop_reason: stop })
+    fn finish(reason: &'static str, stop: Option<StopReason>) -> Finish {
+        Finish { reason, stop_reason: stop }
     }
 
     fn step(pieces: Vec<Piece>, f: Option<Finish>) -> ChatStep {
@@ -207,14 +207,14 @@ mod tests {
     #[test]
     fn stop_reasons() {
         let sr = |f: Option<Finish>, called, capped| stop_reason(f.as_ref(), called, capped);
-        assert_eq!(sr(finish("stop", None), false, false), ("end_turn", None));
-        assert_eq!(sr(finish("stop", Some(StopReason::Token(7))), false, false), ("end_turn", None));
-        assert_eq!(sr(finish("stop", Some(StopReason::Text("END".into()))), false, false), ("stop_sequence", Some("END".into())));
-        assert_eq!(sr(finish("length", None), false, false), ("max_tokens", None));
-        assert_eq!(sr(finish("length", None), false, true), ("model_context_window_exceeded", None));
-        assert_eq!(sr(finish("tool_calls", None), true, false), ("tool_use", None));
-        assert_eq!(sr(finish("stop", None), true, false), ("tool_use", None), "a named choice finishes with stop");
-        assert_eq!(sr(finish("length", None), true, false), ("max_tokens", None));
+        assert_eq!(sr(Some(finish("stop", None)), false, false), ("end_turn", None));
+        assert_eq!(sr(Some(finish("stop", Some(StopReason::Token(7)))), false, false), ("end_turn", None));
+        assert_eq!(sr(Some(finish("stop", Some(StopReason::Text("END".into())))), false, false), ("stop_sequence", Some("END".into())));
+        assert_eq!(sr(Some(finish("length", None)), false, false), ("max_tokens", None));
+        assert_eq!(sr(Some(finish("length", None)), false, true), ("model_context_window_exceeded", None));
+        assert_eq!(sr(Some(finish("tool_calls", None)), true, false), ("tool_use", None));
+        assert_eq!(sr(Some(finish("stop", None)), true, false), ("tool_use", None), "a named choice finishes with stop");
+        assert_eq!(sr(Some(finish("length", None)), true, false), ("max_tokens", None));
         assert_eq!(sr(None, false, false), ("end_turn", None));
     }
 
@@ -225,7 +225,7 @@ mod tests {
         let mut ev = vec![r.start(9)];
         ev.extend(r.step(step(vec![text("Hel")], None), &mut id));
         ev.extend(r.step(step(vec![], None), &mut id)); // text held back: nothing
-        ev.extend(r.step(step(vec![text("lo")], finish("stop", Some(StopReason::Text("\n\n".into())))), &mut id));
+        ev.extend(r.step(step(vec![text("lo")], Some(finish("stop", Some(StopReason::Text("\n\n".into()))))), &mut id));
         ev.extend(r.finish(&Usage::new(9, 3)));
         assert_eq!(names(&ev), [
             "message_start", "content_block_start", "ping", "content_block_delta", "content_block_delta",
@@ -251,7 +251,7 @@ mod tests {
         };
         let mut ev = r.step(step(vec![text("Sure. "), Piece::ToolCalls(vec![call(0, Some("f"), "")])], None), &mut id);
         ev.extend(r.step(step(vec![Piece::ToolCalls(vec![call(0, None, "{\"x\":")])], None), &mut id));
-        ev.extend(r.step(step(vec![Piece::ToolCalls(vec![call(0, None, "1}"), call(1, Some("g"), "{}")])], finish("stop", None)), &mut id));
+        ev.extend(r.step(step(vec![Piece::ToolCalls(vec![call(0, None, "1}"), call(1, Some("g"), "{}")])], Some(finish("stop", None))), &mut id));
         ev.extend(r.finish(&Usage::new(1, 5)));
         assert_eq!(names(&ev), [
             "content_block_start", "ping", "content_block_delta", "content_block_stop",
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn an_empty_answer_still_has_its_text_block() {
         let mut r = StreamRenderer::new(head(true));
-        let mut ev = r.step(step(vec![], finish("length", None)), &mut ids());
+        let mut ev = r.step(step(vec![], Some(finish("length", None))), &mut ids());
         ev.extend(r.finish(&Usage::new(1, 0)));
         assert_eq!(names(&ev), ["content_block_start", "ping", "content_block_stop", "message_delta", "message_stop"]);
         assert_eq!(serde_json::to_value(&ev[3]).unwrap()["delta"]["stop_reason"], "model_context_window_exceeded");
@@ -283,7 +283,7 @@ mod tests {
                 ToolCall { id: "chatcmpl-tool-2".into(), name: "h".into(), arguments: "{\"cut".into() },
             ],
             logprobs: vec![],
-            finish: finish("tool_calls", None),
+            finish: Some(finish("tool_calls", None)),
         };
         let m = serde_json::to_value(message(&head(false), &choice, &Usage::new(4, 2), &mut ids())).unwrap();
         assert_eq!(m, json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
@@ -294,7 +294,7 @@ mod tests {
         let calls_only = ChatChoiceOutput { content: String::new(), tool_calls: choice.tool_calls[..1].to_vec(), ..choice.clone() };
         let m = message(&head(false), &calls_only, &Usage::new(4, 2), &mut ids());
         assert_eq!(m.content.len(), 1, "no empty text beside calls");
-        let silent = ChatChoiceOutput { content: String::new(), tool_calls: vec![], finish: finish("stop", None), ..choice };
+        let silent = ChatChoiceOutput { content: String::new(), tool_calls: vec![], finish: Some(finish("stop", None)), ..choice };
         let m = message(&head(false), &silent, &Usage::new(4, 1), &mut ids());
         assert_eq!((m.content, m.stop_reason), (vec![OutputBlock::Text { text: String::new() }], Some("end_turn")));
     }
