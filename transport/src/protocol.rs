@@ -175,6 +175,10 @@ pub struct Resume {
 
 /// Gateway -> engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "Add is the command nearly every message is; boxing it would allocate once per request to shrink the rare Abort and Shutdown"
+)]
 pub enum EngineCommand {
     /// Admit a request. The engine answers every one with outputs under its
     /// id, ending in a `finish` (an `Error` one if it refuses the request).

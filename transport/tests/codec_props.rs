@@ -17,11 +17,11 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
     (
         (any::<u32>(), f32s(), f32s(), any::<i32>(), f32s(), f32s(), f32s()),
         (f32s(), option::of(any::<u64>()), any::<u32>(), any::<u32>(), vec(any::<u32>(), 0..8)),
-        (any::<bool>(), option::of(any::<u32>()), option::of(constraint())),
+        (any::<bool>(), option::of(any::<u32>()), option::of(constraint()), any::<i64>()),
     )
         .prop_map(|((n, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty), b, c)| {
             let (frequency_penalty, seed, max_tokens, min_tokens, stop_token_ids) = b;
-            let (ignore_eos, logprobs, constraint) = c;
+            let (ignore_eos, logprobs, constraint, priority) = c;
             let logit_bias = stop_token_ids.iter().map(|&t| (t, -1.5)).collect();
             SamplingParams {
                 n,
@@ -41,6 +41,7 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
                 prompt_logprobs: logprobs,
                 logit_bias,
                 constraint,
+                priority,
             }
         })
 }
