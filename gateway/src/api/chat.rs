@@ -91,6 +91,9 @@ pub(crate) struct PreparedChat {
     pub logprobs: Option<u32>,
     /// vLLM's `prompt_logprobs` was asked for.
     pub prompt_logprobs: bool,
+    /// `max_tokens` was a ceiling above the room the context leaves, and was
+    /// cut to that room (so a "length" finish means the context is full).
+    pub max_tokens_capped: bool,
     tools: ToolMode,
     prompt: Vec<u32>,
     params: SamplingParams,
@@ -135,14 +138,7 @@ impl ChatCompletionRequest {
         let tool_plan = super::tools::plan(&req.tool_fields, &state.tools)?;
         let admission = state.admit(client)?;
         let tok = state.tokenizer.clone();
-        let opts = render_options(state, &req.template)?;
-        let prompt = {
-            let messages = super::tools::template_messages(messages.iter().map(OpenAiMessage::to_template).collect());
-            let (tok, template) = (tok.clone(), req.template.chat_template.clone());
-            let opts = RenderOptions { tools: tool_plan.template_tools.clone(), ..opts };
-            let add_special = req.sampling.add_special_tokens.unwrap_or(false);
-            state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await?
-        };
+        let prompt = req.render_prompt(state, messages, tool_plan.template_tools.clone()).await?;
         if let Some(t) = trace.as_mut() {
             t.tokenized(Instant::now());
         }
@@ -150,6 +146,10 @@ impl ChatCompletionRequest {
             (Some(m), _) => (Some(m), "max_completion_tokens"),
             (None, m) => (m, "max_tokens"),
         };
+        // A ceiling (Anthropic's `max_tokens`) is cut to the room the context leaves.
+        let room = state.max_model_len.saturating_sub(prompt.len() as u32);
+        let max_tokens_capped = req.max_tokens_is_ceiling && room > 0 && max_tokens.is_some_and(|m| m > room);
+        let max_tokens = if max_tokens_capped { Some(room) } else { max_tokens };
         let limits = LengthCheck { max_model_len: state.max_model_len, prompt_param: "messages", max_tokens_param };
         let mut params = sampling_params(&req.sampling, max_tokens, want_logprobs.then_some(top_k), prompt.len(), &limits, tok.vocab_size())?;
         let structured = super::structured::constraint(state, &req.sampling.structured).await?;
@@ -159,6 +159,7 @@ impl ChatCompletionRequest {
             plan,
             logprobs: want_logprobs.then_some(top_k),
             prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+            max_tokens_capped,
             tools: tool_plan.mode,
             prompt,
             params,
@@ -168,6 +169,36 @@ impl ChatCompletionRequest {
             pin,
             trace,
         })
+    }
+}
+
+impl ChatCompletionRequest {
+    /// The prompt `messages` render to with this request's template fields
+    /// and `template_tools`, as token ids: the template and the tokenizer run
+    /// off the async workers.
+    async fn render_prompt(&self, state: &AppState, messages: &[OpenAiMessage], template_tools: Option<serde_json::Value>) -> Result<Vec<u32>, ApiError> {
+        let opts = RenderOptions { tools: template_tools, ..render_options(state, &self.template)? };
+        let messages = super::tools::template_messages(messages.iter().map(OpenAiMessage::to_template).collect());
+        let (tok, template) = (state.tokenizer.clone(), self.template.chat_template.clone());
+        let add_special = self.sampling.add_special_tokens.unwrap_or(false);
+        state.text_work(move || render_chat(&tok, &messages, &opts, template.as_deref(), add_special)).await
+    }
+
+    /// How many tokens the prompt of this request is, rendered as
+    /// [`prepare`](Self::prepare) renders it (its tools included, whatever
+    /// `tool_choice` says), with nothing generated and no slot taken: the
+    /// model, the messages and the tools are checked as `prepare` checks them.
+    pub(crate) async fn count_prompt_tokens(&self, state: &AppState) -> Result<usize, ApiError> {
+        resolve_model(self.model.as_deref(), &state.served_model_names)?;
+        let messages = match &self.messages {
+            Some(m) if !m.is_empty() => m,
+            _ => return Err(ApiError::invalid_param("messages", "`messages` must be a non-empty list.")),
+        };
+        super::limits::check_messages(messages)?;
+        // The tools are rendered whatever the choice: "none" plans them without a parser.
+        let fields = super::tools::ToolFields { tool_choice: Some(serde_json::Value::from("none")), ..self.tool_fields.clone() };
+        let tool_plan = super::tools::plan(&fields, &state.tools)?;
+        Ok(self.render_prompt(state, messages, tool_plan.template_tools).await?.len())
     }
 }
 

@@ -2,16 +2,19 @@
 //! HTTP/1.1, HTTP/2 and HTTP/3.
 //!
 //! Routes: POST /v1/completions, /v1/chat/completions, /v1/responses,
+//! /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API),
 //! /tokenize, /detokenize, /v1/admin/ranks/{rank}/drain; GET /v1/models,
 //! /health, /metrics, /version, /v1/admin/ranks.
 //!
 //! - Bodies over [`MAX_BODY_BYTES`] (4 MiB: a full 128k-token prompt as JSON token
 //!   ids is about 1 MiB) get 413.
 //! - With an API key set, every route but /health, /metrics and /version needs
-//!   `Authorization: Bearer <key>` (401 otherwise).
+//!   `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (401 otherwise).
 //! - At most `max_concurrent_requests` generations run at once; more get 503 with
 //!   Retry-After, as do requests while no engine rank is up.
-//! - All errors are `{"error": {"message", "type", "param", "code"}}`.
+//! - All errors are `{"error": {"message", "type", "param", "code"}}`, but
+//!   on the Messages routes, which answer Anthropic's `{"type": "error",
+//!   "error": {"type", "message"}}`.
 
 pub(crate) mod admin;
 pub(crate) mod chat;
@@ -23,6 +26,7 @@ pub(crate) mod gbnf;
 pub(crate) mod generation;
 pub(crate) mod limits;
 pub(crate) mod logprobs;
+pub(crate) mod messages;
 pub(crate) mod models;
 pub(crate) mod output;
 pub(crate) mod params;
@@ -238,10 +242,7 @@ pub(crate) struct Admission {
 /// trusted proxies (`ClientAddr`, from `X-Forwarded-For` or the PROXY
 /// protocol), else the connection's peer (a server other than ours).
 async fn identify_client(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let key = (!state.api_keys.is_empty())
-        .then(|| req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
-        .flatten()
-        .map(|k| client_limits::ClientId::from_key(k.trim()));
+    let key = (!state.api_keys.is_empty()).then(|| presented_key(req.headers())).flatten().map(client_limits::ClientId::from_key);
     let id = key
         .or_else(|| req.extensions().get::<crate::server::ClientAddr>().map(|c| client_limits::ClientId::Addr(c.0)))
         .or_else(|| {
@@ -262,6 +263,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/responses", post(responses::create))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(models::list))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
@@ -308,12 +311,30 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
-async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("No route for {} {}", req.method(), req.uri().path()))
+/// An error answered before any handler ran, in the shape of the API the
+/// path belongs to (Anthropic's on the Messages routes, OpenAI's elsewhere).
+fn early_error(path: &str, e: ApiError) -> Response {
+    if messages::is_messages_path(path) {
+        messages::AnthropicError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("Method {} not allowed on {}", req.method(), req.uri().path()))
+async fn not_found(req: Request) -> Response {
+    early_error(req.uri().path(), ApiError::not_found(format!("No route for {} {}", req.method(), req.uri().path())))
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let e = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("Method {} not allowed on {}", req.method(), req.uri().path()));
+    early_error(req.uri().path(), e)
+}
+
+/// The key a request presents: `Authorization: Bearer KEY` (OpenAI's), else
+/// `x-api-key: KEY` (Anthropic's).
+fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok())).map(str::trim)
 }
 
 /// Paths anyone may read, key or not (vLLM leaves these open too).
@@ -321,16 +342,11 @@ const OPEN_PATHS: [&str; 3] = ["/health", "/metrics", "/version"];
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if !state.api_keys.is_empty() && !OPEN_PATHS.contains(&req.uri().path()) {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let given = presented_key(req.headers());
         // Every key is compared, so the time taken says nothing of which matched.
         let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, k| ok | constant_time_eq(g.as_bytes(), k.as_bytes())));
         if !ok {
-            return ApiError::unauthorized().into_response();
+            return early_error(req.uri().path(), ApiError::unauthorized());
         }
     }
     next.run(req).await

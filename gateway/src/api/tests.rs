@@ -709,3 +709,156 @@ async fn prompt_logprobs_null_and_usage_in_every_chunk() {
     let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "stop": ["x", ""]}))).await;
     assert_eq!((s, v["error"]["message"].clone(), v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("stop cannot contain an empty string."), json!("stop")));
 }
+
+fn with_header(r: Request<Body>, name: &'static str, value: &str) -> Request<Body> {
+    let (mut parts, body) = r.into_parts();
+    parts.headers.insert(name, value.parse().unwrap());
+    Request::from_parts(parts, body)
+}
+
+/// Anthropic's Messages API on the chat path: the message, its stream (text
+/// equal, Anthropic's event order), usage equal to chat's and to
+/// count_tokens, and max_tokens as a ceiling cut to the context's room.
+#[tokio::test]
+async fn messages_streamed_equals_unstreamed_and_counts() {
+    let Some(tok) = tokenizer() else { return };
+    let mut script = encode(&tok, "Hi! I'm fine.");
+    let text_len = script.len() as u32;
+    script.push(tok.eos_token_id().unwrap());
+    let Some(h) = harness(&script).await else { return };
+    let want = tok.decode(&script[..text_len as usize], true).unwrap();
+    let body = json!({"model": "smol", "max_tokens": 4096, "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "How are you?"}]}], "temperature": 0, "metadata": {"user_id": "u"}});
+    let (s, m) = json_of(&h.app, with_header(post("/v1/messages", body.clone()), "anthropic-version", "2023-06-01")).await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"), "{m}");
+    assert_eq!((m["type"].clone(), m["role"].clone(), m["model"].clone()), (json!("message"), json!("assistant"), json!("smol")));
+    assert_eq!(m["content"], json!([{"type": "text", "text": want}]));
+    assert_eq!((m["stop_reason"].clone(), m["stop_sequence"].clone()), (json!("end_turn"), Value::Null));
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you?"}]);
+    let (_, chat) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": messages}))).await;
+    assert_eq!(m["usage"], json!({"input_tokens": chat["usage"]["prompt_tokens"], "output_tokens": text_len + 1}));
+    let (s, count) = json_of(&h.app, post("/v1/messages/count_tokens", json!({"model": "smol", "system": "Be brief.", "messages": body["messages"]}))).await;
+    assert_eq!((s, count), (StatusCode::OK, json!({"input_tokens": m["usage"]["input_tokens"]})));
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let (s, headers, bytes) = send(&h.app, post("/v1/messages", stream_body)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    let ev = responses_events(&bytes);
+    let names: Vec<&str> = ev.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(&names[..3], ["message_start", "content_block_start", "ping"]);
+    assert_eq!(&names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    assert!(names[3..names.len() - 3].iter().all(|n| *n == "content_block_delta"), "{names:?}");
+    let start = &ev[0].1["message"];
+    assert_eq!((start["id"].as_str().unwrap().starts_with("msg_"), start["content"].clone()), (true, json!([])));
+    assert_eq!(start["usage"], json!({"input_tokens": m["usage"]["input_tokens"], "output_tokens": 0}));
+    let streamed: String = ev.iter().filter(|e| e.0 == "content_block_delta").map(|e| e.1["delta"]["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, want);
+    let delta = &ev[ev.len() - 2].1;
+    assert_eq!(delta["delta"], json!({"stop_reason": "end_turn", "stop_sequence": null}));
+    assert_eq!(delta["usage"], m["usage"]);
+}
+
+#[tokio::test]
+async fn messages_stop_reasons_for_max_tokens_the_context_and_stop_sequences() {
+    let Some(tok) = tokenizer() else { return };
+    // Never ends by itself: max_tokens, the context or a stop sequence ends it.
+    let script = encode(&tok, &"One two three. Stop here please, four five six seven eight nine ten.".repeat(4));
+    let Some(h) = harness(&script).await else { return };
+    let ask = |extra: Value| {
+        let mut body = json!({"max_tokens": 3, "messages": [{"role": "user", "content": "Count."}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        post("/v1/messages", body)
+    };
+    let (s, m) = json_of(&h.app, ask(json!({}))).await;
+    assert_eq!((s, m["stop_reason"].clone(), m["usage"]["output_tokens"].clone()), (StatusCode::OK, json!("max_tokens"), json!(3)), "{m}");
+    let (_, m) = json_of(&h.app, ask(json!({"max_tokens": 100000}))).await;
+    assert_eq!(m["stop_reason"], "model_context_window_exceeded", "{m}");
+    let used = m["usage"]["input_tokens"].as_u64().unwrap() + m["usage"]["output_tokens"].as_u64().unwrap();
+    assert_eq!(used, u64::from(MAX_MODEL_LEN), "the answer filled the context");
+    let (_, m) = json_of(&h.app, ask(json!({"max_tokens": 20, "stop_sequences": ["Stop", "never"]}))).await;
+    assert_eq!((m["stop_reason"].clone(), m["stop_sequence"].clone()), (json!("stop_sequence"), json!("Stop")), "{m}");
+    assert_eq!(m["content"][0]["text"], "One two three. ");
+    let (_, _, bytes) = send(&h.app, ask(json!({"max_tokens": 20, "stop_sequences": ["Stop"], "stream": true}))).await;
+    let ev = responses_events(&bytes);
+    assert_eq!(ev[ev.len() - 2].1["delta"], json!({"stop_reason": "stop_sequence", "stop_sequence": "Stop"}));
+    // max_tokens 0 (Anthropic's cache warm-up): counted, nothing generated.
+    let commands = h.log.lock().unwrap().len();
+    let (s, m) = json_of(&h.app, ask(json!({"max_tokens": 0}))).await;
+    assert_eq!((s, m["stop_reason"].clone(), m["content"].clone()), (StatusCode::OK, json!("max_tokens"), json!([{"type": "text", "text": ""}])), "{m}");
+    let (_, count) = json_of(&h.app, post("/v1/messages/count_tokens", json!({"messages": [{"role": "user", "content": "Count."}]}))).await;
+    assert_eq!(m["usage"], json!({"input_tokens": count["input_tokens"], "output_tokens": 0}));
+    let (_, _, bytes) = send(&h.app, ask(json!({"max_tokens": 0, "stream": true}))).await;
+    let names: Vec<String> = responses_events(&bytes).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, ["message_start", "content_block_start", "ping", "content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(h.log.lock().unwrap().len(), commands, "the engine was not asked");
+}
+
+/// Every answer on the Messages routes is in Anthropic's error shape, and
+/// `x-api-key` is a key as `Authorization: Bearer` is.
+#[tokio::test]
+async fn messages_errors_have_anthropics_shape_and_x_api_key_is_a_key() {
+    let Some(tok) = tokenizer() else { return };
+    let script = encode(&tok, "Fine, thanks.");
+    let Some(h) = harness_with(&script, |s| s.with_api_key(Some("sekret".into()))).await else { return };
+    let hello = json!({"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]});
+    let kind = |v: &Value| (v["type"].clone(), v["error"]["type"].clone());
+
+    let (s, v) = json_of(&h.app, post("/v1/messages", hello.clone())).await;
+    assert_eq!((s, kind(&v)), (StatusCode::UNAUTHORIZED, (json!("error"), json!("authentication_error"))), "{v}");
+    let (s, v) = json_of(&h.app, with_header(post("/v1/messages", hello.clone()), "x-api-key", "nope")).await;
+    assert_eq!((s, kind(&v)), (StatusCode::UNAUTHORIZED, (json!("error"), json!("authentication_error"))));
+    let (s, v) = json_of(&h.app, post("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}]}))).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::UNAUTHORIZED, json!(401)), "OpenAI's routes keep OpenAI's shape");
+
+    let key = |r| with_header(r, "x-api-key", "sekret");
+    let (s, v) = json_of(&h.app, key(post("/v1/messages", hello.clone()))).await;
+    assert_eq!((s, v["content"][0]["text"].clone()), (StatusCode::OK, json!(tok.decode(&script[..2], true).unwrap())), "{v}");
+    let (s, _) = json_of(&h.app, with_header(post("/v1/messages", hello.clone()), "authorization", "Bearer sekret")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = json_of(&h.app, key(post("/v1/messages", json!({"messages": [{"role": "user", "content": "Hi"}]})))).await;
+    assert_eq!((s, v), (StatusCode::BAD_REQUEST, json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})));
+    let (s, v) = json_of(&h.app, key(post("/v1/messages", json!({"max_tokens": 2, "temperature": "hot", "messages": []})))).await;
+    assert_eq!((s, kind(&v)), (StatusCode::BAD_REQUEST, (json!("error"), json!("invalid_request_error"))));
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("temperature: "), "{v}");
+    let mut unknown = hello.clone();
+    unknown["model"] = json!("claude-sonnet-4");
+    let (s, v) = json_of(&h.app, key(post("/v1/messages", unknown))).await;
+    assert_eq!((s, kind(&v)), (StatusCode::NOT_FOUND, (json!("error"), json!("not_found_error"))));
+    let (s, v) = json_of(&h.app, key(post("/v1/messages/count_tokens", json!({"model": "claude-sonnet-4", "messages": hello["messages"]})))).await;
+    assert_eq!((s, kind(&v)), (StatusCode::NOT_FOUND, (json!("error"), json!("not_found_error"))));
+    let raw = key(Request::post("/v1/messages").header(header::CONTENT_TYPE, "application/json").body(Body::from("{\"max_tokens\": ")).unwrap());
+    let (s, v) = json_of(&h.app, raw).await;
+    assert_eq!((s, kind(&v)), (StatusCode::BAD_REQUEST, (json!("error"), json!("invalid_request_error"))));
+    let big = vec![b' '; super::MAX_BODY_BYTES + 10];
+    let raw = key(Request::post("/v1/messages").header(header::CONTENT_TYPE, "application/json").body(Body::from(big)).unwrap());
+    let (s, v) = json_of(&h.app, raw).await;
+    assert_eq!((s, kind(&v)), (StatusCode::PAYLOAD_TOO_LARGE, (json!("error"), json!("request_too_large"))));
+    let (s, v) = json_of(&h.app, key(Request::get("/v1/messages").body(Body::empty()).unwrap())).await;
+    assert_eq!((s, kind(&v)), (StatusCode::METHOD_NOT_ALLOWED, (json!("error"), json!("invalid_request_error"))));
+    // Full: Anthropic's 529 overloaded_error, with Retry-After.
+    h.state.accepting.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (s, headers, b) = send(&h.app, key(post("/v1/messages", hello))).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((s.as_u16(), kind(&v)), (529, (json!("error"), json!("overloaded_error"))));
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+}
+
+#[tokio::test]
+async fn messages_stream_ends_with_an_error_event_when_the_rank_dies() {
+    let Some(tok) = tokenizer() else { return };
+    let mut script = encode(&tok, "Partial answer");
+    script.push(DIE);
+    let Some(h) = harness(&script).await else { return };
+    let body = json!({"max_tokens": 30, "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    let (s, _, bytes) = send(&h.app, post("/v1/messages", body)).await;
+    assert_eq!(s, StatusCode::OK);
+    let ev = responses_events(&bytes);
+    let (last, before) = ev.split_last().unwrap();
+    assert_eq!((last.0.as_str(), last.1["error"]["type"].clone()), ("error", json!("overloaded_error")), "{ev:?}");
+    let text: String = before.iter().filter(|e| e.0 == "content_block_delta").map(|e| e.1["delta"]["text"].as_str().unwrap()).collect();
+    assert_eq!(text, tok.decode(&script[..script.len() - 1], true).unwrap());
+    assert!(before.iter().all(|e| e.0 != "message_stop"));
+}

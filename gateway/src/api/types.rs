@@ -214,6 +214,11 @@ pub(crate) struct ChatCompletionRequest {
     /// tools, tool_choice, parallel_tool_calls.
     #[serde(flatten)]
     pub tool_fields: super::tools::ToolFields,
+    /// Not a request field: set by an API whose `max_tokens` is a ceiling
+    /// (Anthropic's Messages API), so that one above the room the context
+    /// leaves is cut to it rather than refused.
+    #[serde(skip)]
+    pub max_tokens_is_ceiling: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
