@@ -20,7 +20,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ferry_engine::quant::GgmlType;
 use ferry_engine::tokenizer::{ChatMessage, Tokenizer};
@@ -28,7 +27,7 @@ use ferry_engine::model::weights::NoProgress;
 use ferry_engine::{load_model, EngineArgs, EngineThreads, LoadFormat};
 use ferry_transport::{SamplingParams, TokenLogprob};
 
-use crate::api::generation::{ChoiceDelta, ChoiceOutput, Generation};
+use crate::api::generation::{ChoiceDelta, ChoiceOutput, Generation, Origin};
 use crate::api::params::TextOptions;
 use crate::api::errors::ApiError;
 use crate::api::{router, AppState};
@@ -223,7 +222,7 @@ impl Llm {
             stop_token_ids: sampling.stop_token_ids.clone(),
         };
         let n = sampling.n.max(1) as usize;
-        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Instant::now(), None, None, None)?;
+        let generation = Generation::start(&self.state, vec![tokens], vec![sampling], opts, Origin::local())?;
         Ok(Stream { generation, so_far: vec![ChoiceOutput::default(); n] })
     }
 

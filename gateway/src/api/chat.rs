@@ -15,7 +15,7 @@ use ferry_transport::{SamplingParams, TokenLogprob, MAX_LOGPROBS};
 
 use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::generation::Generation;
+use super::generation::{Generation, Origin};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::output::{ChatGeneration, ChatStep};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions};
@@ -205,7 +205,7 @@ impl ChatCompletionRequest {
 impl PreparedChat {
     /// Sends the prompt to the engines; its output comes as typed steps.
     pub(crate) fn start(self, state: &AppState) -> Result<ChatGeneration, ApiError> {
-        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, self.arrival, Some(self.admission), self.pin, self.trace)?;
+        let gen = Generation::start(state, vec![self.prompt], vec![self.params], self.text, Origin { arrival: self.arrival, admission: Some(self.admission), pin: self.pin, trace: self.trace })?;
         Ok(ChatGeneration::new(gen, self.tools))
     }
 }

@@ -12,7 +12,7 @@ use ferry_transport::{SamplingParams, TokenLogprob};
 
 use super::client_limits::ClientId;
 use super::errors::ApiError;
-use super::generation::{ChoiceDelta, Generation};
+use super::generation::{ChoiceDelta, Generation, Origin};
 use super::logprobs::{clamp_lp, token_text, vllm_prompt_logprobs};
 use super::params::{resolve_model, sampling_params, JsonBody, LengthCheck, StreamPlan, TextOptions, MAX_CHOICES};
 use super::sse::{self, ChunkShape, DeltaStream};
@@ -154,7 +154,7 @@ impl CompletionRequest {
 impl PreparedCompletion {
     /// Sends the prompts to the engines.
     fn start(self, state: &AppState) -> Result<(Generation, Output), ApiError> {
-        let gen = Generation::start(state, self.prompts, self.params, self.text, self.arrival, Some(self.admission), self.pin, self.trace)?;
+        let gen = Generation::start(state, self.prompts, self.params, self.text, Origin { arrival: self.arrival, admission: Some(self.admission), pin: self.pin, trace: self.trace })?;
         Ok((gen, self.out))
     }
 }

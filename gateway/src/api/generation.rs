@@ -126,20 +126,31 @@ pub(crate) struct Generation {
     trace: Option<(RequestTrace, SamplingParams)>,
 }
 
+/// Where a generation comes from and goes: what [`Generation::start`] takes
+/// besides the prompts and their settings.
+pub(crate) struct Origin {
+    /// When the request arrived (latencies are measured from it).
+    pub arrival: Instant,
+    /// The client's admission slot, held until the generation is dropped.
+    pub admission: Option<Admission>,
+    /// Sends every prompt to this rank (vLLM's `X-data-parallel-rank`).
+    pub pin: Option<u32>,
+    /// The request's trace, emitted when the generation ends.
+    pub trace: Option<RequestTrace>,
+}
+
+impl Origin {
+    /// A request of this process's own (`ferry::Llm`): no slot, no pin, no trace.
+    pub(crate) fn local() -> Origin {
+        Origin { arrival: Instant::now(), admission: None, pin: None, trace: None }
+    }
+}
+
 impl Generation {
     /// Send every prompt to the engines. `prompts[i]` goes with `params[i]`; all
-    /// share `n`. `admission` is held until this is dropped.
-    /// `pin` sends them to one rank (vLLM's `X-data-parallel-rank`).
-    pub(crate) fn start(
-        state: &AppState,
-        prompts: Vec<Vec<u32>>,
-        params: Vec<SamplingParams>,
-        opts: TextOptions,
-        arrival: Instant,
-        admission: Option<Admission>,
-        pin: Option<u32>,
-        trace: Option<RequestTrace>,
-    ) -> Result<Self, ApiError> {
+    /// share `n`.
+    pub(crate) fn start(state: &AppState, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>, opts: TextOptions, origin: Origin) -> Result<Self, ApiError> {
+        let Origin { arrival, admission, pin, trace } = origin;
         let context = trace.as_ref().map(RequestTrace::context);
         let trace = trace.map(|t| (t, params.first().cloned().unwrap_or_default()));
         let n = params.first().map_or(1, |p| p.n).max(1);
