@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Serving benchmark, ferry beside llama.cpp's OpenAI server, in one run: the same
-# GGUF, the same two threads, the same prompts (ferry bench serve, random dataset,
-# fixed seed), at --max-concurrency 1, 4 and 16, streaming over HTTP/1.1.
+# Serving benchmark, ferry beside llama.cpp's own C++ server (llama-server,
+# continuous batching over SLOTS slots, default 64), in one run: the same GGUF,
+# the same two threads, the same prompts (ferry bench serve, random dataset,
+# fixed seed), at --max-concurrency 1, 16 and 64 (CONCURRENCY), streaming over
+# HTTP/1.1.
 #   scripts/bench/bench_serve_vs_llama_cpp.sh [MODEL.gguf] [OUT_DIR]
-# Needs a release build and llama-cpp-python (scripts/bench/llama_cpp_server.sh installs it).
+# Needs a release build; scripts/bench/llama_server.sh builds llama-server.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:-$(scripts/fetch/fetch-model.sh)}
@@ -13,7 +15,7 @@ ferry=target/release/ferry
 "$ferry" serve "$model" --host 127.0.0.1 --port 18000 --tls-port 18443 --threads 2 --served-model-name smollm2 \
   --cert-dir "$out/certs" >"$out/ferry.log" 2>&1 &
 ferry_pid=$!
-MODEL_ALIAS=smollm2 scripts/bench/llama_cpp_server.sh "$model" 18001 127.0.0.1 >"$out/llama.log" 2>&1 &
+MODEL_ALIAS=smollm2 scripts/bench/llama_server.sh "$model" 18001 "${SLOTS:-64}" 127.0.0.1 >"$out/llama.log" 2>&1 &
 llama_pid=$!
 trap 'kill $ferry_pid $llama_pid 2>/dev/null || true' EXIT
 for port in 18000 18001; do
@@ -22,7 +24,7 @@ for port in 18000 18001; do
     sleep 1
   done
 done
-for c in 1 4 16; do
+for c in ${CONCURRENCY:-1 16 64}; do
   n=$((c * 4 > 8 ? c * 4 : 8))
   for side in ferry:18000 llama:18001; do
     name=${side%%:*}; port=${side##*:}
