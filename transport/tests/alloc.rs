@@ -66,8 +66,9 @@ fn outputs_claiming(n: u32, body: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Empty stats (7 varints, an f32, a bool, no step reports) and no KV events.
-const EMPTY_TAIL: [u8; 13] = [0; 13];
+/// Empty stats (7 varints, an f32, a bool, no step reports, speculative
+/// totals of 3 varints and no positions) and no KV events.
+const EMPTY_TAIL: [u8; 17] = [0; 17];
 
 /// The smallest output on the wire: 8 bytes, 136 in memory.
 const EMPTY_OUTPUT: [u8; 8] = [1, 0, 0, 0, 0, 0, 0, 0];
