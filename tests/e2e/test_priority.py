@@ -20,7 +20,7 @@ httpx = need("httpx")
 def prio(server):
     # One sequence at a time, so every later request waits and the order of
     # the queue is the order of service.
-    srv = start_server(["--scheduling-policy", "priority"], max_num_seqs=1)
+    srv = start_server(["--scheduling-policy", "priority"], max_model_len=2048, max_num_seqs=1)
     srv.model_id = server.model_id
     try:
         yield srv
@@ -46,9 +46,9 @@ def test_waiting_requests_are_served_by_priority(prio):
 
     # A long request takes the one slot; then, in this order of arrival, a
     # low-priority, a default and two urgent ones queue behind it.
-    first = threading.Thread(target=run, args=("running", 0, 120))
+    first = threading.Thread(target=run, args=("running", 0, 1500))
     first.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     queued = [("low", 10, 8, "/v1/completions"), ("default", 0, 8, "/v1/chat/completions"),
               ("urgent", -5, 8, "/v1/completions"), ("urgent-chat", -5, 8, "/v1/chat/completions")]
     threads = []
@@ -56,7 +56,12 @@ def test_waiting_requests_are_served_by_priority(prio):
         t = threading.Thread(target=run, args=(name, priority, n, path))
         t.start()
         threads.append(t)
-        time.sleep(0.2)
+        time.sleep(0.03)
+    # The order is only the queue's if all four were queued behind the long
+    # one (1500 tokens, seconds even on a fast host): a short pause for the
+    # last to reach the engine, and the long one must still be running.
+    time.sleep(0.2)
+    assert "running" not in results, "the long request ended before the others queued behind it"
     first.join()
     for t in threads:
         t.join()
