@@ -16,6 +16,7 @@
 use super::act::{act_kind, ActKind, ActRow, Acts};
 use super::dot_scalar;
 use super::simd::{self, Isa};
+use crate::cpu::profile::{self, Part};
 use crate::quant::{check_row, GgmlType, QMatrix, QuantError};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -136,14 +137,99 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     if n_tokens == 0 || parts.is_empty() {
         return;
     }
-    // Each matrix's activation form; each distinct form is quantized once.
-    let mut needs: Vec<ActNeed> = Vec::with_capacity(parts.len());
-    let mut which: Vec<Option<usize>> = Vec::with_capacity(parts.len());
-    let mut wide: Vec<bool> = Vec::with_capacity(parts.len());
     for (w, out) in parts.iter_mut() {
         if w.cols() == 0 {
             out.fill(0.0);
         }
+    }
+    let (mut needs, mut which, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+    plan_acts(parts.iter().map(|(w, _)| &**w), n_tokens, isa, &mut needs, &mut which, &mut wide);
+    let cols = parts[0].0.cols();
+    let t = profile::start();
+    let mut acts = SCRATCH.with(std::cell::Cell::take);
+    quantize_acts(x, cols, n_tokens, isa, &needs, &mut acts);
+    let srcs: Vec<ActSrc> = which.iter().map(|w| ActSrc { q: w.map(|i| &acts[i]), x, cols }).collect();
+    let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
+    profile::add(Part::QuantizeActs, t, 1);
+
+    // The row chunks of every matrix, one task each; with `combine`, one task
+    // per chunk of both matrices' rows.
+    let threads = rayon::current_num_threads();
+    let macs: usize = parts.iter().map(|(w, _)| w.rows() * w.cols() * n_tokens).sum();
+    let serial = threads <= 1 || macs < PAR_MIN_MACS;
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    let align = if wide.iter().any(|&w| w) { 16 } else { 4 };
+    for (i, (w, _)) in parts.iter().enumerate() {
+        if w.rows() == 0 || w.cols() == 0 || (combine.is_some() && i > 0) {
+            continue;
+        }
+        let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] { 16 } else { align }) };
+        tasks.extend((0..w.rows().div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows()))));
+    }
+    // Profile: each task's busy time counts as its share of the pool's time.
+    let ((busy_part, wall_part), share) = (profile::matmul_parts(), if serial { 1 } else { threads });
+    let run = |(i, rows): &(usize, Range<usize>)| {
+        let busy = profile::start();
+        let one = |i: usize| {
+            // SAFETY: tasks are disjoint row ranges of their matrix, so no output
+            // is written twice; each output has n_tokens * rows values (asserted).
+            unsafe { run_rows(parts[i].0, &srcs[i], isa, rows.clone(), n_tokens, optrs[i], wide[i]) };
+        };
+        one(*i);
+        let Some(combine) = combine else {
+            profile::add(busy_part, busy, share);
+            return;
+        };
+        one(1);
+        profile::add(busy_part, busy, share);
+        let joining = profile::start();
+        let n_rows = parts[0].0.rows();
+        for t in 0..n_tokens {
+            let at = t * n_rows + rows.start;
+            // SAFETY: these rows of token t were written by this task alone
+            // (above) and are read or written by no other task.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(optrs[0].0.add(at), rows.len()),
+                    std::slice::from_raw_parts(optrs[1].0.add(at) as *const f32, rows.len()),
+                )
+            };
+            combine(a, b);
+        }
+        profile::add(Part::SwigluBusy, joining, share);
+    };
+    let wall = profile::start();
+    if serial {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+    profile::add(wall_part, wall, 1);
+    if let (Some(combine), [(wa, a), (_, b)]) = (combine, &mut *parts) {
+        if wa.rows() > 0 && wa.cols() == 0 {
+            // No tasks ran: the outputs are the zeros filled above, still to be joined.
+            combine(a, b);
+        }
+    }
+    drop(srcs);
+    SCRATCH.with(|c| c.set(acts));
+}
+
+/// Each matrix's activation form (`which` indexes `needs`, None: it reads
+/// the f32 input) and whether the 16-row kernel takes it (`wide`); each
+/// distinct form is quantized once.
+fn plan_acts<'a>(
+    mats: impl Iterator<Item = &'a QMatrix>,
+    n_tokens: usize,
+    isa: Isa,
+    needs: &mut Vec<ActNeed>,
+    which: &mut Vec<Option<usize>>,
+    wide: &mut Vec<bool>,
+) {
+    needs.clear();
+    which.clear();
+    wide.clear();
+    for w in mats {
         let wd = use_gemm16(w, isa, n_tokens);
         wide.push(wd);
         let kind = act_kind(w.ty());
@@ -162,70 +248,19 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         });
         which.push(Some(i));
     }
-    let cols = parts[0].0.cols();
-    let mut acts = SCRATCH.with(std::cell::Cell::take);
+}
+
+/// Quantizes `x` (n_tokens rows of `cols`) once for each form in `needs`, into `acts`.
+fn quantize_acts(x: &[f32], cols: usize, n_tokens: usize, isa: Isa, needs: &[ActNeed], acts: &mut Vec<Acts>) {
     acts.resize_with(acts.len().max(needs.len()), Acts::default);
     if cols > 0 {
-        for (a, need) in acts.iter_mut().zip(&needs) {
+        for (a, need) in acts.iter_mut().zip(needs) {
             a.quantize(need.kind, x, cols, n_tokens, isa);
             if let Some(bias) = need.bias {
                 a.fill_neg_sums(bias);
             }
         }
     }
-    let srcs: Vec<ActSrc> = which.iter().map(|w| ActSrc { q: w.map(|i| &acts[i]), x, cols }).collect();
-    let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
-
-    // The row chunks of every matrix, one task each; with `combine`, one task
-    // per chunk of both matrices' rows.
-    let threads = rayon::current_num_threads();
-    let macs: usize = parts.iter().map(|(w, _)| w.rows() * w.cols() * n_tokens).sum();
-    let serial = threads <= 1 || macs < PAR_MIN_MACS;
-    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
-    let align = if wide.iter().any(|&w| w) { 16 } else { 4 };
-    for (i, (w, _)) in parts.iter().enumerate() {
-        if w.rows() == 0 || w.cols() == 0 || (combine.is_some() && i > 0) {
-            continue;
-        }
-        let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] { 16 } else { align }) };
-        tasks.extend((0..w.rows().div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows()))));
-    }
-    let run = |(i, rows): &(usize, Range<usize>)| {
-        let one = |i: usize| {
-            // SAFETY: tasks are disjoint row ranges of their matrix, so no output
-            // is written twice; each output has n_tokens * rows values (asserted).
-            unsafe { run_rows(parts[i].0, &srcs[i], isa, rows.clone(), n_tokens, optrs[i], wide[i]) };
-        };
-        one(*i);
-        let Some(combine) = combine else { return };
-        one(1);
-        let n_rows = parts[0].0.rows();
-        for t in 0..n_tokens {
-            let at = t * n_rows + rows.start;
-            // SAFETY: these rows of token t were written by this task alone
-            // (above) and are read or written by no other task.
-            let (a, b) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(optrs[0].0.add(at), rows.len()),
-                    std::slice::from_raw_parts(optrs[1].0.add(at) as *const f32, rows.len()),
-                )
-            };
-            combine(a, b);
-        }
-    };
-    if serial {
-        tasks.iter().for_each(run);
-    } else {
-        tasks.par_iter().for_each(run);
-    }
-    if let (Some(combine), [(wa, a), (_, b)]) = (combine, &mut *parts) {
-        if wa.rows() > 0 && wa.cols() == 0 {
-            // No tasks ran: the outputs are the zeros filled above, still to be joined.
-            combine(a, b);
-        }
-    }
-    drop(srcs);
-    SCRATCH.with(|c| c.set(acts));
 }
 
 /// Rows per parallel task: several tasks per thread for balance, a multiple of
