@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod kv;
 pub mod ops;
 pub mod profile;
+pub mod team;
 pub mod worker;
 
 use crate::communicator::Communicator;
@@ -199,6 +200,9 @@ impl CpuShard {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let n = input.tokens.len();
         let seqs = self.check_batch(input, kv)?;
+        if self.team_fits(input) {
+            return Ok(self.forward_team(input, &seqs[0], kv));
+        }
         let t = profile::start();
         let (qd, kvd, ff) = (self.n_heads * hd, self.n_kv_heads * hd, self.layers.first().map_or(0, |l| l.w_up.rows()));
 

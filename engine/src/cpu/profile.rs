@@ -7,7 +7,9 @@
 //! thread, and the time its tasks are busy, summed over the threads and divided
 //! by the pool's size. The busy share is the region's work; the rest of its
 //! wall time is synchronisation: threads starting late, waiting at the end for
-//! the slowest, and handing tasks out.
+//! the slowest, and handing tasks out. The single-stream team
+//! (`crate::cpu::team`) times each of its phases the same way: from its
+//! opening to its last chunk, against its chunks' busy time.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};

@@ -263,6 +263,69 @@ fn quantize_acts(x: &[f32], cols: usize, n_tokens: usize, isa: Isa, needs: &[Act
     }
 }
 
+/// One token's input to a set of matrices (q/k/v, gate/up, ...), quantized
+/// once, for a thread that runs its own share of their rows ([`Self::run`])
+/// with no parallel region: the single-stream decode team
+/// (`crate::cpu::team`). Reused from step to step: nothing is allocated
+/// once its buffers have grown.
+pub(crate) struct Prepared {
+    isa: Isa,
+    needs: Vec<ActNeed>,
+    which: Vec<Option<usize>>,
+    wide: Vec<bool>,
+    acts: Vec<Acts>,
+}
+
+impl Default for Prepared {
+    fn default() -> Self {
+        Prepared { isa: Isa::Scalar, needs: Vec::new(), which: Vec::new(), wide: Vec::new(), acts: Vec::new() }
+    }
+}
+
+impl Prepared {
+    /// Quantizes `x` (one token) for the matrices `mats`, all of `x.len()` columns.
+    pub(crate) fn prepare(&mut self, x: &[f32], mats: &[&QMatrix]) {
+        self.isa = simd::current();
+        plan_acts(mats.iter().copied(), 1, self.isa, &mut self.needs, &mut self.which, &mut self.wide);
+        quantize_acts(x, x.len(), 1, self.isa, &self.needs, &mut self.acts);
+    }
+
+    /// Rows `rows` of matrix `i` of the prepared set, `w`, times the token:
+    /// `out[r]` for r in `rows`. The same kernels as [`matmul`] with the same
+    /// row grouping, so the same bits, when `rows` starts at a multiple of
+    /// [`SHARE_ALIGN`].
+    ///
+    /// # Panics
+    /// If `w` is not shaped like the i-th matrix [`Self::prepare`] was given
+    /// (its columns differ from `x`'s), or `rows` is outside it.
+    ///
+    /// # Safety
+    /// `out` must point at `w.rows()` floats, and no other thread may read or
+    /// write rows `rows` of them during the call.
+    pub(crate) unsafe fn run(&self, i: usize, w: &QMatrix, x: &[f32], rows: Range<usize>, out: *mut f32) {
+        assert!(i < self.wide.len() && x.len() == w.cols() && rows.end <= w.rows(), "Prepared::run: shapes differ");
+        if rows.is_empty() {
+            return;
+        }
+        if w.cols() == 0 {
+            for r in rows {
+                // SAFETY: r < w.rows(), and these rows are the caller's alone.
+                unsafe { *out.add(r) = 0.0 };
+            }
+            return;
+        }
+        let src = ActSrc { q: self.which[i].map(|k| &self.acts[k]), x, cols: w.cols() };
+        // SAFETY: the caller gives w.rows() floats for the one token, these
+        // rows its alone; `rows` are rows of `w` (asserted).
+        unsafe { run_rows(w, &src, self.isa, rows, 1, OutPtr(out), self.wide[i]) };
+    }
+}
+
+/// Where the decode team's row chunks start: a multiple of the 16-row kernel's
+/// group (and of the per-row kernels' 4-row tile), as [`matmul`]'s chunks do,
+/// so every row runs the same kernel as there.
+pub(crate) const SHARE_ALIGN: usize = 16;
+
 /// Rows per parallel task: several tasks per thread for balance, a multiple of
 /// `align` (the kernels' row tile), and small enough that a chunk of rows stays in L2.
 fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
