@@ -295,11 +295,11 @@ unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut
 }
 
 /// Q4_1, 16 rows x token 0 straight from the rows: [`tokens_q4_1`]'s
-/// operations (so its bits) without the packed copy, and two blocks from
-/// three transposes instead of four. A block is 20 bytes (d, m, 16 bytes of
-/// nibbles), so the 16 bytes at 0, 16 and 24 of a pair of blocks hold, as
-/// dwords: d/m and the first block's quants 0..12; its quants 12..16 and the
-/// second block's d/m; the second block's quants.
+/// operations (so its bits) without the packed copy, and fewer transposes
+/// than two a block. A block is 20 bytes (d and m, then 16 bytes of
+/// nibbles), five dwords: four blocks are the 20 dwords of five 16-byte
+/// transposes (block i: d/m in dword 5i, quants in 5i+1..5i+5). A pair of
+/// blocks left over takes three (at 0, 16 and 24), a last block two.
 #[inline(always)]
 unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
     let next = w.wrapping_add(ROWS * ws);
@@ -317,7 +317,18 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
     while b < a.nb {
         let p = w.add(b * Q4_1_BYTES);
         prefetch(b);
-        if b + 1 < a.nb {
+        if b + 3 < a.nb {
+            for i in 1..4 {
+                prefetch(b + i);
+            }
+            let t: [[__m512i; 4]; 5] = std::array::from_fn(|j| transpose16x4(p.add(16 * j), ws));
+            let dword = |n: usize| t[n / 4][n % 4];
+            for i in 0..4 {
+                let q = [dword(5 * i + 1), dword(5 * i + 2), dword(5 * i + 3), dword(5 * i + 4)];
+                q4_1_block(&q, dword(5 * i), a, b + i, &mut acc, &mut summs);
+            }
+            b += 4;
+        } else if b + 1 < a.nb {
             prefetch(b + 1);
             let t0 = transpose16x4(p, ws);
             let t1 = transpose16x4(p.add(16), ws);

@@ -662,6 +662,24 @@ mod tests {
     }
 
     #[test]
+    fn one_token_q4_1_every_block_count() {
+        // gemm16's one-token Q4_1 path takes blocks four, two and one at a
+        // time: every remainder against the packed path (three tokens).
+        for nb in 1..=10 {
+            let (rows, cols) = (48, 32 * nb);
+            let w = QMatrix::random(GgmlType::Q4_1, rows, cols, nb as u64).unwrap();
+            let x = data(3 * cols, 90 + nb as u64, 1.0);
+            for isa in available() {
+                let (mut one, mut three) = (vec![f32::NAN; rows], vec![f32::NAN; 3 * rows]);
+                matmul_isa(&w, &x[..cols], 1, &mut one, isa);
+                matmul_isa(&w, &x, 3, &mut three, isa);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&three[..rows]), "{nb} blocks on {isa:?}");
+            }
+        }
+    }
+
+    #[test]
     fn group_matches_separate_matmuls_bit_for_bit() {
         // Mixed types share one input: Q4_0 and Q8_0 need different unsigned
         // biases on gemm16, Q4_1 another activation type, Q6_K and F16 others again.
