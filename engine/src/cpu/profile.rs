@@ -31,6 +31,9 @@ pub enum Part {
     LmHeadWall,
     /// Quantizing a matmul's input activations (on the calling thread).
     QuantizeActs,
+    /// Quantizing a phase's input on the single-stream team, per thread:
+    /// inside the phase's wall time (each thread quantizes for itself).
+    TeamQuantize,
     /// Attention: its tasks' busy time per thread.
     AttentionBusy,
     /// Attention: wall time of its parallel region.

@@ -389,12 +389,6 @@ impl Step<'_> {
             let (li, kind) = self.kind(phase);
             let pieces = &self.pieces[kind.index()];
             let total: usize = pieces.iter().map(Vec::len).sum();
-            let busy = match kind {
-                Kind::Attention => Part::AttentionBusy,
-                Kind::LmHead => Part::LmHeadBusy,
-                _ => Part::MatmulBusy,
-            };
-            let t = profile::start();
             // Its own pieces first, in order; then the others', from their ends.
             let mut done = 0;
             for d in 0..self.threads {
@@ -411,7 +405,6 @@ impl Step<'_> {
                     }
                 }
             }
-            profile::add(busy, t, self.threads);
             // The thread whose pieces complete the phase (a thread that got
             // none, arriving after the last, must not count as completing it)
             // runs what comes before the next one, then opens it.
@@ -504,7 +497,7 @@ impl Step<'_> {
                 Kind::LmHead => prep.prepare(b.xn.all(), &[&sh.lm_head]),
             }
         }
-        profile::add(Part::QuantizeActs, t, self.threads);
+        profile::add(Part::TeamQuantize, t, self.threads);
     }
 
     /// Piece `(i, rows)` of layer `li`'s phase `kind`, its input in `prep`.
@@ -512,6 +505,12 @@ impl Step<'_> {
         let (i, rows) = (*i, rows.clone());
         let sh = self.shard;
         let b = &self.bufs;
+        let busy = match kind {
+            Kind::Attention => Part::AttentionBusy,
+            Kind::LmHead => Part::LmHeadBusy,
+            _ => Part::MatmulBusy,
+        };
+        let t = profile::start();
         // Below, a piece writes only its own rows (the pieces of a phase are
         // disjoint) and reads buffers that only earlier phases or serial
         // pieces wrote; `Prepared::run` is given each buffer's start and the
@@ -556,10 +555,12 @@ impl Step<'_> {
                     prep.run(0, &l.w_gate, b.xn.all(), rows.clone(), b.gate.ptr);
                     prep.run(1, &l.w_up, b.xn.all(), rows.clone(), b.up.ptr);
                 }
+                profile::add(busy, t, self.threads);
                 let t = profile::start();
                 // SAFETY: as above, this piece's rows of gate and up.
                 unsafe { ops::silu_mul(b.gate.part(rows.clone()), b.up.part(rows)) };
                 profile::add(Part::SwigluBusy, t, self.threads);
+                return;
             }
             Kind::Down => {
                 let l = &sh.layers[li];
@@ -569,6 +570,7 @@ impl Step<'_> {
             // SAFETY: xn is the phase's input; rows `rows` of the logits are this piece's.
             Kind::LmHead => unsafe { prep.run(0, &sh.lm_head, b.xn.all(), rows, b.logits.ptr) },
         }
+        profile::add(busy, t, self.threads);
     }
 
     /// What runs on one thread between layer `li`'s phase `kind` and the next

@@ -257,11 +257,12 @@ impl Budget {
         let p = |part: Part| us(self.parts.get(part));
         let sync = (p(Part::MatmulWall) - p(Part::MatmulBusy) - p(Part::SwigluBusy))
             + (p(Part::LmHeadWall) - p(Part::LmHeadBusy))
-            + (p(Part::AttentionWall) - p(Part::AttentionBusy));
+            + (p(Part::AttentionWall) - p(Part::AttentionBusy))
+            - p(Part::TeamQuantize);
         let mut rows: Vec<(&str, f64)> = vec![
             ("weights streamed: layer matmuls", p(Part::MatmulBusy)),
             ("weights streamed: LM head", p(Part::LmHeadBusy)),
-            ("activation quantization (matmul inputs)", p(Part::QuantizeActs)),
+            ("activation quantization (matmul inputs)", p(Part::QuantizeActs) + p(Part::TeamQuantize)),
             ("attention", p(Part::AttentionBusy)),
             ("KV cache writes", p(Part::KvWrite)),
             ("RMS norms", p(Part::Norm)),

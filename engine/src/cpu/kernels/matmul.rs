@@ -662,19 +662,20 @@ mod tests {
     }
 
     #[test]
-    fn one_token_q4_1_every_block_count() {
-        // gemm16's one-token Q4_1 path takes blocks four, two and one at a
-        // time: every remainder against the packed path (three tokens).
-        for nb in 1..=10 {
+    fn one_token_every_block_count() {
+        // gemm16's one-token path takes Q4_1 blocks four, two and one at a
+        // time: every remainder, and Q4_0's blocks, against the packed path
+        // (three tokens).
+        for (ty, nb) in (1..=10).flat_map(|nb| [(GgmlType::Q4_1, nb), (GgmlType::Q4_0, nb)]) {
             let (rows, cols) = (48, 32 * nb);
-            let w = QMatrix::random(GgmlType::Q4_1, rows, cols, nb as u64).unwrap();
+            let w = QMatrix::random(ty, rows, cols, nb as u64).unwrap();
             let x = data(3 * cols, 90 + nb as u64, 1.0);
             for isa in available() {
                 let (mut one, mut three) = (vec![f32::NAN; rows], vec![f32::NAN; 3 * rows]);
                 matmul_isa(&w, &x[..cols], 1, &mut one, isa);
                 matmul_isa(&w, &x, 3, &mut three, isa);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&one), bits(&three[..rows]), "{nb} blocks on {isa:?}");
+                assert_eq!(bits(&one), bits(&three[..rows]), "{ty:?}, {nb} blocks on {isa:?}");
             }
         }
     }
