@@ -3,7 +3,8 @@
 //! prefill at uneven boundaries, recompute after preemption (a prefill over
 //! prompt and output), a verify chunk of several tokens at a sequence's end (as
 //! speculative decoding runs), and each of these with other sequences in the
-//! same step or on one thread. The logits of every position and the K/V the
+//! same step, on one thread, or (one-token decode, which runs on the team
+//! of `cpu::team`) on more threads than cores. The logits of every position and the K/V the
 //! cache holds for it are compared with `to_bits`, for every weight type, a
 //! GGUF and a Hugging Face model, on every SIMD level this CPU runs, and on the
 //! default model when `FERRY_TEST_MODEL` is set.
@@ -43,26 +44,30 @@ const BLOCKS: usize = 16;
 static SIMD: Mutex<()> = Mutex::new(());
 
 /// A way to compute positions 0..LEN: each step's chunk length, whether
-/// other sequences share each step, whether the pool has one thread.
+/// other sequences share each step, the pool's threads (None: the global pool).
 struct Route {
     name: &'static str,
     chunks: Vec<usize>,
     neighbours: bool,
-    one_thread: bool,
+    threads: Option<usize>,
 }
 
 fn paths() -> Vec<Route> {
-    let p = |name, chunks: Vec<usize>, neighbours, one_thread| Route { name, chunks, neighbours, one_thread };
+    let p = |name, chunks: Vec<usize>, neighbours, threads| Route { name, chunks, neighbours, threads };
     vec![
-        p("whole prefill", vec![LEN], false, false),
-        p("chunks 7 + 13 + 21", vec![7, 13, 21], false, false),
-        p("prefill 37 + verify 4", vec![LEN - 4, 4], false, false),
-        p("decode 20 + chunk 21", vec![1; 20].into_iter().chain([LEN - 20]).collect(), false, false),
-        p("decode beside other sequences", vec![1; LEN], true, false),
-        p("chunks 7 + 13 + 21 beside other sequences", vec![7, 13, 21], true, false),
-        p("prefill 37 + verify 4 beside other sequences", vec![LEN - 4, 4], true, false),
-        p("whole prefill on one thread", vec![LEN], false, true),
-        p("decode on one thread", vec![1; LEN], false, true),
+        p("whole prefill", vec![LEN], false, None),
+        p("chunks 7 + 13 + 21", vec![7, 13, 21], false, None),
+        p("prefill 37 + verify 4", vec![LEN - 4, 4], false, None),
+        p("decode 20 + chunk 21", vec![1; 20].into_iter().chain([LEN - 20]).collect(), false, None),
+        p("decode beside other sequences", vec![1; LEN], true, None),
+        p("chunks 7 + 13 + 21 beside other sequences", vec![7, 13, 21], true, None),
+        p("prefill 37 + verify 4 beside other sequences", vec![LEN - 4, 4], true, None),
+        p("whole prefill on one thread", vec![LEN], false, Some(1)),
+        // One token alone runs on the pool's team (cpu::team) with more than
+        // one thread, on the parallel regions with one; five threads on
+        // fewer cores make the team's threads take each other's shares.
+        p("decode on one thread", vec![1; LEN], false, Some(1)),
+        p("decode on five threads", vec![1; LEN], false, Some(5)),
     ]
 }
 
@@ -100,8 +105,8 @@ fn run(shard: &CpuShard, toks: &[u32], path: &Route) -> Bits {
             input.seqs.insert(0, s0);
             input.seqs.push(s1);
         }
-        let out = if path.one_thread {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let out = if let Some(threads) = path.threads {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| shard.forward(&input, &mut kv, &SoloCommunicator))
         } else {
             shard.forward(&input, &mut kv, &SoloCommunicator)
@@ -142,7 +147,7 @@ fn first_difference(want: &Bits, got: &Bits) -> Option<String> {
 
 /// Every path against decoding one token per step; returns what differed.
 fn check(model: &str, shard: &CpuShard, toks: &[u32]) -> Vec<String> {
-    let decode = run(shard, toks, &Route { name: "decode", chunks: vec![1; LEN], neighbours: false, one_thread: false });
+    let decode = run(shard, toks, &Route { name: "decode", chunks: vec![1; LEN], neighbours: false, threads: None });
     paths()
         .iter()
         .filter_map(|p| first_difference(&decode, &run(shard, toks, p)).map(|d| format!("{model}, {}: {d}", p.name)))

@@ -38,8 +38,6 @@ pub fn paged_attention(
 ) {
     let hd = kv.head_dim;
     let group = n_heads / kv.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (kl, vl) = (&kv.k[layer], &kv.v[layer]);
     // Map each batch row to (its sequence, its position).
     let mut row_info = vec![(0usize, 0usize); q.len() / (n_heads * hd)];
     for (si, s) in seqs.iter().enumerate() {
@@ -51,22 +49,49 @@ pub fn paged_attention(
     // together, so each cached K/V row is read once for all of them. Decode
     // batches have few rows, so KV heads still give the threads work.
     let n_kv = kv.num_kv_heads;
+    let (wall, threads) = (super::profile::start(), rayon::current_num_threads());
     out.par_chunks_mut(group * hd).enumerate().for_each(|(unit, o)| {
+        let busy = super::profile::start();
         let (row, kvh) = (unit / n_kv, unit % n_kv);
         let (si, pos) = row_info[row];
-        let table = seqs[si].block_table;
-        let order = DotOrder::at(pos, seqs[si].prompt_len);
-        // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
-        // the same precision as the reference it is checked against.
-        let mut qv = [0f32; MAX_GROUP_DIM];
-        let qv = &mut qv[..group * hd];
         let q0 = (row * n_heads + kvh * group) * hd;
-        for (d, &s) in qv.iter_mut().zip(&q[q0..q0 + group * hd]) {
-            *d = round_f16(s);
-        }
-        let ctx = AttnCtx { kl, vl, table, pos, kvh, hd, n_kv, bs: kv.block_size, scale, order };
-        SCRATCH.with(|s| attend(&ctx, qv, &mut s.borrow_mut(), o));
+        let (kl, vl) = (&kv.k[layer][..], &kv.v[layer][..]);
+        attend_unit(KvLayer { k: kl, v: vl, head_dim: hd, n_kv, block_size: kv.block_size }, &seqs[si], pos, kvh, &q[q0..q0 + group * hd], o);
+        super::profile::add(super::profile::Part::AttentionBusy, busy, threads);
     });
+    super::profile::add(super::profile::Part::AttentionWall, wall, 1);
+}
+
+/// One layer of the KV cache, as attention reads it.
+#[derive(Clone, Copy)]
+pub(crate) struct KvLayer<'a> {
+    /// The layer's keys: every block's slots, each slot's KV heads.
+    pub(crate) k: &'a [f16],
+    /// Its values, laid out as `k`.
+    pub(crate) v: &'a [f16],
+    pub(crate) head_dim: usize,
+    pub(crate) n_kv: usize,
+    pub(crate) block_size: usize,
+}
+
+/// One (row, KV head) unit of [`paged_attention`]: the query heads `qg` (the
+/// heads that share KV head `kvh`) of the token at `pos` of `seq`, into `o`
+/// (as many values). Each unit's bits are its own: the decode team
+/// (`crate::cpu::team`) runs units on its threads as `paged_attention` does.
+pub(crate) fn attend_unit(kv: KvLayer, seq: &AttnSeq, pos: usize, kvh: usize, qg: &[f32], o: &mut [f32]) {
+    let hd = kv.head_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (kl, vl) = (kv.k, kv.v);
+    let order = DotOrder::at(pos, seq.prompt_len);
+    // Round q to f16 as llama.cpp does against its f16 K cache: ferry keeps
+    // the same precision as the reference it is checked against.
+    let mut qv = [0f32; MAX_GROUP_DIM];
+    let qv = &mut qv[..qg.len()];
+    for (d, &s) in qv.iter_mut().zip(qg) {
+        *d = round_f16(s);
+    }
+    let ctx = AttnCtx { kl, vl, table: seq.block_table, pos, kvh, hd, n_kv: kv.n_kv, bs: kv.block_size, scale, order };
+    SCRATCH.with(|s| attend(&ctx, qv, &mut s.borrow_mut(), o));
 }
 
 thread_local! {

@@ -12,6 +12,8 @@ mod dump;
 pub mod kernels;
 pub mod kv;
 pub mod ops;
+pub mod profile;
+pub mod team;
 pub mod worker;
 
 use crate::communicator::Communicator;
@@ -22,6 +24,7 @@ use attention::{paged_attention, AttnSeq};
 use half::slice::HalfFloatSliceExt;
 use kernels::{matmul, matmul_gated, matmul_group};
 use kv::KvStore;
+use profile::Part;
 use std::ops::Range;
 
 pub use crate::batch::{LogitRows, ModelInput, SeqChunk};
@@ -181,10 +184,26 @@ impl CpuShard {
         kv: &mut KvStore,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ForwardError> {
+        let whole = profile::start();
+        let out = self.forward_body(input, kv, comm);
+        profile::add(Part::Forward, whole, 1);
+        out
+    }
+
+    fn forward_body(
+        &self,
+        input: &ModelInput,
+        kv: &mut KvStore,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ForwardError> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let n = input.tokens.len();
         let seqs = self.check_batch(input, kv)?;
+        if self.team_fits(input) {
+            return Ok(self.forward_team(input, &seqs[0], kv));
+        }
+        let t = profile::start();
         let (qd, kvd, ff) = (self.n_heads * hd, self.n_kv_heads * hd, self.layers.first().map_or(0, |l| l.w_up.rows()));
 
         let mut x = vec![0.0f32; n * h];
@@ -198,29 +217,39 @@ impl CpuShard {
         let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
         let positions: Vec<usize> =
             input.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect();
-        // Each token's rope angles, once for all layers.
         let mut rope_cache = vec![0.0f32; n * hd];
+        profile::add(Part::Buffers, t, 1);
+        // Each token's rope angles, once for all layers.
+        let t = profile::start();
         for (cache, &pos) in rope_cache.chunks_exact_mut(hd).zip(&positions) {
             ops::rope_cache(pos, self.rope_theta_scale, cfg.rope_freq_factors.as_deref(), cache);
         }
+        profile::add(Part::Rope, t, 1);
 
         dump::tensor("embd", 0, &x);
         for (li, l) in self.layers.iter().enumerate() {
+            let t = profile::start();
             ops::rms_norm(&x, &l.attn_norm, cfg.rms_norm_eps, &mut xn);
+            profile::add(Part::Norm, t, 1);
             dump::tensor("attn_norm", li, &xn);
             matmul_group(&xn, n, &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)]);
+            let t = profile::start();
             for (b, buf) in [(&l.bq, &mut q), (&l.bk, &mut k), (&l.bv, &mut v)] {
                 if let Some(b) = b {
                     ops::add_bias(buf, b);
                 }
             }
+            profile::add(Part::Residual, t, 1);
             dump::tensor("Qcur", li, &q);
             dump::tensor("Kcur", li, &k);
             dump::tensor("Vcur", li, &v);
-            for (t, cache) in rope_cache.chunks_exact(hd).enumerate() {
-                ops::rope(&mut q[t * qd..(t + 1) * qd], hd, cache, cfg.rope_style);
-                ops::rope(&mut k[t * kvd..(t + 1) * kvd], hd, cache, cfg.rope_style);
+            let t = profile::start();
+            for (tok, cache) in rope_cache.chunks_exact(hd).enumerate() {
+                ops::rope(&mut q[tok * qd..(tok + 1) * qd], hd, cache, cfg.rope_style);
+                ops::rope(&mut k[tok * kvd..(tok + 1) * kvd], hd, cache, cfg.rope_style);
             }
+            profile::add(Part::Rope, t, 1);
+            let t = profile::start();
             // Write the whole batch's K/V before any attention reads: a sequence may
             // read blocks another sequence of this very step computes (prefix cache).
             for s in &seqs {
@@ -236,6 +265,7 @@ impl CpuShard {
                     }
                 }
             }
+            profile::add(Part::KvWrite, t, 1);
             dump::tensor("Qrope", li, &q);
             dump::tensor("Krope", li, &k);
             paged_attention(&q, kv, li, &seqs, self.n_heads, &mut attn);
@@ -243,10 +273,14 @@ impl CpuShard {
             matmul(&l.wo, &attn, n, &mut proj);
             comm.all_reduce_sum(&mut proj);
             dump::tensor("attn_out", li, &proj);
+            let t = profile::start();
             ops::add_assign(&mut x, &proj);
+            profile::add(Part::Residual, t, 1);
             dump::tensor("ffn_inp", li, &x);
 
+            let t = profile::start();
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_norm_eps, &mut xn);
+            profile::add(Part::Norm, t, 1);
             if dump::enabled() {
                 matmul_group(&xn, n, &mut [(&l.w_gate, &mut gate), (&l.w_up, &mut up)]);
                 dump::tensor("ffn_norm", li, &xn);
@@ -261,12 +295,15 @@ impl CpuShard {
             matmul(&l.w_down, &gate, n, &mut proj);
             comm.all_reduce_sum(&mut proj);
             dump::tensor("ffn_out", li, &proj);
+            let t = profile::start();
             ops::add_assign(&mut x, &proj);
+            profile::add(Part::Residual, t, 1);
             dump::tensor("l_out", li, &x);
         }
 
         // Only the rows that will be sampled go through the final norm and the
         // (large) vocabulary projection.
+        let t = profile::start();
         let mut rows: Vec<usize> = Vec::new();
         let mut row0 = 0usize;
         for s in &input.seqs {
@@ -281,8 +318,11 @@ impl CpuShard {
         }
         let local_v = self.lm_head.rows();
         let mut local = vec![0.0f32; m * local_v];
+        profile::add(Part::Norm, t, 1);
         dump::tensor("result_norm", 0, &last);
+        profile::set_lm_head(true);
         matmul(&self.lm_head, &last, m, &mut local);
+        profile::set_lm_head(false);
         dump::tensor("result_output", 0, &local);
         if self.world == 1 {
             return Ok(local);

@@ -2,6 +2,7 @@
 //! pool and its communicator. It picks the step's tokens itself, with the
 //! engine's one sampler (`crate::sampler::sample_row`), on its own threads.
 
+use super::profile::{self, Part};
 use super::{kv::KvStore, CpuShard, ForwardError, ShardError};
 use crate::backend::{Backend, ExecError, SampledToken, StepOutput, StepSampling};
 use crate::batch::{LogitRows, ModelInput};
@@ -63,6 +64,19 @@ impl CpuWorker {
 
 impl Backend for CpuWorker {
     fn execute(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
+        let whole = profile::start();
+        let out = self.execute_body(input, sampling);
+        profile::add(Part::Execute, whole, 1);
+        out
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.shard.cfg.vocab_size
+    }
+}
+
+impl CpuWorker {
+    fn execute_body(&mut self, input: &ModelInput, sampling: &StepSampling) -> Result<StepOutput, ExecError> {
         let (shard, kv, comm) = (&self.shard, &mut self.kv, &*self.comm);
         let rows = self.pool.install(|| shard.forward(input, kv, comm))?;
         if sampling.rows.is_empty() {
@@ -74,11 +88,10 @@ impl Backend for CpuWorker {
         }
         let vocab = shard.cfg.vocab_size;
         let scratch = &mut self.scratch;
-        self.pool.install(|| pick_tokens(input, rows, sampling, vocab, scratch)).map_err(ExecError::from)
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.shard.cfg.vocab_size
+        let t = profile::start();
+        let out = self.pool.install(|| pick_tokens(input, rows, sampling, vocab, scratch)).map_err(ExecError::from);
+        profile::add(Part::Sample, t, 1);
+        out
     }
 }
 

@@ -63,6 +63,18 @@ pub fn load_model(
     Ok(LoadedModel { path: path.to_path_buf(), cfg, weights, tokenizer: Arc::new(tokenizer) })
 }
 
+/// Random weights (of type `dummy_type`) in the shape a Hugging Face
+/// `config.json` gives, with the tokenizer of the model at `path` (a GGUF file
+/// or a Hugging Face folder): a benchmark's way to run a model of any shape
+/// from the one model at hand. The tokenizer must fit the config's vocabulary.
+pub fn load_dummy_shaped(path: &Path, config: &Path, dummy_type: GgmlType) -> Result<LoadedModel, ConfigError> {
+    let cfg = ModelConfig::from_hf_config(config)?;
+    let (_, tokenizer) = load_config_and_tokenizer(path)?;
+    check_vocab(config, &cfg, &tokenizer)?;
+    let weights = weights::dummy(&cfg, dummy_type, 0)?;
+    Ok(LoadedModel { path: config.to_path_buf(), cfg, weights, tokenizer })
+}
+
 /// A model's config and tokenizer without its weights: what an API node with no
 /// engine ranks of its own needs (it tokenizes, and checks the ranks' config).
 pub fn load_config_and_tokenizer(path: &Path) -> Result<(ModelConfig, Arc<Tokenizer>), ConfigError> {

@@ -22,6 +22,11 @@ pub(crate) enum DtypeFlag {
     /// Dummy weights only: quantized like the default model.
     Q4_1,
     Q8_0,
+    /// Dummy weights only: llama.cpp's plain 4-bit blocks.
+    Q4_0,
+    /// Dummy weights only: llama.cpp's 4-bit super-blocks (the bulk of a Q4_K_M file).
+    #[value(name = "q4-k")]
+    Q4K,
 }
 
 /// Where the model's arithmetic runs.
@@ -147,6 +152,8 @@ impl EngineFlags {
             DtypeFlag::Bfloat16 => GgmlType::BF16,
             DtypeFlag::Q4_1 => GgmlType::Q4_1,
             DtypeFlag::Q8_0 => GgmlType::Q8_0,
+            DtypeFlag::Q4_0 => GgmlType::Q4_0,
+            DtypeFlag::Q4K => GgmlType::Q4_K,
         }
     }
 }

@@ -120,9 +120,12 @@ const fn has_min(k: u8) -> bool {
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
-    if n == 1 && K != Q4_1K {
+    if n == 1 {
         // One token (single-stream decode): nothing to reuse the packed copy,
         // so each block goes from the transposes straight into the dot.
+        if K == Q4_1K {
+            return one_token_q4_1(w, ws, a, out);
+        }
         return one_token::<K>(w, ws, a, out);
     }
     pack_rows::<K>(w, ws, a.nb, pack);
@@ -289,6 +292,84 @@ unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut
     }
     let sum = if has_min(K) { _mm512_add_ps(acc, macc) } else { acc };
     _mm512_storeu_ps(out, sum);
+}
+
+/// Q4_1, 16 rows x token 0 straight from the rows: [`tokens_q4_1`]'s
+/// operations (so its bits) without the packed copy, and fewer transposes
+/// than two a block. A block is 20 bytes (d and m, then 16 bytes of
+/// nibbles), five dwords: four blocks are the 20 dwords of five 16-byte
+/// transposes (block i: d/m in dword 5i, quants in 5i+1..5i+5). A pair of
+/// blocks left over takes three (at 0, 16 and 24), a last block two.
+#[inline(always)]
+unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
+    let next = w.wrapping_add(ROWS * ws);
+    let lines = (ROWS * ws).div_ceil(64);
+    let per_block = lines.div_ceil(a.nb.max(1));
+    let prefetch = |b: usize| {
+        for l in b * per_block..((b + 1) * per_block).min(lines) {
+            // Never faults, even past the end of the mapping.
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
+        }
+    };
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let mut summs = _mm512_setzero_ps();
+    let mut b = 0;
+    while b < a.nb {
+        let p = w.add(b * Q4_1_BYTES);
+        prefetch(b);
+        if b + 3 < a.nb {
+            for i in 1..4 {
+                prefetch(b + i);
+            }
+            let t: [[__m512i; 4]; 5] = std::array::from_fn(|j| transpose16x4(p.add(16 * j), ws));
+            let dword = |n: usize| t[n / 4][n % 4];
+            for i in 0..4 {
+                let q = [dword(5 * i + 1), dword(5 * i + 2), dword(5 * i + 3), dword(5 * i + 4)];
+                q4_1_block(&q, dword(5 * i), a, b + i, &mut acc, &mut summs);
+            }
+            b += 4;
+        } else if b + 1 < a.nb {
+            prefetch(b + 1);
+            let t0 = transpose16x4(p, ws);
+            let t1 = transpose16x4(p.add(16), ws);
+            let t2 = transpose16x4(p.add(24), ws);
+            q4_1_block(&[t0[1], t0[2], t0[3], t1[0]], t0[0], a, b, &mut acc, &mut summs);
+            q4_1_block(&t2, t1[1], a, b + 1, &mut acc, &mut summs);
+            b += 2;
+        } else {
+            // The last block alone: reading 16 bytes at 16 would run past it.
+            let head = transpose16x4(p, ws);
+            q4_1_block(&transpose16x4(p.add(4), ws), head[0], a, b, &mut acc, &mut summs);
+            b += 1;
+        }
+    }
+    let c = &acc;
+    let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
+    let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
+    let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
+    _mm512_storeu_ps(out, _mm512_add_ps(lanes, summs));
+}
+
+/// Block `b` of 16 Q4_1 rows (`raw`: the nibble vectors as packed; `dm`: d
+/// and m as the low and high halves of each lane) into token 0's
+/// accumulators, as [`tokens_q4_1`] does.
+#[inline(always)]
+unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, b: usize, acc: &mut [__m512; 8], summs: &mut __m512) {
+    let low = _mm512_set1_epi8(0x0f);
+    let zero = _mm512_setzero_si512();
+    let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    let mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
+    let y = a.qs.add(b * QK) as *const i32;
+    let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(b)));
+    *summs = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(b)), *summs);
+    for k in 0..4 {
+        let lo = _mm512_and_si512(raw[k], low);
+        let hi = _mm512_and_si512(_mm512_srli_epi16(raw[k], 4), low);
+        let p = _mm512_dpbusd_epi32(zero, lo, _mm512_set1_epi32(y.add(k).read_unaligned()));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[k]);
+        let p = _mm512_dpbusd_epi32(zero, hi, _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
+        acc[k + 4] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[k + 4]);
+    }
 }
 
 /// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole

@@ -16,6 +16,7 @@
 use super::act::{act_kind, ActKind, ActRow, Acts};
 use super::dot_scalar;
 use super::simd::{self, Isa};
+use crate::cpu::profile::{self, Part};
 use crate::quant::{check_row, GgmlType, QMatrix, QuantError};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -123,6 +124,14 @@ pub(crate) fn matmul_isa(w: &QMatrix, x: &[f32], n_tokens: usize, out: &mut [f32
     matmul_group_isa(x, n_tokens, &mut [(w, out)], isa);
 }
 
+/// How one matrix of a group reads its input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ActNeed {
+    kind: ActKind,
+    /// gemm16's unsigned bias, when it takes the matrix and the bias is not 0.
+    bias: Option<i32>,
+}
+
 /// Which batched kernel takes a matrix's whole groups, before the per-row
 /// tiles take what is left.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -134,14 +143,6 @@ enum Batched {
     Rows16,
     /// gemm8k (AVX2): every row, the tokens of `gemm8k::taken`.
     Tokens8,
-}
-
-/// How one matrix of a group reads its input.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct ActNeed {
-    kind: ActKind,
-    /// gemm16's unsigned bias, when it takes the matrix and the bias is not 0.
-    bias: Option<i32>,
 }
 
 pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa) {
@@ -158,43 +159,17 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     if n_tokens == 0 || parts.is_empty() {
         return;
     }
-    // Each matrix's activation form; each distinct form is quantized once.
-    let mut needs: Vec<ActNeed> = Vec::with_capacity(parts.len());
-    let mut which: Vec<Option<usize>> = Vec::with_capacity(parts.len());
-    let mut wide: Vec<Batched> = Vec::with_capacity(parts.len());
     for (w, out) in parts.iter_mut() {
         if w.cols() == 0 {
             out.fill(0.0);
         }
-        let wd = batched(w, isa, n_tokens);
-        wide.push(wd);
-        let kind = act_kind(w.ty());
-        if kind == ActKind::F32 {
-            which.push(None);
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        let bias = if wd == Batched::Rows16 { super::gemm16::bias(w.ty()).filter(|&b| b != 0) } else { None };
-        #[cfg(not(target_arch = "x86_64"))]
-        let bias = None;
-        let need = ActNeed { kind, bias };
-        let i = needs.iter().position(|n| *n == need).unwrap_or_else(|| {
-            needs.push(need);
-            needs.len() - 1
-        });
-        which.push(Some(i));
     }
+    let (mut needs, mut which, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+    plan_acts(parts.iter().map(|(w, _)| &**w), n_tokens, isa, &mut needs, &mut which, &mut wide);
     let cols = parts[0].0.cols();
+    let t = profile::start();
     let mut acts = SCRATCH.with(std::cell::Cell::take);
-    acts.resize_with(acts.len().max(needs.len()), Acts::default);
-    if cols > 0 {
-        for (a, need) in acts.iter_mut().zip(&needs) {
-            a.quantize(need.kind, x, cols, n_tokens, isa);
-            if let Some(bias) = need.bias {
-                a.fill_neg_sums(bias);
-            }
-        }
-    }
+    quantize_acts(x, cols, n_tokens, isa, &needs, &mut acts);
     // gemm8k's token groups, for each activation form a matrix it takes reads.
     #[cfg(target_arch = "x86_64")]
     let mut t8s = SCRATCH8.with(std::cell::Cell::take);
@@ -223,6 +198,7 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         })
         .collect();
     let optrs: Vec<OutPtr> = parts.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
+    profile::add(Part::QuantizeActs, t, 1);
 
     // The row chunks of every matrix, one task each; with `combine`, one task
     // per chunk of both matrices' rows.
@@ -238,15 +214,23 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
         let chunk = if serial { w.rows() } else { chunk_rows(w.rows(), threads, if wide[i] == Batched::Rows16 { 16 } else { align }) };
         tasks.extend((0..w.rows().div_ceil(chunk)).map(|c| (i, c * chunk..((c + 1) * chunk).min(w.rows()))));
     }
+    // Profile: each task's busy time counts as its share of the pool's time.
+    let ((busy_part, wall_part), share) = (profile::matmul_parts(), if serial { 1 } else { threads });
     let run = |(i, rows): &(usize, Range<usize>)| {
+        let busy = profile::start();
         let one = |i: usize| {
             // SAFETY: tasks are disjoint row ranges of their matrix, so no output
             // is written twice; each output has n_tokens * rows values (asserted).
             unsafe { run_rows(parts[i].0, &srcs[i], isa, rows.clone(), n_tokens, optrs[i], wide[i]) };
         };
         one(*i);
-        let Some(combine) = combine else { return };
+        let Some(combine) = combine else {
+            profile::add(busy_part, busy, share);
+            return;
+        };
         one(1);
+        profile::add(busy_part, busy, share);
+        let joining = profile::start();
         let n_rows = parts[0].0.rows();
         for t in 0..n_tokens {
             let at = t * n_rows + rows.start;
@@ -260,12 +244,15 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
             };
             combine(a, b);
         }
+        profile::add(Part::SwigluBusy, joining, share);
     };
+    let wall = profile::start();
     if serial {
         tasks.iter().for_each(run);
     } else {
         tasks.par_iter().for_each(run);
     }
+    profile::add(wall_part, wall, 1);
     if let (Some(combine), [(wa, a), (_, b)]) = (combine, &mut *parts) {
         if wa.rows() > 0 && wa.cols() == 0 {
             // No tasks ran: the outputs are the zeros filled above, still to be joined.
@@ -277,6 +264,124 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     SCRATCH8.with(|c| c.set(t8s));
     SCRATCH.with(|c| c.set(acts));
 }
+
+/// Each matrix's activation form (`which` indexes `needs`, None: it reads
+/// the f32 input) and whether the 16-row kernel takes it (`wide`); each
+/// distinct form is quantized once.
+fn plan_acts<'a>(
+    mats: impl Iterator<Item = &'a QMatrix>,
+    n_tokens: usize,
+    isa: Isa,
+    needs: &mut Vec<ActNeed>,
+    which: &mut Vec<Option<usize>>,
+    wide: &mut Vec<Batched>,
+) {
+    needs.clear();
+    which.clear();
+    wide.clear();
+    for w in mats {
+        let wd = batched(w, isa, n_tokens);
+        wide.push(wd);
+        let kind = act_kind(w.ty());
+        if kind == ActKind::F32 {
+            which.push(None);
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let bias = if wd == Batched::Rows16 { super::gemm16::bias(w.ty()).filter(|&b| b != 0) } else { None };
+        #[cfg(not(target_arch = "x86_64"))]
+        let bias = None;
+        let need = ActNeed { kind, bias };
+        let i = needs.iter().position(|n| *n == need).unwrap_or_else(|| {
+            needs.push(need);
+            needs.len() - 1
+        });
+        which.push(Some(i));
+    }
+}
+
+/// Quantizes `x` (n_tokens rows of `cols`) once for each form in `needs`, into `acts`.
+fn quantize_acts(x: &[f32], cols: usize, n_tokens: usize, isa: Isa, needs: &[ActNeed], acts: &mut Vec<Acts>) {
+    acts.resize_with(acts.len().max(needs.len()), Acts::default);
+    if cols > 0 {
+        for (a, need) in acts.iter_mut().zip(needs) {
+            a.quantize(need.kind, x, cols, n_tokens, isa);
+            if let Some(bias) = need.bias {
+                a.fill_neg_sums(bias);
+            }
+        }
+    }
+}
+
+/// One token's input to a set of matrices (q/k/v, gate/up, ...), quantized
+/// once, for a thread that runs its own share of their rows ([`Self::run`])
+/// with no parallel region: the single-stream decode team
+/// (`crate::cpu::team`). Reused from step to step: nothing is allocated
+/// once its buffers have grown.
+pub(crate) struct Prepared {
+    isa: Isa,
+    needs: Vec<ActNeed>,
+    which: Vec<Option<usize>>,
+    wide: Vec<Batched>,
+    acts: Vec<Acts>,
+}
+
+impl Default for Prepared {
+    fn default() -> Self {
+        Prepared { isa: Isa::Scalar, needs: Vec::new(), which: Vec::new(), wide: Vec::new(), acts: Vec::new() }
+    }
+}
+
+impl Prepared {
+    /// Quantizes `x` (one token) for the matrices `mats`, all of `x.len()` columns.
+    pub(crate) fn prepare(&mut self, x: &[f32], mats: &[&QMatrix]) {
+        self.isa = simd::current();
+        plan_acts(mats.iter().copied(), 1, self.isa, &mut self.needs, &mut self.which, &mut self.wide);
+        quantize_acts(x, x.len(), 1, self.isa, &self.needs, &mut self.acts);
+    }
+
+    /// Rows `rows` of matrix `i` of the prepared set, `w`, times the token:
+    /// `out[r]` for r in `rows`. The same kernels as [`matmul`] with the same
+    /// row grouping, so the same bits, when `rows` starts at a multiple of
+    /// [`SHARE_ALIGN`].
+    ///
+    /// # Panics
+    /// If `w` is not shaped like the i-th matrix [`Self::prepare`] was given
+    /// (its columns differ from `x`'s), or `rows` is outside it.
+    ///
+    /// # Safety
+    /// `out` must point at `w.rows()` floats, and no other thread may read or
+    /// write rows `rows` of them during the call.
+    pub(crate) unsafe fn run(&self, i: usize, w: &QMatrix, x: &[f32], rows: Range<usize>, out: *mut f32) {
+        assert!(i < self.wide.len() && x.len() == w.cols() && rows.end <= w.rows(), "Prepared::run: shapes differ");
+        if rows.is_empty() {
+            return;
+        }
+        if w.cols() == 0 {
+            for r in rows {
+                // SAFETY: r < w.rows(), and these rows are the caller's alone.
+                unsafe { *out.add(r) = 0.0 };
+            }
+            return;
+        }
+        let src = ActSrc {
+            q: self.which[i].map(|k| &self.acts[k]),
+            x,
+            cols: w.cols(),
+            // One token: gemm8k never takes it.
+            #[cfg(target_arch = "x86_64")]
+            t8: None,
+        };
+        // SAFETY: the caller gives w.rows() floats for the one token, these
+        // rows its alone; `rows` are rows of `w` (asserted).
+        unsafe { run_rows(w, &src, self.isa, rows, 1, OutPtr(out), self.wide[i]) };
+    }
+}
+
+/// Where the decode team's row chunks start: a multiple of the 16-row kernel's
+/// group (and of the per-row kernels' 4-row tile), as [`matmul`]'s chunks do,
+/// so every row runs the same kernel as there.
+pub(crate) const SHARE_ALIGN: usize = 16;
 
 /// Rows per parallel task: several tasks per thread for balance, a multiple of
 /// `align` (the kernels' row tile), and small enough that a chunk of rows stays in L2.
@@ -638,6 +743,25 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "a token's bits depend on the batch:\n{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn one_token_every_block_count() {
+        // gemm16's one-token path takes Q4_1 blocks four, two and one at a
+        // time: every remainder, and Q4_0's blocks, against the packed path
+        // (three tokens).
+        for (ty, nb) in (1..=10).flat_map(|nb| [(GgmlType::Q4_1, nb), (GgmlType::Q4_0, nb)]) {
+            let (rows, cols) = (48, 32 * nb);
+            let w = QMatrix::random(ty, rows, cols, nb as u64).unwrap();
+            let x = data(3 * cols, 90 + nb as u64, 1.0);
+            for isa in available() {
+                let (mut one, mut three) = (vec![f32::NAN; rows], vec![f32::NAN; 3 * rows]);
+                matmul_isa(&w, &x[..cols], 1, &mut one, isa);
+                matmul_isa(&w, &x, 3, &mut three, isa);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&three[..rows]), "{ty:?}, {nb} blocks on {isa:?}");
+            }
+        }
     }
 
     #[test]

@@ -22,4 +22,5 @@ mod matmul;
 mod simd;
 
 pub use matmul::{matmul, matmul_gated, matmul_group, vec_dot};
+pub(crate) use matmul::{Prepared, SHARE_ALIGN};
 pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_per_row, set_force_scalar, simd_name};
