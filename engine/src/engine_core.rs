@@ -40,8 +40,7 @@ pub struct EngineCoreConfig {
     pub spec: Option<SpeculativeConfig>,
 }
 
-/// Who sent a request: the shell's number for the link it came on. Each
-/// owner's queue figures are its own ([`EngineCore::stats_for`]).
+/// Who sent a request: the shell's number for the link it came on.
 pub type Owner = u32;
 
 struct RequestState {
@@ -50,7 +49,6 @@ struct RequestState {
     trace: Option<TraceContext>,
     /// Sequences of this request still running.
     live: usize,
-    owner: Owner,
 }
 
 struct SeqState {
@@ -266,18 +264,12 @@ impl EngineCore {
     /// large, and rare).
     pub fn add_request(&mut self, req: EngineRequest, now: Instant) -> Result<(), Box<TokenOutput>> {
         let compiled = compile_constraint(self.grammars.as_ref(), &req);
-        self.add_request_compiled(req, compiled, 0, now)
+        self.add_request_compiled(req, compiled, now)
     }
 
     /// `add_request` with the constraint already compiled by
-    /// [`compile_constraint`], for `owner`.
-    pub fn add_request_compiled(
-        &mut self,
-        req: EngineRequest,
-        compiled: Compiled,
-        owner: Owner,
-        now: Instant,
-    ) -> Result<(), Box<TokenOutput>> {
+    /// [`compile_constraint`].
+    pub fn add_request_compiled(&mut self, req: EngineRequest, compiled: Compiled, now: Instant) -> Result<(), Box<TokenOutput>> {
         self.num_added += 1;
         let checked = self.check_request(&req).and_then(|()| compiled.transpose());
         let grammar = match checked {
@@ -346,7 +338,7 @@ impl EngineCore {
             let _ = self.sched.try_add_sequence_prioritized(id, tokens.clone(), use_cache, req.sampling.priority);
         }
         let trace = req.trace.filter(|_| self.trace_sink.is_some());
-        self.requests.insert(req.id, RequestState { params: req.sampling, trace, live: indices.len(), owner });
+        self.requests.insert(req.id, RequestState { params: req.sampling, trace, live: indices.len() });
         Ok(())
     }
 
@@ -390,31 +382,15 @@ impl EngineCore {
         self.sched.held_block_hashes()
     }
 
-    /// The queue figures of `owner`'s requests (sequences waiting and
-    /// running), with the engine's own cache figures: what one link sees.
-    /// `num_added` is left for the caller, who counts what each link sent.
-    pub fn stats_for(&self, owner: Owner) -> EngineStats {
-        let (mut waiting, mut running) = (0u32, 0u32);
-        for (&sid, s) in &self.seqs {
-            if self.requests.get(&s.request).is_some_and(|r| r.owner == owner) {
-                if self.sched.is_running(sid) {
-                    running += 1;
-                } else {
-                    waiting += 1;
-                }
-            }
-        }
-        EngineStats { num_waiting: waiting, num_running: running, ..self.stats() }
-    }
-
     /// Whether request `id` still has sequences in the engine.
     pub fn has_request(&self, id: RequestId) -> bool {
         self.requests.contains_key(&id)
     }
 
     /// The whole engine's queue and cache figures, every owner's requests
-    /// counted; `draining` is false and `step_tokens` empty (the shell knows
-    /// those, and [`Self::stats_for`] builds on this).
+    /// counted: every link hears them, so gateways that share a rank each
+    /// see its whole load. `draining` is false and `step_tokens` empty (the
+    /// shell knows those, and each link's `num_added`).
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             num_waiting: self.sched.num_waiting() as u32,

@@ -35,7 +35,7 @@ pub mod tokenizer;
 pub mod trace;
 
 pub use engine_core::{EngineCore, EngineCoreConfig, MaskTiming, PlannedStep};
-pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkThreads};
+pub use shell::{spawn_engine, Engine, EngineHandle, EngineThreads, LinkEnd, LinkThreads};
 pub use args::EngineArgs;
 pub use assemble::{build_engine_core, EngineShape};
 pub use model::loader::{load_dummy_shaped, load_model, LoadFormat, LoadedModel};

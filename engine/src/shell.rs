@@ -6,9 +6,11 @@
 //! figures. The shell owns the core for the engine's whole life and accepts
 //! links over time ([`Engine::attach`]): a headless node keeps its engine, its
 //! KV memory and its prefix cache across its API node's restarts, and may
-//! serve several links at once. A link's requests are keyed by the link and
-//! the link's own request id, so two links may use the same ids; each link's
-//! figures (requests added, waiting, running) are its own. A link that closes
+//! serve several links at once (one per API node). A link's requests are
+//! keyed by the link and the link's own request id, so two links may use the
+//! same ids. Every link hears the whole engine's queue figures (waiting,
+//! running), so API nodes that share a rank count each other's load; the
+//! requests added are each link's own. A link that closes
 //! takes its requests with it (their KV blocks are freed; what they computed
 //! stays in the prefix cache).
 //!
@@ -18,7 +20,7 @@
 //! per batch.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,16 +82,39 @@ pub struct Engine {
 /// gateway's end goes away or sends Shutdown; then `join`.
 pub struct LinkThreads {
     threads: Vec<std::thread::JoinHandle<()>>,
-    refused: Arc<Mutex<Option<Refusal>>>,
+    end: Arc<Mutex<LinkEnd>>,
+    /// The rank the gateway's accepting Welcome named.
+    welcomed: flume::Receiver<u32>,
+}
+
+/// Why a link ended, as its engine saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// It closed (the gateway went away, or the transport failed): a node
+    /// dials again.
+    Closed,
+    /// The gateway refused the rank at the handshake.
+    Refused(Refusal),
+    /// The gateway let the rank go (`EngineCommand::Shutdown`: it stops, or
+    /// it drained this rank out of an elastic cluster): a node does not dial
+    /// that gateway again.
+    Released,
 }
 
 impl LinkThreads {
-    /// Waits for the link to end; returns the gateway's refusal, if that is why.
-    pub fn join(self) -> Option<Refusal> {
+    /// Waits up to `timeout` for the gateway to accept the rank; returns the
+    /// rank number it knows the link by (the one it assigned, when the
+    /// Hello asked with `AUTO_RANK`). None: refused, closed, or no answer yet.
+    pub fn welcomed(&self, timeout: Duration) -> Option<u32> {
+        self.welcomed.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for the link to end; says why it did.
+    pub fn join(self) -> LinkEnd {
         for t in self.threads {
             let _ = t.join();
         }
-        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        self.end.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -153,29 +178,47 @@ impl Engine {
     /// commands and sends its outputs until it closes.
     pub fn attach(&self, end: EngineEnd, hello: Hello) -> std::io::Result<LinkThreads> {
         let link = self.next_link.fetch_add(1, Ordering::Relaxed);
-        let rank = self.rank;
+        let (rank, hello_rank) = (self.rank, hello.rank);
         let EngineEnd { rx: mut cmd_rx, tx: mut out_tx } = end;
         let (outbox_tx, outbox_rx) = flume::unbounded::<EngineOutputs>();
-        let refused = Arc::new(Mutex::new(None));
+        let end = Arc::new(Mutex::new(LinkEnd::Closed));
         if self.inbox.send(Inbox::Attach(link, outbox_tx)).is_err() {
             return Err(std::io::Error::other(format!("engine rank {rank} has stopped")));
         }
-        let (inbox, refused_in, grammars) = (self.inbox.clone(), refused.clone(), self.grammars.clone());
+        // The rank this link's outputs name: the Hello's, until a Welcome
+        // assigns one (the Hello asked with AUTO_RANK).
+        let link_rank = Arc::new(AtomicU32::new(hello.rank));
+        let (welcomed_tx, welcomed) = flume::bounded(1);
+        // The output thread of a link that asked for a rank number holds its
+        // batches until the Welcome gives it one (the gateway checks that
+        // every batch names the link's rank); it ends if the link does first.
+        let (assigned_tx, assigned) = flume::bounded::<()>(1);
+        let (inbox, end_in, grammars, rank_in) = (self.inbox.clone(), end.clone(), self.grammars.clone(), link_rank.clone());
         let input = std::thread::Builder::new().name(format!("ferry-in{rank}.{link}")).spawn(move || {
-            read_link(&mut *cmd_rx, &inbox, link, rank, grammars.as_ref(), &refused_in);
+            let welcomed = |r: u32| {
+                rank_in.store(r, Ordering::Relaxed);
+                let _ = welcomed_tx.try_send(r);
+                let _ = assigned_tx.try_send(());
+            };
+            let why = read_link(&mut *cmd_rx, &inbox, link, hello_rank, grammars.as_ref(), &welcomed);
+            *end_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
             let _ = inbox.send(Inbox::Detach(link));
         })?;
         let output = std::thread::Builder::new().name(format!("ferry-out{rank}.{link}")).spawn(move || {
             if out_tx.send(FromEngine::Hello(hello)).is_err() {
                 return;
             }
-            while let Ok(batch) = outbox_rx.recv() {
+            if hello_rank == ferry_transport::AUTO_RANK && assigned.recv().is_err() {
+                return;
+            }
+            while let Ok(mut batch) = outbox_rx.recv() {
+                batch.rank = link_rank.load(Ordering::Relaxed);
                 if out_tx.send(FromEngine::Outputs(batch)).is_err() {
                     break;
                 }
             }
         })?;
-        Ok(LinkThreads { threads: vec![input, output], refused })
+        Ok(LinkThreads { threads: vec![input, output], end, welcomed })
     }
 
     /// Ends the busy loop (every link's requests end with it) and waits for it.
@@ -187,37 +230,38 @@ impl Engine {
     }
 }
 
-/// Reads one link's commands onto the busy loop's inbox until the link ends.
-/// Constraints compile here (milliseconds for a big schema), so the busy loop
-/// never waits on a compile.
+/// Reads one link's commands onto the busy loop's inbox until the link
+/// ends, and says why it ended. Constraints compile here (milliseconds for a
+/// big schema), so the busy loop never waits on a compile. `welcomed` hears
+/// the rank an accepting Welcome names.
 fn read_link(
     cmd_rx: &mut dyn ferry_transport::CommandRx,
     inbox: &flume::Sender<Inbox>,
     link: Owner,
     rank: u32,
     grammars: Option<&GrammarEnv>,
-    refused: &Mutex<Option<Refusal>>,
-) {
+    welcomed: &dyn Fn(u32),
+) -> LinkEnd {
     loop {
         match cmd_rx.recv() {
             Ok(ToEngine::Command(EngineCommand::Shutdown)) => {
-                tracing::info!(rank, "engine rank {rank}: the gateway closed the link (shutdown)");
-                return;
+                tracing::info!(rank, "engine rank {rank}: the gateway released this rank (shutdown)");
+                return LinkEnd::Released;
             }
             Err(e) => {
                 // Say why on this side too, not only on the gateway's.
                 tracing::warn!(rank, "engine rank {rank}: the link to the gateway ended: {e}");
-                return;
+                return LinkEnd::Closed;
             }
             Ok(ToEngine::Command(EngineCommand::Add(req))) => {
                 let compiled = compile_constraint(grammars, &req);
                 if inbox.send(Inbox::Add(link, Box::new((*req, compiled)))).is_err() {
-                    return;
+                    return LinkEnd::Closed;
                 }
             }
             Ok(ToEngine::Command(EngineCommand::Abort(ids))) => {
                 if inbox.send(Inbox::Abort(link, ids)).is_err() {
-                    return;
+                    return LinkEnd::Closed;
                 }
             }
             Ok(ToEngine::Welcome(w)) => {
@@ -226,9 +270,9 @@ fn read_link(
                 // link that will never carry a request.
                 if let Err(refusal) = ferry_transport::handshake::check_welcome(&w, rank) {
                     tracing::error!(rank, "engine rank {rank}: {refusal}");
-                    *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(refusal);
-                    return;
+                    return LinkEnd::Refused(refusal);
                 }
+                welcomed(w.rank);
             }
         }
     }
@@ -354,7 +398,7 @@ impl Shell {
         let ours = self.next_id;
         self.next_id += 1;
         req.id = ours;
-        match self.core.add_request_compiled(req, compiled, link, Instant::now()) {
+        match self.core.add_request_compiled(req, compiled, Instant::now()) {
             Ok(()) => {
                 l.ids.insert(theirs, ours);
                 self.owners.insert(ours, (link, theirs));
@@ -443,7 +487,7 @@ impl Shell {
                 draining,
                 num_added: l.num_added,
                 step_tokens: std::mem::take(&mut l.step_tokens),
-                ..self.core.stats_for(link)
+                ..self.core.stats()
             };
             let outputs = std::mem::take(&mut l.outputs);
             let batch = EngineOutputs { rank: self.rank, outputs, stats, kv_events: l.kv_events.take(MAX_KV_EVENTS) };
@@ -482,9 +526,12 @@ impl EngineThreads {
     /// Waits for the link to end, then stops the engine; returns the
     /// gateway's refusal, if that is why it ended.
     pub fn join(self) -> Option<String> {
-        let refused = self.link.join().map(|r| r.message);
+        let end = self.link.join();
         self.engine.stop();
-        refused
+        match end {
+            LinkEnd::Refused(r) => Some(r.message),
+            LinkEnd::Closed | LinkEnd::Released => None,
+        }
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use ferry_engine::quant::GgmlType;
-use ferry_engine::{Engine, EngineCore, EngineCoreConfig};
+use ferry_engine::{Engine, EngineCore, EngineCoreConfig, LinkEnd};
 use ferry_transport::*;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -99,24 +99,25 @@ fn completions_that_end_in_one_step_all_reach_their_link() {
         assert_eq!(got[&(1, index)].1, Some(FinishReason::Length));
     }
     gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
-    assert_eq!(threads.join(), None);
+    assert_eq!(threads.join(), LinkEnd::Released);
     engine.stop();
 }
 
 #[test]
-fn two_links_share_one_engine_with_their_own_ids_and_figures() {
+fn two_links_share_one_engine_with_their_own_ids_and_the_whole_engines_figures() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let engine = Engine::start(core()).unwrap();
     let (mut a, ta) = link(&engine, &rt);
     let (mut b, tb) = link(&engine, &rt);
     let prompt = tokens(9, 20, 300);
-    // Both links use id 7; each gets its own answer, and each link's figures
-    // count its own requests only.
+    // Both links use id 7; each gets its own answer. Each link hears the
+    // whole engine's queue (API nodes sharing a rank count each other's
+    // load), and the Adds it sent itself.
     add(&a, 7, prompt.clone(), greedy(60));
     add(&b, 7, prompt.clone(), greedy(5));
     add(&b, 8, prompt.clone(), greedy(5));
     let got_b = collect(&mut b, &rt, |g, s| {
-        assert!(s.num_running + s.num_waiting <= 2, "link b sees only its own: {s:?}");
+        assert!(s.num_running + s.num_waiting <= 3, "{s:?}");
         assert!(s.num_added <= 2);
         g.values().filter(|v| v.1.is_some()).count() == 2
     });
@@ -140,7 +141,7 @@ fn two_links_share_one_engine_with_their_own_ids_and_figures() {
     assert!(matches!(&dup[&(9, 0)].1, Some(FinishReason::Error(e)) if e.message.contains("already running")));
     // Link a closes with request 9 in flight: it is aborted, link b serves on.
     drop(a);
-    assert_eq!(ta.join(), None);
+    assert_eq!(ta.join(), LinkEnd::Closed);
     add(&b, 10, prompt, greedy(3));
     let last = collect(&mut b, &rt, |g, s| {
         let done = g.get(&(10, 0)).is_some_and(|v| v.1.is_some());
@@ -153,7 +154,7 @@ fn two_links_share_one_engine_with_their_own_ids_and_figures() {
     let handle = engine.handle();
     assert!(wait(|| handle.in_flight() == 0), "the closed link's request was aborted");
     b.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
-    assert_eq!(tb.join(), None);
+    assert_eq!(tb.join(), LinkEnd::Released);
     engine.stop();
 }
 
@@ -168,7 +169,7 @@ fn a_new_link_finds_the_prefix_cache_of_an_old_one() {
         add(&gw, 1, prompt.clone(), greedy(2));
         let n = first_cached(&mut gw, &rt);
         drop(gw);
-        assert_eq!(threads.join(), None);
+        assert_eq!(threads.join(), LinkEnd::Closed);
         n
     };
     assert_eq!(served(), 0);
@@ -271,7 +272,45 @@ fn links_hear_which_blocks_the_prefix_cache_holds() {
     assert_eq!(seen_by_b, want);
     for (gw, threads) in [(a, ta), (b, tb)] {
         gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
-        assert_eq!(threads.join(), None);
+        assert_eq!(threads.join(), LinkEnd::Released);
+    }
+    engine.stop();
+}
+
+#[test]
+fn a_link_that_asks_for_a_rank_number_speaks_as_the_one_it_is_given() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let engine = Engine::start(core()).unwrap();
+    let (mut gw, eng) = flume_link();
+    let asking = Hello { rank: AUTO_RANK, ..hello() };
+    let threads = engine.attach(eng, asking.clone()).unwrap();
+    assert_eq!(rt.block_on(gw.rx.recv()).unwrap(), FromEngine::Hello(asking));
+    // Nothing follows the Hello until the Welcome names the rank: the
+    // gateway checks every batch against the link's rank.
+    let early = rt.block_on(async { tokio::time::timeout(Duration::from_millis(300), gw.rx.recv()).await });
+    assert!(early.is_err(), "a batch before the Welcome: {early:?}");
+    assert_eq!(threads.welcomed(Duration::from_millis(10)), None);
+    gw.tx.send(ToEngine::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, accepted: true, reason: None, rank: 17, retry: false })).unwrap();
+    let FromEngine::Outputs(first) = rt.block_on(gw.rx.recv()).unwrap() else { panic!("second hello") };
+    assert_eq!(first.rank, 17, "batches name the assigned rank");
+    assert_eq!(threads.welcomed(Duration::from_secs(5)), Some(17));
+    gw.tx.send(ToEngine::Command(EngineCommand::Shutdown)).unwrap();
+    assert_eq!(threads.join(), LinkEnd::Released);
+    engine.stop();
+}
+
+#[test]
+fn a_link_refused_before_its_welcome_ends_without_a_batch() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let engine = Engine::start(core()).unwrap();
+    let (mut gw, eng) = flume_link();
+    let threads = engine.attach(eng, Hello { rank: AUTO_RANK, ..hello() }).unwrap();
+    let _hello = rt.block_on(gw.rx.recv()).unwrap();
+    let no = Welcome { protocol_version: PROTOCOL_VERSION, accepted: false, reason: Some("full".into()), rank: AUTO_RANK, retry: true };
+    gw.tx.send(ToEngine::Welcome(no)).unwrap();
+    match threads.join() {
+        LinkEnd::Refused(r) => assert!(r.retry && r.message.contains("full"), "{r:?}"),
+        other => panic!("{other:?}"),
     }
     engine.stop();
 }

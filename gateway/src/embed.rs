@@ -163,7 +163,7 @@ impl LlmBuilder {
         let local = start_local_ranks(&model, &self.engine, 0..dp as u32, &name)?;
         let max_model_len = local.max_model_len.unwrap_or(0) as u32;
         let (ends, threads): (Vec<_>, _) = (local.ends.into_iter().map(|(_, end)| end).collect(), local.threads);
-        let coordinator = start_engine_clients(ends, expectations(&model.cfg, Some(&model.weights), dp as u32));
+        let coordinator = start_engine_clients(ends, expectations(&model.cfg, Some(&model.weights), dp as u32, false));
         let state = AppState::new(vec![name], path.display().to_string(), model.tokenizer.clone(), max_model_len, coordinator);
         Ok(Llm { state, threads })
     }

@@ -185,7 +185,13 @@ pub(crate) struct FinishedSeq {
 pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    engines: Vec<EngineSeries>,
+    model_name: String,
+    /// Rank k's series, made when first needed: a static cluster's all at
+    /// the start (listed from the start), an elastic one's as ranks join.
+    engines: Vec<std::sync::OnceLock<EngineSeries>>,
+    /// Ranks join and leave (`--data-parallel-elastic`): a rank that is
+    /// not a member is left out of the exposition.
+    elastic: bool,
     cluster: ClusterSeries,
 }
 
@@ -263,13 +269,21 @@ impl Metrics {
             }
         }
         let model_name = model_name.into();
-        let engines = (0..num_engines).map(|k| EngineSeries::new(&recorder, &model_name, k)).collect();
+        let engines = (0..num_engines).map(|k| std::sync::OnceLock::from(EngineSeries::new(&recorder, &model_name, k))).collect();
         let cluster = ClusterSeries::new(&recorder, &model_name);
-        Metrics { recorder, handle, engines, cluster }
+        Metrics { recorder, handle, model_name, engines, elastic: false, cluster }
+    }
+
+    /// Series for up to `slots` ranks that join and leave: each rank's
+    /// appear when it joins and go when it is no longer a member.
+    pub(crate) fn elastic(mut self, slots: usize) -> Self {
+        self.engines.resize_with(slots.max(self.engines.len()), std::sync::OnceLock::new);
+        self.elastic = true;
+        self
     }
 
     fn engine(&self, k: usize) -> Option<&EngineSeries> {
-        self.engines.get(k)
+        self.engines.get(k).map(|e| e.get_or_init(|| EngineSeries::new(&self.recorder, &self.model_name, k)))
     }
 
     pub(crate) fn add_prompt_tokens(&self, engine: usize, n: u64) {
@@ -326,11 +340,21 @@ impl Metrics {
     }
 
     /// The exposition text, after taking in what each rank reported since
-    /// the last scrape (`ranks[k]`: rank k, or None when it never joined).
+    /// the last scrape (`ranks[k]`: rank k, or None when it never joined,
+    /// or, in an elastic cluster, is not a member now).
     pub(crate) fn render(&self, ranks: &[Option<RankScrape>], counters: &CoordinatorCounters) -> String {
         self.cluster.set(counters);
-        for (k, e) in self.engines.iter().enumerate() {
+        // Ranks with series that are not members now (an elastic cluster's).
+        let mut gone = Vec::new();
+        for k in 0..self.engines.len() {
             let r = ranks.get(k).and_then(|r| r.as_ref());
+            if self.elastic && r.is_none() {
+                if self.engines[k].get().is_some() {
+                    gone.push(format!("engine=\"{k}\""));
+                }
+                continue;
+            }
+            let Some(e) = self.engine(k) else { continue };
             e.up.set(f64::from(u8::from(r.is_some_and(|r| r.up))));
             let Some(r) = r else { continue };
             let st = &r.stats;
@@ -377,7 +401,18 @@ impl Metrics {
             let key = Key::from_parts("vllm:cache_config_info", labels);
             self.recorder.register_gauge(&key, &metadata()).set(1.0);
         }
-        self.handle.render()
+        let text = self.handle.render();
+        if gone.is_empty() {
+            return text;
+        }
+        // The recorder cannot forget a series: a rank that left is cut from
+        // the text (its counters carry on if it joins again).
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines().filter(|l| !gone.iter().any(|g| l.contains(g.as_str()))) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        kept
     }
 }
 

@@ -78,6 +78,10 @@ impl GatewayChecks {
     pub fn on_send(&mut self, msg: &ToEngine) {
         if let ToEngine::Welcome(w) = msg {
             self.welcomed |= w.accepted;
+            // A rank that asked for a number (AUTO_RANK) speaks as the one given.
+            if let (true, Some(said)) = (w.accepted, self.hello.as_mut()) {
+                said.rank = w.rank;
+            }
         }
         if let ToEngine::Command(EngineCommand::Add(req)) = msg {
             let (first, n) = match &req.resume {

@@ -11,8 +11,12 @@ use crate::*;
 pub struct Expectations {
     /// The gateway's [`PROTOCOL_VERSION`]; a Hello must carry the same.
     pub protocol_version: u32,
-    /// `--data-parallel-size`: a Hello's rank must be below it.
+    /// `--data-parallel-size`: a Hello's rank must be below it, unless the
+    /// cluster is elastic.
     pub data_parallel_size: u32,
+    /// `--data-parallel-elastic`: ranks may join beyond `data_parallel_size`
+    /// (below [`MAX_RANKS`]), and leave.
+    pub elastic: bool,
     /// [`ModelFingerprint::config`] of the model the gateway serves: computed
     /// from the model's config, so even an API node that loads no weights has it.
     pub config_fingerprint: u64,
@@ -68,9 +72,16 @@ pub fn check_hello(hello: &Hello, exp: &Expectations, joined: &impl Fn(u32) -> b
             hello.protocol_version, exp.protocol_version
         ));
     }
-    if hello.rank >= exp.data_parallel_size {
+    if hello.rank == AUTO_RANK {
+        // The API node assigns a rank before it checks the Hello.
+        return refuse("this API node assigns no rank numbers: start it with --data-parallel-elastic, or give the node --data-parallel-start-rank N".into());
+    }
+    if exp.elastic && hello.rank >= MAX_RANKS {
+        return refuse(format!("rank {} is out of range: ranks are numbered below {MAX_RANKS}", hello.rank));
+    }
+    if !exp.elastic && hello.rank >= exp.data_parallel_size {
         return refuse(format!(
-            "rank {} is out of range: --data-parallel-size is {}",
+            "rank {} is out of range: --data-parallel-size is {} (the API node is not --data-parallel-elastic)",
             hello.rank, exp.data_parallel_size
         ));
     }
@@ -119,7 +130,8 @@ pub fn welcome(hello: &Hello, result: &Result<(), Refusal>) -> Welcome {
     }
 }
 
-/// The engine's check of the gateway's answer to its Hello as rank `rank`.
+/// The engine's check of the gateway's answer to its Hello as rank `rank`
+/// ([`AUTO_RANK`]: any rank number the gateway assigns).
 pub fn check_welcome(w: &Welcome, rank: u32) -> Result<(), Refusal> {
     if w.protocol_version != PROTOCOL_VERSION {
         return refuse(format!(
@@ -131,7 +143,10 @@ pub fn check_welcome(w: &Welcome, rank: u32) -> Result<(), Refusal> {
         let why = w.reason.as_deref().unwrap_or("no reason given");
         return Err(Refusal { message: format!("the gateway refused this rank: {why}"), retry: w.retry });
     }
-    if w.rank != rank {
+    if rank == AUTO_RANK && w.rank >= MAX_RANKS {
+        return refuse(format!("the gateway assigned rank {}, out of range", w.rank));
+    }
+    if rank != AUTO_RANK && w.rank != rank {
         return refuse(format!("the gateway welcomed rank {} on the link of rank {rank}", w.rank));
     }
     Ok(())
@@ -159,6 +174,7 @@ mod tests {
         Expectations {
             protocol_version: PROTOCOL_VERSION,
             data_parallel_size: 4,
+            elastic: false,
             config_fingerprint: 0xc0,
             tensors_fingerprint: tensors,
             block_size: None,
@@ -181,7 +197,14 @@ mod tests {
         let mut h = hello(0, 0xc0, 0x7e);
         h.protocol_version = PROTOCOL_VERSION + 1;
         assert!(refused(&h, &exp(None), &NONE).contains("protocol version differs"));
-        assert_eq!(refused(&hello(5, 0xc0, 0), &exp(None), &NONE), "rank 5 is out of range: --data-parallel-size is 4");
+        assert_eq!(
+            refused(&hello(5, 0xc0, 0), &exp(None), &NONE),
+            "rank 5 is out of range: --data-parallel-size is 4 (the API node is not --data-parallel-elastic)"
+        );
+        let elastic = Expectations { elastic: true, ..exp(None) };
+        assert_eq!(check_hello(&hello(5, 0xc0, 0), &elastic, &NONE), Ok(()), "an elastic cluster grows past its size");
+        assert!(refused(&hello(MAX_RANKS, 0xc0, 0), &elastic, &NONE).contains("out of range"));
+        assert!(refused(&hello(AUTO_RANK, 0xc0, 0), &exp(None), &NONE).contains("--data-parallel-elastic"));
         assert_eq!(refused(&hello(1, 0xc0, 0), &exp(None), &|r| r == 1), "rank 1 is already connected");
         assert!(refused(&hello(1, 0xc1, 0), &exp(None), &NONE).starts_with("model fingerprint differs"));
         assert!(refused(&hello(1, 0xc0, 1), &exp(Some(2)), &NONE).contains("tensor table"));
@@ -220,5 +243,6 @@ mod tests {
         let w = Welcome { protocol_version: 1, accepted: true, reason: None, rank: 1, retry: false };
         assert!(check_welcome(&w, 1).unwrap_err().message.contains("protocol version differs"));
         assert!(check_welcome(&welcome(&h, &Ok(())), 2).unwrap_err().message.contains("welcomed rank 1 on the link of rank 2"));
+        assert_eq!(check_welcome(&welcome(&h, &Ok(())), AUTO_RANK), Ok(()), "an assigned rank is taken");
     }
 }

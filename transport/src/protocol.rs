@@ -568,7 +568,9 @@ pub struct Hello {
     /// The engine's [`PROTOCOL_VERSION`]; must equal the gateway's.
     pub protocol_version: u32,
     /// The data-parallel rank this engine serves, below the gateway's
-    /// `--data-parallel-size`.
+    /// `--data-parallel-size` (below [`MAX_RANKS`] in an elastic cluster),
+    /// or [`AUTO_RANK`]: the API node picks a free one and says which in
+    /// its `Welcome`.
     pub rank: u32,
     /// The served model name (for logs; the fingerprint is what must match).
     pub model: String,
@@ -595,6 +597,14 @@ pub struct Hello {
 
 /// Most bytes of `Hello::node`.
 pub const MAX_NODE_ID_BYTES: usize = 256;
+
+/// A `Hello::rank` that asks the API node for a free rank number
+/// (`--data-parallel-start-rank auto`).
+pub const AUTO_RANK: u32 = u32::MAX;
+
+/// Rank numbers are below this, in every cluster (`--data-parallel-size`'s
+/// own bound too): an elastic API node keeps a slot per number.
+pub const MAX_RANKS: u32 = 1024;
 
 /// What a model is, not its weights' bytes (hashing gigabytes at start-up would
 /// cost more than it proves): two nodes that loaded the same file agree, a node

@@ -112,7 +112,11 @@ impl AppState {
         coordinator: Coordinator,
     ) -> Self {
         let label = served_model_names.first().cloned().unwrap_or_default();
-        let metrics = Arc::new(Metrics::new(label, coordinator.size(), max_model_len));
+        let mut metrics = Metrics::new(label, coordinator.size(), max_model_len);
+        if coordinator.is_elastic() {
+            metrics = metrics.elastic(ferry_transport::MAX_RANKS as usize);
+        }
+        let metrics = Arc::new(metrics);
         let (drain_fire, drain_deadline) = tokio::sync::watch::channel(false);
         AppState {
             served_model_names: served_model_names.into(),

@@ -314,7 +314,7 @@ pub(crate) fn run(args: BenchGatewayArgs) -> Result<()> {
     // As `ferry serve`: the engine's threads do the arithmetic, two async threads move bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = rt.block_on(async {
-        let coordinator = start_engine_clients(vec![engine_end], expectations(&model.cfg, Some(&model.weights), 1));
+        let coordinator = start_engine_clients(vec![engine_end], expectations(&model.cfg, Some(&model.weights), 1, false));
         let state = AppState::new(vec![name.clone()], path.display().to_string(), model.tokenizer.clone(), engine.shape.max_model_len as u32, coordinator.clone());
         let cfg = ServeConfig { host: "127.0.0.1".into(), port: 0, tls_port: Some(0), cert_dir: Some(cert_dir.clone()), ..Default::default() };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

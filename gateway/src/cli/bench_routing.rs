@@ -186,7 +186,7 @@ struct Ranks {
 async fn start_ranks(model: &LoadedModel, eargs: &EngineArgs, ranks: u32, config: CoordinatorConfig, name: &str) -> Result<Ranks> {
     let local = start_local_ranks(model, eargs, 0..ranks, name)?;
     let ends = local.ends.into_iter().map(|(_, e)| e).collect();
-    let coordinator = start_engine_clients_with(ends, expectations(&model.cfg, Some(&model.weights), ranks), config);
+    let coordinator = start_engine_clients_with(ends, expectations(&model.cfg, Some(&model.weights), ranks, false), config);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !coordinator.all_healthy() {
         if Instant::now() > deadline {

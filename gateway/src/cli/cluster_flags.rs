@@ -3,7 +3,14 @@
 //! `--data-parallel-size` ranks in all; this node runs `--data-parallel-size-local`
 //! of them, numbered from `--data-parallel-start-rank`. The API node listens for
 //! the other nodes' ranks on `--data-parallel-address:--data-parallel-rpc-port`;
-//! a `--headless` node runs engines only and dials that address.
+//! a `--headless` node runs engines only and dials that address, or each of
+//! several (`--data-parallel-address` repeated: several API nodes share its
+//! ranks).
+//!
+//! With `--data-parallel-elastic` an API node takes ranks beyond
+//! `--data-parallel-size` (which then only says how many `/health` waits for
+//! at start-up) and lets them leave; a headless node may ask it for free rank
+//! numbers with `--data-parallel-start-rank auto`.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -23,18 +30,28 @@ pub(crate) struct ClusterFlags {
     /// Ranks this node runs (default: all of them on an API node).
     #[arg(long)]
     pub data_parallel_size_local: Option<usize>,
-    /// The first of this node's ranks.
-    #[arg(long, default_value_t = 0)]
-    pub data_parallel_start_rank: usize,
-    /// The API node's address, where headless nodes dial.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub data_parallel_address: String,
+    /// The first of this node's ranks, or `auto` (a headless node of an
+    /// elastic cluster): the API node assigns free rank numbers.
+    #[arg(long, default_value = "0", value_parser = parse_start_rank)]
+    pub data_parallel_start_rank: StartRank,
+    /// The API node's address (`HOST` or `HOST:PORT`, the port defaulting to
+    /// --data-parallel-rpc-port): where it listens, and where headless nodes
+    /// dial. A headless node may name several API nodes (repeat the flag):
+    /// it serves each of them with the same ranks.
+    #[arg(long, default_value = "127.0.0.1", num_args = 1)]
+    pub data_parallel_address: Vec<String>,
     /// The API node's RPC port (UDP, QUIC with mutual TLS).
     #[arg(long, default_value_t = 13345)]
     pub data_parallel_rpc_port: u16,
     /// Run engines only, serving the API node at --data-parallel-address.
     #[arg(long)]
     pub headless: bool,
+    /// Let headless nodes join this API node's running cluster with ranks
+    /// beyond --data-parallel-size (or ask for free ones with
+    /// --data-parallel-start-rank auto), and leave it; --data-parallel-size
+    /// then only says how many ranks /health waits for at start-up.
+    #[arg(long)]
+    pub data_parallel_elastic: bool,
     /// Folder with ca.pem, node.pem and node-key.pem (made by `ferry certs`):
     /// nodes accept only peers whose certificates chain to that CA.
     #[arg(long)]
@@ -62,10 +79,29 @@ pub(crate) struct ClusterFlags {
     pub rank_stall_timeout: u64,
 }
 
+/// `--data-parallel-start-rank`: a number, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StartRank {
+    At(u32),
+    /// The API node assigns free rank numbers (an elastic cluster).
+    Auto,
+}
+
+fn parse_start_rank(s: &str) -> Result<StartRank, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(StartRank::Auto);
+    }
+    s.parse::<u32>().map(StartRank::At).map_err(|_| format!("expected a rank number or `auto`, got {s:?}"))
+}
+
 /// The flags, checked.
 pub(crate) struct ClusterPlan {
     pub size: u32,
+    /// This node's ranks. With `auto`, `0..count` stands for the ranks the
+    /// API node will assign (`auto` is set).
     pub local: Range<u32>,
+    /// The API node assigns this node's rank numbers.
+    pub auto: bool,
     /// Some ranks live on other nodes (or, on a headless node, the API node does).
     pub multi_node: bool,
 }
@@ -73,34 +109,54 @@ pub(crate) struct ClusterPlan {
 impl ClusterFlags {
     pub(crate) fn plan(&self) -> anyhow::Result<ClusterPlan> {
         let size = self.data_parallel_size;
-        if size == 0 || size > 1024 {
-            bail!("--data-parallel-size must be in 1..=1024, got {size}");
+        let max = ferry_transport::MAX_RANKS as usize;
+        if size == 0 || size > max {
+            bail!("--data-parallel-size must be in 1..={max}, got {size}");
         }
-        let local = self.data_parallel_size_local.unwrap_or(if self.headless { size } else { size - self.data_parallel_start_rank.min(size) });
-        let start = self.data_parallel_start_rank;
-        if start + local > size {
+        if self.headless && self.data_parallel_elastic {
+            bail!("--data-parallel-elastic is the API node's flag: a headless node joins whatever cluster its API node runs");
+        }
+        if !self.headless && self.data_parallel_address.len() > 1 {
+            bail!("an API node listens on one --data-parallel-address (several are a headless node's: one per API node)");
+        }
+        let (start, auto) = match self.data_parallel_start_rank {
+            StartRank::At(s) => (s as usize, false),
+            StartRank::Auto if self.headless => (0, true),
+            StartRank::Auto => bail!("--data-parallel-start-rank auto is a headless node's: the API node assigns rank numbers to the nodes that join it"),
+        };
+        let local = self.data_parallel_size_local.unwrap_or(if self.headless { size } else { size - start.min(size) });
+        if self.headless {
+            // The API node checks the ranks against its cluster (an elastic
+            // one takes ranks beyond this node's --data-parallel-size).
+            if start + local > max {
+                bail!("ranks {start}..{} of this node are outside 0..{max}", start + local);
+            }
+        } else if start + local > size {
             bail!("ranks {start}..{} of this node are outside --data-parallel-size {size}", start + local);
         }
         if self.headless && local == 0 {
             bail!("--headless with --data-parallel-size-local 0 runs nothing");
         }
-        let multi_node = self.headless || local < size;
+        let multi_node = self.headless || local < size || self.data_parallel_elastic;
         if multi_node && self.cluster_cert_dir.is_none() && !self.cluster_insecure {
             bail!(
                 "a cluster across nodes needs mutual TLS: pass --cluster-cert-dir DIR (made with `ferry certs ca --dir CA` \
                  and `ferry certs node --ca-dir CA --dir DIR --name NODE`), or --cluster-insecure on one trusted host"
             );
         }
-        Ok(ClusterPlan { size: size as u32, local: start as u32..(start + local) as u32, multi_node })
+        Ok(ClusterPlan { size: size as u32, local: start as u32..(start + local) as u32, auto, multi_node })
     }
 
-    /// The API node's RPC address.
+    /// The API nodes a headless node serves, as `host:port` (resolved at
+    /// each dial: a name may move), in the order given.
+    pub(crate) fn api_nodes(&self) -> anyhow::Result<Vec<String>> {
+        self.data_parallel_address.iter().map(|a| with_port(a, self.data_parallel_rpc_port)).collect()
+    }
+
+    /// The API node's RPC address (where it listens).
     pub(crate) fn rpc_addr(&self) -> anyhow::Result<SocketAddr> {
-        (self.data_parallel_address.as_str(), self.data_parallel_rpc_port)
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve --data-parallel-address {}", self.data_parallel_address))?
-            .next()
-            .with_context(|| format!("--data-parallel-address {} resolves to nothing", self.data_parallel_address))
+        let first = self.data_parallel_address.first().map_or("127.0.0.1", String::as_str);
+        resolve(&with_port(first, self.data_parallel_rpc_port)?)
     }
 
     fn warn_insecure() {
@@ -130,5 +186,55 @@ impl ClusterFlags {
                 ferry_certs::insecure_client_config(&alpn)?
             }
         }))
+    }
+}
+
+/// `HOST` or `HOST:PORT` (`[v6]:PORT`, or a bare IPv6 address) as
+/// `host:port`, the port defaulting to `port`.
+pub(crate) fn with_port(addr: &str, port: u16) -> anyhow::Result<String> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        bail!("--data-parallel-address is empty");
+    }
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(format!("[{addr}]:{port}"));
+    }
+    let has_port = match addr.rsplit_once(':') {
+        Some((host, p)) if !host.is_empty() && (host.starts_with('[') || !host.contains(':')) => {
+            p.parse::<u16>().with_context(|| format!("--data-parallel-address {addr}: {p:?} is not a port"))?;
+            true
+        }
+        _ => false,
+    };
+    Ok(if has_port { addr.to_string() } else { format!("{addr}:{port}") })
+}
+
+/// The first address `host:port` resolves to.
+pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve --data-parallel-address {addr}"))?
+        .next()
+        .with_context(|| format!("--data-parallel-address {addr} resolves to nothing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_take_the_rpc_port_unless_they_name_one() {
+        assert_eq!(with_port("10.0.0.2", 13345).unwrap(), "10.0.0.2:13345");
+        assert_eq!(with_port("api-1:9000", 13345).unwrap(), "api-1:9000");
+        assert_eq!(with_port("::1", 7).unwrap(), "[::1]:7");
+        assert_eq!(with_port("[::1]:9", 7).unwrap(), "[::1]:9");
+        assert!(with_port("host:notaport", 7).is_err());
+        assert!(with_port("", 7).is_err());
+    }
+
+    #[test]
+    fn start_rank_is_a_number_or_auto() {
+        assert_eq!(parse_start_rank("3"), Ok(StartRank::At(3)));
+        assert_eq!(parse_start_rank("auto"), Ok(StartRank::Auto));
+        assert!(parse_start_rank("-1").is_err());
     }
 }

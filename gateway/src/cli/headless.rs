@@ -1,21 +1,28 @@
-//! `ferry serve --headless`: a node that runs engine ranks only and serves the
-//! API node at `--data-parallel-address:--data-parallel-rpc-port`.
+//! `ferry serve --headless`: a node that runs engine ranks only and serves
+//! the API node at `--data-parallel-address:--data-parallel-rpc-port`, or each
+//! of several API nodes (the flag repeated) with the same ranks.
 //!
-//! Each local rank builds its engine once, then dials the API node over QUIC
-//! with mutual TLS, retrying with backoff (capped at 1 s) until it answers,
-//! says hello, and serves that link until it closes; then it dials again. The
-//! engine outlives its links, so after an API node's restart the rank still
-//! holds its prefix cache. A rank the API node refuses (a duplicate, another
-//! model) stops the node with the API node's reason. SIGTERM or SIGINT drains the node:
-//! its ranks tell the API node they take nothing new, finish what they run (up
-//! to `--shutdown-timeout`), and the node leaves.
+//! Each local rank builds its engine once, then, for each API node, dials it
+//! over QUIC with mutual TLS, retrying with backoff (capped at 1 s) until it
+//! answers, says hello, and serves that link until it closes; then it dials
+//! again. The engine outlives its links and serves all of them at once (one
+//! per API node), so after an API node's restart the rank still holds its
+//! prefix cache, and every API node hears the rank's whole load. With
+//! `--data-parallel-start-rank auto` a rank first asks the API nodes, in the
+//! order given, for a rank number, and then uses that number with all of
+//! them. A rank the API node refuses (a duplicate, another model) stops the
+//! node with the API node's reason; a rank an API node releases (it drained
+//! it out of an elastic cluster) dials that API node no more, and a node
+//! whose ranks every API node released leaves. SIGTERM or SIGINT drains the
+//! node: its ranks tell the API nodes they take nothing new, finish what they
+//! run (up to `--shutdown-timeout`), and the node leaves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_certs::CLUSTER_SERVER_NAME;
-use ferry_engine::{build_engine_core, load_model, Engine, EngineArgs, EngineHandle, LoadedModel};
+use ferry_engine::{build_engine_core, load_model, Engine, EngineArgs, EngineHandle, LinkEnd, LinkThreads, LoadedModel};
 
 use crate::cli::cluster_flags::ClusterPlan;
 use crate::cli::model_source;
@@ -32,23 +39,34 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let name = args.served_model_name.first().cloned().unwrap_or(default_name.clone());
     let model = Arc::new(load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?);
-    let addr = args.cluster.rpc_addr()?;
+    let api_nodes = args.cluster.api_nodes()?;
     let tls = args.cluster.client_tls()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    eprintln!("ferry: headless node, engine ranks {:?} of {}, serving the API node at udp {addr}", plan.local, plan.size);
+    let ranks = if plan.auto { format!("{} engine ranks (numbers assigned by the API node)", plan.local.len()) } else { format!("engine ranks {:?}", plan.local) };
+    eprintln!("ferry: headless node, {ranks}, serving the API node(s) at udp {}", api_nodes.join(", "));
     let (fatal_tx, fatal_rx) = std::sync::mpsc::channel::<String>();
     let running: Running = Arc::new(Mutex::new(HashMap::new()));
-    for rank in plan.local.clone() {
-        let (model, tls, engine_args, name, handle, fatal, running) =
-            (model.clone(), tls.clone(), engine_args.clone(), name.clone(), rt.handle().clone(), fatal_tx.clone(), running.clone());
-        std::thread::Builder::new().name(format!("ferry-rank{rank}")).spawn(move || {
-            if let Err(why) = serve_rank(&handle, &model, &engine_args, rank, &name, addr, tls, &running) {
+    for local in plan.local.clone() {
+        let ctx = RankCtx {
+            rt: rt.handle().clone(),
+            model: model.clone(),
+            args: engine_args.clone(),
+            name: name.clone(),
+            api_nodes: api_nodes.clone(),
+            tls: tls.clone(),
+            running: running.clone(),
+        };
+        let fatal = fatal_tx.clone();
+        let fixed = (!plan.auto).then_some(local);
+        std::thread::Builder::new().name(format!("ferry-rank{local}")).spawn(move || {
+            if let Err(why) = serve_rank(&ctx, local, fixed) {
                 let _ = fatal.send(why);
             }
         })?;
     }
     drop(fatal_tx);
-    // Whichever comes first: a signal, or a rank that cannot go on.
+    // Whichever comes first: a signal, a rank that cannot go on, or every
+    // rank released by every API node.
     let (sig_tx, sig_rx) = std::sync::mpsc::channel::<()>();
     rt.spawn(async move {
         stop_signal().await;
@@ -62,13 +80,62 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         match fatal_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(why) => anyhow::bail!("{why}"),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                eprintln!("ferry: every API node released this node's ranks; leaving");
+                return Ok(());
+            }
         }
     }
 }
 
-/// The engine each rank runs now, by rank.
+/// The engine each rank runs now, by local rank index.
 type Running = Arc<Mutex<HashMap<u32, EngineHandle>>>;
+
+/// What every rank of the node shares.
+#[derive(Clone)]
+struct RankCtx {
+    rt: tokio::runtime::Handle,
+    model: Arc<LoadedModel>,
+    args: EngineArgs,
+    name: String,
+    /// The API nodes, `host:port`, in the order given.
+    api_nodes: Vec<String>,
+    tls: Arc<rustls::ClientConfig>,
+    running: Running,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One rank's engine, shared by its links (one per API node), and the Hello
+/// it says.
+struct RankEngine {
+    engine: Mutex<Engine>,
+    hello: ferry_transport::Hello,
+    local: u32,
+}
+
+impl RankEngine {
+    fn start(ctx: &RankCtx, local: u32) -> Result<(Engine, ferry_transport::Hello), String> {
+        let (core, shape) = build_engine_core(&ctx.model, &ctx.args, local).map_err(|e| format!("engine rank {local}: {e}"))?;
+        let engine = Engine::start(core).map_err(|e| format!("engine rank {local}: {e}"))?;
+        lock(&ctx.running).insert(local, engine.handle());
+        Ok((engine, shape.hello(local, &ctx.name)))
+    }
+
+    /// Serves a new link on `end` as rank `rank`; an engine whose busy loop
+    /// died (a panic failed its requests) is built again first, while a
+    /// live one keeps its cache.
+    fn attach(&self, ctx: &RankCtx, end: ferry_transport::EngineEnd, rank: u32) -> Result<LinkThreads, String> {
+        let mut engine = lock(&self.engine);
+        if !engine.is_alive() {
+            *engine = Self::start(ctx, self.local)?.0;
+        }
+        let hello = ferry_transport::Hello { rank, ..self.hello.clone() };
+        engine.attach(end, hello).map_err(|e| format!("engine rank {rank}: {e}"))
+    }
+}
 
 /// Tells every rank to take nothing new and waits, up to `timeout`, for what
 /// they run to finish.
@@ -88,54 +155,107 @@ fn drain(running: &Running, timeout: Duration) {
     eprintln!("ferry: headless node stopping ({left} requests unfinished)");
 }
 
-/// Dials, serves one link until it closes, and dials again. Returns only when
-/// the API node refuses this rank.
-#[allow(clippy::too_many_arguments, reason = "one rank's whole setting, passed once from the loop that owns it")]
-fn serve_rank(
-    rt: &tokio::runtime::Handle,
-    model: &LoadedModel,
-    args: &EngineArgs,
-    rank: u32,
-    name: &str,
-    addr: std::net::SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    running: &Running,
-) -> Result<(), String> {
+/// Serves rank `local` of this node, numbered `fixed` (or as the API node
+/// assigns), to every API node; returns when every API node has released
+/// it, or with why it cannot go on.
+fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), String> {
+    let (engine, hello) = RankEngine::start(ctx, local)?;
+    let rank_engine = RankEngine { engine: Mutex::new(engine), hello, local };
+    let (rank, mut first) = match fixed {
+        Some(r) => (r, None),
+        None => {
+            let (r, at, link) = ask_for_rank(ctx, &rank_engine)?;
+            eprintln!("ferry: the API node at {} assigned rank {r}", ctx.api_nodes[at]);
+            (r, Some((at, link)))
+        }
+    };
+    // One dialer per API node. A refusal for good from any of them stops
+    // the node now (the others may dial forever); otherwise the rank is
+    // done once every API node has released it.
+    let (ctx, rank_engine) = (Arc::new(ctx.clone()), Arc::new(rank_engine));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for (i, addr) in ctx.api_nodes.iter().enumerate() {
+        let link = first.take_if(|(at, _)| *at == i).map(|(_, l)| l);
+        let (ctx, rank_engine, addr, done) = (ctx.clone(), rank_engine.clone(), addr.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("ferry-dial{rank}.{i}"))
+            .spawn(move || {
+                let _ = done.send(serve_api_node(&ctx, &rank_engine, rank, &addr, link));
+            })
+            .map_err(|e| format!("engine rank {rank}: {e}"))?;
+    }
+    drop(done_tx);
+    for result in done_rx {
+        result?;
+    }
+    Ok(())
+}
+
+/// Asks the API nodes, in turn, for a rank number (a Hello with
+/// `AUTO_RANK`) until one assigns one; returns it, which API node gave it,
+/// and the link it came on (which goes on serving).
+fn ask_for_rank(ctx: &RankCtx, engine: &RankEngine) -> Result<(u32, usize, LinkThreads), String> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        for (i, addr) in ctx.api_nodes.iter().enumerate() {
+            let Ok(end) = dial(ctx, addr) else { continue };
+            let link = engine.attach(ctx, end, ferry_transport::AUTO_RANK)?;
+            if let Some(r) = link.welcomed(WELCOME_WAIT) {
+                return Ok((r, i, link));
+            }
+            match link.join() {
+                LinkEnd::Refused(why) if !why.retry => return Err(format!("the API node at {addr} refused to assign a rank: {why}")),
+                end => tracing::warn!("the API node at {addr} assigned no rank ({end:?}); asking again"),
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// How long a rank waits for the API node's Welcome after its Hello (the
+/// API node answers or closes within its own Hello timeout).
+const WELCOME_WAIT: Duration = Duration::from_secs(15);
+
+/// Dials the API node at `addr` (resolved now: a name may have moved).
+fn dial(ctx: &RankCtx, addr: &str) -> anyhow::Result<ferry_transport::EngineEnd> {
+    let resolved = crate::cli::cluster_flags::resolve(addr)?;
+    Ok(ctx.rt.block_on(ferry_transport::dial(resolved, CLUSTER_SERVER_NAME, ctx.tls.clone()))?)
+}
+
+/// Serves one API node as rank `rank`: `link` first, if one is open, then
+/// dials, serves each link until it closes, and dials again. Returns when
+/// the API node releases the rank, or refuses it for good.
+fn serve_api_node(ctx: &RankCtx, engine: &RankEngine, rank: u32, addr: &str, mut link: Option<LinkThreads>) -> Result<(), String> {
     let mut backoff = Duration::from_millis(50);
     let mut said_waiting = false;
-    let start = || -> Result<(Engine, ferry_transport::Hello), String> {
-        let (core, shape) = build_engine_core(model, args, rank).map_err(|e| format!("engine rank {rank}: {e}"))?;
-        let engine = Engine::start(core).map_err(|e| format!("engine rank {rank}: {e}"))?;
-        running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(rank, engine.handle());
-        Ok((engine, shape.hello(rank, name)))
-    };
-    let (mut engine, hello) = start()?;
     loop {
-        match rt.block_on(ferry_transport::dial(addr, CLUSTER_SERVER_NAME, tls.clone())) {
+        if let Some(l) = link.take() {
+            match l.join() {
+                LinkEnd::Released => {
+                    tracing::info!(rank, "the API node at {addr} released engine rank {rank}");
+                    return Ok(());
+                }
+                // Waiting may change the answer (our own stale link is
+                // still held, the API node is draining): dial again.
+                LinkEnd::Refused(why) if why.retry => {
+                    tracing::warn!(rank, "the API node at {addr} refused engine rank {rank} for now: {why}; dialing again");
+                    std::thread::sleep(MAX_BACKOFF);
+                }
+                LinkEnd::Refused(why) => return Err(format!("the API node at {addr} refused engine rank {rank}: {why}")),
+                LinkEnd::Closed => tracing::warn!(rank, "the link to the API node at {addr} closed; dialing again"),
+            }
+        }
+        match dial(ctx, addr) {
             Ok(end) => {
                 backoff = Duration::from_millis(50);
                 said_waiting = false;
                 tracing::info!(rank, "connected to the API node at {addr}");
-                // An engine whose busy loop died (a panic failed its
-                // requests) is built again; a live one keeps its cache.
-                if !engine.is_alive() {
-                    engine = start()?.0;
-                }
-                let link = engine.attach(end, hello.clone()).map_err(|e| format!("engine rank {rank}: {e}"))?;
-                match link.join() {
-                    // Waiting may change the answer (our own stale link is
-                    // still held, the API node is draining): dial again.
-                    Some(why) if why.retry => {
-                        tracing::warn!(rank, "the API node refused engine rank {rank} for now: {why}; dialing again");
-                        std::thread::sleep(MAX_BACKOFF);
-                    }
-                    Some(why) => return Err(format!("the API node refused engine rank {rank}: {why}")),
-                    None => tracing::warn!(rank, "the link to the API node closed; dialing again"),
-                }
+                link = Some(engine.attach(ctx, end, rank)?);
             }
             Err(e) => {
                 if !said_waiting {
-                    tracing::info!(rank, "waiting for the API node at {addr} ({e})");
+                    tracing::info!(rank, "waiting for the API node at {addr} ({e:#})");
                     said_waiting = true;
                 }
                 std::thread::sleep(backoff);

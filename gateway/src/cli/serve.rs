@@ -166,7 +166,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         let m = load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?;
         (m.cfg.clone(), m.tokenizer.clone(), Some(m))
     };
-    let expect = expectations(&cfg, model.as_ref().map(|m| &m.weights), plan.size);
+    let expect = expectations(&cfg, model.as_ref().map(|m| &m.weights), plan.size, args.cluster.data_parallel_elastic);
     let local = match &model {
         Some(m) => start_local_ranks(m, &engine_args, plan.local.clone(), &names[0])?,
         None => LocalRanks { ends: Vec::new(), threads: Vec::new(), max_model_len: None },

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use ferry_engine::rng::{RngCore, SplitMix64};
 use ferry_transport::handshake::{check_hello, welcome, Expectations, Refusal};
-use ferry_transport::{EngineRequest, EngineStats, FinishReason, FromEngine, GatewayEnd, OutputRx, RequestId, SamplingParams, ToEngine, TokenOutput};
+use ferry_transport::{EngineRequest, EngineStats, AUTO_RANK, MAX_RANKS, FinishReason, FromEngine, GatewayEnd, OutputRx, RequestId, SamplingParams, ToEngine, TokenOutput};
 
 use crate::engines::breaker::{BreakerConfig, BreakerState};
 use crate::engines::rank_link::{EventTx, RankLink};
@@ -64,6 +64,11 @@ pub(crate) struct CoordinatorConfig {
     /// its link closes and its requests move. None: never.
     pub stall_timeout: Option<Duration>,
 }
+
+/// How long an elastic cluster keeps the number of a rank whose link was
+/// lost (not drained) for it to come back, shown down, before it stops being
+/// a member (its series leave `/metrics`).
+pub(crate) const ELASTIC_REJOIN_GRACE: Duration = Duration::from_secs(10);
 
 /// The default `--rank-stall-timeout`: far above any step a healthy rank
 /// takes (a busy engine reports its steps every second even in a long
@@ -112,8 +117,17 @@ struct Counters {
 
 struct Inner {
     config: CoordinatorConfig,
-    /// Slot k holds rank k's latest link (None until it first joins).
+    /// Slot k holds rank k's latest link (None until it first joins, and
+    /// in an elastic cluster again once it has left). An elastic cluster
+    /// has a slot for every rank number ([`MAX_RANKS`]).
     slots: Vec<Mutex<Option<Arc<RankLink>>>>,
+    /// `--data-parallel-size`: the ranks a static cluster has, and the
+    /// ranks an elastic one waits for at start-up.
+    size: usize,
+    /// 1 + the highest slot a rank ever joined: the slots worth reading.
+    span: AtomicUsize,
+    /// `--data-parallel-elastic`.
+    elastic: bool,
     /// What a rank must match to join; held while a Hello is checked and its
     /// rank installed, so two links claiming one rank cannot both get in.
     expect: Mutex<Expectations>,
@@ -152,12 +166,17 @@ impl Coordinator {
     }
 
     pub(crate) fn with_config(expect: Expectations, config: CoordinatorConfig) -> Coordinator {
-        let slots = (0..expect.data_parallel_size).map(|_| Mutex::new(None)).collect();
+        let size = expect.data_parallel_size as usize;
+        let num_slots = if expect.elastic { MAX_RANKS as usize } else { size };
+        let slots = (0..num_slots).map(|_| Mutex::new(None)).collect();
         Coordinator {
             inner: Arc::new(Inner {
                 seeds: Mutex::new(ferry_engine::rng::splitmix(config.seed)),
                 config,
                 slots,
+                size,
+                span: AtomicUsize::new(size),
+                elastic: expect.elastic,
                 expect: Mutex::new(expect),
                 next_id: AtomicU64::new(1),
                 started: AtomicBool::new(false),
@@ -173,9 +192,20 @@ impl Coordinator {
         &self.inner.config
     }
 
-    /// The data-parallel size: how many ranks this coordinator has slots for.
+    /// The data-parallel size: how many ranks a static cluster has, and how
+    /// many an elastic one waits for at start-up.
     pub(crate) fn size(&self) -> usize {
-        self.inner.slots.len()
+        self.inner.size
+    }
+
+    /// Ranks may join beyond the size, and leave (`--data-parallel-elastic`).
+    pub(crate) fn is_elastic(&self) -> bool {
+        self.inner.elastic
+    }
+
+    /// The slots worth reading: every rank number that ever joined is below it.
+    pub(crate) fn span(&self) -> usize {
+        self.inner.span.load(Ordering::Relaxed).min(self.inner.slots.len())
     }
 
     /// Rank `k`'s current link, if it ever joined.
@@ -183,8 +213,9 @@ impl Coordinator {
         self.inner.slots.get(k).and_then(|s| lock(s).clone())
     }
 
+    /// Every slot below [`Self::span`], by rank number.
     fn links(&self) -> Vec<Option<Arc<RankLink>>> {
-        self.inner.slots.iter().map(|s| lock(s).clone()).collect()
+        self.inner.slots[..self.span()].iter().map(|s| lock(s).clone()).collect()
     }
 
     /// Which ranks serve now (what the `ferry:engine_up` gauge shows).
@@ -228,14 +259,25 @@ impl Coordinator {
         }
     }
 
-    /// Ranks that are not serving, for start-up messages.
+    /// Ranks that are not serving, for start-up messages. In an elastic
+    /// cluster, the ranks below the size that are not up, while fewer than
+    /// the size are (any rank number counts towards it).
     pub(crate) fn missing_ranks(&self) -> Vec<u32> {
-        self.ranks_up().iter().enumerate().filter(|(_, up)| !**up).map(|(k, _)| k as u32).collect()
+        let up = self.ranks_up();
+        if self.is_elastic() && up.iter().filter(|u| **u).count() >= self.inner.size {
+            return Vec::new();
+        }
+        let wanted = if self.is_elastic() { self.inner.size.min(up.len()) } else { up.len() };
+        up[..wanted].iter().enumerate().filter(|(_, up)| !**up).map(|(k, _)| k as u32).collect()
     }
 
-    /// Every rank has joined and is up (what /health reports).
+    /// Every rank has joined and is up (what /health reports at start-up);
+    /// in an elastic cluster, at least the size's count of ranks is up.
     pub(crate) fn all_healthy(&self) -> bool {
         let up = self.ranks_up();
+        if self.is_elastic() {
+            return up.iter().filter(|u| **u).count() >= self.inner.size;
+        }
         !up.is_empty() && up.iter().all(|u| *u)
     }
 
@@ -276,8 +318,17 @@ impl Coordinator {
                 Ok(Err(e)) => return tracing::warn!(%peer, "a link closed before its Hello: {e}"),
                 Err(_) => return tracing::warn!(%peer, "dropped a link that said no Hello within {HELLO_TIMEOUT:?}"),
             };
+            let mut hello = hello;
             let link = {
                 let mut expect = lock(&this.inner.expect);
+                // A node that asks for a rank number gets the lowest free one
+                // (never one a rank holds, live or not yet timed out).
+                if hello.rank == AUTO_RANK && expect.elastic {
+                    if let Some(free) = this.inner.slots.iter().position(|s| lock(s).is_none()) {
+                        hello.rank = free as u32;
+                        tracing::info!(%peer, node = %hello.node, "assigned rank {free} to a joining node");
+                    }
+                }
                 // A live link of the same node is stale (the node timed it out
                 // first, in a one-way partition): the new one replaces it.
                 let held = |r: u32| this.rank(r as usize).filter(|l| l.is_healthy());
@@ -302,6 +353,7 @@ impl Coordinator {
                 }
                 let link = Arc::new(RankLink::with_breaker(rank as usize, tx, hello, this.inner.config.breaker));
                 *lock(&this.inner.slots[rank as usize]) = Some(link.clone());
+                this.inner.span.fetch_max(rank as usize + 1, Ordering::Relaxed);
                 link
             };
             tracing::info!(%peer, rank = link.index(), model = %link.hello().model, "engine rank joined");
@@ -339,11 +391,35 @@ impl Coordinator {
             // Our side lets go of the link so its transport closes and the
             // node sees it (and dials again); a replaced link's slot already
             // holds its successor.
-            let mut slot = lock(&self.inner.slots[link.index()]);
-            if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
-                *slot = None;
+            self.vacate(link);
+        } else if self.is_elastic() {
+            if link.is_leaving() {
+                // It drained and went: it is no longer a member.
+                tracing::info!(rank = link.index(), "engine rank {} left the cluster", link.index());
+                self.vacate(link);
+            } else {
+                // It may come back (a restart, a partition): its number waits
+                // for it a while, shown down, then it is no longer a member.
+                let (this, link) = (self.clone(), link.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(ELASTIC_REJOIN_GRACE).await;
+                    if this.vacate(&link) {
+                        tracing::info!(rank = link.index(), "engine rank {} did not come back within {ELASTIC_REJOIN_GRACE:?}: no longer a member", link.index());
+                    }
+                });
             }
         }
+    }
+
+    /// Empties `link`'s slot if it still holds that link (not a successor);
+    /// says whether it did.
+    fn vacate(&self, link: &Arc<RankLink>) -> bool {
+        let mut slot = lock(&self.inner.slots[link.index()]);
+        let held = slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link));
+        if held {
+            *slot = None;
+        }
+        held
     }
 
     fn deliver(&self, link: &Arc<RankLink>, tracked: &Arc<Tracked>, out: TokenOutput) {
@@ -425,7 +501,7 @@ impl Coordinator {
     /// Returns how many placements it had in flight.
     pub(crate) fn drain_rank(&self, rank: u32) -> Result<usize, SubmitError> {
         let size = self.size() as u32;
-        if rank >= size {
+        if rank as usize >= self.span() {
             return Err(SubmitError::NoSuchRank { rank, size });
         }
         let link = self.rank(rank as usize).filter(|l| l.is_healthy()).ok_or(SubmitError::RankDown(rank))?;
@@ -444,6 +520,12 @@ impl Coordinator {
             }
             for (link_id, p) in left {
                 this.relocate(&p.tracked, link_id, rank as usize, format!("engine rank {rank} was drained"), None);
+            }
+            if this.is_elastic() && link.is_healthy() {
+                // It leaves the cluster: the node hears it is released (and
+                // dials this API node no more), and its slot empties.
+                tracing::info!(rank, "engine rank {rank} drained: releasing it from the cluster");
+                link.shutdown();
             }
         });
         Ok(in_flight)
@@ -628,7 +710,7 @@ pub(crate) mod tests_support {
     }
 
     pub(crate) fn expect(size: u32) -> Expectations {
-        Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, config_fingerprint: 1, tensors_fingerprint: None, block_size: None }
+        Expectations { protocol_version: PROTOCOL_VERSION, data_parallel_size: size, elastic: false, config_fingerprint: 1, tensors_fingerprint: None, block_size: None }
     }
 
     pub(crate) fn hello(rank: u32, tensors: u64) -> Hello {

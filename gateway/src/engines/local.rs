@@ -54,10 +54,16 @@ pub(crate) fn start_local_ranks(model: &LoadedModel, args: &EngineArgs, ranks: s
 
 /// What a rank must match to join a gateway that loaded `model` (its config and,
 /// when it loaded weights, its tensor table).
-pub(crate) fn expectations(cfg: &ferry_engine::model::config::ModelConfig, weights: Option<&ferry_engine::model::weights::ModelWeights>, data_parallel_size: u32) -> ferry_transport::handshake::Expectations {
+pub(crate) fn expectations(
+    cfg: &ferry_engine::model::config::ModelConfig,
+    weights: Option<&ferry_engine::model::weights::ModelWeights>,
+    data_parallel_size: u32,
+    elastic: bool,
+) -> ferry_transport::handshake::Expectations {
     ferry_transport::handshake::Expectations {
         protocol_version: ferry_transport::PROTOCOL_VERSION,
         data_parallel_size,
+        elastic,
         config_fingerprint: ferry_engine::model::fingerprint::config_hash(cfg),
         tensors_fingerprint: weights.map(ferry_engine::model::fingerprint::tensors_hash),
         // The first rank to join sets the block size every later one must share.

@@ -47,6 +47,9 @@ struct RankState {
     stopping: bool,
     /// An operator drained this rank (`POST /v1/admin/ranks/{rank}/drain`).
     drained: bool,
+    /// The link closed while the rank was draining (its node's or an
+    /// operator's drain): it left, it was not lost.
+    left: bool,
     /// Token counts of the rank's steps not yet taken by a metrics scrape
     /// (at most `MAX_UNSCRAPED_STEPS`, the newest kept).
     unscraped_steps: Vec<u32>,
@@ -220,6 +223,13 @@ impl RankLink {
         let _ = self.tx.send(ToEngine::Command(EngineCommand::Shutdown));
     }
 
+    /// The rank was on its way out: its node is draining it (SIGTERM), or
+    /// an operator drained it here.
+    pub(crate) fn is_leaving(&self) -> bool {
+        let s = self.lock();
+        s.stats.draining || s.drained || s.left
+    }
+
     /// Takes no new requests from now on (an operator's drain).
     pub(crate) fn mark_drained(&self) {
         self.lock().drained = true;
@@ -327,8 +337,12 @@ impl RankLink {
     /// handed back (to move, or to fail).
     pub(crate) fn on_closed(&self, why: &str) -> Vec<(RequestId, Pending)> {
         let mut s = self.lock();
+        // What it said before its figures are cleared: it was on its way out.
+        s.left = s.stats.draining || s.drained;
         if s.stopping {
             tracing::info!(rank = self.index, "engine rank stopped");
+        } else if s.left {
+            tracing::info!(rank = self.index, "engine rank left after draining ({why})");
         } else {
             tracing::error!(rank = self.index, "engine rank lost: {why}");
         }

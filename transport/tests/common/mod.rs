@@ -142,6 +142,7 @@ pub(crate) async fn handshake(gw: &mut GatewayEnd, eng: EngineEnd, rank: u32, vo
     let exp = handshake::Expectations {
         protocol_version: PROTOCOL_VERSION,
         data_parallel_size: rank + 1,
+        elastic: false,
         config_fingerprint: 1,
         tensors_fingerprint: None,
         block_size: None,
