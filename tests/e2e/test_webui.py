@@ -178,7 +178,7 @@ def test_reply_streams_the_greedy_text(request, http, server, protocol):
 def test_stop_aborts_the_request(h3_browser, http, server):
     assert wait_until(lambda: running(http) == 0, 30), "the engine was busy before the test"
     page = open_page(h3_browser, server)
-    set_settings(page, temperature="0", max_tokens=str(server.max_model_len - 128))
+    set_settings(page, temperature="0", max_tokens=str(server.max_model_len // 2))
 
     # The page sends what the user set; ignore_eos (no field for it) makes
     # the reply surely long, so Stop lands mid-stream.
@@ -204,6 +204,15 @@ def test_stop_aborts_the_request(h3_browser, http, server):
     assert page.is_visible("#send") and not page.is_visible("#stop")
     # Far sooner than the rest of the reply would take.
     assert freed_after < 5
+    # New chat during a reply stops it too, and nothing of it comes back.
+    send(page, "Write another very long story.")
+    page.wait_for_function("() => (document.querySelector('.msg.assistant:last-child')?.dataset.raw || '').length > 20",
+                           timeout=REPLY_TIMEOUT_MS)
+    page.click("#new-chat")
+    assert wait_until(lambda: running(http) == 0, 5), "the engine still runs the request 5 s after New chat"
+    time.sleep(0.5)
+    assert page.locator(".msg").count() == 0
+    assert page.is_visible("#send")
     page.context.close()
 
 

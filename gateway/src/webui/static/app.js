@@ -27,6 +27,7 @@
     model: null, // the served model's id, from /v1/models
     controller: null, // the AbortController of the reply being streamed
     pending: null, // a message held back until the user gives a key
+    chat: 0, // counts New chats: a reply stopped by one must not join the next
   };
 
   // Many replies in one tab: keep room for their timing entries, which is
@@ -87,6 +88,15 @@
     }
   }
 
+  // What each figure under a reply is (shown as its tooltip).
+  const STAT_TITLES = {
+    ttft: 'time to first token',
+    rate: 'tokens per second after the first token',
+    usage: 'prompt + completion = total tokens',
+    finish: 'why the reply ended',
+    protocol: 'the HTTP version the browser used for this reply',
+  };
+
   function setStats(bubble, parts, cls) {
     let stats = bubble.querySelector('.stats');
     if (!stats) {
@@ -98,6 +108,7 @@
       const s = document.createElement('span');
       s.dataset.stat = name;
       s.textContent = value;
+      if (STAT_TITLES[name]) s.title = STAT_TITLES[name];
       return s;
     }));
     if (cls) stats.classList.add(cls);
@@ -170,6 +181,7 @@
   }
 
   async function send(text) {
+    const chat = state.chat;
     state.messages.push({ role: 'user', content: text });
     const userBubble = addBubble('user', text);
     const bubble = addBubble('assistant', '');
@@ -234,6 +246,7 @@
       if (state.controller === controller) state.controller = null;
       busy(false);
     }
+    if (chat !== state.chat) return; // New chat was pressed: this reply is gone
     bubble.classList.remove('streaming');
     setText(bubble, reply);
     if (failure !== null) {
@@ -279,6 +292,7 @@
   });
   ui.stop.addEventListener('click', () => { if (state.controller) state.controller.abort(); });
   ui.newChat.addEventListener('click', () => {
+    state.chat++;
     if (state.controller) state.controller.abort();
     state.messages = [];
     ui.log.replaceChildren();
