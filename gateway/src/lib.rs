@@ -13,8 +13,8 @@
 //! # Inside
 //! Laid out by concept: `cli` (the commands), `server` (listeners and the HTTP
 //! versions), `api` (the OpenAI and vLLM endpoints), `engines` (the coordinator
-//! and the links to engine ranks), `metrics`, `embed` and `error` (the surface above), and
-//! `bench` (the benchmark client, which uses nothing of the gateway).
+//! and the links to engine ranks), `metrics`, `webui` (the chat page at `/`),
+//! `embed` and `error` (the surface above), and `bench` (the benchmark client, which uses nothing of the gateway).
 
 // What an application embeds is re-exported below; the rest is the gateway's
 // own and stays inside the crate.
@@ -27,6 +27,7 @@ mod error;
 pub(crate) mod metrics;
 pub(crate) mod otel;
 pub mod server;
+pub(crate) mod webui;
 
 pub use api::generation::{ChoiceDelta, Finish};
 /// The `ferry` binary's entry point (not part of the embedding surface).

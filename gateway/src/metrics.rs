@@ -86,6 +86,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     ("vllm:num_requests_waiting_by_reason", Kind::Gauge, "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting."),
     ("vllm:kv_cache_usage_perc", Kind::Gauge, "KV-cache usage. 1 means 100 percent usage."),
     ("vllm:cache_config_info", Kind::Gauge, "Information of the LLMEngine CacheConfig"),
+    ("vllm:engine_sleep_state", Kind::Gauge, "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2."),
     ("vllm:num_preemptions_total", Kind::Counter, "Cumulative number of preemption from the engine."),
     ("vllm:prefix_cache_queries_total", Kind::Counter, "Prefix cache queries, in terms of number of queried tokens."),
     ("vllm:prefix_cache_hits_total", Kind::Counter, "Prefix cache hits, in terms of number of cached tokens."),
@@ -119,6 +120,13 @@ enum Kind {
     Counter,
     Histogram,
 }
+
+/// vLLM's `sleep_state` labels of `vllm:engine_sleep_state`, each with the
+/// value ferry's ranks always have: ferry has no sleep mode (vLLM's
+/// `/sleep`), so a rank is awake and has neither offloaded its weights
+/// (level 1) nor discarded them (level 2). Served so that dashboards written
+/// for vLLM find the family.
+const SLEEP_STATES: [(&str, f64); 3] = [("awake", 1.0), ("weights_offloaded", 0.0), ("discard_all", 0.0)];
 
 /// One rank's series.
 struct EngineSeries {
@@ -450,6 +458,13 @@ impl EngineSeries {
             g.set(0.0);
             g
         };
+        // Set once: the state never changes (see SLEEP_STATES), and the
+        // recorder keeps a series whose handle is dropped.
+        for (state, value) in SLEEP_STATES {
+            let mut l = labels.clone();
+            l.push(Label::new("sleep_state", state));
+            rec.register_gauge(&Key::from_parts("vllm:engine_sleep_state", l), &md).set(value);
+        }
         EngineSeries {
             waiting_capacity: by_reason("capacity"),
             waiting_deferred: by_reason("deferred"),
@@ -632,6 +647,21 @@ mod tests {
         assert_eq!(g("ferry:prefix_cache_hit_rate"), 0.4);
         let again = parse(&m.render(&[None, scrape(true, EngineStats::default(), vec![])], &counters));
         assert_eq!(again[&format!("{it}_count{{{l1}}}")], 3.0);
+    }
+
+    /// vLLM's sleep gauge, per rank, whether the rank is up or never joined:
+    /// ferry's ranks never sleep.
+    #[test]
+    fn engine_sleep_state_is_awake_on_every_rank() {
+        let m = Metrics::new("smol", 2, 128);
+        let text = m.render(&[None, scrape(true, EngineStats::default(), vec![])], &CoordinatorCounters::default());
+        let s = parse(&text);
+        assert!(text.contains("# TYPE vllm:engine_sleep_state gauge\n"), "{text}");
+        for engine in ["0", "1"] {
+            let v = |state: &str| s[&format!("vllm:engine_sleep_state{{model_name=\"smol\",engine=\"{engine}\",sleep_state=\"{state}\"}}")];
+            assert_eq!((v("awake"), v("weights_offloaded"), v("discard_all")), (1.0, 0.0, 0.0));
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("vllm:engine_sleep_state{")).count(), 6);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! Routes: POST /v1/completions, /v1/chat/completions, /v1/responses,
 //! /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API),
 //! /tokenize, /detokenize, /v1/admin/ranks/{rank}/drain; GET /v1/models,
-//! /health, /metrics, /version, /v1/admin/ranks.
+//! /health, /metrics, /version, /v1/admin/ranks; with the chat page on
+//! ([`AppState::with_webui`]), GET / and its files (`crate::webui`).
 //!
 //! - Bodies over [`MAX_BODY_BYTES`] (4 MiB: a full 128k-token prompt as JSON token
 //!   ids is about 1 MiB) get 413.
-//! - With an API key set, every route but /health, /metrics and /version needs
-//!   `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (401 otherwise).
+//! - With an API key set, every route but /health, /metrics, /version and the
+//!   chat page's files needs `Authorization: Bearer <key>` or Anthropic's
+//!   `x-api-key: <key>` (401 otherwise).
 //! - At most `max_concurrent_requests` generations run at once; more get 503 with
 //!   Retry-After, as do requests while no engine rank is up.
 //! - All errors are `{"error": {"message", "type", "param", "code"}}`, but
@@ -99,6 +101,8 @@ pub(crate) struct AppState {
     pub tools: tools::ToolConfig,
     /// Where request spans go (`--otlp-traces-endpoint`); None: no tracing.
     pub tracer: Option<Arc<crate::otel::Tracer>>,
+    /// Serve the chat page at `/` (`ferry serve` does unless `--no-webui`).
+    pub webui: bool,
 }
 
 impl AppState {
@@ -138,6 +142,9 @@ impl AppState {
             trust_request_chat_template: false,
             tools: tools::ToolConfig::default(),
             tracer: None,
+            // Off unless asked: an application that mounts `Llm::router`
+            // keeps `/` for itself.
+            webui: false,
             text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2))),
         }
     }
@@ -160,6 +167,12 @@ impl AppState {
     /// Traces requests into `tracer` (None: no tracing).
     pub(crate) fn with_tracer(mut self, tracer: Option<Arc<crate::otel::Tracer>>) -> Self {
         self.tracer = tracer;
+        self
+    }
+
+    /// Serves the chat page at `/` (or not).
+    pub(crate) fn with_webui(mut self, on: bool) -> Self {
+        self.webui = on;
         self
     }
 
@@ -263,6 +276,7 @@ async fn identify_client(State(state): State<AppState>, mut req: Request, next: 
 pub(crate) fn router(state: AppState) -> Router {
     // with_cors checked the configuration; the default is always valid.
     let cors = state.cors.layer().unwrap_or_else(|_| tower_http::cors::CorsLayer::permissive());
+    let page = if state.webui { crate::webui::routes() } else { Router::new() };
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -277,6 +291,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/admin/ranks", get(admin::list_ranks))
         .route("/v1/admin/ranks/{rank}/drain", post(admin::drain_rank))
+        .merge(page)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), identify_client))
@@ -344,8 +359,14 @@ fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
 /// Paths anyone may read, key or not (vLLM leaves these open too).
 const OPEN_PATHS: [&str; 3] = ["/health", "/metrics", "/version"];
 
+/// A path served without a key: [`OPEN_PATHS`], and the chat page's files
+/// when it is on (the page must load to ask for the key; it holds no secret).
+fn is_open_path(state: &AppState, path: &str) -> bool {
+    OPEN_PATHS.contains(&path) || (state.webui && crate::webui::is_page_path(path))
+}
+
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if !state.api_keys.is_empty() && !OPEN_PATHS.contains(&req.uri().path()) {
+    if !state.api_keys.is_empty() && !is_open_path(&state, req.uri().path()) {
         let given = presented_key(req.headers());
         // Every key is compared, so the time taken says nothing of which matched.
         let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |ok, k| ok | constant_time_eq(g.as_bytes(), k.as_bytes())));

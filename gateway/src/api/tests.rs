@@ -560,6 +560,30 @@ async fn api_key_health_models_version_tokenize() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
 }
 
+/// With a key set, the chat page and its files load without one (the page
+/// asks for the key itself) while the API it calls still needs it; with the
+/// page off (the library's default, `--no-webui`), its paths are unknown.
+#[tokio::test]
+async fn webui_is_open_the_api_closed_and_off_means_unknown() {
+    let get = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+    let with_key = |p: &str| Request::get(p).header(header::AUTHORIZATION, "Bearer sekret").body(Body::empty()).unwrap();
+    let Some(on) = harness_with(&[], |s| s.with_api_key(Some("sekret".into())).with_webui(true)).await else { return };
+    for path in ["/", "/webui/app.js", "/webui/app.css", "/webui/markdown.js"] {
+        let (s, h, body) = send(&on.app, get(path)).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        assert!(h.contains_key(header::CONTENT_SECURITY_POLICY), "{path}");
+        assert!(!body.is_empty());
+    }
+    assert_eq!(send(&on.app, get("/v1/models")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&on.app, get("/webui/other.js")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&on.app, with_key("/webui/other.js")).await.0, StatusCode::NOT_FOUND);
+    let Some(off) = harness_with(&[], |s| s.with_api_key(Some("sekret".into()))).await else { return };
+    assert_eq!(send(&off.app, get("/")).await.0, StatusCode::UNAUTHORIZED);
+    for path in ["/", "/webui/app.js"] {
+        assert_eq!(send(&off.app, with_key(path)).await.0, StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn rank_dying_mid_stream_ends_with_error_event_and_health_503() {
     let Some(tok) = tokenizer() else { return };

@@ -118,6 +118,10 @@ pub(crate) struct ServeArgs {
     /// spans join the API node's traces.
     #[arg(long, value_name = "URL")]
     pub otlp_traces_endpoint: Option<String>,
+    /// Do not serve the chat page at `/` (llama.cpp's flag); the API is
+    /// unchanged.
+    #[arg(long)]
+    pub no_webui: bool,
     #[command(flatten)]
     pub engine: EngineFlags,
     #[command(flatten)]
@@ -221,7 +225,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             })
             .with_cors(cors)
             .map_err(anyhow::Error::msg)?
-            .with_tool_config(tools);
+            .with_tool_config(tools)
+            .with_webui(!args.no_webui);
         let mut state = state;
         state.trust_request_chat_template = args.trust_request_chat_template;
         let mut cfg = ServeConfig {
