@@ -15,6 +15,7 @@ export FERRY_TEST_MODEL=${FERRY_TEST_MODEL:-$(scripts/fetch/fetch-model.sh)}
 export FERRY_LLAMA_CPP_VOCABS=${FERRY_LLAMA_CPP_VOCABS:-$(scripts/fetch/fetch-llama-cpp-vocabs.sh)}
 scripts/test/check-import-cycles.py
 scripts/test/check-lint-tables.py
+scripts/test/check-k8s-manifests.sh
 # The CUDA feature builds and its own tests pass with no CUDA here (cudarc
 # loads the libraries at run time; the probe and --device tests say what they
 # found). Then the default build, which the end-to-end tests run.
