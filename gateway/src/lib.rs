@@ -23,6 +23,7 @@ pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod embed;
 pub(crate) mod engines;
+pub(crate) mod membership;
 mod error;
 pub(crate) mod metrics;
 pub(crate) mod otel;

@@ -38,7 +38,9 @@ pub(crate) struct ClusterFlags {
     /// --data-parallel-rpc-port): where it listens, and where headless nodes
     /// dial. A headless node may name several API nodes (repeat the flag):
     /// it serves each of them with the same ranks.
-    #[arg(long, default_value = "127.0.0.1", num_args = 1)]
+    /// (Default 127.0.0.1; with --etcd-endpoints, a headless node finds the
+    /// API nodes there and dials them as well.)
+    #[arg(long, num_args = 1)]
     pub data_parallel_address: Vec<String>,
     /// The API node's RPC port (UDP, QUIC with mutual TLS).
     #[arg(long, default_value_t = 13345)]
@@ -52,6 +54,16 @@ pub(crate) struct ClusterFlags {
     /// then only says how many ranks /health waits for at start-up.
     #[arg(long)]
     pub data_parallel_elastic: bool,
+    /// Find the other nodes through etcd (comma-separated URLs, such as
+    /// http://etcd:2379): each node keeps a lease (10 s) with its
+    /// registration; API nodes register their RPC address, headless nodes
+    /// dial every API node registered.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub etcd_endpoints: Vec<String>,
+    /// The etcd key prefix this cluster's nodes register under (several
+    /// clusters may share one etcd).
+    #[arg(long, default_value = "/ferry/")]
+    pub etcd_prefix: String,
     /// Folder with ca.pem, node.pem and node-key.pem (made by `ferry certs`):
     /// nodes accept only peers whose certificates chain to that CA.
     #[arg(long)]
@@ -78,6 +90,9 @@ pub(crate) struct ClusterFlags {
     #[arg(long, default_value_t = crate::engines::coordinator::DEFAULT_STALL_TIMEOUT.as_secs())]
     pub rank_stall_timeout: u64,
 }
+
+/// `--data-parallel-address` when none is given.
+const DEFAULT_ADDRESS: &str = "127.0.0.1";
 
 /// `--data-parallel-start-rank`: a number, or `auto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +152,7 @@ impl ClusterFlags {
         if self.headless && local == 0 {
             bail!("--headless with --data-parallel-size-local 0 runs nothing");
         }
-        let multi_node = self.headless || local < size || self.data_parallel_elastic;
+        let multi_node = self.headless || local < size || self.data_parallel_elastic || !self.etcd_endpoints.is_empty();
         if multi_node && self.cluster_cert_dir.is_none() && !self.cluster_insecure {
             bail!(
                 "a cluster across nodes needs mutual TLS: pass --cluster-cert-dir DIR (made with `ferry certs ca --dir CA` \
@@ -150,12 +165,32 @@ impl ClusterFlags {
     /// The API nodes a headless node serves, as `host:port` (resolved at
     /// each dial: a name may move), in the order given.
     pub(crate) fn api_nodes(&self) -> anyhow::Result<Vec<String>> {
+        if self.data_parallel_address.is_empty() && self.etcd_endpoints.is_empty() {
+            return Ok(vec![with_port(DEFAULT_ADDRESS, self.data_parallel_rpc_port)?]);
+        }
         self.data_parallel_address.iter().map(|a| with_port(a, self.data_parallel_rpc_port)).collect()
+    }
+
+    /// The etcd key prefix, ending with `/`.
+    pub(crate) fn etcd_prefix(&self) -> String {
+        crate::membership::normalize_prefix(&self.etcd_prefix)
+    }
+
+    /// The address an API node registers in etcd: where headless nodes dial it.
+    pub(crate) fn advertised_rpc_addr(&self) -> anyhow::Result<String> {
+        let first = self.data_parallel_address.first().map_or(DEFAULT_ADDRESS, String::as_str);
+        let addr = with_port(first, self.data_parallel_rpc_port)?;
+        if let Ok(sa) = resolve(&addr) {
+            if sa.ip().is_unspecified() {
+                bail!("--data-parallel-address {first} is where this API node listens and what it registers in etcd: give an address other nodes can reach, not {}", sa.ip());
+            }
+        }
+        Ok(addr)
     }
 
     /// The API node's RPC address (where it listens).
     pub(crate) fn rpc_addr(&self) -> anyhow::Result<SocketAddr> {
-        let first = self.data_parallel_address.first().map_or("127.0.0.1", String::as_str);
+        let first = self.data_parallel_address.first().map_or(DEFAULT_ADDRESS, String::as_str);
         resolve(&with_port(first, self.data_parallel_rpc_port)?)
     }
 

@@ -17,7 +17,7 @@
 //! node: its ranks tell the API nodes they take nothing new, finish what they
 //! run (up to `--shutdown-timeout`), and the node leaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ use ferry_certs::CLUSTER_SERVER_NAME;
 use ferry_engine::{build_engine_core, load_model, Engine, EngineArgs, EngineHandle, LinkEnd, LinkThreads, LoadedModel};
 
 use crate::cli::cluster_flags::ClusterPlan;
+use crate::membership::etcd::Member;
+use crate::membership::{Registration, Role};
 use crate::cli::model_source;
 use crate::cli::progress::ProgressBar;
 use crate::cli::serve::ServeArgs;
@@ -39,11 +41,28 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (path, default_name) = model_source::resolve(args.model.as_deref())?;
     let name = args.served_model_name.first().cloned().unwrap_or(default_name.clone());
     let model = Arc::new(load_model(&path, args.engine.load_format(), args.engine.dummy_type(), &ProgressBar::new(&default_name))?);
-    let api_nodes = args.cluster.api_nodes()?;
+    let given = args.cluster.api_nodes()?;
     let tls = args.cluster.client_tls()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ranks = if plan.auto { format!("{} engine ranks (numbers assigned by the API node)", plan.local.len()) } else { format!("engine ranks {:?}", plan.local) };
-    eprintln!("ferry: headless node, {ranks}, serving the API node(s) at udp {}", api_nodes.join(", "));
+    // With etcd, the node registers itself and finds the API nodes there.
+    let member = if args.cluster.etcd_endpoints.is_empty() {
+        None
+    } else {
+        let me = Registration {
+            node: ferry_engine::assemble::node_identity().to_string(),
+            role: Role::Headless,
+            address: None,
+            ranks: if plan.auto { Vec::new() } else { plan.local.clone().collect() },
+            model: name.clone(),
+        };
+        let m = rt.block_on(Member::join(&args.cluster.etcd_endpoints, &args.cluster.etcd_prefix(), me))?;
+        eprintln!("ferry: registered in etcd at {} (lease {}s)", args.cluster.etcd_endpoints.join(","), crate::membership::LEASE_TTL_SECS);
+        Some(Arc::new(m))
+    };
+    let api_nodes = ApiNodes { given, registered: member.as_ref().map(|m| m.view()) };
+    let where_ = if member.is_some() { format!("{} and those registered in etcd", api_nodes.given.join(", ")) } else { api_nodes.given.join(", ") };
+    eprintln!("ferry: headless node, {ranks}, serving the API node(s) at udp {where_}");
     let (fatal_tx, fatal_rx) = std::sync::mpsc::channel::<String>();
     let running: Running = Arc::new(Mutex::new(HashMap::new()));
     for local in plan.local.clone() {
@@ -55,6 +74,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             api_nodes: api_nodes.clone(),
             tls: tls.clone(),
             running: running.clone(),
+            member: member.clone(),
         };
         let fatal = fatal_tx.clone();
         let fixed = (!plan.auto).then_some(local);
@@ -72,9 +92,15 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         stop_signal().await;
         let _ = sig_tx.send(());
     });
+    let leave = |member: &Option<Arc<Member>>| {
+        if let Some(m) = member {
+            rt.block_on(m.leave());
+        }
+    };
     loop {
         if sig_rx.try_recv().is_ok() {
             drain(&running, Duration::from_secs(args.shutdown_timeout));
+            leave(&member);
             return Ok(());
         }
         match fatal_rx.recv_timeout(Duration::from_millis(100)) {
@@ -82,6 +108,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 eprintln!("ferry: every API node released this node's ranks; leaving");
+                leave(&member);
                 return Ok(());
             }
         }
@@ -98,10 +125,38 @@ struct RankCtx {
     model: Arc<LoadedModel>,
     args: EngineArgs,
     name: String,
-    /// The API nodes, `host:port`, in the order given.
-    api_nodes: Vec<String>,
+    api_nodes: ApiNodes,
     tls: Arc<rustls::ClientConfig>,
     running: Running,
+    /// This node's registration in etcd, if it keeps one.
+    member: Option<Arc<Member>>,
+}
+
+/// The API nodes a rank serves: those given (`host:port`, in the order
+/// given), and with etcd those registered there now.
+#[derive(Clone)]
+struct ApiNodes {
+    given: Vec<String>,
+    registered: Option<tokio::sync::watch::Receiver<crate::membership::View>>,
+}
+
+impl ApiNodes {
+    /// Every API node to serve now: the given ones first, in their order.
+    fn current(&self) -> Vec<String> {
+        let mut all = self.given.clone();
+        if let Some(view) = &self.registered {
+            for a in view.borrow().api_addresses() {
+                if !all.contains(&a) {
+                    all.push(a);
+                }
+            }
+        }
+        all
+    }
+
+    fn contains(&self, addr: &str) -> bool {
+        self.given.iter().any(|a| a == addr) || self.registered.as_ref().is_some_and(|v| v.borrow().api_addresses().iter().any(|a| a == addr))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -164,44 +219,73 @@ fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), Strin
     let (rank, mut first) = match fixed {
         Some(r) => (r, None),
         None => {
-            let (r, at, link) = ask_for_rank(ctx, &rank_engine)?;
-            eprintln!("ferry: the API node at {} assigned rank {r}", ctx.api_nodes[at]);
-            (r, Some((at, link)))
+            let (r, addr, link) = ask_for_rank(ctx, &rank_engine)?;
+            eprintln!("ferry: the API node at {addr} assigned rank {r}");
+            if let Some(m) = &ctx.member {
+                m.update(|me| me.ranks.push(r));
+            }
+            (r, Some((addr, link)))
         }
     };
-    // One dialer per API node. A refusal for good from any of them stops
-    // the node now (the others may dial forever); otherwise the rank is
-    // done once every API node has released it.
+    // One dialer per API node, started as API nodes appear. A refusal for
+    // good from any of them stops the node now (the others may dial
+    // forever); otherwise the rank is done once every API node has
+    // released it.
     let (ctx, rank_engine) = (Arc::new(ctx.clone()), Arc::new(rank_engine));
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for (i, addr) in ctx.api_nodes.iter().enumerate() {
-        let link = first.take_if(|(at, _)| *at == i).map(|(_, l)| l);
-        let (ctx, rank_engine, addr, done) = (ctx.clone(), rank_engine.clone(), addr.clone(), done_tx.clone());
-        std::thread::Builder::new()
-            .name(format!("ferry-dial{rank}.{i}"))
-            .spawn(move || {
-                let _ = done.send(serve_api_node(&ctx, &rank_engine, rank, &addr, link));
-            })
-            .map_err(|e| format!("engine rank {rank}: {e}"))?;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, Result<DialerEnd, String>)>();
+    let (mut dialing, mut released) = (HashSet::new(), HashSet::new());
+    loop {
+        for addr in ctx.api_nodes.current() {
+            if dialing.contains(&addr) || released.contains(&addr) {
+                continue;
+            }
+            let link = first.take_if(|(at, _)| *at == addr).map(|(_, l)| l);
+            let (ctx, rank_engine, done, a) = (ctx.clone(), rank_engine.clone(), done_tx.clone(), addr.clone());
+            std::thread::Builder::new()
+                .name(format!("ferry-dial{rank}"))
+                .spawn(move || {
+                    let end = serve_api_node(&ctx, &rank_engine, rank, &a, link);
+                    let _ = done.send((a, end));
+                })
+                .map_err(|e| format!("engine rank {rank}: {e}"))?;
+            dialing.insert(addr);
+        }
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((addr, Ok(end))) => {
+                dialing.remove(&addr);
+                if end == DialerEnd::Released {
+                    released.insert(addr);
+                }
+            }
+            Ok((_, Err(why))) => return Err(why),
+            Err(_) => {}
+        }
+        if dialing.is_empty() && !released.is_empty() && ctx.api_nodes.current().iter().all(|a| released.contains(a)) {
+            return Ok(());
+        }
     }
-    drop(done_tx);
-    for result in done_rx {
-        result?;
-    }
-    Ok(())
+}
+
+/// Why a dialer stopped serving its API node.
+#[derive(Debug, PartialEq, Eq)]
+enum DialerEnd {
+    /// The API node released the rank.
+    Released,
+    /// The API node is no longer registered in etcd (and its link closed).
+    Gone,
 }
 
 /// Asks the API nodes, in turn, for a rank number (a Hello with
 /// `AUTO_RANK`) until one assigns one; returns it, which API node gave it,
 /// and the link it came on (which goes on serving).
-fn ask_for_rank(ctx: &RankCtx, engine: &RankEngine) -> Result<(u32, usize, LinkThreads), String> {
+fn ask_for_rank(ctx: &RankCtx, engine: &RankEngine) -> Result<(u32, String, LinkThreads), String> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        for (i, addr) in ctx.api_nodes.iter().enumerate() {
-            let Ok(end) = dial(ctx, addr) else { continue };
+        for addr in ctx.api_nodes.current() {
+            let Ok(end) = dial(ctx, &addr) else { continue };
             let link = engine.attach(ctx, end, ferry_transport::AUTO_RANK)?;
             if let Some(r) = link.welcomed(WELCOME_WAIT) {
-                return Ok((r, i, link));
+                return Ok((r, addr, link));
             }
             match link.join() {
                 LinkEnd::Refused(why) if !why.retry => return Err(format!("the API node at {addr} refused to assign a rank: {why}")),
@@ -226,7 +310,7 @@ fn dial(ctx: &RankCtx, addr: &str) -> anyhow::Result<ferry_transport::EngineEnd>
 /// Serves one API node as rank `rank`: `link` first, if one is open, then
 /// dials, serves each link until it closes, and dials again. Returns when
 /// the API node releases the rank, or refuses it for good.
-fn serve_api_node(ctx: &RankCtx, engine: &RankEngine, rank: u32, addr: &str, mut link: Option<LinkThreads>) -> Result<(), String> {
+fn serve_api_node(ctx: &RankCtx, engine: &RankEngine, rank: u32, addr: &str, mut link: Option<LinkThreads>) -> Result<DialerEnd, String> {
     let mut backoff = Duration::from_millis(50);
     let mut said_waiting = false;
     loop {
@@ -234,7 +318,7 @@ fn serve_api_node(ctx: &RankCtx, engine: &RankEngine, rank: u32, addr: &str, mut
             match l.join() {
                 LinkEnd::Released => {
                     tracing::info!(rank, "the API node at {addr} released engine rank {rank}");
-                    return Ok(());
+                    return Ok(DialerEnd::Released);
                 }
                 // Waiting may change the answer (our own stale link is
                 // still held, the API node is draining): dial again.
@@ -245,6 +329,10 @@ fn serve_api_node(ctx: &RankCtx, engine: &RankEngine, rank: u32, addr: &str, mut
                 LinkEnd::Refused(why) => return Err(format!("the API node at {addr} refused engine rank {rank}: {why}")),
                 LinkEnd::Closed => tracing::warn!(rank, "the link to the API node at {addr} closed; dialing again"),
             }
+        }
+        if !ctx.api_nodes.contains(addr) {
+            tracing::info!(rank, "the API node at {addr} is no longer registered");
+            return Ok(DialerEnd::Gone);
         }
         match dial(ctx, addr) {
             Ok(end) => {

@@ -14,6 +14,8 @@ use crate::cli::signals::stop_signal;
 use crate::engines::coordinator::{Coordinator, CoordinatorConfig};
 use crate::engines::routing::RoutingConfig;
 use crate::engines::local::{expectations, start_local_ranks, LocalRanks};
+use crate::membership::etcd::Member;
+use crate::membership::{Registration, Role};
 use crate::server::{serve, ServeConfig, TrustedProxies};
 use clap::Args;
 use ferry_engine::load_model;
@@ -213,6 +215,23 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        // With etcd: this API node registers where headless nodes dial it,
+        // and a headless node whose lease ends is no longer a member.
+        let member = if args.cluster.etcd_endpoints.is_empty() {
+            None
+        } else {
+            let me = Registration {
+                node: ferry_engine::assemble::node_identity().to_string(),
+                role: Role::Api,
+                address: Some(args.cluster.advertised_rpc_addr()?),
+                ranks: plan.local.clone().collect(),
+                model: names[0].clone(),
+            };
+            let m = Member::join(&args.cluster.etcd_endpoints, &args.cluster.etcd_prefix(), me).await?;
+            eprintln!("ferry: registered in etcd at {} (lease {}s)", args.cluster.etcd_endpoints.join(","), crate::membership::LEASE_TTL_SECS);
+            tokio::spawn(forget_departed_nodes(coordinator.clone(), m.view()));
+            Some(m)
+        };
         tokio::spawn(report_missing_ranks(coordinator.clone(), Duration::from_secs(args.cluster.data_parallel_startup_timeout)));
         let state = AppState::new(names, path.display().to_string(), tokenizer, max_model_len as u32, coordinator.clone())
             .with_api_keys(args.api_key.clone())
@@ -269,6 +288,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("ferry: TLS certificate {} SPKI sha256 pin: {pin}", cert.display());
         }
         server.wait().await?;
+        if let Some(m) = &member {
+            m.leave().await;
+        }
         // Local ranks stop; remote links close, and headless nodes wait for an
         // API node to come back.
         for rank in plan.local.clone() {
@@ -286,6 +308,23 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         t.join();
     }
     Ok(())
+}
+
+/// Follows the headless nodes registered in etcd: the ranks of one whose
+/// key went (its lease ended, or it left) are no longer members once their
+/// links are down.
+async fn forget_departed_nodes(c: Coordinator, mut view: tokio::sync::watch::Receiver<crate::membership::View>) {
+    let mut known = view.borrow_and_update().headless_nodes();
+    while view.changed().await.is_ok() {
+        let now = view.borrow_and_update().headless_nodes();
+        for node in known.difference(&now) {
+            let gone = c.forget_node(node);
+            if !gone.is_empty() {
+                tracing::info!(%node, "node {node} left etcd: ranks {gone:?} are no longer members");
+            }
+        }
+        known = now;
+    }
 }
 
 /// Says which ranks are still missing every 10 s at start-up, and gives up

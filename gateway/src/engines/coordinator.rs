@@ -411,6 +411,21 @@ impl Coordinator {
         }
     }
 
+    /// A node left the membership (its etcd lease ended): its ranks whose
+    /// links are down are no longer members. Live links stay (etcd may be
+    /// the one that failed). Returns the ranks that went.
+    pub(crate) fn forget_node(&self, node: &str) -> Vec<u32> {
+        let mut gone = Vec::new();
+        for (k, link) in self.links().into_iter().enumerate() {
+            if let Some(link) = link.filter(|l| l.hello().node == node && !l.is_healthy()) {
+                if self.vacate(&link) {
+                    gone.push(k as u32);
+                }
+            }
+        }
+        gone
+    }
+
     /// Empties `link`'s slot if it still holds that link (not a successor);
     /// says whether it did.
     fn vacate(&self, link: &Arc<RankLink>) -> bool {
