@@ -189,7 +189,7 @@ def order(spans: list[dict]) -> list[tuple[dict, int]]:
     return out
 
 
-def nice_step(span_ms: float, ticks: int = 8) -> float:
+def nice_step(span_ms: float, ticks: int = 10) -> float:
     """A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about `ticks` ticks."""
     raw = span_ms / ticks
     mag = 10 ** math.floor(math.log10(raw))
@@ -202,8 +202,8 @@ def render(spans: list[dict]) -> str:
     t1 = max(s["end"] for s in spans)
     total_ms = max((t1 - t0) / 1e6, 1e-3)
     step = nice_step(total_ms)
-    axis_end = step * -(-total_ms // step)
-    scale = (BAR_X1 - BAR_X0) / axis_end
+    axis_end = step * math.floor(total_ms / step + 1e-9)  # the last tick; the bars fill the axis
+    scale = (BAR_X1 - BAR_X0) / total_ms
 
     def x(ns: int) -> float:
         return BAR_X0 + (ns - t0) / 1e6 * scale
