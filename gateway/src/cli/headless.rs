@@ -285,6 +285,7 @@ fn ask_for_rank(ctx: &RankCtx, engine: &RankEngine) -> Result<(u32, String, Link
             let Ok(end) = dial(ctx, &addr) else { continue };
             let link = engine.attach(ctx, end, ferry_transport::AUTO_RANK)?;
             if let Some(r) = link.welcomed(WELCOME_WAIT) {
+                tracing::info!(rank = r, "connected to the API node at {addr}, which assigned rank {r}");
                 return Ok((r, addr, link));
             }
             match link.join() {

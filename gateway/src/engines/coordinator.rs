@@ -379,6 +379,12 @@ impl Coordinator {
                     for (tracked, out) in link.on_outputs(batch) {
                         self.deliver(link, &tracked, out);
                     }
+                    if self.inner.elastic && link.drained_and_idle() {
+                        // Its node is leaving and owes us nothing more: let
+                        // it go now, rather than wait for its link to drop.
+                        tracing::info!(rank = link.index(), "engine rank {} drained: releasing it", link.index());
+                        link.shutdown();
+                    }
                 }
                 Ok(FromEngine::Hello(_)) => break format!("engine rank {} said Hello twice; link closed", link.index()),
                 Err(e) => break format!("engine rank {} went away ({e})", link.index()),

@@ -230,6 +230,14 @@ impl RankLink {
         s.stats.draining || s.drained || s.left
     }
 
+    /// Its node is draining it, none of this API node's requests are left
+    /// on it, and it was not told to stop yet: an elastic cluster may let
+    /// it go now.
+    pub(crate) fn drained_and_idle(&self) -> bool {
+        let s = self.lock();
+        s.stats.draining && s.pending.is_empty() && !s.stopping && s.down.is_none()
+    }
+
     /// Takes no new requests from now on (an operator's drain).
     pub(crate) fn mark_drained(&self) {
         self.lock().drained = true;
