@@ -65,6 +65,9 @@ pub(crate) struct CoordinatorConfig {
     pub stall_timeout: Option<Duration>,
 }
 
+/// The rank numbers registered elsewhere (etcd), read when a node asks for one.
+pub(crate) type ReservedRanks = Arc<dyn Fn() -> std::collections::BTreeSet<u32> + Send + Sync>;
+
 /// How long an elastic cluster keeps the number of a rank whose link was
 /// lost (not drained) for it to come back, shown down, before it stops being
 /// a member (its series leave `/metrics`).
@@ -128,6 +131,9 @@ struct Inner {
     span: AtomicUsize,
     /// `--data-parallel-elastic`.
     elastic: bool,
+    /// Rank numbers not to assign to a node that asks (those registered in
+    /// etcd by nodes whose links this API node may not hold).
+    reserved: Mutex<Option<ReservedRanks>>,
     /// What a rank must match to join; held while a Hello is checked and its
     /// rank installed, so two links claiming one rank cannot both get in.
     expect: Mutex<Expectations>,
@@ -177,6 +183,7 @@ impl Coordinator {
                 size,
                 span: AtomicUsize::new(size),
                 elastic: expect.elastic,
+                reserved: Mutex::new(None),
                 expect: Mutex::new(expect),
                 next_id: AtomicU64::new(1),
                 started: AtomicBool::new(false),
@@ -324,7 +331,9 @@ impl Coordinator {
                 // A node that asks for a rank number gets the lowest free one
                 // (never one a rank holds, live or not yet timed out).
                 if hello.rank == AUTO_RANK && expect.elastic {
-                    if let Some(free) = this.inner.slots.iter().position(|s| lock(s).is_none()) {
+                    let reserved = lock(&this.inner.reserved).as_ref().map(|r| r()).unwrap_or_default();
+                    let free = this.inner.slots.iter().enumerate().position(|(k, s)| lock(s).is_none() && !reserved.contains(&(k as u32)));
+                    if let Some(free) = free {
                         hello.rank = free as u32;
                         tracing::info!(%peer, node = %hello.node, "assigned rank {free} to a joining node");
                     }
@@ -430,6 +439,11 @@ impl Coordinator {
             }
         }
         gone
+    }
+
+    /// Rank numbers `reserved` returns are not assigned to nodes that ask.
+    pub(crate) fn set_reserved_ranks(&self, reserved: ReservedRanks) {
+        *lock(&self.inner.reserved) = Some(reserved);
     }
 
     /// Empties `link`'s slot if it still holds that link (not a successor);

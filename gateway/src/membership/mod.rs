@@ -145,6 +145,13 @@ impl View {
         a
     }
 
+    /// The rank numbers headless nodes have registered (an API node does
+    /// not assign them to a node that asks, though it may not have seen
+    /// their links: they may serve another API node).
+    pub(crate) fn headless_ranks(&self) -> std::collections::BTreeSet<u32> {
+        self.nodes.values().filter(|r| r.role == Role::Headless).flat_map(|r| r.ranks.iter().copied()).collect()
+    }
+
     /// The headless nodes' identities.
     pub(crate) fn headless_nodes(&self) -> std::collections::BTreeSet<String> {
         self.nodes.values().filter(|r| r.role == Role::Headless).map(|r| r.node.clone()).collect()
@@ -188,6 +195,7 @@ mod tests {
         v.put("p/nodes/n:1", h.to_json().as_bytes()).unwrap();
         assert_eq!(v.api_addresses(), ["h1:1", "h2:1"]);
         assert_eq!(v.headless_nodes().into_iter().collect::<Vec<_>>(), ["n/1"]);
+        assert_eq!(v.headless_ranks().into_iter().collect::<Vec<_>>(), [1]);
         // An unreadable value replaces what was there with nothing.
         assert!(v.put("p/nodes/a", b"{}").is_err());
         assert_eq!(v.api_addresses(), ["h1:1"]);
