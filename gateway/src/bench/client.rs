@@ -106,6 +106,15 @@ impl Client {
                 // HTTP/2 over http:// is prior knowledge; over https:// ALPN offers only h2.
                 b.http2_only(h2);
                 b.pool_idle_timeout(std::time::Duration::from_secs(90));
+                if !h2 {
+                    // One connection per HTTP/1.1 request: a server that
+                    // closes a connection after a streamed response
+                    // (llama-server does) races the pool's reuse of it, and
+                    // the request lost in that race would count as a failure
+                    // of the server. A loopback connect costs far less than
+                    // the smallest time to first token measured here.
+                    b.pool_max_idle_per_host(0);
+                }
                 Ok(Client::Hyper { client: b.build(Connector { tls }), base })
             }
         }
