@@ -23,13 +23,17 @@ static CAP: AtomicU8 = AtomicU8::new(Isa::Avx512Vnni as u8);
 static ENV_READ: OnceLock<()> = OnceLock::new();
 static DETECTED: OnceLock<Isa> = OnceLock::new();
 
-/// Reads FERRY_FORCE_SCALAR once, so the variable sets the switch's initial state
-/// and `set_force_scalar` can still change it afterwards.
+/// Reads FERRY_FORCE_SCALAR and FERRY_FORCE_AVX2 once, so the variables set
+/// the switches' initial state (FERRY_FORCE_AVX2=1: the paths of a CPU
+/// without AVX-512, for benchmarks on one that has it) and `set_force_*`
+/// can still change it afterwards.
 fn init_from_env() {
     ENV_READ.get_or_init(|| {
-        let on = std::env::var("FERRY_FORCE_SCALAR").is_ok_and(|v| v.trim() == "1");
-        if on {
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| v.trim() == "1");
+        if set("FERRY_FORCE_SCALAR") {
             CAP.store(Isa::Scalar as u8, Ordering::Relaxed);
+        } else if set("FERRY_FORCE_AVX2") {
+            CAP.store(Isa::Avx2 as u8, Ordering::Relaxed);
         }
     });
 }
