@@ -132,6 +132,12 @@ impl RequestTrace {
         })
     }
 
+    /// Names the HTTP span after another route that reuses this one's
+    /// request path (`POST /v1/messages` runs through chat's).
+    pub(crate) fn set_route(&mut self, route: &'static str) {
+        self.route = route;
+    }
+
     /// Marks the end of templating and tokenization.
     pub(crate) fn tokenized(&mut self, at: Instant) {
         self.tokenized = Some(at);

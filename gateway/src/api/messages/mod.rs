@@ -84,7 +84,10 @@ async fn run(state: AppState, client: ClientId, headers: HeaderMap, req: Message
     if chat.max_tokens == Some(0) {
         return nothing_generated(&state, chat).await;
     }
-    let prepared = chat.prepare(&state, client, &headers).await?;
+    let mut prepared = chat.prepare(&state, client, &headers).await?;
+    if let Some(t) = prepared.trace.as_mut() {
+        t.set_route("POST /v1/messages");
+    }
     let head = Head { id: anthropic_id("msg"), model: prepared.model.clone(), capped: prepared.max_tokens_capped };
     let stream = prepared.plan.stream;
     let mut gen = prepared.start(&state)?;
