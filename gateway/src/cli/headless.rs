@@ -176,7 +176,13 @@ impl RankEngine {
         let (core, shape) = build_engine_core(&ctx.model, &ctx.args, local).map_err(|e| format!("engine rank {local}: {e}"))?;
         let engine = Engine::start(core).map_err(|e| format!("engine rank {local}: {e}"))?;
         lock(&ctx.running).insert(local, engine.handle());
-        Ok((engine, shape.hello(local, &ctx.name)))
+        let mut hello = shape.hello(local, &ctx.name);
+        // Each engine its own identity (the node's, and its local index): the
+        // API node replaces a live link only with a new one of the same
+        // engine (a stale link it still holds), never with another engine
+        // of this node that claims the same number.
+        hello.node = engine_identity(local);
+        Ok((engine, hello))
     }
 
     /// Serves a new link on `end` as rank `rank`; an engine whose busy loop
@@ -190,6 +196,12 @@ impl RankEngine {
         let hello = ferry_transport::Hello { rank, ..self.hello.clone() };
         engine.attach(end, hello).map_err(|e| format!("engine rank {rank}: {e}"))
     }
+}
+
+/// The identity local rank `local` says in its Hello: the node's, `#` and
+/// the index (the API node's etcd watch matches it to the node's key).
+fn engine_identity(local: u32) -> String {
+    format!("{}#{local}", ferry_engine::assemble::node_identity())
 }
 
 /// Tells every rank to take nothing new and waits, up to `timeout`, for what
@@ -236,7 +248,11 @@ fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), Strin
     let (mut dialing, mut released) = (HashSet::new(), HashSet::new());
     loop {
         for addr in ctx.api_nodes.current() {
-            if dialing.contains(&addr) || released.contains(&addr) {
+            // One dialer per API node, however it is spelled (a name given
+            // and the address it registered in etcd): two would replace
+            // each other's link.
+            let key = key_of(&addr);
+            if dialing.contains(&key) || released.contains(&key) {
                 continue;
             }
             let link = first.take_if(|(at, _)| *at == addr).map(|(_, l)| l);
@@ -245,10 +261,10 @@ fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), Strin
                 .name(format!("ferry-dial{rank}"))
                 .spawn(move || {
                     let end = serve_api_node(&ctx, &rank_engine, rank, &a, link);
-                    let _ = done.send((a, end));
+                    let _ = done.send((key_of(&a), end));
                 })
                 .map_err(|e| format!("engine rank {rank}: {e}"))?;
-            dialing.insert(addr);
+            dialing.insert(key);
         }
         match done_rx.recv_timeout(Duration::from_millis(200)) {
             Ok((addr, Ok(end))) => {
@@ -260,10 +276,15 @@ fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), Strin
             Ok((_, Err(why))) => return Err(why),
             Err(_) => {}
         }
-        if dialing.is_empty() && !released.is_empty() && ctx.api_nodes.current().iter().all(|a| released.contains(a)) {
+        if dialing.is_empty() && !released.is_empty() && ctx.api_nodes.current().iter().all(|a| released.contains(&key_of(a))) {
             return Ok(());
         }
     }
+}
+
+/// An API node's address as one key, however it is spelled: resolved when it resolves.
+fn key_of(addr: &str) -> String {
+    crate::cli::cluster_flags::resolve(addr).map_or_else(|_| addr.to_string(), |a| a.to_string())
 }
 
 /// Why a dialer stopped serving its API node.

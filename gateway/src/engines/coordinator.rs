@@ -330,12 +330,16 @@ impl Coordinator {
                 let mut expect = lock(&this.inner.expect);
                 // A node that asks for a rank number gets the lowest free one
                 // (never one a rank holds, live or not yet timed out).
+                let mut none_free = false;
                 if hello.rank == AUTO_RANK && expect.elastic {
                     let reserved = lock(&this.inner.reserved).as_ref().map(|r| r()).unwrap_or_default();
                     let free = this.inner.slots.iter().enumerate().position(|(k, s)| lock(s).is_none() && !reserved.contains(&(k as u32)));
-                    if let Some(free) = free {
-                        hello.rank = free as u32;
-                        tracing::info!(%peer, node = %hello.node, "assigned rank {free} to a joining node");
+                    match free {
+                        Some(free) => {
+                            hello.rank = free as u32;
+                            tracing::info!(%peer, node = %hello.node, "assigned rank {free} to a joining node");
+                        }
+                        None => none_free = true,
                     }
                 }
                 // A live link of the same node is stale (the node timed it out
@@ -344,6 +348,8 @@ impl Coordinator {
                 let live = |r: u32| held(r).is_some_and(|l| l.hello().node != hello.node);
                 let result = if this.inner.stopping.load(Ordering::Relaxed) {
                     Err(Refusal::passing("the API node is stopping".into()))
+                } else if none_free {
+                    Err(Refusal::passing(format!("no free rank number (all {MAX_RANKS} are held or registered)")))
                 } else {
                     check_hello(&hello, &expect, &live)
                 };
@@ -432,7 +438,9 @@ impl Coordinator {
     pub(crate) fn forget_node(&self, node: &str) -> Vec<u32> {
         let mut gone = Vec::new();
         for (k, link) in self.links().into_iter().enumerate() {
-            if let Some(link) = link.filter(|l| l.hello().node == node && !l.is_healthy()) {
+            // A headless node's engines say `{node}#{index}`.
+            let of_node = |l: &Arc<RankLink>| l.hello().node.strip_prefix(node).is_some_and(|rest| rest.is_empty() || rest.starts_with('#'));
+            if let Some(link) = link.filter(|l| of_node(l) && !l.is_healthy()) {
                 if self.vacate(&link) {
                     gone.push(k as u32);
                 }
@@ -781,6 +789,35 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_elastic_cluster_assigns_free_numbers_and_keeps_members() {
+        let c = Coordinator::new(Expectations { elastic: true, ..expect(1) }, 0);
+        let welcomed = |w: &ToEngine| match w {
+            ToEngine::Welcome(w) => (w.accepted, w.rank, w.retry),
+            other => panic!("{other:?}"),
+        };
+        // A number beyond the size joins; asking nodes get the lowest free
+        // ones, skipping numbers registered elsewhere.
+        let (_e5, w) = join(&c, Hello { node: "a#0".into(), ..hello(5, 0) }).await;
+        assert_eq!(welcomed(&w), (true, 5, false));
+        c.set_reserved_ranks(Arc::new(|| [0u32].into_iter().collect()));
+        let (_e1, w) = join(&c, Hello { node: "b#0".into(), ..hello(AUTO_RANK, 0) }).await;
+        assert_eq!(welcomed(&w), (true, 1, false));
+        let (_e2, w) = join(&c, Hello { node: "b#1".into(), ..hello(AUTO_RANK, 0) }).await;
+        assert_eq!(welcomed(&w), (true, 2, false));
+        // Another engine of the same node claiming a live number is refused
+        // (to dial again), not taken for a stale link of its own.
+        let (_dup, w) = join(&c, Hello { node: "b#7".into(), ..hello(1, 0) }).await;
+        assert_eq!(welcomed(&w), (false, 1, true));
+        until("three members", || c.ranks_up().iter().filter(|u| **u).count() == 3).await;
+        assert!(c.is_serving(), "an elastic cluster of size 1 with 3 up is healthy");
+        assert_eq!(c.span(), 6);
+        // With every number taken, an asking node is told to wait, not refused for good.
+        c.set_reserved_ranks(Arc::new(|| (0..MAX_RANKS).collect()));
+        let (_full, w) = join(&c, Hello { node: "c#0".into(), ..hello(AUTO_RANK, 0) }).await;
+        assert_eq!(welcomed(&w), (false, AUTO_RANK, true));
     }
 
     async fn until(what: &str, f: impl Fn() -> bool) {

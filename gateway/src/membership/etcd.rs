@@ -24,6 +24,8 @@ const RETRY: Duration = Duration::from_secs(1);
 /// away at once.
 pub(crate) struct Member {
     client: Client,
+    /// The lease this node's key lives under; 0 once it left (the keeper
+    /// then registers no more).
     lease: Arc<AtomicI64>,
     view: watch::Receiver<View>,
     registration: watch::Sender<Registration>,
@@ -75,14 +77,19 @@ impl Member {
     /// Takes this node's key away now (its lease revoked), rather than when
     /// the lease runs out.
     pub(crate) async fn leave(&self) {
-        let id = self.lease.load(Ordering::Relaxed);
-        if id != 0 {
+        // Stop the keeper first: a revoked lease would otherwise be taken
+        // for a lost one, and the key put again under a new lease.
+        let id = self.lease.swap(LEFT, Ordering::Relaxed);
+        if id != 0 && id != LEFT {
             if let Err(e) = timed("lease revoke", self.client.clone().lease_revoke(id)).await {
                 tracing::warn!("leaving etcd: {e:#}");
             }
         }
     }
 }
+
+/// The lease id that says the node left: the keeper stops.
+const LEFT: i64 = -1;
 
 /// A new lease, and `me` put under it at `key`; returns the lease.
 async fn register(client: &mut Client, key: &str, me: &Registration) -> anyhow::Result<i64> {
@@ -119,17 +126,28 @@ async fn keep_registered(mut client: Client, key: String, mut reg: watch::Receiv
             }
         }
         .await;
+        if lease.load(Ordering::Relaxed) == LEFT {
+            return; // the node left
+        }
         match kept {
             Ok(()) => return, // the Member is gone
             Err(e) => tracing::warn!("etcd registration: {e:#}; registering again"),
         }
         loop {
             tokio::time::sleep(RETRY).await;
+            if lease.load(Ordering::Relaxed) == LEFT {
+                return;
+            }
             let me = reg.borrow().clone();
             match register(&mut client, &key, &me).await {
                 Ok(new) => {
                     id = new;
-                    lease.store(new, Ordering::Relaxed);
+                    // The node may have left meanwhile: then the new key
+                    // lapses with its lease.
+                    let old = lease.load(Ordering::Relaxed);
+                    if old == LEFT || lease.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+                        return;
+                    }
                     tracing::info!("registered in etcd again");
                     break;
                 }

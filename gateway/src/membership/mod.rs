@@ -36,6 +36,9 @@ const MAX_RANKS_PER_NODE: usize = ferry_transport::MAX_RANKS as usize;
 /// grow it without bound.
 pub(crate) const MAX_NODES: usize = 4096;
 
+/// The most API nodes a headless node dials from etcd's registrations.
+pub(crate) const MAX_API_NODES: usize = 64;
+
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,11 +140,13 @@ impl View {
         self.nodes.remove(key);
     }
 
-    /// The API nodes' addresses, sorted, each once.
+    /// The API nodes' addresses, sorted, each once, at most
+    /// [`MAX_API_NODES`] (a headless node runs a dialer per API node).
     pub(crate) fn api_addresses(&self) -> Vec<String> {
         let mut a: Vec<String> = self.nodes.values().filter(|r| r.role == Role::Api).filter_map(|r| r.address.clone()).collect();
         a.sort();
         a.dedup();
+        a.truncate(MAX_API_NODES);
         a
     }
 
