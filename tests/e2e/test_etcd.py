@@ -7,6 +7,7 @@ dialed by the nodes already running."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -94,8 +95,10 @@ def test_nodes_find_each_other_in_etcd_and_leave_it_with_their_lease():
             assert texts[0].json()["choices"][0]["text"] == texts[1].json()["choices"][0]["text"]
         # kill -9: the links see it first (down), then the lease ends and
         # the rank is no longer a member on either API node.
-        victim = 0 if "assigned rank 0" in n0.text() else 1
-        node = n0 if victim == 0 else n1
+        # node-0's number is whichever the API node gave it.
+        m = re.search(r"assigned rank (\d+)", n0.text())
+        assert m, n0.text()[-2000:]
+        victim, node = int(m.group(1)), n0
         node.kill9()
         killed = time.monotonic()
         for u in (url_a, url_b):
