@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -57,26 +56,14 @@ def fail(msg: str) -> "None":
 def collect() -> list[dict]:
     """Run the cluster and the request; the trace's spans, as the tracing test records them."""
     try:
-        import grpc
         import httpx
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
         from e2e_cluster import new_cluster
         from e2e_server import SetupError
-        from test_tracing import Spans  # the tracing test's decoding of an export
+        from test_tracing import start_grpc_receiver  # the tracing test's receiver and decoding
     except ImportError as e:
         fail(f"{e}; install the test clients with: python3 -m pip install -r tests/requirements.txt")
 
-    spans = Spans()
-
-    class Service(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):  # noqa: N802 (the service's name)
-            spans.add(request)
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    receiver = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), receiver)
-    port = receiver.add_insecure_port("127.0.0.1:0")
-    receiver.start()
+    spans, port, receiver = start_grpc_receiver()
     endpoint = ["--otlp-traces-endpoint", f"http://127.0.0.1:{port}"]
 
     c = None

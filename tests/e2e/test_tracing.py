@@ -94,8 +94,10 @@ def check_tree(spans: list[dict], route: str, body: dict, client_span: str | Non
     assert http_span["start"] <= llm["start"] and engine["end"] <= http_span["end"] + 1_000_000
 
 
-@pytest.fixture(scope="module")
-def grpc_receiver():
+def start_grpc_receiver() -> tuple[Spans, int, "grpc.Server"]:
+    """An OTLP/gRPC trace receiver on a free loopback port: the spans it
+    collects, its port, and the server (stop it with `.stop(0)`). Also used
+    by scripts/docs/trace_picture.py."""
     spans = Spans()
 
     class Service(trace_service_pb2_grpc.TraceServiceServicer):
@@ -107,6 +109,12 @@ def grpc_receiver():
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return spans, port, server
+
+
+@pytest.fixture(scope="module")
+def grpc_receiver():
+    spans, port, server = start_grpc_receiver()
     yield spans, port
     server.stop(0)
 
