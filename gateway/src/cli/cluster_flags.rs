@@ -178,7 +178,7 @@ impl ClusterFlags {
 
     /// The address an API node registers in etcd: where headless nodes dial it.
     pub(crate) fn advertised_rpc_addr(&self) -> anyhow::Result<String> {
-        let first = self.data_parallel_address.first().map_or(DEFAULT_ADDRESS, String::as_str);
+        let first = self.own_address();
         let addr = with_port(first, self.data_parallel_rpc_port)?;
         if let Ok(sa) = resolve(&addr) {
             if sa.ip().is_unspecified() {
@@ -190,8 +190,12 @@ impl ClusterFlags {
 
     /// The API node's RPC address (where it listens).
     pub(crate) fn rpc_addr(&self) -> anyhow::Result<SocketAddr> {
-        let first = self.data_parallel_address.first().map_or(DEFAULT_ADDRESS, String::as_str);
-        resolve(&with_port(first, self.data_parallel_rpc_port)?)
+        resolve(&with_port(self.own_address(), self.data_parallel_rpc_port)?)
+    }
+
+    /// An API node's `--data-parallel-address` (it takes one).
+    fn own_address(&self) -> &str {
+        self.data_parallel_address.first().map_or(DEFAULT_ADDRESS, String::as_str)
     }
 
     fn warn_insecure() {

@@ -246,45 +246,60 @@ fn serve_rank(ctx: &RankCtx, local: u32, fixed: Option<u32>) -> Result<(), Strin
     let (ctx, rank_engine) = (Arc::new(ctx.clone()), Arc::new(rank_engine));
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, Result<DialerEnd, String>)>();
     let (mut dialing, mut released) = (HashSet::new(), HashSet::new());
+    // Each address's key, resolved once (not on every turn of this loop).
+    let mut keys = ApiKeys::default();
     loop {
         for addr in ctx.api_nodes.current() {
             // One dialer per API node, however it is spelled (a name given
             // and the address it registered in etcd): two would replace
             // each other's link.
-            let key = key_of(&addr);
+            let key = keys.of(&addr);
             if dialing.contains(&key) || released.contains(&key) {
                 continue;
             }
             let link = first.take_if(|(at, _)| *at == addr).map(|(_, l)| l);
-            let (ctx, rank_engine, done, a) = (ctx.clone(), rank_engine.clone(), done_tx.clone(), addr.clone());
+            let (ctx, rank_engine, done, k) = (ctx.clone(), rank_engine.clone(), done_tx.clone(), key.clone());
             std::thread::Builder::new()
                 .name(format!("ferry-dial{rank}"))
                 .spawn(move || {
-                    let end = serve_api_node(&ctx, &rank_engine, rank, &a, link);
-                    let _ = done.send((key_of(&a), end));
+                    let end = serve_api_node(&ctx, &rank_engine, rank, &addr, link);
+                    let _ = done.send((k, end));
                 })
                 .map_err(|e| format!("engine rank {rank}: {e}"))?;
             dialing.insert(key);
         }
         match done_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok((addr, Ok(end))) => {
-                dialing.remove(&addr);
+            Ok((key, Ok(end))) => {
+                dialing.remove(&key);
                 if end == DialerEnd::Released {
-                    released.insert(addr);
+                    released.insert(key);
                 }
             }
             Ok((_, Err(why))) => return Err(why),
             Err(_) => {}
         }
-        if dialing.is_empty() && !released.is_empty() && ctx.api_nodes.current().iter().all(|a| released.contains(&key_of(a))) {
+        if dialing.is_empty() && !released.is_empty() && ctx.api_nodes.current().iter().all(|a| released.contains(&keys.of(a))) {
             return Ok(());
         }
     }
 }
 
-/// An API node's address as one key, however it is spelled: resolved when it resolves.
-fn key_of(addr: &str) -> String {
-    crate::cli::cluster_flags::resolve(addr).map_or_else(|_| addr.to_string(), |a| a.to_string())
+/// API node addresses as keys, however they are spelled: the address a
+/// name resolves to. A resolved key is kept; a name that does not resolve
+/// (yet) is its own key and is tried again next time.
+#[derive(Default)]
+struct ApiKeys(HashMap<String, String>);
+
+impl ApiKeys {
+    fn of(&mut self, addr: &str) -> String {
+        if let Some(k) = self.0.get(addr) {
+            return k.clone();
+        }
+        match crate::cli::cluster_flags::resolve(addr) {
+            Ok(a) => self.0.entry(addr.to_string()).or_insert_with(|| a.to_string()).clone(),
+            Err(_) => addr.to_string(),
+        }
+    }
 }
 
 /// Why a dialer stopped serving its API node.
