@@ -88,6 +88,21 @@ def joining(c: Cluster, name: str, rank: str, addresses: list[str], extra: list[
     return n
 
 
+def assert_serves(c: Cluster, node: Node, rank: int) -> None:
+    """`node`'s rank `rank` comes up on the API node and answers a request pinned to it."""
+    assert wait_until(lambda: metric_ranks(c.url).get(rank) == 1.0, 60, what=f"rank {rank} up"), c.logs()
+    r = httpx.post(c.url + "/v1/completions", json=body("Hello", 4), headers={"X-data-parallel-rank": str(rank)},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def serving_at(c: Cluster, name: str, rank: int) -> Node:
+    """A headless node started with rank `rank`, once it serves."""
+    node = joining(c, name, str(rank), [f"127.0.0.1:{c.rpc_port}"]).start()
+    assert_serves(c, node, rank)
+    return node
+
+
 @pytest.fixture(scope="module")
 def cluster():
     c = new_cluster(1)
@@ -147,11 +162,7 @@ def test_a_node_that_joins_mid_load_takes_work_and_one_that_leaves_fails_nothing
 @pytest.mark.timeout(300)
 def test_a_rank_beyond_the_size_joins_and_an_operator_drain_lets_its_node_go(cluster):
     url = cluster.url
-    node = joining(cluster, "node-5", "5", [f"127.0.0.1:{cluster.rpc_port}"])
-    node.start()
-    assert wait_until(lambda: metric_ranks(url).get(5) == 1.0, 60, what="rank 5 up"), cluster.logs()
-    r = httpx.post(url + "/v1/completions", json=body("Hello", 4), headers={"X-data-parallel-rank": "5"}, timeout=60)
-    assert r.status_code == 200, r.text
+    node = serving_at(cluster, "node-5", 5)
     # A second node claiming the same number is not let in while rank 5 lives.
     dup = joining(cluster, "node-5b", "5", [f"127.0.0.1:{cluster.rpc_port}"])
     dup.start()
@@ -177,17 +188,13 @@ def test_a_rank_beyond_the_size_joins_and_an_operator_drain_lets_its_node_go(clu
 @pytest.mark.timeout(300)
 def test_a_killed_node_leaves_membership_after_the_grace_and_rejoins_with_its_rank(cluster):
     url = cluster.url
-    node = joining(cluster, "node-k", "3", [f"127.0.0.1:{cluster.rpc_port}"])
-    node.start()
-    assert wait_until(lambda: metric_ranks(url).get(3) == 1.0, 60, what="rank 3 up"), cluster.logs()
+    node = serving_at(cluster, "node-k", 3)
     node.kill9()
     # Shown down while it may come back (the link's own timeout), then gone.
     assert wait_until(lambda: metric_ranks(url).get(3) == 0.0, 15, what="rank 3 down"), metric_ranks(url)
     assert wait_until(lambda: 3 not in metric_ranks(url), 30, what="rank 3 no longer a member"), metric_ranks(url)
     node.start()
-    assert wait_until(lambda: metric_ranks(url).get(3) == 1.0, 60, what="rank 3 back"), cluster.logs()
-    r = httpx.post(url + "/v1/completions", json=body("Hello", 4), headers={"X-data-parallel-rank": "3"}, timeout=60)
-    assert r.status_code == 200, r.text
+    assert_serves(cluster, node, 3)
     node.stop()
 
 
