@@ -12,7 +12,7 @@ use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SchedulingPolicy, SeqId};
-use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig};
+use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig, SuffixCache};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use crate::trace::{SeqTrace, TraceSink};
@@ -140,6 +140,9 @@ pub struct EngineCore {
     mask_timing: MaskTiming,
     /// Speculative decoding's totals since the engine started.
     spec_stats: SpecStats,
+    /// The suffix proposer's counts of earlier and running outputs (its
+    /// method only).
+    suffix: Option<SuffixCache>,
     /// Where traced sequences' records go when they end; None: no tracing.
     trace_sink: Option<Arc<dyn TraceSink>>,
 }
@@ -178,6 +181,10 @@ impl EngineCore {
     /// [`Self::with_grammars`] gives a vocabulary.
     pub fn new(cfg: EngineCoreConfig, executor: Box<dyn Executor>, eog_ids: Vec<u32>) -> EngineCore {
         let seeds = crate::rng::splitmix(cfg.seed);
+        let suffix = match cfg.spec.as_ref().map(|s| &s.method) {
+            Some(SpecMethod::Suffix(p)) => Some(SuffixCache::new(p.clone())),
+            _ => None,
+        };
         EngineCore {
             sched: Scheduler::new(cfg.scheduler.clone()),
             cfg,
@@ -192,6 +199,7 @@ impl EngineCore {
             grammars: None,
             mask_timing: MaskTiming::default(),
             spec_stats: SpecStats::default(),
+            suffix,
             trace_sink: None,
         }
     }
@@ -351,6 +359,9 @@ impl EngineCore {
             for sid in mine {
                 let s = self.seqs.remove(&sid).expect("listed above");
                 self.sched.abort(sid);
+                if let Some(c) = &mut self.suffix {
+                    c.finish(sid);
+                }
                 self.trace_end(req.trace, rid, &s, "abort", Instant::now());
                 outs.push(finished(rid, s.index, vec![], None, FinishReason::Abort, 0));
             }
@@ -626,6 +637,9 @@ impl EngineCore {
                 st.backoff.record(draft.len(), accepted);
                 self.spec_stats.record(draft.len(), accepted);
             }
+            if let Some(c) = &mut self.suffix {
+                c.extend(s.id, &new_tokens);
+            }
             let cached = if st.reported_cached { 0 } else { st.num_cached_tokens };
             st.reported_cached = true;
             iteration_tokens += new_tokens.len() as u64 + if st.clock.first_token.is_none() { st.prompt_len as u64 } else { 0 };
@@ -680,17 +694,20 @@ impl EngineCore {
             return;
         }
         let cost = extra_token_cost(running);
-        let SpecMethod::Ngram { min, max } = spec.method;
         for (&sid, st) in &mut self.seqs {
             if !self.sched.is_decoding(sid) {
                 continue;
             }
             let Some(req) = self.requests.get(&st.request) else { continue };
-            // A verify pass makes up to 1 + k tokens.
+            // A verify pass makes up to 1 + k tokens. A sequence cooling down
+            // after failed drafts proposes nothing (`budget` counts it down).
             let left = (req.params.max_tokens as usize).saturating_sub(st.sampler.num_generated() + 1);
-            let k = spec.num_speculative_tokens.min(left);
-            let mut draft = match self.sched.tokens(sid) {
-                Some(tokens) if k > 0 => ngram::propose(tokens, min, max, k),
+            let k = if st.backoff.cooling() { 0 } else { spec.num_speculative_tokens.min(left) };
+            let mut draft = match (self.sched.tokens(sid), &spec.method) {
+                (Some(tokens), SpecMethod::Ngram { min, max }) if k > 0 => ngram::propose(tokens, *min, *max, k),
+                (Some(tokens), SpecMethod::Suffix(_)) if k > 0 => {
+                    self.suffix.as_ref().map(|c| c.propose(tokens, k).tokens).unwrap_or_default()
+                }
                 _ => Vec::new(),
             };
             if let Some(g) = st.grammar.as_mut() {
@@ -722,6 +739,9 @@ impl EngineCore {
 
     fn end_sequence(&mut self, sid: SeqId) {
         self.sched.finish(sid);
+        if let Some(c) = &mut self.suffix {
+            c.finish(sid);
+        }
         if let Some(s) = self.seqs.remove(&sid) {
             if let Some(r) = self.requests.get_mut(&s.request) {
                 r.live -= 1;

@@ -3,8 +3,9 @@
 //! alone, batched, under preemption, in small token budgets (chunked
 //! prefill), resumed after a cut, and with stop ids and `max_tokens` ending
 //! them inside a verified run. The tiny random model's greedy output falls
-//! into loops, so the n-gram proposer is right often (accepted runs) and
-//! wrong often (rejections): both paths run, which the counters check.
+//! into loops, so the n-gram and suffix proposers are right often (accepted
+//! runs) and wrong often (rejections): both paths run, which the counters
+//! check.
 
 mod common;
 
@@ -20,6 +21,11 @@ const EOG: u32 = 2;
 
 fn ngram(k: usize, min: usize, max: usize) -> SpeculativeConfig {
     let json = format!(r#"{{"method": "ngram", "num_speculative_tokens": {k}, "prompt_lookup_min": {min}, "prompt_lookup_max": {max}}}"#);
+    SpeculativeConfig::parse(&json).unwrap()
+}
+
+fn suffix(k: usize, depth: usize) -> SpeculativeConfig {
+    let json = format!(r#"{{"method": "suffix", "num_speculative_tokens": {k}, "suffix_decoding_max_tree_depth": {depth}}}"#);
     SpeculativeConfig::parse(&json).unwrap()
 }
 
@@ -97,13 +103,18 @@ fn requests(n: u64) -> Vec<EngineRequest> {
 fn speculation_changes_no_token_alone_batched_or_preempted() {
     let n = 12;
     let plain: Vec<_> = (0..n).map(|i| run(&mut core(256, 64, None), vec![EngineRequest::new(i, prompt(i), params(i))])).collect();
-    let cases: [(&str, usize, usize, SpeculativeConfig); 4] = [
+    let cases: [(&str, usize, usize, SpeculativeConfig); 7] = [
         ("roomy", 512, 256, ngram(4, 1, 3)),
         ("long drafts", 512, 256, ngram(8, 2, 4)),
         // A budget of 24 tokens: proposals are cut to fit, prompts chunked.
         ("small budget", 512, 24, ngram(5, 1, 3)),
         // About a third of the sequences fit: preempted and recomputed.
         ("tight cache", 70, 64, ngram(4, 1, 3)),
+        // The suffix proposer, whose drafts also come from the other
+        // sequences' outputs (running ones included).
+        ("suffix", 512, 256, suffix(8, 24)),
+        ("suffix, small budget", 512, 24, suffix(16, 12)),
+        ("suffix, tight cache", 70, 64, suffix(6, 24)),
     ];
     for (name, blocks, budget, spec) in cases {
         let mut c = core(blocks, budget, Some(spec));
@@ -115,7 +126,7 @@ fn speculation_changes_no_token_alone_batched_or_preempted() {
         assert!(s.spec.num_drafts > 0 && s.spec.num_accepted_tokens > 0, "{name}: nothing speculated: {:?}", s.spec);
         assert!(s.spec.num_accepted_tokens < s.spec.num_draft_tokens, "{name}: nothing rejected: {:?}", s.spec);
         assert_eq!(s.spec.accepted_per_pos.iter().sum::<u64>(), s.spec.num_accepted_tokens, "{name}");
-        if name == "tight cache" {
+        if name.ends_with("tight cache") {
             assert!(s.num_preemptions > 0, "the tight cache should preempt");
         }
         assert_eq!(c.num_free_blocks(), c.num_blocks(), "{name}: blocks leaked");
@@ -124,8 +135,7 @@ fn speculation_changes_no_token_alone_batched_or_preempted() {
 
 #[test]
 fn a_resumed_request_continues_the_same_with_speculation() {
-    let spec = ngram(4, 1, 3);
-    for i in [0u64, 1, 2] {
+    for (spec, i) in [(ngram(4, 1, 3), 0u64), (ngram(4, 1, 3), 1), (ngram(4, 1, 3), 2), (suffix(8, 16), 0), (suffix(8, 16), 1)] {
         let whole = run(&mut core(256, 64, None), vec![EngineRequest::new(i, prompt(i), params(i))]).remove(&(i, 0)).unwrap().0;
         for cut in [1usize, 9, whole.len() - 1] {
             let mut r = EngineRequest::new(i, prompt(i), params(i));
@@ -152,4 +162,36 @@ fn verify_passes_make_several_tokens_per_step() {
     let s = c.stats().spec;
     assert!(steps < toks, "{steps} steps for {toks} tokens: {s:?}");
     assert_eq!(toks as u64, steps as u64 + s.num_accepted_tokens, "a token per step, plus every accepted draft");
+}
+
+#[test]
+fn the_suffix_proposer_learns_from_earlier_outputs() {
+    // A prompt that does not repeat, so its first output gives the proposer
+    // little; asked again, the first output is in the cache and the second
+    // is proposed nearly whole: the same tokens, in far fewer steps.
+    let req = |id| {
+        EngineRequest::new(id, tokens(5, 48, 300), SamplingParams { temperature: 0.0, max_tokens: 80, ignore_eos: true, ..Default::default() })
+    };
+    let plain = run(&mut core(256, 64, None), vec![req(1)]).remove(&(1, 0)).unwrap().0;
+    let mut c = core(256, 64, Some(suffix(16, 24)));
+    let steps_for = |c: &mut EngineCore, id| {
+        c.add_request(req(id), Instant::now()).unwrap();
+        let (mut steps, mut out) = (0, Vec::new());
+        while c.has_work() {
+            for o in c.step(Instant::now()) {
+                out.extend(o.new_tokens);
+            }
+            steps += 1;
+        }
+        (steps, out)
+    };
+    let (first_steps, first) = steps_for(&mut c, 1);
+    let accepted_first = c.stats().spec.num_accepted_tokens;
+    let (second_steps, second) = steps_for(&mut c, 2);
+    assert_eq!(first, plain);
+    assert_eq!(second, plain);
+    let s = c.stats().spec;
+    assert!(s.num_accepted_tokens - accepted_first >= 60, "{s:?}, {accepted_first} in the first");
+    assert!(second_steps * 3 < first_steps, "{second_steps} steps the second time, {first_steps} the first");
+    assert_eq!(c.num_free_blocks(), c.num_blocks());
 }

@@ -1,5 +1,5 @@
-"""Speculative decoding over HTTP (`--speculative-config`, vLLM's n-gram
-method): the same texts, logprobs and finish reasons as the same server
+"""Speculative decoding over HTTP (`--speculative-config`, vLLM's `ngram`
+and `suffix` methods, each test run on both): the same texts, logprobs and finish reasons as the same server
 without it (the session's `server`), greedy and seeded, streamed or not,
 batched, with stop strings, stop ids, structured outputs and n > 1; vLLM's
 speculative-decoding counters on /metrics move; and a config vLLM would
@@ -20,15 +20,19 @@ from e2e_util import need
 
 httpx = need("httpx")
 
-SPEC = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+SPECS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 12},
+}
 WORKLOAD = [json.loads(line) for line in (REPO / "benches" / "data" / "repeat-edit.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def spec(server):
-    srv = start_server(["--speculative-config", json.dumps(SPEC)])
+@pytest.fixture(scope="module", params=list(SPECS))
+def spec(server, request):
+    srv = start_server(["--speculative-config", json.dumps(SPECS[request.param])])
     try:
         srv.model_id = server.model_id
+        srv.config = SPECS[request.param]
         yield srv
     finally:
         stop_server(srv)
@@ -88,7 +92,7 @@ def test_greedy_and_seeded_completions_are_the_same(server, spec):
     accepted = after["vllm:spec_decode_num_accepted_tokens_total"] - before.get("vllm:spec_decode_num_accepted_tokens_total", 0)
     assert drafts > 0 and 0 < accepted <= proposed, after
     # Each position is reached only by drafts accepted up to it.
-    per_pos = [after.get(f"vllm:spec_decode_num_accepted_tokens_per_pos_total[{i}]", 0) for i in range(SPEC["num_speculative_tokens"])]
+    per_pos = [after.get(f"vllm:spec_decode_num_accepted_tokens_per_pos_total[{i}]", 0) for i in range(spec.config["num_speculative_tokens"])]
     assert per_pos[0] > 0 and all(x >= y for x, y in zip(per_pos, per_pos[1:])), per_pos
     assert sum(per_pos) == after["vllm:spec_decode_num_accepted_tokens_total"]
     # The plain server never speculates.
@@ -129,10 +133,29 @@ def test_batched_streams_are_the_same_as_alone(server, spec):
     assert together == alone
 
 
+def test_suffix_drafts_come_from_earlier_outputs(server, spec):
+    """Asked again, a request's earlier output is in the suffix proposer's
+    cache: its second answer, the same text, is proposed nearly whole."""
+    if spec.config["method"] != "suffix":
+        pytest.skip("earlier outputs are the suffix method's")
+    # A prompt whose answer does not copy it, so the first time there is little to find.
+    body = {"prompt": "Write a short story about a lighthouse keeper and a storm.", "max_tokens": 64,
+            "temperature": 0, "ignore_eos": True}
+    accepted = []
+    texts = []
+    for _ in range(2):
+        before = spec_counters(spec).get("vllm:spec_decode_num_accepted_tokens_total", 0)
+        texts.append(same_on_both(server, spec, "/v1/completions", body)["choices"][0]["text"])
+        accepted.append(spec_counters(spec)["vllm:spec_decode_num_accepted_tokens_total"] - before)
+    assert texts[0] == texts[1]
+    assert accepted[1] >= 48 and accepted[1] > 2 * accepted[0], accepted
+
+
 @pytest.mark.parametrize("config, says", [
     ('{"method": "ngram"}', "num_speculative_tokens"),
     ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "prompt_lookup_min=4 must be <= prompt_lookup_max=2"),
     ('{"method": "eagle", "num_speculative_tokens": 3}', "not supported"),
+    ('{"method": "suffix", "suffix_decoding_min_token_prob": 2}', "suffix_decoding_min_token_prob=2 must be between 0 and 1"),
     ("not json", "not a valid speculative config"),
 ])
 def test_bad_configs_are_refused_at_start_up(config, says):

@@ -6,8 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a message below changes shape.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// Bumped whenever a message below changes shape or a bound (9: up to 32
+/// speculative positions, for the suffix proposer).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The gateway's id for one request. Unique per gateway for its lifetime.
 pub type RequestId = u64;
@@ -371,7 +372,7 @@ impl SpecDecodeStats {
 
 /// Most draft positions [`SpecDecodeStats::accepted_per_pos`] reports (an
 /// engine proposes at most this many tokens per sequence and step).
-pub const MAX_SPEC_POSITIONS: usize = 16;
+pub const MAX_SPEC_POSITIONS: usize = 32;
 
 /// Most `EngineStats::step_tokens` entries one batch carries; an engine with
 /// more unreported steps keeps the newest.

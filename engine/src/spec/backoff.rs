@@ -63,6 +63,12 @@ impl SpecBackoff {
         self.acceptance
     }
 
+    /// Whether the sequence is cooling down: `budget` gives 0 whatever is
+    /// proposed, so the proposer need not run.
+    pub fn cooling(&self) -> bool {
+        self.cooldown > 0
+    }
+
     /// How many of the `available` proposed tokens to verify this step, one
     /// more token costing `cost` of the step. 0: decode as usual (this may
     /// start or count down a cool-down; call it once per step the sequence

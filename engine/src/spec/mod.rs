@@ -12,13 +12,16 @@
 //!
 //! This module is sans-IO and knows no model: [`config`] is vLLM's
 //! `--speculative-config`, [`ngram`] proposes from the sequence's own tokens,
+//! [`suffix`] from them and from earlier outputs,
 //! [`backoff`] decides per sequence how much to propose from how often its
 //! proposals were taken, and [`SpecStats`] counts what vLLM's metrics report.
 
 pub mod backoff;
 pub mod config;
 pub mod ngram;
+pub mod suffix;
 
 pub use backoff::SpecBackoff;
 pub use config::{SpecMethod, SpeculativeConfig};
+pub use suffix::{SuffixCache, SuffixParams};
 pub use ferry_transport::SpecDecodeStats as SpecStats;
