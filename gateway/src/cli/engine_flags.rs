@@ -84,7 +84,11 @@ pub(crate) struct EngineFlags {
     pub long_prefill_token_threshold: usize,
     /// Speculative decoding, as vLLM's JSON: `{"method": "ngram",
     /// "num_speculative_tokens": K, "prompt_lookup_max": N,
-    /// "prompt_lookup_min": M}` (optionally "disable_by_batch_size").
+    /// "prompt_lookup_min": M}`, or `{"method": "suffix"}` (proposals from
+    /// the request and from earlier outputs; vLLM's
+    /// "suffix_decoding_max_tree_depth", "_max_cached_requests",
+    /// "_max_spec_factor", "_min_token_prob"), optionally
+    /// "disable_by_batch_size".
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
     /// `fcfs`: first come, first served. `priority`: by each request's
