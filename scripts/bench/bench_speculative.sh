@@ -4,8 +4,11 @@
 # turn by `ferry bench serve` with the same requests:
 #   - benches/data/repeat-edit.jsonl (texts, code and JSON to copy or
 #     rewrite: output that repeats its input), greedy, at concurrency 1;
+#   - benches/data/repeat-edit-long.jsonl (the same kinds of task, with
+#     passages of 170-280 tokens and answers up to 256), at concurrency 1;
 #   - random prompts (text that does not repeat), at concurrency 1 and 16;
-# ROUNDS rounds, alternating the servers. Then checks that both servers give
+# ROUNDS rounds, alternating the servers (with the suffix method, a round
+# after the first meets prompts whose answers its cache already holds). Then checks that both servers give
 # the same greedy and seeded texts on the repeating workload, and prints the
 # speculative counters (acceptance rate, mean accepted length).
 #
@@ -43,6 +46,7 @@ for r in $(seq 1 "$rounds"); do
   for side in plain:18200 spec:18201; do
     name=${side%%:*}; port=${side##*:}
     run "repeat-c1-$name-r$r" "$port" --dataset-name jsonl --dataset-path benches/data/repeat-edit.jsonl --num-prompts 12 --max-concurrency 1
+    run "repeat-long-c1-$name-r$r" "$port" --dataset-name jsonl --dataset-path benches/data/repeat-edit-long.jsonl --num-prompts 8 --max-concurrency 1
     run "random-c1-$name-r$r" "$port" --random-input-len 128 --random-output-len 64 --ignore-eos --num-prompts 8 --max-concurrency 1 --seed $r
     run "random-c16-$name-r$r" "$port" --random-input-len 128 --random-output-len 64 --ignore-eos --num-prompts 48 --max-concurrency 16 --seed $r
   done
@@ -55,7 +59,8 @@ def ask(port, prompt, n, extra):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
     return json.load(urllib.request.urlopen(req))["choices"][0]["text"]
-rows = [json.loads(l) for l in open("benches/data/repeat-edit.jsonl") if l.strip()]
+rows = [json.loads(l) for f in ("benches/data/repeat-edit.jsonl", "benches/data/repeat-edit-long.jsonl")
+        for l in open(f) if l.strip()]
 same = total = 0
 for r in rows:
     for extra in ({"temperature": 0}, {"temperature": 0.8, "seed": 5}):

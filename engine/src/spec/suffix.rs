@@ -89,9 +89,11 @@ impl Draft {
 const NIL: u32 = u32::MAX;
 const ROOT: u32 = 0;
 
-/// One trie node: how many windows pass through it, and its place among its
+/// One trie node: how many windows pass through it, its place among its
 /// parent's children (a doubly linked list, for walking them and for O(1)
-/// removal; finding a child by token goes through the map).
+/// removal; finding a child by token goes through the map), and its most
+/// frequent child, kept up to date so that a draft's step costs O(1) however
+/// many children a node has (a common token can have thousands).
 #[derive(Clone, Copy)]
 struct Node {
     count: u32,
@@ -100,6 +102,9 @@ struct Node {
     first_child: u32,
     prev: u32,
     next: u32,
+    /// The child with the highest count (NIL: none; not kept for the root,
+    /// where no draft starts).
+    best: u32,
 }
 
 /// A counting trie of token windows.
@@ -116,7 +121,7 @@ fn key(parent: u32, token: u32) -> u64 {
 
 impl Trie {
     fn new() -> Trie {
-        let root = Node { count: 0, token: NIL, parent: NIL, first_child: NIL, prev: NIL, next: NIL };
+        let root = Node { count: 0, token: NIL, parent: NIL, first_child: NIL, prev: NIL, next: NIL, best: NIL };
         Trie { nodes: vec![root], free: Vec::new(), children: FxHashMap::default() }
     }
 
@@ -139,7 +144,7 @@ impl Trie {
             Some(id) => id,
             None => {
                 let first = self.nodes[parent as usize].first_child;
-                let node = Node { count: 0, token, parent, first_child: NIL, prev: NIL, next: first };
+                let node = Node { count: 0, token, parent, first_child: NIL, prev: NIL, next: first, best: NIL };
                 let id = match self.free.pop() {
                     Some(id) => {
                         self.nodes[id as usize] = node;
@@ -159,6 +164,13 @@ impl Trie {
             }
         };
         self.nodes[id as usize].count += 1;
+        // The first child to reach a count keeps the place among equals.
+        if parent != ROOT {
+            let best = self.nodes[parent as usize].best;
+            if best == NIL || self.nodes[id as usize].count > self.nodes[best as usize].count {
+                self.nodes[parent as usize].best = id;
+            }
+        }
         id
     }
 
@@ -168,21 +180,38 @@ impl Trie {
     fn drop_one(&mut self, id: u32) {
         let n = &mut self.nodes[id as usize];
         n.count -= 1;
-        if n.count > 0 {
-            return;
+        let Node { count, token, parent, prev, next, .. } = *n;
+        if count == 0 {
+            debug_assert_eq!(n.first_child, NIL);
+            if prev == NIL {
+                self.nodes[parent as usize].first_child = next;
+            } else {
+                self.nodes[prev as usize].next = next;
+            }
+            if next != NIL {
+                self.nodes[next as usize].prev = prev;
+            }
+            self.children.remove(&key(parent, token));
+            self.free.push(id);
         }
-        let Node { token, parent, prev, next, .. } = *n;
-        debug_assert_eq!(n.first_child, NIL);
-        if prev == NIL {
-            self.nodes[parent as usize].first_child = next;
-        } else {
-            self.nodes[prev as usize].next = next;
+        if parent != ROOT && self.nodes[parent as usize].best == id {
+            self.nodes[parent as usize].best = self.scan_best(parent);
         }
-        if next != NIL {
-            self.nodes[next as usize].prev = prev;
+    }
+
+    /// The most frequent child of `n` by walking them all (the oldest among
+    /// equals): after an eviction lowered the one that was.
+    fn scan_best(&self, n: u32) -> u32 {
+        let mut c = self.nodes[n as usize].first_child;
+        let mut best = NIL;
+        while c != NIL {
+            // The list is newest first: `>=` keeps the oldest among equals.
+            if best == NIL || self.nodes[c as usize].count >= self.nodes[best as usize].count {
+                best = c;
+            }
+            c = self.nodes[c as usize].next;
         }
-        self.children.remove(&key(parent, token));
-        self.free.push(id);
+        best
     }
 
     /// Counts every window of at most `depth` tokens of `text`.
@@ -215,19 +244,10 @@ impl Trie {
         }
     }
 
-    /// The most frequent child of `n` (the first made among equals) and its count.
+    /// The most frequent child of `n` and its count.
     fn top_child(&self, n: u32) -> Option<(u32, u32)> {
-        let mut c = self.nodes[n as usize].first_child;
-        let mut best: Option<(u32, u32)> = None;
-        while c != NIL {
-            let count = self.nodes[c as usize].count;
-            // The list is newest first: `>=` keeps the oldest among equals.
-            if best.is_none_or(|(_, b)| count >= b) {
-                best = Some((c, count));
-            }
-            c = self.nodes[c as usize].next;
-        }
-        best
+        let best = self.nodes[n as usize].best;
+        (best != NIL).then(|| (best, self.nodes[best as usize].count))
     }
 
     /// The greedy draft below `n`: at most `limit` tokens, stopping where
@@ -355,10 +375,18 @@ impl SuffixCache {
     }
 }
 
+/// Most earlier occurrences of the sequence's last token that [`local_draft`]
+/// counts, the latest first: bounds its work per step (a prompt of one token
+/// repeated 100k times would otherwise cost millions of steps per draft,
+/// every step, for every request in the batch), and nearby text is the better
+/// guide anyway.
+const MAX_LOCAL_OCCURRENCES: usize = 256;
+
 /// The draft from `tokens`' own earlier occurrences of its suffixes, as a
 /// trie of `tokens`' windows would give it: for a suffix `P` of `m` tokens,
 /// the occurrences of `P` (the sequence's end among them) are the node's
-/// count, and the tokens after each its children.
+/// count, and the tokens after each its children. Only the latest
+/// [`MAX_LOCAL_OCCURRENCES`] occurrences of the last token are counted.
 pub fn local_draft(tokens: &[u32], p: &SuffixParams, max_tokens: usize) -> Draft {
     let len = tokens.len();
     let depth = p.max_tree_depth;
@@ -367,12 +395,14 @@ pub fn local_draft(tokens: &[u32], p: &SuffixParams, max_tokens: usize) -> Draft
     }
     // For each earlier end e (tokens[..e]), how many of its last tokens equal
     // the sequence's last ones (at most depth - 1: a window holds the suffix
-    // and at least one token after it).
+    // and at least one token after it); the latest MAX_LOCAL_OCCURRENCES only.
     let (ends, matched): (Vec<usize>, Vec<usize>) = (1..len)
+        .rev()
         .filter_map(|e| {
             let m = (0..(depth - 1).min(e)).take_while(|&i| tokens[e - 1 - i] == tokens[len - 1 - i]).count();
             (m > 0).then_some((e, m))
         })
+        .take(MAX_LOCAL_OCCURRENCES)
         .unzip();
     let longest = matched.iter().copied().max().unwrap_or(0);
     let mut best = Draft::default();
@@ -440,10 +470,15 @@ mod tests {
         m
     }
 
+    /// The trie's windows and counts; checks each node's `best` on the way.
     fn trie_windows(trie: &Trie) -> std::collections::BTreeMap<Vec<u32>, u32> {
         let mut m = std::collections::BTreeMap::new();
         let mut stack = vec![(ROOT, Vec::new())];
         while let Some((n, path)) = stack.pop() {
+            if n != ROOT {
+                let top = trie.top_child(n).map(|(_, count)| count);
+                assert_eq!(top, (trie.scan_best(n) != NIL).then(|| trie.nodes[trie.scan_best(n) as usize].count), "{path:?}");
+            }
             let mut c = trie.nodes[n as usize].first_child;
             while c != NIL {
                 let mut p = path.clone();
@@ -554,6 +589,9 @@ mod tests {
                 }
             }
         }
+        // A long run of one token: bounded work, and more of the run proposed.
+        let run = vec![7u32; 100_000];
+        assert_eq!(local_draft(&run, &params(24), 8).tokens, vec![7; 8]);
         // A copy continues the copied text.
         let t = [10, 11, 12, 13, 14, 15, 16, 0, 10, 11, 12];
         assert_eq!(local_draft(&t, &params(24), 8).tokens, vec![13, 14, 15]);
