@@ -703,17 +703,26 @@ impl EngineCore {
             // after failed drafts proposes nothing (`budget` counts it down).
             let left = (req.params.max_tokens as usize).saturating_sub(st.sampler.num_generated() + 1);
             let k = if st.backoff.cooling() { 0 } else { spec.num_speculative_tokens.min(left) };
-            let mut draft = match (self.sched.tokens(sid), &spec.method) {
-                (Some(tokens), SpecMethod::Ngram { min, max }) if k > 0 => ngram::propose(tokens, *min, *max, k),
-                (Some(tokens), SpecMethod::Suffix(_)) if k > 0 => {
-                    self.suffix.as_ref().map(|c| c.propose(tokens, k).tokens).unwrap_or_default()
-                }
-                _ => Vec::new(),
+            // The suffix proposer estimates each draft's chances itself.
+            let (mut draft, chances) = match (self.sched.tokens(sid), &spec.method) {
+                (Some(tokens), SpecMethod::Ngram { min, max }) if k > 0 => (ngram::propose(tokens, *min, *max, k), None),
+                (Some(tokens), SpecMethod::Suffix(_)) if k > 0 => match self.suffix.as_ref() {
+                    Some(c) => {
+                        let d = c.propose(tokens, k);
+                        (d.tokens, Some(d.chances))
+                    }
+                    None => (Vec::new(), None),
+                },
+                _ => (Vec::new(), None),
             };
             if let Some(g) = st.grammar.as_mut() {
                 draft.truncate(g.valid_draft_len(&draft));
             }
-            draft.truncate(st.backoff.budget(draft.len(), cost));
+            let budget = match chances {
+                Some(c) => st.backoff.budget_estimated(&c[..draft.len()], cost),
+                None => st.backoff.budget(draft.len(), cost),
+            };
+            draft.truncate(budget);
             self.sched.set_draft(sid, draft);
         }
     }

@@ -103,6 +103,30 @@ impl SpecBackoff {
         best
     }
 
+    /// As [`Self::budget`], for a proposer that estimates its own draft:
+    /// `chances[i]` is the chance that tokens 0..=i are all right. Where the
+    /// sequence is not cooling down and its record allows any tokens, it
+    /// verifies the longer of what its record says pays and what the draft's
+    /// own chances say pays: a proposer that has seen this exact continuation
+    /// before (the suffix proposer's cache of earlier outputs) knows better
+    /// than an average over the sequence's past drafts, and a draft that is
+    /// wrong still lowers that average towards a cool-down.
+    pub fn budget_estimated(&mut self, chances: &[f32], cost: f32) -> usize {
+        let by_record = self.budget(chances.len(), cost);
+        if by_record == 0 {
+            return 0;
+        }
+        let (mut best, mut best_rate, mut expected) = (0, 1.0f32, 1.0f32);
+        for (k, &p) in chances.iter().enumerate() {
+            expected += p.clamp(0.0, 1.0);
+            let rate = expected / (1.0 + cost * (k + 1) as f32);
+            if rate > best_rate {
+                (best, best_rate) = (k + 1, rate);
+            }
+        }
+        by_record.max(best)
+    }
+
     /// Records a verify pass: `proposed` tokens, of which the first
     /// `accepted` were taken.
     pub fn record(&mut self, proposed: usize, accepted: usize) {
@@ -148,6 +172,28 @@ mod tests {
         assert_eq!(b.budget(5, extra_token_cost(1)), 0);
         let idle = 1 + (0..100).take_while(|_| b.budget(5, extra_token_cost(1)) == 0).count();
         assert_eq!(idle as u32, 2 * MIN_COOLDOWN + 1);
+    }
+
+    #[test]
+    fn a_confident_draft_is_verified_whole() {
+        let mut b = SpecBackoff::default();
+        // A record of half-taken drafts allows a couple of tokens...
+        for _ in 0..10 {
+            b.record(6, 2);
+        }
+        let by_record = b.clone().budget(12, extra_token_cost(1));
+        assert!((1..6).contains(&by_record), "{by_record}");
+        // ...but a draft its proposer is sure of is verified whole.
+        assert_eq!(b.clone().budget_estimated(&[1.0; 12], extra_token_cost(1)), 12);
+        // One it doubts is not lengthened.
+        assert_eq!(b.clone().budget_estimated(&[0.3, 0.12, 0.1], extra_token_cost(1)), by_record.min(3));
+        // Cooling down, nothing is verified however sure.
+        for _ in 0..30 {
+            let k = b.budget(5, extra_token_cost(1));
+            b.record(k, 0);
+        }
+        assert!(b.cooling());
+        assert_eq!(b.budget_estimated(&[1.0; 12], extra_token_cost(1)), 0);
     }
 
     #[test]

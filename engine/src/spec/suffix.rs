@@ -70,8 +70,10 @@ impl Default for SuffixParams {
 pub struct Draft {
     /// The proposed tokens, in order.
     pub tokens: Vec<u32>,
-    /// Sum over the draft's tokens of the estimated chance that it and every
-    /// token before it are right.
+    /// Per token, the estimated chance that it and every token before it
+    /// are right (falling; each at least `min_token_prob`).
+    pub chances: Vec<f32>,
+    /// The sum of `chances`: the expected number of accepted tokens.
     pub score: f32,
 }
 
@@ -263,6 +265,7 @@ impl Trie {
             }
             d.tokens.push(self.nodes[c as usize].token);
             d.score += prob;
+            d.chances.push(prob);
             n = c;
         }
         d
@@ -366,7 +369,9 @@ impl SuffixCache {
             let Some(n) = self.trie.walk(ROOT, &pattern[pattern.len() - m..]) else { break };
             global = global.or_better(self.trie.greedy(n, limit(m, p.max_spec_factor, max_tokens), p.min_token_prob));
         }
-        local.or_better(global)
+        // Earlier outputs first on a tie: they are what the model wrote,
+        // where the prompt is only what it was given.
+        global.or_better(local)
     }
 
     /// Trie nodes in use (for tests and the limit).
@@ -439,6 +444,7 @@ pub fn local_draft(tokens: &[u32], p: &SuffixParams, max_tokens: usize) -> Draft
             }
             d.tokens.push(t);
             d.score += prob;
+            d.chances.push(prob);
             live.retain(|&e| e + j < len && tokens[e + j] == t);
             // The next node's count: occurrences of P + draft, one ending at
             // the sequence's end included.
