@@ -35,11 +35,14 @@
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 
-/// Most trie nodes kept for earlier outputs: at 24 bytes a node plus its
-/// child-map entry about 150 MB. An output of `n` tokens adds at most
-/// `n * depth` nodes (far fewer where outputs repeat), so this holds a few
-/// thousand typical outputs at depth 24; past it the oldest are evicted even
-/// below `max_cached_requests`.
+/// Most trie nodes kept for earlier outputs: at 28 bytes a node plus about
+/// 20 for its child-map entry, about 200 MB. An output of `n` tokens adds at
+/// most `n * depth` nodes (past the first few tokens of a window most are
+/// new, unless outputs repeat), so at depth 24 this holds about a thousand
+/// outputs of 200 tokens that share nothing; past it the oldest are evicted
+/// even below `max_cached_requests`. (Arctic Inference's compressed suffix
+/// tree stores O(n) nodes an output; this trie is the simpler structure,
+/// and what bounds it is said here.)
 pub const MAX_NODES: usize = 4 << 20;
 
 /// The suffix proposer's settings (vLLM's `suffix_decoding_*` fields).
@@ -333,7 +336,7 @@ impl SuffixCache {
             advance(&mut self.trie, &mut a.frontier, t, depth);
         }
         a.output.extend_from_slice(tokens);
-        self.evict(0);
+        self.evict();
     }
 
     /// Sequence `seq` ended: its output stays counted for later requests.
@@ -342,14 +345,14 @@ impl SuffixCache {
             if !a.output.is_empty() {
                 self.finished.push_back(a.output);
             }
-            self.evict(0);
+            self.evict();
         }
     }
 
-    /// Evicts the oldest finished outputs while more than `max_cached_requests
-    /// - room` are kept or the trie is over [`MAX_NODES`].
-    fn evict(&mut self, room: usize) {
-        let keep = self.params.max_cached_requests.saturating_sub(room);
+    /// Evicts the oldest finished outputs while more than
+    /// `max_cached_requests` are kept or the trie is over [`MAX_NODES`].
+    fn evict(&mut self) {
+        let keep = self.params.max_cached_requests;
         while self.finished.len() > keep || (self.trie.len() > MAX_NODES && !self.finished.is_empty()) {
             if let Some(old) = self.finished.pop_front() {
                 self.trie.remove(&old, self.params.max_tree_depth);
