@@ -9,9 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
+
+from ferry_server import start_ferry
 
 # The default model: FERRY_TEST_MODEL, else wherever scripts/fetch/fetch-model.sh puts it (the model cache).
 MODEL = os.environ.get("FERRY_TEST_MODEL") or subprocess.run(
@@ -37,16 +38,7 @@ def post(port, path, body):
 
 
 def run(binary, port):
-    state = tempfile.mkdtemp()
-    p = subprocess.Popen([binary, "serve", MODEL, "--host", "127.0.0.1", "--port", str(port), "--tls-port",
-                          str(port + 1), "--cert-dir", state, "--max-model-len", "2048", "--threads", "2"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.2)
+    p = start_ferry(binary, MODEL, port, "--max-model-len", "2048", wait_s=120)
     idle = rss(p.pid)
     peak = idle
     text = "the quick brown fox jumps " * 32_000

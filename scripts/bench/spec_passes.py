@@ -19,10 +19,10 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from pathlib import Path
+
+from ferry_server import start_ferry
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = [REPO / "benches/data/repeat-edit.jsonl", REPO / "benches/data/repeat-edit-long.jsonl"]
@@ -69,25 +69,16 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for i, spec in enumerate(args.spec or DEFAULT_SPECS):
         port = 18600 + i
-        with tempfile.TemporaryDirectory() as tmp:
-            srv = subprocess.Popen([str(ferry), "serve", model, "--host", "127.0.0.1", "--port", str(port),
-                                    "--tls-port", str(port + 100), "--threads", args.threads, "--served-model-name", "m",
-                                    "--cert-dir", tmp, "--speculative-config", spec],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                for _ in range(300):
-                    try:
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                        break
-                    except OSError:
-                        time.sleep(0.5)
-                for w in WORKLOADS:
-                    for n in ("first", "again"):
-                        print(f"| `{spec}` | {w.stem} | {n} | {run(port, w)} |")
-                        sys.stdout.flush()
-            finally:
-                srv.terminate()
-                srv.wait(timeout=30)
+        srv = start_ferry(str(ferry), model, port, "--served-model-name", "m", "--speculative-config", spec,
+                          threads=args.threads)
+        try:
+            for w in WORKLOADS:
+                for n in ("first", "again"):
+                    print(f"| `{spec}` | {w.stem} | {n} | {run(port, w)} |")
+                    sys.stdout.flush()
+        finally:
+            srv.terminate()
+            srv.wait(timeout=30)
 
 
 if __name__ == "__main__":
