@@ -97,9 +97,9 @@ pub(crate) unsafe fn tile(ty: GgmlType, isa: Isa, w: *const u8, ws: usize, nr: u
     }
 }
 
-const Q4_0K: u8 = 0;
-const Q4_1K: u8 = 1;
-const Q8_0K: u8 = 2;
+pub(crate) const Q4_0K: u8 = 0;
+pub(crate) const Q4_1K: u8 = 1;
+pub(crate) const Q8_0K: u8 = 2;
 const Q4_KK: u8 = 3;
 const Q6_KK: u8 = 4;
 const F32K: u8 = 5;
@@ -114,7 +114,7 @@ const Q3_KK: u8 = 13;
 const IQ4_XSK: u8 = 14;
 
 /// Bytes per block of the 32-element kernels.
-const fn b32_bytes(k: u8) -> usize {
+pub(crate) const fn b32_bytes(k: u8) -> usize {
     match k {
         Q4_0K => Q4_0_BYTES,
         Q4_1K => Q4_1_BYTES,
@@ -126,7 +126,7 @@ const fn b32_bytes(k: u8) -> usize {
 }
 
 /// Whether the 32-element type has a min (value = q*d + m, dotted against Q8_1).
-const fn b32_has_min(k: u8) -> bool {
+pub(crate) const fn b32_has_min(k: u8) -> bool {
     matches!(k, Q4_1K | Q5_1K)
 }
 

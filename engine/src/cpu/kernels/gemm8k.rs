@@ -132,12 +132,15 @@ const TILE_ROWS: usize = 8;
 /// A row and token group's partial sums: the 8 float lanes, then the min term.
 const STATE: usize = 9;
 
-/// A matmul's Q8_K activations regrouped for [`rows`] (see the module docs).
+/// A matmul's activations regrouped in groups of 8 tokens: Q8_K for
+/// [`rows`] (see the module docs; [`Tokens8::fill`]), or Q8_0 / Q8_1 for
+/// gemm8's rows (`Tokens8::fill_b32`, in its layout).
 #[derive(Default)]
 pub(crate) struct Tokens8 {
-    v: Vec<__m256i>,
-    nb: usize,
-    groups: usize,
+    pub(super) v: Vec<__m256i>,
+    /// Blocks per token (super-blocks, or 32-element blocks for gemm8).
+    pub(super) nb: usize,
+    pub(super) groups: usize,
 }
 
 impl Tokens8 {
@@ -209,7 +212,7 @@ unsafe fn pair_dwords(x: __m256i, z: __m256i) -> (__m256i, __m256i) {
 
 /// 8x8 dword transpose: out[i] lane j = v[j] lane i.
 #[inline(always)]
-unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
+pub(super) unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
     let t: [__m256i; 8] = std::array::from_fn(|k| {
         let (a, b) = (v[2 * (k / 2)], v[2 * (k / 2) + 1]);
         if k % 2 == 0 {

@@ -39,7 +39,7 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Reused token-group buffers of gemm8k, one per activation form (as SCRATCH).
+    /// Reused token-group buffers of gemm8k and gemm8, one per activation form (as SCRATCH).
     static SCRATCH8: Cell<Vec<super::gemm8k::Tokens8>> = const { Cell::new(Vec::new()) };
 }
 
@@ -48,7 +48,7 @@ struct ActSrc<'a> {
     q: Option<&'a Acts>,
     x: &'a [f32],
     cols: usize,
-    /// The activations regrouped for gemm8k, when it takes the matrix.
+    /// The activations regrouped for gemm8k or gemm8, when one takes the matrix.
     #[cfg(target_arch = "x86_64")]
     t8: Option<&'a super::gemm8k::Tokens8>,
 }
@@ -141,7 +141,8 @@ enum Batched {
     No,
     /// gemm16 or gemm16k (AVX512-VNNI): whole groups of 16 rows, every token.
     Rows16,
-    /// gemm8k (AVX2): every row, the tokens of `gemm8k::taken`.
+    /// gemm8k (the super-block types) or gemm8 (the 32-element ones), on
+    /// AVX2: every row, the tokens of `taken8`.
     Tokens8,
 }
 
@@ -170,19 +171,28 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     let t = profile::start();
     let mut acts = SCRATCH.with(std::cell::Cell::take);
     quantize_acts(x, cols, n_tokens, isa, &needs, &mut acts);
-    // gemm8k's token groups, for each activation form a matrix it takes reads.
+    // gemm8k's or gemm8's token groups, for each activation form a matrix
+    // one of them takes reads (Q8_K for gemm8k, Q8_0 / Q8_1 for gemm8).
     #[cfg(target_arch = "x86_64")]
     let mut t8s = SCRATCH8.with(std::cell::Cell::take);
     #[cfg(target_arch = "x86_64")]
     {
         t8s.resize_with(t8s.len().max(needs.len()), Default::default);
         for (i, (a, t8)) in acts.iter().zip(t8s.iter_mut()).enumerate().take(needs.len()) {
-            let used = which.iter().zip(&wide).any(|(w, &wd)| *w == Some(i) && wd == Batched::Tokens8);
-            if used && cols > 0 {
+            let user = (0..which.len()).find(|&k| which[k] == Some(i) && wide[k] == Batched::Tokens8);
+            if let (Some(k), true) = (user, cols > 0) {
+                let ty = parts[k].0.ty();
                 let src = ActSrc { q: Some(a), x, cols, t8: None };
                 // SAFETY: Tokens8 is only chosen where AVX2 was detected (a
-                // non-scalar Isa), for Q8_K activations of n_tokens tokens.
-                unsafe { t8.fill(&src.ptrs(), super::gemm8k::taken(n_tokens)) };
+                // non-scalar Isa), for a type of gemm8k (Q8_K activations)
+                // or gemm8 (Q8_0 / Q8_1) and n_tokens tokens.
+                unsafe {
+                    if super::gemm8k::supports(ty) {
+                        t8.fill(&src.ptrs(), taken8(ty, n_tokens));
+                    } else {
+                        t8.fill_b32(&src.ptrs(), taken8(ty, n_tokens));
+                    }
+                }
             }
         }
     }
@@ -368,7 +378,7 @@ impl Prepared {
             q: self.which[i].map(|k| &self.acts[k]),
             x,
             cols: w.cols(),
-            // One token: gemm8k never takes it.
+            // One token: gemm8k and gemm8 never take it.
             #[cfg(target_arch = "x86_64")]
             t8: None,
         };
@@ -392,11 +402,12 @@ fn chunk_rows(rows: usize, threads: usize, align: usize) -> usize {
 
 /// Which batched kernel, if any, takes part of this matmul: a 16-row AVX512
 /// kernel (gemm16, or gemm16k for the super-block types), or on AVX2 without
-/// AVX512-VNNI the 8-token gemm8k for the super-block types.
+/// AVX512-VNNI an 8-token one (gemm8k for the super-block types, gemm8 for
+/// the 32-element ones).
 fn batched(w: &QMatrix, isa: Isa, n_tokens: usize) -> Batched {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::{gemm16, gemm16k, gemm8k};
+        use super::{gemm16, gemm16k};
         let rows16 = |yes: bool| if yes { Batched::Rows16 } else { Batched::No };
         if simd::per_row_forced() {
             return Batched::No;
@@ -404,7 +415,7 @@ fn batched(w: &QMatrix, isa: Isa, n_tokens: usize) -> Batched {
         match isa {
             Isa::Scalar => Batched::No,
             Isa::Avx2 | Isa::AvxVnni => {
-                if gemm8k::supports(w.ty()) && gemm8k::taken(n_tokens) > 0 {
+                if taken8(w.ty(), n_tokens) > 0 {
                     Batched::Tokens8
                 } else {
                     Batched::No
@@ -423,6 +434,20 @@ fn batched(w: &QMatrix, isa: Isa, n_tokens: usize) -> Batched {
     }
 }
 
+/// How many of a matmul's `n` tokens (from token 0) the 8-token AVX2
+/// kernel for `ty` takes (0: none, or no such kernel for `ty`).
+#[cfg(target_arch = "x86_64")]
+fn taken8(ty: GgmlType, n: usize) -> usize {
+    use super::{gemm8, gemm8k};
+    if gemm8k::supports(ty) {
+        gemm8k::taken(n)
+    } else if gemm8::supports(ty) {
+        gemm8::taken(ty, n)
+    } else {
+        0
+    }
+}
+
 /// Computes `rows` x all tokens into `out`.
 ///
 /// # Safety
@@ -430,15 +455,21 @@ fn batched(w: &QMatrix, isa: Isa, n_tokens: usize) -> Batched {
 /// these rows meanwhile.
 unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_tokens: usize, out: OutPtr, wide: Batched) {
     let mut rows = rows;
-    // The first token the per-row tiles take: gemm8k takes those before it.
+    // The first token the per-row tiles take: gemm8k or gemm8 takes those before it.
     #[cfg(target_arch = "x86_64")]
     let t_first = match (wide, src.t8) {
         (Batched::Tokens8, Some(t8)) => {
-            let n8 = super::gemm8k::taken(n_tokens);
-            // SAFETY: Tokens8 means AVX2 was detected and gemm8k supports the
-            // type; t8 holds the first n8 tokens; the rows exist and out has
-            // n_tokens * w.rows() values, these rows written by this task alone.
-            super::gemm8k::rows(w.ty(), w.base_ptr().add(rows.start * w.row_stride()), w.row_stride(), rows.len(), t8, n8, out.0.add(rows.start), w.rows());
+            let (ty, n8) = (w.ty(), taken8(w.ty(), n_tokens));
+            let (p, o) = (w.base_ptr().add(rows.start * w.row_stride()), out.0.add(rows.start));
+            // SAFETY: Tokens8 means AVX2 was detected and gemm8k or gemm8
+            // supports the type; t8 holds the first n8 tokens in that
+            // kernel's layout; the rows exist and out has n_tokens *
+            // w.rows() values, these rows written by this task alone.
+            if super::gemm8k::supports(ty) {
+                super::gemm8k::rows(ty, p, w.row_stride(), rows.len(), t8, n8, o, w.rows());
+            } else {
+                super::gemm8::rows(ty, p, w.row_stride(), rows.len(), t8, n8, o, w.rows());
+            }
             n8
         }
         _ => 0,

@@ -17,6 +17,8 @@ mod gemm16;
 #[cfg(target_arch = "x86_64")]
 mod gemm16k;
 #[cfg(target_arch = "x86_64")]
+mod gemm8;
+#[cfg(target_arch = "x86_64")]
 mod gemm8k;
 mod matmul;
 mod simd;

@@ -58,7 +58,7 @@ pub fn set_force_avx2(on: bool) {
 static PER_ROW: AtomicBool = AtomicBool::new(false);
 
 /// Forces (or stops forcing) the per-row kernels for every matmul, whatever
-/// its token count: the batched ones (gemm16, gemm16k, gemm8k) give the same
+/// its token count: the batched ones (gemm16, gemm16k, gemm8k, gemm8) give the same
 /// bits, so this only moves time; benches compare the two paths with it.
 pub fn set_force_per_row(on: bool) {
     PER_ROW.store(on, Ordering::Relaxed);
