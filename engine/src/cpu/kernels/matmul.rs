@@ -179,18 +179,28 @@ fn matmul_parts(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])]
     {
         t8s.resize_with(t8s.len().max(needs.len()), Default::default);
         for (i, (a, t8)) in acts.iter().zip(t8s.iter_mut()).enumerate().take(needs.len()) {
-            let user = (0..which.len()).find(|&k| which[k] == Some(i) && wide[k] == Batched::Tokens8);
-            if let (Some(k), true) = (user, cols > 0) {
-                let ty = parts[k].0.ty();
+            // Matrices of different types can share an activation form (Q8_0
+            // serves Q4_0, Q5_0 and Q8_0) and take different token counts
+            // (gemm8's thresholds differ by type): fill as many as the most
+            // any of them takes.
+            let users = (0..which.len()).filter(|&k| which[k] == Some(i) && wide[k] == Batched::Tokens8);
+            let (mut ty, mut n8) = (None, 0);
+            for k in users {
+                let t = parts[k].0.ty();
+                ty = Some(t);
+                n8 = n8.max(taken8(t, n_tokens));
+            }
+            if let (Some(ty), true) = (ty, cols > 0) {
                 let src = ActSrc { q: Some(a), x, cols, t8: None };
                 // SAFETY: Tokens8 is only chosen where AVX2 was detected (a
                 // non-scalar Isa), for a type of gemm8k (Q8_K activations)
-                // or gemm8 (Q8_0 / Q8_1) and n_tokens tokens.
+                // or gemm8 (Q8_0 / Q8_1) and n_tokens tokens; one form's
+                // users are all gemm8k's or all gemm8's.
                 unsafe {
                     if super::gemm8k::supports(ty) {
-                        t8.fill(&src.ptrs(), taken8(ty, n_tokens));
+                        t8.fill(&src.ptrs(), n8);
                     } else {
-                        t8.fill_b32(&src.ptrs(), taken8(ty, n_tokens));
+                        t8.fill_b32(&src.ptrs(), n8);
                     }
                 }
             }
@@ -798,30 +808,34 @@ mod tests {
     #[test]
     fn group_matches_separate_matmuls_bit_for_bit() {
         // Mixed types share one input: Q4_0 and Q8_0 need different unsigned
-        // biases on gemm16, Q4_1 another activation type, Q6_K and F16 others again.
-        let (cols, n) = (256, 5);
-        let x = data(n * cols, 3, 1.0);
-        let types = [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16, GgmlType::Q4_0];
-        let ws: Vec<QMatrix> = types
-            .iter()
-            .enumerate()
-            .map(|(i, &ty)| QMatrix::quantize(ty, 40 + 16 * i, cols, &data((40 + 16 * i) * cols, 10 + i as u64, 0.1)).unwrap())
-            .collect();
-        for isa in simd::available() {
-            let separate: Vec<Vec<f32>> = ws
+        // biases on gemm16, Q4_1 another activation type, Q6_K and F16 others
+        // again; on AVX2, Q8_0 and Q5_0 share Q8_0 activations but gemm8
+        // takes different token counts of them (13: 8 for Q8_0, all for Q5_0).
+        let cols = 256;
+        let types = [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16, GgmlType::Q4_0];
+        for n in [5, 13, 22] {
+            let x = data(n * cols, 3, 1.0);
+            let ws: Vec<QMatrix> = types
                 .iter()
-                .map(|w| {
-                    let mut out = vec![0.0; n * w.rows()];
-                    matmul_isa(w, &x, n, &mut out, isa);
-                    out
-                })
+                .enumerate()
+                .map(|(i, &ty)| QMatrix::quantize(ty, 40 + 16 * i, cols, &data((40 + 16 * i) * cols, 10 + i as u64, 0.1)).unwrap())
                 .collect();
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
-            let mut parts: Vec<(&QMatrix, &mut [f32])> = ws.iter().zip(outs.iter_mut()).map(|(w, o)| (w, o.as_mut_slice())).collect();
-            matmul_group_isa(&x, n, &mut parts, isa);
-            for (i, (a, b)) in outs.iter().zip(&separate).enumerate() {
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(a), bits(b), "{:?} (matrix {i}) on {isa:?}", types[i]);
+            for isa in simd::available() {
+                let separate: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut out = vec![0.0; n * w.rows()];
+                        matmul_isa(w, &x, n, &mut out, isa);
+                        out
+                    })
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; n * w.rows()]).collect();
+                let mut parts: Vec<(&QMatrix, &mut [f32])> = ws.iter().zip(outs.iter_mut()).map(|(w, o)| (w, o.as_mut_slice())).collect();
+                matmul_group_isa(&x, n, &mut parts, isa);
+                for (i, (a, b)) in outs.iter().zip(&separate).enumerate() {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(a), bits(b), "{:?} (matrix {i}) on {isa:?}, {n} tokens", types[i]);
+                }
             }
         }
     }
