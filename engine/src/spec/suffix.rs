@@ -22,7 +22,7 @@
 //! Two stores, one walk:
 //! - [`SuffixCache`] holds earlier outputs (and the running ones, token by
 //!   token, so that concurrent requests of one template help each other) in a
-//!   [`Trie`], bounded by a request count (vLLM's
+//!   `Trie`, bounded by a request count (vLLM's
 //!   `suffix_decoding_max_cached_requests`, oldest evicted first) and by
 //!   [`MAX_NODES`].
 //! - The sequence's own tokens are not kept in a trie (a long prompt would cost
@@ -394,7 +394,7 @@ const MAX_LOCAL_OCCURRENCES: usize = 256;
 /// trie of `tokens`' windows would give it: for a suffix `P` of `m` tokens,
 /// the occurrences of `P` (the sequence's end among them) are the node's
 /// count, and the tokens after each its children. Only the latest
-/// [`MAX_LOCAL_OCCURRENCES`] occurrences of the last token are counted.
+/// `MAX_LOCAL_OCCURRENCES` occurrences of the last token are counted.
 pub fn local_draft(tokens: &[u32], p: &SuffixParams, max_tokens: usize) -> Draft {
     let len = tokens.len();
     let depth = p.max_tree_depth;
