@@ -150,13 +150,23 @@ impl Tokens8 {
     /// The CPU must support AVX2; `a` must hold at least `n` tokens quantized
     /// to Q8_K (with bsums).
     pub(crate) unsafe fn fill(&mut self, a: &ActPtrs, n: usize) {
-        self.nb = a.nb;
+        let dst = self.reserve(a.nb, n, Y_UNITS);
+        fill_avx2(dst, a, n);
+    }
+
+    /// Sizes the buffer for `n` tokens of `nb` blocks, `units` vectors per
+    /// block and group (gemm8k's layout or gemm8's), and returns its start.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    pub(super) unsafe fn reserve(&mut self, nb: usize, n: usize, units: usize) -> *mut __m256i {
+        self.nb = nb;
         self.groups = n.div_ceil(TOKENS);
-        let need = self.groups * a.nb * Y_UNITS;
+        let need = self.groups * nb * units;
         if self.v.len() < need {
             self.v.resize(need, _mm256_setzero_si256());
         }
-        fill_avx2(self.v.as_mut_ptr(), a, n);
+        self.v.as_mut_ptr()
     }
 }
 
@@ -547,56 +557,19 @@ unsafe fn finish<const K: u8>(st: *const __m256) -> __m256 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::avx2_check::{check_against_per_row, has_avx2};
     use super::*;
-    use crate::cpu::kernels::act::{ActKind, Acts};
-    use crate::cpu::kernels::dot_x86;
-    use crate::cpu::kernels::simd::Isa;
-    use crate::quant::QMatrix;
-    use crate::rng::{splitmix, symmetric_f32};
 
-    fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
-
-    fn ptrs(a: &Acts, x: &[f32]) -> ActPtrs {
-        ActPtrs {
-            qs: a.qs.as_ptr(),
-            d: a.d.as_ptr(),
-            s: a.s.as_ptr(),
-            bsums: a.bsums.as_ptr(),
-            f: x.as_ptr(),
-            ysum: std::ptr::null(),
-            cols: a.cols,
-            nb: a.nb(),
-        }
-    }
-
-    /// gemm8k's results for every row and token against the per-row kernel's
-    /// (what one-token decode runs), bit for bit.
+    /// Every row and token against the per-row kernel, bit for bit.
     fn check(ty: GgmlType, rows_n: usize, cols: usize, n: usize, seed: u64) {
-        let w = QMatrix::random(ty, rows_n, cols, seed).expect("whole blocks");
-        let mut rng = splitmix(seed ^ 0x5eed);
-        // Mostly small values, a few large: a spread of activation scales.
-        let x: Vec<f32> = (0..n * cols).map(|i| symmetric_f32(&mut rng) * if i % 97 == 0 { 8.0 } else { 1.0 }).collect();
-        let mut acts = Acts::default();
-        acts.quantize(ActKind::Q8K, &x, cols, n, Isa::Avx2);
-        let a = ptrs(&acts, &x);
-        let mut t8 = Tokens8::default();
-        let mut out = vec![f32::NAN; n * rows_n];
-        // SAFETY: AVX2, FMA and F16C were detected; the matrix has rows_n rows
-        // of cols / 256 super-blocks and out n tokens of rows_n values.
+        // SAFETY: the tests call this only where has_avx2(); the matrix has
+        // rows_n rows of cols / 256 super-blocks, and out n tokens of rows_n values.
         unsafe {
-            t8.fill(&a, n);
-            rows(ty, w.base_ptr(), w.row_stride(), rows_n, &t8, n, out.as_mut_ptr(), rows_n);
-        }
-        for r in 0..rows_n {
-            for t in 0..n {
-                let mut tile = [[f32::NAN; 4]; 4];
-                // SAFETY: as above; row r exists and token t was quantized.
-                unsafe { dot_x86::tile(ty, Isa::Avx2, w.base_ptr().add(r * w.row_stride()), w.row_stride(), 1, &a, t, 1, &mut tile) };
-                let (got, want) = (out[t * rows_n + r], tile[0][0]);
-                assert_eq!(got.to_bits(), want.to_bits(), "{} {rows_n}x{cols}, {n} tokens: row {r} token {t}: {got} vs per-row {want}", ty.name());
-            }
+            check_against_per_row(ty, rows_n, cols, n, seed, |a, w, out| {
+                let mut t8 = Tokens8::default();
+                t8.fill(a, n);
+                rows(ty, w.base_ptr(), w.row_stride(), rows_n, &t8, n, out.as_mut_ptr(), rows_n);
+            });
         }
     }
 

@@ -9,6 +9,8 @@
 //! (or FERRY_FORCE_SCALAR=1) keeps the scalar one reachable.
 
 mod act;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod avx2_check;
 mod dot_scalar;
 #[cfg(target_arch = "x86_64")]
 mod dot_x86;
