@@ -76,14 +76,23 @@ pub struct Draft {
     /// Per token, the estimated chance that it and every token before it
     /// are right (falling; each at least `min_token_prob`).
     pub chances: Vec<f32>,
-    /// The sum of `chances`: the expected number of accepted tokens.
-    pub score: f32,
 }
 
 impl Draft {
+    /// The sum of `chances`: the expected number of accepted tokens.
+    pub fn score(&self) -> f32 {
+        self.chances.iter().sum()
+    }
+
+    /// Appends `token`, whose chance (with every token before it) is `chance`.
+    fn push(&mut self, token: u32, chance: f32) {
+        self.tokens.push(token);
+        self.chances.push(chance);
+    }
+
     /// The better of two drafts: the higher score, `self` on a tie.
     fn or_better(self, other: Draft) -> Draft {
-        if other.score > self.score {
+        if other.score() > self.score() {
             other
         } else {
             self
@@ -266,9 +275,7 @@ impl Trie {
             if prob < min_prob {
                 break;
             }
-            d.tokens.push(self.nodes[c as usize].token);
-            d.score += prob;
-            d.chances.push(prob);
+            d.push(self.nodes[c as usize].token, prob);
             n = c;
         }
         d
@@ -445,9 +452,7 @@ pub fn local_draft(tokens: &[u32], p: &SuffixParams, max_tokens: usize) -> Draft
             if prob < p.min_token_prob {
                 break;
             }
-            d.tokens.push(t);
-            d.score += prob;
-            d.chances.push(prob);
+            d.push(t, prob);
             live.retain(|&e| e + j < len && tokens[e + j] == t);
             // The next node's count: occurrences of P + draft, one ending at
             // the sequence's end included.
@@ -532,7 +537,7 @@ mod tests {
         let d = c.propose(&[40, 41, 7, 8], 8);
         // m = 2 ([7, 8]) allows 2 tokens: 9 (3/3), then 10 (2/3).
         assert_eq!(d.tokens, vec![9, 10]);
-        assert!((d.score - (1.0 + 2.0 / 3.0)).abs() < 1e-6, "{}", d.score);
+        assert!((d.score() - (1.0 + 2.0 / 3.0)).abs() < 1e-6, "{}", d.score());
         // A longer match earns a longer draft.
         let d = c.propose(&[40, 5, 7, 8], 8);
         assert_eq!(d.tokens, vec![9, 10, 11]);
@@ -594,7 +599,7 @@ mod tests {
                     }
                     let got = local_draft(t, &p, max);
                     assert_eq!(got.tokens.len(), want.tokens.len(), "{t:?} depth {depth} max {max}");
-                    assert!((got.score - want.score).abs() < 1e-5, "{t:?} depth {depth}: {got:?} vs {want:?}");
+                    assert!((got.score() - want.score()).abs() < 1e-5, "{t:?} depth {depth}: {got:?} vs {want:?}");
                 }
             }
         }
