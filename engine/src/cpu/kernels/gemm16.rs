@@ -8,7 +8,12 @@
 //! lane. The float work (convert, scale, accumulate) is then paid once per 16
 //! rows instead of once per row, which is what bounded the per-row kernels.
 //! The transposed copy is built once per 16 rows and matmul call and reused for
-//! every token, so no second copy of the weights is kept.
+//! every token, so no second copy of the weights is kept. Up to 8 tokens (a
+//! verify pass, a small batch) skip the copy: each block goes from the
+//! transposes straight into every token's dot. Storing and reloading the copy
+//! cost little arithmetic, but while it was written nothing else was in
+//! flight: a 28 MB Q8_0 LM head at 2 tokens took 1.9x its 1-token time that
+//! way, 1.1x straight.
 //!
 //! vpdpbusd multiplies unsigned by signed bytes: Q4_0 nibbles are used as they
 //! are stored (0..15), Q5_0 quants as 0..31, and Q8_0 and IQ4_NL values (the
@@ -35,6 +40,11 @@ pub(crate) const ROWS: usize = 16;
 /// (2-core Zen 5): faster than the per-row kernels from 1 token on (~15% at 1,
 /// ~1.3x at 2-3, 2.5x+ from 4), so every token count takes it.
 pub(crate) const MIN_TOKENS: usize = 1;
+/// Most tokens taken straight from the rows ([`direct`]) rather than from a
+/// packed copy: up to one register tile of tokens, where nothing would reuse
+/// the copy. (Q4_1 takes 2 so, [`direct_q4_1`]; from 3 tokens its sixteen
+/// accumulators a token and the transposes no longer fit the registers.)
+const DIRECT_MAX: usize = TT;
 /// Tokens whose accumulators stay in registers at once.
 const TT: usize = 8;
 
@@ -126,7 +136,13 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
         if K == Q4_1K {
             return one_token_q4_1(w, ws, a, out);
         }
-        return one_token::<K>(w, ws, a, out);
+        return direct::<K, 1>(w, ws, a, out, os);
+    }
+    if K == Q4_1K && n == 2 {
+        return direct_q4_1::<2>(w, ws, a, out, os);
+    }
+    if K != Q4_1K && n <= DIRECT_MAX {
+        return direct_few::<K>(w, ws, a, n, out, os);
     }
     pack_rows::<K>(w, ws, a.nb, pack);
     let pk = pack.as_ptr();
@@ -267,9 +283,27 @@ unsafe fn block_dot<const K: u8>(wq: &[__m512i; 8], dv: __m512, mv: __m512, a: &
     }
 }
 
-/// 16 rows x token 0 straight from the rows (same operations as `tokens`).
+/// 16 rows x tokens 0..n (2..=8) straight from the rows.
+///
+/// Out of line, with its own target features, as [`direct_q4_1`]: inlined
+/// into [`run`], these tiles made the 1-token path's code 3-8% slower.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn direct_few<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize) {
+    match n {
+        2 => direct::<K, 2>(w, ws, a, out, os),
+        3 => direct::<K, 3>(w, ws, a, out, os),
+        4 => direct::<K, 4>(w, ws, a, out, os),
+        5 => direct::<K, 5>(w, ws, a, out, os),
+        6 => direct::<K, 6>(w, ws, a, out, os),
+        7 => direct::<K, 7>(w, ws, a, out, os),
+        _ => direct::<K, 8>(w, ws, a, out, os),
+    }
+}
+
+/// 16 rows x tokens 0..T straight from the rows (same operations as `tokens`).
 #[inline(always)]
-unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
+unsafe fn direct<const K: u8, const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32, os: usize) {
     let bsz = match K {
         Q4_0K => Q4_0_BYTES,
         Q5_0K => Q5_0_BYTES,
@@ -280,18 +314,23 @@ unsafe fn one_token<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut
     let next = w.wrapping_add(ROWS * ws);
     let lines = (ROWS * ws).div_ceil(64);
     let per_block = lines.div_ceil(a.nb.max(1));
-    let mut acc = _mm512_setzero_ps();
-    let mut macc = _mm512_setzero_ps();
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         // The next 16 rows, a slice per block (as pack_rows).
         for l in b * per_block..((b + 1) * per_block).min(lines) {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
         }
         let blk = load_block::<K>(w.add(b * bsz), ws);
-        block_dot::<K>(&weight_bytes::<K>(&blk.q), blk.d, blk.m, a, 0, b, &mut acc, &mut macc);
+        let wq = weight_bytes::<K>(&blk.q);
+        for t in 0..T {
+            block_dot::<K>(&wq, blk.d, blk.m, a, t, b, &mut acc[t], &mut macc[t]);
+        }
     }
-    let sum = if has_min(K) { _mm512_add_ps(acc, macc) } else { acc };
-    _mm512_storeu_ps(out, sum);
+    for t in 0..T {
+        let sum = if has_min(K) { _mm512_add_ps(acc[t], macc[t]) } else { acc[t] };
+        _mm512_storeu_ps(out.add(t * os), sum);
+    }
 }
 
 /// Q4_1, 16 rows x token 0 straight from the rows: [`tokens_q4_1`]'s
@@ -321,11 +360,15 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
             for i in 1..4 {
                 prefetch(b + i);
             }
-            let t: [[__m512i; 4]; 5] = std::array::from_fn(|j| transpose16x4(p.add(16 * j), ws));
+            // Spelled out, not array::from_fn: a closure the inliner leaves
+            // out of line loses this function's target features, and every
+            // intrinsic in it becomes a call (10x slower, seen when `run` grew).
+            let tr = |j: usize| transpose16x4(p.add(16 * j), ws);
+            let t: [[__m512i; 4]; 5] = [tr(0), tr(1), tr(2), tr(3), tr(4)];
             let dword = |n: usize| t[n / 4][n % 4];
             for i in 0..4 {
                 let q = [dword(5 * i + 1), dword(5 * i + 2), dword(5 * i + 3), dword(5 * i + 4)];
-                q4_1_block(&q, dword(5 * i), a, b + i, &mut acc, &mut summs);
+                q4_1_block(&q, dword(5 * i), a, 0, b + i, &mut acc, &mut summs);
             }
             b += 4;
         } else if b + 1 < a.nb {
@@ -333,13 +376,13 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
             let t0 = transpose16x4(p, ws);
             let t1 = transpose16x4(p.add(16), ws);
             let t2 = transpose16x4(p.add(24), ws);
-            q4_1_block(&[t0[1], t0[2], t0[3], t1[0]], t0[0], a, b, &mut acc, &mut summs);
-            q4_1_block(&t2, t1[1], a, b + 1, &mut acc, &mut summs);
+            q4_1_block(&[t0[1], t0[2], t0[3], t1[0]], t0[0], a, 0, b, &mut acc, &mut summs);
+            q4_1_block(&t2, t1[1], a, 0, b + 1, &mut acc, &mut summs);
             b += 2;
         } else {
             // The last block alone: reading 16 bytes at 16 would run past it.
             let head = transpose16x4(p, ws);
-            q4_1_block(&transpose16x4(p.add(4), ws), head[0], a, b, &mut acc, &mut summs);
+            q4_1_block(&transpose16x4(p.add(4), ws), head[0], a, 0, b, &mut acc, &mut summs);
             b += 1;
         }
     }
@@ -350,18 +393,70 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
     _mm512_storeu_ps(out, _mm512_add_ps(lanes, summs));
 }
 
+/// Q4_1, 16 rows x tokens 0..T straight from the rows, as [`one_token_q4_1`]
+/// (pairs of blocks from three transposes) for each token.
+///
+/// Out of line, with its own target features: inlined into [`run`], its 18
+/// accumulators changed how the packed path's registers were allocated, and
+/// that path lost 5-10% at 3 and 4 tokens.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn direct_q4_1<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32, os: usize) {
+    let next = w.wrapping_add(ROWS * ws);
+    let lines = (ROWS * ws).div_ceil(64);
+    let per_block = lines.div_ceil(a.nb.max(1));
+    let prefetch = |b: usize| {
+        for l in b * per_block..((b + 1) * per_block).min(lines) {
+            // Never faults, even past the end of the mapping.
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
+        }
+    };
+    let mut acc = [[_mm512_setzero_ps(); 8]; T];
+    let mut summs = [_mm512_setzero_ps(); T];
+    let mut b = 0;
+    while b < a.nb {
+        let p = w.add(b * Q4_1_BYTES);
+        prefetch(b);
+        if b + 1 < a.nb {
+            prefetch(b + 1);
+            let t0 = transpose16x4(p, ws);
+            let t1 = transpose16x4(p.add(16), ws);
+            let t2 = transpose16x4(p.add(24), ws);
+            for t in 0..T {
+                q4_1_block(&[t0[1], t0[2], t0[3], t1[0]], t0[0], a, t, b, &mut acc[t], &mut summs[t]);
+                q4_1_block(&t2, t1[1], a, t, b + 1, &mut acc[t], &mut summs[t]);
+            }
+            b += 2;
+        } else {
+            let head = transpose16x4(p, ws);
+            let q = transpose16x4(p.add(4), ws);
+            for t in 0..T {
+                q4_1_block(&q, head[0], a, t, b, &mut acc[t], &mut summs[t]);
+            }
+            b += 1;
+        }
+    }
+    for t in 0..T {
+        let c = &acc[t];
+        let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
+        let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
+        let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
+        _mm512_storeu_ps(out.add(t * os), _mm512_add_ps(lanes, summs[t]));
+    }
+}
+
 /// Block `b` of 16 Q4_1 rows (`raw`: the nibble vectors as packed; `dm`: d
 /// and m as the low and high halves of each lane) into token 0's
 /// accumulators, as [`tokens_q4_1`] does.
 #[inline(always)]
-unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, b: usize, acc: &mut [__m512; 8], summs: &mut __m512) {
+unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, tt: usize, b: usize, acc: &mut [__m512; 8], summs: &mut __m512) {
     let low = _mm512_set1_epi8(0x0f);
     let zero = _mm512_setzero_si512();
     let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     let mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
-    let y = a.qs.add(b * QK) as *const i32;
-    let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(b)));
-    *summs = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(b)), *summs);
+    let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
+    let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a.d.add(tt * a.nb + b)));
+    *summs = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), *summs);
     for k in 0..4 {
         let lo = _mm512_and_si512(raw[k], low);
         let hi = _mm512_and_si512(_mm512_srli_epi16(raw[k], 4), low);
