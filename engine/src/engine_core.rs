@@ -12,7 +12,7 @@ use crate::batch::{LogitRows, ModelInput, SeqChunk};
 use crate::executor::Executor;
 use crate::sampler::{check_stop, position_logprob, sequence_seed, validate, SequenceSampler};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SchedulingPolicy, SeqId};
-use crate::spec::{backoff::extra_token_cost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig, SuffixCache};
+use crate::spec::{backoff::PassCost, ngram, SpecBackoff, SpecMethod, SpecStats, SpeculativeConfig, StepTimes, SuffixCache};
 use crate::structured::{Commit, GrammarEnv, SeqGrammar};
 use crate::rng::{RngCore, SplitMix64};
 use crate::trace::{SeqTrace, TraceSink};
@@ -143,6 +143,9 @@ pub struct EngineCore {
     /// The suffix proposer's counts of earlier and running outputs (its
     /// method only).
     suffix: Option<SuffixCache>,
+    /// How long decode and verify steps take by their rows: what a verify
+    /// pass costs here (speculation on).
+    step_times: StepTimes,
     /// Where traced sequences' records go when they end; None: no tracing.
     trace_sink: Option<Arc<dyn TraceSink>>,
 }
@@ -200,6 +203,7 @@ impl EngineCore {
             mask_timing: MaskTiming::default(),
             spec_stats: SpecStats::default(),
             suffix,
+            step_times: StepTimes::default(),
             trace_sink: None,
         }
     }
@@ -489,7 +493,7 @@ impl EngineCore {
                 masked.push(MaskedSeq { sid: s.id, grammar: g, masks, draft: draft.to_vec(), error: None });
             }
         }
-        Some(PlannedStep { plan, input, sampling, masked })
+        Some(PlannedStep { plan, input, sampling, masked, began: now })
     }
 
     /// Runs a planned step on this core's executor, computing the
@@ -538,7 +542,10 @@ impl EngineCore {
     /// Takes what the model picked for a planned step and reports what each
     /// sequence made. `now`: when the step's tokens were picked.
     pub fn finish_step(&mut self, step: PlannedStep, result: Result<StepOutput, ExecError>, now: Instant) -> Vec<TokenOutput> {
-        let PlannedStep { plan, input, sampling, masked } = step;
+        let PlannedStep { plan, input, sampling, masked, began } = step;
+        if self.cfg.spec.is_some() && input.seqs.iter().all(|c| c.len == 1 || matches!(c.logits, LogitRows::Verify(_))) {
+            self.step_times.record(input.tokens.len(), now.saturating_duration_since(began));
+        }
         // A constrained sequence gets its grammar back, and learns whether
         // its mask could be computed.
         let mut mask_errors: HashMap<SeqId, String> = HashMap::new();
@@ -688,12 +695,18 @@ impl EngineCore {
     /// Speculative decoding: proposes tokens for each decoding sequence and
     /// hands the scheduler as many as its [`SpecBackoff`] says pay, within
     /// what `max_tokens` leaves and what its constraint allows.
+    ///
+    /// Each sequence's proposals are weighed against the step they join:
+    /// what it makes without them (a token per decoding sequence, plus what
+    /// the proposals taken so far are expected to add) and how much longer
+    /// their rows make it (`StepTimes`, measured).
     fn propose(&mut self, spec: &SpeculativeConfig) {
         let running = self.sched.num_running();
         if spec.disable_by_batch_size.is_some_and(|n| running >= n) {
             return;
         }
-        let cost = extra_token_cost(running);
+        let decoding = self.seqs.keys().filter(|&&sid| self.sched.is_decoding(sid)).count();
+        let (mut rows, mut base_tokens) = (decoding, decoding as f32);
         for (&sid, st) in &mut self.seqs {
             if !self.sched.is_decoding(sid) {
                 continue;
@@ -718,11 +731,15 @@ impl EngineCore {
             if let Some(g) = st.grammar.as_mut() {
                 draft.truncate(g.valid_draft_len(&draft));
             }
+            let cost = PassCost { base_tokens, relative: self.step_times.relative_from(rows, draft.len()) };
+            let chances = chances.as_deref().map(|c| &c[..draft.len()]);
             let budget = match chances {
-                Some(c) => st.backoff.budget_estimated(&c[..draft.len()], cost),
-                None => st.backoff.budget(draft.len(), cost),
+                Some(c) => st.backoff.budget_estimated(c, &cost),
+                None => st.backoff.budget(draft.len(), &cost),
             };
             draft.truncate(budget);
+            rows += budget;
+            base_tokens += st.backoff.expected(chances, budget);
             self.sched.set_draft(sid, draft);
         }
     }
@@ -813,6 +830,9 @@ pub struct PlannedStep {
     input: ModelInput,
     sampling: StepSampling,
     masked: Vec<MaskedSeq>,
+    /// When it was scheduled: with the instant `finish_step` is given, how
+    /// long the step took.
+    began: Instant,
 }
 
 /// A constrained sequence's part of a step: its grammar (lent out), the mask

@@ -14,7 +14,8 @@
 #
 #   scripts/bench/bench_speculative.sh [MODEL.gguf] [OUT_DIR]
 #
-# Environment: SPEC (the config JSON), ROUNDS (default 2), THREADS (default 2).
+# Environment: SPEC (the config JSON), ROUNDS (default 2), THREADS (default 2),
+# FERRY (the binary, default target/release/ferry).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:-$(scripts/fetch/fetch-model.sh)}
@@ -22,7 +23,7 @@ out=${2:-bench-results/speculative}
 spec=${SPEC:-'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'}
 rounds=${ROUNDS:-2}
 threads=${THREADS:-2}
-ferry=target/release/ferry
+ferry=${FERRY:-target/release/ferry}
 mkdir -p "$out"
 "$ferry" serve "$model" --host 127.0.0.1 --port 18200 --tls-port 18443 --threads "$threads" --served-model-name smollm2 \
   --cert-dir "$out/certs-plain" >"$out/plain.log" 2>&1 &

@@ -7,9 +7,12 @@
 //! tokens it tried that were taken (a rejected token ends a pass, so the
 //! tokens after it were not tried): the chance that the next proposed token
 //! is taken, each given the ones before it. It verifies the `k` that maximises the
-//! expected tokens per unit of step time, `(1 + a + a^2 + .. + a^k) / (1 +
-//! c k)`, where `c` is what one more token costs against the whole step
-//! ([`extra_token_cost`]). Where no `k` pays (`a` too low), it stops
+//! expected tokens per unit of step time, `(B + a + a^2 + .. + a^k) / t(k)`,
+//! where `B` is what the step makes without these proposals (a token per
+//! sequence in the batch, and what other sequences' proposals are expected to
+//! add) and `t(k)` the step's time with `k` more rows over its time without
+//! ([`PassCost`], from the engine's measured step times: `super::cost`).
+//! Where no `k` pays (`a` too low), it stops
 //! proposing for a cool-down that doubles each time (up to
 //! [`MAX_COOLDOWN`] steps), and then probes again with a few tokens: so text
 //! that does not repeat costs about nothing, and text that starts repeating
@@ -44,17 +47,47 @@ impl Default for SpecBackoff {
     }
 }
 
-/// What one more token in a verify pass costs, as a fraction of a decode step
-/// of `batch` sequences. One sequence's step is bound by reading the weights,
-/// and a few more rows through the same matmuls cost little (measured on the
-/// CPU backend: see `docs/performance.md`, "Speculative decoding"); a big
-/// batch is bound by arithmetic, where a token costs about what a
-/// sequence's decode does.
-pub fn extra_token_cost(batch: usize) -> f32 {
-    const SINGLE: f32 = 0.15;
-    const HALF: f32 = 8.0;
-    let b = batch.max(1) as f32 - 1.0;
-    SINGLE + (1.0 - SINGLE) * b / (b + HALF)
+/// What verifying more tokens of one sequence costs and what the step makes
+/// without them.
+#[derive(Clone, Debug)]
+pub struct PassCost {
+    /// Tokens the step is expected to make without this sequence's
+    /// proposals: one per decoding sequence, plus the expected accepted
+    /// tokens of the proposals already taken into the step.
+    pub base_tokens: f32,
+    /// `relative[k]`: the step's time with `k` more rows over its time
+    /// without them (`relative[0]` = 1, non-decreasing). Its length bounds
+    /// how many tokens are verified.
+    pub relative: Vec<f32>,
+}
+
+impl PassCost {
+    /// One sequence alone, each more row costing `per_row` of the step, up
+    /// to `max_k` rows more.
+    pub fn linear(per_row: f32, max_k: usize) -> PassCost {
+        PassCost { base_tokens: 1.0, relative: (0..=max_k).map(|k| 1.0 + per_row * k as f32).collect() }
+    }
+
+    /// Expected tokens per unit of step time with `k` more rows that add
+    /// `expected` tokens.
+    fn rate(&self, k: usize, expected: f32) -> f32 {
+        let t = self.relative.get(k).or(self.relative.last()).copied().unwrap_or(1.0).max(1.0);
+        (self.base_tokens + expected) / t
+    }
+
+    /// The `k` in 0..=`chances.len()` with the best rate, `chances[i]` the
+    /// chance that proposed tokens 0..=i are all taken (0: none pays).
+    fn best(&self, chances: impl Iterator<Item = f32>) -> usize {
+        let (mut best, mut best_rate, mut expected) = (0, self.rate(0, 0.0), 0.0f32);
+        for (i, p) in chances.enumerate() {
+            expected += p.clamp(0.0, 1.0);
+            let rate = self.rate(i + 1, expected);
+            if rate > best_rate {
+                (best, best_rate) = (i + 1, rate);
+            }
+        }
+        best
+    }
 }
 
 impl SpecBackoff {
@@ -69,11 +102,11 @@ impl SpecBackoff {
         self.cooldown > 0
     }
 
-    /// How many of the `available` proposed tokens to verify this step, one
-    /// more token costing `cost` of the step. 0: decode as usual (this may
-    /// start or count down a cool-down; call it once per step the sequence
-    /// decodes, whether or not anything was proposed).
-    pub fn budget(&mut self, available: usize, cost: f32) -> usize {
+    /// How many of the `available` proposed tokens to verify this step, at
+    /// `cost`. 0: decode as usual (this may start or count down a cool-down;
+    /// call it once per step the sequence decodes, whether or not anything
+    /// was proposed).
+    pub fn budget(&mut self, available: usize, cost: &PassCost) -> usize {
         if self.cooldown > 0 {
             self.cooldown -= 1;
             self.probe = self.cooldown == 0;
@@ -86,16 +119,7 @@ impl SpecBackoff {
             return available.min(PROBE);
         }
         let a = self.acceptance().clamp(0.0, 1.0);
-        let (mut best, mut best_rate) = (0, 1.0f32);
-        let (mut expected, mut p) = (1.0f32, 1.0f32);
-        for k in 1..=available {
-            p *= a;
-            expected += p;
-            let rate = expected / (1.0 + cost * k as f32);
-            if rate > best_rate {
-                (best, best_rate) = (k, rate);
-            }
-        }
+        let best = cost.best((1..=available as i32).map(|k| a.powi(k)));
         if best == 0 {
             self.cooldown = self.next_cooldown;
             self.next_cooldown = (self.next_cooldown * 2).min(MAX_COOLDOWN);
@@ -111,20 +135,21 @@ impl SpecBackoff {
     /// before (the suffix proposer's cache of earlier outputs) knows better
     /// than an average over the sequence's past drafts, and a draft that is
     /// wrong still lowers that average towards a cool-down.
-    pub fn budget_estimated(&mut self, chances: &[f32], cost: f32) -> usize {
+    pub fn budget_estimated(&mut self, chances: &[f32], cost: &PassCost) -> usize {
         let by_record = self.budget(chances.len(), cost);
         if by_record == 0 {
             return 0;
         }
-        let (mut best, mut best_rate, mut expected) = (0, 1.0f32, 1.0f32);
-        for (k, &p) in chances.iter().enumerate() {
-            expected += p.clamp(0.0, 1.0);
-            let rate = expected / (1.0 + cost * (k + 1) as f32);
-            if rate > best_rate {
-                (best, best_rate) = (k + 1, rate);
-            }
+        by_record.max(cost.best(chances.iter().copied()))
+    }
+
+    /// Expected tokens taken of `k` verified ones: by the draft's own
+    /// `chances` where the proposer gives them, by the record otherwise.
+    pub fn expected(&self, chances: Option<&[f32]>, k: usize) -> f32 {
+        match chances {
+            Some(c) => c.iter().take(k).map(|p| p.clamp(0.0, 1.0)).sum(),
+            None => (1..=k as i32).map(|i| self.acceptance.clamp(0.0, 1.0).powi(i)).sum(),
         }
-        by_record.max(best)
     }
 
     /// Records a verify pass: `proposed` tokens, of which the first
@@ -146,31 +171,36 @@ impl SpecBackoff {
 mod tests {
     use super::*;
 
+    /// One sequence alone, each more row costing 0.15 of its step.
+    fn one(max_k: usize) -> PassCost {
+        PassCost::linear(0.15, max_k)
+    }
+
     #[test]
     fn verifies_more_while_accepted_and_backs_off_when_not() {
         let mut b = SpecBackoff::default();
-        let first = b.budget(5, extra_token_cost(1));
+        let first = b.budget(5, &one(5));
         assert!(first >= 1, "the prior lets the first proposals through");
         for _ in 0..20 {
-            let k = b.budget(5, extra_token_cost(1));
+            let k = b.budget(5, &one(5));
             b.record(k, k);
         }
-        assert_eq!(b.budget(5, extra_token_cost(1)), 5, "always accepted: verify all");
+        assert_eq!(b.budget(5, &one(5)), 5, "always accepted: verify all");
         // Now nothing is accepted: the budget shrinks to 0 and a cool-down starts.
         let mut steps_to_zero = 0;
-        while b.budget(5, extra_token_cost(1)) > 0 {
+        while b.budget(5, &one(5)) > 0 {
             b.record(5, 0);
             steps_to_zero += 1;
             assert!(steps_to_zero < 30, "never backed off");
         }
         // During the cool-down nothing is verified, then a short probe.
-        let idle = (0..MIN_COOLDOWN).filter(|_| b.budget(5, extra_token_cost(1)) == 0).count();
+        let idle = (0..MIN_COOLDOWN).filter(|_| b.budget(5, &one(5)) == 0).count();
         assert_eq!(idle as u32, MIN_COOLDOWN);
-        assert_eq!(b.budget(5, extra_token_cost(1)), PROBE);
+        assert_eq!(b.budget(5, &one(5)), PROBE);
         // A failed probe backs off for twice as long.
         b.record(PROBE, 0);
-        assert_eq!(b.budget(5, extra_token_cost(1)), 0);
-        let idle = 1 + (0..100).take_while(|_| b.budget(5, extra_token_cost(1)) == 0).count();
+        assert_eq!(b.budget(5, &one(5)), 0);
+        let idle = 1 + (0..100).take_while(|_| b.budget(5, &one(5)) == 0).count();
         assert_eq!(idle as u32, 2 * MIN_COOLDOWN + 1);
     }
 
@@ -181,31 +211,46 @@ mod tests {
         for _ in 0..10 {
             b.record(6, 2);
         }
-        let by_record = b.clone().budget(12, extra_token_cost(1));
+        let by_record = b.clone().budget(12, &one(12));
         assert!((1..6).contains(&by_record), "{by_record}");
         // ...but a draft its proposer is sure of is verified whole.
-        assert_eq!(b.clone().budget_estimated(&[1.0; 12], extra_token_cost(1)), 12);
+        assert_eq!(b.clone().budget_estimated(&[1.0; 12], &one(12)), 12);
         // One it doubts is not lengthened.
-        assert_eq!(b.clone().budget_estimated(&[0.3, 0.12, 0.1], extra_token_cost(1)), by_record.min(3));
+        assert_eq!(b.clone().budget_estimated(&[0.3, 0.12, 0.1], &one(3)), by_record.min(3));
         // Cooling down, nothing is verified however sure.
         for _ in 0..30 {
-            let k = b.budget(5, extra_token_cost(1));
+            let k = b.budget(5, &one(5));
             b.record(k, 0);
         }
         assert!(b.cooling());
-        assert_eq!(b.budget_estimated(&[1.0; 12], extra_token_cost(1)), 0);
+        assert_eq!(b.budget_estimated(&[1.0; 12], &one(12)), 0);
     }
 
     #[test]
     fn big_batches_need_better_odds() {
-        assert!(extra_token_cost(1) < extra_token_cost(16));
-        assert!(extra_token_cost(256) < 1.0);
         let mut b = SpecBackoff::default();
         for _ in 0..10 {
             b.record(4, 2);
         }
-        let alone = b.clone().budget(8, extra_token_cost(1));
-        let crowded = b.clone().budget(8, extra_token_cost(64));
+        let alone = b.clone().budget(8, &one(8));
+        // 64 sequences: the step makes 64 tokens without these proposals,
+        // and a row costs a sixty-fourth of it.
+        let crowded = PassCost { base_tokens: 64.0, relative: (0..=8).map(|k| 1.0 + k as f32 / 64.0).collect() };
+        let crowded = b.clone().budget(8, &crowded);
         assert!(alone > crowded, "{alone} vs {crowded}");
+    }
+
+    #[test]
+    fn a_costly_first_row_needs_a_longer_draft() {
+        // Measured on the CPU: 2 rows 1.3x one row, then +0.3 a row.
+        let steep = PassCost { base_tokens: 1.0, relative: vec![1.0, 1.3, 1.6, 1.9, 2.2, 2.5] };
+        let b = SpecBackoff { acceptance: 0.25, ..SpecBackoff::default() };
+        // At a quarter's acceptance one token pays for a row at 0.15...
+        assert_eq!(b.clone().budget(1, &one(1)), 1);
+        // ...but not for one at 0.3.
+        assert_eq!(b.clone().budget(1, &steep), 0);
+        // A sure five-token draft pays for its rows, whole.
+        let b = SpecBackoff::default();
+        assert_eq!(b.clone().budget_estimated(&[1.0; 5], &steep), 5);
     }
 }

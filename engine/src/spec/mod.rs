@@ -14,14 +14,17 @@
 //! `--speculative-config`, [`ngram`] proposes from the sequence's own tokens,
 //! [`suffix`] from them and from earlier outputs,
 //! [`backoff`] decides per sequence how much to propose from how often its
-//! proposals were taken, and [`SpecStats`] counts what vLLM's metrics report.
+//! proposals were taken and what a verify pass costs ([`cost`], learned from
+//! the engine's own steps), and [`SpecStats`] counts what vLLM's metrics report.
 
 pub mod backoff;
 pub mod config;
+pub mod cost;
 pub mod ngram;
 pub mod suffix;
 
 pub use backoff::SpecBackoff;
 pub use config::{SpecMethod, SpeculativeConfig};
+pub use cost::StepTimes;
 pub use suffix::{SuffixCache, SuffixParams};
 pub use ferry_transport::SpecDecodeStats as SpecStats;
