@@ -119,7 +119,7 @@ impl Decoder {
     /// Aborts what runs and starts `batch` fresh sequences, stepping (untimed)
     /// until each has its first token, so the next step is a pure decode step.
     fn restart(&mut self, batch: usize) {
-        self.core.abort(&self.live);
+        self.core.abort(&self.live, Instant::now());
         self.live.clear();
         let vocab = self.core.vocab_size() as u64;
         // Far more than MAX_DECODE: a sequence must never finish inside a timed step.
@@ -182,7 +182,7 @@ fn bench_core(c: &mut Criterion, name: &str, core: EngineCore) {
         });
     }
     group.finish();
-    dec.core.abort(&dec.live);
+    dec.core.abort(&dec.live, Instant::now());
 }
 
 /// One sequence's verify pass of `1 + k` tokens against a plain decode step

@@ -354,8 +354,9 @@ impl EngineCore {
         Ok(())
     }
 
-    /// Stops these requests and frees their blocks now. Returns their final outputs.
-    pub fn abort(&mut self, ids: &[RequestId]) -> Vec<TokenOutput> {
+    /// Stops these requests and frees their blocks now (`now` stamps their
+    /// traces). Returns their final outputs.
+    pub fn abort(&mut self, ids: &[RequestId], now: Instant) -> Vec<TokenOutput> {
         let mut outs = Vec::new();
         for &rid in ids {
             let Some(req) = self.requests.remove(&rid) else { continue };
@@ -366,7 +367,7 @@ impl EngineCore {
                 if let Some(c) = &mut self.suffix {
                     c.finish(sid);
                 }
-                self.trace_end(req.trace, rid, &s, "abort", Instant::now());
+                self.trace_end(req.trace, rid, &s, "abort", now);
                 outs.push(finished(rid, s.index, vec![], None, FinishReason::Abort, 0));
             }
         }
@@ -561,9 +562,9 @@ impl EngineCore {
             Ok(out) if out.sampled.len() == sampling.rows.len() => out,
             Ok(out) => {
                 let why = format!("the backend picked {} tokens for {} rows", out.sampled.len(), sampling.rows.len());
-                return self.fail_scheduled(&plan, &why);
+                return self.fail_scheduled(&plan, &why, now);
             }
-            Err(e) => return self.fail_scheduled(&plan, &e.to_string()),
+            Err(e) => return self.fail_scheduled(&plan, &e.to_string(), now),
         };
         let vocab = self.vocab_size();
         let mut logits = out.logits;
@@ -780,10 +781,10 @@ impl EngineCore {
 
     /// The model failed on this batch: end its requests with the error rather than
     /// retrying forever, and keep serving the others.
-    fn fail_scheduled(&mut self, plan: &SchedulerOutput, why: &str) -> Vec<TokenOutput> {
+    fn fail_scheduled(&mut self, plan: &SchedulerOutput, why: &str, now: Instant) -> Vec<TokenOutput> {
         tracing::error!("model step failed: {why}");
         let rids: Vec<RequestId> = plan.seqs.iter().filter_map(|s| self.seqs.get(&s.id).map(|st| st.request)).collect();
-        let mut outs = self.abort(&rids);
+        let mut outs = self.abort(&rids, now);
         for o in &mut outs {
             o.finish = Some(FinishReason::Error(EngineError::internal(format!("engine failure: {why}"))));
         }
@@ -797,9 +798,9 @@ impl EngineCore {
     }
 
     /// Ends every request with `why` (the rank cannot go on) and frees their blocks.
-    pub fn fail_all(&mut self, why: &EngineError) -> Vec<TokenOutput> {
+    pub fn fail_all(&mut self, why: &EngineError, now: Instant) -> Vec<TokenOutput> {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
-        let mut outs = self.abort(&ids);
+        let mut outs = self.abort(&ids, now);
         for o in &mut outs {
             o.finish = Some(FinishReason::Error(why.clone()));
         }

@@ -413,7 +413,7 @@ impl Shell {
     fn abort(&mut self, link: Owner, ids: &[RequestId]) {
         let Some(l) = self.links.get_mut(&link) else { return };
         let ours: Vec<RequestId> = ids.iter().filter_map(|id| l.ids.get(id).copied()).collect();
-        let outs = self.core.abort(&ours);
+        let outs = self.core.abort(&ours, Instant::now());
         self.route(outs);
     }
 
@@ -421,7 +421,7 @@ impl Shell {
     fn detach(&mut self, link: Owner) {
         let Some(l) = self.links.remove(&link) else { return };
         let ours: Vec<RequestId> = l.ids.values().copied().collect();
-        self.core.abort(&ours);
+        self.core.abort(&ours, Instant::now());
         for id in ours {
             self.owners.remove(&id);
         }
@@ -503,7 +503,7 @@ impl Shell {
     /// Ends every request of every link with `why`, tells each link, and
     /// closes them all.
     fn fail_all(&mut self, why: &EngineError) {
-        let outs = self.core.fail_all(why);
+        let outs = self.core.fail_all(why, Instant::now());
         self.route(outs);
         self.send(false, false);
         self.links.clear();

@@ -121,7 +121,7 @@ fn every_block_returns_after_a_random_mix_of_endings() {
             next_id += 1;
         } else if r == 3 && !live.is_empty() {
             let victim = live.swap_remove((rng.next_u64() % live.len() as u64) as usize);
-            c.abort(&[victim]);
+            c.abort(&[victim], std::time::Instant::now());
         }
         for o in c.step(std::time::Instant::now()) {
             if o.finish.is_some() {
@@ -130,7 +130,7 @@ fn every_block_returns_after_a_random_mix_of_endings() {
         }
     }
     let ids: Vec<RequestId> = (0..next_id).collect();
-    c.abort(&ids);
+    c.abort(&ids, std::time::Instant::now());
     assert_eq!(c.num_requests(), 0);
     assert!(!c.has_work());
     assert_eq!(c.num_free_blocks(), c.num_blocks(), "blocks leaked");
