@@ -45,6 +45,23 @@ pub(crate) const MIN_TOKENS: usize = 1;
 /// the copy. (Q4_1 takes 2 so, [`direct_q4_1`]; from 3 tokens its sixteen
 /// accumulators a token and the transposes no longer fit the registers.)
 const DIRECT_MAX: usize = TT;
+/// `$f::<K, T>(args)` with the const T for a token count `$n` in 1..=8
+/// (the kernels' tiles are sized at compile time).
+macro_rules! with_tile {
+    ($n:expr, $f:ident::<$k:ident>($($arg:expr),*)) => {
+        match $n {
+            8 => $f::<$k, 8>($($arg),*),
+            7 => $f::<$k, 7>($($arg),*),
+            6 => $f::<$k, 6>($($arg),*),
+            5 => $f::<$k, 5>($($arg),*),
+            4 => $f::<$k, 4>($($arg),*),
+            3 => $f::<$k, 3>($($arg),*),
+            2 => $f::<$k, 2>($($arg),*),
+            _ => $f::<$k, 1>($($arg),*),
+        }
+    };
+}
+
 /// Tokens whose accumulators stay in registers at once.
 const TT: usize = 8;
 
@@ -159,16 +176,7 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
     }
     while t < n {
         let nt = (n - t).min(TT);
-        match nt {
-            8 => tokens::<K, 8>(pk, a, t, out, os),
-            7 => tokens::<K, 7>(pk, a, t, out, os),
-            6 => tokens::<K, 6>(pk, a, t, out, os),
-            5 => tokens::<K, 5>(pk, a, t, out, os),
-            4 => tokens::<K, 4>(pk, a, t, out, os),
-            3 => tokens::<K, 3>(pk, a, t, out, os),
-            2 => tokens::<K, 2>(pk, a, t, out, os),
-            _ => tokens::<K, 1>(pk, a, t, out, os),
-        }
+        with_tile!(nt, tokens::<K>(pk, a, t, out, os));
         t += nt;
     }
 }
@@ -290,15 +298,7 @@ unsafe fn block_dot<const K: u8>(wq: &[__m512i; 8], dv: __m512, mv: __m512, a: &
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn direct_few<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize) {
-    match n {
-        2 => direct::<K, 2>(w, ws, a, out, os),
-        3 => direct::<K, 3>(w, ws, a, out, os),
-        4 => direct::<K, 4>(w, ws, a, out, os),
-        5 => direct::<K, 5>(w, ws, a, out, os),
-        6 => direct::<K, 6>(w, ws, a, out, os),
-        7 => direct::<K, 7>(w, ws, a, out, os),
-        _ => direct::<K, 8>(w, ws, a, out, os),
-    }
+    with_tile!(n, direct::<K>(w, ws, a, out, os));
 }
 
 /// 16 rows x tokens 0..T straight from the rows (same operations as `tokens`).
