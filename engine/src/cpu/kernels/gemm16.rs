@@ -84,6 +84,32 @@ pub(crate) fn stride_ok(ws: usize) -> bool {
     ws.checked_mul(ROWS).is_some_and(|b| b <= i32::MAX as usize)
 }
 
+/// The next 16 rows (the caller's next call: at most 16 * ws bytes from
+/// `w + 16 * ws`), fetched a slice per block of this group so that they
+/// arrive from DRAM while this group is worked.
+#[derive(Clone, Copy)]
+struct NextRows {
+    next: *const u8,
+    lines: usize,
+    per_block: usize,
+}
+
+impl NextRows {
+    fn after(w: *const u8, ws: usize, nb: usize) -> Self {
+        let lines = (ROWS * ws).div_ceil(64);
+        NextRows { next: w.wrapping_add(ROWS * ws), lines, per_block: lines.div_ceil(nb.max(1)) }
+    }
+
+    /// Block `b`'s slice.
+    #[inline(always)]
+    fn fetch(&self, b: usize) {
+        for l in b * self.per_block..((b + 1) * self.per_block).min(self.lines) {
+            // SAFETY: a prefetch never faults, even past the end of the mapping.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.wrapping_add(64 * l) as *const i8) };
+        }
+    }
+}
+
 /// Vectors of the transposed buffer per block: the quants, then d, then m.
 fn units(ty: GgmlType) -> usize {
     match ty {
@@ -193,17 +219,10 @@ unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut 
         _ => (Q8_0_BYTES, 9, 8),
     };
     let dst = pack.as_mut_ptr();
-    // The next 16 rows (the caller's next call) span at most 16 * ws bytes from
-    // w + 16 * ws: prefetch them a slice per block, while this group is packed,
-    // so they arrive from DRAM during this group's token loop.
-    let next = w.wrapping_add(ROWS * ws);
-    let lines = (ROWS * ws).div_ceil(64);
-    let per_block = lines.div_ceil(nb.max(1));
+    // Fetched while this group is packed, they arrive during its token loop.
+    let next = NextRows::after(w, ws, nb);
     for b in 0..nb {
-        for l in b * per_block..((b + 1) * per_block).min(lines) {
-            // Never faults, even past the end of the mapping.
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
-        }
+        next.fetch(b);
         let blk = load_block::<K>(w.add(b * bsz), ws);
         for k in 0..nq {
             _mm512_store_si512(dst.add(b * u + k), blk.q[k]);
@@ -311,16 +330,11 @@ unsafe fn direct<const K: u8, const T: usize>(w: *const u8, ws: usize, a: &ActPt
         IQ4_NLK => IQ4_NL_BYTES,
         _ => Q8_0_BYTES,
     };
-    let next = w.wrapping_add(ROWS * ws);
-    let lines = (ROWS * ws).div_ceil(64);
-    let per_block = lines.div_ceil(a.nb.max(1));
+    let next = NextRows::after(w, ws, a.nb);
     let mut acc = [_mm512_setzero_ps(); T];
     let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
-        // The next 16 rows, a slice per block (as pack_rows).
-        for l in b * per_block..((b + 1) * per_block).min(lines) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
-        }
+        next.fetch(b);
         let blk = load_block::<K>(w.add(b * bsz), ws);
         let wq = weight_bytes::<K>(&blk.q);
         for t in 0..T {
@@ -341,15 +355,8 @@ unsafe fn direct<const K: u8, const T: usize>(w: *const u8, ws: usize, a: &ActPt
 /// blocks left over takes three (at 0, 16 and 24), a last block two.
 #[inline(always)]
 unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
-    let next = w.wrapping_add(ROWS * ws);
-    let lines = (ROWS * ws).div_ceil(64);
-    let per_block = lines.div_ceil(a.nb.max(1));
-    let prefetch = |b: usize| {
-        for l in b * per_block..((b + 1) * per_block).min(lines) {
-            // Never faults, even past the end of the mapping.
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
-        }
-    };
+    let next = NextRows::after(w, ws, a.nb);
+    let prefetch = |b: usize| next.fetch(b);
     let mut acc = [_mm512_setzero_ps(); 8];
     let mut summs = _mm512_setzero_ps();
     let mut b = 0;
@@ -402,15 +409,8 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn direct_q4_1<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32, os: usize) {
-    let next = w.wrapping_add(ROWS * ws);
-    let lines = (ROWS * ws).div_ceil(64);
-    let per_block = lines.div_ceil(a.nb.max(1));
-    let prefetch = |b: usize| {
-        for l in b * per_block..((b + 1) * per_block).min(lines) {
-            // Never faults, even past the end of the mapping.
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * l) as *const i8);
-        }
-    };
+    let next = NextRows::after(w, ws, a.nb);
+    let prefetch = |b: usize| next.fetch(b);
     let mut acc = [[_mm512_setzero_ps(); 8]; T];
     let mut summs = [_mm512_setzero_ps(); T];
     let mut b = 0;
