@@ -4,8 +4,8 @@
 //! How much one more row costs depends on the backend and the hardware. On a
 //! GPU a few more rows cost almost nothing; on the CPU, where the kernels keep
 //! llama.cpp's float order, a step of 2 rows took 1.3x one of 1 and each row
-//! after that about 0.3 more (measured: see `docs/performance.md`,
-//! "Speculative decoding"), where a constant had said 0.15. A sequence that
+//! after that about 0.3 more (measured: see `docs/performance.md`, "What a
+//! verify pass costs, measured"), where a constant had said 0.15. A sequence that
 //! verifies more than pays makes the stream slower than not speculating, so
 //! [`StepTimes`] keeps a moving average of the time of a step by its number
 //! of rows, and [`StepTimes::relative`] answers "how much longer is a step
