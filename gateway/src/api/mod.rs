@@ -145,7 +145,12 @@ impl AppState {
             // Off unless asked: an application that mounts `Llm::router`
             // keeps `/` for itself.
             webui: false,
-            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZero::get).max(2))),
+            // One core fewer than the machine has (at least one): text work
+            // never takes every core, so the async workers (health checks,
+            // streams, routing) always find one. With as many jobs as cores,
+            // two huge prompts tokenized at once on a 2-core machine held
+            // /health past 100 ms.
+            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)).max(1))),
         }
     }
 
