@@ -62,35 +62,41 @@ impl StepTimes {
     /// never less for more rows.
     pub fn relative(&self, base: usize, rows: usize) -> f32 {
         let base = base.clamp(1, MAX_ROWS);
-        let rows = rows.max(base);
+        self.relative_from(base, rows.max(base) - base).last().copied().unwrap_or(1.0)
+    }
+
+    /// [`Self::relative`] for `base + k` rows, k = 0..=max_k, in one walk
+    /// up the row counts (the engine asks this of every sequence every step).
+    pub fn relative_from(&self, base: usize, max_k: usize) -> Vec<f32> {
+        let base = base.clamp(1, MAX_ROWS);
+        // The prior's cost of going from `from` rows to `to`, in steps of `from` rows.
         let prior = |from: usize, to: usize| PRIOR_ROW_COST * (to - from) as f32 / (1.0 + PRIOR_ROW_COST * (from - 1) as f32);
         let t0 = self.secs[base];
         if t0 == 0.0 {
-            return 1.0 + prior(base, rows);
+            return (0..=max_k).map(|k| 1.0 + prior(base, base + k)).collect();
         }
         let at = |r: usize| self.secs.get(r).copied().filter(|&s| s > 0.0);
-        // The measured counts around `rows`, from `base` on.
-        let lo = (base..=rows.min(MAX_ROWS)).rev().find(|&r| at(r).is_some()).unwrap_or(base);
-        let t_lo = at(lo).unwrap_or(t0);
-        let t = if lo == rows {
-            t_lo
-        } else if let Some(hi) = (rows..=MAX_ROWS).find(|&r| at(r).is_some()) {
-            let t_hi = at(hi).unwrap_or(t_lo).max(t_lo);
-            t_lo + (t_hi - t_lo) * (rows - lo) as f64 / (hi - lo) as f64
-        } else {
-            // The prior's row, in units of the base step: a one-row step's
-            // PRIOR_ROW_COST, a one-row step being t0 / (1 + c (base - 1)).
-            t_lo + t0 * prior(base, base + rows - lo) as f64
-        };
-        // Noise can make a larger step look cheaper; a row is never free.
-        (t / t0).max(1.0) as f32
-    }
-
-    /// [`Self::relative`] for `base + k` rows, k = 0..=max_k.
-    pub fn relative_from(&self, base: usize, max_k: usize) -> Vec<f32> {
-        let mut out: Vec<f32> = (0..=max_k).map(|k| self.relative(base, base + k)).collect();
-        for k in 1..out.len() {
-            out[k] = out[k].max(out[k - 1]);
+        let next_seen = |from: usize| (from..=MAX_ROWS).find(|&r| at(r).is_some());
+        // The measured counts around the current one: lo at or below, hi above.
+        let (mut lo, mut t_lo, mut hi) = (base, t0, next_seen(base + 1));
+        let mut out = Vec::with_capacity(max_k + 1);
+        for rows in base..=base + max_k {
+            if Some(rows) == hi {
+                (lo, t_lo, hi) = (rows, at(rows).unwrap_or(t_lo).max(t_lo), next_seen(rows + 1));
+            }
+            let t = match hi {
+                _ if lo == rows => t_lo,
+                Some(h) => {
+                    let t_hi = at(h).unwrap_or(t_lo).max(t_lo);
+                    t_lo + (t_hi - t_lo) * (rows - lo) as f64 / (h - lo) as f64
+                }
+                // The prior's row, in units of the base step: a one-row step's
+                // PRIOR_ROW_COST, a one-row step being t0 / (1 + c (base - 1)).
+                None => t_lo + t0 * prior(base, base + rows - lo) as f64,
+            };
+            // Noise can make a larger step look cheaper; a row is never free.
+            let r = (t / t0).max(1.0) as f32;
+            out.push(out.last().map_or(r, |&prev: &f32| r.max(prev)));
         }
         out
     }
