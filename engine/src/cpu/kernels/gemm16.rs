@@ -393,11 +393,7 @@ unsafe fn one_token_q4_1(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32) {
             b += 1;
         }
     }
-    let c = &acc;
-    let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
-    let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
-    let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
-    _mm512_storeu_ps(out, _mm512_add_ps(lanes, summs));
+    _mm512_storeu_ps(out, q4_1_sum(&acc, summs));
 }
 
 /// Q4_1, 16 rows x tokens 0..T straight from the rows, as [`one_token_q4_1`]
@@ -437,12 +433,18 @@ unsafe fn direct_q4_1<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out:
         }
     }
     for t in 0..T {
-        let c = &acc[t];
-        let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
-        let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
-        let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
-        _mm512_storeu_ps(out.add(t * os), _mm512_add_ps(lanes, summs[t]));
+        _mm512_storeu_ps(out.add(t * os), q4_1_sum(&acc[t], summs[t]));
     }
+}
+
+/// A token's Q4_1 result from its eight lane accumulators and its m * s
+/// sum, added in ggml's order: ((0+4)+(2+6))+((1+5)+(3+7)), then the mins.
+#[inline(always)]
+unsafe fn q4_1_sum(c: &[__m512; 8], summs: __m512) -> __m512 {
+    let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
+    let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
+    let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
+    _mm512_add_ps(lanes, summs)
 }
 
 /// Block `b` of 16 Q4_1 rows (`raw`: the nibble vectors as packed; `dm`: d
@@ -616,10 +618,6 @@ unsafe fn tokens_q4_1<const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize
         }
     }
     for t in 0..T {
-        let c = &acc[t];
-        let (s04, s26) = (_mm512_add_ps(c[0], c[4]), _mm512_add_ps(c[2], c[6]));
-        let (s15, s37) = (_mm512_add_ps(c[1], c[5]), _mm512_add_ps(c[3], c[7]));
-        let lanes = _mm512_add_ps(_mm512_add_ps(s04, s26), _mm512_add_ps(s15, s37));
-        _mm512_storeu_ps(out.add((t0 + t) * os), _mm512_add_ps(lanes, summs[t]));
+        _mm512_storeu_ps(out.add((t0 + t) * os), q4_1_sum(&acc[t], summs[t]));
     }
 }
