@@ -37,6 +37,7 @@ pub(crate) mod sse;
 pub(crate) mod stop_strings;
 pub(crate) mod structured;
 pub(crate) mod tools;
+pub(crate) mod text_workers;
 pub(crate) mod tokenize;
 pub(crate) mod types;
 
@@ -88,10 +89,10 @@ pub(crate) struct AppState {
     /// with an error (streams get an error event and `[DONE]`).
     pub drain_deadline: tokio::sync::watch::Receiver<bool>,
     drain_fire: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Tokenizing, detokenizing and template rendering run on blocking threads,
-    /// this many at once, so big inputs never stall the async workers that
-    /// serve /health and the streams.
-    text_work: Arc<Semaphore>,
+    /// Tokenizing and template rendering run on threads of their own, at a
+    /// lower priority, so big inputs never stall the async workers that serve
+    /// /health and the streams.
+    text_work: Arc<text_workers::TextWorkers>,
     pub client_limits: Arc<client_limits::ClientLimits>,
     pub cors: cors::CorsConfig,
     /// Requests may bring their own chat template (vLLM's
@@ -145,12 +146,7 @@ impl AppState {
             // Off unless asked: an application that mounts `Llm::router`
             // keeps `/` for itself.
             webui: false,
-            // One core fewer than the machine has (at least one): text work
-            // never takes every core, so the async workers (health checks,
-            // streams, routing) always find one. With as many jobs as cores,
-            // two huge prompts tokenized at once on a 2-core machine held
-            // /health past 100 ms.
-            text_work: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)).max(1))),
+            text_work: Arc::new(text_workers::TextWorkers::for_this_machine()),
         }
     }
 
@@ -188,10 +184,9 @@ impl AppState {
     }
 
     /// Runs text work (tokenizing, rendering a template) off the async workers,
-    /// on a bounded set of blocking threads.
+    /// on the text workers ([`text_workers`]).
     pub(crate) async fn text_work<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-        let _permit = self.text_work.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("The server is stopping.", 1))?;
-        tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("text work failed: {e}")))?
+        self.text_work.run(f).await.map_err(|e| ApiError::internal(e.0))?
     }
 
     /// Starts draining: /health reports not ready, new generations get 503, and
