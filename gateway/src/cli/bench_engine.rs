@@ -255,10 +255,13 @@ impl Budget {
     fn report(&self, threads: usize, weight_bytes: u64, floor_tps: Option<f64>) -> serde_json::Value {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / self.tokens as f64;
         let p = |part: Part| us(self.parts.get(part));
-        let sync = (p(Part::MatmulWall) - p(Part::MatmulBusy) - p(Part::SwigluBusy))
-            + (p(Part::LmHeadWall) - p(Part::LmHeadBusy))
-            + (p(Part::AttentionWall) - p(Part::AttentionBusy))
-            - p(Part::TeamQuantize);
+        // What each kind of phase's wall time has beyond its work per thread.
+        // The team's quantizing of each phase's input is inside the matmul
+        // phases' walls; all of it comes off the layers' row (the LM head's
+        // is one phase's of 4 a layer plus 1).
+        let wait_matmuls = p(Part::MatmulWall) - p(Part::MatmulBusy) - p(Part::SwigluBusy) - p(Part::TeamQuantize);
+        let wait_lm_head = p(Part::LmHeadWall) - p(Part::LmHeadBusy);
+        let wait_attention = p(Part::AttentionWall) - p(Part::AttentionBusy);
         let mut rows: Vec<(&str, f64)> = vec![
             ("weights streamed: layer matmuls", p(Part::MatmulBusy)),
             ("weights streamed: LM head", p(Part::LmHeadBusy)),
@@ -270,7 +273,9 @@ impl Budget {
             ("SwiGLU", p(Part::SwigluBusy)),
             ("residual adds", p(Part::Residual)),
             ("step buffers and embedding row", p(Part::Buffers)),
-            ("thread synchronisation (parallel regions' wait)", sync),
+            ("thread synchronisation: layer matmuls", wait_matmuls),
+            ("thread synchronisation: LM head", wait_lm_head),
+            ("thread synchronisation: attention", wait_attention),
         ];
         let counted: f64 = rows.iter().map(|r| r.1).sum();
         rows.push(("forward pass, the rest", p(Part::Forward) - counted));
