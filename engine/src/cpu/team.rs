@@ -4,8 +4,8 @@
 //!
 //! The step is a list of phases, five a layer (q/k/v, attention, the output
 //! projection, gate/up with SwiGLU, down) and the LM head. Each thread owns
-//! an even, contiguous share of every phase's rows (of its KV heads, for
-//! attention), cut into a few pieces that it claims in order, so on a quiet
+//! an even, contiguous share of every phase's rows (of the query heads,
+//! for attention), cut into a few pieces that it claims in order, so on a quiet
 //! machine each thread streams its own share of every matrix from start to
 //! end, as a static split would; a thread that runs out of its own pieces
 //! takes what is left of the others' from their ends. Each thread quantizes
@@ -209,9 +209,37 @@ fn split(rows: &[usize], threads: usize) -> Vec<Vec<Piece>> {
         .collect()
 }
 
-/// Each thread's KV heads (an even split), one piece each.
-fn split_heads(heads: usize, threads: usize) -> Vec<Vec<Piece>> {
-    (0..threads).map(|i| (heads * i / threads..heads * (i + 1) / threads).map(|h| (0, h..h + 1)).collect()).collect()
+/// Most pieces a thread's share of the attention phase is cut into.
+const ATTENTION_PIECES: usize = 8;
+
+/// Each thread's query heads for the attention phase: an even, contiguous
+/// split of the `heads` query heads (not of the KV heads: the default model's
+/// 3 KV heads on 2 threads left one thread idle for a third of the phase; its
+/// 9 query heads split 4 and 5). A piece is the query heads of one KV head
+/// within the share, or a few whole such runs (at most [`ATTENTION_PIECES`]
+/// pieces), so heads that share a KV head on one thread still read its K/V
+/// rows together. A query head's output is computed alone whatever else its
+/// call holds, so the bits do not depend on the split.
+fn split_query_heads(heads: usize, group: usize, threads: usize) -> Vec<Vec<Piece>> {
+    let group = group.max(1);
+    (0..threads)
+        .map(|i| {
+            let share = heads * i / threads..heads * (i + 1) / threads;
+            let most = share.len().div_ceil(ATTENTION_PIECES);
+            let next_group = |h: usize| ((h / group + 1) * group).min(share.end);
+            let mut pieces = Vec::new();
+            let mut at = share.start;
+            while at < share.end {
+                let mut end = next_group(at);
+                while end < share.end && next_group(end) - at <= most {
+                    end = next_group(end);
+                }
+                pieces.push((0, at..end));
+                at = end;
+            }
+            pieces
+        })
+        .collect()
 }
 
 /// One step's team run: what every thread reads.
@@ -310,7 +338,7 @@ impl CpuShard {
             },
             pieces: [
                 split(&[qd, kvd, kvd], threads),
-                split_heads(self.n_kv_heads, threads),
+                split_query_heads(self.n_heads, self.n_heads / self.n_kv_heads, threads),
                 split(&[first.wo.rows()], threads),
                 split(&[ff], threads),
                 split(&[first.w_down.rows()], threads),
@@ -536,11 +564,16 @@ impl Step<'_> {
                 let (kl, vl, q) =
                     unsafe { (std::slice::from_raw_parts(kvp.k.cast_const(), kvp.len), std::slice::from_raw_parts(kvp.v.cast_const(), kvp.len), b.q.all()) };
                 let layer = KvLayer { k: kl, v: vl, head_dim: hd, n_kv: sh.n_kv_heads, block_size: self.block_size };
-                for kvh in rows {
-                    let r = kvh * group * hd..(kvh + 1) * group * hd;
-                    // SAFETY: this KV head's query heads' outputs are this piece's alone.
+                // The piece's query heads, a KV head's run of them at a time.
+                let mut h = rows.start;
+                while h < rows.end {
+                    let kvh = h / group;
+                    let end = ((kvh + 1) * group).min(rows.end);
+                    let r = h * hd..end * hd;
+                    // SAFETY: these query heads' outputs are this piece's alone.
                     let o = unsafe { b.attn.part(r.clone()) };
                     attend_unit(layer, self.seq, self.seq.start_pos, kvh, &q[r], o);
+                    h = end;
                 }
             }
             Kind::Out => {
@@ -662,7 +695,27 @@ mod tests {
             }
             assert!(split.iter().all(|s| s.len() <= PIECES * rows.len() && s.len() <= usize::BITS as usize));
         }
-        let heads = split_heads(3, 2);
-        assert_eq!(heads, vec![vec![(0, 0..1)], vec![(0, 1..2), (0, 2..3)]]);
+    }
+
+    #[test]
+    fn attention_pieces_split_query_heads_evenly_at_kv_heads() {
+        // The default model: 9 query heads on 3 KV heads.
+        assert_eq!(split_query_heads(9, 3, 2), vec![vec![(0, 0..3), (0, 3..4)], vec![(0, 4..6), (0, 6..9)]]);
+        for (heads, group, threads) in [(9, 3, 2), (9, 3, 5), (32, 4, 2), (32, 1, 2), (128, 2, 1), (128, 1, 3), (14, 7, 4), (8, 8, 2), (3, 1, 4)] {
+            let split = split_query_heads(heads, group, threads);
+            let mut got: Vec<Range<usize>> = split.iter().flatten().map(|p| p.1.clone()).collect();
+            got.sort_by_key(|r| r.start);
+            assert_eq!(got.first().map_or(0, |r| r.start), 0);
+            assert_eq!(got.last().map_or(heads, |r| r.end), heads);
+            for w in got.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            assert!(got.iter().all(|r| !r.is_empty()));
+            for (i, share) in split.iter().enumerate() {
+                let n: usize = share.iter().map(|p| p.1.len()).sum();
+                assert!(n == heads / threads || n == heads.div_ceil(threads), "{heads}/{threads}: thread {i} has {n}");
+                assert!(share.len() <= ATTENTION_PIECES + 2, "{heads}, {group}, {threads}: {share:?}");
+            }
+        }
     }
 }
