@@ -141,14 +141,22 @@ def test_suffix_drafts_come_from_earlier_outputs(server, spec):
     # A prompt whose answer does not copy it, so the first time there is little to find.
     body = {"prompt": "Write a short story about a lighthouse keeper and a storm.", "max_tokens": 64,
             "temperature": 0, "ignore_eos": True}
-    accepted = []
-    texts = []
+    accepted, drafted, texts = [], [], []
+    keys = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total")
     for _ in range(2):
-        before = spec_counters(spec).get("vllm:spec_decode_num_accepted_tokens_total", 0)
+        before = [spec_counters(spec).get(k, 0) for k in keys]
         texts.append(same_on_both(server, spec, "/v1/completions", body)["choices"][0]["text"])
-        accepted.append(spec_counters(spec)["vllm:spec_decode_num_accepted_tokens_total"] - before)
+        after = [spec_counters(spec).get(k, 0) for k in keys]
+        accepted.append(after[0] - before[0])
+        drafted.append(after[1] - before[1])
     assert texts[0] == texts[1]
-    assert accepted[1] >= 48 and accepted[1] > 2 * accepted[0], accepted
+    # How long each draft is, the back-off decides from this machine's measured
+    # cost of a verify row (on a CPU where a row costs half a decode step the
+    # drafts are shorter, and each pass's bonus token takes a larger share),
+    # so the count is bounded loosely. What the cache must show: far more
+    # accepted than the first time, and its drafts nearly all right.
+    assert accepted[1] >= 24 and accepted[1] > 2 * accepted[0], (accepted, drafted)
+    assert accepted[1] >= 0.9 * drafted[1], (accepted, drafted)
 
 
 @pytest.mark.parametrize("config, says", [
