@@ -151,11 +151,7 @@ impl Engine {
             // gateways mark the rank down and serve on with the others.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shell.run(&inbox_rx, &control_busy)));
             if let Err(panic) = run {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(std::string::ToString::to_string)
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic with no message".into());
+                let what = panic_message(&*panic).unwrap_or("a panic with no message");
                 tracing::error!(rank, "engine rank {rank} panicked: {what}; failing its requests");
                 shell.fail_all(&EngineError::internal(format!("engine rank {rank} failed: {what}")));
             }
@@ -541,4 +537,10 @@ pub fn spawn_engine(core: EngineCore, end: EngineEnd, hello: Hello) -> std::io::
     let engine = Engine::start(core)?;
     let link = engine.attach(end, hello)?;
     Ok(EngineThreads { engine, link })
+}
+
+/// The message a panic was raised with (`panic!` with a literal or with a
+/// format), as `catch_unwind` hands it back; None for any other payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str))
 }

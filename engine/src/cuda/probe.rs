@@ -122,8 +122,8 @@ fn probe_inner() -> Result<CudaProbe, ProbeError> {
 /// Looks for the driver and the GPUs. Never panics.
 pub fn probe() -> Result<CudaProbe, ProbeError> {
     std::panic::catch_unwind(probe_inner).unwrap_or_else(|p| {
-        let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(std::string::ToString::to_string));
-        Err(ProbeError::Init(format!("the driver library lacks a function ferry needs: {}", why.unwrap_or_default())))
+        let why = crate::shell::panic_message(&*p).unwrap_or_default();
+        Err(ProbeError::Init(format!("the driver library lacks a function ferry needs: {why}")))
     })
 }
 

@@ -14,6 +14,7 @@
 //! when a core is contended, and still leaves text work its share of a machine
 //! whose engine threads keep every core busy.
 
+use ferry_engine::shell::panic_message;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
 
@@ -62,7 +63,7 @@ impl TextWorkers {
         self.queue().send(job).map_err(|_| TextWorkFailed("the text workers have stopped".into()))?;
         match answered.await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(panic)) => Err(TextWorkFailed(panic_message(&*panic))),
+            Ok(Err(panic)) => Err(TextWorkFailed(format!("text work panicked: {}", panic_message(&*panic).unwrap_or("(no message)")))),
             Err(_) => Err(TextWorkFailed("a text worker stopped before it answered".into())),
         }
     }
@@ -85,11 +86,6 @@ impl TextWorkers {
             send
         })
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let what = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
-    format!("text work panicked: {}", what.unwrap_or("(no message)"))
 }
 
 /// Lowers the calling thread's priority by [`NICE_STEP`] (to at most 19).
