@@ -21,7 +21,6 @@ use clap::Args;
 use ferry_engine::load_model;
 use ferry_engine::model::loader::load_config_and_tokenizer;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
@@ -232,9 +231,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("ferry: registered in etcd at {} (lease {}s)", args.cluster.etcd_endpoints.join(","), crate::membership::LEASE_TTL_SECS);
             tokio::spawn(forget_departed_nodes(coordinator.clone(), m.view()));
             // Numbers other nodes registered are not handed out again, though
-            // their links may be held by another API node.
-            let view = m.view();
-            coordinator.set_reserved_ranks(Arc::new(move || view.borrow().headless_ranks()));
+            // their links may be held by another API node, and each number
+            // handed out is claimed first: other API nodes assign too.
+            coordinator.set_rank_claims(m.rank_claims());
             Some(m)
         };
         tokio::spawn(report_missing_ranks(coordinator.clone(), Duration::from_secs(args.cluster.data_parallel_startup_timeout)));

@@ -25,6 +25,7 @@ use ferry_transport::handshake::{check_hello, welcome, Expectations, Refusal};
 use ferry_transport::{EngineRequest, EngineStats, AUTO_RANK, MAX_RANKS, FinishReason, FromEngine, GatewayEnd, OutputRx, RequestId, SamplingParams, ToEngine, TokenOutput};
 
 use crate::engines::breaker::{BreakerConfig, BreakerState};
+use crate::engines::numbering::{Numbering, RankClaims};
 use crate::engines::rank_link::{EventTx, RankLink};
 use crate::engines::routing::{choose, prompt_block_hashes, Candidate, RouteReason, RoutingConfig};
 use crate::engines::tracked::{Delivery, Placement, Tracked};
@@ -64,9 +65,6 @@ pub(crate) struct CoordinatorConfig {
     /// its link closes and its requests move. None: never.
     pub stall_timeout: Option<Duration>,
 }
-
-/// The rank numbers registered elsewhere (etcd), read when a node asks for one.
-pub(crate) type ReservedRanks = Arc<dyn Fn() -> std::collections::BTreeSet<u32> + Send + Sync>;
 
 /// How long an elastic cluster keeps the number of a rank whose link was
 /// lost (not drained) for it to come back, shown down, before it stops being
@@ -131,9 +129,8 @@ struct Inner {
     span: AtomicUsize,
     /// `--data-parallel-elastic`.
     elastic: bool,
-    /// Rank numbers not to assign to a node that asks (those registered in
-    /// etcd by nodes whose links this API node may not hold).
-    reserved: Mutex<Option<ReservedRanks>>,
+    /// Rank numbers for nodes that ask, agreed with other API nodes (etcd).
+    numbering: Numbering,
     /// What a rank must match to join; held while a Hello is checked and its
     /// rank installed, so two links claiming one rank cannot both get in.
     expect: Mutex<Expectations>,
@@ -183,7 +180,7 @@ impl Coordinator {
                 size,
                 span: AtomicUsize::new(size),
                 elastic: expect.elastic,
-                reserved: Mutex::new(None),
+                numbering: Numbering::default(),
                 expect: Mutex::new(expect),
                 next_id: AtomicU64::new(1),
                 started: AtomicBool::new(false),
@@ -326,30 +323,31 @@ impl Coordinator {
                 Err(_) => return tracing::warn!(%peer, "dropped a link that said no Hello within {HELLO_TIMEOUT:?}"),
             };
             let mut hello = hello;
+            // A node that asks for a rank number gets the lowest free one
+            // (never one a rank holds, live or not yet timed out), claimed
+            // first where other API nodes assign numbers too.
+            let (mut number, mut unassigned) = (None, None::<Refusal>);
+            if hello.rank == AUTO_RANK && this.inner.elastic {
+                let is_free = |k: u32| this.inner.slots.get(k as usize).is_some_and(|s| lock(s).is_none());
+                match this.inner.numbering.assign(&hello.node, is_free).await {
+                    Ok(n) => {
+                        hello.rank = n.rank;
+                        tracing::info!(%peer, node = %hello.node, "assigned rank {} to a joining node", n.rank);
+                        number = Some(n);
+                    }
+                    Err(refusal) => unassigned = Some(refusal),
+                }
+            }
             let link = {
                 let mut expect = lock(&this.inner.expect);
-                // A node that asks for a rank number gets the lowest free one
-                // (never one a rank holds, live or not yet timed out).
-                let mut none_free = false;
-                if hello.rank == AUTO_RANK && expect.elastic {
-                    let reserved = lock(&this.inner.reserved).as_ref().map(|r| r()).unwrap_or_default();
-                    let free = this.inner.slots.iter().enumerate().position(|(k, s)| lock(s).is_none() && !reserved.contains(&(k as u32)));
-                    match free {
-                        Some(free) => {
-                            hello.rank = free as u32;
-                            tracing::info!(%peer, node = %hello.node, "assigned rank {free} to a joining node");
-                        }
-                        None => none_free = true,
-                    }
-                }
                 // A live link of the same node is stale (the node timed it out
                 // first, in a one-way partition): the new one replaces it.
                 let held = |r: u32| this.rank(r as usize).filter(|l| l.is_healthy());
                 let live = |r: u32| held(r).is_some_and(|l| l.hello().node != hello.node);
                 let result = if this.inner.stopping.load(Ordering::Relaxed) {
                     Err(Refusal::passing("the API node is stopping".into()))
-                } else if none_free {
-                    Err(Refusal::passing(format!("no free rank number (all {MAX_RANKS} are held or registered)")))
+                } else if let Some(refusal) = unassigned {
+                    Err(refusal)
                 } else {
                     check_hello(&hello, &expect, &live)
                 };
@@ -369,6 +367,8 @@ impl Coordinator {
                 let link = Arc::new(RankLink::with_breaker(rank as usize, tx, hello, this.inner.config.breaker));
                 *lock(&this.inner.slots[rank as usize]) = Some(link.clone());
                 this.inner.span.fetch_max(rank as usize + 1, Ordering::Relaxed);
+                // In its slot now: the number need not be held as pending.
+                drop(number.take());
                 link
             };
             tracing::info!(%peer, rank = link.index(), model = %link.hello().model, "engine rank joined");
@@ -449,9 +449,11 @@ impl Coordinator {
         gone
     }
 
-    /// Rank numbers `reserved` returns are not assigned to nodes that ask.
-    pub(crate) fn set_reserved_ranks(&self, reserved: ReservedRanks) {
-        *lock(&self.inner.reserved) = Some(reserved);
+    /// Rank numbers for nodes that ask are agreed through `claims` (etcd)
+    /// from now on: registered numbers are skipped, and each is claimed
+    /// before it is handed out.
+    pub(crate) fn set_rank_claims(&self, claims: Arc<dyn RankClaims>) {
+        self.inner.numbering.set_claims(claims);
     }
 
     /// Empties `link`'s slot if it still holds that link (not a successor);
@@ -802,7 +804,7 @@ mod tests {
         // ones, skipping numbers registered elsewhere.
         let (_e5, w) = join(&c, Hello { node: "a#0".into(), ..hello(5, 0) }).await;
         assert_eq!(welcomed(&w), (true, 5, false));
-        c.set_reserved_ranks(Arc::new(|| [0u32].into_iter().collect()));
+        c.set_rank_claims(Arc::new(Registered([0u32].into_iter().collect())));
         let (_e1, w) = join(&c, Hello { node: "b#0".into(), ..hello(AUTO_RANK, 0) }).await;
         assert_eq!(welcomed(&w), (true, 1, false));
         let (_e2, w) = join(&c, Hello { node: "b#1".into(), ..hello(AUTO_RANK, 0) }).await;
@@ -815,9 +817,21 @@ mod tests {
         assert!(c.is_serving(), "an elastic cluster of size 1 with 3 up is healthy");
         assert_eq!(c.span(), 6);
         // With every number taken, an asking node is told to wait, not refused for good.
-        c.set_reserved_ranks(Arc::new(|| (0..MAX_RANKS).collect()));
+        c.set_rank_claims(Arc::new(Registered((0..MAX_RANKS).collect())));
         let (_full, w) = join(&c, Hello { node: "c#0".into(), ..hello(AUTO_RANK, 0) }).await;
         assert_eq!(welcomed(&w), (false, AUTO_RANK, true));
+    }
+
+    /// Numbers registered elsewhere; every claim of another is won.
+    struct Registered(std::collections::BTreeSet<u32>);
+
+    impl RankClaims for Registered {
+        fn registered(&self) -> std::collections::BTreeSet<u32> {
+            self.0.clone()
+        }
+        fn claim(&self, _rank: u32, _node: &str) -> crate::engines::numbering::ClaimFuture {
+            Box::pin(async { Ok(true) })
+        }
     }
 
     async fn until(what: &str, f: impl Fn() -> bool) {

@@ -6,6 +6,7 @@ pub(crate) mod breaker;
 pub(crate) mod coordinator;
 pub(crate) mod events;
 pub(crate) mod local;
+pub(crate) mod numbering;
 pub(crate) mod rank_link;
 pub(crate) mod routing;
 pub(crate) mod tracked;

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::watch;
 
-use super::{node_key, nodes_prefix, Registration, View, LEASE_TTL, LEASE_TTL_SECS};
+use super::{node_key, nodes_prefix, rank_key, Registration, View, LEASE_TTL, LEASE_TTL_SECS};
+use crate::engines::numbering::{ClaimFuture, RankClaims};
 
 /// How long one call to etcd may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,6 +25,8 @@ const RETRY: Duration = Duration::from_secs(1);
 /// away at once.
 pub(crate) struct Member {
     client: Client,
+    /// `--etcd-prefix`, normalized.
+    prefix: String,
     /// The lease this node's key lives under; 0 once it left (the keeper
     /// then registers no more).
     lease: Arc<AtomicI64>,
@@ -61,12 +64,18 @@ impl Member {
         let (reg_tx, reg_rx) = watch::channel(me);
         tokio::spawn(keep_registered(client.clone(), key, reg_rx, lease.clone()));
         tokio::spawn(keep_watching(client.clone(), prefix.to_string(), view_tx, revision));
-        Ok(Member { client, lease, view: view_rx, registration: reg_tx })
+        Ok(Member { client, prefix: prefix.to_string(), lease, view: view_rx, registration: reg_tx })
     }
 
     /// Every node's registration, updated as etcd changes.
     pub(crate) fn view(&self) -> watch::Receiver<View> {
         self.view.clone()
+    }
+
+    /// How an elastic API node agrees rank numbers with the others: the
+    /// numbers headless nodes registered, and a claim per number.
+    pub(crate) fn rank_claims(&self) -> Arc<dyn RankClaims> {
+        Arc::new(EtcdRankClaims { client: self.client.clone(), prefix: self.prefix.clone(), view: self.view.clone() })
     }
 
     /// Changes this node's registration (an `auto` node's ranks, once known).
@@ -85,6 +94,38 @@ impl Member {
                 tracing::warn!("leaving etcd: {e:#}");
             }
         }
+    }
+}
+
+/// Rank-number claims in etcd (see the module docs of [`super`]).
+struct EtcdRankClaims {
+    client: Client,
+    prefix: String,
+    view: watch::Receiver<View>,
+}
+
+impl RankClaims for EtcdRankClaims {
+    fn registered(&self) -> std::collections::BTreeSet<u32> {
+        self.view.borrow().headless_ranks()
+    }
+
+    fn claim(&self, rank: u32, node: &str) -> ClaimFuture {
+        let (mut client, key, node) = (self.client.clone(), rank_key(&self.prefix, rank), node.to_string());
+        Box::pin(async move {
+            // The claim's own lease, not kept alive: by the time it ends the
+            // node has registered the number (or never will: then the number
+            // is free again).
+            let lease = timed("lease grant", client.lease_grant(LEASE_TTL_SECS, None)).await?.id();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.as_str(), node, Some(PutOptions::new().with_lease(lease)))]);
+            let won = timed("txn", client.txn(txn)).await?.succeeded();
+            if !won {
+                // Nothing lives under the unused lease; let it go now.
+                let _ = timed("lease revoke", client.lease_revoke(lease)).await;
+            }
+            Ok(won)
+        })
     }
 }
 

@@ -9,6 +9,12 @@
 //! nodes and dial each. The link's own failure detection (3 s) acts first: it
 //! ends or moves a dead node's streams; the lease only settles membership.
 //!
+//! An elastic API node that hands a rank number to a node that asks
+//! (`auto`) first claims it: it creates `{prefix}ranks/{n}` in a transaction
+//! that fails if the key exists, under a lease of its own that is not kept
+//! alive. The claim only has to outlive the moment until the node registers
+//! the number; two API nodes asked at once cannot both win it.
+//!
 //! This module is the sans-IO part (the value's format and its checks, the
 //! view); [`etcd`] talks to etcd.
 
@@ -96,6 +102,12 @@ impl Registration {
 /// (a key is one level below `nodes/`).
 pub(crate) fn node_key(prefix: &str, node: &str) -> String {
     format!("{prefix}nodes/{}", node.replace('/', ":"))
+}
+
+/// The key that claims rank number `rank` for the node named in its value
+/// (see [`etcd::Member::rank_claims`]).
+pub(crate) fn rank_key(prefix: &str, rank: u32) -> String {
+    format!("{prefix}ranks/{rank}")
 }
 
 /// Where every node's key lives.
@@ -214,6 +226,8 @@ mod tests {
         assert_eq!(normalize_prefix("/ferry"), "/ferry/");
         assert_eq!(normalize_prefix("/ferry/"), "/ferry/");
         assert_eq!(node_key("/ferry/", "host/abc"), "/ferry/nodes/host:abc");
+        assert_eq!(rank_key("/ferry/", 7), "/ferry/ranks/7");
+        assert!(!rank_key("/f/", 0).starts_with(&nodes_prefix("/f/")), "claims are not read as registrations");
         assert!(node_key("/f/", "h/x").starts_with(&nodes_prefix("/f/")));
     }
 }
