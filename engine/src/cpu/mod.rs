@@ -129,8 +129,15 @@ impl CpuShard {
         }
         let ff = cfg.intermediate_size / world;
         let ff_rows = rank * ff..(rank + 1) * ff;
-        let q = |m: &QMatrix, r: Range<usize>| m.slice_rows(r).map_err(|e| err(e.to_string()));
-        let c = |m: &QMatrix, r: Range<usize>| m.slice_cols(r).map_err(|e| err(e.to_string()));
+        // Each matrix the matmuls read gets its copy in the 16-row kernel's
+        // layout, where that kernel runs (kernels::interleave); the embedding
+        // is read a row at a time, where it is.
+        let own = |mut m: QMatrix| {
+            kernels::interleave_for_this_cpu(&mut m);
+            m
+        };
+        let q = |m: &QMatrix, r: Range<usize>| m.slice_rows(r).map(own).map_err(|e| err(e.to_string()));
+        let c = |m: &QMatrix, r: Range<usize>| m.slice_cols(r).map(own).map_err(|e| err(e.to_string()));
         let bias = |b: &Option<Vec<f32>>, r: &Range<usize>| b.as_ref().map(|b| b[r.clone()].to_vec());
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {

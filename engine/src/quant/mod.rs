@@ -16,6 +16,7 @@ pub(crate) use blocks::round_f16;
 pub(crate) use dequant::check_row;
 pub use dequant::dequantize_row;
 pub use qmatrix::{QMatrix, WeightBytes};
+pub(crate) use qmatrix::{Interleaved16, Line64};
 pub(crate) use quantize::q8_k_values;
 pub use quantize::quantize_row;
 

@@ -21,8 +21,24 @@ pub struct QMatrix {
     offset: usize,
     /// Bytes from one row to the next (the full row of the parent tensor).
     row_stride: usize,
+    /// A second copy of the rows in the CPU's 16-row kernel layout, if one
+    /// was made for this matrix (not shared with slices: they drop it).
+    interleaved: Option<Arc<Interleaved16>>,
 }
 
+/// 64 bytes on a 64-byte boundary: one vector of the 16-row layout.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line64(pub [u8; 64]);
+
+/// A matrix's whole groups of 16 rows in the layout of the CPU's 16-row
+/// kernel (`cpu::kernels::interleave`): group g is the `group_lines` lines
+/// from line `g * group_lines`.
+pub(crate) struct Interleaved16 {
+    pub(crate) lines: Vec<Line64>,
+    pub(crate) group_lines: usize,
+    pub(crate) groups: usize,
+}
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QMatrix")
@@ -56,7 +72,7 @@ impl QMatrix {
         if needed > len {
             return Err(QuantError::OutOfBounds { ty: ty.name(), rows, cols, offset, needed, len });
         }
-        Ok(QMatrix { ty, rows, cols, bytes, offset, row_stride })
+        Ok(QMatrix { ty, rows, cols, bytes, offset, row_stride, interleaved: None })
     }
 
     /// An F32 matrix owning `data` (rows * cols values, row-major).
@@ -66,7 +82,7 @@ impl QMatrix {
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> QMatrix {
         assert_eq!(data.len(), rows * cols, "QMatrix::from_f32: {} values for a {rows}x{cols} matrix", data.len());
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        QMatrix { ty: GgmlType::F32, rows, cols, bytes: Arc::new(bytes), offset: 0, row_stride: 4 * cols }
+        QMatrix { ty: GgmlType::F32, rows, cols, bytes: Arc::new(bytes), offset: 0, row_stride: 4 * cols, interleaved: None }
     }
 
     /// Quantizes `data` (rows * cols values, row-major) to `ty`.
@@ -105,7 +121,7 @@ impl QMatrix {
         if r.start > r.end || r.end > self.rows {
             return Err(QuantError::BadRange { what: "row", start: r.start, end: r.end, limit: self.rows });
         }
-        Ok(QMatrix { rows: r.end - r.start, offset: self.offset + r.start * self.row_stride, ..self.clone() })
+        Ok(QMatrix { rows: r.end - r.start, offset: self.offset + r.start * self.row_stride, interleaved: None, ..self.clone() })
     }
 
     /// Columns c0..c1 of every row (tensor-parallel split of a layer's inputs):
@@ -120,7 +136,7 @@ impl QMatrix {
             return Err(QuantError::UnalignedColumns { ty: self.ty.name(), start: c.start, end: c.end, block: bs });
         }
         let skip = c.start / bs * self.ty.type_size();
-        Ok(QMatrix { cols: c.end - c.start, offset: self.offset + skip, ..self.clone() })
+        Ok(QMatrix { cols: c.end - c.start, offset: self.offset + skip, interleaved: None, ..self.clone() })
     }
 
     /// The bytes of row `r` (exactly `ty.row_bytes(cols)` of them).
@@ -148,6 +164,16 @@ impl QMatrix {
     /// what the CPU kernels step by.
     pub(crate) fn row_stride(&self) -> usize {
         self.row_stride
+    }
+
+    /// The copy in the 16-row kernel layout, if one was made.
+    pub(crate) fn interleaved(&self) -> Option<&Interleaved16> {
+        self.interleaved.as_deref()
+    }
+
+    /// Keeps `copy` (made from this matrix's rows) beside the rows.
+    pub(crate) fn set_interleaved(&mut self, copy: Interleaved16) {
+        self.interleaved = Some(Arc::new(copy));
     }
 
     /// Where row 0 starts, for the CPU kernels' raw reads.

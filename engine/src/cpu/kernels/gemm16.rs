@@ -84,6 +84,10 @@ pub(crate) fn stride_ok(ws: usize) -> bool {
     ws.checked_mul(ROWS).is_some_and(|b| b <= i32::MAX as usize)
 }
 
+/// The largest group of the interleaved copy prefetched into L1 (a third of
+/// a 48 KiB L1d).
+const L1_PREFETCH_MAX: usize = 16 * 1024;
+
 /// The next 16 rows (the caller's next call: at most 16 * ws bytes from
 /// `w + 16 * ws`), fetched a slice per block of this group so that they
 /// arrive from DRAM while this group is worked.
@@ -92,12 +96,25 @@ struct NextRows {
     next: *const u8,
     lines: usize,
     per_block: usize,
+    /// Into L2 (T1) rather than L1 (T0).
+    l2: bool,
 }
 
 impl NextRows {
     fn after(w: *const u8, ws: usize, nb: usize) -> Self {
         let lines = (ROWS * ws).div_ceil(64);
-        NextRows { next: w.wrapping_add(ROWS * ws), lines, per_block: lines.div_ceil(nb.max(1)) }
+        NextRows { next: w.wrapping_add(ROWS * ws), lines, per_block: lines.div_ceil(nb.max(1)), l2: false }
+    }
+
+    /// The next group of the interleaved copy, right after this one's `lines`:
+    /// into L1 while a group is small beside L1 (the default model's, read
+    /// from a large L3 or memory: 5-15 KiB), into L2 when larger (a 1B
+    /// model's, 18-72 KiB, which would evict the group being worked; on a
+    /// Xeon that decoded a 1B shape about 10% faster than into L1, and the
+    /// default model a few percent slower).
+    fn after_lines(p: *const __m512i, lines: usize, nb: usize) -> Self {
+        let l2 = lines * 64 > L1_PREFETCH_MAX;
+        NextRows { next: p.wrapping_add(lines) as *const u8, lines, per_block: lines.div_ceil(nb.max(1)), l2 }
     }
 
     /// Block `b`'s slice.
@@ -105,7 +122,13 @@ impl NextRows {
     fn fetch(&self, b: usize) {
         for l in b * self.per_block..((b + 1) * self.per_block).min(self.lines) {
             // SAFETY: a prefetch never faults, even past the end of the mapping.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.wrapping_add(64 * l) as *const i8) };
+            unsafe {
+                if self.l2 {
+                    _mm_prefetch::<_MM_HINT_T1>(self.next.wrapping_add(64 * l) as *const i8);
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(self.next.wrapping_add(64 * l) as *const i8);
+                }
+            };
         }
     }
 }
@@ -124,29 +147,145 @@ thread_local! {
     static PACK: std::cell::Cell<Vec<__m512i>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// out[t * os + r] = row r (of the 16 at `w`, `ws` bytes apart) . token t, for
-/// t in 0..n_tokens.
+/// Where a group's 16 rows are read from.
+#[derive(Clone, Copy)]
+pub(crate) enum Src16 {
+    /// The rows as stored, this many bytes apart (each block transposed as
+    /// it is read).
+    Rows(*const u8, usize),
+    /// The group's lines of the matrix's interleaved copy
+    /// ([`super::interleave`]), and how many lines a group has.
+    Lines(*const __m512i, usize),
+}
+
+/// out[t * os + r] = row r (of the 16 at `src`) . token t, for t in 0..n_tokens.
 ///
 /// # Safety
-/// The CPU must support AVX512 F/BW/VL/VNNI and F16C; `w` must point at 16 rows
-/// of `a.cols` elements of `ty` (Q4_0, Q4_1 or Q8_0) with `stride_ok(ws)`; `a`
-/// must hold n_tokens tokens quantized to `ty`'s vec_dot_type, with `a.ysum`
-/// set for Q4_0 / Q8_0; `out` must have room for (n_tokens - 1) * os + 16 floats.
-pub(crate) unsafe fn rows16(ty: GgmlType, w: *const u8, ws: usize, a: &ActPtrs, n_tokens: usize, out: *mut f32, os: usize) {
+/// The CPU must support AVX512 F/BW/VL/VNNI and F16C. `src` must be 16 rows
+/// of `a.cols` elements of `ty` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL)
+/// with `stride_ok` of their stride, or a whole group of the interleaved
+/// copy of such rows (Q4_0, Q4_1 or Q8_0 only); `a` must hold n_tokens
+/// tokens quantized to `ty`'s vec_dot_type, with `a.ysum` set for the biased
+/// types; `out` must have room for (n_tokens - 1) * os + 16 floats.
+pub(crate) unsafe fn rows16(ty: GgmlType, src: Src16, a: &ActPtrs, n_tokens: usize, out: *mut f32, os: usize) {
     let mut pack = PACK.with(std::cell::Cell::take);
     let need = a.nb * units(ty);
     if pack.len() < need {
         pack.resize(need, _mm512_setzero_si512());
     }
-    match ty {
-        GgmlType::Q4_0 => run::<Q4_0K>(w, ws, a, n_tokens, out, os, &mut pack),
-        GgmlType::Q4_1 => run::<Q4_1K>(w, ws, a, n_tokens, out, os, &mut pack),
-        GgmlType::Q5_0 => run::<Q5_0K>(w, ws, a, n_tokens, out, os, &mut pack),
-        GgmlType::Q5_1 => run::<Q5_1K>(w, ws, a, n_tokens, out, os, &mut pack),
-        GgmlType::IQ4_NL => run::<IQ4_NLK>(w, ws, a, n_tokens, out, os, &mut pack),
-        _ => run::<Q8_0K>(w, ws, a, n_tokens, out, os, &mut pack),
+    macro_rules! go {
+        ($g:expr) => {
+            match ty {
+                GgmlType::Q4_0 => run::<Q4_0K, _>($g, a, n_tokens, out, os, &mut pack),
+                GgmlType::Q4_1 => run::<Q4_1K, _>($g, a, n_tokens, out, os, &mut pack),
+                GgmlType::Q5_0 => run::<Q5_0K, _>($g, a, n_tokens, out, os, &mut pack),
+                GgmlType::Q5_1 => run::<Q5_1K, _>($g, a, n_tokens, out, os, &mut pack),
+                GgmlType::IQ4_NL => run::<IQ4_NLK, _>($g, a, n_tokens, out, os, &mut pack),
+                _ => run::<Q8_0K, _>($g, a, n_tokens, out, os, &mut pack),
+            }
+        };
+    }
+    match src {
+        Src16::Rows(w, ws) => go!(&FromRows { w, ws }),
+        Src16::Lines(p, lines) => {
+            debug_assert!(matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0), "no interleaved copy of {ty:?}");
+            go!(&FromLines { p, lines });
+        }
     }
     PACK.with(|c| c.set(pack));
+}
+
+/// A group of 16 rows the kernels read block by block.
+trait Group16: Copy {
+    /// Block `b` of the 16 rows (see [`Block16`]).
+    unsafe fn block<const K: u8>(&self, b: usize) -> Block16;
+    /// The next group, to prefetch while this one is worked.
+    fn next(&self, nb: usize) -> NextRows;
+    /// Q4_1, 16 rows x tokens 0..T (1 or 2) without a packed copy.
+    unsafe fn q4_1_direct<const T: usize>(&self, a: &ActPtrs, out: *mut f32, os: usize);
+}
+
+/// The rows as stored.
+#[derive(Clone, Copy)]
+struct FromRows {
+    w: *const u8,
+    ws: usize,
+}
+
+impl Group16 for FromRows {
+    #[inline(always)]
+    unsafe fn block<const K: u8>(&self, b: usize) -> Block16 {
+        let bsz = match K {
+            Q4_0K => Q4_0_BYTES,
+            Q4_1K => Q4_1_BYTES,
+            Q5_0K => Q5_0_BYTES,
+            Q5_1K => Q5_1_BYTES,
+            IQ4_NLK => IQ4_NL_BYTES,
+            _ => Q8_0_BYTES,
+        };
+        load_block::<K>(self.w.add(b * bsz), self.ws)
+    }
+    fn next(&self, nb: usize) -> NextRows {
+        NextRows::after(self.w, self.ws, nb)
+    }
+    #[inline(always)]
+    unsafe fn q4_1_direct<const T: usize>(&self, a: &ActPtrs, out: *mut f32, os: usize) {
+        if T == 1 {
+            one_token_q4_1(self.w, self.ws, a, out);
+        } else {
+            direct_q4_1::<T>(self.w, self.ws, a, out, os);
+        }
+    }
+}
+
+/// A group of the interleaved copy: `lines` vectors from `p`.
+#[derive(Clone, Copy)]
+struct FromLines {
+    p: *const __m512i,
+    lines: usize,
+}
+
+impl Group16 for FromLines {
+    #[inline(always)]
+    unsafe fn block<const K: u8>(&self, b: usize) -> Block16 {
+        let mut q = [_mm512_setzero_si512(); 8];
+        // The line of d (and m) values, and the shift that brings this block's to the low half.
+        let (dm, shift) = match K {
+            Q4_1K => {
+                let at = self.p.add(5 * b);
+                for k in 0..4 {
+                    q[k] = _mm512_load_si512(at.add(k));
+                }
+                (_mm512_load_si512(at.add(4)), 0)
+            }
+            Q4_0K => {
+                let pair = self.p.add(9 * (b / 2));
+                for k in 0..4 {
+                    q[k] = _mm512_load_si512(pair.add(4 * (b % 2) + k));
+                }
+                (_mm512_load_si512(pair.add(8)), b % 2)
+            }
+            Q8_0K => {
+                let pair = self.p.add(17 * (b / 2));
+                for k in 0..8 {
+                    q[k] = _mm512_load_si512(pair.add(8 * (b % 2) + k));
+                }
+                (_mm512_load_si512(pair.add(16)), b % 2)
+            }
+            _ => unreachable!("no interleaved copy of this type"),
+        };
+        let dh = if shift == 1 { _mm512_srli_epi32(dm, 16) } else { dm };
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dh));
+        let m = if has_min(K) { _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) } else { _mm512_setzero_ps() };
+        Block16 { q, d, m }
+    }
+    fn next(&self, nb: usize) -> NextRows {
+        NextRows::after_lines(self.p, self.lines, nb)
+    }
+    #[inline(always)]
+    unsafe fn q4_1_direct<const T: usize>(&self, a: &ActPtrs, out: *mut f32, os: usize) {
+        lines_q4_1::<T>(self.p, self.lines, a, out, os);
+    }
 }
 
 const Q4_0K: u8 = 0;
@@ -172,22 +311,22 @@ const fn has_min(k: u8) -> bool {
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
+unsafe fn run<const K: u8, G: Group16>(g: &G, a: &ActPtrs, n: usize, out: *mut f32, os: usize, pack: &mut [__m512i]) {
     if n == 1 {
         // One token (single-stream decode): nothing to reuse the packed copy,
         // so each block goes from the transposes straight into the dot.
         if K == Q4_1K {
-            return one_token_q4_1(w, ws, a, out);
+            return g.q4_1_direct::<1>(a, out, os);
         }
-        return direct::<K, 1>(w, ws, a, out, os);
+        return direct::<K, 1, G>(g, a, out, os);
     }
     if K == Q4_1K && n == 2 {
-        return direct_q4_1::<2>(w, ws, a, out, os);
+        return g.q4_1_direct::<2>(a, out, os);
     }
     if K != Q4_1K && n <= DIRECT_MAX {
-        return direct_few::<K>(w, ws, a, n, out, os);
+        return direct_few::<K, G>(g, a, n, out, os);
     }
-    pack_rows::<K>(w, ws, a.nb, pack);
+    pack_rows::<K, G>(g, a.nb, pack);
     let pk = pack.as_ptr();
     let mut t = 0;
     if K == Q4_1K {
@@ -209,21 +348,18 @@ unsafe fn run<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: 
 
 /// Transposes the 16 rows' `nb` blocks into `pack` (see the module docs).
 #[inline(always)]
-unsafe fn pack_rows<const K: u8>(w: *const u8, ws: usize, nb: usize, pack: &mut [__m512i]) {
-    let (bsz, u, nq) = match K {
-        Q4_0K => (Q4_0_BYTES, 6, 4),
-        Q4_1K => (Q4_1_BYTES, 6, 4),
-        Q5_0K => (Q5_0_BYTES, 9, 8),
-        Q5_1K => (Q5_1_BYTES, 10, 8),
-        IQ4_NLK => (IQ4_NL_BYTES, 9, 8),
-        _ => (Q8_0_BYTES, 9, 8),
+unsafe fn pack_rows<const K: u8, G: Group16>(g: &G, nb: usize, pack: &mut [__m512i]) {
+    let (u, nq) = match K {
+        Q4_0K | Q4_1K => (6, 4),
+        Q5_1K => (10, 8),
+        _ => (9, 8),
     };
     let dst = pack.as_mut_ptr();
     // Fetched while this group is packed, they arrive during its token loop.
-    let next = NextRows::after(w, ws, nb);
+    let next = g.next(nb);
     for b in 0..nb {
         next.fetch(b);
-        let blk = load_block::<K>(w.add(b * bsz), ws);
+        let blk = g.block::<K>(b);
         for k in 0..nq {
             _mm512_store_si512(dst.add(b * u + k), blk.q[k]);
         }
@@ -316,26 +452,28 @@ unsafe fn block_dot<const K: u8>(wq: &[__m512i; 8], dv: __m512, mv: __m512, a: &
 /// into [`run`], these tiles made the 1-token path's code 3-8% slower.
 #[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn direct_few<const K: u8>(w: *const u8, ws: usize, a: &ActPtrs, n: usize, out: *mut f32, os: usize) {
-    with_tile!(n, direct::<K>(w, ws, a, out, os));
+unsafe fn direct_few<const K: u8, G: Group16>(g: &G, a: &ActPtrs, n: usize, out: *mut f32, os: usize) {
+    match n {
+        8 => direct::<K, 8, G>(g, a, out, os),
+        7 => direct::<K, 7, G>(g, a, out, os),
+        6 => direct::<K, 6, G>(g, a, out, os),
+        5 => direct::<K, 5, G>(g, a, out, os),
+        4 => direct::<K, 4, G>(g, a, out, os),
+        3 => direct::<K, 3, G>(g, a, out, os),
+        2 => direct::<K, 2, G>(g, a, out, os),
+        _ => direct::<K, 1, G>(g, a, out, os),
+    }
 }
 
 /// 16 rows x tokens 0..T straight from the rows (same operations as `tokens`).
 #[inline(always)]
-unsafe fn direct<const K: u8, const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out: *mut f32, os: usize) {
-    let bsz = match K {
-        Q4_0K => Q4_0_BYTES,
-        Q5_0K => Q5_0_BYTES,
-        Q5_1K => Q5_1_BYTES,
-        IQ4_NLK => IQ4_NL_BYTES,
-        _ => Q8_0_BYTES,
-    };
-    let next = NextRows::after(w, ws, a.nb);
+unsafe fn direct<const K: u8, const T: usize, G: Group16>(g: &G, a: &ActPtrs, out: *mut f32, os: usize) {
+    let next = g.next(a.nb);
     let mut acc = [_mm512_setzero_ps(); T];
     let mut macc = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         next.fetch(b);
-        let blk = load_block::<K>(w.add(b * bsz), ws);
+        let blk = g.block::<K>(b);
         let wq = weight_bytes::<K>(&blk.q);
         for t in 0..T {
             block_dot::<K>(&wq, blk.d, blk.m, a, t, b, &mut acc[t], &mut macc[t]);
@@ -430,6 +568,29 @@ unsafe fn direct_q4_1<const T: usize>(w: *const u8, ws: usize, a: &ActPtrs, out:
                 q4_1_block(&q, head[0], a, t, b, &mut acc[t], &mut summs[t]);
             }
             b += 1;
+        }
+    }
+    for t in 0..T {
+        _mm512_storeu_ps(out.add(t * os), q4_1_sum(&acc[t], summs[t]));
+    }
+}
+
+/// Q4_1, 16 rows x tokens 0..T from a group of the interleaved copy: the
+/// same blocks into the same [`q4_1_block`] as [`one_token_q4_1`] and
+/// [`direct_q4_1`], read as five vectors a block instead of transposed.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn lines_q4_1<const T: usize>(p: *const __m512i, lines: usize, a: &ActPtrs, out: *mut f32, os: usize) {
+    let next = NextRows::after_lines(p, lines, a.nb);
+    let mut acc = [[_mm512_setzero_ps(); 8]; T];
+    let mut summs = [_mm512_setzero_ps(); T];
+    for b in 0..a.nb {
+        next.fetch(b);
+        let at = p.add(5 * b);
+        let q = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
+        let dm = _mm512_load_si512(at.add(4));
+        for t in 0..T {
+            q4_1_block(&q, dm, a, t, b, &mut acc[t], &mut summs[t]);
         }
     }
     for t in 0..T {

@@ -488,17 +488,24 @@ unsafe fn run_rows(w: &QMatrix, src: &ActSrc, isa: Isa, rows: Range<usize>, n_to
     let t_first = 0;
     #[cfg(target_arch = "x86_64")]
     if wide == Batched::Rows16 {
-        use super::gemm16::{rows16, ROWS};
+        use super::gemm16::{rows16, Src16, ROWS};
         let a = src.ptrs();
         while rows.end - rows.start >= ROWS {
             let r = rows.start;
             // SAFETY: `wide` means AVX512-VNNI was detected and the type and
-            // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows values.
+            // stride suit gemm16; rows r..r+16 exist and out has n_tokens * rows
+            // values; a group of the interleaved copy holds those same rows.
             let p = w.base_ptr().add(r * w.row_stride());
             if super::gemm16k::supports(w.ty()) {
                 super::gemm16k::rows16(w.ty(), p, w.row_stride(), &a, n_tokens, out.0.add(r), w.rows());
             } else {
-                rows16(w.ty(), p, w.row_stride(), &a, n_tokens, out.0.add(r), w.rows());
+                let group = match w.interleaved() {
+                    Some(c) if r.is_multiple_of(ROWS) && r / ROWS < c.groups => {
+                        Src16::Lines(c.lines.as_ptr().add(r / ROWS * c.group_lines).cast(), c.group_lines)
+                    }
+                    _ => Src16::Rows(p, w.row_stride()),
+                };
+                rows16(w.ty(), group, &a, n_tokens, out.0.add(r), w.rows());
             }
             rows.start += ROWS;
         }
@@ -784,6 +791,47 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "a token's bits depend on the batch:\n{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn the_interleaved_copy_gives_the_rows_bits() {
+        // gemm16 reading a matrix's 16-row copy (kernels::interleave) must
+        // compute what it computes from the rows: every token count around its
+        // paths (one token, Q4_1's two, the direct tiles to 8, the packed copy
+        // past them), odd and even block counts (Q4_0 and Q8_0 pair blocks),
+        // and rows past the last whole group (read from the rows).
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for nb in [1, 3, 4, 18] {
+                let (rows, cols) = (40, 32 * nb);
+                let plain = QMatrix::random(ty, rows, cols, 7 + nb as u64).unwrap();
+                let mut copied = plain.clone();
+                let Some(copy) = super::super::interleave::interleave(&copied) else { panic!("{ty:?} has a copy") };
+                copied.set_interleaved(copy);
+                let x = data(20 * cols, 11 + nb as u64, 1.0);
+                for isa in available() {
+                    for n in 1..=20 {
+                        let (mut a, mut b) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                        matmul_isa(&plain, &x[..n * cols], n, &mut a, isa);
+                        matmul_isa(&copied, &x[..n * cols], n, &mut b, isa);
+                        assert_eq!(bits(&a), bits(&b), "{ty:?}, {nb} blocks, {n} tokens on {isa:?}");
+                    }
+                }
+                // Where gemm16 runs, the copy is what it reads: zeroed, the first group's outputs change.
+                if available().contains(&Isa::Avx512Vnni) {
+                    let Some(mut copy) = super::super::interleave::interleave(&plain) else { unreachable!() };
+                    copy.lines.iter_mut().for_each(|l| l.0 = [0; 64]);
+                    let mut zeroed = plain.clone();
+                    zeroed.set_interleaved(copy);
+                    for n in [1, 2, 5, 12] {
+                        let (mut a, mut b) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                        matmul_isa(&plain, &x[..n * cols], n, &mut a, Isa::Avx512Vnni);
+                        matmul_isa(&zeroed, &x[..n * cols], n, &mut b, Isa::Avx512Vnni);
+                        assert_ne!(bits(&a[..16]), bits(&b[..16]), "{ty:?}, {nb} blocks, {n} tokens: the copy was not read");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
