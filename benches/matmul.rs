@@ -220,7 +220,10 @@ fn fixed_work(spec: &str) {
     let ty = GgmlType::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("FERRY_AB: no type {name}"));
     let num = |s: &str| -> usize { s.parse().unwrap_or_else(|_| panic!("FERRY_AB: {s} is not a count")) };
     let (rows, cols, n, iters) = (num(rows), num(cols), num(n), num(iters));
-    let w = QMatrix::random(ty, rows, cols, 1).expect("whole blocks");
+    let mut w = QMatrix::random(ty, rows, cols, 1).expect("whole blocks");
+    // As the model's matrices: with the 16-row kernel's copy where it runs
+    // (FERRY_INTERLEAVE=0: without).
+    ferry_engine::cpu::kernels::interleave_for_this_cpu(&mut w);
     let x = data(n * cols, 2, 1.0);
     let mut out = vec![0f32; n * rows];
     for _ in 0..iters {

@@ -104,7 +104,7 @@ fn put(group: &mut [Line64], line: usize, at: usize, src: &[u8], flip: u8) {
 /// Gives `w` its copy in gemm16's layout where gemm16 will multiply it on
 /// this CPU (AVX512-VNNI, a type the copy takes, rows gemm16 can address).
 /// `FERRY_INTERLEAVE=0` leaves every matrix without one (to compare).
-pub(crate) fn interleave_for_this_cpu(w: &mut QMatrix) {
+pub fn interleave_for_this_cpu(w: &mut QMatrix) {
     #[cfg(target_arch = "x86_64")]
     {
         let off = std::env::var("FERRY_INTERLEAVE").is_ok_and(|v| v.trim() == "0");
