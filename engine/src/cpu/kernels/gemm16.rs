@@ -8,7 +8,9 @@
 //! lane. The float work (convert, scale, accumulate) is then paid once per 16
 //! rows instead of once per row, which is what bounded the per-row kernels.
 //! The transposed copy is built once per 16 rows and matmul call and reused for
-//! every token, so no second copy of the weights is kept. Up to 8 tokens (a
+//! every token. Q4_0, Q4_1 and Q8_0 matrices also have a copy of their own in
+//! this layout, made once at load (`interleave.rs`, [`Src16::Lines`]): read
+//! from it, a block is loaded rather than transposed. Up to 8 tokens (a
 //! verify pass, a small batch) skip the copy: each block goes from the
 //! transposes straight into every token's dot. Storing and reloading the copy
 //! cost little arithmetic, but while it was written nothing else was in
