@@ -8,7 +8,7 @@
 //! lane. The float work (convert, scale, accumulate) is then paid once per 16
 //! rows instead of once per row, which is what bounded the per-row kernels.
 //! The transposed copy is built once per 16 rows and matmul call and reused for
-//! every token. Q4_0, Q4_1 and Q8_0 matrices also have a copy of their own in
+//! every token. Matrices of these types also have a copy of their own in
 //! this layout, made once at load (`interleave.rs`, [`Src16::Lines`]): read
 //! from it, a block is loaded rather than transposed. Up to 8 tokens (a
 //! verify pass, a small batch) skip the copy: each block goes from the
@@ -166,7 +166,7 @@ pub(crate) enum Src16 {
 /// The CPU must support AVX512 F/BW/VL/VNNI and F16C. `src` must be 16 rows
 /// of `a.cols` elements of `ty` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL)
 /// with `stride_ok` of their stride, or a whole group of the interleaved
-/// copy of such rows (Q4_0, Q4_1 or Q8_0 only); `a` must hold n_tokens
+/// copy of such rows; `a` must hold n_tokens
 /// tokens quantized to `ty`'s vec_dot_type, with `a.ysum` set for the biased
 /// types; `out` must have room for (n_tokens - 1) * os + 16 floats.
 pub(crate) unsafe fn rows16(ty: GgmlType, src: Src16, a: &ActPtrs, n_tokens: usize, out: *mut f32, os: usize) {
@@ -190,7 +190,7 @@ pub(crate) unsafe fn rows16(ty: GgmlType, src: Src16, a: &ActPtrs, n_tokens: usi
     match src {
         Src16::Rows(w, ws) => go!(&FromRows { w, ws }),
         Src16::Lines(p, lines) => {
-            debug_assert!(matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0), "no interleaved copy of {ty:?}");
+            debug_assert!(super::interleave::group_lines(ty, 1).is_some(), "no interleaved copy of {ty:?}");
             go!(&FromLines { p, lines });
         }
     }
@@ -273,6 +273,27 @@ impl Group16 for FromLines {
                     q[k] = _mm512_load_si512(pair.add(8 * (b % 2) + k));
                 }
                 (_mm512_load_si512(pair.add(16)), b % 2)
+            }
+            // Nibbles, fifth bits and scales as stored; decoded here as from the rows.
+            Q5_0K => {
+                let pair = self.p.add(11 * (b / 2));
+                let at = pair.add(5 * (b % 2));
+                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
+                q = decode16::<K>(&raw, _mm512_load_si512(at.add(4)));
+                (_mm512_load_si512(pair.add(10)), b % 2)
+            }
+            Q5_1K => {
+                let at = self.p.add(6 * b);
+                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
+                q = decode16::<K>(&raw, _mm512_load_si512(at.add(4)));
+                (_mm512_load_si512(at.add(5)), 0)
+            }
+            IQ4_NLK => {
+                let pair = self.p.add(9 * (b / 2));
+                let at = pair.add(4 * (b % 2));
+                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
+                q = decode16::<K>(&raw, _mm512_setzero_si512());
+                (_mm512_load_si512(pair.add(8)), b % 2)
             }
             _ => unreachable!("no interleaved copy of this type"),
         };
@@ -393,7 +414,15 @@ unsafe fn load_block<const K: u8>(p: *const u8, ws: usize) -> Block16 {
     let head = transpose16x4(p, ws);
     let mut q = [_mm512_setzero_si512(); 8];
     if decoded(K) {
-        q = decode16::<K>(p, ws, &head);
+        let qs_off = match K {
+            Q5_0K => 6,
+            Q5_1K => 8,
+            _ => 2,
+        };
+        // qh is bytes 2..6 of a Q5_0 block (dwords 0 and 1 of `head` hold it
+        // in halves), bytes 4..8 of a Q5_1 block (dword 1).
+        let qh = if K == Q5_0K { _mm512_or_si512(_mm512_srli_epi32(head[0], 16), _mm512_slli_epi32(head[1], 16)) } else { head[1] };
+        q = decode16::<K>(&transpose16x4(p.add(qs_off), ws), qh);
     } else {
         let flip = _mm512_set1_epi8(-128);
         for h in 0..nq / 4 {
@@ -635,15 +664,10 @@ unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, tt: usize, b:
 /// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
 /// unsigned bytes (the quant plus this type's bias: 16, 0, 128): the nibbles
 /// are transposed as Q4_0's, then completed in place, 64 bytes at a time.
-/// `head` is the transposed first 16 bytes of the blocks.
+/// `raw` is the transposed 16 bytes of nibbles, `qh` the blocks' fifth bits
+/// (lane r: row r's 32; unused for IQ4_NL).
 #[inline(always)]
-unsafe fn decode16<const K: u8>(p: *const u8, ws: usize, head: &[__m512i; 4]) -> [__m512i; 8] {
-    let qs_off = match K {
-        Q5_0K => 6,
-        Q5_1K => 8,
-        _ => 2,
-    };
-    let raw = transpose16x4(p.add(qs_off), ws);
+unsafe fn decode16<const K: u8>(raw: &[__m512i; 4], qh: __m512i) -> [__m512i; 8] {
     let low = _mm512_set1_epi8(0x0f);
     let mut q = [_mm512_setzero_si512(); 8];
     for k in 0..4 {
@@ -660,9 +684,6 @@ unsafe fn decode16<const K: u8>(p: *const u8, ws: usize, head: &[__m512i; 4]) ->
     // Lane r of qh is row r's 32 fifth bits (bit e: element e). Vector k holds
     // elements 4k..4k+4 (k < 4) or 16+4(k-4).. in its 4 bytes per lane: byte i of
     // vector k needs bit 4k+i, i.e. bit 4(k%2)+i of qh byte k/2 (+2 for k >= 4).
-    // qh is bytes 2..6 of a Q5_0 block (dwords 0 and 1 of `head` hold it in
-    // halves), bytes 4..8 of a Q5_1 block (dword 1).
-    let qh = if K == Q5_0K { _mm512_or_si512(_mm512_srli_epi32(head[0], 16), _mm512_slli_epi32(head[1], 16)) } else { head[1] };
     let dword_base = _mm512_set_epi32(
         0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,
         0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0,

@@ -1,4 +1,4 @@
-//! A second copy of a Q4_0, Q4_1 or Q8_0 matrix in the layout gemm16 works
+//! A second copy of a Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL or Q8_0 matrix in the layout gemm16 works
 //! in, made once when the model loads, so that its one-token and few-token
 //! paths read vectors instead of transposing 16 rows for every block.
 //!
@@ -18,18 +18,24 @@
 //! - Q4_1 (20-byte blocks: d, m, 16 bytes of nibbles): 4 lines of quants
 //!   (line k: the block's quant bytes 4k..4k+4), then 1 line of d and m (the
 //!   block's first dword): 320 bytes, the rows' own size.
-//! - Q4_0 and Q8_0 (2-byte d, then 16 or 32 quant bytes): blocks in pairs:
-//!   the first block's 4 (8) quant lines, the second's, then 1 line whose
-//!   dword r holds row r's two d values (the first in the low half). Q8_0's
-//!   quants are stored with their top bit flipped (biased by 128: unsigned,
-//!   as vpdpbusd takes them). An odd last block has a zero partner.
+//! - Q4_0, IQ4_NL and Q8_0 (2-byte d, then 16 or 32 quant bytes): blocks in
+//!   pairs: the first block's 4 (8) quant lines, the second's, then 1 line
+//!   whose dword r holds row r's two d values (the first in the low half).
+//!   Q8_0's quants are stored with their top bit flipped (biased by 128:
+//!   unsigned, as vpdpbusd takes them). An odd last block has a zero partner.
+//! - Q5_0 (d, 4 bytes of fifth bits, 16 of nibbles): in pairs, each block's
+//!   4 nibble lines and 1 line of fifth bits, then the pair's d line: 704
+//!   bytes, the rows' own size. Q5_1 (d, m, fifth bits, nibbles): per block 4
+//!   nibble lines, the fifth bits, d and m: 384 bytes. The fifth bits (and
+//!   IQ4_NL's level table) are applied as the kernel reads, as from the rows,
+//!   so the copy is no larger than the rows.
 //!
 //! Only whole groups are copied; the rows after the last one are read where
 //! they are. The copy is built only where gemm16 runs (AVX512-VNNI), and
 //! costs the matrix's size again in memory (the file's pages, no longer
 //! read by the matmuls, can leave the page cache).
 
-use crate::quant::blocks::{Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+use crate::quant::blocks::{IQ4_NL_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES};
 use crate::quant::{GgmlType, Interleaved16, Line64, QMatrix};
 
 /// Rows per group (gemm16's zmm lanes).
@@ -42,6 +48,9 @@ pub(crate) fn group_lines(ty: GgmlType, nb: usize) -> Option<usize> {
         GgmlType::Q4_1 => Some(5 * nb),
         GgmlType::Q4_0 => Some(9 * nb.div_ceil(2)),
         GgmlType::Q8_0 => Some(17 * nb.div_ceil(2)),
+        GgmlType::Q5_0 => Some(11 * nb.div_ceil(2)),
+        GgmlType::Q5_1 => Some(6 * nb),
+        GgmlType::IQ4_NL => Some(9 * nb.div_ceil(2)),
         _ => None,
     }
 }
@@ -71,8 +80,26 @@ pub(crate) fn interleave(w: &QMatrix) -> Option<Interleaved16> {
                         }
                         put(group, 5 * b + 4, lane, &blk[..4], 0);
                     }
-                    GgmlType::Q4_0 => {
-                        let blk = &row[b * Q4_0_BYTES..(b + 1) * Q4_0_BYTES];
+                    GgmlType::Q5_0 => {
+                        let blk = &row[b * Q5_0_BYTES..(b + 1) * Q5_0_BYTES];
+                        let (base, at) = (11 * (b / 2), 11 * (b / 2) + 5 * (b % 2));
+                        for k in 0..4 {
+                            put(group, at + k, lane, &blk[6 + 4 * k..10 + 4 * k], 0);
+                        }
+                        put(group, at + 4, lane, &blk[2..6], 0);
+                        put(group, base + 10, lane + 2 * (b % 2), &blk[..2], 0);
+                    }
+                    GgmlType::Q5_1 => {
+                        let blk = &row[b * Q5_1_BYTES..(b + 1) * Q5_1_BYTES];
+                        for k in 0..4 {
+                            put(group, 6 * b + k, lane, &blk[8 + 4 * k..12 + 4 * k], 0);
+                        }
+                        put(group, 6 * b + 4, lane, &blk[4..8], 0);
+                        put(group, 6 * b + 5, lane, &blk[..4], 0);
+                    }
+                    GgmlType::Q4_0 | GgmlType::IQ4_NL => {
+                        let bytes = if ty == GgmlType::Q4_0 { Q4_0_BYTES } else { IQ4_NL_BYTES };
+                        let blk = &row[b * bytes..(b + 1) * bytes];
                         let base = 9 * (b / 2);
                         for k in 0..4 {
                             put(group, base + 4 * (b % 2) + k, lane, &blk[2 + 4 * k..6 + 4 * k], 0);
@@ -144,8 +171,8 @@ mod tests {
         assert_eq!(lane(17 + 16)[..2], row[2 * 34..2 * 34 + 2]);
         assert_eq!(lane(17 + 16)[2..], [0, 0]);
         assert_eq!(lane(16)[2..], row[34..36]);
-        // Types gemm16 reads from the rows only, and too few rows, get none.
-        assert!(interleave(&QMatrix::random(GgmlType::Q5_0, 32, 64, 1).unwrap()).is_none());
+        // Types gemm16 does not take, and too few rows, get none.
+        assert!(interleave(&QMatrix::random(GgmlType::Q4_K, 32, 256, 1).unwrap()).is_none());
         assert!(interleave(&QMatrix::random(GgmlType::Q4_0, 15, 64, 1).unwrap()).is_none());
     }
 }

@@ -801,7 +801,7 @@ mod tests {
         // past them), odd and even block counts (Q4_0 and Q8_0 pair blocks),
         // and rows past the last whole group (read from the rows).
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::IQ4_NL, GgmlType::Q8_0] {
             for nb in [1, 3, 4, 18] {
                 let (rows, cols) = (40, 32 * nb);
                 let plain = QMatrix::random(ty, rows, cols, 7 + nb as u64).unwrap();
