@@ -156,7 +156,7 @@ pub(crate) enum Src16 {
     /// it is read).
     Rows(*const u8, usize),
     /// The group's lines of the matrix's interleaved copy
-    /// ([`super::interleave`]), and how many lines a group has.
+    /// (`kernels/interleave.rs`), and how many lines a group has.
     Lines(*const __m512i, usize),
 }
 
@@ -190,7 +190,7 @@ pub(crate) unsafe fn rows16(ty: GgmlType, src: Src16, a: &ActPtrs, n_tokens: usi
     match src {
         Src16::Rows(w, ws) => go!(&FromRows { w, ws }),
         Src16::Lines(p, lines) => {
-            debug_assert!(super::interleave::group_lines(ty, 1).is_some(), "no interleaved copy of {ty:?}");
+            debug_assert!(bias(ty).is_some(), "no interleaved copy of {ty:?}");
             go!(&FromLines { p, lines });
         }
     }
