@@ -31,7 +31,8 @@
     reason = "kernels index several same-length arrays by one counter (iterators would obscure them), and the inner kernels take pointers, strides, token ranges and accumulators as separate arguments, which stay in registers once inlined"
 )]
 
-use super::dot_x86::ActPtrs;
+// The 32-element types' kernel codes and block sizes are the per-row kernels' (as gemm8's).
+use super::dot_x86::{b32_bytes, ActPtrs, IQ4_NLK, Q4_0K, Q4_1K, Q5_0K, Q5_1K, Q8_0K};
 use crate::quant::blocks::*;
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
@@ -217,15 +218,7 @@ struct FromRows {
 impl Group16 for FromRows {
     #[inline(always)]
     unsafe fn block<const K: u8>(&self, b: usize) -> Block16 {
-        let bsz = match K {
-            Q4_0K => Q4_0_BYTES,
-            Q4_1K => Q4_1_BYTES,
-            Q5_0K => Q5_0_BYTES,
-            Q5_1K => Q5_1_BYTES,
-            IQ4_NLK => IQ4_NL_BYTES,
-            _ => Q8_0_BYTES,
-        };
-        load_block::<K>(self.w.add(b * bsz), self.ws)
+        load_block::<K>(self.w.add(b * b32_bytes(K)), self.ws)
     }
     fn next(&self, nb: usize) -> NextRows {
         NextRows::after(self.w, self.ws, nb)
@@ -311,12 +304,6 @@ impl Group16 for FromLines {
     }
 }
 
-const Q4_0K: u8 = 0;
-const Q4_1K: u8 = 1;
-const Q8_0K: u8 = 2;
-const Q5_0K: u8 = 3;
-const Q5_1K: u8 = 4;
-const IQ4_NLK: u8 = 5;
 
 /// Types whose packed quants are whole bytes (8 vectors a block), not nibbles.
 const fn bytes_packed(k: u8) -> bool {
