@@ -632,7 +632,6 @@ unsafe fn q4_1_sum(c: &[__m512; 8], summs: __m512) -> __m512 {
 #[inline(always)]
 unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, tt: usize, b: usize, acc: &mut [__m512; 8], summs: &mut __m512) {
     let low = _mm512_set1_epi8(0x0f);
-    let zero = _mm512_setzero_si512();
     let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     let mv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
     let y = a.qs.add(tt * a.cols + b * QK) as *const i32;
@@ -641,11 +640,27 @@ unsafe fn q4_1_block(raw: &[__m512i; 4], dm: __m512i, a: &ActPtrs, tt: usize, b:
     for k in 0..4 {
         let lo = _mm512_and_si512(raw[k], low);
         let hi = _mm512_and_si512(_mm512_srli_epi16(raw[k], 4), low);
-        let p = _mm512_dpbusd_epi32(zero, lo, _mm512_set1_epi32(y.add(k).read_unaligned()));
-        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[k]);
-        let p = _mm512_dpbusd_epi32(zero, hi, _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
-        acc[k + 4] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[k + 4]);
+        let p = small_dot_f32(lo, _mm512_set1_epi32(y.add(k).read_unaligned()));
+        acc[k] = _mm512_fmadd_ps(p, scale, acc[k]);
+        let p = small_dot_f32(hi, _mm512_set1_epi32(y.add(k + 4).read_unaligned()));
+        acc[k + 4] = _mm512_fmadd_ps(p, scale, acc[k + 4]);
     }
+}
+
+/// 1.5 * 2^23, a float whose ulp is 1: its bits plus an integer p
+/// (|p| < 2^22) are the bits of the float MAGIC + p.
+const MAGIC: f32 = 12_582_912.0;
+
+/// Each lane's dot of 4 unsigned by 4 signed bytes (|p| <= 4 * 255 * 128 <
+/// 2^22), as an f32: exactly what vcvtdq2ps of vpdpbusd's sum gives, but
+/// vpdpbusd accumulates onto MAGIC's bits and a subtraction takes MAGIC
+/// back off. The conversion runs on one port of Intel's cores, the
+/// subtraction on two, and llama.cpp's Q4_1 order has a conversion per
+/// token, block and lane beside the same number of vpdpbusd.
+#[inline(always)]
+unsafe fn small_dot_f32(w: __m512i, y: __m512i) -> __m512 {
+    let p = _mm512_dpbusd_epi32(_mm512_set1_epi32(MAGIC.to_bits() as i32), w, y);
+    _mm512_sub_ps(_mm512_castsi512_ps(p), _mm512_set1_ps(MAGIC))
 }
 
 /// A Q5_0 / Q5_1 / IQ4_NL block of 16 rows as the 8 packed vectors of whole
@@ -783,8 +798,8 @@ unsafe fn tokens_q4_1<const T: usize>(pk: *const __m512i, a: &ActPtrs, t0: usize
             // m and s are f16 values: their product is exact, fma or not.
             summs[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a.s.add(tt * a.nb + b)), summs[t]);
             for j in 0..8 {
-                let p = _mm512_dpbusd_epi32(zero, wq[j], _mm512_set1_epi32(y.add(j).read_unaligned()));
-                acc[t][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[t][j]);
+                let p = small_dot_f32(wq[j], _mm512_set1_epi32(y.add(j).read_unaligned()));
+                acc[t][j] = _mm512_fmadd_ps(p, scale, acc[t][j]);
             }
         }
     }
