@@ -223,35 +223,31 @@ unsafe fn pair_dwords(x: __m256i, z: __m256i) -> (__m256i, __m256i) {
 /// 8x8 dword transpose: out[i] lane j = v[j] lane i.
 #[inline(always)]
 pub(super) unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
-    let t: [__m256i; 8] = std::array::from_fn(|k| {
+    // Loops over arrays, not array::from_fn: a closure the inliner leaves out
+    // of line loses the caller's target features, and every intrinsic in it
+    // becomes a call (gemm16 saw 10x).
+    let mut t = [_mm256_setzero_si256(); 8];
+    for k in 0..8 {
         let (a, b) = (v[2 * (k / 2)], v[2 * (k / 2) + 1]);
-        if k % 2 == 0 {
-            _mm256_unpacklo_epi32(a, b)
-        } else {
-            _mm256_unpackhi_epi32(a, b)
-        }
-    });
+        t[k] = if k % 2 == 0 { _mm256_unpacklo_epi32(a, b) } else { _mm256_unpackhi_epi32(a, b) };
+    }
     // t[2m] = rows 2m, 2m + 1 of columns 0, 1 | 4, 5; t[2m + 1] of 2, 3 | 6, 7.
-    let u: [__m256i; 8] = std::array::from_fn(|k| {
+    let mut u = [_mm256_setzero_si256(); 8];
+    for k in 0..8 {
         let half = k / 4; // rows 0..4 or 4..8
         let (a, b) = match k % 4 {
             0 | 1 => (t[4 * half], t[4 * half + 2]),
             _ => (t[4 * half + 1], t[4 * half + 3]),
         };
-        if k % 2 == 0 {
-            _mm256_unpacklo_epi64(a, b)
-        } else {
-            _mm256_unpackhi_epi64(a, b)
-        }
-    });
+        u[k] = if k % 2 == 0 { _mm256_unpacklo_epi64(a, b) } else { _mm256_unpackhi_epi64(a, b) };
+    }
     // u[4 half + c] = rows 4 half .. + 4 of columns c | c + 4.
-    std::array::from_fn(|i| {
-        if i < 4 {
-            _mm256_permute2x128_si256(u[i], u[4 + i], 0x20)
-        } else {
-            _mm256_permute2x128_si256(u[i - 4], u[i], 0x31)
-        }
-    })
+    let mut out = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        out[i] = _mm256_permute2x128_si256(u[i], u[4 + i], 0x20);
+        out[4 + i] = _mm256_permute2x128_si256(u[i], u[4 + i], 0x31);
+    }
+    out
 }
 
 thread_local! {
@@ -428,13 +424,14 @@ unsafe fn decode<const K: u8>(p: *const u8, dst: *mut u32) {
             for h in 0..2 {
                 let q = ld(p, qs + 32 * h);
                 let planes = [q, _mm256_srli_epi16(q, 2), _mm256_srli_epi16(q, 4), _mm256_srli_epi16(q, 6)];
-                let u: [__m256i; 4] = std::array::from_fn(|j| {
+                let mut u = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
                     let v = _mm256_and_si256(planes[j], m3);
-                    match hm {
+                    u[j] = match hm {
                         Some(hm) => _mm256_or_si256(v, _mm256_and_si256(bit_set(hm, (4 * h + j) as u32), _mm256_set1_epi8(4))),
                         None => v,
-                    }
-                });
+                    };
+                }
                 put(dst, 2 * h, u[0], u[1]);
                 put(dst, 2 * h + 1, u[2], u[3]);
             }
@@ -543,7 +540,10 @@ unsafe fn step<const K: u8, const R: usize, const G: usize>(w: *const u32, y: *c
 /// min term subtracted.
 #[inline(always)]
 unsafe fn finish<const K: u8>(st: *const __m256) -> __m256 {
-    let a: [__m256; STATE] = std::array::from_fn(|i| *st.add(i));
+    let mut a = [_mm256_setzero_ps(); STATE];
+    for (i, v) in a.iter_mut().enumerate() {
+        *v = *st.add(i);
+    }
     let sum = _mm256_add_ps(
         _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
         _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])),
