@@ -68,11 +68,10 @@ for r in rows:
         total += 1
         same += ask(18200, r["prompt"], r["output_len"], extra) == ask(18201, r["prompt"], r["output_len"], extra)
 print(f"identical texts: {same} of {total}")
-m = {}
-for line in urllib.request.urlopen("http://127.0.0.1:18201/metrics").read().decode().splitlines():
-    if line.startswith("vllm:spec_decode_num_") and "per_pos" not in line:
-        m[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
-d, t, a = (m.get(f"vllm:spec_decode_num_{k}_total", 0) for k in ("drafts", "draft_tokens", "accepted_tokens"))
+sys.path.insert(0, "scripts/bench")
+from ferry_server import spec_counters
+m = spec_counters(18201)
+d, t, a = (m.get(k, 0) for k in ("drafts", "draft_tokens", "accepted_tokens"))
 if d:
     print(f"drafts {d:.0f}, draft tokens {t:.0f}, accepted {a:.0f}: acceptance {a / t:.2f}, mean accepted per draft {a / d:.2f}")
 PY

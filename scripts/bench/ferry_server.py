@@ -1,6 +1,7 @@
 """Starting a local `ferry serve` for a bench script and waiting until it
 answers: one place for the flags every bench server takes (loopback, its own
-TLS port and certificate folder, 2 threads unless told)."""
+TLS port and certificate folder, 2 threads unless told); and reading a
+server's speculative-decoding counters off /metrics."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def start_ferry(binary: str, model: str, port: int, *extra: str, threads: str = 
             time.sleep(0.2)
     p.kill()
     raise RuntimeError(f"ferry serve did not answer on port {port} within {wait_s:.0f} s")
+
+
+def spec_counters(port: int) -> dict[str, float]:
+    """The server's vLLM speculative counters (`vllm:spec_decode_num_*_total`,
+    the per-position ones left out), summed over their labels, by the name's
+    middle part: drafts, draft_tokens, accepted_tokens."""
+    out: dict[str, float] = {}
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    for line in text.splitlines():
+        if line.startswith("vllm:spec_decode_num_") and "per_pos" not in line:
+            name = line.split("{")[0].split(" ")[0].removeprefix("vllm:spec_decode_num_").removesuffix("_total")
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out

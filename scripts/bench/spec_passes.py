@@ -22,7 +22,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from ferry_server import start_ferry
+from ferry_server import spec_counters, start_ferry
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = [REPO / "benches/data/repeat-edit.jsonl", REPO / "benches/data/repeat-edit-long.jsonl"]
@@ -33,24 +33,15 @@ DEFAULT_SPECS = [
 ]
 
 
-def counters(port: int) -> dict[str, float]:
-    out = {}
-    for line in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode().splitlines():
-        if line.startswith("vllm:spec_decode_num_") and "per_pos" not in line:
-            name = line.split("{")[0].removeprefix("vllm:spec_decode_num_").removesuffix("_total")
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def run(port: int, path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    before, tokens = counters(port), 0
+    before, tokens = spec_counters(port), 0
     for r in rows:
         body = {"model": "m", "prompt": r["prompt"], "max_tokens": r["output_len"], "temperature": 0}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"content-type": "application/json"})
         tokens += json.load(urllib.request.urlopen(req, timeout=600))["usage"]["completion_tokens"]
-    after = counters(port)
+    after = spec_counters(port)
     drafts, proposed, accepted = (after.get(k, 0) - before.get(k, 0) for k in ("drafts", "draft_tokens", "accepted_tokens"))
     passes = tokens - accepted
     return (f"{tokens} | {passes:.0f} | {tokens / passes:.2f} | {drafts:.0f} | {proposed:.0f} | "
