@@ -33,6 +33,8 @@
 
 // The 32-element types' kernel codes and block sizes are the per-row kernels' (as gemm8's).
 use super::dot_x86::{b32_bytes, ActPtrs, IQ4_NLK, Q4_0K, Q4_1K, Q5_0K, Q5_1K, Q8_0K};
+// Where each block of the interleaved copy is (its builder's layout).
+use super::interleave::copy_block;
 use crate::quant::blocks::*;
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
@@ -243,54 +245,22 @@ struct FromLines {
 impl Group16 for FromLines {
     #[inline(always)]
     unsafe fn block<const K: u8>(&self, b: usize) -> Block16 {
+        // Loads spelled out, no closure: one left out of line would lose
+        // the caller's target features (see one_token_q4_1).
+        let at = copy_block(ggml_type(K), b);
         let mut q = [_mm512_setzero_si512(); 8];
-        // The line of d (and m) values, and the shift that brings this block's to the low half.
-        let (dm, shift) = match K {
-            Q4_1K => {
-                let at = self.p.add(5 * b);
-                for k in 0..4 {
-                    q[k] = _mm512_load_si512(at.add(k));
-                }
-                (_mm512_load_si512(at.add(4)), 0)
-            }
-            Q4_0K => {
-                let pair = self.p.add(9 * (b / 2));
-                for k in 0..4 {
-                    q[k] = _mm512_load_si512(pair.add(4 * (b % 2) + k));
-                }
-                (_mm512_load_si512(pair.add(8)), b % 2)
-            }
-            Q8_0K => {
-                let pair = self.p.add(17 * (b / 2));
-                for k in 0..8 {
-                    q[k] = _mm512_load_si512(pair.add(8 * (b % 2) + k));
-                }
-                (_mm512_load_si512(pair.add(16)), b % 2)
-            }
+        for k in 0..if K == Q8_0K { 8 } else { 4 } {
+            q[k] = _mm512_load_si512(self.p.add(at.quants + k));
+        }
+        if decoded(K) {
             // Nibbles, fifth bits and scales as stored; decoded here as from the rows.
-            Q5_0K => {
-                let pair = self.p.add(11 * (b / 2));
-                let at = pair.add(5 * (b % 2));
-                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
-                q = decode16::<K>(&raw, _mm512_load_si512(at.add(4)));
-                (_mm512_load_si512(pair.add(10)), b % 2)
-            }
-            Q5_1K => {
-                let at = self.p.add(6 * b);
-                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
-                q = decode16::<K>(&raw, _mm512_load_si512(at.add(4)));
-                (_mm512_load_si512(at.add(5)), 0)
-            }
-            IQ4_NLK => {
-                let pair = self.p.add(9 * (b / 2));
-                let at = pair.add(4 * (b % 2));
-                let raw = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
-                q = decode16::<K>(&raw, _mm512_setzero_si512());
-                (_mm512_load_si512(pair.add(8)), b % 2)
-            }
-            _ => unreachable!("no interleaved copy of this type"),
-        };
-        let dh = if shift == 1 { _mm512_srli_epi32(dm, 16) } else { dm };
+            let qh = if K == IQ4_NLK { _mm512_setzero_si512() } else { _mm512_load_si512(self.p.add(at.qh)) };
+            q = decode16::<K>(&[q[0], q[1], q[2], q[3]], qh);
+        }
+        // The line of d (and m) values, its dwords' halves holding this block's d
+        // or (for a pair of blocks) the first's and the second's.
+        let dm = _mm512_load_si512(self.p.add(at.scales));
+        let dh = if at.half == 1 { _mm512_srli_epi32(dm, 16) } else { dm };
         let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dh));
         let m = if has_min(K) { _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) } else { _mm512_setzero_ps() };
         Block16 { q, d, m }
@@ -304,6 +274,17 @@ impl Group16 for FromLines {
     }
 }
 
+/// The type of kernel code `k`.
+const fn ggml_type(k: u8) -> GgmlType {
+    match k {
+        Q4_0K => GgmlType::Q4_0,
+        Q4_1K => GgmlType::Q4_1,
+        Q5_0K => GgmlType::Q5_0,
+        Q5_1K => GgmlType::Q5_1,
+        IQ4_NLK => GgmlType::IQ4_NL,
+        _ => GgmlType::Q8_0,
+    }
+}
 
 /// Types whose packed quants are whole bytes (8 vectors a block), not nibbles.
 const fn bytes_packed(k: u8) -> bool {
@@ -604,9 +585,12 @@ unsafe fn lines_q4_1<const T: usize>(p: *const __m512i, lines: usize, a: &ActPtr
     let mut summs = [_mm512_setzero_ps(); T];
     for b in 0..a.nb {
         next.fetch(b);
-        let at = p.add(5 * b);
-        let q = [_mm512_load_si512(at), _mm512_load_si512(at.add(1)), _mm512_load_si512(at.add(2)), _mm512_load_si512(at.add(3))];
-        let dm = _mm512_load_si512(at.add(4));
+        let at = copy_block(GgmlType::Q4_1, b);
+        let mut q = [_mm512_setzero_si512(); 4];
+        for k in 0..4 {
+            q[k] = _mm512_load_si512(p.add(at.quants + k));
+        }
+        let dm = _mm512_load_si512(p.add(at.scales));
         for t in 0..T {
             q4_1_block(&q, dm, a, t, b, &mut acc[t], &mut summs[t]);
         }

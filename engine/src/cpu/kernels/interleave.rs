@@ -31,7 +31,9 @@
 //!   so the copy is no larger than the rows.
 //!
 //! Only whole groups are copied; the rows after the last one are read where
-//! they are. The copy is built only where gemm16 runs (AVX512-VNNI), and
+//! they are. [`copy_block`] says where a block's lines are, for this
+//! module's builder and gemm16's reader alike. The copy is built only where
+//! gemm16 runs (AVX512-VNNI, `matmul::interleave_for_this_cpu`), and
 //! costs the matrix's size again in memory (the file's pages, no longer
 //! read by the matmuls, can leave the page cache).
 
@@ -41,17 +43,72 @@ use crate::quant::{GgmlType, Interleaved16, Line64, QMatrix};
 /// Rows per group (gemm16's zmm lanes).
 const ROWS: usize = 16;
 
+/// Where block `b`'s lines are in a group of the copy: the layout the module
+/// docs describe, read by gemm16 (`FromLines`) and written by [`interleave`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CopyBlock {
+    /// The first of the block's quant lines (4 of nibbles, Q8_0's 8 of bytes).
+    pub(crate) quants: usize,
+    /// The line of fifth bits (Q5_0 and Q5_1; unused for the others).
+    pub(crate) qh: usize,
+    /// The line of d (and m) values.
+    pub(crate) scales: usize,
+    /// Which half of each lane's dword of `scales` is this block's d (0 or
+    /// 1: Q4_0, IQ4_NL, Q5_0 and Q8_0 pair two blocks' d in one line; Q4_1
+    /// and Q5_1 keep d and m as the two halves of the block's own line).
+    pub(crate) half: usize,
+}
+
+/// Block `b`'s lines in a group of the copy of a `ty` matrix (a type that
+/// [`group_lines`] takes).
+#[inline(always)]
+pub(crate) const fn copy_block(ty: GgmlType, b: usize) -> CopyBlock {
+    let (pair, odd) = (b / 2, b % 2);
+    match ty {
+        GgmlType::Q4_1 => CopyBlock { quants: 5 * b, qh: 0, scales: 5 * b + 4, half: 0 },
+        GgmlType::Q5_1 => CopyBlock { quants: 6 * b, qh: 6 * b + 4, scales: 6 * b + 5, half: 0 },
+        GgmlType::Q5_0 => CopyBlock { quants: 11 * pair + 5 * odd, qh: 11 * pair + 5 * odd + 4, scales: 11 * pair + 10, half: odd },
+        GgmlType::Q8_0 => CopyBlock { quants: 17 * pair + 8 * odd, qh: 0, scales: 17 * pair + 16, half: odd },
+        // Q4_0 and IQ4_NL.
+        _ => CopyBlock { quants: 9 * pair + 4 * odd, qh: 0, scales: 9 * pair + 8, half: odd },
+    }
+}
+
 /// Lines per group of the copy of a `ty` matrix of `nb` blocks a row, or
 /// None for a type the copy does not take.
 pub(crate) fn group_lines(ty: GgmlType, nb: usize) -> Option<usize> {
     match ty {
         GgmlType::Q4_1 => Some(5 * nb),
-        GgmlType::Q4_0 => Some(9 * nb.div_ceil(2)),
-        GgmlType::Q8_0 => Some(17 * nb.div_ceil(2)),
-        GgmlType::Q5_0 => Some(11 * nb.div_ceil(2)),
         GgmlType::Q5_1 => Some(6 * nb),
-        GgmlType::IQ4_NL => Some(9 * nb.div_ceil(2)),
+        GgmlType::Q5_0 => Some(11 * nb.div_ceil(2)),
+        GgmlType::Q8_0 => Some(17 * nb.div_ceil(2)),
+        GgmlType::Q4_0 | GgmlType::IQ4_NL => Some(9 * nb.div_ceil(2)),
         _ => None,
+    }
+}
+
+/// How a `ty` block's bytes fill its lines: the block's size, where its
+/// quants start and how many 4-byte lines of them, the XOR applied to them,
+/// where its fifth bits are, and how many bytes of d (and m) it starts with.
+struct BlockBytes {
+    size: usize,
+    quants_at: usize,
+    quant_lines: usize,
+    flip: u8,
+    qh_at: Option<usize>,
+    scale_bytes: usize,
+}
+
+fn block_bytes(ty: GgmlType) -> BlockBytes {
+    let plain = |size, quants_at, scale_bytes| BlockBytes { size, quants_at, quant_lines: 4, flip: 0, qh_at: None, scale_bytes };
+    match ty {
+        GgmlType::Q4_1 => plain(Q4_1_BYTES, 4, 4),
+        GgmlType::Q5_0 => BlockBytes { qh_at: Some(2), ..plain(Q5_0_BYTES, 6, 2) },
+        GgmlType::Q5_1 => BlockBytes { qh_at: Some(4), ..plain(Q5_1_BYTES, 8, 4) },
+        GgmlType::Q4_0 => plain(Q4_0_BYTES, 2, 2),
+        GgmlType::IQ4_NL => plain(IQ4_NL_BYTES, 2, 2),
+        // Q8_0: 8 lines of quants, stored biased by 128 (unsigned, as vpdpbusd takes them).
+        _ => BlockBytes { quant_lines: 8, flip: 0x80, ..plain(Q8_0_BYTES, 2, 2) },
     }
 }
 
@@ -65,56 +122,25 @@ pub(crate) fn interleave(w: &QMatrix) -> Option<Interleaved16> {
     if groups == 0 || nb == 0 {
         return None;
     }
+    let bytes = block_bytes(ty);
     let mut lines = vec![Line64([0; 64]); groups * per_group];
     for g in 0..groups {
         let group = &mut lines[g * per_group..(g + 1) * per_group];
         for r in 0..ROWS {
             let row = w.row_bytes(g * ROWS + r);
+            // Lane r: bytes 4r..4r + 4 of every line.
             let lane = 4 * r;
             for b in 0..nb {
-                match ty {
-                    GgmlType::Q4_1 => {
-                        let blk = &row[b * Q4_1_BYTES..(b + 1) * Q4_1_BYTES];
-                        for k in 0..4 {
-                            put(group, 5 * b + k, lane, &blk[4 + 4 * k..8 + 4 * k], 0);
-                        }
-                        put(group, 5 * b + 4, lane, &blk[..4], 0);
-                    }
-                    GgmlType::Q5_0 => {
-                        let blk = &row[b * Q5_0_BYTES..(b + 1) * Q5_0_BYTES];
-                        let (base, at) = (11 * (b / 2), 11 * (b / 2) + 5 * (b % 2));
-                        for k in 0..4 {
-                            put(group, at + k, lane, &blk[6 + 4 * k..10 + 4 * k], 0);
-                        }
-                        put(group, at + 4, lane, &blk[2..6], 0);
-                        put(group, base + 10, lane + 2 * (b % 2), &blk[..2], 0);
-                    }
-                    GgmlType::Q5_1 => {
-                        let blk = &row[b * Q5_1_BYTES..(b + 1) * Q5_1_BYTES];
-                        for k in 0..4 {
-                            put(group, 6 * b + k, lane, &blk[8 + 4 * k..12 + 4 * k], 0);
-                        }
-                        put(group, 6 * b + 4, lane, &blk[4..8], 0);
-                        put(group, 6 * b + 5, lane, &blk[..4], 0);
-                    }
-                    GgmlType::Q4_0 | GgmlType::IQ4_NL => {
-                        let bytes = if ty == GgmlType::Q4_0 { Q4_0_BYTES } else { IQ4_NL_BYTES };
-                        let blk = &row[b * bytes..(b + 1) * bytes];
-                        let base = 9 * (b / 2);
-                        for k in 0..4 {
-                            put(group, base + 4 * (b % 2) + k, lane, &blk[2 + 4 * k..6 + 4 * k], 0);
-                        }
-                        put(group, base + 8, lane + 2 * (b % 2), &blk[..2], 0);
-                    }
-                    _ => {
-                        let blk = &row[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-                        let base = 17 * (b / 2);
-                        for k in 0..8 {
-                            put(group, base + 8 * (b % 2) + k, lane, &blk[2 + 4 * k..6 + 4 * k], 0x80);
-                        }
-                        put(group, base + 16, lane + 2 * (b % 2), &blk[..2], 0);
-                    }
+                let blk = &row[b * bytes.size..(b + 1) * bytes.size];
+                let at = copy_block(ty, b);
+                for k in 0..bytes.quant_lines {
+                    let q = bytes.quants_at + 4 * k;
+                    put(group, at.quants + k, lane, &blk[q..q + 4], bytes.flip);
                 }
+                if let Some(qh) = bytes.qh_at {
+                    put(group, at.qh, lane, &blk[qh..qh + 4], 0);
+                }
+                put(group, at.scales, lane + 2 * at.half, &blk[..bytes.scale_bytes], 0);
             }
         }
     }
@@ -126,24 +152,6 @@ fn put(group: &mut [Line64], line: usize, at: usize, src: &[u8], flip: u8) {
     for (d, s) in group[line].0[at..at + src.len()].iter_mut().zip(src) {
         *d = s ^ flip;
     }
-}
-
-/// Gives `w` its copy in gemm16's layout where gemm16 will multiply it on
-/// this CPU (AVX512-VNNI, a type the copy takes, rows gemm16 can address).
-/// `FERRY_INTERLEAVE=0` leaves every matrix without one (to compare).
-pub fn interleave_for_this_cpu(w: &mut QMatrix) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let off = std::env::var("FERRY_INTERLEAVE").is_ok_and(|v| v.trim() == "0");
-        if off || super::simd::detected() != super::simd::Isa::Avx512Vnni || !super::gemm16::stride_ok(w.row_stride()) {
-            return;
-        }
-        if let Some(copy) = interleave(w) {
-            w.set_interleaved(copy);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = w;
 }
 
 #[cfg(test)]

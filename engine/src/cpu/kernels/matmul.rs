@@ -146,6 +146,24 @@ enum Batched {
     Tokens8,
 }
 
+/// Gives `w` its copy in gemm16's layout (`interleave.rs`) where gemm16 will
+/// multiply it on this CPU (AVX512-VNNI, a type the copy takes, rows gemm16
+/// can address). `FERRY_INTERLEAVE=0` leaves every matrix without one (to compare).
+pub fn interleave_for_this_cpu(w: &mut QMatrix) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let off = std::env::var("FERRY_INTERLEAVE").is_ok_and(|v| v.trim() == "0");
+        if off || simd::detected() != Isa::Avx512Vnni || !super::gemm16::stride_ok(w.row_stride()) {
+            return;
+        }
+        if let Some(copy) = super::interleave::interleave(w) {
+            w.set_interleaved(copy);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = w;
+}
+
 pub(crate) fn matmul_group_isa(x: &[f32], n_tokens: usize, parts: &mut [(&QMatrix, &mut [f32])], isa: Isa) {
     matmul_parts(x, n_tokens, parts, isa, None);
 }

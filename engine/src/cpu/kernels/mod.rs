@@ -26,7 +26,6 @@ mod interleave;
 mod matmul;
 mod simd;
 
-pub use interleave::interleave_for_this_cpu;
-pub use matmul::{matmul, matmul_gated, matmul_group, vec_dot};
+pub use matmul::{interleave_for_this_cpu, matmul, matmul_gated, matmul_group, vec_dot};
 pub(crate) use matmul::{Prepared, SHARE_ALIGN};
 pub use simd::{force_scalar, has_avx2_fma, has_avx512, set_force_avx2, set_force_per_row, set_force_scalar, simd_name};
