@@ -62,9 +62,22 @@ pub fn set_enabled(on: bool) {
 /// scheduler's favour with it, so it sleeps instead, as rayon's workers do.
 const SPIN: Duration = Duration::from_micros(20);
 
-/// Pieces of a thread's share of a matrix: what the other threads can take
-/// from it when it is slowed.
+/// Fewest pieces a thread's share of a matrix is cut into: what the other
+/// threads can take from it when it is slowed.
 const PIECES: usize = 4;
+
+/// Most pieces a share of a matrix is cut into (a phase's pieces per thread,
+/// three matrices at most, must fit the `taken` bits of a usize).
+const MAX_PIECES: usize = 16;
+
+/// Weight bytes a piece holds at least, where a share has room for more than
+/// [`PIECES`] of them. Where the last piece of a phase ends is where the
+/// other thread stops and waits, so smaller pieces on large matrices leave
+/// less waiting: on a Llama-3.2-1B shape (pieces of 0.3-18 MB at 4 a share)
+/// the waits went from 2.3-2.8 ms a token to 1.1-1.4 at 16 pieces. Pieces of
+/// a few KiB cost more than they save (the default model's shares at 16
+/// pieces: its matmuls 10-30% slower), hence the floor.
+const PIECE_BYTES: usize = 512 << 10;
 
 /// A counter on a cache line of its own.
 #[repr(align(128))]
@@ -187,17 +200,19 @@ const PER_LAYER: usize = 5;
 /// matmul's inputs, in order: q, k, v; gate and up share their rows), or KV heads.
 type Piece = (usize, Range<usize>);
 
-/// Each thread's pieces of the matrices of `rows` rows each: thread i's share
-/// of every matrix is the i-th of an even split starting at multiples of the
-/// kernels' row group, cut into up to [`PIECES`] pieces, also so aligned.
-fn split(rows: &[usize], threads: usize) -> Vec<Vec<Piece>> {
+/// Each thread's pieces of the matrices of `(rows, bytes a row)` each: thread
+/// i's share of every matrix is the i-th of an even split starting at
+/// multiples of the kernels' row group, cut into [`PIECES`] to
+/// [`MAX_PIECES`] pieces of about [`PIECE_BYTES`] or more, also so aligned.
+fn split(mats: &[(usize, usize)], threads: usize) -> Vec<Vec<Piece>> {
     (0..threads)
         .map(|i| {
             let mut pieces = Vec::new();
-            for (m, &n) in rows.iter().enumerate() {
+            for (m, &(n, row_bytes)) in mats.iter().enumerate() {
                 let per = n.div_ceil(threads).next_multiple_of(SHARE_ALIGN);
                 let share = (i * per).min(n)..((i + 1) * per).min(n);
-                let step = share.len().div_ceil(PIECES).next_multiple_of(SHARE_ALIGN).max(SHARE_ALIGN);
+                let count = (share.len() * row_bytes / PIECE_BYTES).clamp(PIECES, MAX_PIECES);
+                let step = share.len().div_ceil(count).next_multiple_of(SHARE_ALIGN).max(SHARE_ALIGN);
                 let mut at = share.start;
                 while at < share.end {
                     pieces.push((m, at..(at + step).min(share.end)));
@@ -207,6 +222,12 @@ fn split(rows: &[usize], threads: usize) -> Vec<Vec<Piece>> {
             pieces
         })
         .collect()
+}
+
+/// The bytes of one of `w`'s rows (the first layer's matrices stand for
+/// every layer's when the pieces are cut: the layers are alike).
+fn row_bytes(w: &crate::quant::QMatrix) -> usize {
+    w.ty().row_bytes(w.cols()).unwrap_or(0)
 }
 
 /// Most pieces a thread's share of the attention phase is cut into.
@@ -337,12 +358,12 @@ impl CpuShard {
                 logits: Shared::new(&mut logits),
             },
             pieces: [
-                split(&[qd, kvd, kvd], threads),
+                split(&[(qd, row_bytes(&first.wq)), (kvd, row_bytes(&first.wk)), (kvd, row_bytes(&first.wv))], threads),
                 split_query_heads(self.n_heads, self.n_heads / self.n_kv_heads, threads),
-                split(&[first.wo.rows()], threads),
-                split(&[ff], threads),
-                split(&[first.w_down.rows()], threads),
-                split(&[self.lm_head.rows()], threads),
+                split(&[(first.wo.rows(), row_bytes(&first.wo))], threads),
+                split(&[(ff, row_bytes(&first.w_gate) + row_bytes(&first.w_up))], threads),
+                split(&[(first.w_down.rows(), row_bytes(&first.w_down))], threads),
+                split(&[(self.lm_head.rows(), row_bytes(&self.lm_head))], threads),
             ],
             phases,
             slots: (0..phases).map(|_| Slot::default()).collect(),
@@ -680,8 +701,19 @@ mod tests {
 
     #[test]
     fn pieces_cover_every_row_once_from_row_groups() {
-        for (rows, threads) in [(vec![576, 192, 192], 2), (vec![1536], 3), (vec![49152], 2), (vec![8], 2), (vec![17, 40], 4), (vec![0], 2)] {
-            let split = split(&rows, threads);
+        // (rows, bytes a row): small shares (4 pieces each) and large ones (up to 16).
+        for (mats, threads) in [
+            (vec![(576, 360), (192, 360), (192, 360)], 2),
+            (vec![(1536, 360)], 3),
+            (vec![(49152, 612)], 2),
+            (vec![(128_256, 1152)], 2),
+            (vec![(2048, 1152), (512, 1152), (512, 1152)], 2),
+            (vec![(8, 100)], 2),
+            (vec![(17, 5000), (40, 5000)], 4),
+            (vec![(0, 100)], 2),
+        ] {
+            let rows: Vec<usize> = mats.iter().map(|m| m.0).collect();
+            let split = split(&mats, threads);
             assert_eq!(split.len(), threads);
             for (m, &n) in rows.iter().enumerate() {
                 let mut got: Vec<Range<usize>> = split.iter().flatten().filter(|p| p.0 == m).map(|p| p.1.clone()).collect();
@@ -693,8 +725,11 @@ mod tests {
                 }
                 assert!(got.iter().all(|r| r.start.is_multiple_of(SHARE_ALIGN) && !r.is_empty()), "{rows:?}: {got:?}");
             }
-            assert!(split.iter().all(|s| s.len() <= PIECES * rows.len() && s.len() <= usize::BITS as usize));
+            assert!(split.iter().all(|s| s.len() <= MAX_PIECES * rows.len() && s.len() <= usize::BITS as usize));
         }
+        // A large share is cut finer than a small one.
+        assert_eq!(split(&[(128_256, 1152)], 2)[0].len(), MAX_PIECES);
+        assert_eq!(split(&[(576, 360)], 2)[0].len(), PIECES);
     }
 
     #[test]
