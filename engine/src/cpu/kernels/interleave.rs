@@ -75,16 +75,11 @@ pub(crate) const fn copy_block(ty: GgmlType, b: usize) -> CopyBlock {
 }
 
 /// Lines per group of the copy of a `ty` matrix of `nb` blocks a row, or
-/// None for a type the copy does not take.
+/// None for a type the copy does not take: up to the last block's scale
+/// line, which ends every block's (or pair's) lines.
 pub(crate) fn group_lines(ty: GgmlType, nb: usize) -> Option<usize> {
-    match ty {
-        GgmlType::Q4_1 => Some(5 * nb),
-        GgmlType::Q5_1 => Some(6 * nb),
-        GgmlType::Q5_0 => Some(11 * nb.div_ceil(2)),
-        GgmlType::Q8_0 => Some(17 * nb.div_ceil(2)),
-        GgmlType::Q4_0 | GgmlType::IQ4_NL => Some(9 * nb.div_ceil(2)),
-        _ => None,
-    }
+    use GgmlType::*;
+    matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | IQ4_NL).then(|| nb.checked_sub(1).map_or(0, |last| copy_block(ty, last).scales + 1))
 }
 
 /// How a `ty` block's bytes fill its lines: the block's size, where its
@@ -179,6 +174,13 @@ mod tests {
         assert_eq!(lane(17 + 16)[..2], row[2 * 34..2 * 34 + 2]);
         assert_eq!(lane(17 + 16)[2..], [0, 0]);
         assert_eq!(lane(16)[2..], row[34..36]);
+        // Lines a group: per block (Q4_1 5, Q5_1 6) or per pair of blocks (Q4_0 and IQ4_NL 9, Q5_0 11, Q8_0 17).
+        for (ty, per, paired) in [(GgmlType::Q4_1, 5, false), (GgmlType::Q5_1, 6, false), (GgmlType::Q4_0, 9, true), (GgmlType::IQ4_NL, 9, true), (GgmlType::Q5_0, 11, true), (GgmlType::Q8_0, 17, true)] {
+            for nb in 1..6 {
+                assert_eq!(group_lines(ty, nb), Some(per * if paired { nb.div_ceil(2) } else { nb }), "{ty:?}, {nb} blocks");
+            }
+        }
+        assert_eq!(group_lines(GgmlType::Q4_K, 4), None);
         // Types gemm16 does not take, and too few rows, get none.
         assert!(interleave(&QMatrix::random(GgmlType::Q4_K, 32, 256, 1).unwrap()).is_none());
         assert!(interleave(&QMatrix::random(GgmlType::Q4_0, 15, 64, 1).unwrap()).is_none());
