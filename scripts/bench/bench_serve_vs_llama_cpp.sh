@@ -18,12 +18,10 @@ ferry_pid=$!
 MODEL_ALIAS=smollm2 scripts/bench/llama_server.sh "$model" 18001 "${SLOTS:-64}" 127.0.0.1 >"$out/llama.log" 2>&1 &
 llama_pid=$!
 trap 'kill $ferry_pid $llama_pid 2>/dev/null || true' EXIT
-for port in 18000 18001; do
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break
-    sleep 1
-  done
-done
+. scripts/bench/lib.sh
+# Both serve /v1/models once their model is loaded.
+wait_up 18000 /v1/models
+wait_up 18001 /v1/models
 for c in ${CONCURRENCY:-1 16 64}; do
   n=$((c * 4 > 8 ? c * 4 : 8))
   for side in ferry:18000 llama:18001; do

@@ -32,12 +32,9 @@ plain_pid=$!
   --cert-dir "$out/certs-spec" --speculative-config "$spec" >"$out/spec.log" 2>&1 &
 spec_pid=$!
 trap 'kill $plain_pid $spec_pid 2>/dev/null || true' EXIT
-for port in 18200 18201; do
-  for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break
-    sleep 1
-  done
-done
+. scripts/bench/lib.sh
+wait_up 18200
+wait_up 18201
 run() { # name port extra-args...
   local name=$1 port=$2; shift 2
   "$ferry" bench serve --base-url "http://127.0.0.1:$port" --model smollm2 --num-warmups 1 --disable-tqdm \

@@ -19,7 +19,7 @@ ferry=target/release/ferry
 common=(--threads 1 --max-num-seqs 32 --seed 0)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-wait_up() { for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return; sleep 0.5; done; echo "not up: $1" >&2; exit 1; }
+. scripts/bench/lib.sh
 stop_all() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 load() { # name concurrency
   local n=$(( $2 * 4 > 8 ? $2 * 4 : 8 ))
