@@ -56,7 +56,10 @@ def test_waiting_requests_are_served_by_priority(prio):
         t = threading.Thread(target=run, args=(name, priority, n, path))
         t.start()
         threads.append(t)
-        time.sleep(0.03)
+        # Far enough apart that arrival order survives a loaded 2-core CI
+        # machine (at 30 ms the two urgent ones once reached the engine
+        # swapped); the four together stay well inside the long request.
+        time.sleep(0.15)
     # The order is only the queue's if all four were queued behind the long
     # one (1500 tokens, seconds even on a fast host): a short pause for the
     # last to reach the engine, and the long one must still be running.
